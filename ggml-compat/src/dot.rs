@@ -1,0 +1,1 @@
+//! STUB: quantized dot products (to be written).

@@ -1,0 +1,10 @@
+//! moa: a runtime for quantized GGUF language models with Mixture-of-Attention-Spans.
+//!
+//! Data flows one way: [`gguf`] (the container: metadata, tensor views, writing) feeds the
+//! formats in the `ggml-compat` crate, which later layers (model, graph, backends, MoA plans)
+//! build on.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod gguf;
+
+pub use ggml_compat as formats;
