@@ -43,6 +43,8 @@ pub enum GgmlType {
     TQ1_0 = 34,
     TQ2_0 = 35,
     MXFP4 = 39,
+    NVFP4 = 40,
+    Q1_0 = 41,
 }
 
 /// Elements per super-block of the K-quant family.
@@ -52,7 +54,7 @@ pub const QK: usize = 32;
 
 impl GgmlType {
     /// All known types, in id order.
-    pub const ALL: [GgmlType; 32] = [
+    pub const ALL: [GgmlType; 34] = [
         Self::F32,
         Self::F16,
         Self::Q4_0,
@@ -85,10 +87,15 @@ impl GgmlType {
         Self::TQ1_0,
         Self::TQ2_0,
         Self::MXFP4,
+        Self::NVFP4,
+        Self::Q1_0,
     ];
 
     /// The type with this numeric id, or `None` for ids ggml never assigned or has retired
     /// (4, 5, 31-33, 36-38).
+    ///
+    /// Note: gguf-py lists Q8_1 as 40 bytes (a retired f32-scale layout); ggml's block_q8_1 is
+    /// 36 bytes (f16 d and s), which is what we use. Q8_1 never appears in files.
     pub fn from_id(id: u32) -> Option<GgmlType> {
         Self::ALL.iter().copied().find(|t| t.id() == id)
     }
@@ -139,6 +146,8 @@ impl GgmlType {
             TQ1_0 => "TQ1_0",
             TQ2_0 => "TQ2_0",
             MXFP4 => "MXFP4",
+            NVFP4 => "NVFP4",
+            Q1_0 => "Q1_0",
         }
     }
 
@@ -148,6 +157,8 @@ impl GgmlType {
         match self {
             F32 | F16 | BF16 | I8 | I16 | I32 | I64 | F64 => 1,
             Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | IQ4_NL | MXFP4 => QK,
+            NVFP4 => 64,
+            Q1_0 => 128,
             _ => QK_K,
         }
     }
@@ -188,6 +199,8 @@ impl GgmlType {
             TQ1_0 => 2 + 4 * 13,
             TQ2_0 => 2 + 64,
             MXFP4 => 1 + QK / 2,
+            NVFP4 => 4 + 32,
+            Q1_0 => 2 + 16,
         }
     }
 
@@ -234,7 +247,7 @@ mod tests {
             assert_eq!(GgmlType::from_id(t.id()), Some(t));
             assert_eq!(GgmlType::from_name(t.name()), Some(t));
         }
-        for retired in [4, 5, 31, 32, 33, 36, 37, 38, 40, 1000] {
+        for retired in [4, 5, 31, 32, 33, 36, 37, 38, 42, 1000] {
             assert_eq!(GgmlType::from_id(retired), None);
         }
     }
