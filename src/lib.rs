@@ -8,3 +8,5 @@
 pub mod gguf;
 
 pub use ggml_compat as formats;
+pub mod inspect;
+pub mod util;
