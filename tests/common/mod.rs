@@ -1,0 +1,53 @@
+//! Helpers shared by the integration tests: where the real models are, whether the Python
+//! reference (gguf-py) is installed, and running the reference scripts.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const SMOLLM: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
+
+/// The local model folder: `$MOA_MODELS` or `<repo>/models` (filled by `.ci/run`).
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("MOA_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
+}
+
+/// The path of a real model, or `None` after printing why the test skips.
+pub fn model(name: &str) -> Option<PathBuf> {
+    let p = models_dir().join(name);
+    if p.is_file() {
+        Some(p)
+    } else {
+        println!("SKIP: model {} not found (run .ci/run or see README to fetch it)", p.display());
+        None
+    }
+}
+
+/// True when `python3` can import gguf and numpy; otherwise prints why the test skips.
+pub fn python_gguf() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import gguf, numpy"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        println!("SKIP: python3 with the gguf package is not available (pip install gguf)");
+    }
+    ok
+}
+
+pub fn py_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(name)
+}
+
+/// Runs a reference script; panics with its output when it fails. Returns stdout.
+pub fn run_py(script: &str, args: &[&str]) -> String {
+    let out = Command::new("python3").arg(py_script(script)).args(args).output().expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{script} {args:?} failed:\n{stdout}\n{stderr}");
+    stdout
+}
