@@ -10,7 +10,7 @@
 //! Callers ([`crate::dequantize_row`] / [`crate::quantize_row`]) check buffer sizes; these
 //! functions process `min(src, dst)` elements.
 
-use half::{bf16, f16};
+use half::f16;
 
 /// Decodes little-endian f32 values.
 pub fn dequantize_f32(src: &[u8], dst: &mut [f32]) {
@@ -44,16 +44,22 @@ pub fn f32_to_f16_bits(x: f32) -> u16 {
     f16::from_f32(x).to_bits()
 }
 
-/// Converts IEEE half bits to f32 (exact).
+/// Converts IEEE half bits to f32 (exact). NaN payloads are carried over unchanged (shifted
+/// into the top of the f32 mantissa, signalling NaNs stay signalling), as numpy does; `half`
+/// alone would set the quiet bit.
 #[inline]
 pub fn f16_bits_to_f32(bits: u16) -> f32 {
+    if bits & 0x7c00 == 0x7c00 && bits & 0x03ff != 0 {
+        let sign = u32::from(bits & 0x8000) << 16;
+        return f32::from_bits(sign | 0x7f80_0000 | (u32::from(bits & 0x03ff) << 13));
+    }
     f16::from_bits(bits).to_f32()
 }
 
 /// Reads a little-endian f16 at `b[0..2]` as f32.
 #[inline]
 pub(crate) fn read_f16(b: &[u8]) -> f32 {
-    f16::from_le_bytes([b[0], b[1]]).to_f32()
+    f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]))
 }
 
 /// Writes `x` rounded to f16 at `b[0..2]`, little-endian.
@@ -81,10 +87,11 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
     ((u + (0x7fff + ((u >> 16) & 1))) >> 16) as u16
 }
 
-/// Converts bfloat16 bits to f32 (exact: the bits become the upper half).
+/// Converts bfloat16 bits to f32 (exact: the bits become the upper half, NaN payloads
+/// included).
 #[inline]
 pub fn bf16_bits_to_f32(bits: u16) -> f32 {
-    bf16::from_bits(bits).to_f32()
+    f32::from_bits(u32::from(bits) << 16)
 }
 
 /// Decodes little-endian IEEE half values.
@@ -180,6 +187,16 @@ mod tests {
         assert_eq!(f32_to_f16_bits(f32::from_bits(0x7f80_0001)), 0x7c01);
         assert_eq!(f32_to_f16_bits(f32::from_bits(0x7fbf_ffff)), 0x7dff);
         assert!(f16_round_trip(&[f32::NAN])[0].is_nan());
+        // Decoding keeps payloads (signalling stays signalling), like numpy.
+        assert_eq!(f16_bits_to_f32(0x7c01).to_bits(), 0x7f80_2000);
+        assert_eq!(f16_bits_to_f32(0xfe00).to_bits(), 0xffc0_0000);
+        assert_eq!(f16_bits_to_f32(0x7c00), f32::INFINITY);
+        assert_eq!(f16_bits_to_f32(0x0001), 2f32.powi(-24));
+        // Every non-NaN half survives f16 -> f32 -> f16.
+        for bits in 0..=u16::MAX {
+            let back = f32_to_f16_bits(f16_bits_to_f32(bits));
+            assert_eq!(back, bits, "{bits:#06x}");
+        }
     }
 
     #[test]

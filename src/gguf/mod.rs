@@ -11,11 +11,13 @@
 //! tensor infos.
 
 mod error;
+mod exercise;
 mod reader;
 mod value;
 mod writer;
 
 pub use error::GgufError;
+pub use exercise::exercise;
 pub use reader::{GgufFile, Gguf, TensorInfo, MAX_DIMS};
 pub use value::{GgufStr, Value, ValueType};
 pub use writer::{GgufBuilder, TensorData};
