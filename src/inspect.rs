@@ -103,7 +103,11 @@ fn value_to_text(v: &Value, full: bool) -> String {
     match v {
         Value::String(s) => format!("{:?}", s.to_string_lossy()),
         Value::Array(_, items) => {
-            let n = if full { items.len() } else { items.len().min(ARRAY_PREVIEW) };
+            let n = if full {
+                items.len()
+            } else {
+                items.len().min(ARRAY_PREVIEW)
+            };
             let mut s = String::from("[");
             for (i, item) in items[..n].iter().enumerate() {
                 if i > 0 {
@@ -138,10 +142,24 @@ pub fn to_text(path: &str, g: &Gguf, full: bool) -> String {
             Value::Array(t, items) => (format!("ARRAY[{}]", t.name()), items.len()),
             v => (v.value_type().name().to_string(), 1),
         };
-        let _ = writeln!(s, "{:>5}  {:<16} {:>8}  {} = {}", i + 1, ty, count, k, value_to_text(v, full));
+        let _ = writeln!(
+            s,
+            "{:>5}  {:<16} {:>8}  {} = {}",
+            i + 1,
+            ty,
+            count,
+            k,
+            value_to_text(v, full)
+        );
     }
     let _ = writeln!(s, "\n* Tensors: {}", g.tensors.len());
-    let name_w = g.tensors.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+    let name_w = g
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     let _ = writeln!(
         s,
         "{:>5}  {:<name_w$}  {:<7}  {:<24}  {:>12}  {:>12}",
@@ -162,6 +180,10 @@ pub fn to_text(path: &str, g: &Gguf, full: bool) -> String {
     }
     let total: u64 = g.tensors.iter().map(|t| t.n_bytes).sum();
     let params: u64 = g.tensors.iter().map(|t| t.n_elements()).sum();
-    let _ = writeln!(s, "\n* {} parameters, {} bytes of tensor data", params, total);
+    let _ = writeln!(
+        s,
+        "\n* {} parameters, {} bytes of tensor data",
+        params, total
+    );
     s
 }

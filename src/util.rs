@@ -21,12 +21,20 @@ impl AtomicFile {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let name = path
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "output path has no file name"))?;
-        let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+        let name = path.file_name().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "output path has no file name")
+        })?;
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
         let file = File::options().write(true).create_new(true).open(&tmp)?;
-        Ok(AtomicFile { tmp, target: path.to_path_buf(), writer: Some(BufWriter::with_capacity(8 << 20, file)) })
+        Ok(AtomicFile {
+            tmp,
+            target: path.to_path_buf(),
+            writer: Some(BufWriter::with_capacity(8 << 20, file)),
+        })
     }
 
     /// Path of the temporary file (for error messages).
@@ -35,7 +43,9 @@ impl AtomicFile {
     }
 
     pub fn writer(&mut self) -> &mut BufWriter<File> {
-        self.writer.as_mut().expect("writer is present until commit")
+        self.writer
+            .as_mut()
+            .expect("writer is present until commit")
     }
 
     /// Flushes, syncs and renames the file into place.

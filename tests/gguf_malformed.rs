@@ -1,7 +1,7 @@
 //! Malformed GGUF input: each case is a clear error naming the problem, never a panic.
 
-use moa::gguf::{Gguf, GgufBuilder, GgufFile, TensorData, Value};
 use moa::formats::GgmlType;
+use moa::gguf::{Gguf, GgufBuilder, GgufFile, TensorData, Value};
 
 /// Hand-assembles GGUF bytes so each field can be corrupted independently.
 #[derive(Default)]
@@ -41,7 +41,7 @@ impl Raw {
     }
     /// Pads to the data section (alignment 32) and appends `n` data bytes.
     fn data(&mut self, n: usize) -> &mut Self {
-        while self.b.len() % 32 != 0 {
+        while !self.b.len().is_multiple_of(32) {
             self.b.push(0);
         }
         self.b.extend(std::iter::repeat_n(0x11u8, n));
@@ -65,7 +65,9 @@ fn assert_err(bytes: &[u8], needles: &[&str]) {
 
 fn valid() -> Vec<u8> {
     let mut r = Raw::header(3, 1, 1);
-    r.kv_u32("a.b", 7).tensor("w", &[32, 2], GgmlType::F32.id(), 0).data(256);
+    r.kv_u32("a.b", 7)
+        .tensor("w", &[32, 2], GgmlType::F32.id(), 0)
+        .data(256);
     r.b
 }
 
@@ -108,7 +110,10 @@ fn every_truncation_of_a_valid_file_is_an_error() {
         // Cutting inside the data section must fail too: the tensor would extend past the end.
         let msg = err(&b[..len]);
         assert!(
-            msg.contains("truncated") || msg.contains("not a GGUF") || msg.contains("data section") || msg.contains("absurd"),
+            msg.contains("truncated")
+                || msg.contains("not a GGUF")
+                || msg.contains("data section")
+                || msg.contains("absurd"),
             "cut at {len}: unexpected error {msg}"
         );
     }
@@ -172,7 +177,9 @@ fn duplicate_keys_and_tensors() {
     r.kv_u32("same", 1).kv_u32("same", 2);
     assert_err(&r.b, &["duplicate metadata key \"same\""]);
     let mut r = Raw::header(3, 2, 0);
-    r.tensor("t", &[32], 0, 0).tensor("t", &[32], 0, 128).data(256);
+    r.tensor("t", &[32], 0, 0)
+        .tensor("t", &[32], 0, 128)
+        .data(256);
     assert_err(&r.b, &["duplicate tensor name \"t\""]);
 }
 
@@ -207,7 +214,14 @@ fn too_many_dims() {
 fn shape_not_whole_blocks_and_overflow() {
     let mut r = Raw::header(3, 1, 0);
     r.tensor("q", &[100, 2], GgmlType::Q4_0.id(), 0).data(1024);
-    assert_err(&r.b, &["tensor \"q\"", "Q4_0", "not a multiple of the block size 32"]);
+    assert_err(
+        &r.b,
+        &[
+            "tensor \"q\"",
+            "Q4_0",
+            "not a multiple of the block size 32",
+        ],
+    );
     let mut r = Raw::header(3, 1, 0);
     r.tensor("big", &[1 << 32, 1 << 32, 1 << 32], 0, 0).data(64);
     assert_err(&r.b, &["tensor \"big\"", "overflows"]);
@@ -233,7 +247,9 @@ fn tensor_data_beyond_end_of_file() {
 #[test]
 fn overlapping_tensors() {
     let mut r = Raw::header(3, 2, 0);
-    r.tensor("a", &[64], 0, 0).tensor("b", &[64], 0, 128).data(512);
+    r.tensor("a", &[64], 0, 0)
+        .tensor("b", &[64], 0, 128)
+        .data(512);
     assert_err(&r.b, &["overlaps"]);
 }
 
@@ -258,13 +274,24 @@ fn version_1_uses_32_bit_counts() {
 fn typed_getters_name_the_key() {
     let g = Gguf::parse(&valid()).unwrap();
     assert_eq!(g.get_u64("a.b").unwrap(), 7);
-    assert!(g.get_str("a.b").unwrap_err().to_string().contains("\"a.b\""));
-    assert!(g.get_u64("missing.key").unwrap_err().to_string().contains("missing metadata key \"missing.key\""));
+    assert!(g
+        .get_str("a.b")
+        .unwrap_err()
+        .to_string()
+        .contains("\"a.b\""));
+    assert!(g
+        .get_u64("missing.key")
+        .unwrap_err()
+        .to_string()
+        .contains("missing metadata key \"missing.key\""));
 }
 
 #[test]
 fn open_reports_missing_file_and_directories() {
-    let e = GgufFile::open("/definitely/not/here.gguf").err().unwrap().to_string();
+    let e = GgufFile::open("/definitely/not/here.gguf")
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("/definitely/not/here.gguf"), "{e}");
     let e = GgufFile::open("/tmp").err().unwrap().to_string();
     assert!(e.contains("not a regular file"), "{e}");
@@ -273,14 +300,33 @@ fn open_reports_missing_file_and_directories() {
 #[test]
 fn writer_rejects_bad_tensors() {
     let mut b = GgufBuilder::new();
-    let e = b.add_tensor("w", GgmlType::F32, &[4], TensorData::Owned(vec![0; 15])).err().unwrap().to_string();
+    let e = b
+        .add_tensor("w", GgmlType::F32, &[4], TensorData::Owned(vec![0; 15]))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("needs 16 bytes, 15 given"), "{e}");
-    let e = b.add_tensor("w", GgmlType::Q4_K, &[100], TensorData::Owned(vec![])).err().unwrap().to_string();
+    let e = b
+        .add_tensor("w", GgmlType::Q4_K, &[100], TensorData::Owned(vec![]))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("block size 256"), "{e}");
-    b.add_tensor("w", GgmlType::F32, &[4], TensorData::Owned(vec![0; 16])).unwrap();
-    let e = b.add_tensor("w", GgmlType::F32, &[4], TensorData::Owned(vec![0; 16])).err().unwrap().to_string();
+    b.add_tensor("w", GgmlType::F32, &[4], TensorData::Owned(vec![0; 16]))
+        .unwrap();
+    let e = b
+        .add_tensor("w", GgmlType::F32, &[4], TensorData::Owned(vec![0; 16]))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("duplicate tensor name"), "{e}");
-    b.set("mixed", Value::Array(moa::gguf::ValueType::U32, vec![Value::U32(1), Value::F32(2.0)]));
+    b.set(
+        "mixed",
+        Value::Array(
+            moa::gguf::ValueType::U32,
+            vec![Value::U32(1), Value::F32(2.0)],
+        ),
+    );
     let e = b.write_to(&mut Vec::new()).err().unwrap().to_string();
     assert!(e.contains("\"mixed\""), "{e}");
 }

@@ -23,13 +23,40 @@ fn regression_inputs_do_not_panic() {
 fn seed_file() -> Vec<u8> {
     let mut b = GgufBuilder::new();
     b.set("general.architecture", Value::string("llama"));
-    b.set("a", Value::Array(ValueType::String, vec![Value::string("x"), Value::string("yz")]));
-    b.set("n", Value::Array(ValueType::Array, vec![Value::Array(ValueType::U8, vec![Value::U8(1)])]));
+    b.set(
+        "a",
+        Value::Array(
+            ValueType::String,
+            vec![Value::string("x"), Value::string("yz")],
+        ),
+    );
+    b.set(
+        "n",
+        Value::Array(
+            ValueType::Array,
+            vec![Value::Array(ValueType::U8, vec![Value::U8(1)])],
+        ),
+    );
     b.set("f", Value::F32(0.5));
-    for (i, ty) in [GgmlType::F32, GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::F16].into_iter().enumerate() {
+    for (i, ty) in [
+        GgmlType::F32,
+        GgmlType::Q4_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::F16,
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let dims = [ty.block_size() as u64 * 2, 2];
         let n = ty.bytes_for(dims[0] * dims[1]).unwrap() as usize;
-        b.add_tensor(&format!("t{i}"), ty, &dims, TensorData::Owned(vec![0x11; n])).unwrap();
+        b.add_tensor(
+            &format!("t{i}"),
+            ty,
+            &dims,
+            TensorData::Owned(vec![0x11; n]),
+        )
+        .unwrap();
     }
     let mut out = Vec::new();
     b.write_to(&mut out).unwrap();

@@ -4,14 +4,17 @@
 mod common;
 use common::*;
 
-use moa::gguf::{Gguf, GgufBuilder, GgufFile, TensorData, Value, ValueType};
 use moa::formats::GgmlType;
+use moa::gguf::{Gguf, GgufBuilder, GgufFile, TensorData, Value, ValueType};
 use proptest::prelude::*;
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
 fn sha256(b: &[u8]) -> String {
-    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 /// Deterministic pseudo-random bytes.
@@ -43,10 +46,22 @@ fn every_value_type() -> Vec<(&'static str, Value)> {
         ("t.u64", Value::U64(u64::MAX - 1)),
         ("t.i64", Value::I64(i64::MIN + 1)),
         ("t.f64", Value::F64(-2.5e300)),
-        ("t.arr_u32", Value::Array(ValueType::U32, (0..1000).map(Value::U32).collect())),
-        ("t.arr_f32", Value::Array(ValueType::F32, vec![Value::F32(0.25), Value::F32(-1e30)])),
-        ("t.arr_str", Value::Array(ValueType::String, vec![s("a"), s(""), s("<|im_end|>")])),
-        ("t.arr_bool", Value::Array(ValueType::Bool, vec![Value::Bool(false), Value::Bool(true)])),
+        (
+            "t.arr_u32",
+            Value::Array(ValueType::U32, (0..1000).map(Value::U32).collect()),
+        ),
+        (
+            "t.arr_f32",
+            Value::Array(ValueType::F32, vec![Value::F32(0.25), Value::F32(-1e30)]),
+        ),
+        (
+            "t.arr_str",
+            Value::Array(ValueType::String, vec![s("a"), s(""), s("<|im_end|>")]),
+        ),
+        (
+            "t.arr_bool",
+            Value::Array(ValueType::Bool, vec![Value::Bool(false), Value::Bool(true)]),
+        ),
         ("t.arr_empty", Value::Array(ValueType::I64, vec![])),
         (
             "t.nested",
@@ -90,7 +105,8 @@ fn build(alignment: Option<u32>) -> (Vec<u8>, Vec<Vec<u8>>) {
             data.fill(0x3c); // finite values, so the comparison is about bytes not NaN payloads
         }
         datas.push(data.clone());
-        b.add_tensor(name, ty, &dims, TensorData::Owned(data)).unwrap();
+        b.add_tensor(name, ty, &dims, TensorData::Owned(data))
+            .unwrap();
     }
     let mut out = Vec::new();
     b.write_to(&mut out).unwrap();
@@ -122,7 +138,12 @@ fn py_dump(path: &std::path::Path) -> Json {
 }
 
 fn py_metadata(dump: &Json) -> Vec<(String, Json)> {
-    dump["metadata"].as_array().unwrap().iter().map(|m| (m["key"].as_str().unwrap().to_string(), m["value"].clone())).collect()
+    dump["metadata"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["key"].as_str().unwrap().to_string(), m["value"].clone()))
+        .collect()
 }
 
 #[test]
@@ -137,9 +158,18 @@ fn from_scratch_reads_back_in_gguf_py() {
         std::fs::write(&path, &out).unwrap();
         let ours = Gguf::parse(&out).unwrap();
         let dump = py_dump(&path);
-        let expect: Vec<(String, Json)> = ours.metadata.iter().map(|(k, v)| (k.clone(), moa::inspect::value_to_json(v, None))).collect();
+        let expect: Vec<(String, Json)> = ours
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), moa::inspect::value_to_json(v, None)))
+            .collect();
         assert_eq!(py_metadata(&dump), expect);
-        for (m, (_, v)) in dump["metadata"].as_array().unwrap().iter().zip(&ours.metadata) {
+        for (m, (_, v)) in dump["metadata"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(&ours.metadata)
+        {
             assert_eq!(m["type"], v.value_type().name());
         }
         let pt = dump["tensors"].as_array().unwrap();
@@ -162,12 +192,18 @@ fn copy_with_changed_metadata_keeps_tensor_bytes() {
     let mut b = GgufBuilder::from_file(&file);
     b.set("general.name", Value::string("renamed"));
     b.set("moa.version", Value::U32(1));
-    b.set("moa.alpha", Value::Array(ValueType::F32, vec![Value::F32(-2048.0); 90]));
+    b.set(
+        "moa.alpha",
+        Value::Array(ValueType::F32, vec![Value::F32(-2048.0); 90]),
+    );
     assert!(b.remove("general.license").is_some());
     b.write_atomic(&out).unwrap();
 
     let copy = GgufFile::open(&out).unwrap();
-    assert_eq!(copy.get("general.name").and_then(Value::as_str), Some("renamed"));
+    assert_eq!(
+        copy.get("general.name").and_then(Value::as_str),
+        Some("renamed")
+    );
     assert_eq!(copy.get("moa.version"), Some(&Value::U32(1)));
     assert!(copy.get("general.license").is_none());
     assert_eq!(copy.metadata.len(), file.metadata.len() + 1);
@@ -190,7 +226,11 @@ fn copy_with_changed_metadata_keeps_tensor_bytes() {
             }
         }
         let meta = py_metadata(&dump);
-        let expect: Vec<(String, Json)> = copy.metadata.iter().map(|(k, v)| (k.clone(), moa::inspect::value_to_json(v, None))).collect();
+        let expect: Vec<(String, Json)> = copy
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), moa::inspect::value_to_json(v, None)))
+            .collect();
         assert_eq!(meta, expect);
     }
 }
@@ -209,28 +249,46 @@ fn failed_write_leaves_nothing_behind() {
     )
     .unwrap();
     let e = b.write_atomic(&out).unwrap_err().to_string();
-    assert!(e.contains("generator wrote 100 bytes, the tensor needs 4096"), "{e}");
+    assert!(
+        e.contains("generator wrote 100 bytes, the tensor needs 4096"),
+        "{e}"
+    );
     assert_eq!(std::fs::read(&out).unwrap(), b"previous contents");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temporary file left behind");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "temporary file left behind"
+    );
 
-    let e = GgufBuilder::new().write_atomic(dir.path().join("no/such/dir/x.gguf")).unwrap_err().to_string();
+    let e = GgufBuilder::new()
+        .write_atomic(dir.path().join("no/such/dir/x.gguf"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no/such/dir"), "{e}");
 }
 
 #[test]
 fn generated_tensors_stream() {
     let mut b = GgufBuilder::new();
-    b.add_tensor("gen", GgmlType::F32, &[1000], TensorData::Generated(Box::new(|w| {
-        for i in 0..1000u32 {
-            w.write_all(&(i as f32).to_le_bytes())?;
-        }
-        Ok(())
-    })))
+    b.add_tensor(
+        "gen",
+        GgmlType::F32,
+        &[1000],
+        TensorData::Generated(Box::new(|w| {
+            for i in 0..1000u32 {
+                w.write_all(&(i as f32).to_le_bytes())?;
+            }
+            Ok(())
+        })),
+    )
     .unwrap();
     let mut out = Vec::new();
     b.write_to(&mut out).unwrap();
     let f = GgufFile::from_bytes(out).unwrap();
-    assert_eq!(f.dequantize("gen").unwrap_or_else(|e| panic!("{e}"))[999], 999.0);
+    assert_eq!(
+        f.dequantize("gen").unwrap_or_else(|e| panic!("{e}"))[999],
+        999.0
+    );
 }
 
 fn arb_scalar() -> impl Strategy<Value = Value> {
@@ -257,7 +315,9 @@ fn arb_value() -> impl Strategy<Value = Value> {
             let t = first.value_type();
             let elem = match &first {
                 Value::Array(..) => Just(first.clone()).boxed(),
-                _ => arb_scalar().prop_filter("same type", move |v| v.value_type() == t).boxed(),
+                _ => arb_scalar()
+                    .prop_filter("same type", move |v| v.value_type() == t)
+                    .boxed(),
             };
             proptest::collection::vec(elem, n).prop_map(move |items| Value::Array(t, items))
         })

@@ -5,11 +5,21 @@ mod common;
 use common::*;
 
 fn check(model_name: &str, what: &str) {
-    let Some(path) = model(model_name) else { return };
+    let Some(path) = model(model_name) else {
+        return;
+    };
     if !python_gguf() {
         return;
     }
-    let out = run_py("gguf_ref.py", &[what, path.to_str().unwrap(), "--bin", env!("CARGO_BIN_EXE_moa-inspect")]);
+    let out = run_py(
+        "gguf_ref.py",
+        &[
+            what,
+            path.to_str().unwrap(),
+            "--bin",
+            env!("CARGO_BIN_EXE_moa-inspect"),
+        ],
+    );
     print!("{out}");
 }
 

@@ -30,24 +30,36 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let file = GgufFile::open(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let file = GgufFile::open(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
     let path = args.file.display().to_string();
 
     if let (Some(name), Some(out)) = (&args.tensor, &args.out) {
         let (info, _) = file.tensor(name)?;
         if !info.ty.can_dequantize() {
-            bail!("tensor {name:?} has type {}, which moa cannot dequantize yet", info.ty);
+            bail!(
+                "tensor {name:?} has type {}, which moa cannot dequantize yet",
+                info.ty
+            );
         }
         let values = file.dequantize(name)?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        moa::util::write_file_atomic(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
+        moa::util::write_file_atomic(out, &bytes)
+            .with_context(|| format!("cannot write {}", out.display()))?;
         if args.json {
             println!(
                 "{}",
                 serde_json::json!({"tensor": name, "type": info.ty.name(), "shape": info.dims, "n_elements": values.len(), "out": out})
             );
         } else {
-            eprintln!("wrote {} ({} {:?}, {} f32 values) to {}", name, info.ty, info.dims, values.len(), out.display());
+            eprintln!(
+                "wrote {} ({} {:?}, {} f32 values) to {}",
+                name,
+                info.ty,
+                info.dims,
+                values.len(),
+                out.display()
+            );
         }
         return Ok(());
     }

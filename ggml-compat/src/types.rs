@@ -222,7 +222,7 @@ impl GgmlType {
     /// blocks or the size overflows.
     pub fn bytes_for(self, n: u64) -> Result<u64, FormatError> {
         let bs = self.block_size() as u64;
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             return Err(FormatError::NotWholeBlocks { ty: self, n, block: bs as usize });
         }
         (n / bs)

@@ -7,7 +7,9 @@ use super::{GgufBuilder, GgufFile};
 
 /// Exercises the reader and writer on `bytes`; returns whether the bytes parsed.
 pub fn exercise(bytes: &[u8]) -> bool {
-    let Ok(file) = GgufFile::from_bytes(bytes.to_vec()) else { return false };
+    let Ok(file) = GgufFile::from_bytes(bytes.to_vec()) else {
+        return false;
+    };
     for t in &file.tensors {
         let data = file.tensor_data(t);
         assert_eq!(data.len() as u64, t.n_bytes);

@@ -18,7 +18,7 @@ mod writer;
 
 pub use error::GgufError;
 pub use exercise::exercise;
-pub use reader::{GgufFile, Gguf, TensorInfo, MAX_DIMS};
+pub use reader::{Gguf, GgufFile, TensorInfo, MAX_DIMS};
 pub use value::{GgufStr, Value, ValueType};
 pub use writer::{GgufBuilder, TensorData};
 

@@ -106,7 +106,12 @@ impl<'a> Cursor<'a> {
     }
 
     /// Fails unless `count` items of at least `min_size` bytes each can fit in what remains.
-    fn check_count(&self, count: u64, min_size: u64, what: &dyn Fn() -> String) -> Result<(), GgufError> {
+    fn check_count(
+        &self,
+        count: u64,
+        min_size: u64,
+        what: &dyn Fn() -> String,
+    ) -> Result<(), GgufError> {
         match count.checked_mul(min_size) {
             Some(b) if b <= self.remaining() => Ok(()),
             _ => Err(GgufError::AbsurdCount {
@@ -153,15 +158,32 @@ impl<'a> Cursor<'a> {
             ValueType::String => Value::String(self.string(&what)?),
             ValueType::Array => {
                 if depth >= MAX_NESTING {
-                    return Err(GgufError::TooDeep { key: key.to_string(), max: MAX_NESTING });
+                    return Err(GgufError::TooDeep {
+                        key: key.to_string(),
+                        max: MAX_NESTING,
+                    });
                 }
                 let id = self.u32(&|| format!("array element type of metadata key {key:?}"))?;
-                let elem = ValueType::from_id(id)
-                    .ok_or_else(|| GgufError::UnknownValueType { key: key.to_string(), id })?;
+                let elem = ValueType::from_id(id).ok_or_else(|| GgufError::UnknownValueType {
+                    key: key.to_string(),
+                    id,
+                })?;
                 let n = self.count(&|| format!("array length of metadata key {key:?}"))?;
                 let min = match elem {
-                    ValueType::String => if self.wide { 8 } else { 4 },
-                    ValueType::Array => if self.wide { 12 } else { 8 },
+                    ValueType::String => {
+                        if self.wide {
+                            8
+                        } else {
+                            4
+                        }
+                    }
+                    ValueType::Array => {
+                        if self.wide {
+                            12
+                        } else {
+                            8
+                        }
+                    }
                     t => t.fixed_size().unwrap_or(1) as u64,
                 };
                 self.check_count(n, min, &|| format!("array length of metadata key {key:?}"))?;
@@ -183,21 +205,37 @@ pub(crate) fn align_up(x: u64, align: u64) -> Option<u64> {
 impl Gguf {
     /// Parses a whole GGUF file held in `bytes`, validating every tensor against its length.
     pub fn parse(bytes: &[u8]) -> Result<Gguf, GgufError> {
-        let mut c = Cursor { buf: bytes, pos: 0, wide: true };
-        let magic = c.take(4, &|| "magic".into()).map_err(|_| GgufError::BadMagic { found: bytes[..bytes.len().min(4)].to_vec() })?;
+        let mut c = Cursor {
+            buf: bytes,
+            pos: 0,
+            wide: true,
+        };
+        let magic = c
+            .take(4, &|| "magic".into())
+            .map_err(|_| GgufError::BadMagic {
+                found: bytes[..bytes.len().min(4)].to_vec(),
+            })?;
         if magic != MAGIC {
-            return Err(GgufError::BadMagic { found: magic.to_vec() });
+            return Err(GgufError::BadMagic {
+                found: magic.to_vec(),
+            });
         }
         let version = c.u32(&|| "version".into())?;
         match version {
             1 => c.wide = false,
             2 | 3 => {}
-            v if (1..=3).contains(&v.swap_bytes()) => return Err(GgufError::BigEndian(v.swap_bytes())),
+            v if (1..=3).contains(&v.swap_bytes()) => {
+                return Err(GgufError::BigEndian(v.swap_bytes()))
+            }
             v => return Err(GgufError::UnsupportedVersion(v)),
         }
         let n_tensors = c.count(&|| "tensor count".into())?;
         let n_kv = c.count(&|| "metadata key count".into())?;
-        let (len_size, kv_min, ti_min) = if c.wide { (8, 8 + 4 + 1, 8 + 4 + 4 + 8) } else { (4, 4 + 4 + 1, 4 + 4 + 4 + 8) };
+        let (len_size, kv_min, ti_min) = if c.wide {
+            (8, 8 + 4 + 1, 8 + 4 + 4 + 8)
+        } else {
+            (4, 4 + 4 + 1, 4 + 4 + 4 + 8)
+        };
         let _ = len_size;
         c.check_count(n_kv, kv_min, &|| "metadata key count".into())?;
 
@@ -206,10 +244,15 @@ impl Gguf {
         for i in 0..n_kv {
             let key_at = c.pos as u64;
             let key = c.string(&|| format!("key of metadata entry {i}"))?;
-            let key = String::from_utf8(key.0)
-                .map_err(|_| GgufError::BadUtf8 { what: format!("key of metadata entry {i}"), offset: key_at })?;
+            let key = String::from_utf8(key.0).map_err(|_| GgufError::BadUtf8 {
+                what: format!("key of metadata entry {i}"),
+                offset: key_at,
+            })?;
             let id = c.u32(&|| format!("value type of metadata key {key:?}"))?;
-            let ty = ValueType::from_id(id).ok_or_else(|| GgufError::UnknownValueType { key: key.clone(), id })?;
+            let ty = ValueType::from_id(id).ok_or_else(|| GgufError::UnknownValueType {
+                key: key.clone(),
+                id,
+            })?;
             let value = c.value(ty, &key, 0)?;
             if key_index.insert(key.clone(), metadata.len()).is_some() {
                 return Err(GgufError::DuplicateKey(key));
@@ -241,12 +284,18 @@ impl Gguf {
         for i in 0..n_tensors {
             let name_at = c.pos as u64;
             let name = c.string(&|| format!("name of tensor {i}"))?;
-            let name = String::from_utf8(name.0)
-                .map_err(|_| GgufError::BadUtf8 { what: format!("name of tensor {i}"), offset: name_at })?;
+            let name = String::from_utf8(name.0).map_err(|_| GgufError::BadUtf8 {
+                what: format!("name of tensor {i}"),
+                offset: name_at,
+            })?;
             let what = || format!("info of tensor {name:?}");
             let n_dims = c.u32(&what)? as u64;
             if n_dims as usize > MAX_DIMS {
-                return Err(GgufError::TooManyDims { name, n_dims, max: MAX_DIMS });
+                return Err(GgufError::TooManyDims {
+                    name,
+                    n_dims,
+                    max: MAX_DIMS,
+                });
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -254,16 +303,28 @@ impl Gguf {
             }
             let type_id = c.u32(&what)?;
             let offset = c.u64(&what)?;
-            let ty = GgmlType::from_id(type_id)
-                .ok_or_else(|| GgufError::UnknownTensorType { name: name.clone(), id: type_id })?;
+            let ty = GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnknownTensorType {
+                name: name.clone(),
+                id: type_id,
+            })?;
             let n_bytes = tensor_bytes(&name, ty, &dims)?;
-            if offset % alignment != 0 {
-                return Err(GgufError::MisalignedTensor { name, offset, alignment });
+            if !offset.is_multiple_of(alignment) {
+                return Err(GgufError::MisalignedTensor {
+                    name,
+                    offset,
+                    alignment,
+                });
             }
             if tensor_index.insert(name.clone(), tensors.len()).is_some() {
                 return Err(GgufError::DuplicateTensor(name));
             }
-            tensors.push(TensorInfo { name, ty, dims, offset, n_bytes });
+            tensors.push(TensorInfo {
+                name,
+                ty,
+                dims,
+                offset,
+                n_bytes,
+            });
         }
 
         let file_size = bytes.len() as u64;
@@ -272,7 +333,10 @@ impl Gguf {
         let data_offset = align_up(c.pos as u64, alignment).unwrap_or(u64::MAX);
         let available = file_size.saturating_sub(data_offset);
         for t in &tensors {
-            if t.offset.checked_add(t.n_bytes).map_or(true, |end| end > available) {
+            if t.offset
+                .checked_add(t.n_bytes)
+                .is_none_or(|end| end > available)
+            {
                 return Err(GgufError::TensorOutOfBounds {
                     name: t.name.clone(),
                     offset: t.offset,
@@ -283,7 +347,16 @@ impl Gguf {
         }
         check_overlaps(&tensors)?;
 
-        Ok(Gguf { version, alignment, metadata, tensors, data_offset, file_size, key_index, tensor_index })
+        Ok(Gguf {
+            version,
+            alignment,
+            metadata,
+            tensors,
+            data_offset,
+            file_size,
+            key_index,
+            tensor_index,
+        })
     }
 
     /// The value of a metadata key.
@@ -293,29 +366,53 @@ impl Gguf {
 
     /// A required key as an unsigned integer (any integer type that holds a non-negative value).
     pub fn get_u64(&self, key: &str) -> Result<u64, GgufError> {
-        let v = self.get(key).ok_or_else(|| GgufError::MissingKey(key.into()))?;
+        let v = self
+            .get(key)
+            .ok_or_else(|| GgufError::MissingKey(key.into()))?;
         v.as_integer()
             .filter(|_| !matches!(v, Value::Bool(_)))
             .and_then(|i| u64::try_from(i).ok())
-            .ok_or_else(|| GgufError::WrongType { key: key.into(), expected: "an unsigned integer".into(), found: v.type_description() })
+            .ok_or_else(|| GgufError::WrongType {
+                key: key.into(),
+                expected: "an unsigned integer".into(),
+                found: v.type_description(),
+            })
     }
 
     /// A required key as a float (any numeric type).
     pub fn get_f64(&self, key: &str) -> Result<f64, GgufError> {
-        let v = self.get(key).ok_or_else(|| GgufError::MissingKey(key.into()))?;
-        v.as_f64().ok_or_else(|| GgufError::WrongType { key: key.into(), expected: "a number".into(), found: v.type_description() })
+        let v = self
+            .get(key)
+            .ok_or_else(|| GgufError::MissingKey(key.into()))?;
+        v.as_f64().ok_or_else(|| GgufError::WrongType {
+            key: key.into(),
+            expected: "a number".into(),
+            found: v.type_description(),
+        })
     }
 
     /// A required key as a UTF-8 string.
     pub fn get_str(&self, key: &str) -> Result<&str, GgufError> {
-        let v = self.get(key).ok_or_else(|| GgufError::MissingKey(key.into()))?;
-        v.as_str().ok_or_else(|| GgufError::WrongType { key: key.into(), expected: "a UTF-8 STRING".into(), found: v.type_description() })
+        let v = self
+            .get(key)
+            .ok_or_else(|| GgufError::MissingKey(key.into()))?;
+        v.as_str().ok_or_else(|| GgufError::WrongType {
+            key: key.into(),
+            expected: "a UTF-8 STRING".into(),
+            found: v.type_description(),
+        })
     }
 
     /// A required key as an array (element type and items).
     pub fn get_array(&self, key: &str) -> Result<(ValueType, &[Value]), GgufError> {
-        let v = self.get(key).ok_or_else(|| GgufError::MissingKey(key.into()))?;
-        v.as_array().ok_or_else(|| GgufError::WrongType { key: key.into(), expected: "an ARRAY".into(), found: v.type_description() })
+        let v = self
+            .get(key)
+            .ok_or_else(|| GgufError::MissingKey(key.into()))?;
+        v.as_array().ok_or_else(|| GgufError::WrongType {
+            key: key.into(),
+            expected: "an ARRAY".into(),
+            found: v.type_description(),
+        })
     }
 
     /// The description of a tensor.
@@ -331,10 +428,18 @@ impl Gguf {
 
 /// Bytes of a tensor of type `ty` and shape `dims`, with the shape validated.
 pub(crate) fn tensor_bytes(name: &str, ty: GgmlType, dims: &[u64]) -> Result<u64, GgufError> {
-    let bad = |reason: String| GgufError::BadShape { name: name.into(), shape: dims.to_vec(), ty: ty.name().into(), reason };
+    let bad = |reason: String| GgufError::BadShape {
+        name: name.into(),
+        shape: dims.to_vec(),
+        ty: ty.name().into(),
+        reason,
+    };
     if let Some(&d0) = dims.first() {
         if d0 % ty.block_size() as u64 != 0 {
-            return Err(bad(format!("row length {d0} is not a multiple of the block size {}", ty.block_size())));
+            return Err(bad(format!(
+                "row length {d0} is not a multiple of the block size {}",
+                ty.block_size()
+            )));
         }
     }
     let n = dims
@@ -346,12 +451,19 @@ pub(crate) fn tensor_bytes(name: &str, ty: GgmlType, dims: &[u64]) -> Result<u64
 }
 
 fn check_overlaps(tensors: &[TensorInfo]) -> Result<(), GgufError> {
-    let mut spans: Vec<(u64, u64, usize)> =
-        tensors.iter().enumerate().filter(|(_, t)| t.n_bytes > 0).map(|(i, t)| (t.offset, t.offset + t.n_bytes, i)).collect();
+    let mut spans: Vec<(u64, u64, usize)> = tensors
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.n_bytes > 0)
+        .map(|(i, t)| (t.offset, t.offset + t.n_bytes, i))
+        .collect();
     spans.sort_unstable();
     for w in spans.windows(2) {
         if w[1].0 < w[0].1 {
-            return Err(GgufError::OverlappingTensors { name: tensors[w[1].2].name.clone(), other: tensors[w[0].2].name.clone() });
+            return Err(GgufError::OverlappingTensors {
+                name: tensors[w[1].2].name.clone(),
+                other: tensors[w[0].2].name.clone(),
+            });
         }
     }
     Ok(())
@@ -384,21 +496,33 @@ impl GgufFile {
         let file = std::fs::File::open(path).map_err(|e| GgufError::io(path, e))?;
         let meta = file.metadata().map_err(|e| GgufError::io(path, e))?;
         if !meta.is_file() {
-            return Err(GgufError::io(path, std::io::Error::other("not a regular file")));
+            return Err(GgufError::io(
+                path,
+                std::io::Error::other("not a regular file"),
+            ));
         }
         // SAFETY: the map is read-only and private to this process. Another process truncating
         // or rewriting the file while it is mapped is outside what we can guard against (the
         // same contract as every mmap-based model loader); our own writer never modifies a file
         // in place, it writes a new file and renames it over the old path.
-        let map = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| GgufError::io(path, e))?;
+        let map = unsafe { memmap2::MmapOptions::new().map(&file) }
+            .map_err(|e| GgufError::io(path, e))?;
         let header = Gguf::parse(&map)?;
-        Ok(GgufFile { path: path.to_path_buf(), header, backing: Backing::Map(map) })
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            header,
+            backing: Backing::Map(map),
+        })
     }
 
     /// Parses a file held in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
         let header = Gguf::parse(&bytes)?;
-        Ok(GgufFile { path: PathBuf::from("<memory>"), header, backing: Backing::Owned(bytes) })
+        Ok(GgufFile {
+            path: PathBuf::from("<memory>"),
+            header,
+            backing: Backing::Owned(bytes),
+        })
     }
 
     /// The header (metadata and tensor infos).
@@ -422,7 +546,9 @@ impl GgufFile {
 
     /// A tensor's info and bytes by name.
     pub fn tensor(&self, name: &str) -> Result<(&TensorInfo, &[u8]), GgufError> {
-        let t = self.tensor_info(name).ok_or_else(|| GgufError::NoSuchTensor(name.into()))?;
+        let t = self
+            .tensor_info(name)
+            .ok_or_else(|| GgufError::NoSuchTensor(name.into()))?;
         Ok((t, self.tensor_data(t)))
     }
 

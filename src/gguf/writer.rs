@@ -45,12 +45,18 @@ impl Default for GgufBuilder<'_> {
 
 impl<'a> GgufBuilder<'a> {
     pub fn new() -> Self {
-        GgufBuilder { metadata: Vec::new(), tensors: Vec::new() }
+        GgufBuilder {
+            metadata: Vec::new(),
+            tensors: Vec::new(),
+        }
     }
 
     /// A builder with all metadata and tensors of `file`, the tensors borrowing the file's bytes.
     pub fn from_file(file: &'a GgufFile) -> Self {
-        let mut b = GgufBuilder { metadata: file.metadata.clone(), tensors: Vec::with_capacity(file.tensors.len()) };
+        let mut b = GgufBuilder {
+            metadata: file.metadata.clone(),
+            tensors: Vec::with_capacity(file.tensors.len()),
+        };
         for t in &file.tensors {
             b.tensors.push(TensorSpec {
                 name: t.name.clone(),
@@ -91,9 +97,19 @@ impl<'a> GgufBuilder<'a> {
 
     /// Adds a tensor; its shape is validated and its byte size checked against `data` (for
     /// generated data, when written).
-    pub fn add_tensor(&mut self, name: &str, ty: GgmlType, dims: &[u64], data: TensorData<'a>) -> Result<&mut Self, GgufError> {
+    pub fn add_tensor(
+        &mut self,
+        name: &str,
+        ty: GgmlType,
+        dims: &[u64],
+        data: TensorData<'a>,
+    ) -> Result<&mut Self, GgufError> {
         if dims.len() > MAX_DIMS {
-            return Err(GgufError::TooManyDims { name: name.into(), n_dims: dims.len() as u64, max: MAX_DIMS });
+            return Err(GgufError::TooManyDims {
+                name: name.into(),
+                n_dims: dims.len() as u64,
+                max: MAX_DIMS,
+            });
         }
         if self.tensors.iter().any(|t| t.name == name) {
             return Err(GgufError::DuplicateTensor(name.into()));
@@ -108,20 +124,37 @@ impl<'a> GgufBuilder<'a> {
             if given != n_bytes {
                 return Err(GgufError::BadTensorData {
                     name: name.into(),
-                    reason: format!("{ty} tensor of shape {dims:?} needs {n_bytes} bytes, {given} given"),
+                    reason: format!(
+                        "{ty} tensor of shape {dims:?} needs {n_bytes} bytes, {given} given"
+                    ),
                 });
             }
         }
-        self.tensors.push(TensorSpec { name: name.into(), ty, dims: dims.to_vec(), n_bytes, data });
+        self.tensors.push(TensorSpec {
+            name: name.into(),
+            ty,
+            dims: dims.to_vec(),
+            n_bytes,
+            data,
+        });
         Ok(self)
     }
 
     fn alignment(&self) -> Result<u64, GgufError> {
-        match self.metadata.iter().find(|(k, _)| k == ALIGNMENT_KEY).map(|(_, v)| v) {
+        match self
+            .metadata
+            .iter()
+            .find(|(k, _)| k == ALIGNMENT_KEY)
+            .map(|(_, v)| v)
+        {
             None => Ok(DEFAULT_ALIGNMENT),
             Some(Value::U32(a)) if *a != 0 && a.is_power_of_two() => Ok(*a as u64),
             Some(Value::U32(a)) => Err(GgufError::BadAlignment(*a as u64)),
-            Some(v) => Err(GgufError::WrongType { key: ALIGNMENT_KEY.into(), expected: "UINT32".into(), found: v.type_description() }),
+            Some(v) => Err(GgufError::WrongType {
+                key: ALIGNMENT_KEY.into(),
+                expected: "UINT32".into(),
+                found: v.type_description(),
+            }),
         }
     }
 
@@ -144,17 +177,21 @@ impl<'a> GgufBuilder<'a> {
 
         out.write_all(&MAGIC).map_err(io)?;
         out.write_all(&3u32.to_le_bytes()).map_err(io)?;
-        out.write_all(&(self.tensors.len() as u64).to_le_bytes()).map_err(io)?;
-        out.write_all(&(self.metadata.len() as u64).to_le_bytes()).map_err(io)?;
+        out.write_all(&(self.tensors.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        out.write_all(&(self.metadata.len() as u64).to_le_bytes())
+            .map_err(io)?;
         for (k, v) in &self.metadata {
             write_str(&mut out, k.as_bytes()).map_err(io)?;
-            out.write_all(&v.value_type().id().to_le_bytes()).map_err(io)?;
+            out.write_all(&v.value_type().id().to_le_bytes())
+                .map_err(io)?;
             write_value(&mut out, v).map_err(io)?;
         }
         let mut offset = 0u64;
         for t in &self.tensors {
             write_str(&mut out, t.name.as_bytes()).map_err(io)?;
-            out.write_all(&(t.dims.len() as u32).to_le_bytes()).map_err(io)?;
+            out.write_all(&(t.dims.len() as u32).to_le_bytes())
+                .map_err(io)?;
             for d in &t.dims {
                 out.write_all(&d.to_le_bytes()).map_err(io)?;
             }
@@ -174,7 +211,10 @@ impl<'a> GgufBuilder<'a> {
             if written != t.n_bytes {
                 return Err(GgufError::BadTensorData {
                     name: t.name.clone(),
-                    reason: format!("generator wrote {written} bytes, the tensor needs {}", t.n_bytes),
+                    reason: format!(
+                        "generator wrote {written} bytes, the tensor needs {}",
+                        t.n_bytes
+                    ),
                 });
             }
             pad(&mut out, alignment).map_err(io)?;
@@ -278,4 +318,3 @@ fn write_value(out: &mut dyn Write, v: &Value) -> io::Result<()> {
         }
     }
 }
-

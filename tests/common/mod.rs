@@ -21,7 +21,10 @@ pub fn model(name: &str) -> Option<PathBuf> {
     if p.is_file() {
         Some(p)
     } else {
-        println!("SKIP: model {} not found (run .ci/run or see README to fetch it)", p.display());
+        println!(
+            "SKIP: model {} not found (run .ci/run or see README to fetch it)",
+            p.display()
+        );
         None
     }
 }
@@ -40,14 +43,23 @@ pub fn python_gguf() -> bool {
 }
 
 pub fn py_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(name)
 }
 
 /// Runs a reference script; panics with its output when it fails. Returns stdout.
 pub fn run_py(script: &str, args: &[&str]) -> String {
-    let out = Command::new("python3").arg(py_script(script)).args(args).output().expect("run python3");
+    let out = Command::new("python3")
+        .arg(py_script(script))
+        .args(args)
+        .output()
+        .expect("run python3");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{script} {args:?} failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed:\n{stdout}\n{stderr}"
+    );
     stdout
 }
