@@ -144,7 +144,14 @@ mod tests {
 
     #[test]
     fn f32_is_a_copy() {
-        let xs = [0.0f32, -0.0, 1.5, f32::MAX, f32::MIN_POSITIVE, f32::INFINITY];
+        let xs = [
+            0.0f32,
+            -0.0,
+            1.5,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+        ];
         let mut bytes = [0u8; 24];
         quantize_f32(&xs, &mut bytes);
         let mut out = [0f32; 6];
@@ -156,7 +163,16 @@ mod tests {
 
     #[test]
     fn f16_exact_values_survive() {
-        let xs = [0.0f32, -0.0, 1.0, -2.5, 65504.0, -65504.0, 6.1035156e-5, 5.9604645e-8];
+        let xs = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -2.5,
+            65504.0,
+            -65504.0,
+            6.1035156e-5,
+            5.9604645e-8,
+        ];
         let out = f16_round_trip(&xs);
         for (a, b) in xs.iter().zip(&out) {
             assert_eq!(a.to_bits(), b.to_bits(), "{a}");
@@ -202,7 +218,15 @@ mod tests {
     #[test]
     fn bf16_rounding_matches_ggml_rule() {
         // Exact values.
-        for x in [0.0f32, -0.0, 1.0, -3.0, 0.5, f32::INFINITY, f32::NEG_INFINITY] {
+        for x in [
+            0.0f32,
+            -0.0,
+            1.0,
+            -3.0,
+            0.5,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ] {
             assert_eq!(bf16_round_trip(&[x])[0].to_bits(), x.to_bits());
         }
         // Ties to even: 0x3f80_8000 is half-way between 0x3f80 (even) and 0x3f81.

@@ -128,12 +128,7 @@ fn unpack_levels(qs: &[u8], qh: Option<&[u8]>) -> [u8; QK] {
     levels
 }
 
-fn dequantize_blocks(
-    src: &[u8],
-    dst: &mut [f32],
-    size: usize,
-    decode: impl Fn(&[u8], &mut [f32]),
-) {
+fn dequantize_blocks(src: &[u8], dst: &mut [f32], size: usize, decode: impl Fn(&[u8], &mut [f32])) {
     for (b, out) in src.chunks_exact(size).zip(dst.chunks_exact_mut(QK)) {
         decode(b, out);
     }
@@ -240,7 +235,12 @@ mod tests {
     use super::*;
     use crate::{dequantize_row, quantize_row, GgmlType};
 
-    const TYPES: [GgmlType; 4] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1];
+    const TYPES: [GgmlType; 4] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+    ];
 
     fn round_trip(ty: GgmlType, x: &[f32]) -> (Vec<u8>, Vec<f32>) {
         let mut q = vec![0u8; ty.bytes_for(x.len() as u64).unwrap() as usize];
@@ -355,6 +355,17 @@ mod tests {
             let tiny: Vec<f32> = noise(QK, 5).iter().map(|v| v * 1e-12).collect();
             let (_, y) = round_trip(ty, &tiny);
             assert!(y.iter().all(|v| v.abs() <= 1e-11), "{ty}");
+        }
+    }
+
+    #[test]
+    fn non_finite_input_does_not_panic() {
+        let mut x = noise(2 * QK, 11);
+        x[1] = f32::NAN;
+        x[40] = f32::INFINITY;
+        x[41] = f32::NEG_INFINITY;
+        for ty in TYPES {
+            let _ = round_trip(ty, &x);
         }
     }
 

@@ -27,7 +27,12 @@ pub enum FormatError {
     #[error("{ty}: byte size of {n} elements overflows")]
     SizeOverflow { ty: GgmlType, n: u64 },
     #[error("{ty}: {n} elements need {expected} bytes, got a buffer of {got}")]
-    BufferSize { ty: GgmlType, n: usize, expected: usize, got: usize },
+    BufferSize {
+        ty: GgmlType,
+        n: usize,
+        expected: usize,
+        got: usize,
+    },
     #[error("{ty}: {op} is not supported for this type")]
     Unsupported { ty: GgmlType, op: &'static str },
 }
@@ -36,7 +41,12 @@ pub enum FormatError {
 pub(crate) fn check_sizes(ty: GgmlType, n: usize, bytes: usize) -> Result<(), FormatError> {
     let expected = ty.bytes_for(n as u64)? as usize;
     if expected != bytes {
-        return Err(FormatError::BufferSize { ty, n, expected, got: bytes });
+        return Err(FormatError::BufferSize {
+            ty,
+            n,
+            expected,
+            got: bytes,
+        });
     }
     Ok(())
 }
@@ -61,7 +71,12 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), F
         Q4_K => kquants::dequantize_q4_k(src, dst),
         Q5_K => kquants::dequantize_q5_k(src, dst),
         Q6_K => kquants::dequantize_q6_k(src, dst),
-        _ => return Err(FormatError::Unsupported { ty, op: "dequantize" }),
+        _ => {
+            return Err(FormatError::Unsupported {
+                ty,
+                op: "dequantize",
+            })
+        }
     }
     Ok(())
 }

@@ -210,7 +210,10 @@ mod tests {
             let d = scales[b].abs();
             for (i, (&v, &r)) in xb.iter().zip(yb).enumerate() {
                 let bound = d / 2.0 * (1.0 + 1e-6) + 127.0 * d_half_ulp(d) + 1e-37;
-                assert!((v - r).abs() <= bound, "block {b} elem {i}: {v} -> {r} (d = {d})");
+                assert!(
+                    (v - r).abs() <= bound,
+                    "block {b} elem {i}: {v} -> {r} (d = {d})"
+                );
             }
         }
     }
@@ -231,7 +234,7 @@ mod tests {
         quantize_q8_0(&x, &mut q);
         let mut y = vec![0f32; x.len()];
         dequantize_q8_0(&q, &mut y);
-        let scales: Vec<f32> = q.chunks(Q8_0_BYTES).map(|b| read_f16(b)).collect();
+        let scales: Vec<f32> = q.chunks(Q8_0_BYTES).map(read_f16).collect();
         check_round_trip(&x, &y, &scales, 32, half_ulp_f16);
         // The all-zero block encodes to all zeros.
         assert!(q[3 * Q8_0_BYTES..4 * Q8_0_BYTES].iter().all(|&b| b == 0));
@@ -261,12 +264,16 @@ mod tests {
         quantize_q8_1(&x, &mut q);
         let mut y = vec![0f32; x.len()];
         dequantize_q8_1(&q, &mut y);
-        let scales: Vec<f32> = q.chunks(Q8_1_BYTES).map(|b| read_f16(b)).collect();
+        let scales: Vec<f32> = q.chunks(Q8_1_BYTES).map(read_f16).collect();
         check_round_trip(&x, &y, &scales, 32, half_ulp_f16);
         for (b, blk) in q.chunks(Q8_1_BYTES).enumerate() {
             let d = max_abs(&x[b * 32..b * 32 + 32]) / 127.0;
             let sum: i32 = blk[4..].iter().map(|&v| v as i8 as i32).sum();
-            assert_eq!(read_f16(&blk[2..4]), f16::from_f32(sum as f32 * d).to_f32(), "block {b}");
+            assert_eq!(
+                read_f16(&blk[2..4]),
+                f16::from_f32(sum as f32 * d).to_f32(),
+                "block {b}"
+            );
         }
         // Q8_0 and Q8_1 carry the same d and quants.
         let mut q0 = vec![0u8; Q8_0_BYTES * 20];
@@ -284,14 +291,19 @@ mod tests {
         quantize_q8_k(&x, &mut q);
         let mut y = vec![0f32; x.len()];
         dequantize_q8_k(&q, &mut y);
-        let scales: Vec<f32> =
-            q.chunks(Q8_K_BYTES).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let scales: Vec<f32> = q
+            .chunks(Q8_K_BYTES)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         check_round_trip(&x, &y, &scales, 256, half_ulp_f32);
         for blk in q.chunks(Q8_K_BYTES) {
             let qs = &blk[Q8_K_QS..Q8_K_BSUMS];
             assert!(qs.iter().all(|&v| v as i8 >= -127));
             for (g, s) in blk[Q8_K_BSUMS..].chunks(2).enumerate() {
-                let want: i32 = qs[g * 16..g * 16 + 16].iter().map(|&v| v as i8 as i32).sum();
+                let want: i32 = qs[g * 16..g * 16 + 16]
+                    .iter()
+                    .map(|&v| v as i8 as i32)
+                    .sum();
                 assert_eq!(i16::from_le_bytes([s[0], s[1]]) as i32, want);
             }
         }

@@ -102,7 +102,10 @@ impl GgmlType {
 
     /// The type with this name (as gguf-py and llama.cpp print it, e.g. `Q4_K`), case-insensitive.
     pub fn from_name(name: &str) -> Option<GgmlType> {
-        Self::ALL.iter().copied().find(|t| t.name().eq_ignore_ascii_case(name))
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
     /// Numeric id as stored in GGUF.
@@ -209,7 +212,20 @@ impl GgmlType {
         use GgmlType::*;
         matches!(
             self,
-            F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K
+            F32 | F16
+                | BF16
+                | Q4_0
+                | Q4_1
+                | Q5_0
+                | Q5_1
+                | Q8_0
+                | Q8_1
+                | Q2_K
+                | Q3_K
+                | Q4_K
+                | Q5_K
+                | Q6_K
+                | Q8_K
         )
     }
 
@@ -223,7 +239,11 @@ impl GgmlType {
     pub fn bytes_for(self, n: u64) -> Result<u64, FormatError> {
         let bs = self.block_size() as u64;
         if !n.is_multiple_of(bs) {
-            return Err(FormatError::NotWholeBlocks { ty: self, n, block: bs as usize });
+            return Err(FormatError::NotWholeBlocks {
+                ty: self,
+                n,
+                block: bs as usize,
+            });
         }
         (n / bs)
             .checked_mul(self.type_size() as u64)

@@ -77,7 +77,7 @@ fn test_data() -> Vec<f32> {
                 10 => -0.3,
                 // Sparse block: mostly zeros.
                 _ => {
-                    if rng.next_u64() % 8 == 0 {
+                    if rng.next_u64() & 7 == 0 {
                         u
                     } else {
                         0.0
@@ -103,6 +103,11 @@ fn q8_0_matches_gguf_py_bit_for_bit() {
     assert_eq!(want.len(), got.len());
     let bs = GgmlType::Q8_0.type_size();
     for (b, (w, g)) in want.chunks(bs).zip(got.chunks(bs)).enumerate() {
-        assert_eq!(w, g, "block {b} differs; input {:?}", &x[b * 32..b * 32 + 32]);
+        assert_eq!(
+            w,
+            g,
+            "block {b} differs; input {:?}",
+            &x[b * 32..b * 32 + 32]
+        );
     }
 }

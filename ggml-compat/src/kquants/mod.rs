@@ -15,8 +15,9 @@
 //!
 //! All arithmetic is single precision in the same order as ggml's scalar reference code, so
 //! dequantization is bit-identical to ggml's `dequantize_row_*` and gguf-py's
-//! `gguf.quants.dequantize`, and quantization follows `quantize_row_*_ref` step by step
-//! (rounding with ties to even, like ggml's `nearest_int`).
+//! `gguf.quants.dequantize` (tests/pyref.rs), and quantization is byte-identical to
+//! `quantize_row_*_ref` built without FMA contraction (`quantizers_match_ggml_reference_bytes`
+//! below; rounding is ties-to-even like ggml's `nearest_int`).
 
 mod q2_k;
 mod q3_k;
@@ -124,6 +125,7 @@ fn make_qkx2_quants(
     use_mad: bool,
 ) -> (f32, f32) {
     let n = x.len();
+    debug_assert!((1..=32).contains(&n) && w.len() == n && levels.len() == n);
     let mut min = x[0];
     let mut max = x[0];
     let mut sum_w = w[0];
@@ -200,7 +202,8 @@ fn make_qkx2_quants(
 fn pack_2bit(levels: &[u8], qs: &mut [u8]) {
     for (lv, q) in levels.chunks_exact(128).zip(qs.chunks_exact_mut(32)) {
         for l in 0..32 {
-            q[l] = (lv[l] & 3) | (lv[l + 32] & 3) << 2 | (lv[l + 64] & 3) << 4 | (lv[l + 96] & 3) << 6;
+            q[l] =
+                (lv[l] & 3) | (lv[l + 32] & 3) << 2 | (lv[l + 64] & 3) << 4 | (lv[l + 96] & 3) << 6;
         }
     }
 }
@@ -230,7 +233,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -261,6 +267,46 @@ pub(crate) mod testutil {
         }
     }
 
+    /// 64 super-blocks of varied, platform-independent data (integer RNG and exact f32
+    /// arithmetic only): gaussian-like at several scales, outliers, one-signed, sparse,
+    /// constant, all-zero and integer ramps.
+    pub fn golden_input() -> Vec<f32> {
+        let mut rng = Rng::new(2024);
+        let mut x = Vec::with_capacity(64 * QK_K);
+        let mut blocks = |n: usize, f: &mut dyn FnMut(&mut Rng, usize) -> f32| {
+            for i in 0..n * QK_K {
+                x.push(f(&mut rng, i));
+            }
+        };
+        blocks(16, &mut |r, _| r.gauss());
+        blocks(8, &mut |r, _| r.gauss() * 0.001);
+        blocks(8, &mut |r, i| {
+            r.gauss() * if i % 61 == 0 { 25.0 } else { 1.0 }
+        });
+        blocks(8, &mut |r, _| r.gauss().abs() + 0.1);
+        blocks(8, &mut |r, _| {
+            if r.next_u64() % 5 == 0 {
+                r.gauss()
+            } else {
+                0.0
+            }
+        });
+        blocks(8, &mut |r, _| r.gauss() * 1000.0);
+        blocks(1, &mut |_, _| 0.0);
+        blocks(1, &mut |_, _| 0.37);
+        blocks(1, &mut |_, _| -2.0);
+        blocks(1, &mut |_, i| (i % 7) as f32 - 3.0);
+        blocks(4, &mut |r, _| -(r.gauss().abs() + 0.5));
+        x
+    }
+
+    /// FNV-1a, 64-bit.
+    pub fn fnv1a(bytes: &[u8]) -> u64 {
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+
     pub fn round_trip(ty: GgmlType, x: &[f32]) -> (Vec<u8>, Vec<f32>) {
         let mut q = vec![0u8; ty.bytes_for(x.len() as u64).unwrap() as usize];
         quantize_row(ty, x, &mut q).unwrap();
@@ -289,7 +335,10 @@ pub(crate) mod testutil {
             let (_, y) = round_trip(ty, &x);
             assert!(y.iter().all(|v| v.is_finite()), "{ty}: x{scale} not finite");
             let rel = rmse(&x, &y) / rms(&x);
-            assert!(rel < max_rel, "{ty}: gaussian x{scale}: relative rmse {rel}");
+            assert!(
+                rel < max_rel,
+                "{ty}: gaussian x{scale}: relative rmse {rel}"
+            );
         }
         // All zero.
         let (q, y) = round_trip(ty, &[0.0; QK_K]);
@@ -306,17 +355,27 @@ pub(crate) mod testutil {
         }
         // Negative-only and positive-only data.
         for sign in [-1.0f32, 1.0] {
-            let x: Vec<f32> = (0..QK_K).map(|_| sign * (0.5 + rng.uniform().abs())).collect();
+            let x: Vec<f32> = (0..QK_K)
+                .map(|_| sign * (0.5 + rng.uniform().abs()))
+                .collect();
             let (_, y) = round_trip(ty, &x);
             let rel = rmse(&x, &y) / rms(&x);
-            assert!(rel < max_rel, "{ty}: one-signed {sign}: relative rmse {rel}");
+            assert!(
+                rel < max_rel,
+                "{ty}: one-signed {sign}: relative rmse {rel}"
+            );
         }
         // Small enough for the f16 super-block scale to be subnormal: still finite and sane.
         let x: Vec<f32> = (0..QK_K).map(|_| rng.gauss() * 1e-6).collect();
         let (_, y) = round_trip(ty, &x);
         assert!(y.iter().all(|v| v.is_finite()), "{ty}: x1e-6 not finite");
         // (With both f16 scales subnormal or zero the error can exceed the signal; ggml too.)
-        assert!(rmse(&x, &y) < 4.0 * rms(&x), "{ty}: x1e-6 {} {}", rmse(&x, &y), rms(&x));
+        assert!(
+            rmse(&x, &y) < 4.0 * rms(&x),
+            "{ty}: x1e-6 {} {}",
+            rmse(&x, &y),
+            rms(&x)
+        );
         // Far below f16's range: decodes to (near) zero, never NaN.
         let x: Vec<f32> = (0..QK_K).map(|_| rng.gauss() * 1e-20).collect();
         let (_, y) = round_trip(ty, &x);
@@ -325,7 +384,11 @@ pub(crate) mod testutil {
         let mut x: Vec<f32> = (0..QK_K).map(|_| rng.gauss() * 0.01).collect();
         x[77] = 50.0;
         let (_, y) = round_trip(ty, &x);
-        assert!((y[77] - 50.0).abs() < 50.0 * 0.07, "{ty}: outlier -> {}", y[77]);
+        assert!(
+            (y[77] - 50.0).abs() < 50.0 * 0.07,
+            "{ty}: outlier -> {}",
+            y[77]
+        );
         // Non-finite input must not panic.
         let mut x: Vec<f32> = (0..QK_K).map(|_| rng.gauss()).collect();
         x[3] = f32::NAN;
@@ -392,6 +455,32 @@ mod tests {
         let (scale, min) = make_qkx2_quants(15, &x, &w, &mut l, -1.0, 0.1, 20, false);
         for (v, q) in x.iter().zip(&l) {
             assert!((scale * *q as f32 - min - v).abs() < 1e-6, "{v}");
+        }
+    }
+
+    /// Hashes of what ggml's own C reference quantizers (`quantize_row_q*_K_ref` from
+    /// ggml-org/ggml at d99724f, built with -O2 -ffp-contract=off on x86-64) produce for
+    /// [`testutil::golden_input`]. Our encoders must reproduce them byte for byte. (gguf-py
+    /// has no K-quant quantizers, so this is the only byte-level check for them.)
+    #[test]
+    fn quantizers_match_ggml_reference_bytes() {
+        use crate::{quantize_row, GgmlType};
+        let x = testutil::golden_input();
+        let expected = [
+            (GgmlType::Q2_K, 0x571b_c410_09f7_00df_u64),
+            (GgmlType::Q3_K, 0xb282_6840_cb96_658f),
+            (GgmlType::Q4_K, 0x4251_45b3_84cc_27ce),
+            (GgmlType::Q5_K, 0xb5db_5760_8b9a_0766),
+            (GgmlType::Q6_K, 0xe843_0728_7d03_d88d),
+        ];
+        for (ty, hash) in expected {
+            let mut q = vec![0u8; ty.bytes_for(x.len() as u64).unwrap() as usize];
+            quantize_row(ty, &x, &mut q).unwrap();
+            assert_eq!(
+                testutil::fnv1a(&q),
+                hash,
+                "{ty}: bytes differ from ggml's reference quantizer"
+            );
         }
     }
 }

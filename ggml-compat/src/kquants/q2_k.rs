@@ -41,7 +41,11 @@ pub fn quantize_q2_k(src: &[f32], dst: &mut [u8]) {
         let mut mins = [0f32; 16];
         let mut max_scale = 0f32;
         let mut max_min = 0f32;
-        for (j, (xs, lv)) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).enumerate() {
+        for (j, (xs, lv)) in x
+            .chunks_exact(16)
+            .zip(levels.chunks_exact_mut(16))
+            .enumerate()
+        {
             for (w, v) in weights.iter_mut().zip(xs) {
                 *w = v.abs();
             }
@@ -79,7 +83,11 @@ pub fn quantize_q2_k(src: &[f32], dst: &mut [u8]) {
         // Requantize against the scales as they will be decoded.
         let df = read_f16(&b[D..]);
         let dminf = read_f16(&b[DMIN..]);
-        for (j, (xs, lv)) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).enumerate() {
+        for (j, (xs, lv)) in x
+            .chunks_exact(16)
+            .zip(levels.chunks_exact_mut(16))
+            .enumerate()
+        {
             let dj = df * f32::from(packed[j] & 0x0f);
             if dj == 0.0 {
                 continue;

@@ -22,7 +22,11 @@ const D: usize = 108;
 /// The 6-bit scale of sub-block `s`, unbiased (-32..32).
 #[inline]
 fn scale(scales: &[u8], s: usize) -> i8 {
-    let low = if s < 8 { scales[s] & 0x0f } else { scales[s - 8] >> 4 };
+    let low = if s < 8 {
+        scales[s] & 0x0f
+    } else {
+        scales[s - 8] >> 4
+    };
     let high = (scales[8 + s % 4] >> (2 * (s / 4))) & 3;
     (low | (high << 4)) as i8 - 32
 }
@@ -123,7 +127,11 @@ pub fn quantize_q3_k(src: &[f32], dst: &mut [u8]) {
         let mut scales = [0f32; 16];
         let mut max_scale = 0f32;
         let mut amax = 0f32;
-        for (j, (xs, lv)) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).enumerate() {
+        for (j, (xs, lv)) in x
+            .chunks_exact(16)
+            .zip(levels.chunks_exact_mut(16))
+            .enumerate()
+        {
             scales[j] = make_q3_quants(4, xs, lv);
             if scales[j].abs() > amax {
                 amax = scales[j].abs();
@@ -133,8 +141,9 @@ pub fn quantize_q3_k(src: &[f32], dst: &mut [u8]) {
 
         let packed = if max_scale != 0.0 {
             let iscale = -32.0 / max_scale;
-            let ls: [u8; 16] =
-                std::array::from_fn(|j| (nearest_int(iscale * scales[j]).clamp(-32, 31) + 32) as u8);
+            let ls: [u8; 16] = std::array::from_fn(|j| {
+                (nearest_int(iscale * scales[j]).clamp(-32, 31) + 32) as u8
+            });
             write_f16(&mut b[D..], 1.0 / iscale);
             pack_scales(&ls)
         } else {
@@ -145,7 +154,11 @@ pub fn quantize_q3_k(src: &[f32], dst: &mut [u8]) {
 
         // Requantize against the scales as they will be decoded.
         let df = read_f16(&b[D..]);
-        for (j, (xs, lv)) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).enumerate() {
+        for (j, (xs, lv)) in x
+            .chunks_exact(16)
+            .zip(levels.chunks_exact_mut(16))
+            .enumerate()
+        {
             let dj = df * f32::from(scale(&packed, j));
             if dj == 0.0 {
                 continue;

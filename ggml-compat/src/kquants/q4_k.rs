@@ -21,7 +21,11 @@ pub fn dequantize_q4_k(src: &[u8], dst: &mut [f32]) {
         let d = read_f16(&b[D..]);
         let dmin = read_f16(&b[DMIN..]);
         let scales = &b[SCALES..QS];
-        for (c, (q, y)) in b[QS..].chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
+        for (c, (q, y)) in b[QS..]
+            .chunks_exact(32)
+            .zip(y.chunks_exact_mut(64))
+            .enumerate()
+        {
             let (sc1, m1) = scale_min_k4(2 * c, scales);
             let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
             let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
@@ -48,7 +52,11 @@ pub(super) fn quantize_scales_mins(
     let mut max_scale = 0f32;
     let mut max_min = 0f32;
     let mut weights = [0f32; 32];
-    for (j, (xs, ls)) in x.chunks_exact(32).zip(levels.chunks_exact_mut(32)).enumerate() {
+    for (j, (xs, ls)) in x
+        .chunks_exact(32)
+        .zip(levels.chunks_exact_mut(32))
+        .enumerate()
+    {
         let sum_x2: f32 = xs.iter().fold(0.0, |s, v| s + v * v);
         let av_x = (sum_x2 / 32.0).sqrt();
         for (w, v) in weights.iter_mut().zip(xs) {
@@ -63,7 +71,11 @@ pub(super) fn quantize_scales_mins(
         }
     }
 
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     // ggml stores nearest_int(..) in a u8 before clamping to 63.
     let six_bits = |v: f32| (nearest_int(v) as u8).min(63);
@@ -75,7 +87,11 @@ pub(super) fn quantize_scales_mins(
 
     // Requantize against the scales as they will be decoded.
     let (df, dminf) = (round_f16(d), round_f16(dmin));
-    for (j, (xs, lv)) in x.chunks_exact(32).zip(levels.chunks_exact_mut(32)).enumerate() {
+    for (j, (xs, lv)) in x
+        .chunks_exact(32)
+        .zip(levels.chunks_exact_mut(32))
+        .enumerate()
+    {
         let (sc, m) = scale_min_k4(j, &packed);
         let dj = df * f32::from(sc);
         if dj == 0.0 {

@@ -23,7 +23,11 @@ pub fn dequantize_q5_k(src: &[u8], dst: &mut [f32]) {
         let dmin = read_f16(&b[DMIN..]);
         let scales = &b[SCALES..QH];
         let qh = &b[QH..QS];
-        for (c, (q, y)) in b[QS..].chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
+        for (c, (q, y)) in b[QS..]
+            .chunks_exact(32)
+            .zip(y.chunks_exact_mut(64))
+            .enumerate()
+        {
             let (sc1, m1) = scale_min_k4(2 * c, scales);
             let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
             let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
@@ -50,7 +54,11 @@ pub fn quantize_q5_k(src: &[f32], dst: &mut [u8]) {
         let (head, qs) = b.split_at_mut(QS);
         let qh = &mut head[QH..];
         qh.fill(0);
-        for (c, (q, lv)) in qs.chunks_exact_mut(32).zip(levels.chunks_exact(64)).enumerate() {
+        for (c, (q, lv)) in qs
+            .chunks_exact_mut(32)
+            .zip(levels.chunks_exact(64))
+            .enumerate()
+        {
             for l in 0..32 {
                 let (lo, hi) = (lv[l], lv[l + 32]);
                 qh[l] |= ((lo >> 4) & 1) << (2 * c) | ((hi >> 4) & 1) << (2 * c + 1);

@@ -51,7 +51,11 @@ pub fn quantize_q6_k(src: &[f32], dst: &mut [u8]) {
         let mut scales = [0f32; 16];
         let mut max_scale = 0f32;
         let mut max_abs_scale = 0f32;
-        for (j, (xs, lv)) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).enumerate() {
+        for (j, (xs, lv)) in x
+            .chunks_exact(16)
+            .zip(levels.chunks_exact_mut(16))
+            .enumerate()
+        {
             for (w, v) in weights.iter_mut().zip(xs) {
                 *w = v * v;
             }
@@ -77,7 +81,11 @@ pub fn quantize_q6_k(src: &[f32], dst: &mut [u8]) {
         }
 
         let df = round_f16(d);
-        for (j, (xs, lv)) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).enumerate() {
+        for (j, (xs, lv)) in x
+            .chunks_exact(16)
+            .zip(levels.chunks_exact_mut(16))
+            .enumerate()
+        {
             let dj = df * f32::from(sc[j]);
             if dj == 0.0 {
                 continue;
@@ -93,7 +101,8 @@ pub fn quantize_q6_k(src: &[f32], dst: &mut [u8]) {
                 let (q1, q2, q3, q4) = (lv[l], lv[l + 32], lv[l + 64], lv[l + 96]);
                 b[QL + 64 * h + l] = (q1 & 0x0f) | ((q3 & 0x0f) << 4);
                 b[QL + 64 * h + l + 32] = (q2 & 0x0f) | ((q4 & 0x0f) << 4);
-                b[QH + 32 * h + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+                b[QH + 32 * h + l] =
+                    (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
             }
         }
     }

@@ -1,1 +1,0 @@
-//! STUB: quantized dot products (to be written).

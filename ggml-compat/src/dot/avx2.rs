@@ -1,0 +1,710 @@
+//! AVX2 + FMA (+ F16C) dot kernels for x86-64, chosen at run time by [`kernel`].
+//!
+//! Same arithmetic as the scalar reference: integer products summed exactly per block (32
+//! bytes at a time with `maddubs` / `madd`), then an f32 fused multiply-add of the block scale
+//! into eight f32 lanes, summed horizontally at the end. Signed-by-signed byte products use
+//! the sign trick (`|x| * (y * sign(x))`), which needs the activation bytes in `[-127, 127]`
+//! so that a 16-bit pair sum cannot saturate; our Q8 encoders guarantee that.
+//!
+//! Memory safety: every kernel first calls [`check_blocks`], which asserts that `w` and `a` hold
+//! `nb` whole blocks; all loads below stay inside block `i < nb`, at offsets within the block
+//! size. The functions are only reachable through [`kernel`], which checks the CPU features.
+
+// Before Rust 1.87 (our MSRV is 1.80) every intrinsic is an unsafe fn; since then those without
+// pointer arguments are safe inside functions with matching target features, which makes some
+// of the blocks below redundant on new compilers but required on old ones.
+#![allow(unused_unsafe)]
+
+use super::layout::*;
+use super::{check_blocks, DotFn};
+use crate::{GgmlType, QK, QK_K};
+use std::arch::x86_64::*;
+
+/// True when the CPU has every feature the kernels here are compiled for.
+fn detected() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// The AVX2 kernel for weights of type `ty`, or `None` when the CPU lacks the features.
+pub(super) fn kernel(ty: GgmlType) -> Option<DotFn> {
+    if !detected() {
+        return None;
+    }
+    use GgmlType::*;
+    Some(match ty {
+        F32 => f32_f32,
+        F16 => f16_f16,
+        BF16 => bf16_f32,
+        Q4_0 => q4_0_q8_0,
+        Q4_1 => q4_1_q8_1,
+        Q5_0 => q5_0_q8_0,
+        Q5_1 => q5_1_q8_1,
+        Q8_0 => q8_0_q8_0,
+        Q2_K => q2_k_q8_k,
+        Q3_K => q3_k_q8_k,
+        Q4_K => q4_k_q8_k,
+        Q5_K => q5_k_q8_k,
+        Q6_K => q6_k_q8_k,
+        _ => return None,
+    })
+}
+
+/// Safe entry points for the `unsafe` target-feature kernels.
+macro_rules! entries {
+    ($($name:ident => $imp:ident;)*) => {$(
+        fn $name(n: usize, w: &[u8], a: &[u8]) -> f32 {
+            debug_assert!(detected());
+            // SAFETY: this function is only handed out by `kernel`, after `detected()` confirmed
+            // that the CPU supports AVX2, FMA and F16C, the features `$imp` is compiled for.
+            unsafe { $imp(n, w, a) }
+        }
+    )*};
+}
+
+entries! {
+    f32_f32 => f32_f32_impl;
+    f16_f16 => f16_f16_impl;
+    bf16_f32 => bf16_f32_impl;
+    q4_0_q8_0 => q4_0_impl;
+    q4_1_q8_1 => q4_1_impl;
+    q5_0_q8_0 => q5_0_impl;
+    q5_1_q8_1 => q5_1_impl;
+    q8_0_q8_0 => q8_0_impl;
+    q2_k_q8_k => q2_k_impl;
+    q3_k_q8_k => q3_k_impl;
+    q4_k_q8_k => q4_k_impl;
+    q5_k_q8_k => q5_k_impl;
+    q6_k_q8_k => q6_k_impl;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers. All are `#[inline]` target-feature functions called only from kernels compiled
+// with the same features.
+
+/// Sum of the eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_ps(v: __m256) -> f32 {
+    // SAFETY: register-only intrinsics; the CPU features are guaranteed by the caller.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+/// Sum of the eight i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_epi32(v: __m256i) -> i32 {
+    // SAFETY: register-only intrinsics; the CPU features are guaranteed by the caller.
+    unsafe {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+}
+
+/// The little-endian f16 at `p`, widened to f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes at `p`; the read is unaligned-safe.
+    unsafe {
+        let h = std::ptr::read_unaligned(p.cast::<u16>());
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+}
+
+/// The little-endian f32 at `p`.
+#[inline]
+unsafe fn f32_at(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees four readable bytes at `p`; the read is unaligned-safe.
+    unsafe { std::ptr::read_unaligned(p.cast::<f32>()) }
+}
+
+/// 32 bytes at `p` (unaligned).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load32(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 32 readable bytes at `p`; loadu has no alignment need.
+    unsafe { _mm256_loadu_si256(p.cast::<__m256i>()) }
+}
+
+/// 16 bytes at `p` (unaligned).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load16(p: *const u8) -> __m128i {
+    // SAFETY: the caller guarantees 16 readable bytes at `p`; loadu has no alignment need.
+    unsafe { _mm_loadu_si128(p.cast::<__m128i>()) }
+}
+
+/// Expands 16 bytes of nibbles at `p` to 32 bytes: the low nibbles, then the high nibbles
+/// (the element order of the 32-element block formats).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles32(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 16 readable bytes at `p`.
+    unsafe {
+        let lo = load16(p);
+        let hi = _mm_srli_epi16::<4>(lo);
+        _mm256_and_si256(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(0x0F))
+    }
+}
+
+/// Expands the 32 bits of the little-endian u32 at `p` to 32 bytes, 0x10 where the bit is set
+/// (bit `i` to byte `i`): the fifth bits of a Q5 block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fifth_bits32(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 4 readable bytes at `p`; the rest is register-only.
+    unsafe {
+        let bits = std::ptr::read_unaligned(p.cast::<u32>());
+        let v = _mm256_set1_epi32(bits as i32);
+        // Byte i takes source byte i / 8 (shuffles stay within 128-bit halves; every half holds
+        // all four source bytes), then keeps bit i % 8.
+        let pick = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        );
+        let v = _mm256_shuffle_epi8(v, pick);
+        let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(v, mask), mask);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+}
+
+/// Sums of products of signed bytes `x` by signed bytes `y` (`y` in [-127, 127]), four pairs
+/// per i32 lane, as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_i8_ps(x: __m256i, y: __m256i) -> __m256 {
+    // SAFETY: register-only intrinsics; the CPU features are guaranteed by the caller.
+    unsafe {
+        let ax = _mm256_sign_epi8(x, x);
+        let sy = _mm256_sign_epi8(y, x);
+        dot_u8_ps(ax, sy)
+    }
+}
+
+/// Sums of products of unsigned bytes `x` by signed bytes `y`, four pairs per i32 lane, as f32.
+/// Needs `x * y` pair sums within i16: true for `x <= 128` with `|y| <= 127`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_u8_ps(x: __m256i, y: __m256i) -> __m256 {
+    // SAFETY: register-only intrinsics; the CPU features are guaranteed by the caller.
+    unsafe {
+        let p16 = _mm256_maddubs_epi16(x, y);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float rows.
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_f32_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    check_blocks(n, 1, w, 4, a, 4);
+    let (wp, ap) = (w.as_ptr().cast::<f32>(), a.as_ptr().cast::<f32>());
+    // SAFETY: `check_blocks` asserted 4n readable bytes in each; reads are at element i < n,
+    // unaligned loads.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let body = n / 32 * 32;
+        let mut i = 0;
+        while i < body {
+            for (k, s) in acc.iter_mut().enumerate() {
+                let x = _mm256_loadu_ps(wp.add(i + 8 * k));
+                let y = _mm256_loadu_ps(ap.add(i + 8 * k));
+                *s = _mm256_fmadd_ps(x, y, *s);
+            }
+            i += 32;
+        }
+        let mut tail = 0f32;
+        while i < n {
+            tail += std::ptr::read_unaligned(wp.add(i)) * std::ptr::read_unaligned(ap.add(i));
+            i += 1;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        hsum_ps(s) + tail
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_f16_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    check_blocks(n, 1, w, 2, a, 2);
+    let (wp, ap) = (w.as_ptr(), a.as_ptr());
+    // SAFETY: `check_blocks` asserted 2n readable bytes in each; loads cover elements < n.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let body = n / 32 * 32;
+        let mut i = 0;
+        while i < body {
+            for (k, s) in acc.iter_mut().enumerate() {
+                let x = _mm256_cvtph_ps(load16(wp.add(2 * (i + 8 * k))));
+                let y = _mm256_cvtph_ps(load16(ap.add(2 * (i + 8 * k))));
+                *s = _mm256_fmadd_ps(x, y, *s);
+            }
+            i += 32;
+        }
+        let mut tail = 0f32;
+        while i < n {
+            tail += f16_at(wp.add(2 * i)) * f16_at(ap.add(2 * i));
+            i += 1;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        hsum_ps(s) + tail
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bf16_f32_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    check_blocks(n, 1, w, 2, a, 4);
+    let (wp, ap) = (w.as_ptr(), a.as_ptr().cast::<f32>());
+    // SAFETY: `check_blocks` asserted 2n bytes of `w` and 4n of `a`; loads cover elements < n.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let body = n / 32 * 32;
+        let mut i = 0;
+        while i < body {
+            for (k, s) in acc.iter_mut().enumerate() {
+                let h = _mm256_cvtepu16_epi32(load16(wp.add(2 * (i + 8 * k))));
+                let x = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h));
+                let y = _mm256_loadu_ps(ap.add(i + 8 * k));
+                *s = _mm256_fmadd_ps(x, y, *s);
+            }
+            i += 32;
+        }
+        let mut tail = 0f32;
+        while i < n {
+            let h = std::ptr::read_unaligned(wp.add(2 * i).cast::<u16>());
+            tail += f32::from_bits((h as u32) << 16) * std::ptr::read_unaligned(ap.add(i));
+            i += 1;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        hsum_ps(s) + tail
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 32-element blocks.
+
+/// The loop of the kernels against Q8_0. `quants(x)` (an unsafe target-feature fn) turns a
+/// pointer to a weight block into its 32 quants as signed bytes, reading only inside that block.
+macro_rules! against_q8_0 {
+    ($n:expr, $w:expr, $a:expr, $wbytes:expr, $quants:ident) => {{
+        let nb = check_blocks($n, QK, $w, $wbytes, $a, Q8_0_BYTES);
+        let (wp, ap) = ($w.as_ptr(), $a.as_ptr());
+        // SAFETY: block i < nb lies within the lengths `check_blocks` asserted; `$quants` reads
+        // inside the weight block, the activation reads are bytes 0..34 of block i. The caller
+        // is compiled with AVX2, FMA and F16C, which its own caller guarantees.
+        unsafe {
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 1 < nb {
+                let (x0, y0) = (wp.add(i * $wbytes), ap.add(i * Q8_0_BYTES));
+                let (x1, y1) = (x0.add($wbytes), y0.add(Q8_0_BYTES));
+                let p0 = dot_i8_ps($quants(x0), load32(y0.add(2)));
+                let p1 = dot_i8_ps($quants(x1), load32(y1.add(2)));
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(x0) * f16_at(y0)), p0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(x1) * f16_at(y1)), p1, acc1);
+                i += 2;
+            }
+            if i < nb {
+                let (x0, y0) = (wp.add(i * $wbytes), ap.add(i * Q8_0_BYTES));
+                let p0 = dot_i8_ps($quants(x0), load32(y0.add(2)));
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(x0) * f16_at(y0)), p0, acc0);
+            }
+            hsum_ps(_mm256_add_ps(acc0, acc1))
+        }
+    }};
+}
+
+/// The loop of the kernels against Q8_1. `quants(x)` (an unsafe target-feature fn) turns a
+/// pointer to a weight block into its 32 quants as unsigned bytes (0..32), reading only inside
+/// that block; the block's f16 `m` is at its byte 2.
+macro_rules! against_q8_1 {
+    ($n:expr, $w:expr, $a:expr, $wbytes:expr, $quants:ident) => {{
+        let nb = check_blocks($n, QK, $w, $wbytes, $a, Q8_1_BYTES);
+        let (wp, ap) = ($w.as_ptr(), $a.as_ptr());
+        // SAFETY: block i < nb lies within the lengths `check_blocks` asserted; `$quants` reads
+        // inside the weight block, the activation reads are bytes 0..36 of block i. The caller
+        // is compiled with AVX2, FMA and F16C, which its own caller guarantees.
+        unsafe {
+            let mut acc = _mm256_setzero_ps();
+            let mut mins = 0f32;
+            for i in 0..nb {
+                let (x, y) = (wp.add(i * $wbytes), ap.add(i * Q8_1_BYTES));
+                let p = dot_u8_ps($quants(x), load32(y.add(4)));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(x) * f16_at(y)), p, acc);
+                mins += f16_at(x.add(2)) * f16_at(y.add(2));
+            }
+            hsum_ps(acc) + mins
+        }
+    }};
+}
+
+/// Q4_0 quants: the 16 nibble bytes at 2..18, minus 8.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_quants(x: *const u8) -> __m256i {
+    // SAFETY: the caller passes a pointer to a whole 18-byte block.
+    unsafe { _mm256_sub_epi8(nibbles32(x.add(2)), _mm256_set1_epi8(8)) }
+}
+
+/// Q5_0 quants: nibbles at 6..22 with the fifth bits of qh at 2..6, minus 16.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0_quants(x: *const u8) -> __m256i {
+    // SAFETY: the caller passes a pointer to a whole 22-byte block.
+    unsafe {
+        let q = _mm256_or_si256(nibbles32(x.add(6)), fifth_bits32(x.add(2)));
+        _mm256_sub_epi8(q, _mm256_set1_epi8(16))
+    }
+}
+
+/// Q8_0 quants: the 32 bytes at 2..34.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_quants(x: *const u8) -> __m256i {
+    // SAFETY: the caller passes a pointer to a whole 34-byte block.
+    unsafe { load32(x.add(2)) }
+}
+
+/// Q4_1 quants: the 16 nibble bytes at 4..20.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1_quants(x: *const u8) -> __m256i {
+    // SAFETY: the caller passes a pointer to a whole 20-byte block.
+    unsafe { nibbles32(x.add(4)) }
+}
+
+/// Q5_1 quants: nibbles at 8..24 with the fifth bits of qh at 4..8.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_1_quants(x: *const u8) -> __m256i {
+    // SAFETY: the caller passes a pointer to a whole 24-byte block.
+    unsafe { _mm256_or_si256(nibbles32(x.add(8)), fifth_bits32(x.add(4))) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    against_q8_0!(n, w, a, Q4_0_BYTES, q4_0_quants)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    against_q8_0!(n, w, a, Q5_0_BYTES, q5_0_quants)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    against_q8_0!(n, w, a, Q8_0_BYTES, q8_0_quants)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    against_q8_1!(n, w, a, Q4_1_BYTES, q4_1_quants)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_1_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    against_q8_1!(n, w, a, Q5_1_BYTES, q5_1_quants)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 256-element super-blocks against Q8_K.
+
+/// For 16-element groups: a shuffle control that spreads bytes `2k` and `2k + 1` of a 16-byte
+/// scale vector over eight bytes each, advanced by [`next_pair`] from k = 0.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn first_pair() -> __m128i {
+    // SAFETY: register-only intrinsic.
+    unsafe { _mm_set_epi64x(0x0101_0101_0101_0101, 0) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn next_pair(ctrl: __m128i) -> __m128i {
+    // SAFETY: register-only intrinsic.
+    unsafe { _mm_add_epi8(ctrl, _mm_set1_epi8(2)) }
+}
+
+/// The i16 multipliers for 32 elements spanning groups 2k and 2k + 1: lanes 0..8 get
+/// `scales[2k]`, lanes 8..16 get `scales[2k + 1]` (signed bytes, sign-extended).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pair_scales(scales: __m128i, ctrl: __m128i) -> __m256i {
+    // SAFETY: register-only intrinsics.
+    unsafe { _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, ctrl)) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q2_k_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let nb = check_blocks(n, QK_K, w, Q2_K_BYTES, a, Q8_K_BYTES);
+    let (wp, ap) = (w.as_ptr(), a.as_ptr());
+    // SAFETY: block i < nb lies within the asserted lengths; reads: weight bytes 0..84
+    // (scales 0..16, quants 16..80, d/dmin 80..84), activation bytes 0..292.
+    unsafe {
+        let low4 = _mm_set1_epi8(0x0F);
+        let three = _mm256_set1_epi8(3);
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for i in 0..nb {
+            let (x, y) = (wp.add(i * Q2_K_BYTES), ap.add(i * Q8_K_BYTES));
+            let dy = f32_at(y);
+            let raw = load16(x);
+            let scales = _mm_and_si128(raw, low4);
+            let mvals = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(raw), low4));
+            let msum = hsum_epi32(_mm256_madd_epi16(mvals, load32(y.add(Q8K_BSUMS))));
+            mins += dy * f16_at(x.add(82)) * msum as f32;
+
+            let mut sumi = _mm256_setzero_si256();
+            let mut ctrl = first_pair();
+            for h in 0..2 {
+                let mut q = load32(x.add(16 + 32 * h));
+                for j in 0..4 {
+                    let v = _mm256_and_si256(q, three);
+                    q = _mm256_srli_epi16::<2>(q);
+                    let p = _mm256_maddubs_epi16(v, load32(y.add(Q8K_QS + 128 * h + 32 * j)));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, pair_scales(scales, ctrl)));
+                    ctrl = next_pair(ctrl);
+                }
+            }
+            let d = dy * f16_at(x.add(80));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        }
+        hsum_ps(acc) - mins
+    }
+}
+
+/// The sixteen 6-bit Q3_K scales from their 12 packed bytes at `p`, minus 32, as signed bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3_k_scales(p: *const u8) -> __m128i {
+    // SAFETY: the caller guarantees 12 readable bytes at `p`.
+    unsafe {
+        let rd = |k: usize| std::ptr::read_unaligned(p.add(4 * k).cast::<u32>());
+        let (w0, w1, w2) = (rd(0), rd(1), rd(2));
+        const LO: u32 = 0x0F0F_0F0F;
+        const HI: u32 = 0x0303_0303;
+        let s0 = (w0 & LO) | ((w2 & HI) << 4);
+        let s1 = (w1 & LO) | (((w2 >> 2) & HI) << 4);
+        let s2 = ((w0 >> 4) & LO) | (((w2 >> 4) & HI) << 4);
+        let s3 = ((w1 >> 4) & LO) | (((w2 >> 6) & HI) << 4);
+        let v = _mm_set_epi32(s3 as i32, s2 as i32, s1 as i32, s0 as i32);
+        _mm_sub_epi8(v, _mm_set1_epi8(32))
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3_k_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let nb = check_blocks(n, QK_K, w, Q3_K_BYTES, a, Q8_K_BYTES);
+    let (wp, ap) = (w.as_ptr(), a.as_ptr());
+    // SAFETY: block i < nb lies within the asserted lengths; reads: weight bytes 0..110
+    // (hmask 0..32, quants 32..96, scales 96..108, d 108..110), activation bytes 0..292.
+    unsafe {
+        let three = _mm256_set1_epi8(3);
+        let one = _mm256_set1_epi8(1);
+        let mut acc = _mm256_setzero_ps();
+        for i in 0..nb {
+            let (x, y) = (wp.add(i * Q3_K_BYTES), ap.add(i * Q8_K_BYTES));
+            let scales = q3_k_scales(x.add(96));
+            // Quants are stored as u = q + 4 in 0..8: sum(sc * q * a) = sum(sc * u * a) -
+            // 4 * sum(sc * bsum).
+            let corr = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), load32(y.add(Q8K_BSUMS)));
+            let mut sumi = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<2>(corr));
+            let mut hm = load32(x);
+            let mut ctrl = first_pair();
+            for h in 0..2 {
+                let mut q = load32(x.add(32 + 32 * h));
+                for j in 0..4 {
+                    let low = _mm256_and_si256(q, three);
+                    q = _mm256_srli_epi16::<2>(q);
+                    let high = _mm256_slli_epi16::<2>(_mm256_and_si256(hm, one));
+                    hm = _mm256_srli_epi16::<1>(hm);
+                    let u = _mm256_or_si256(low, high);
+                    let p = _mm256_maddubs_epi16(u, load32(y.add(Q8K_QS + 128 * h + 32 * j)));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, pair_scales(scales, ctrl)));
+                    ctrl = next_pair(ctrl);
+                }
+            }
+            let d = f32_at(y) * f16_at(x.add(108));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        }
+        hsum_ps(acc)
+    }
+}
+
+/// Scales and mins of a Q4_K / Q5_K block from their 12 packed bytes at `p`: eight 6-bit
+/// scales in the low u64, eight 6-bit mins in the high u64.
+#[inline]
+unsafe fn k4_scales_mins(p: *const u8) -> (u64, u64) {
+    // SAFETY: the caller guarantees 12 readable bytes at `p`.
+    let rd = |k: usize| unsafe { std::ptr::read_unaligned(p.add(4 * k).cast::<u32>()) };
+    let (w0, w1, w2) = (rd(0), rd(1), rd(2));
+    const SIX: u32 = 0x3F3F_3F3F;
+    const LO: u32 = 0x0F0F_0F0F;
+    const TOP: u32 = 0x0303_0303;
+    let sc_lo = w0 & SIX;
+    let mn_lo = w1 & SIX;
+    let sc_hi = (w2 & LO) | (((w0 >> 6) & TOP) << 4);
+    let mn_hi = ((w2 >> 4) & LO) | (((w1 >> 6) & TOP) << 4);
+    (
+        sc_lo as u64 | (sc_hi as u64) << 32,
+        mn_lo as u64 | (mn_hi as u64) << 32,
+    )
+}
+
+/// `d_a * dmin_w * sum(min_s * (bsum[2s] + bsum[2s+1]))` of a Q4_K / Q5_K block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_min_term(mins: u64, bsums: *const u8) -> i32 {
+    // SAFETY: the caller guarantees 32 readable bytes at `bsums`.
+    unsafe {
+        let b = load32(bsums);
+        let pairs = _mm_hadd_epi16(_mm256_castsi256_si128(b), _mm256_extracti128_si256::<1>(b));
+        let m = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mins as i64));
+        let s = _mm_madd_epi16(pairs, m);
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let nb = check_blocks(n, QK_K, w, Q4_K_BYTES, a, Q8_K_BYTES);
+    let (wp, ap) = (w.as_ptr(), a.as_ptr());
+    // SAFETY: block i < nb lies within the asserted lengths; reads: weight bytes 0..144
+    // (d/dmin 0..4, scales 4..16, quants 16..144), activation bytes 0..292.
+    unsafe {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for i in 0..nb {
+            let (x, y) = (wp.add(i * Q4_K_BYTES), ap.add(i * Q8_K_BYTES));
+            let dy = f32_at(y);
+            let (sc, mn) = k4_scales_mins(x.add(4));
+            mins += dy * f16_at(x.add(2)) * k4_min_term(mn, y.add(Q8K_BSUMS)) as f32;
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..4 {
+                let q = load32(x.add(16 + 32 * j));
+                let lo = _mm256_and_si256(q, low4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+                let p0 = _mm256_maddubs_epi16(lo, load32(y.add(Q8K_QS + 64 * j)));
+                let p1 = _mm256_maddubs_epi16(hi, load32(y.add(Q8K_QS + 64 * j + 32)));
+                let s0 = _mm256_set1_epi16(((sc >> (16 * j)) & 0xFF) as i16);
+                let s1 = _mm256_set1_epi16(((sc >> (16 * j + 8)) & 0xFF) as i16);
+                let s = _mm256_add_epi32(_mm256_madd_epi16(p0, s0), _mm256_madd_epi16(p1, s1));
+                sumi = _mm256_add_epi32(sumi, s);
+            }
+            let d = dy * f16_at(x);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        }
+        hsum_ps(acc) - mins
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let nb = check_blocks(n, QK_K, w, Q5_K_BYTES, a, Q8_K_BYTES);
+    let (wp, ap) = (w.as_ptr(), a.as_ptr());
+    // SAFETY: block i < nb lies within the asserted lengths; reads: weight bytes 0..176
+    // (d/dmin 0..4, scales 4..16, qh 16..48, quants 48..176), activation bytes 0..292.
+    unsafe {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        let two = _mm256_set1_epi8(2);
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for i in 0..nb {
+            let (x, y) = (wp.add(i * Q5_K_BYTES), ap.add(i * Q8_K_BYTES));
+            let dy = f32_at(y);
+            let (sc, mn) = k4_scales_mins(x.add(4));
+            mins += dy * f16_at(x.add(2)) * k4_min_term(mn, y.add(Q8K_BSUMS)) as f32;
+            let mut qh = load32(x.add(16));
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..4 {
+                let q = load32(x.add(48 + 32 * j));
+                // Bit 2j of qh[l] is the fifth bit of the low-nibble quant l, bit 2j+1 of the
+                // high-nibble one; qh shifts right by two per step.
+                let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one));
+                let h1 = _mm256_slli_epi16::<3>(_mm256_and_si256(qh, two));
+                qh = _mm256_srli_epi16::<2>(qh);
+                let lo = _mm256_or_si256(_mm256_and_si256(q, low4), h0);
+                let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q), low4), h1);
+                let p0 = _mm256_maddubs_epi16(lo, load32(y.add(Q8K_QS + 64 * j)));
+                let p1 = _mm256_maddubs_epi16(hi, load32(y.add(Q8K_QS + 64 * j + 32)));
+                let s0 = _mm256_set1_epi16(((sc >> (16 * j)) & 0xFF) as i16);
+                let s1 = _mm256_set1_epi16(((sc >> (16 * j + 8)) & 0xFF) as i16);
+                let s = _mm256_add_epi32(_mm256_madd_epi16(p0, s0), _mm256_madd_epi16(p1, s1));
+                sumi = _mm256_add_epi32(sumi, s);
+            }
+            let d = dy * f16_at(x);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        }
+        hsum_ps(acc) - mins
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let nb = check_blocks(n, QK_K, w, Q6_K_BYTES, a, Q8_K_BYTES);
+    let (wp, ap) = (w.as_ptr(), a.as_ptr());
+    // SAFETY: block i < nb lies within the asserted lengths; reads: weight bytes 0..210
+    // (ql 0..128, qh 128..192, scales 192..208, d 208..210), activation bytes 0..292.
+    unsafe {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let top2 = _mm256_set1_epi8(0x30);
+        let mut acc = _mm256_setzero_ps();
+        for i in 0..nb {
+            let (x, y) = (wp.add(i * Q6_K_BYTES), ap.add(i * Q8_K_BYTES));
+            let scales = load16(x.add(192));
+            // Quants are stored as u = q + 32 in 0..64: sum(sc * q * a) = sum(sc * u * a) -
+            // 32 * sum(sc * bsum).
+            let corr = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), load32(y.add(Q8K_BSUMS)));
+            let mut sumi = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<5>(corr));
+            let mut ctrl = first_pair();
+            for h in 0..2 {
+                let ql0 = load32(x.add(64 * h));
+                let ql1 = load32(x.add(64 * h + 32));
+                let qh = load32(x.add(128 + 32 * h));
+                let u = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql0, low4),
+                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), top2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql1, low4),
+                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), top2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4),
+                        _mm256_and_si256(qh, top2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), top2),
+                    ),
+                ];
+                for (k, &uk) in u.iter().enumerate() {
+                    let p = _mm256_maddubs_epi16(uk, load32(y.add(Q8K_QS + 128 * h + 32 * k)));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, pair_scales(scales, ctrl)));
+                    ctrl = next_pair(ctrl);
+                }
+            }
+            let d = f32_at(y) * f16_at(x.add(208));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        }
+        hsum_ps(acc)
+    }
+}

@@ -1,0 +1,254 @@
+//! Dot kernels against independent references.
+//!
+//! - Scalar kernels against the f64 dot of the decoded rows (`dequantize_row` of the random
+//!   weight row times `dequantize_row` of the quantized activation row), for every weight type.
+//! - AVX2 kernels against the scalar ones on random rows of many lengths.
+//!
+//! Tolerances are relative to the sum of the magnitudes of the terms (`sum |w_i * a_i|`, or the
+//! per-block equivalent), not to the result: the result of a random dot product is a sum of
+//! terms of both signs and can be arbitrarily small, while every rounding error in it is
+//! bounded by a multiple of the terms' magnitudes.
+
+use ggml_compat::dot::{dot_kernel, dot_kernel_avx2, dot_kernel_scalar, vec_dot, vec_dot_type};
+use ggml_compat::{dequantize_row, quantize_row, GgmlType};
+use half::f16;
+
+/// splitmix64: a tiny deterministic generator for test data.
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+const QUANT_TYPES: [GgmlType; 10] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+const FLOAT_TYPES: [GgmlType; 3] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16];
+
+/// Byte offsets of the f16 scale fields (d, and m / dmin where present) in a block.
+fn f16_fields(ty: GgmlType) -> &'static [usize] {
+    use GgmlType::*;
+    match ty {
+        Q4_0 | Q5_0 | Q8_0 => &[0],
+        Q4_1 | Q5_1 | Q4_K | Q5_K => &[0, 2],
+        Q2_K => &[80, 82],
+        Q3_K => &[108],
+        Q6_K => &[208],
+        _ => &[],
+    }
+}
+
+/// A random row of `n` elements of `ty`: random bytes with the f16 scale fields replaced by
+/// random values in [-1, 1] (so every block decodes to finite values); float types get random
+/// values in [-1, 1].
+fn random_weights(ty: GgmlType, n: usize, rng: &mut Rng) -> Vec<u8> {
+    let bytes = ty.bytes_for(n as u64).unwrap() as usize;
+    match ty {
+        GgmlType::F32 => (0..n).flat_map(|_| rng.f32().to_le_bytes()).collect(),
+        GgmlType::F16 => (0..n)
+            .flat_map(|_| f16::from_f32(rng.f32()).to_le_bytes())
+            .collect(),
+        GgmlType::BF16 => (0..n)
+            .flat_map(|_| ((rng.f32().to_bits() >> 16) as u16).to_le_bytes())
+            .collect(),
+        _ => {
+            let mut w: Vec<u8> = (0..bytes).map(|_| rng.next_u64() as u8).collect();
+            for blk in w.chunks_exact_mut(ty.type_size()) {
+                for &off in f16_fields(ty) {
+                    let v = f16::from_f32(rng.f32());
+                    blk[off..off + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            w
+        }
+    }
+}
+
+/// A random activation row quantized to `vec_dot_type(ty)`, blocks of varied magnitude.
+fn random_activation(ty: GgmlType, n: usize, rng: &mut Rng) -> Vec<u8> {
+    let at = vec_dot_type(ty).unwrap();
+    let x: Vec<f32> = (0..n)
+        .map(|i| {
+            let scale = [1.0, 0.05, 7.0, 0.3][(i / 256) % 4];
+            rng.f32() * scale
+        })
+        .collect();
+    let mut a = vec![0u8; at.bytes_for(n as u64).unwrap() as usize];
+    quantize_row(at, &x, &mut a).unwrap();
+    a
+}
+
+fn decode(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    dequantize_row(ty, bytes, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn scalar_kernels_match_dot_of_decoded_rows() {
+    let mut rng = Rng(0xd07_0001);
+    for ty in QUANT_TYPES.iter().chain(&FLOAT_TYPES).copied() {
+        let at = vec_dot_type(ty).unwrap();
+        let kernel = dot_kernel_scalar(ty).unwrap();
+        let block = ty.block_size().max(at.block_size());
+        for nblocks in [1usize, 2, 3, 8] {
+            for _ in 0..4 {
+                let n = block * nblocks;
+                let w = random_weights(ty, n, &mut rng);
+                let a = random_activation(ty, n, &mut rng);
+                let (wd, ad) = (decode(ty, &w, n), decode(at, &a, n));
+                let want: f64 = wd.iter().zip(&ad).map(|(x, y)| *x as f64 * *y as f64).sum();
+                let mag: f64 = wd
+                    .iter()
+                    .zip(&ad)
+                    .map(|(x, y)| (*x as f64 * *y as f64).abs())
+                    .sum();
+                let got = kernel(n, &w, &a) as f64;
+                assert!(
+                    (got - want).abs() <= 1e-4 * mag + 1e-30,
+                    "{ty} n={n}: kernel {got}, decoded rows {want} (magnitude {mag})"
+                );
+                assert_eq!(vec_dot(ty, n, &w, &a).map(|_| ()), Ok(()));
+            }
+        }
+    }
+}
+
+/// Compares two kernels on random rows of many lengths; the tolerance is relative to the sum
+/// of the magnitudes of the per-block results (for float types, of the per-element products).
+fn compare_kernels(ty: GgmlType, fast: fn(usize, &[u8], &[u8]) -> f32, rng: &mut Rng) {
+    let reference = dot_kernel_scalar(ty).unwrap();
+    let at = vec_dot_type(ty).unwrap();
+    let block = ty.block_size().max(at.block_size());
+    let counts: &[usize] = if block == 1 {
+        &[
+            0, 1, 5, 8, 15, 31, 32, 33, 63, 64, 65, 100, 255, 1000, 4096, 4099,
+        ]
+    } else if block == 32 {
+        &[1, 2, 3, 4, 5, 7, 8, 16, 31, 64, 128]
+    } else {
+        &[1, 2, 3, 5, 8, 16]
+    };
+    for &nb in counts {
+        for _ in 0..3 {
+            let n = block * nb;
+            let w = random_weights(ty, n, rng);
+            let a = random_activation(ty, n, rng);
+            let want = reference(n, &w, &a) as f64;
+            let got = fast(n, &w, &a) as f64;
+            let (wb, ab) = (
+                ty.bytes_for(block as u64).unwrap() as usize,
+                at.bytes_for(block as u64).unwrap() as usize,
+            );
+            let mag: f64 = (0..n / block)
+                .map(|b| reference(block, &w[b * wb..], &a[b * ab..]).abs() as f64)
+                .sum();
+            assert!(
+                (got - want).abs() <= 1e-5 * mag + 1e-30,
+                "{ty} n={n}: fast {got}, scalar {want} (magnitude {mag})"
+            );
+        }
+    }
+}
+
+#[test]
+fn avx2_kernels_match_scalar() {
+    if dot_kernel_avx2(GgmlType::Q8_0).is_none() {
+        println!("SKIP avx2_kernels_match_scalar: this CPU lacks AVX2/FMA/F16C (or is not x86-64)");
+        return;
+    }
+    let mut rng = Rng(0xd07_0002);
+    for ty in QUANT_TYPES.iter().chain(&FLOAT_TYPES).copied() {
+        let fast = dot_kernel_avx2(ty).unwrap_or_else(|| panic!("no AVX2 kernel for {ty}"));
+        compare_kernels(ty, fast, &mut rng);
+    }
+}
+
+/// Whatever `dot_kernel` picked agrees with the scalar reference.
+#[test]
+fn dispatched_kernels_match_scalar() {
+    let mut rng = Rng(0xd07_0003);
+    for ty in QUANT_TYPES.iter().chain(&FLOAT_TYPES).copied() {
+        compare_kernels(ty, dot_kernel(ty).unwrap(), &mut rng);
+    }
+}
+
+/// Extreme activations: every quant at +-127 and weights at their extremes, where 16-bit
+/// intermediate sums in the SIMD kernels are closest to saturating.
+#[test]
+fn extreme_quants_do_not_saturate() {
+    let mut rng = Rng(0xd07_0004);
+    for ty in QUANT_TYPES {
+        let at = vec_dot_type(ty).unwrap();
+        let n = ty.block_size().max(at.block_size()) * 4;
+        for pattern in 0..4u8 {
+            let x: Vec<f32> = (0..n)
+                .map(|i| match pattern {
+                    0 => 1.0,
+                    1 => -1.0,
+                    2 => {
+                        if i % 2 == 0 {
+                            1.0
+                        } else {
+                            -1.0
+                        }
+                    }
+                    _ => {
+                        if rng.next_u64() & 1 == 0 {
+                            1.0
+                        } else {
+                            -1.0
+                        }
+                    }
+                })
+                .collect();
+            let mut a = vec![0u8; at.bytes_for(n as u64).unwrap() as usize];
+            quantize_row(at, &x, &mut a).unwrap();
+            for fill in [0x00u8, 0xFF, 0x80, 0x7F] {
+                let mut w = vec![fill; ty.bytes_for(n as u64).unwrap() as usize];
+                for blk in w.chunks_exact_mut(ty.type_size()) {
+                    for &off in f16_fields(ty) {
+                        blk[off..off + 2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+                    }
+                }
+                let want = dot_kernel_scalar(ty).unwrap()(n, &w, &a) as f64;
+                let (wd, ad) = (decode(ty, &w, n), decode(at, &a, n));
+                let exact: f64 = wd.iter().zip(&ad).map(|(x, y)| *x as f64 * *y as f64).sum();
+                let mag: f64 = wd
+                    .iter()
+                    .zip(&ad)
+                    .map(|(x, y)| (*x as f64 * *y as f64).abs())
+                    .sum();
+                assert!(
+                    (want - exact).abs() <= 1e-4 * mag + 1e-30,
+                    "{ty} fill {fill:#x}: {want} vs {exact}"
+                );
+                if let Some(fast) = dot_kernel_avx2(ty) {
+                    let got = fast(n, &w, &a) as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * mag + 1e-30,
+                        "{ty} fill {fill:#x}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
