@@ -330,3 +330,12 @@ fn writer_rejects_bad_tensors() {
     let e = b.write_to(&mut Vec::new()).err().unwrap().to_string();
     assert!(e.contains("\"mixed\""), "{e}");
 }
+
+#[test]
+fn file_ending_inside_the_padding_before_the_data_section() {
+    // Found by the fuzzer: a zero-byte tensor made the data-section bounds check pass.
+    let mut r = Raw::header(3, 1, 0);
+    r.tensor("empty", &[0], 0, 0);
+    assert!(!r.b.len().is_multiple_of(32), "fixture must need padding");
+    assert_err(&r.b, &["truncated", "padding before the data section"]);
+}

@@ -331,6 +331,14 @@ impl Gguf {
         // The data section starts at the next multiple of the alignment. A file without tensors
         // may end before that padding.
         let data_offset = align_up(c.pos as u64, alignment).unwrap_or(u64::MAX);
+        if !tensors.is_empty() && data_offset > file_size {
+            return Err(GgufError::Truncated {
+                what: "padding before the data section".into(),
+                offset: c.pos as u64,
+                needed: data_offset - c.pos as u64,
+                available: file_size - c.pos as u64,
+            });
+        }
         let available = file_size.saturating_sub(data_offset);
         for t in &tensors {
             if t.offset
