@@ -116,7 +116,37 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     // SAFETY: the caller guarantees two readable bytes at `p`; the read is unaligned-safe.
     unsafe {
         let h = std::ptr::read_unaligned(p.cast::<u16>());
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+        // A broadcast rather than an insert into lane 0: LLVM turns the latter into `vpinsrw`
+        // into whatever register is free, often an accumulator, creating a false dependency
+        // that serialized whole loops.
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(h as i16)))
+    }
+}
+
+/// The product of the little-endian f16s at `px` and `py` (a weight and an activation scale).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_mul(px: *const u8, py: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes at `px` and at `py`.
+    unsafe {
+        let hx = std::ptr::read_unaligned(px.cast::<u16>()) as u32;
+        let hy = std::ptr::read_unaligned(py.cast::<u16>()) as u32;
+        let v = _mm_cvtph_ps(_mm_set1_epi32((hx | hy << 16) as i32));
+        _mm_cvtss_f32(_mm_mul_ss(v, _mm_movehdup_ps(v)))
+    }
+}
+
+/// Two products of f16 pairs: the f16s at `px`, `px + 2` times those at `py`, `py + 2`, as
+/// lanes 0 and 1 (Q4_1 / Q5_1 `d * d` and `m * s`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_mul2(px: *const u8, py: *const u8) -> __m128 {
+    // SAFETY: the caller guarantees four readable bytes at `px` and at `py`.
+    unsafe {
+        let x = std::ptr::read_unaligned(px.cast::<u32>());
+        let y = std::ptr::read_unaligned(py.cast::<u32>());
+        let v = _mm_cvtph_ps(_mm_set_epi32(0, 0, y as i32, x as i32));
+        _mm_mul_ps(v, _mm_movehl_ps(v, v))
     }
 }
 
@@ -313,14 +343,14 @@ macro_rules! against_q8_0 {
                 let (x1, y1) = (x0.add($wbytes), y0.add(Q8_0_BYTES));
                 let p0 = dot_i8_ps($quants(x0), load32(y0.add(2)));
                 let p1 = dot_i8_ps($quants(x1), load32(y1.add(2)));
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(x0) * f16_at(y0)), p0, acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(x1) * f16_at(y1)), p1, acc1);
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x0, y0)), p0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x1, y1)), p1, acc1);
                 i += 2;
             }
             if i < nb {
                 let (x0, y0) = (wp.add(i * $wbytes), ap.add(i * Q8_0_BYTES));
                 let p0 = dot_i8_ps($quants(x0), load32(y0.add(2)));
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(x0) * f16_at(y0)), p0, acc0);
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x0, y0)), p0, acc0);
             }
             hsum_ps(_mm256_add_ps(acc0, acc1))
         }
@@ -338,14 +368,32 @@ macro_rules! against_q8_1 {
         // inside the weight block, the activation reads are bytes 0..36 of block i. The caller
         // is compiled with AVX2, FMA and F16C, which its own caller guarantees.
         unsafe {
-            let mut acc = _mm256_setzero_ps();
-            let mut mins = 0f32;
-            for i in 0..nb {
-                let (x, y) = (wp.add(i * $wbytes), ap.add(i * Q8_1_BYTES));
-                let p = dot_u8_ps($quants(x), load32(y.add(4)));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(x) * f16_at(y)), p, acc);
-                mins += f16_at(x.add(2)) * f16_at(y.add(2));
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let mut mins = _mm_setzero_ps();
+            let mut i = 0;
+            while i + 1 < nb {
+                let (x0, y0) = (wp.add(i * $wbytes), ap.add(i * Q8_1_BYTES));
+                let (x1, y1) = (x0.add($wbytes), y0.add(Q8_1_BYTES));
+                let p0 = dot_u8_ps($quants(x0), load32(y0.add(4)));
+                let p1 = dot_u8_ps($quants(x1), load32(y1.add(4)));
+                // Lane 0: d_w * d_a, lane 1: m_w * s_a.
+                let s0 = f16_mul2(x0, y0);
+                let s1 = f16_mul2(x1, y1);
+                acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s1), p1, acc1);
+                mins = _mm_add_ps(mins, _mm_add_ps(s0, s1));
+                i += 2;
             }
+            if i < nb {
+                let (x0, y0) = (wp.add(i * $wbytes), ap.add(i * Q8_1_BYTES));
+                let p0 = dot_u8_ps($quants(x0), load32(y0.add(4)));
+                let s0 = f16_mul2(x0, y0);
+                acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc0);
+                mins = _mm_add_ps(mins, s0);
+            }
+            let mins = _mm_cvtss_f32(_mm_movehdup_ps(mins));
+            let acc = _mm256_add_ps(acc0, acc1);
             hsum_ps(acc) + mins
         }
     }};
@@ -564,7 +612,7 @@ unsafe fn k4_scales_mins(p: *const u8) -> (u64, u64) {
     )
 }
 
-/// `d_a * dmin_w * sum(min_s * (bsum[2s] + bsum[2s+1]))` of a Q4_K / Q5_K block.
+/// `sum(min_s * (bsum[2s] + bsum[2s+1]))` over the eight sub-blocks of a Q4_K / Q5_K block.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn k4_min_term(mins: u64, bsums: *const u8) -> i32 {

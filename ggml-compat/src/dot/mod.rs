@@ -5,14 +5,17 @@
 //! quantized to ([`vec_dot_type`]), the dot kernels for each pair, and the choice between the
 //! portable scalar kernels (`scalar`, the reference) and the AVX2 ones (`avx2`, x86-64 only).
 //!
-//! | weights                    | activations | notes                                        |
-//! |----------------------------|-------------|----------------------------------------------|
-//! | Q4_0, Q5_0, Q8_0           | Q8_0        | `d_w * d_a * sum(q_w * q_a)` per block       |
-//! | Q4_1, Q5_1                 | Q8_1        | plus `m_w * s_a` (the activation block sum)  |
-//! | Q2_K, Q3_K, Q4_K, Q5_K, Q6_K | Q8_K      | min / offset terms through Q8_K's `bsums`    |
-//! | F32                        | F32         |                                              |
-//! | F16                        | F16         | f32 products and accumulation                |
-//! | BF16                       | F32         | our choice (ggml pairs BF16 with BF16): the activation keeps its full f32 precision and needs no conversion |
+//! | weights                      | activations | per block                                 |
+//! |------------------------------|-------------|-------------------------------------------|
+//! | Q4_0, Q5_0, Q8_0             | Q8_0        | `d_w * d_a * sum(q_w * q_a)`              |
+//! | Q4_1, Q5_1                   | Q8_1        | the same plus `m_w * s_a`                 |
+//! | Q2_K, Q3_K, Q4_K, Q5_K, Q6_K | Q8_K        | scales as integers; mins via `bsums`      |
+//! | F32                          | F32         | f32 products and sums                     |
+//! | F16                          | F16         | f32 products and sums                     |
+//! | BF16                         | F32         | f32 products and sums                     |
+//!
+//! BF16 weights take F32 activations (ggml pairs them with BF16): the activation keeps its full
+//! precision and needs no conversion.
 //!
 //! Usage: quantize the activation row once with [`crate::quantize_row`] into
 //! `vec_dot_type(ty)`, then call the kernel from [`dot_kernel`] for each weight row.

@@ -50,41 +50,47 @@ pub(super) fn bf16_f32(n: usize, w: &[u8], a: &[u8]) -> f32 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 32-element blocks.
+// Quantized blocks. Each kernel unpacks a weight block into one signed byte per element, then
+// takes integer dot products with the activation quants (loops LLVM vectorizes).
 
-/// Sum over a block of `wq(j) * a[j]` for the 32 activation quants `a`.
+/// Pairs of (weight block, activation block) for the first `nb` blocks.
 #[inline(always)]
-fn isum32(a: &[u8], wq: impl Fn(usize) -> i32) -> i32 {
-    let a = i8s(&a[..QK]);
-    (0..QK).map(|j| wq(j) * a[j] as i32).sum()
+fn block_pairs<'a>(
+    w: &'a [u8],
+    wbytes: usize,
+    a: &'a [u8],
+    abytes: usize,
+    nb: usize,
+) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+    w.chunks_exact(wbytes).zip(a.chunks_exact(abytes)).take(nb)
 }
 
-/// Quant `j` (0..32) of a block's 16 nibble bytes: low nibbles first, then high nibbles.
+/// `sum(w[i] * a[i])` in exact integer arithmetic.
 #[inline(always)]
-fn nibble(qs: &[u8], j: usize) -> i32 {
-    if j < 16 {
-        (qs[j] & 0x0F) as i32
-    } else {
-        (qs[j - 16] >> 4) as i32
+fn idot(w: &[i8], a: &[i8]) -> i32 {
+    w.iter().zip(a).map(|(&x, &y)| x as i32 * y as i32).sum()
+}
+
+/// The 32 quants of a legacy block: quant j < 16 is the low nibble of `qs[j]`, quant j + 16 its
+/// high nibble; bit j of `qh` adds 16 to quant j (Q5 types; 0 for Q4); minus `offset`.
+#[inline(always)]
+fn unpack32(qs: &[u8], qh: u32, offset: i8) -> [i8; QK] {
+    let qs = &qs[..16];
+    let mut q = [0i8; QK];
+    for j in 0..16 {
+        let h0 = (((qh >> j) & 1) << 4) as u8;
+        let h1 = (((qh >> (j + 16)) & 1) << 4) as u8;
+        q[j] = ((qs[j] & 0x0F) | h0) as i8 - offset;
+        q[j + 16] = ((qs[j] >> 4) | h1) as i8 - offset;
     }
-}
-
-/// The fifth bit of quant `j` in a Q5 block's `qh`, as 0 or 16.
-#[inline(always)]
-fn fifth_bit(qh: u32, j: usize) -> i32 {
-    (((qh >> j) & 1) << 4) as i32
+    q
 }
 
 pub(super) fn q4_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let nb = check_blocks(n, QK, w, Q4_0_BYTES, a, Q8_0_BYTES);
     let mut sum = 0f32;
-    for (x, y) in w
-        .chunks_exact(Q4_0_BYTES)
-        .zip(a.chunks_exact(Q8_0_BYTES))
-        .take(nb)
-    {
-        let qs = &x[2..18];
-        let isum = isum32(&y[2..], |j| nibble(qs, j) - 8);
+    for (x, y) in block_pairs(w, Q4_0_BYTES, a, Q8_0_BYTES, nb) {
+        let isum = idot(&unpack32(&x[2..18], 0, 8), i8s(&y[2..34]));
         sum += isum as f32 * (f16_at(x, 0) * f16_at(y, 0));
     }
     sum
@@ -93,13 +99,8 @@ pub(super) fn q4_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
 pub(super) fn q4_1_q8_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let nb = check_blocks(n, QK, w, Q4_1_BYTES, a, Q8_1_BYTES);
     let mut sum = 0f32;
-    for (x, y) in w
-        .chunks_exact(Q4_1_BYTES)
-        .zip(a.chunks_exact(Q8_1_BYTES))
-        .take(nb)
-    {
-        let qs = &x[4..20];
-        let isum = isum32(&y[4..], |j| nibble(qs, j));
+    for (x, y) in block_pairs(w, Q4_1_BYTES, a, Q8_1_BYTES, nb) {
+        let isum = idot(&unpack32(&x[4..20], 0, 0), i8s(&y[4..36]));
         sum += isum as f32 * (f16_at(x, 0) * f16_at(y, 0)) + f16_at(x, 2) * f16_at(y, 2);
     }
     sum
@@ -108,14 +109,9 @@ pub(super) fn q4_1_q8_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
 pub(super) fn q5_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let nb = check_blocks(n, QK, w, Q5_0_BYTES, a, Q8_0_BYTES);
     let mut sum = 0f32;
-    for (x, y) in w
-        .chunks_exact(Q5_0_BYTES)
-        .zip(a.chunks_exact(Q8_0_BYTES))
-        .take(nb)
-    {
+    for (x, y) in block_pairs(w, Q5_0_BYTES, a, Q8_0_BYTES, nb) {
         let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
-        let qs = &x[6..22];
-        let isum = isum32(&y[2..], |j| (nibble(qs, j) | fifth_bit(qh, j)) - 16);
+        let isum = idot(&unpack32(&x[6..22], qh, 16), i8s(&y[2..34]));
         sum += isum as f32 * (f16_at(x, 0) * f16_at(y, 0));
     }
     sum
@@ -124,14 +120,9 @@ pub(super) fn q5_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
 pub(super) fn q5_1_q8_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let nb = check_blocks(n, QK, w, Q5_1_BYTES, a, Q8_1_BYTES);
     let mut sum = 0f32;
-    for (x, y) in w
-        .chunks_exact(Q5_1_BYTES)
-        .zip(a.chunks_exact(Q8_1_BYTES))
-        .take(nb)
-    {
+    for (x, y) in block_pairs(w, Q5_1_BYTES, a, Q8_1_BYTES, nb) {
         let qh = u32::from_le_bytes([x[4], x[5], x[6], x[7]]);
-        let qs = &x[8..24];
-        let isum = isum32(&y[4..], |j| nibble(qs, j) | fifth_bit(qh, j));
+        let isum = idot(&unpack32(&x[8..24], qh, 0), i8s(&y[4..36]));
         sum += isum as f32 * (f16_at(x, 0) * f16_at(y, 0)) + f16_at(x, 2) * f16_at(y, 2);
     }
     sum
@@ -140,13 +131,8 @@ pub(super) fn q5_1_q8_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
 pub(super) fn q8_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let nb = check_blocks(n, QK, w, Q8_0_BYTES, a, Q8_0_BYTES);
     let mut sum = 0f32;
-    for (x, y) in w
-        .chunks_exact(Q8_0_BYTES)
-        .zip(a.chunks_exact(Q8_0_BYTES))
-        .take(nb)
-    {
-        let qx = i8s(&x[2..34]);
-        let isum = isum32(&y[2..], |j| qx[j] as i32);
+    for (x, y) in block_pairs(w, Q8_0_BYTES, a, Q8_0_BYTES, nb) {
+        let isum = idot(i8s(&x[2..34]), i8s(&y[2..34]));
         sum += isum as f32 * (f16_at(x, 0) * f16_at(y, 0));
     }
     sum
@@ -176,45 +162,49 @@ impl<'a> Q8K<'a> {
         }
     }
 
-    /// Sum of `wq(l) * qs[start + l]` for `l < len`.
+    /// `sum(scale[g] * dot(q[g], a[g]))` over the groups of `len` elements (16 or 32).
     #[inline(always)]
-    fn isum(&self, start: usize, len: usize, wq: impl Fn(usize) -> i32) -> i32 {
-        let q = &self.qs[start..start + len];
-        (0..len).map(|l| wq(l) * q[l] as i32).sum()
+    fn scaled_isum(&self, q: &[i8; QK_K], len: usize, scale: impl Fn(usize) -> i32) -> i32 {
+        q.chunks_exact(len)
+            .zip(self.qs.chunks_exact(len))
+            .enumerate()
+            .map(|(g, (w, a))| scale(g) * idot(w, a))
+            .sum()
     }
 }
 
 pub(super) fn q2_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let nb = check_blocks(n, QK_K, w, Q2_K_BYTES, a, Q8_K_BYTES);
     let mut sum = 0f32;
-    for (x, y) in w
-        .chunks_exact(Q2_K_BYTES)
-        .zip(a.chunks_exact(Q8_K_BYTES))
-        .take(nb)
-    {
+    for (x, y) in block_pairs(w, Q2_K_BYTES, a, Q8_K_BYTES, nb) {
         let y = Q8K::new(y);
         let scales = &x[0..16];
         let qs = &x[16..80];
-        // Element 128h + 32j + l holds bits 2j..2j+2 of qs[32h + l]; its 16-element group is
-        // 8h + 2j + l/16, whose scale is the low nibble and min the high nibble of scales[group].
-        let mut isum = 0i32;
-        for (g, &sc) in scales.iter().enumerate() {
-            let (h, j, half) = (g / 8, (g % 8) / 2, g % 2);
-            let q = &qs[32 * h + 16 * half..][..16];
-            let part = y.isum(16 * g, 16, |l| ((q[l] >> (2 * j)) & 3) as i32);
-            isum += (sc & 0x0F) as i32 * part;
+        // Element 128h + 32j + l is bits 2j..2j+2 of qs[32h + l]. Each 16-element group g has
+        // scale `scales[g] & 15` and min `scales[g] >> 4`.
+        let mut q = [0i8; QK_K];
+        for (h, out) in q.chunks_exact_mut(128).enumerate() {
+            let src = &qs[32 * h..32 * h + 32];
+            for (j, o) in out.chunks_exact_mut(32).enumerate() {
+                for (v, &b) in o.iter_mut().zip(src) {
+                    *v = ((b >> (2 * j)) & 3) as i8;
+                }
+            }
         }
+        let isum = y.scaled_isum(&q, 16, |g| (scales[g] & 0x0F) as i32);
         let msum: i32 = scales
             .iter()
             .zip(&y.bsum)
-            .map(|(&sc, &b)| (sc >> 4) as i32 * b)
+            .map(|(&s, &b)| (s >> 4) as i32 * b)
             .sum();
         sum += y.d * f16_at(x, 80) * isum as f32 - y.d * f16_at(x, 82) * msum as f32;
     }
     sum
 }
 
-/// The sixteen signed 6-bit scales of a Q3_K block (already offset by -32).
+/// The sixteen signed 6-bit scales of a Q3_K block (already offset by -32): scale i has its
+/// low four bits in the low (i < 8) or high (i >= 8) nibble of byte i % 8, its top two bits
+/// in bits 2(i/4)..2(i/4)+2 of byte 8 + i % 4.
 fn q3_k_scales(s: &[u8]) -> [i32; 16] {
     let mut out = [0i32; 16];
     for (i, o) in out.iter_mut().enumerate() {
@@ -228,35 +218,33 @@ fn q3_k_scales(s: &[u8]) -> [i32; 16] {
 pub(super) fn q3_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let nb = check_blocks(n, QK_K, w, Q3_K_BYTES, a, Q8_K_BYTES);
     let mut sum = 0f32;
-    for (x, y) in w
-        .chunks_exact(Q3_K_BYTES)
-        .zip(a.chunks_exact(Q8_K_BYTES))
-        .take(nb)
-    {
+    for (x, y) in block_pairs(w, Q3_K_BYTES, a, Q8_K_BYTES, nb) {
         let y = Q8K::new(y);
         let hmask = &x[0..32];
         let qs = &x[32..96];
         let scales = q3_k_scales(&x[96..108]);
         // Element 128h + 32j + l: low two bits are bits 2j..2j+2 of qs[32h + l]; bit 4h + j of
-        // hmask[l] set means +0, clear means -4. Group (and scale) 8h + 2j + l/16.
-        let mut isum = 0i32;
-        for (g, &sc) in scales.iter().enumerate() {
-            let (h, j, half) = (g / 8, (g % 8) / 2, g % 2);
-            let q = &qs[32 * h + 16 * half..][..16];
-            let m = &hmask[16 * half..][..16];
-            let bit = 4 * h + j;
-            let part = y.isum(16 * g, 16, |l| {
-                let low = ((q[l] >> (2 * j)) & 3) as i32;
-                low - if (m[l] >> bit) & 1 != 0 { 0 } else { 4 }
-            });
-            isum += sc * part;
+        // hmask[l] set means +0, clear means -4.
+        let mut q = [0i8; QK_K];
+        for (h, out) in q.chunks_exact_mut(128).enumerate() {
+            let src = &qs[32 * h..32 * h + 32];
+            for (j, o) in out.chunks_exact_mut(32).enumerate() {
+                let bit = 4 * h + j;
+                for ((v, &b), &m) in o.iter_mut().zip(src).zip(hmask) {
+                    let low = ((b >> (2 * j)) & 3) as i8;
+                    *v = low - if (m >> bit) & 1 != 0 { 0 } else { 4 };
+                }
+            }
         }
+        let isum = y.scaled_isum(&q, 16, |g| scales[g]);
         sum += y.d * f16_at(x, 108) * isum as f32;
     }
     sum
 }
 
-/// Scale and min of sub-block `j` (0..8) from the 12 packed bytes of a Q4_K / Q5_K block.
+/// Scale and min of sub-block `j` (0..8) from the 12 packed bytes of a Q4_K / Q5_K block:
+/// 6-bit values; for j < 4 the low six bits of bytes j (scale) and j + 4 (min); for j >= 4 the
+/// nibbles of byte j + 4 with the top two bits of bytes j - 4 (scale) and j (min) above them.
 #[inline(always)]
 fn scale_min_k4(j: usize, s: &[u8]) -> (i32, i32) {
     if j < 4 {
@@ -268,28 +256,33 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (i32, i32) {
     }
 }
 
+/// The common end of Q4_K and Q5_K: sub-block scales on the quants, mins on the group sums.
+#[inline(always)]
+fn k4_block_sum(x: &[u8], y: &Q8K, q: &[i8; QK_K]) -> f32 {
+    let packed = &x[4..16];
+    let isum = y.scaled_isum(q, 32, |s| scale_min_k4(s, packed).0);
+    let msum: i32 = (0..8)
+        .map(|s| scale_min_k4(s, packed).1 * (y.bsum[2 * s] + y.bsum[2 * s + 1]))
+        .sum();
+    y.d * f16_at(x, 0) * isum as f32 - y.d * f16_at(x, 2) * msum as f32
+}
+
 pub(super) fn q4_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let nb = check_blocks(n, QK_K, w, Q4_K_BYTES, a, Q8_K_BYTES);
     let mut sum = 0f32;
-    for (x, y) in w
-        .chunks_exact(Q4_K_BYTES)
-        .zip(a.chunks_exact(Q8_K_BYTES))
-        .take(nb)
-    {
+    for (x, y) in block_pairs(w, Q4_K_BYTES, a, Q8_K_BYTES, nb) {
         let y = Q8K::new(y);
-        let packed = &x[4..16];
         let qs = &x[16..144];
-        // Sub-block s (32 elements): the low nibbles of qs[32(s/2)..] for even s, high for odd.
-        let mut isum = 0i32;
-        let mut msum = 0i32;
-        for s in 0..8 {
-            let (sc, m) = scale_min_k4(s, packed);
-            let q = &qs[32 * (s / 2)..][..32];
-            let shift = 4 * (s % 2);
-            isum += sc * y.isum(32 * s, 32, |l| ((q[l] >> shift) & 0x0F) as i32);
-            msum += m * (y.bsum[2 * s] + y.bsum[2 * s + 1]);
+        // Elements 64j + l and 64j + 32 + l are the low and high nibbles of qs[32j + l].
+        let mut q = [0i8; QK_K];
+        for (out, src) in q.chunks_exact_mut(64).zip(qs.chunks_exact(32)) {
+            let (lo, hi) = out.split_at_mut(32);
+            for ((l, h), &b) in lo.iter_mut().zip(hi).zip(src) {
+                *l = (b & 0x0F) as i8;
+                *h = (b >> 4) as i8;
+            }
         }
-        sum += y.d * f16_at(x, 0) * isum as f32 - y.d * f16_at(x, 2) * msum as f32;
+        sum += k4_block_sum(x, &y, &q);
     }
     sum
 }
@@ -297,29 +290,20 @@ pub(super) fn q4_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
 pub(super) fn q5_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let nb = check_blocks(n, QK_K, w, Q5_K_BYTES, a, Q8_K_BYTES);
     let mut sum = 0f32;
-    for (x, y) in w
-        .chunks_exact(Q5_K_BYTES)
-        .zip(a.chunks_exact(Q8_K_BYTES))
-        .take(nb)
-    {
+    for (x, y) in block_pairs(w, Q5_K_BYTES, a, Q8_K_BYTES, nb) {
         let y = Q8K::new(y);
-        let packed = &x[4..16];
         let qh = &x[16..48];
         let qs = &x[48..176];
-        // As Q4_K, plus a fifth bit: bit s of qh[l] for element l of sub-block s.
-        let mut isum = 0i32;
-        let mut msum = 0i32;
-        for s in 0..8 {
-            let (sc, m) = scale_min_k4(s, packed);
-            let q = &qs[32 * (s / 2)..][..32];
-            let shift = 4 * (s % 2);
-            let part = y.isum(32 * s, 32, |l| {
-                (((q[l] >> shift) & 0x0F) | (((qh[l] >> s) & 1) << 4)) as i32
-            });
-            isum += sc * part;
-            msum += m * (y.bsum[2 * s] + y.bsum[2 * s + 1]);
+        // As Q4_K, plus a fifth bit: bit s of qh[l] for element l of 32-element sub-block s.
+        let mut q = [0i8; QK_K];
+        for (j, (out, src)) in q.chunks_exact_mut(64).zip(qs.chunks_exact(32)).enumerate() {
+            let (lo, hi) = out.split_at_mut(32);
+            for (((l, h), &b), &bits) in lo.iter_mut().zip(hi).zip(src).zip(qh) {
+                *l = ((b & 0x0F) | (((bits >> (2 * j)) & 1) << 4)) as i8;
+                *h = ((b >> 4) | (((bits >> (2 * j + 1)) & 1) << 4)) as i8;
+            }
         }
-        sum += y.d * f16_at(x, 0) * isum as f32 - y.d * f16_at(x, 2) * msum as f32;
+        sum += k4_block_sum(x, &y, &q);
     }
     sum
 }
@@ -327,31 +311,27 @@ pub(super) fn q5_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
 pub(super) fn q6_k_q8_k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let nb = check_blocks(n, QK_K, w, Q6_K_BYTES, a, Q8_K_BYTES);
     let mut sum = 0f32;
-    for (x, y) in w
-        .chunks_exact(Q6_K_BYTES)
-        .zip(a.chunks_exact(Q8_K_BYTES))
-        .take(nb)
-    {
+    for (x, y) in block_pairs(w, Q6_K_BYTES, a, Q8_K_BYTES, nb) {
         let y = Q8K::new(y);
-        let ql = &x[0..128];
-        let qh = &x[128..192];
         let scales = i8s(&x[192..208]);
-        // Element 128h + 32k + l (k 0..4, l 0..32): the low four bits are the low (k < 2) or
-        // high (k >= 2) nibble of ql[64h + 32(k%2) + l], the top two are bits 2k..2k+2 of
-        // qh[32h + l]; the value is that minus 32. Group (and scale) 8h + 2k + l/16.
-        let mut isum = 0i32;
-        for (g, &sc) in scales.iter().enumerate() {
-            let (h, k, half) = (g / 8, (g % 8) / 2, g % 2);
-            let lo = &ql[64 * h + 32 * (k % 2) + 16 * half..][..16];
-            let hi = &qh[32 * h + 16 * half..][..16];
-            let nib_shift = 4 * (k / 2);
-            let part = y.isum(16 * g, 16, |l| {
-                let low = (lo[l] >> nib_shift) & 0x0F;
-                let top = (hi[l] >> (2 * k)) & 3;
-                (low | (top << 4)) as i32 - 32
-            });
-            isum += sc as i32 * part;
+        // In half h, element 32k + l (k 0..4, l 0..32): the low four bits are the low (k < 2)
+        // or high (k >= 2) nibble of ql[64h + 32(k%2) + l], the top two are bits 2k..2k+2 of
+        // qh[32h + l]; the value is that minus 32.
+        let mut q = [0i8; QK_K];
+        for (h, out) in q.chunks_exact_mut(128).enumerate() {
+            let ql = &x[64 * h..64 * h + 64];
+            let qh = &x[128 + 32 * h..128 + 32 * h + 32];
+            for (k, o) in out.chunks_exact_mut(32).enumerate() {
+                let lo = &ql[32 * (k % 2)..32 * (k % 2) + 32];
+                let nib_shift = 4 * (k / 2);
+                for ((v, &b), &top) in o.iter_mut().zip(lo).zip(qh) {
+                    let low = (b >> nib_shift) & 0x0F;
+                    let high = (top >> (2 * k)) & 3;
+                    *v = (low | (high << 4)) as i8 - 32;
+                }
+            }
         }
+        let isum = y.scaled_isum(&q, 16, |g| scales[g] as i32);
         sum += y.d * f16_at(x, 208) * isum as f32;
     }
     sum
