@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod reference;
+
 pub const SMOLLM: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
 

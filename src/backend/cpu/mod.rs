@@ -1,0 +1,306 @@
+//! The CPU backend: executes the graph with quantized weights read straight from the memory map,
+//! ggml-compat dot kernels (AVX2 when available) and rayon threads. Every buffer (activations,
+//! quantized activations, KV cache, logits, per-thread attention scratch) is allocated once in
+//! [`CpuBackend::new`]; a forward step allocates nothing.
+
+mod attention;
+mod matmul;
+pub mod ops;
+pub mod simd;
+
+use std::sync::{Arc, Mutex};
+
+use ggml_compat::dot::{dot_kernel, vec_dot_type, DotFn};
+use ggml_compat::GgmlType;
+use half::f16;
+use rayon::prelude::*;
+
+use self::attention::{LayerKv, Run, Scratch};
+use super::{validate_batch, Backend, BackendError, BackendOptions};
+use crate::graph::{ActId, Batch, Op, WeightId};
+use crate::kv::KvLayout;
+use crate::model::Model;
+
+/// How a matrix weight is multiplied: its kernel and activation format.
+#[derive(Clone, Copy)]
+struct MatKernel {
+    dot: DotFn,
+    act_ty: GgmlType,
+}
+
+pub struct CpuBackend {
+    model: Arc<Model>,
+    pool: rayon::ThreadPool,
+    threads: usize,
+    max_batch: usize,
+    max_logits: usize,
+    layout: KvLayout,
+    /// One buffer per graph activation: `max_batch` rows of its width.
+    acts: Vec<Vec<f32>>,
+    /// Bumped whenever an op writes the activation (keys the quantized-activation cache).
+    act_version: Vec<u64>,
+    /// Vector weights (norms) dequantized to f32, by weight id.
+    vectors: Vec<Option<Vec<f32>>>,
+    kernels: Vec<Option<MatKernel>>,
+    /// Quantized activation rows and what they hold: (activation, type, version).
+    qbuf: Vec<u8>,
+    qkey: Option<(ActId, GgmlType, u64)>,
+    /// Logit rows' inputs gathered and quantized.
+    logit_x: Vec<f32>,
+    kv: Vec<LayerKv>,
+    seq_len: Vec<usize>,
+    k16: Vec<f16>,
+    v16: Vec<f16>,
+    rope_cs: Vec<(f32, f32)>,
+    scratch: Vec<Mutex<Scratch>>,
+    logits: Vec<f32>,
+    n_logits: usize,
+}
+
+/// Allocates a buffer or reports how much was asked.
+fn alloc<T: Clone>(n: usize, value: T, what: &str) -> Result<Vec<T>, BackendError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| BackendError::OutOfMemory { what: what.into(), bytes: n * std::mem::size_of::<T>() })?;
+    v.resize(n, value);
+    Ok(v)
+}
+
+impl CpuBackend {
+    pub fn new(model: Arc<Model>, opts: BackendOptions) -> Result<CpuBackend, BackendError> {
+        let cfg = &model.config;
+        let threads = opts.threads.max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| BackendError::OutOfMemory { what: format!("thread pool ({e})"), bytes: 0 })?;
+        let max_batch = opts.max_batch.max(1);
+        let max_logits = max_batch;
+        let layout = opts.layout;
+        assert_eq!((layout.n_layer, layout.n_head_kv, layout.head_dim), (cfg.n_layer, cfg.n_head_kv, cfg.head_dim));
+
+        let graph = &model.graph;
+        let mut acts = Vec::with_capacity(graph.acts.len());
+        for a in &graph.acts {
+            acts.push(alloc(max_batch * a.width, 0f32, a.name)?);
+        }
+        let n_w = model.weights.table.len();
+        let mut vectors = vec![None; n_w];
+        let mut kernels = vec![None; n_w];
+        let mut qbytes = 0;
+        for op in &graph.ops {
+            match *op {
+                Op::RmsNorm { w, .. } => vectors[w] = Some(model.weight_f32(w)?),
+                Op::MatMul { w, .. } | Op::Logits { w, .. } => {
+                    let wt = &model.weights.table[w];
+                    let act_ty = vec_dot_type(wt.ty).expect("matrix types were validated at load");
+                    let dot = dot_kernel(wt.ty).expect("kernel exists for validated types");
+                    kernels[w] = Some(MatKernel { dot, act_ty });
+                    qbytes = qbytes.max(act_ty.bytes_for(wt.cols as u64).map_err(crate::model::ModelError::from)? as usize);
+                }
+                _ => {}
+            }
+        }
+        let mut kv = Vec::with_capacity(cfg.n_layer);
+        for l in 0..cfg.n_layer {
+            let rows = layout.rows_per_layer(l);
+            kv.push(LayerKv {
+                k: alloc(rows * cfg.head_dim, f16::ZERO, "KV cache (K)")?,
+                v: alloc(rows * cfg.head_dim, f16::ZERO, "KV cache (V)")?,
+                pos: alloc(rows, 0u32, "KV cache positions")?,
+            });
+        }
+        let max_keys = layout.n_ctx + max_batch;
+        let scratch = (0..threads).map(|_| Mutex::new(Scratch::new(max_keys, cfg.head_dim))).collect();
+        Ok(CpuBackend {
+            pool,
+            threads,
+            max_batch,
+            max_logits,
+            acts,
+            act_version: vec![0; graph.acts.len()],
+            vectors,
+            kernels,
+            qbuf: alloc(max_batch * qbytes, 0u8, "quantized activations")?,
+            qkey: None,
+            logit_x: alloc(max_logits * cfg.n_embd, 0f32, "logit inputs")?,
+            kv,
+            seq_len: vec![0; layout.n_seq],
+            k16: alloc(max_batch * cfg.kv_dim(), f16::ZERO, "new keys")?,
+            v16: alloc(max_batch * cfg.kv_dim(), f16::ZERO, "new values")?,
+            rope_cs: alloc(max_batch * cfg.rope.n_rot / 2, (0f32, 0f32), "rope angles")?,
+            scratch,
+            logits: alloc(max_logits * cfg.n_vocab, 0f32, "logits")?,
+            n_logits: 0,
+            layout,
+            model,
+        })
+    }
+
+    /// Quantizes the first `n` rows of activation `x` for weight kernel `k` unless already done.
+    fn quantize_act(&mut self, x: ActId, k: MatKernel, n: usize) {
+        let key = (x, k.act_ty, self.act_version[x]);
+        if self.qkey != Some(key) {
+            let width = self.model.graph.acts[x].width;
+            matmul::quantize_rows(k.act_ty, &self.acts[x], width, n, &mut self.qbuf);
+            self.qkey = Some(key);
+        }
+    }
+
+    fn matmul_op(&mut self, w: WeightId, x: ActId, out: ActId, n: usize) {
+        let k = self.kernels[w].expect("kernel prepared");
+        self.quantize_act(x, k, n);
+        let model = Arc::clone(&self.model);
+        let wt = &model.weights.table[w];
+        let arb = k.act_ty.bytes_for(wt.cols as u64).unwrap() as usize;
+        matmul::matmul(k.dot, model.weight_bytes(w), wt.rows, wt.row_bytes(), wt.cols, &self.qbuf, arb, n, &mut self.acts[out], wt.rows);
+        self.act_version[out] += 1;
+    }
+
+    fn run_op(&mut self, op: &Op, batch: &Batch) {
+        let n = batch.len();
+        let model = Arc::clone(&self.model);
+        let cfg = &model.config;
+        match *op {
+            Op::Embed { table, out } => {
+                let wt = &model.weights.table[table];
+                let (bytes, rb, w) = (model.weight_bytes(table), wt.row_bytes(), wt.cols);
+                self.acts[out][..n * w].par_chunks_mut(w).zip(batch.tokens).for_each(|(row, &tok)| {
+                    ops::embed_row(wt.ty, bytes, rb, tok as usize, row);
+                });
+                self.act_version[out] += 1;
+            }
+            Op::RmsNorm { x, w, eps, out } => {
+                let width = model.graph.acts[x].width;
+                let weight = self.vectors[w].as_ref().expect("norm prepared");
+                let mut dst = std::mem::take(&mut self.acts[out]);
+                dst[..n * width].par_chunks_mut(width).zip(self.acts[x][..n * width].par_chunks(width)).for_each(|(o, xi)| {
+                    ops::rms_norm(xi, weight, eps, o);
+                });
+                self.acts[out] = dst;
+                self.act_version[out] += 1;
+            }
+            Op::MatMul { w, x, out } => self.matmul_op(w, x, out, n),
+            Op::Rope { x, n_heads, head_dim } => {
+                let width = n_heads * head_dim;
+                let half = cfg.rope.n_rot / 2;
+                let cs = &self.rope_cs;
+                self.acts[x][..n * width].par_chunks_mut(width).enumerate().for_each(|(t, row)| {
+                    ops::rope_row(row, head_dim, &cs[t * half..(t + 1) * half]);
+                });
+                self.act_version[x] += 1;
+            }
+            Op::Attention { layer, q, k, v, out } => {
+                let kv_dim = cfg.kv_dim();
+                simd::f32_to_f16(&self.acts[k][..n * kv_dim], &mut self.k16[..n * kv_dim]);
+                simd::f32_to_f16(&self.acts[v][..n * kv_dim], &mut self.v16[..n * kv_dim]);
+                let q_dim = cfg.q_dim();
+                let mut dst = std::mem::take(&mut self.acts[out]);
+                for (seq, start, len) in batch.runs() {
+                    let run = Run {
+                        layout: &self.layout,
+                        layer,
+                        seq: seq as usize,
+                        p0: batch.positions[start] as usize,
+                        n: len,
+                        n_head: cfg.n_head,
+                        q: &self.acts[q][start * q_dim..(start + len) * q_dim],
+                        k_new: &self.k16[start * kv_dim..(start + len) * kv_dim],
+                        v_new: &self.v16[start * kv_dim..(start + len) * kv_dim],
+                        out: &mut dst[start * q_dim..(start + len) * q_dim],
+                    };
+                    attention::attend_and_store(run, &mut self.kv[layer], &self.scratch);
+                }
+                self.acts[out] = dst;
+                self.act_version[out] += 1;
+            }
+            Op::SwiGlu { gate, up } => {
+                let width = model.graph.acts[gate].width;
+                let mut g = std::mem::take(&mut self.acts[gate]);
+                g[..n * width].par_chunks_mut(width).zip(self.acts[up][..n * width].par_chunks(width)).for_each(|(a, b)| ops::swiglu(a, b));
+                self.acts[gate] = g;
+                self.act_version[gate] += 1;
+            }
+            Op::Add { x, y } => {
+                let width = model.graph.acts[x].width;
+                let mut a = std::mem::take(&mut self.acts[x]);
+                a[..n * width].par_chunks_mut(width).zip(self.acts[y][..n * width].par_chunks(width)).for_each(|(a, b)| ops::add(a, b));
+                self.acts[x] = a;
+                self.act_version[x] += 1;
+            }
+            Op::Logits { w, x } => {
+                let width = model.graph.acts[x].width;
+                let mut m = 0;
+                for (t, _) in batch.want_logits.iter().enumerate().filter(|(_, &b)| b) {
+                    self.logit_x[m * width..(m + 1) * width].copy_from_slice(&self.acts[x][t * width..(t + 1) * width]);
+                    m += 1;
+                }
+                self.n_logits = m;
+                if m == 0 {
+                    return;
+                }
+                let k = self.kernels[w].expect("kernel prepared");
+                matmul::quantize_rows(k.act_ty, &self.logit_x, width, m, &mut self.qbuf);
+                self.qkey = None;
+                let wt = &model.weights.table[w];
+                let arb = k.act_ty.bytes_for(wt.cols as u64).unwrap() as usize;
+                matmul::matmul(k.dot, model.weight_bytes(w), wt.rows, wt.row_bytes(), wt.cols, &self.qbuf, arb, m, &mut self.logits, wt.rows);
+            }
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn describe(&self) -> String {
+        let simd = match ggml_compat::dot::kernel_set() {
+            ggml_compat::dot::KernelSet::Avx2 => "avx2",
+            ggml_compat::dot::KernelSet::Scalar => "scalar",
+        };
+        format!("cpu ({simd}, {} threads)", self.threads)
+    }
+
+    fn forward(&mut self, batch: &Batch) -> Result<(), BackendError> {
+        validate_batch(batch, |s| self.seq_len[s], &self.layout, self.max_batch, self.max_logits, self.model.config.n_vocab)?;
+        let model = Arc::clone(&self.model);
+        let half = model.config.rope.n_rot / 2;
+        for (t, &p) in batch.positions.iter().enumerate() {
+            ops::rope_angles(&model.config.rope, p, &mut self.rope_cs[t * half..(t + 1) * half]);
+        }
+        self.qkey = None;
+        let pool = std::mem::replace(&mut self.pool, rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
+        pool.install(|| {
+            for op in &model.graph.ops {
+                self.run_op(op, batch);
+            }
+        });
+        self.pool = pool;
+        for (seq, _, len) in batch.runs() {
+            self.seq_len[seq as usize] += len;
+        }
+        Ok(())
+    }
+
+    fn logits(&self) -> &[f32] {
+        &self.logits[..self.n_logits * self.model.config.n_vocab]
+    }
+
+    fn n_vocab(&self) -> usize {
+        self.model.config.n_vocab
+    }
+
+    fn seq_len(&self, seq: usize) -> usize {
+        self.seq_len[seq]
+    }
+
+    fn clear(&mut self, seq: usize) {
+        self.seq_len[seq] = 0;
+    }
+
+    fn kv_layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    fn kv_bytes(&self) -> usize {
+        self.layout.bytes(2)
+    }
+}

@@ -1,0 +1,111 @@
+//! Backends execute a model's [`crate::graph::Graph`] on a device. The trait is all model and
+//! generation code sees; buffers, kernels and threads belong to each backend.
+
+pub mod cpu;
+
+use crate::graph::Batch;
+use crate::kv::KvLayout;
+
+/// Errors from executing a batch; each says what was asked and what the limit is.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("batch of {n} tokens exceeds the backend's maximum batch of {max}")]
+    BatchTooLarge { n: usize, max: usize },
+    #[error("batch asks logits for {n} tokens; at most {max} per batch")]
+    TooManyLogits { n: usize, max: usize },
+    #[error("sequence {seq} does not exist (the cache holds {n_seq} sequences)")]
+    BadSequence { seq: usize, n_seq: usize },
+    #[error("sequence {seq}: token at position {found} does not continue the cache, which holds {expected} tokens")]
+    BadPosition { seq: usize, expected: usize, found: usize },
+    #[error("sequence {seq}: position {pos} is beyond the context of {n_ctx} tokens")]
+    ContextFull { seq: usize, pos: usize, n_ctx: usize },
+    #[error("token id {token} is outside the vocabulary of {n_vocab}")]
+    BadToken { token: u32, n_vocab: usize },
+    #[error("batch arrays differ in length: {tokens} tokens, {positions} positions, {seqs} sequence ids, {logits} logit flags")]
+    RaggedBatch { tokens: usize, positions: usize, seqs: usize, logits: usize },
+    #[error("out of memory: {what} needs {bytes} bytes")]
+    OutOfMemory { what: String, bytes: usize },
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+}
+
+/// How a backend is set up for a run.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    /// Most tokens per forward call.
+    pub max_batch: usize,
+    /// Worker threads (CPU backend).
+    pub threads: usize,
+    /// KV cache layout (dense or per-head spans) for all sequences.
+    pub layout: KvLayout,
+}
+
+/// A device that runs the forward step.
+pub trait Backend {
+    /// A short description, e.g. `cpu (avx2, 2 threads)`.
+    fn describe(&self) -> String;
+    /// Runs one forward step; afterwards [`Backend::logits`] holds one row per token that asked.
+    fn forward(&mut self, batch: &Batch) -> Result<(), BackendError>;
+    /// Logits of the last forward call, `n_vocab` values per requested token, in batch order.
+    fn logits(&self) -> &[f32];
+    fn n_vocab(&self) -> usize;
+    /// Tokens sequence `seq` holds in its cache.
+    fn seq_len(&self, seq: usize) -> usize;
+    /// Empties a sequence's cache.
+    fn clear(&mut self, seq: usize);
+    fn kv_layout(&self) -> &KvLayout;
+    /// Bytes allocated for the KV cache.
+    fn kv_bytes(&self) -> usize;
+}
+
+/// Checks the parts of a batch every backend needs checked, against the current sequence lengths.
+pub fn validate_batch(
+    batch: &Batch,
+    seq_len: impl Fn(usize) -> usize,
+    layout: &KvLayout,
+    max_batch: usize,
+    max_logits: usize,
+    n_vocab: usize,
+) -> Result<(), BackendError> {
+    let n = batch.tokens.len();
+    if batch.positions.len() != n || batch.seq_ids.len() != n || batch.want_logits.len() != n {
+        return Err(BackendError::RaggedBatch {
+            tokens: n,
+            positions: batch.positions.len(),
+            seqs: batch.seq_ids.len(),
+            logits: batch.want_logits.len(),
+        });
+    }
+    if n > max_batch {
+        return Err(BackendError::BatchTooLarge { n, max: max_batch });
+    }
+    let n_logits = batch.want_logits.iter().filter(|&&b| b).count();
+    if n_logits > max_logits {
+        return Err(BackendError::TooManyLogits { n: n_logits, max: max_logits });
+    }
+    if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+        return Err(BackendError::BadToken { token: t, n_vocab });
+    }
+    for (seq, start, len) in batch.runs() {
+        let s = seq as usize;
+        if s >= layout.n_seq {
+            return Err(BackendError::BadSequence { seq: s, n_seq: layout.n_seq });
+        }
+        if batch.runs().take_while(|r| r.1 < start).any(|r| r.0 == seq) {
+            // A sequence split into two runs would need the first run's keys before the cache
+            // is written; keep batches simple instead.
+            return Err(BackendError::BadPosition { seq: s, expected: seq_len(s) + len, found: batch.positions[start] as usize });
+        }
+        let mut expected = seq_len(s);
+        for &p in &batch.positions[start..start + len] {
+            if p as usize != expected {
+                return Err(BackendError::BadPosition { seq: s, expected, found: p as usize });
+            }
+            if expected >= layout.n_ctx {
+                return Err(BackendError::ContextFull { seq: s, pos: expected, n_ctx: layout.n_ctx });
+            }
+            expected += 1;
+        }
+    }
+    Ok(())
+}
