@@ -157,7 +157,7 @@ fn several_sequences_in_one_batch() {
 
 #[test]
 fn quantized_weights_match_reference_within_activation_quantization() {
-    for (ty, tol) in [(GgmlType::Q8_0, 2e-2), (GgmlType::Q4_0, 3e-2), (GgmlType::Q4_K, 3e-2), (GgmlType::Q6_K, 2e-2)] {
+    for (ty, tol) in [(GgmlType::Q8_0, 2e-2), (GgmlType::Q4_0, 3e-2), (GgmlType::Q4_K, 3e-2), (GgmlType::Q6_K, 4e-2)] {
         let (_d, m) = tiny_model(ty, 4);
         let c = &m.config;
         let r = RefModel::new(&m);
