@@ -17,3 +17,6 @@ pub mod backend;
 pub mod graph;
 pub mod kv;
 pub mod model;
+pub mod generate;
+pub mod perplexity;
+pub mod runtime;

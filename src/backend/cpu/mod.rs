@@ -57,6 +57,17 @@ pub struct CpuBackend {
     n_logits: usize,
 }
 
+/// Applies `f` to each `(dst row, src row)` pair, in parallel only when the batch is large enough
+/// to pay for the fork (a decode step runs these small ops on one thread).
+fn rows2(dst: &mut [f32], src: &[f32], width: usize, n: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) {
+    let (d, s) = (&mut dst[..n * width], &src[..n * width]);
+    if n >= 16 {
+        d.par_chunks_mut(width).zip(s.par_chunks(width)).for_each(|(a, b)| f(a, b));
+    } else {
+        d.chunks_mut(width).zip(s.chunks(width)).for_each(|(a, b)| f(a, b));
+    }
+}
+
 /// Allocates a buffer or reports how much was asked.
 fn alloc<T: Clone>(n: usize, value: T, what: &str) -> Result<Vec<T>, BackendError> {
     let mut v = Vec::new();
@@ -174,9 +185,7 @@ impl CpuBackend {
                 let width = model.graph.acts[x].width;
                 let weight = self.vectors[w].as_ref().expect("norm prepared");
                 let mut dst = std::mem::take(&mut self.acts[out]);
-                dst[..n * width].par_chunks_mut(width).zip(self.acts[x][..n * width].par_chunks(width)).for_each(|(o, xi)| {
-                    ops::rms_norm(xi, weight, eps, o);
-                });
+                rows2(&mut dst, &self.acts[x], width, n, |o, xi| ops::rms_norm(xi, weight, eps, o));
                 self.acts[out] = dst;
                 self.act_version[out] += 1;
             }
@@ -185,9 +194,9 @@ impl CpuBackend {
                 let width = n_heads * head_dim;
                 let half = cfg.rope.n_rot / 2;
                 let cs = &self.rope_cs;
-                self.acts[x][..n * width].par_chunks_mut(width).enumerate().for_each(|(t, row)| {
+                for (t, row) in self.acts[x][..n * width].chunks_mut(width).enumerate() {
                     ops::rope_row(row, head_dim, &cs[t * half..(t + 1) * half]);
-                });
+                }
                 self.act_version[x] += 1;
             }
             Op::Attention { layer, q, k, v, out } => {
@@ -217,14 +226,14 @@ impl CpuBackend {
             Op::SwiGlu { gate, up } => {
                 let width = model.graph.acts[gate].width;
                 let mut g = std::mem::take(&mut self.acts[gate]);
-                g[..n * width].par_chunks_mut(width).zip(self.acts[up][..n * width].par_chunks(width)).for_each(|(a, b)| ops::swiglu(a, b));
+                rows2(&mut g, &self.acts[up], width, n, ops::swiglu);
                 self.acts[gate] = g;
                 self.act_version[gate] += 1;
             }
             Op::Add { x, y } => {
                 let width = model.graph.acts[x].width;
                 let mut a = std::mem::take(&mut self.acts[x]);
-                a[..n * width].par_chunks_mut(width).zip(self.acts[y][..n * width].par_chunks(width)).for_each(|(a, b)| ops::add(a, b));
+                rows2(&mut a, &self.acts[y], width, n, ops::add);
                 self.acts[x] = a;
                 self.act_version[x] += 1;
             }

@@ -1,0 +1,101 @@
+//! What every tool does before its real work: find the model file (the `-m` default is the
+//! default model in the local model folder), load it with its tokenizer, and start a backend
+//! with a KV cache for the requested context.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{BackendError, BackendOptions};
+use crate::kv::KvLayout;
+use crate::model::{Model, ModelError};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// File name of the default model (SmolLM2-135M-Instruct, Q4_1).
+pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("no model given and the default model {DEFAULT_MODEL} was not found in: {tried}\n(fetch it with `bash tools/fetch-models.sh`, or pass -m FILE)")]
+    NoDefaultModel { tried: String },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("context size {n_ctx} is invalid: {reason}")]
+    BadContext { n_ctx: usize, reason: String },
+}
+
+/// The folders searched for models: `$MOA_MODELS`, `./models`, and `models/` beside the
+/// repository the binary was built in (`target/<profile>/../../models`).
+pub fn model_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("MOA_MODELS") {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.push(PathBuf::from("models"));
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(repo) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
+            dirs.push(repo.join("models"));
+        }
+    }
+    dirs
+}
+
+/// The model to use: the given path, or the default model from the first folder holding it.
+pub fn resolve_model(path: Option<&Path>) -> Result<PathBuf, RuntimeError> {
+    if let Some(p) = path {
+        return Ok(p.to_path_buf());
+    }
+    let dirs = model_dirs();
+    for d in &dirs {
+        let p = d.join(DEFAULT_MODEL);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(RuntimeError::NoDefaultModel { tried: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ") })
+}
+
+/// Default worker threads: the machine's available parallelism.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// A loaded model and tokenizer, with the load time.
+pub struct Loaded {
+    pub model: Arc<Model>,
+    pub tokenizer: Tokenizer,
+    pub load_ms: f64,
+}
+
+pub fn load(path: &Path) -> Result<Loaded, RuntimeError> {
+    let t0 = Instant::now();
+    let model = Arc::new(Model::load(path)?);
+    let tokenizer = Tokenizer::from_gguf(&model.file)?;
+    Ok(Loaded { model, tokenizer, load_ms: t0.elapsed().as_secs_f64() * 1000.0 })
+}
+
+/// Resolves a requested context size: 0 means the model's training context.
+pub fn context_size(model: &Model, n_ctx: usize) -> Result<usize, RuntimeError> {
+    let n = if n_ctx == 0 { model.config.n_ctx_train } else { n_ctx };
+    if n < 2 {
+        return Err(RuntimeError::BadContext { n_ctx: n, reason: "must be at least 2".into() });
+    }
+    Ok(n)
+}
+
+/// A CPU backend with a dense cache of `n_ctx` tokens for `n_seq` sequences.
+pub fn cpu_backend(model: &Arc<Model>, n_ctx: usize, n_seq: usize, n_batch: usize, threads: usize) -> Result<CpuBackend, RuntimeError> {
+    let c = &model.config;
+    let layout = KvLayout::dense(n_seq, c.n_layer, c.n_head_kv, c.head_dim, n_ctx);
+    Ok(CpuBackend::new(Arc::clone(model), BackendOptions { max_batch: n_batch.min(n_ctx).max(1), threads, layout })?)
+}
+
+/// Formats a byte count as MiB with two decimals.
+pub fn mib(bytes: usize) -> String {
+    format!("{:.2} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
