@@ -31,7 +31,7 @@
 use std::fmt::Write as _;
 
 use minijinja::value::{from_args, Kwargs, Rest, ValueKind, ValueOrKwargs};
-use minijinja::{AutoEscape, Environment, Error, ErrorKind, State, UndefinedBehavior, Value};
+use minijinja::{AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior, Value};
 
 use crate::gguf::Gguf;
 
@@ -67,7 +67,10 @@ pub enum ChatError {
     Raised(String),
     /// Rendering failed for another reason (bad operation, unknown filter, ...).
     #[error("chat template render error{}: {message}", at_line(*.line))]
-    Render { line: Option<usize>, message: String },
+    Render {
+        line: Option<usize>,
+        message: String,
+    },
     /// The GGUF metadata holding the template or the special tokens is malformed.
     #[error("chat template metadata: {0}")]
     Metadata(String),
@@ -640,7 +643,10 @@ fn json_key(v: &Value) -> Result<String, Error> {
         _ => {
             return Err(Error::new(
                 ErrorKind::InvalidOperation,
-                format!("tojson: keys must be str, int, float, bool or None, not {}", v.kind()),
+                format!(
+                    "tojson: keys must be str, int, float, bool or None, not {}",
+                    v.kind()
+                ),
             ))
         }
     })
@@ -833,7 +839,12 @@ fn strftime_utc(format: &str, secs: i64) -> String {
             }
             out.push_str(&s);
         };
-        let hour12 = |h: u32| i64::from(if h % 12 == 0 { 12 } else { h % 12 });
+        let hour12 = |h: u32| {
+            i64::from(match h % 12 {
+                0 => 12,
+                r => r,
+            })
+        };
         match d {
             'a' => out.push_str(&DAYS[t.wday as usize][..3]),
             'A' => out.push_str(DAYS[t.wday as usize]),
@@ -898,7 +909,12 @@ fn strftime_utc(format: &str, secs: i64) -> String {
             'T' | 'X' => {
                 let _ = write!(out, "{:02}:{:02}:{:02}", t.hour, t.min, t.sec);
             }
-            'u' => num(&mut out, i64::from(if t.wday == 0 { 7 } else { t.wday }), 1, '0'),
+            'u' => num(
+                &mut out,
+                i64::from(if t.wday == 0 { 7 } else { t.wday }),
+                1,
+                '0',
+            ),
             'U' => num(&mut out, i64::from((t.yday + 7 - t.wday) / 7), 2, '0'),
             'w' => num(&mut out, t.wday.into(), 1, '0'),
             'W' => num(
@@ -937,6 +953,12 @@ mod tests {
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+    #[test]
+    fn template_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<ChatTemplate>();
+    }
 
     #[test]
     fn chatml() {
@@ -990,7 +1012,8 @@ mod tests {
 
     #[test]
     fn syntax_error_has_line() {
-        let err = ChatTemplate::new("line one\n{% if x %}\nthree\n{% endfor %}", "", "").unwrap_err();
+        let err =
+            ChatTemplate::new("line one\n{% if x %}\nthree\n{% endfor %}", "", "").unwrap_err();
         match &err {
             ChatError::Syntax { line, message } => {
                 assert_eq!(*line, 4, "{message}");
@@ -1015,7 +1038,12 @@ mod tests {
     fn python_methods_and_loop_controls() {
         let src = "{% for m in messages %}{% if m.role == 'stop' %}{% break %}{% endif %}{{ m.content.strip().upper() }}{% if m.content.startswith(' ') %}!{% endif %},{% endfor %}{% for k, v in {'a': 1}.items() %}{{ k }}={{ v }}{% endfor %}";
         let t = ChatTemplate::new(src, "", "").unwrap();
-        let m = msgs(&[("user", " hi "), ("assistant", "yo"), ("stop", "x"), ("user", "no")]);
+        let m = msgs(&[
+            ("user", " hi "),
+            ("assistant", "yo"),
+            ("stop", "x"),
+            ("user", "no"),
+        ]);
         assert_eq!(t.render(&m, false).unwrap(), "HI!,YO,a=1");
     }
 
@@ -1032,7 +1060,10 @@ mod tests {
         // 2024-02-29 13:05:09 UTC, a Thursday.
         let secs = 1_709_211_909;
         assert_eq!(
-            strftime_utc("%Y-%m-%d %H:%M:%S %a %A %b %B %j %p %I %y %e %-d %w %u %U %W %%", secs),
+            strftime_utc(
+                "%Y-%m-%d %H:%M:%S %a %A %b %B %j %p %I %y %e %-d %w %u %U %W %%",
+                secs
+            ),
             "2024-02-29 13:05:09 Thu Thursday Feb February 060 PM 01 24 29 29 4 4 08 09 %"
         );
         assert_eq!(strftime_utc("%d %b %Y", 0), "01 Jan 1970");

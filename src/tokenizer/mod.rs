@@ -2,12 +2,12 @@
 //! `llama_token_to_piece(special = true)`, `llama_vocab_is_eog`).
 //!
 //! Two vocabulary types are supported, chosen by `tokenizer.ggml.model`:
-//! - `"gpt2"`: byte-level BPE with merges ([`bpe`]), the words first split by the pre-tokenizer
-//!   regexes that `tokenizer.ggml.pre` names ([`pretok`]);
-//! - `"llama"`: SentencePiece vocabularies with scores ([`spm`]): spaces become `▁`, an optional
+//! - `"gpt2"`: byte-level BPE with merges (`bpe.rs`), the words first split by the pre-tokenizer
+//!   regexes that `tokenizer.ggml.pre` names (`pretok.rs`);
+//! - `"llama"`: SentencePiece vocabularies with scores (`spm.rs`): spaces become `▁`, an optional
 //!   space prefix, greedy merges by score, byte fallback to `<0xXX>` tokens.
 //!
-//! Before either, special tokens written in the text are split out ([`special`]).
+//! Before either, special tokens written in the text are split out (`special.rs`).
 //!
 //! What comes from the `tokenizers` crate and what is ours: the BPE merge engine is `tokenizers`'
 //! BPE model, and the generic pre-tokenizer regexes run on its fancy-regex engine. The rest is
@@ -20,6 +20,25 @@
 //! Loading reads the metadata once and builds flat tables (token texts in one buffer, an
 //! open-addressing index over them, every piece precomputed), so a 262k-token vocabulary loads
 //! in a few tens of milliseconds.
+//!
+//! Checked against llama.cpp b11434 (the version of tests/fixtures/llamacpp): the fixture cases
+//! and pieces of SmolLM2 (gpt2/smollm) and Gemma 3 (llama/SentencePiece); every piece and the
+//! control/end-of-generation sets of both vocabularies; and, with the SmolLM2 vocabulary relabelled
+//! to each `tokenizer.ggml.pre` value of the table in `pretok.rs`, some 22,000 random strings each
+//! (Gemma also with `add_space_prefix`, and with the Phi-3 / Jina / ModernBERT strip rules).
+//!
+//! Known differences from llama.cpp, all in vocabularies no converter writes:
+//! - where several tokens carry texts of one of llama.cpp's lists (e.g. two FIM-pad texts),
+//!   llama.cpp takes whichever its hash map yields first; we take the lowest id;
+//! - special tokens whose text is not UTF-8 are never found in (UTF-8) text;
+//! - merge lines whose halves or result are not tokens are ignored;
+//! - SentencePiece byte fallback without a `<0xXX>` (or one-byte) token drops the byte, where
+//!   llama.cpp throws.
+//!
+//! Not supported: tokenizer models other than "gpt2" and "llama" (bert, t5, rwkv, plamo2,
+//! gemma4, ...) and the few pre-tokenizers listed in `pretok::is_known_unsupported`; loading them
+//! is an error naming the value. [`Tokenizer::decode`] concatenates pieces as they are; it does
+//! not apply llama_detokenize's optional clean-ups (leading-space removal, `clean_spaces`).
 
 mod bpe;
 mod pretok;
@@ -189,7 +208,11 @@ impl Vocab {
     }
 
     /// Indexes the texts; fails on a duplicate text. Attributes are filled in by the caller.
-    fn build(texts: Vec<u8>, offsets: Vec<usize>, scores: Vec<f32>) -> Result<Vocab, TokenizerError> {
+    fn build(
+        texts: Vec<u8>,
+        offsets: Vec<usize>,
+        scores: Vec<f32>,
+    ) -> Result<Vocab, TokenizerError> {
         let n = scores.len();
         let size = (n * 2).next_power_of_two().max(2);
         let mut vocab = Vocab {
@@ -406,7 +429,8 @@ const EOG_TEXTS: &[&str] = &[
     "[e~[",
 ];
 /// gpt-oss: always rendered, never control.
-const FORCE_USER_DEFINED_TEXTS: &[&str] = &["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"];
+const FORCE_USER_DEFINED_TEXTS: &[&str] =
+    &["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"];
 
 fn in_list(list: &[&str], text: &[u8]) -> bool {
     list.iter().any(|t| t.as_bytes() == text)
@@ -444,6 +468,258 @@ fn byte_decode(text: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// Special token ids, from the defaults per model type and the metadata.
+#[derive(Debug, Clone, Copy, Default)]
+struct SpecialIds {
+    bos: Option<u32>,
+    eos: Option<u32>,
+    eot: Option<u32>,
+    eom: Option<u32>,
+    unk: Option<u32>,
+    /// FIM prefix, suffix, middle, pad, repository, separator.
+    fim: [Option<u32>; 6],
+}
+
+/// `tokenizer.ggml.tokens`, `.scores` and `.token_type`: the vocabulary and the attributes.
+fn read_vocab(g: &Gguf) -> Result<(Vocab, Vec<u16>), TokenizerError> {
+    let tokens_value = g
+        .get(KEY_TOKENS)
+        .ok_or_else(|| TokenizerError::MissingKey(KEY_TOKENS.into()))?;
+    let tokens = match tokens_value.as_array() {
+        Some((ValueType::String, items)) => items,
+        _ => return Err(wrong_type(KEY_TOKENS, "an ARRAY[STRING]", tokens_value)),
+    };
+    let n = tokens.len();
+    if n >= u32::MAX as usize {
+        return Err(TokenizerError::TooManyTokens(n));
+    }
+    let scores = match opt_array(g, KEY_SCORES, n)? {
+        None => vec![0.0; n],
+        Some((ValueType::F32 | ValueType::I32, items)) => items[..n]
+            .iter()
+            .map(|v| v.as_f64().unwrap_or(0.0) as f32)
+            .collect(),
+        Some((ty, _)) => {
+            return Err(TokenizerError::WrongType {
+                key: KEY_SCORES.into(),
+                expected: "an ARRAY[FLOAT32] or ARRAY[INT32]".into(),
+                found: format!("ARRAY[{ty}]"),
+            })
+        }
+    };
+    let attrs = match opt_array(g, KEY_TYPES, n)? {
+        None => vec![attr::NORMAL; n],
+        Some((ty, items)) => items[..n]
+            .iter()
+            .map(|v| match v {
+                Value::Bool(_) => None,
+                v => v.as_integer().map(attr::from_token_type),
+            })
+            .collect::<Option<Vec<u16>>>()
+            .ok_or_else(|| TokenizerError::WrongType {
+                key: KEY_TYPES.into(),
+                expected: "an ARRAY[INT32]".into(),
+                found: format!("ARRAY[{ty}]"),
+            })?,
+    };
+
+    let mut texts = Vec::new();
+    let mut offsets = Vec::with_capacity(n + 1);
+    offsets.push(0);
+    for (i, v) in tokens.iter().enumerate() {
+        let Value::String(s) = v else {
+            return Err(wrong_type(KEY_TOKENS, "an ARRAY[STRING]", tokens_value));
+        };
+        if s.as_bytes().is_empty() {
+            // llama.cpp's name for an empty entry.
+            texts.extend_from_slice(format!("[EMPTY_{i}]").as_bytes());
+        } else {
+            texts.extend_from_slice(s.as_bytes());
+        }
+        offsets.push(texts.len());
+    }
+    Ok((Vocab::build(texts, offsets, scores)?, attrs))
+}
+
+/// The special ids: llama.cpp's defaults for the model type (dropped when out of range), then
+/// the metadata's ids where they are in range.
+fn read_special_ids(
+    g: &Gguf,
+    n: usize,
+    is_spm: bool,
+    no_bos: bool,
+) -> Result<SpecialIds, TokenizerError> {
+    let in_range = |id: u32| ((id as usize) < n).then_some(id);
+    let mut ids = SpecialIds::default();
+    if is_spm {
+        (ids.bos, ids.eos, ids.unk) = (in_range(1), in_range(2), in_range(0));
+    } else {
+        (ids.bos, ids.eos) = (in_range(11), in_range(11));
+    }
+    if no_bos {
+        ids.bos = None;
+    }
+    let set = |slot: &mut Option<u32>, key: &str| -> Result<(), TokenizerError> {
+        if let Some(id) = opt_id(g, key)?.and_then(in_range) {
+            *slot = Some(id);
+        }
+        Ok(())
+    };
+    set(&mut ids.bos, KEY_BOS)?;
+    set(&mut ids.eos, KEY_EOS)?;
+    set(&mut ids.eot, "tokenizer.ggml.eot_token_id")?;
+    set(&mut ids.eom, "tokenizer.ggml.eom_token_id")?;
+    set(&mut ids.unk, "tokenizer.ggml.unknown_token_id")?;
+    // The deprecated prefix/suffix/middle keys come after the fim_* ones, as in llama.cpp.
+    const FIM_KEYS: [&[&str]; 6] = [
+        &[
+            "tokenizer.ggml.fim_pre_token_id",
+            "tokenizer.ggml.prefix_token_id",
+        ],
+        &[
+            "tokenizer.ggml.fim_suf_token_id",
+            "tokenizer.ggml.suffix_token_id",
+        ],
+        &[
+            "tokenizer.ggml.fim_mid_token_id",
+            "tokenizer.ggml.middle_token_id",
+        ],
+        &["tokenizer.ggml.fim_pad_token_id"],
+        &["tokenizer.ggml.fim_rep_token_id"],
+        &["tokenizer.ggml.fim_sep_token_id"],
+    ];
+    for (slot, keys) in ids.fim.iter_mut().zip(FIM_KEYS) {
+        for key in keys {
+            set(slot, key)?;
+        }
+    }
+    Ok(ids)
+}
+
+/// llama.cpp's recognition by token text: unset EOT / EOM / FIM ids are found by name (those
+/// tokens become control tokens), the end-of-generation set is built, and the gpt-oss,
+/// o200k_harmony and gemma4 exceptions are applied. Returns the sorted end-of-generation ids.
+fn mark_by_text(vocab: &Vocab, attrs: &mut [u16], ids: &mut SpecialIds) -> Vec<u32> {
+    // llama.cpp walks a hash map, so when several texts of one list exist its pick is
+    // arbitrary; we take the lowest id.
+    {
+        let [pre, suf, mid, pad, rep, sep] = &mut ids.fim;
+        let mut detect: [(&mut Option<u32>, &[&str]); 8] = [
+            (&mut ids.eot, EOT_TEXTS),
+            (&mut ids.eom, EOM_TEXTS),
+            (pre, FIM_PRE_TEXTS),
+            (suf, FIM_SUF_TEXTS),
+            (mid, FIM_MID_TEXTS),
+            (pad, FIM_PAD_TEXTS),
+            (rep, FIM_REP_TEXTS),
+            (sep, FIM_SEP_TEXTS),
+        ];
+        for id in 0..vocab.len() as u32 {
+            let text = vocab.text(id);
+            for (slot, list) in detect.iter_mut() {
+                if slot.is_none() && in_list(list, text) {
+                    **slot = Some(id);
+                    attrs[id as usize] |= attr::CONTROL;
+                }
+            }
+        }
+    }
+
+    let mut eog: Vec<u32> = ids.fim[3..].iter().flatten().copied().collect();
+    for id in 0..vocab.len() as u32 {
+        let text = vocab.text(id);
+        if in_list(EOG_TEXTS, text) {
+            eog.push(id);
+            attrs[id as usize] |= attr::CONTROL;
+        }
+        if in_list(FORCE_USER_DEFINED_TEXTS, text) {
+            attrs[id as usize] = attr::USER_DEFINED;
+        }
+    }
+    eog.extend([ids.eos, ids.eot, ids.eom].into_iter().flatten());
+    eog.sort_unstable();
+    eog.dedup();
+
+    let find = |eog: &[u32], name: &str| {
+        eog.iter()
+            .copied()
+            .find(|&id| vocab.text(id) == name.as_bytes())
+    };
+    let has = |eog: &[u32], name: &str| find(eog, name).is_some();
+    // o200k_harmony / solar-open: "<|end|>" is not an end of generation there.
+    if let Some(end) = find(&eog, "<|end|>") {
+        let call = has(&eog, "<|call|>") || has(&eog, "<|calls|>");
+        if call && (has(&eog, "<|return|>") || has(&eog, "<|flush|>")) {
+            eog.retain(|&id| id != end);
+            attrs[end as usize] = attr::USER_DEFINED;
+        }
+    }
+    // gemma4 / paddleocr / plamo: "</s>" is not an end of generation when "<|tool_response>"
+    // or "<|plamo:eos|>" is.
+    if has(&eog, "<|tool_response>") || has(&eog, "<|plamo:eos|>") {
+        if let Some(s) = find(&eog, "</s>") {
+            eog.retain(|&id| id != s);
+            attrs[s as usize] = attr::NORMAL;
+        }
+    }
+    eog
+}
+
+/// llama.cpp's per-model LSTRIP / RSTRIP attributes, chosen by `tokenizer.ggml.pre`,
+/// `general.architecture` and `general.name`.
+fn apply_strip_rules(
+    g: &Gguf,
+    pre: &str,
+    vocab: &Vocab,
+    attrs: &mut [u16],
+    special_ids: &[u32],
+) -> Result<(), TokenizerError> {
+    let name = opt_str(g, "general.name")?
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let arch = opt_str(g, "general.architecture")?.unwrap_or("");
+    let contains_any = |s: &str, subs: &[&str]| subs.iter().any(|x| s.contains(x));
+    let set = |attrs: &mut [u16], text: &str, flag: u16, on: bool| {
+        if let Some(id) = vocab.lookup(text.as_bytes()) {
+            let a = &mut attrs[id as usize];
+            *a = if on { *a | flag } else { *a & !flag };
+        }
+    };
+    if contains_any(pre, &["jina-v2-de", "jina-v2-es", "jina-v2-code"])
+        || contains_any(arch, &["nomic-bert-moe", "jina-bert-v3"])
+    {
+        set(attrs, "<mask>", attr::LSTRIP, true);
+    } else if contains_any(&name, &["phi-3", "phi3"]) {
+        for &id in special_ids {
+            attrs[id as usize] |= attr::RSTRIP;
+        }
+        set(attrs, "</s>", attr::RSTRIP, true);
+        for t in ["<unk>", "<s>", "<|endoftext|>"] {
+            set(attrs, t, attr::RSTRIP, false);
+        }
+    } else if contains_any(&name, &["modern-bert"]) {
+        set(attrs, "[MASK]", attr::LSTRIP, true);
+    }
+    Ok(())
+}
+
+/// `tokenizer.ggml.merges` (required for BPE vocabularies).
+fn read_merges(g: &Gguf) -> Result<Vec<&[u8]>, TokenizerError> {
+    let v = g
+        .get(KEY_MERGES)
+        .ok_or_else(|| TokenizerError::MissingKey(KEY_MERGES.into()))?;
+    match v.as_array() {
+        Some((ValueType::String, items)) => Ok(items
+            .iter()
+            .map(|m| match m {
+                Value::String(s) => s.as_bytes(),
+                _ => &[],
+            })
+            .collect()),
+        _ => Err(wrong_type(KEY_MERGES, "an ARRAY[STRING]", v)),
+    }
+}
+
 impl Tokenizer {
     /// Reads the vocabulary from GGUF metadata (`tokenizer.ggml.*`) with llama.cpp's rules.
     pub fn from_gguf(g: &Gguf) -> Result<Tokenizer, TokenizerError> {
@@ -469,108 +745,14 @@ impl Tokenizer {
             }
         };
 
-        // --- tokens, scores, types
-        let tokens_value = g
-            .get(KEY_TOKENS)
-            .ok_or_else(|| TokenizerError::MissingKey(KEY_TOKENS.into()))?;
-        let tokens = match tokens_value.as_array() {
-            Some((ValueType::String, items)) => items,
-            _ => return Err(wrong_type(KEY_TOKENS, "an ARRAY[STRING]", tokens_value)),
-        };
-        let n = tokens.len();
-        if n >= u32::MAX as usize {
-            return Err(TokenizerError::TooManyTokens(n));
-        }
-        let scores = match opt_array(g, KEY_SCORES, n)? {
-            None => vec![0.0; n],
-            Some((ValueType::F32 | ValueType::I32, items)) => items[..n]
-                .iter()
-                .map(|v| v.as_f64().unwrap_or(0.0) as f32)
-                .collect(),
-            Some(_) => {
-                return Err(wrong_type(KEY_SCORES, "an ARRAY[FLOAT32] or ARRAY[INT32]", g.get(KEY_SCORES).expect("present")))
-            }
-        };
-        let mut attrs = match opt_array(g, KEY_TYPES, n)? {
-            None => vec![attr::NORMAL; n],
-            Some((ty, items)) => {
-                let mut out = Vec::with_capacity(n);
-                for v in &items[..n] {
-                    match v.as_integer() {
-                        Some(t) if !matches!(v, Value::Bool(_)) => out.push(attr::from_token_type(t)),
-                        _ => {
-                            let found = format!("ARRAY[{ty}]");
-                            return Err(TokenizerError::WrongType {
-                                key: KEY_TYPES.into(),
-                                expected: "an ARRAY[INT32]".into(),
-                                found,
-                            });
-                        }
-                    }
-                }
-                out
-            }
-        };
+        let (mut vocab, mut attrs) = read_vocab(g)?;
+        let n = vocab.len();
+        let mut ids = read_special_ids(g, n, is_spm, pre_cfg.is_some_and(|c| c.no_bos))?;
 
-        let mut texts = Vec::new();
-        let mut offsets = Vec::with_capacity(n + 1);
-        offsets.push(0);
-        for (i, v) in tokens.iter().enumerate() {
-            let Value::String(s) = v else {
-                return Err(wrong_type(KEY_TOKENS, "an ARRAY[STRING]", tokens_value));
-            };
-            if s.as_bytes().is_empty() {
-                texts.extend_from_slice(format!("[EMPTY_{i}]").as_bytes());
-            } else {
-                texts.extend_from_slice(s.as_bytes());
-            }
-            offsets.push(texts.len());
-        }
-        let mut vocab = Vocab::build(texts, offsets, scores)?;
-
-        // --- flags and special ids, with llama.cpp's defaults per model type
-        let in_range = |id: u32| ((id as usize) < n).then_some(id);
-        let (mut bos, mut eos, mut unk) = if is_spm {
-            (in_range(1), in_range(2), in_range(0))
-        } else {
-            (in_range(11), in_range(11), None)
-        };
-        if pre_cfg.is_some_and(|c| c.no_bos) {
-            bos = None;
-        }
-        let mut eot = None;
-        let mut eom = None;
-        let mut fim = [None; 6]; // pre, suf, mid, pad, rep, sep
-        let override_id = |slot: &mut Option<u32>, key: &str| -> Result<(), TokenizerError> {
-            if let Some(id) = opt_id(g, key)? {
-                if (id as usize) < n {
-                    *slot = Some(id);
-                }
-            }
-            Ok(())
-        };
-        override_id(&mut bos, KEY_BOS)?;
-        override_id(&mut eos, KEY_EOS)?;
-        override_id(&mut eot, "tokenizer.ggml.eot_token_id")?;
-        override_id(&mut eom, "tokenizer.ggml.eom_token_id")?;
-        override_id(&mut unk, "tokenizer.ggml.unknown_token_id")?;
-        for (slot, keys) in fim.iter_mut().zip([
-            &["tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.prefix_token_id"][..],
-            &["tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.suffix_token_id"][..],
-            &["tokenizer.ggml.fim_mid_token_id", "tokenizer.ggml.middle_token_id"][..],
-            &["tokenizer.ggml.fim_pad_token_id"][..],
-            &["tokenizer.ggml.fim_rep_token_id"][..],
-            &["tokenizer.ggml.fim_sep_token_id"][..],
-        ]) {
-            for key in keys {
-                override_id(slot, key)?;
-            }
-        }
-
-        let mut add_bos = if is_spm {
-            true
-        } else {
-            pre_cfg.is_some_and(|c| c.add_bos)
+        // Flags: llama.cpp's defaults per model type, then the metadata.
+        let mut add_bos = match pre_cfg {
+            None => true,
+            Some(cfg) => cfg.add_bos,
         };
         let mut add_eos = false;
         let mut add_space_prefix = is_spm;
@@ -583,117 +765,31 @@ impl Tokenizer {
         if let Some(b) = opt_bool(g, KEY_ADD_PREFIX)? {
             add_space_prefix = b;
         }
-        if add_bos && bos.is_none() {
+        if add_bos && ids.bos.is_none() {
             return Err(TokenizerError::MissingSpecialToken {
                 add_key: KEY_ADD_BOS,
                 id_key: KEY_BOS,
             });
         }
-        if add_eos && eos.is_none() {
+        if add_eos && ids.eos.is_none() {
             return Err(TokenizerError::MissingSpecialToken {
                 add_key: KEY_ADD_EOS,
                 id_key: KEY_EOS,
             });
         }
 
-        // --- tokens recognised by text. llama.cpp walks a hash map, so when several texts of
-        // one list exist its pick is arbitrary; we take the lowest id.
-        {
-            let mut detect: [(&mut Option<u32>, &[&str]); 8] = {
-                let [pre_, suf, mid, pad, rep, sep] = &mut fim;
-                [
-                    (&mut eot, EOT_TEXTS),
-                    (&mut eom, EOM_TEXTS),
-                    (pre_, FIM_PRE_TEXTS),
-                    (suf, FIM_SUF_TEXTS),
-                    (mid, FIM_MID_TEXTS),
-                    (pad, FIM_PAD_TEXTS),
-                    (rep, FIM_REP_TEXTS),
-                    (sep, FIM_SEP_TEXTS),
-                ]
-            };
-            for id in 0..n as u32 {
-                let text = vocab.text(id);
-                for (slot, list) in detect.iter_mut() {
-                    if slot.is_none() && in_list(list, text) {
-                        **slot = Some(id);
-                        attrs[id as usize] |= attr::CONTROL;
-                    }
-                }
-            }
-        }
+        let eog = mark_by_text(&vocab, &mut attrs, &mut ids);
 
-        // --- end-of-generation tokens
-        let mut eog: Vec<u32> = fim[3..].iter().flatten().copied().collect();
-        for id in 0..n as u32 {
-            let text = vocab.text(id);
-            if in_list(EOG_TEXTS, text) {
-                eog.push(id);
-                attrs[id as usize] |= attr::CONTROL;
-            }
-            if in_list(FORCE_USER_DEFINED_TEXTS, text) {
-                attrs[id as usize] = attr::USER_DEFINED;
-            }
-        }
-        eog.extend([eos, eot, eom].into_iter().flatten());
-        eog.sort_unstable();
-        eog.dedup();
-        let eog_with = |eog: &[u32], names: &[&str]| {
-            eog.iter()
-                .copied()
-                .find(|&id| names.iter().any(|t| t.as_bytes() == vocab.text(id)))
-        };
-        // o200k_harmony / solar-open: "<|end|>" is not an end of generation there.
-        let has = |eog: &[u32], name: &str| eog_with(eog, &[name]).is_some();
-        if let Some(end) = eog_with(&eog, &["<|end|>"]) {
-            let call = has(&eog, "<|call|>") || has(&eog, "<|calls|>");
-            if (has(&eog, "<|return|>") && call) || (call && has(&eog, "<|flush|>")) {
-                eog.retain(|&id| id != end);
-                attrs[end as usize] = attr::USER_DEFINED;
-            }
-        }
-        // gemma4 / paddleocr: "</s>" is not an end of generation when "<|tool_response>" is.
-        if has(&eog, "<|tool_response>") {
-            if let Some(s) = eog_with(&eog, &["</s>"]) {
-                eog.retain(|&id| id != s);
-                attrs[s as usize] = attr::NORMAL;
-            }
-        }
-
-        // --- special-token candidates, longest first (ties by id; llama.cpp's sort is unstable)
-        let special_ids: Vec<u32> = (0..n as u32)
+        // Special-token candidates: control, user-defined and unknown tokens.
+        let mut special_ids: Vec<u32> = (0..n as u32)
             .filter(|&id| {
                 attrs[id as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0
             })
             .collect();
-
-        // --- per-model LSTRIP / RSTRIP, by model name / pre-tokenizer / architecture
-        let name = opt_str(g, "general.name")?.unwrap_or("").to_lowercase();
-        let arch = opt_str(g, "general.architecture")?.unwrap_or("");
-        let contains_any = |s: &str, subs: &[&str]| subs.iter().any(|x| s.contains(x));
-        let set_attr = |attrs: &mut [u16], text: &str, flag: u16, on: bool| {
-            if let Some(id) = vocab.lookup(text.as_bytes()) {
-                let a = &mut attrs[id as usize];
-                *a = if on { *a | flag } else { *a & !flag };
-            }
-        };
-        if contains_any(&pre, &["jina-v2-de", "jina-v2-es", "jina-v2-code"])
-            || contains_any(arch, &["nomic-bert-moe", "jina-bert-v3"])
-        {
-            set_attr(&mut attrs, "<mask>", attr::LSTRIP, true);
-        } else if contains_any(&name, &["phi-3", "phi3"]) {
-            for &id in &special_ids {
-                attrs[id as usize] |= attr::RSTRIP;
-            }
-            set_attr(&mut attrs, "</s>", attr::RSTRIP, true);
-            for t in ["<unk>", "<s>", "<|endoftext|>"] {
-                set_attr(&mut attrs, t, attr::RSTRIP, false);
-            }
-        } else if contains_any(&name, &["modern-bert"]) {
-            set_attr(&mut attrs, "[MASK]", attr::LSTRIP, true);
-        }
-
-        let mut specials: Vec<Special> = special_ids
+        apply_strip_rules(g, &pre, &vocab, &mut attrs, &special_ids)?;
+        // Longest first, ties in the order llama.cpp's unstable sort leaves them.
+        special::sort_like_llama_cpp(&mut special_ids, |&id| vocab.text(id).len());
+        let specials: Vec<Special> = special_ids
             .iter()
             .filter_map(|&id| {
                 // A text that is not UTF-8 cannot be matched in a Rust string.
@@ -708,10 +804,9 @@ impl Tokenizer {
                 })
             })
             .collect();
-        specials.sort_by(|a, b| b.text.len().cmp(&a.text.len()));
 
-        // --- byte fallback tokens and pieces
         if is_spm {
+            // Byte fallback: `<0xXX>`, else the one-byte text.
             for b in 0..=255u8 {
                 vocab.bytes[b as usize] = vocab
                     .lookup(format!("<0x{b:02X}>").as_bytes())
@@ -723,19 +818,7 @@ impl Tokenizer {
         let kind = match pre_cfg {
             None => Kind::Spm,
             Some(cfg) => {
-                let merges: Vec<&[u8]> = match g.get(KEY_MERGES) {
-                    None => return Err(TokenizerError::MissingKey(KEY_MERGES.into())),
-                    Some(v) => match v.as_array() {
-                        Some((ValueType::String, items)) => items
-                            .iter()
-                            .map(|m| match m {
-                                Value::String(s) => s.as_bytes(),
-                                _ => &[],
-                            })
-                            .collect(),
-                        _ => return Err(wrong_type(KEY_MERGES, "an ARRAY[STRING]", v)),
-                    },
-                };
+                let merges = read_merges(g)?;
                 let texts = (0..n as u32).map(|id| std::str::from_utf8(vocab.text(id)).ok());
                 Kind::Bpe(Box::new(bpe::BpeModel::new(
                     texts,
@@ -749,13 +832,13 @@ impl Tokenizer {
             kind,
             vocab,
             pieces: Vec::new(),
-            piece_offsets: Vec::with_capacity(n + 1),
+            piece_offsets: Vec::new(),
             specials,
             eog,
-            bos,
-            eos,
-            eot,
-            unk,
+            bos: ids.bos,
+            eos: ids.eos,
+            eot: ids.eot,
+            unk: ids.unk,
             add_bos,
             add_eos,
             add_space_prefix,

@@ -20,7 +20,8 @@ use tokenizers::utils::SysRegex;
 use super::unicode::{is_letter, is_number, is_whitespace};
 
 /// GPT-2's pattern; llama.cpp runs it with a hand-written scanner.
-pub(crate) const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+pub(crate) const GPT2: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 /// Llama 3's pattern (case-insensitive contractions spelled out); scanned by hand as well.
 pub(crate) const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Llama 3's pattern as written in its tokenizer.json (also recognised as the scanner).
@@ -35,8 +36,21 @@ const UFAKZEKA: &str =
     r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const MINICPM5: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const BLOOM: &str = r" ?[^(\s|.,!?…。，、।۔،)]+";
+const JAIS2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s{512}(?!\S)|\s{256}(?!\S)|\s{128}(?!\S)|\s{64}(?!\S)|\s{32}(?!\S)|\s{16}(?!\S)|\s{8}(?!\S)|\s{4}(?!\S)|\s{1,2}(?!\S)|\s{1}";
+/// Written with escapes: the ranges include characters that text tools may normalize.
+const DEEPSEEK_LLM_LETTERS: &str = "\\s?[A-Za-z\u{B5}\u{C0}-\u{D6}\u{D8}-\u{F6}\u{F8}-\u{1BA}\u{1BC}-\u{1BF}\u{1C4}-\u{293}\u{295}-\u{2AF}\u{370}-\u{373}\u{376}\u{377}\u{37B}-\u{37D}\u{37F}\u{386}\u{388}-\u{38A}\u{38C}\u{38E}-\u{3A1}\u{3A3}-\u{3F5}\u{3F7}-\u{481}\u{48A}-\u{52F}\u{531}-\u{556}\u{10A0}-\u{10C5}\u{13A0}-\u{13F5}\u{13F8}-\u{13FD}\u{1C90}-\u{1CBA}\u{1CBD}-\u{1CBF}\u{1D00}-\u{1D2B}\u{1D6B}-\u{1D77}\u{1D79}-\u{1D9A}\u{1E00}-\u{1F15}\u{1F18}-\u{1F1D}\u{1F20}-\u{1F45}\u{1F48}-\u{1F4D}\u{1F50}-\u{1F57}\u{1F59}\u{1F5B}\u{1F5D}\u{1F5F}-\u{1F7D}\u{1F80}-\u{1FB4}\u{1FB6}-\u{1FBC}\u{1FBE}\u{1FC2}-\u{1FC4}\u{1FC6}-\u{1FCC}\u{1FD0}-\u{1FD3}\u{1FD6}-\u{1FDB}\u{1FE0}-\u{1FEC}\u{1FF2}-\u{1FF4}\u{1FF6}-\u{1FFC}\u{2102}\u{2107}\u{210A}-\u{2113}\u{2115}\u{2119}-\u{211D}\u{2124}\u{2126}\u{2128}\u{212A}-\u{212D}\u{212F}-\u{2134}\u{2139}\u{213C}-\u{213F}\u{2145}-\u{2149}\u{214E}\u{2183}\u{2184}\u{2C00}-\u{2C7B}\u{2C7E}-\u{2CE4}\u{2CEB}-\u{2CEE}\u{2CF2}\u{2CF3}\u{A640}-\u{A66D}\u{A680}-\u{A69B}\u{A722}-\u{A76F}\u{A771}-\u{A787}\u{A78B}-\u{A78E}\u{AB70}-\u{ABBF}\u{FB00}-\u{FB06}\u{FB13}-\u{FB17}\u{FF21}-\u{FF3A}\u{FF41}-\u{FF5A}\u{10400}-\u{1044F}\u{104B0}-\u{104D3}\u{104D8}-\u{104FB}\u{10C80}-\u{10CB2}\u{10CC0}-\u{10CF2}\u{118A0}-\u{118DF}\u{1E900}-\u{1E943}]+";
+const CJK: &str = r"[一-龥ࠀ-一가-퟿]+";
+const HAN_KANA: &str = r"[一-龥぀-ゟ゠-ヿ]+";
+const DEEPSEEK3: &str = r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##;
+const SPARK2_5: &str = r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+|[\r\n]|\s+(?!\S)|\s+"##;
+const YOUTU_CJK: &str = r"[가-힣ㄱ-ㆎ]+|[！…“”‘’—：；，、-〿︰-﹏]+|[ㄅ-ㄯ]+|[一-龥぀-ゟ゠-ヿ]+";
+const YOUTU: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const GRANITE_EMB_MULTI: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))*((?=[\p{L}\p{M}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}\p{M}])([^a-z]))+((?=[\p{L}\p{M}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const BAILINGMOE: &str = r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+const EXAONE_MOE: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+";
 
-/// What a `tokenizer.ggml.pre` value means for a byte-level BPE vocabulary (llama.cpp's table).
+/// What a `tokenizer.ggml.pre` value means for a byte-level BPE vocabulary (llama.cpp's table,
+/// as of the llama.cpp version our reference fixtures come from, b11434).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct PreConfig {
     /// The regexes, applied in order.
@@ -58,27 +72,50 @@ impl PreConfig {
             no_bos: false,
         }
     }
+
+    const fn ignore_merges(self) -> PreConfig {
+        PreConfig {
+            ignore_merges: true,
+            ..self
+        }
+    }
+
+    const fn add_bos(self) -> PreConfig {
+        PreConfig {
+            add_bos: true,
+            ..self
+        }
+    }
+
+    const fn no_bos(self) -> PreConfig {
+        PreConfig {
+            no_bos: true,
+            ..self
+        }
+    }
 }
 
 /// The pre-tokenizer for a `tokenizer.ggml.pre` value (`None` when the value is unknown or
 /// names a pre-tokenizer that moa does not implement). A missing key means `"default"`.
 pub(crate) fn pre_config(pre: &str) -> Option<PreConfig> {
-    const DEFAULT: PreConfig =
-        PreConfig::new(&[PUNCT_RUN, GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"]);
-    const LLAMA3_CFG: PreConfig = PreConfig {
-        ignore_merges: true,
-        add_bos: true,
-        ..PreConfig::new(&[LLAMA3])
-    };
+    const DEFAULT: PreConfig = PreConfig::new(&[PUNCT_RUN, GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"]);
+    const DEEPSEEK3_CFG: PreConfig = PreConfig::new(&[r"\p{N}{1,3}", HAN_KANA, DEEPSEEK3]);
+    const CHAMELEON: &[&str] = &[
+        r"<sentinel:[0-9]+>",
+        r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z",
+        r"([\t\n]|    |  )",
+        r"\p{N}",
+        r"[\p{P}!-/:-@\[-`{-~]",
+        GPT2,
+    ];
     Some(match pre {
         "" | "default" => DEFAULT,
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-        | "lfm2" | "jina-v5-nano" => LLAMA3_CFG,
+        | "lfm2" | "jina-v5-nano" => PreConfig::new(&[LLAMA3]).ignore_merges().add_bos(),
         "dbrx" | "smaug-bpe" => PreConfig::new(&[LLAMA3]),
-        "glm4" | "chatglm-bpe" => PreConfig {
-            no_bos: true,
-            ..PreConfig::new(&[LLAMA3])
-        },
+        "chatglm-bpe" => PreConfig::new(&[LLAMA3]).no_bos(),
+        "glm4" | "glm5" => PreConfig::new(&[LLAMA3]).no_bos().ignore_merges(),
+        "jais-2" => PreConfig::new(&[JAIS2]),
         // "gpt2" is not a llama.cpp name (it writes "gpt-2"); accepted as an alias.
         "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es"
         | "jina-v2-de" | "a.x-4.0" | "mellum" | "modern-bert" | "jina-v1-en" | "jina-v2-code"
@@ -87,71 +124,73 @@ pub(crate) fn pre_config(pre: &str) -> Option<PreConfig> {
         }
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b"
         | "mellum2" => PreConfig::new(&[r"\p{N}", GPT2]),
-        "falcon" => PreConfig::new(&[PUNCT_RUN, GPT2, r"[0-9][0-9][0-9]"]),
+        "falcon" => PreConfig::new(&[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"]),
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" | "stablelm2" | "hunyuan"
         | "solar-open" | "grok-2" => PreConfig::new(&[QWEN2]),
         "qwen35" => PreConfig::new(&[QWEN35]),
-        "deepseek-coder" => PreConfig::new(&[
+        "deepseek-llm" => PreConfig::new(&[
             r"[\r\n]",
-            r"\s?\p{L}+",
-            r"\s?\p{P}+",
-            r"[一-龥ࠀ-一가-퟿]+",
-            r"\p{N}",
+            DEEPSEEK_LLM_LETTERS,
+            r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+            r"\s+$",
+            CJK,
+            r"\p{N}+",
         ]),
+        "deepseek-coder" => PreConfig::new(&[r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", CJK, r"\p{N}"]),
+        "deepseek-v3" | "hunyuan-dense" | "joyai-llm" | "hy_v4" => DEEPSEEK3_CFG,
+        "spark2_5" => PreConfig::new(&[r"\p{N}{1,3}", HAN_KANA, SPARK2_5, r"\p{N}"]),
+        "youtu" => PreConfig::new(&[YOUTU_CJK, YOUTU]).ignore_merges(),
         "seed-coder" => PreConfig::new(&[SEED_CODER]),
         "ufakzeka" => PreConfig::new(&[UFAKZEKA]),
-        "tekken" => PreConfig {
-            ignore_merges: true,
-            add_bos: true,
-            ..PreConfig::new(&[TEKKEN])
-        },
+        "tekken" => PreConfig::new(&[TEKKEN]).ignore_merges().add_bos(),
         "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => PreConfig::new(&[GPT4O]),
-        "minicpm5" => PreConfig {
-            ignore_merges: true,
-            ..PreConfig::new(&[r"\p{N}{1,3}", MINICPM5])
-        },
+        "granite-embed-multi-97m" => PreConfig::new(&[GRANITE_EMB_MULTI]).ignore_merges(),
+        "minicpm5" => PreConfig::new(&[r"\p{N}{1,3}", MINICPM5]).ignore_merges(),
         "poro-chat" | "bloom" | "gpt3-finnish" => PreConfig::new(&[BLOOM]),
         "viking" => PreConfig::new(&[BLOOM, r"\p{N}"]),
+        "chameleon" => PreConfig::new(CHAMELEON).add_bos(),
+        "bailingmoe" | "bailingmoe2" | "llada-moe" => PreConfig::new(&[BAILINGMOE]),
+        "laguna" => PreConfig::new(&[r"[^\n]+|[\n]+", QWEN2]),
+        "exaone-moe" => PreConfig::new(&[EXAONE_MOE]),
         _ => return None,
     })
 }
 
-/// `tokenizer.ggml.pre` values llama.cpp knows that moa does not implement: their patterns
-/// depend on details of llama.cpp's regex emulation that fancy-regex does not share, or they need
-/// tokenizer code of their own.
+/// `tokenizer.ggml.pre` values llama.cpp knows that moa does not implement: they need tokenizer
+/// code of their own in llama.cpp (SentencePiece-style BPE, custom digit grouping, whitespace
+/// splitting) or regex features whose emulation in llama.cpp (`\d`, `\b`, empty matches)
+/// differs from fancy-regex.
 pub(crate) fn is_known_unsupported(pre: &str) -> bool {
     matches!(
         pre,
-        "deepseek-llm"
-            | "deepseek-v3"
-            | "hunyuan-dense"
-            | "joyai-llm"
-            | "hy_v4"
-            | "spark2_5"
-            | "youtu"
-            | "jais-2"
-            | "gemma4"
+        "gemma4"
             | "granite-embed-multi-311m"
+            | "mmbert"
             | "sarvam-moe"
             | "whitespace"
-            | "chameleon"
-            | "granite-embed-multi-97m"
             | "tiny_aya"
             | "cohere2moe"
             | "superbpe"
-            | "bailingmoe"
-            | "bailingmoe2"
-            | "llada-moe"
             | "kimi-k2"
             | "afmoe"
-            | "laguna"
-            | "exaone-moe"
     )
+}
+
+/// llama.cpp runs regexes that use Unicode classes on text where every code point is replaced by
+/// its category, and it maps the letter subclasses `\p{Lu}`, `\p{Ll}`, `\p{Lt}`, `\p{Lm}`,
+/// `\p{Lo}` all to "any letter". The same regex on the real text needs the same widening.
+fn widen_letter_classes(re: &str) -> String {
+    let mut out = re.to_string();
+    for sub in [r"\p{Lu}", r"\p{Ll}", r"\p{Lt}", r"\p{Lm}", r"\p{Lo}"] {
+        out = out.replace(sub, r"\p{L}");
+    }
+    out
 }
 
 enum Pass {
     Gpt2,
-    Llama3,
+    /// The Llama-3 scanner; numbers in groups of at most this many digits (Qwen2: 1).
+    Llama3(usize),
     Regex(SysRegex),
 }
 
@@ -174,8 +213,9 @@ impl PreTokenizer {
             .iter()
             .map(|&re| match re {
                 GPT2 => Ok(Pass::Gpt2),
-                LLAMA3 | LLAMA3_ORIGINAL => Ok(Pass::Llama3),
-                _ => SysRegex::new(re)
+                LLAMA3 | LLAMA3_ORIGINAL => Ok(Pass::Llama3(3)),
+                QWEN2 => Ok(Pass::Llama3(1)),
+                _ => SysRegex::new(&widen_letter_classes(re))
                     .map(Pass::Regex)
                     .map_err(|e| (re.to_string(), e.to_string())),
             })
@@ -185,11 +225,10 @@ impl PreTokenizer {
 
     /// Splits `text` into words (non-empty byte ranges that cover it in order).
     pub(crate) fn split(&self, text: &str) -> Vec<Range<usize>> {
-        let mut pieces = if text.is_empty() {
-            Vec::new()
-        } else {
-            vec![0..text.len()]
-        };
+        let mut pieces = Vec::new();
+        if !text.is_empty() {
+            pieces.push(0..text.len());
+        }
         let mut next = Vec::new();
         for pass in &self.passes {
             next.clear();
@@ -198,7 +237,7 @@ impl PreTokenizer {
                 let base = piece.start;
                 match pass {
                     Pass::Gpt2 => gpt2_split(sub, base, &mut next),
-                    Pass::Llama3 => llama3_split(sub, base, &mut next),
+                    Pass::Llama3(digits) => llama3_split(sub, base, *digits, &mut next),
                     Pass::Regex(re) => regex_split(re, sub, base, &mut next),
                 }
             }
@@ -209,9 +248,40 @@ impl PreTokenizer {
 }
 
 /// Matches and the gaps between them, each as a piece.
+///
+/// llama.cpp's regex engine (`std::regex`) only knows ASCII whitespace, so before matching it
+/// replaces every other whitespace code point by U+000B (vertical tab). That matters for explicit
+/// code point ranges, which then no longer contain them (`[ࠀ-一]` covers U+1680, U+2028 and
+/// U+3000), so the same replacement is made here, on a copy, mapping the matches back.
 fn regex_split(re: &SysRegex, text: &str, base: usize, out: &mut Vec<Range<usize>>) {
+    let is_wide_space = |c: char| !c.is_ascii() && is_whitespace(c);
+    if !text.chars().any(is_wide_space) {
+        return regex_split_mapped(re, text, base, out, |i| i);
+    }
+    let mut replaced = String::with_capacity(text.len());
+    // `origin[i]` is the offset in `text` of the code point that byte `i` of `replaced` is part
+    // of; one more entry for the end.
+    let mut origin = Vec::with_capacity(text.len() + 1);
+    for (i, c) in text.char_indices() {
+        let r = if is_wide_space(c) { '\u{b}' } else { c };
+        replaced.push(r);
+        origin.resize(replaced.len(), i);
+    }
+    origin.push(text.len());
+    regex_split_mapped(re, &replaced, base, out, |i| origin[i]);
+}
+
+fn regex_split_mapped(
+    re: &SysRegex,
+    matched: &str,
+    base: usize,
+    out: &mut Vec<Range<usize>>,
+    to_text: impl Fn(usize) -> usize,
+) {
+    let text_len = to_text(matched.len());
     let mut prev = 0;
-    for (start, end) in re.find_iter(text) {
+    for (start, end) in re.find_iter(matched) {
+        let (start, end) = (to_text(start), to_text(end));
         if start > prev {
             out.push(base + prev..base + start);
         }
@@ -220,8 +290,8 @@ fn regex_split(re: &SysRegex, text: &str, base: usize, out: &mut Vec<Range<usize
         }
         prev = prev.max(end);
     }
-    if prev < text.len() {
-        out.push(base + prev..base + text.len());
+    if prev < text_len {
+        out.push(base + prev..base + text_len);
     }
 }
 
@@ -285,13 +355,8 @@ impl Scan {
             return 0;
         }
         let at = |i: usize| {
-            self.get(i).map(|c| {
-                if fold_case {
-                    c.to_ascii_lowercase()
-                } else {
-                    c
-                }
-            })
+            self.get(i)
+                .map(|c| if fold_case { c.to_ascii_lowercase() } else { c })
         };
         match (at(pos + 1), at(pos + 2)) {
             (Some('s' | 't' | 'm' | 'd'), _) => 2,
@@ -386,8 +451,9 @@ pub(crate) fn gpt2_split(text: &str, base: usize, out: &mut Vec<Range<usize>>) {
 
 /// The Llama-3 pattern
 /// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`,
-/// scanned by hand as llama.cpp does.
-pub(crate) fn llama3_split(text: &str, base: usize, out: &mut Vec<Range<usize>>) {
+/// scanned by hand as llama.cpp does. With `digits = 1` it is Qwen2's pattern (`\p{N}` instead
+/// of `\p{N}{1,3}`), which llama.cpp scans the same way.
+pub(crate) fn llama3_split(text: &str, base: usize, digits: usize, out: &mut Vec<Range<usize>>) {
     let scan = Scan::new(text);
     let mut words = Words {
         scan: &scan,
@@ -404,17 +470,18 @@ pub(crate) fn llama3_split(text: &str, base: usize, out: &mut Vec<Range<usize>>)
             continue;
         }
         // [^\r\n\p{L}\p{N}]?\p{L}+
-        if !matches!(c, '\r' | '\n') && !scan.is(pos, Class::Number) {
-            if scan.is(pos, Class::Letter) || scan.is(pos + 1, Class::Letter) {
-                pos = words.push(pos, scan.skip(pos + 1, Class::Letter));
-                continue;
-            }
+        if !matches!(c, '\r' | '\n')
+            && !scan.is(pos, Class::Number)
+            && (scan.is(pos, Class::Letter) || scan.is(pos + 1, Class::Letter))
+        {
+            pos = words.push(pos, scan.skip(pos + 1, Class::Letter));
+            continue;
         }
         // \p{N}{1,3}
         if scan.is(pos, Class::Number) {
             let end = scan.skip(pos, Class::Number);
             while pos < end {
-                pos = words.push(pos, (pos + 3).min(end));
+                pos = words.push(pos, (pos + digits).min(end));
             }
             continue;
         }
@@ -501,6 +568,13 @@ mod tests {
     }
 
     #[test]
+    fn qwen2_scanner_matches_the_regex() {
+        for text in SAMPLES {
+            agree(QWEN2, text);
+        }
+    }
+
+    #[test]
     fn gpt2_words() {
         assert_eq!(
             split(&[GPT2], "Hello  world's 123!!"),
@@ -527,25 +601,7 @@ mod tests {
 
     #[test]
     fn every_configured_regex_compiles() {
-        for pre in [
-            "default",
-            "llama-bpe",
-            "dbrx",
-            "glm4",
-            "gpt-2",
-            "smollm",
-            "falcon",
-            "qwen2",
-            "qwen35",
-            "deepseek-coder",
-            "seed-coder",
-            "ufakzeka",
-            "tekken",
-            "gpt-4o",
-            "minicpm5",
-            "bloom",
-            "viking",
-        ] {
+        for pre in SUPPORTED {
             let cfg = pre_config(pre).unwrap();
             let pre_tok = PreTokenizer::new(cfg.regexes).unwrap();
             for text in SAMPLES {
@@ -556,5 +612,45 @@ mod tests {
         }
         assert!(pre_config("no-such-pre").is_none());
         assert!(pre_config("kimi-k2").is_none() && is_known_unsupported("kimi-k2"));
+    }
+
+    /// One name of each pre-tokenizer in the table.
+    pub(crate) const SUPPORTED: &[&str] = &[
+        "default",
+        "llama-bpe",
+        "dbrx",
+        "chatglm-bpe",
+        "glm4",
+        "jais-2",
+        "gpt-2",
+        "smollm",
+        "falcon",
+        "qwen2",
+        "qwen35",
+        "deepseek-llm",
+        "deepseek-coder",
+        "deepseek-v3",
+        "spark2_5",
+        "youtu",
+        "seed-coder",
+        "ufakzeka",
+        "tekken",
+        "gpt-4o",
+        "granite-embed-multi-97m",
+        "minicpm5",
+        "bloom",
+        "viking",
+        "chameleon",
+        "bailingmoe",
+        "laguna",
+        "exaone-moe",
+    ];
+
+    #[test]
+    fn letter_subclasses_widen() {
+        assert_eq!(
+            widen_letter_classes(r"[\p{Lu}\p{M}]\p{Ll}+"),
+            r"[\p{L}\p{M}]\p{L}+"
+        );
     }
 }

@@ -71,18 +71,19 @@ pub(crate) fn tokenize(vocab: &Vocab, text: &str, out: &mut Vec<u32>) {
     }
 
     let mut queue = BinaryHeap::new();
-    let try_add = |queue: &mut BinaryHeap<Bigram>, symbols: &[Symbol], left: usize, right: usize| {
-        let (l, r) = (symbols[left], symbols[right]);
-        let piece = &bytes[l.start..l.start + l.len + r.len];
-        if let Some(id) = vocab.lookup(piece) {
-            queue.push(Bigram {
-                score: vocab.score(id),
-                left,
-                right,
-                len: piece.len(),
-            });
-        }
-    };
+    let try_add =
+        |queue: &mut BinaryHeap<Bigram>, symbols: &[Symbol], left: usize, right: usize| {
+            let (l, r) = (symbols[left], symbols[right]);
+            let piece = &bytes[l.start..l.start + l.len + r.len];
+            if let Some(id) = vocab.lookup(piece) {
+                queue.push(Bigram {
+                    score: vocab.score(id),
+                    left,
+                    right,
+                    len: piece.len(),
+                });
+            }
+        };
     for i in 1..symbols.len() {
         try_add(&mut queue, &symbols, i - 1, i);
     }

@@ -82,7 +82,9 @@ pub(crate) fn char_to_byte(c: char) -> Option<u8> {
     }
     // 256 + n stands for the n-th (0-based) non-printable byte.
     let n = cp.checked_sub(256)?;
-    (0..=255u8).filter(|&b| !is_printable_byte(b)).nth(n as usize)
+    (0..=255u8)
+        .filter(|&b| !is_printable_byte(b))
+        .nth(n as usize)
 }
 
 /// Maps `text` into the byte-level alphabet (each UTF-8 byte becomes one character).
