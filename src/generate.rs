@@ -56,7 +56,13 @@ pub struct Session<'b> {
 impl<'b> Session<'b> {
     pub fn new(backend: &'b mut dyn Backend, seq: u32, n_batch: usize) -> Session<'b> {
         let n_batch = n_batch.max(1);
-        Session { backend, seq, n_batch, batch: BatchBuf::with_capacity(n_batch), timings: Timings::default() }
+        Session {
+            backend,
+            seq,
+            n_batch,
+            batch: BatchBuf::with_capacity(n_batch),
+            timings: Timings::default(),
+        }
     }
 
     /// Tokens the sequence holds.
@@ -81,7 +87,12 @@ impl<'b> Session<'b> {
             let last_chunk = (c + 1) * self.n_batch >= tokens.len();
             self.batch.clear();
             for (k, &tok) in chunk.iter().enumerate() {
-                self.batch.push(tok, pos as u32, self.seq, last_chunk && k + 1 == chunk.len());
+                self.batch.push(
+                    tok,
+                    pos as u32,
+                    self.seq,
+                    last_chunk && k + 1 == chunk.len(),
+                );
                 pos += 1;
             }
             self.backend.forward(&self.batch.as_batch())?;

@@ -8,15 +8,15 @@
 pub mod gguf;
 
 pub use ggml_compat as formats;
-pub mod inspect;
-pub mod util;
-pub mod tokenizer;
-pub mod chat;
-pub mod sampling;
 pub mod backend;
+pub mod chat;
+pub mod generate;
 pub mod graph;
+pub mod inspect;
 pub mod kv;
 pub mod model;
-pub mod generate;
 pub mod perplexity;
 pub mod runtime;
+pub mod sampling;
+pub mod tokenizer;
+pub mod util;

@@ -10,7 +10,11 @@ use crate::graph::BatchBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum PerplexityError {
     #[error("need at least {needed} tokens (2 x context) to evaluate perplexity with a context of {n_ctx}; the text has {have}")]
-    TooShort { needed: usize, have: usize, n_ctx: usize },
+    TooShort {
+        needed: usize,
+        have: usize,
+        n_ctx: usize,
+    },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -47,7 +51,11 @@ pub fn perplexity(
     mut on_chunk: impl FnMut(usize, usize, f64),
 ) -> Result<Perplexity, PerplexityError> {
     if tokens.len() < 2 * n_ctx {
-        return Err(PerplexityError::TooShort { needed: 2 * n_ctx, have: tokens.len(), n_ctx });
+        return Err(PerplexityError::TooShort {
+            needed: 2 * n_ctx,
+            have: tokens.len(),
+            n_ctx,
+        });
     }
     let n_chunk_max = tokens.len() / n_ctx;
     let n_chunks = max_chunks.map_or(n_chunk_max, |m| m.min(n_chunk_max));
@@ -66,7 +74,11 @@ pub fn perplexity(
             batch.clear();
             for k in 0..n {
                 let p = pos + k;
-                let tok = if p == 0 { bos.unwrap_or(tokens[start]) } else { tokens[start + p] };
+                let tok = if p == 0 {
+                    bos.unwrap_or(tokens[start])
+                } else {
+                    tokens[start + p]
+                };
                 // Logits are needed for positions first .. n_ctx - 2 (each predicts the next).
                 batch.push(tok, p as u32, 0, p >= first && p + 1 < n_ctx);
             }
@@ -91,6 +103,17 @@ pub fn perplexity(
     let mean = sum / count as f64;
     let var = sum2 / count as f64 - mean * mean;
     let ppl = mean.exp();
-    let err = if var > 0.0 && count > 1 { (var / (count - 1) as f64).sqrt() * ppl } else { 0.0 };
-    Ok(Perplexity { ppl, err, running, n_chunks, n_ctx, tokens_scored: count })
+    let err = if var > 0.0 && count > 1 {
+        (var / (count - 1) as f64).sqrt() * ppl
+    } else {
+        0.0
+    };
+    Ok(Perplexity {
+        ppl,
+        err,
+        running,
+        n_chunks,
+        n_ctx,
+        tokens_scored: count,
+    })
 }

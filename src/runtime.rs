@@ -57,12 +57,20 @@ pub fn resolve_model(path: Option<&Path>) -> Result<PathBuf, RuntimeError> {
             return Ok(p);
         }
     }
-    Err(RuntimeError::NoDefaultModel { tried: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ") })
+    Err(RuntimeError::NoDefaultModel {
+        tried: dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 /// Default worker threads: the machine's available parallelism.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// A loaded model and tokenizer, with the load time.
@@ -76,23 +84,47 @@ pub fn load(path: &Path) -> Result<Loaded, RuntimeError> {
     let t0 = Instant::now();
     let model = Arc::new(Model::load(path)?);
     let tokenizer = Tokenizer::from_gguf(&model.file)?;
-    Ok(Loaded { model, tokenizer, load_ms: t0.elapsed().as_secs_f64() * 1000.0 })
+    Ok(Loaded {
+        model,
+        tokenizer,
+        load_ms: t0.elapsed().as_secs_f64() * 1000.0,
+    })
 }
 
 /// Resolves a requested context size: 0 means the model's training context.
 pub fn context_size(model: &Model, n_ctx: usize) -> Result<usize, RuntimeError> {
-    let n = if n_ctx == 0 { model.config.n_ctx_train } else { n_ctx };
+    let n = if n_ctx == 0 {
+        model.config.n_ctx_train
+    } else {
+        n_ctx
+    };
     if n < 2 {
-        return Err(RuntimeError::BadContext { n_ctx: n, reason: "must be at least 2".into() });
+        return Err(RuntimeError::BadContext {
+            n_ctx: n,
+            reason: "must be at least 2".into(),
+        });
     }
     Ok(n)
 }
 
 /// A CPU backend with a dense cache of `n_ctx` tokens for `n_seq` sequences.
-pub fn cpu_backend(model: &Arc<Model>, n_ctx: usize, n_seq: usize, n_batch: usize, threads: usize) -> Result<CpuBackend, RuntimeError> {
+pub fn cpu_backend(
+    model: &Arc<Model>,
+    n_ctx: usize,
+    n_seq: usize,
+    n_batch: usize,
+    threads: usize,
+) -> Result<CpuBackend, RuntimeError> {
     let c = &model.config;
     let layout = KvLayout::dense(n_seq, c.n_layer, c.n_head_kv, c.head_dim, n_ctx);
-    Ok(CpuBackend::new(Arc::clone(model), BackendOptions { max_batch: n_batch.min(n_ctx).max(1), threads, layout })?)
+    Ok(CpuBackend::new(
+        Arc::clone(model),
+        BackendOptions {
+            max_batch: n_batch.min(n_ctx).max(1),
+            threads,
+            layout,
+        },
+    )?)
 }
 
 /// Formats a byte count as MiB with two decimals.

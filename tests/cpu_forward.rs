@@ -43,7 +43,15 @@ fn tokens(n: usize, seed: u32, vocab: u32) -> Vec<u32> {
 }
 
 fn backend(m: &Arc<Model>, layout: KvLayout, max_batch: usize) -> CpuBackend {
-    CpuBackend::new(Arc::clone(m), BackendOptions { max_batch, threads: 2, layout }).unwrap()
+    CpuBackend::new(
+        Arc::clone(m),
+        BackendOptions {
+            max_batch,
+            threads: 2,
+            layout,
+        },
+    )
+    .unwrap()
 }
 
 /// Feeds `toks` to sequence `seq` in chunks of the given sizes (cycled), collecting the logits of
@@ -58,8 +66,8 @@ fn run_chunks(be: &mut CpuBackend, seq: u32, toks: &[u32], chunks: &[usize]) -> 
         let n = chunks[c % chunks.len()].min(toks.len() - i);
         c += 1;
         b.clear();
-        for t in i..i + n {
-            b.push(toks[t], t as u32, seq, true);
+        for (t, &tok) in toks.iter().enumerate().skip(i).take(n) {
+            b.push(tok, t as u32, seq, true);
         }
         be.forward(&b.as_batch()).unwrap();
         out.extend(be.logits().chunks(nv).map(|r| r.to_vec()));
@@ -75,7 +83,10 @@ fn assert_close(ours: &[Vec<f32>], reference: &[Vec<f32>], tol: f32, what: &str)
         for (v, (x, y)) in a.iter().zip(b).enumerate() {
             let err = (x - y).abs() / (1.0 + y.abs());
             worst = worst.max(err);
-            assert!(err <= tol, "{what}: position {p} token {v}: {x} vs reference {y}");
+            assert!(
+                err <= tol,
+                "{what}: position {p} token {v}: {x} vs reference {y}"
+            );
         }
     }
     println!("{what}: max rel err {worst:.2e}");
@@ -89,7 +100,11 @@ fn dense_prefill_chunks_and_decode_match_reference() {
     let toks = tokens(40, 7, c.n_vocab as u32);
     let reference = r.logits(&toks, |_, _, _, _| true);
     for chunks in [&[40][..], &[1], &[7, 1, 13, 3]] {
-        let mut be = backend(&m, KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, 64), 64);
+        let mut be = backend(
+            &m,
+            KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, 64),
+            64,
+        );
         let ours = run_chunks(&mut be, 0, &toks, chunks);
         assert_close(&ours, &reference, 2e-4, &format!("dense chunks {chunks:?}"));
     }
@@ -103,18 +118,36 @@ fn span_aware_cache_matches_masked_reference_across_ring_wrap() {
     let sink = 4;
     // Per (layer, kv head): rings of 4, 7 and 24 slots, and one head that keeps everything.
     let caps = vec![8, 11, 28, 512];
-    let layout = KvLayout::with_capacities(1, c.n_layer, c.n_head_kv, c.head_dim, 512, sink, caps.clone()).unwrap();
+    let layout = KvLayout::with_capacities(
+        1,
+        c.n_layer,
+        c.n_head_kv,
+        c.head_dim,
+        512,
+        sink,
+        caps.clone(),
+    )
+    .unwrap();
     let n = 70;
     let toks = tokens(n, 11, c.n_vocab as u32);
-    let reference = r.logits(&toks, |l, g, i, j| visible(caps[l * c.n_head_kv + g], sink, i, j));
+    let reference = r.logits(&toks, |l, g, i, j| {
+        visible(caps[l * c.n_head_kv + g], sink, i, j)
+    });
     let dense = r.logits(&toks, |_, _, _, _| true);
     for chunks in [&[n][..], &[1], &[5, 1, 17, 2, 9], &[30, 1]] {
         let mut be = backend(&m, layout.clone(), 80);
         let ours = run_chunks(&mut be, 0, &toks, chunks);
-        assert_close(&ours, &reference, 2e-4, &format!("spans, chunks {chunks:?}"));
+        assert_close(
+            &ours,
+            &reference,
+            2e-4,
+            &format!("spans, chunks {chunks:?}"),
+        );
     }
     // The spans really change the result once the rings wrap (the test is not vacuous).
-    let diff = (10..n).map(|p| (dense[p][0] - reference[p][0]).abs()).fold(0f32, f32::max);
+    let diff = (10..n)
+        .map(|p| (dense[p][0] - reference[p][0]).abs())
+        .fold(0f32, f32::max);
     assert!(diff > 1e-3, "spans made no difference: {diff}");
 }
 
@@ -125,9 +158,27 @@ fn several_sequences_in_one_batch() {
     let r = RefModel::new(&m);
     let sink = 2;
     let caps = vec![6, 9, 12, 300];
-    let layout = KvLayout::with_capacities(3, c.n_layer, c.n_head_kv, c.head_dim, 300, sink, caps.clone()).unwrap();
-    let seqs: Vec<Vec<u32>> = (0..3).map(|s| tokens(25 + 5 * s, 100 + s as u32, c.n_vocab as u32)).collect();
-    let refs: Vec<_> = seqs.iter().map(|t| r.logits(t, |l, g, i, j| visible(caps[l * c.n_head_kv + g], sink, i, j))).collect();
+    let layout = KvLayout::with_capacities(
+        3,
+        c.n_layer,
+        c.n_head_kv,
+        c.head_dim,
+        300,
+        sink,
+        caps.clone(),
+    )
+    .unwrap();
+    let seqs: Vec<Vec<u32>> = (0..3)
+        .map(|s| tokens(25 + 5 * s, 100 + s as u32, c.n_vocab as u32))
+        .collect();
+    let refs: Vec<_> = seqs
+        .iter()
+        .map(|t| {
+            r.logits(t, |l, g, i, j| {
+                visible(caps[l * c.n_head_kv + g], sink, i, j)
+            })
+        })
+        .collect();
     let mut be = backend(&m, layout, 64);
     let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 3];
     let mut done = [0usize; 3];
@@ -139,8 +190,8 @@ fn several_sequences_in_one_batch() {
         let mut order = Vec::new();
         for s in (0..3).rev() {
             let n = step[s].min(seqs[s].len() - done[s]);
-            for t in done[s]..done[s] + n {
-                b.push(seqs[s][t], t as u32, s as u32, true);
+            for (t, &tok) in seqs[s].iter().enumerate().skip(done[s]).take(n) {
+                b.push(tok, t as u32, s as u32, true);
                 order.push(s);
             }
             done[s] += n;
@@ -157,13 +208,22 @@ fn several_sequences_in_one_batch() {
 
 #[test]
 fn quantized_weights_match_reference_within_activation_quantization() {
-    for (ty, tol) in [(GgmlType::Q8_0, 2e-2), (GgmlType::Q4_0, 3e-2), (GgmlType::Q4_K, 3e-2), (GgmlType::Q6_K, 4e-2)] {
+    for (ty, tol) in [
+        (GgmlType::Q8_0, 2e-2),
+        (GgmlType::Q4_0, 3e-2),
+        (GgmlType::Q4_K, 3e-2),
+        (GgmlType::Q6_K, 4e-2),
+    ] {
         let (_d, m) = tiny_model(ty, 4);
         let c = &m.config;
         let r = RefModel::new(&m);
         let toks = tokens(24, 5, c.n_vocab as u32);
         let reference = r.logits(&toks, |_, _, _, _| true);
-        let mut be = backend(&m, KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, 64), 64);
+        let mut be = backend(
+            &m,
+            KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, 64),
+            64,
+        );
         let ours = run_chunks(&mut be, 0, &toks, &[9, 1]);
         assert_close(&ours, &reference, tol, &format!("{ty} weights"));
     }
@@ -173,21 +233,41 @@ fn quantized_weights_match_reference_within_activation_quantization() {
 fn bad_batches_are_errors() {
     let (_d, m) = tiny_model(GgmlType::F32, 5);
     let c = &m.config;
-    let mut be = backend(&m, KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, 8), 4);
+    let mut be = backend(
+        &m,
+        KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, 8),
+        4,
+    );
     let mut b = BatchBuf::default();
     b.push(1, 1, 0, true);
-    assert!(matches!(be.forward(&b.as_batch()), Err(BackendError::BadPosition { seq: 0, expected: 0, found: 1 })));
+    assert!(matches!(
+        be.forward(&b.as_batch()),
+        Err(BackendError::BadPosition {
+            seq: 0,
+            expected: 0,
+            found: 1
+        })
+    ));
     b.clear();
     b.push(1, 0, 3, true);
-    assert!(matches!(be.forward(&b.as_batch()), Err(BackendError::BadSequence { seq: 3, .. })));
+    assert!(matches!(
+        be.forward(&b.as_batch()),
+        Err(BackendError::BadSequence { seq: 3, .. })
+    ));
     b.clear();
     b.push(c.n_vocab as u32, 0, 0, true);
-    assert!(matches!(be.forward(&b.as_batch()), Err(BackendError::BadToken { .. })));
+    assert!(matches!(
+        be.forward(&b.as_batch()),
+        Err(BackendError::BadToken { .. })
+    ));
     b.clear();
     for p in 0..5 {
         b.push(1, p, 0, false);
     }
-    assert!(matches!(be.forward(&b.as_batch()), Err(BackendError::BatchTooLarge { n: 5, max: 4 })));
+    assert!(matches!(
+        be.forward(&b.as_batch()),
+        Err(BackendError::BatchTooLarge { n: 5, max: 4 })
+    ));
     for p in 0..8u32 {
         b.clear();
         b.push(1, p, 0, true);

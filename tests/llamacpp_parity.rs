@@ -11,12 +11,18 @@ use serde_json::Value;
 use sha2::Digest;
 
 fn fixture(name: &str) -> Value {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llamacpp").join(name);
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/llamacpp")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn argmax(x: &[f32]) -> u32 {
@@ -44,7 +50,13 @@ fn teacher_forced_top1_agrees_with_llama_cpp() {
     let nv = be.n_vocab();
     let logits = be.logits();
     let (mut agree, mut worst) = (0, 0f32);
-    for (p, (top_ids, top_logits)) in f["top5_ids"].as_array().unwrap().iter().zip(f["top5_logits"].as_array().unwrap()).enumerate() {
+    for (p, (top_ids, top_logits)) in f["top5_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(f["top5_logits"].as_array().unwrap())
+        .enumerate()
+    {
         let row = &logits[p * nv..(p + 1) * nv];
         let want = ids(top_ids);
         if argmax(row) == want[0] {
@@ -63,7 +75,13 @@ fn teacher_forced_top1_agrees_with_llama_cpp() {
     // and the overall rate must stay at the level measured when this test was written.
     let mut decisive = 0;
     let mut decisive_agree = 0;
-    for (p, (top_ids, top_logits)) in f["top5_ids"].as_array().unwrap().iter().zip(f["top5_logits"].as_array().unwrap()).enumerate() {
+    for (p, (top_ids, top_logits)) in f["top5_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(f["top5_logits"].as_array().unwrap())
+        .enumerate()
+    {
         let l = top_logits.as_array().unwrap();
         if l[0].as_f64().unwrap() - l[1].as_f64().unwrap() >= 0.3 {
             decisive += 1;
@@ -73,19 +91,43 @@ fn teacher_forced_top1_agrees_with_llama_cpp() {
         }
     }
     println!("decisive positions (margin >= 0.3): {decisive_agree}/{decisive} agree");
-    assert_eq!(decisive_agree, decisive, "a clear llama.cpp decision was not reproduced");
-    assert!(rate >= 0.93, "top-1 agreement {rate:.4} fell below the measured 0.945");
+    assert_eq!(
+        decisive_agree, decisive,
+        "a clear llama.cpp decision was not reproduced"
+    );
+    assert!(
+        rate >= 0.93,
+        "top-1 agreement {rate:.4} fell below the measured 0.945"
+    );
     assert!(worst < 1.5, "logits differ by {worst}");
 
     // Full logits of the first two positions: after removing a uniform shift (which softmax
     // ignores), the distributions agree closely.
     for p in 0..2 {
-        let full: Vec<f32> = f["full_logits"][p].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let full: Vec<f32> = f["full_logits"][p]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
         let row = &logits[p * nv..(p + 1) * nv];
-        let shift = row.iter().zip(&full).map(|(a, b)| (a - b) as f64).sum::<f64>() / nv as f64;
-        let mad = row.iter().zip(&full).map(|(a, b)| (a - b - shift as f32).abs() as f64).sum::<f64>() / nv as f64;
+        let shift = row
+            .iter()
+            .zip(&full)
+            .map(|(a, b)| (a - b) as f64)
+            .sum::<f64>()
+            / nv as f64;
+        let mad = row
+            .iter()
+            .zip(&full)
+            .map(|(a, b)| (a - b - shift as f32).abs() as f64)
+            .sum::<f64>()
+            / nv as f64;
         println!("position {p}: mean |centered logit diff| = {mad:.4}");
-        assert!(mad < 0.15, "position {p}: logits differ by {mad} on average");
+        assert!(
+            mad < 0.15,
+            "position {p}: logits differ by {mad} on average"
+        );
     }
 }
 
@@ -101,7 +143,10 @@ fn greedy_continuations_agree_with_llama_cpp() {
         let prompt = ids(&c["prompt_ids"]);
         let want = ids(&c["generated_ids"]);
         // The tokenizer must give llama.cpp's prompt ids, too.
-        let ours = loaded.tokenizer.encode(c["prompt"].as_str().unwrap(), true, true).unwrap();
+        let ours = loaded
+            .tokenizer
+            .encode(c["prompt"].as_str().unwrap(), true, true)
+            .unwrap();
         assert_eq!(ours, prompt, "case {i}: prompt tokenization differs");
         be.clear(0);
         let mut s = Session::new(&mut be, 0, 512);
@@ -120,7 +165,10 @@ fn greedy_continuations_agree_with_llama_cpp() {
             full16 += 1;
         }
     }
-    println!("greedy: {full16}/{} prompts equal llama.cpp for their first 16 tokens", cases.len());
+    println!(
+        "greedy: {full16}/{} prompts equal llama.cpp for their first 16 tokens",
+        cases.len()
+    );
     // Free-running continuations diverge after the first near-tie; along llama.cpp's own path
     // (teacher-forced), count how many of its greedy choices we reproduce.
     let (mut agree, mut total) = (0, 0);
@@ -136,17 +184,35 @@ fn greedy_continuations_agree_with_llama_cpp() {
             next = argmax(s.step(w).unwrap());
         }
     }
-    println!("greedy paths, teacher-forced: {agree}/{total} = {:.1}% of llama.cpp's choices reproduced", 100.0 * agree as f64 / total as f64);
-    assert!(full16 * 2 >= cases.len(), "only {full16}/{} prompts agree for 16 tokens", cases.len());
-    assert!(agree as f64 >= 0.93 * total as f64, "only {agree}/{total} greedy choices reproduced");
+    println!(
+        "greedy paths, teacher-forced: {agree}/{total} = {:.1}% of llama.cpp's choices reproduced",
+        100.0 * agree as f64 / total as f64
+    );
+    assert!(
+        full16 * 2 >= cases.len(),
+        "only {full16}/{} prompts agree for 16 tokens",
+        cases.len()
+    );
+    assert!(
+        agree as f64 >= 0.93 * total as f64,
+        "only {agree}/{total} greedy choices reproduced"
+    );
 }
 
 #[test]
 fn perplexity_matches_llama_perplexity() {
     let Some(path) = model(SMOLLM) else { return };
     let f = fixture("perplexity_smollm.json");
-    let corpus: Vec<u8> = f["corpus"]["files"].as_array().unwrap().iter().flat_map(|p| std::fs::read(p.as_str().unwrap()).unwrap_or_default()).collect();
-    let sha: String = sha2::Sha256::digest(&corpus).iter().map(|b| format!("{b:02x}")).collect();
+    let corpus: Vec<u8> = f["corpus"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| std::fs::read(p.as_str().unwrap()).unwrap_or_default())
+        .collect();
+    let sha: String = sha2::Sha256::digest(&corpus)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     if sha != f["corpus"]["sha256"].as_str().unwrap() {
         println!("SKIP: this system's license texts differ from the corpus llama.cpp was run on");
         return;
@@ -154,14 +220,43 @@ fn perplexity_matches_llama_perplexity() {
     let text = String::from_utf8(corpus).unwrap();
     let loaded = moa::runtime::load(&path).unwrap();
     let toks = loaded.tokenizer.encode(&text, true, false).unwrap();
-    assert_eq!(toks.len() as u64, f["corpus"]["n_tokens_add_special"].as_u64().unwrap(), "tokenization of the corpus differs from llama.cpp's");
+    assert_eq!(
+        toks.len() as u64,
+        f["corpus"]["n_tokens_add_special"].as_u64().unwrap(),
+        "tokenization of the corpus differs from llama.cpp's"
+    );
     let run = &f["runs"][0];
     let n_ctx = run["n_ctx"].as_u64().unwrap() as usize;
     let chunks = run["chunks_done"].as_u64().unwrap() as usize;
     let mut be = moa::runtime::cpu_backend(&loaded.model, n_ctx, 1, n_ctx, 2).unwrap();
-    let r = moa::perplexity::perplexity(&mut be, &toks, n_ctx, n_ctx, None, Some(chunks), |_, _, _| {}).unwrap();
+    let r = moa::perplexity::perplexity(
+        &mut be,
+        &toks,
+        n_ctx,
+        n_ctx,
+        None,
+        Some(chunks),
+        |_, _, _| {},
+    )
+    .unwrap();
     let want = run["ppl"].as_f64().unwrap();
-    println!("-c {n_ctx} --chunks {chunks}: moa PPL {:.4} +/- {:.5}, llama.cpp {want:.4} ({:+.2}%)", r.ppl, r.err, 100.0 * (r.ppl / want - 1.0));
-    println!("running: moa {:?}\n      llama.cpp {}", r.running.iter().map(|x| (x * 1e4).round() / 1e4).collect::<Vec<_>>(), run["running_estimates"]);
-    assert!((r.ppl / want - 1.0).abs() < 0.01, "perplexity {} is not within 1% of llama.cpp's {want}", r.ppl);
+    println!(
+        "-c {n_ctx} --chunks {chunks}: moa PPL {:.4} +/- {:.5}, llama.cpp {want:.4} ({:+.2}%)",
+        r.ppl,
+        r.err,
+        100.0 * (r.ppl / want - 1.0)
+    );
+    println!(
+        "running: moa {:?}\n      llama.cpp {}",
+        r.running
+            .iter()
+            .map(|x| (x * 1e4).round() / 1e4)
+            .collect::<Vec<_>>(),
+        run["running_estimates"]
+    );
+    assert!(
+        (r.ppl / want - 1.0).abs() < 0.01,
+        "perplexity {} is not within 1% of llama.cpp's {want}",
+        r.ppl
+    );
 }

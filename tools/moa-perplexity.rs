@@ -40,7 +40,8 @@ fn main() -> Result<()> {
     let a = Args::parse();
     let path = runtime::resolve_model(a.model.as_deref())?;
     let loaded = runtime::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
-    let text = std::fs::read_to_string(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("cannot read {}", a.file.display()))?;
     let threads = a.threads.unwrap_or_else(runtime::default_threads);
     let n_ctx = runtime::context_size(&loaded.model, a.ctx)?;
     let tok = &loaded.tokenizer;
@@ -52,8 +53,18 @@ fn main() -> Result<()> {
     let bos = if tok.add_bos() { tok.bos() } else { None };
     let n_batch = a.batch.min(n_ctx);
     if !a.json {
-        eprintln!("model: {} ({} layers, {} KV heads)", path.display(), loaded.model.config.n_layer, loaded.model.config.n_head_kv);
-        eprintln!("tokenized {} bytes into {} tokens in {:.1} ms", text.len(), tokens.len(), tokenize_ms);
+        eprintln!(
+            "model: {} ({} layers, {} KV heads)",
+            path.display(),
+            loaded.model.config.n_layer,
+            loaded.model.config.n_head_kv
+        );
+        eprintln!(
+            "tokenized {} bytes into {} tokens in {:.1} ms",
+            text.len(),
+            tokens.len(),
+            tokenize_ms
+        );
         eprintln!(
             "perplexity: calculating perplexity over {} chunks, n_ctx={}, batch_size={}, threads={}",
             (tokens.len() / n_ctx).min(a.chunks.unwrap_or(usize::MAX)),
@@ -63,13 +74,21 @@ fn main() -> Result<()> {
         );
     }
     let t1 = Instant::now();
-    let r = perplexity(&mut be, &tokens, n_ctx, n_batch, bos, a.chunks, |i, _, est| {
-        if !a.json {
-            print!("[{}]{:.4},", i + 1, est);
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
-        }
-    })?;
+    let r = perplexity(
+        &mut be,
+        &tokens,
+        n_ctx,
+        n_batch,
+        bos,
+        a.chunks,
+        |i, _, est| {
+            if !a.json {
+                print!("[{}]{:.4},", i + 1, est);
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            }
+        },
+    )?;
     let secs = t1.elapsed().as_secs_f64();
     if a.json {
         println!(
@@ -84,7 +103,12 @@ fn main() -> Result<()> {
     } else {
         println!();
         println!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.err);
-        eprintln!("{} chunks in {:.2} s ({:.1} tokens/s)", r.n_chunks, secs, (r.n_chunks * n_ctx) as f64 / secs);
+        eprintln!(
+            "{} chunks in {:.2} s ({:.1} tokens/s)",
+            r.n_chunks,
+            secs,
+            (r.n_chunks * n_ctx) as f64 / secs
+        );
     }
     Ok(())
 }

@@ -163,11 +163,14 @@ fn main() -> Result<()> {
 
     let prompt = match (&a.prompt, &a.file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
+        }
         (None, None) => bail!("give a prompt with -p TEXT or -f FILE, or use -cnv for a chat"),
     };
     let text = if a.chat {
-        let tmpl = ChatTemplate::from_gguf(&loaded.model.file)?.context("the model has no chat template")?;
+        let tmpl = ChatTemplate::from_gguf(&loaded.model.file)?
+            .context("the model has no chat template")?;
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
             msgs.push(Message::new("system", s.as_str()));
@@ -182,7 +185,11 @@ fn main() -> Result<()> {
         bail!("the prompt is empty after tokenization");
     }
     if ids.len() >= n_ctx {
-        bail!("the prompt has {} tokens, but the context holds {} (raise -c)", ids.len(), n_ctx);
+        bail!(
+            "the prompt has {} tokens, but the context holds {} (raise -c)",
+            ids.len(),
+            n_ctx
+        );
     }
     let mut session = Session::new(&mut be, 0, a.batch);
     session.timings.load_ms = loaded.load_ms;
@@ -194,10 +201,22 @@ fn main() -> Result<()> {
         stdout.flush()?;
     }
     let out: Option<&mut dyn Write> = if a.json { None } else { Some(&mut stdout) };
-    let (generated, eog) = generate(&mut session, tok, &mut sampler, &mut history, logits, limit, out)?;
+    let (generated, eog) = generate(
+        &mut session,
+        tok,
+        &mut sampler,
+        &mut history,
+        logits,
+        limit,
+        out,
+    )?;
     let t = session.timings.clone();
     if a.json {
-        let text_ids: Vec<u32> = generated.iter().copied().filter(|&i| !tok.is_eog(i)).collect();
+        let text_ids: Vec<u32> = generated
+            .iter()
+            .copied()
+            .filter(|&i| !tok.is_eog(i))
+            .collect();
         println!(
             "{}",
             serde_json::json!({
@@ -215,9 +234,15 @@ fn main() -> Result<()> {
 }
 
 /// Interactive chat: each user line is a turn; the model answers in its chat template.
-fn chat_loop(a: &Args, loaded: &runtime::Loaded, be: &mut dyn Backend, sampler: &mut Sampler) -> Result<()> {
+fn chat_loop(
+    a: &Args,
+    loaded: &runtime::Loaded,
+    be: &mut dyn Backend,
+    sampler: &mut Sampler,
+) -> Result<()> {
     let tok = &loaded.tokenizer;
-    let tmpl = ChatTemplate::from_gguf(&loaded.model.file)?.context("the model has no chat template; -cnv needs one")?;
+    let tmpl = ChatTemplate::from_gguf(&loaded.model.file)?
+        .context("the model has no chat template; -cnv needs one")?;
     let mut session = Session::new(be, 0, a.batch);
     let mut msgs: Vec<Message> = Vec::new();
     if let Some(s) = &a.system {
@@ -242,16 +267,33 @@ fn chat_loop(a: &Args, loaded: &runtime::Loaded, be: &mut dyn Backend, sampler: 
         msgs.push(Message::new("user", line));
         let rendered = tmpl.render(&msgs, true)?;
         // Feed only what the cache does not hold yet (as llama.cpp's chat does).
-        let new_text = rendered.strip_prefix(rendered_past.as_str()).unwrap_or(&rendered);
+        let new_text = rendered
+            .strip_prefix(rendered_past.as_str())
+            .unwrap_or(&rendered);
         let add_special = session.is_empty();
         let ids = tok.encode(new_text, add_special, true)?;
         if ids.len() >= session.remaining() {
-            bail!("the conversation no longer fits in the context of {} tokens (raise -c)", session.backend().kv_layout().n_ctx);
+            bail!(
+                "the conversation no longer fits in the context of {} tokens (raise -c)",
+                session.backend().kv_layout().n_ctx
+            );
         }
         history.extend_from_slice(&ids);
         let logits = session.prompt(&ids)?.to_vec();
-        let (generated, eog) = generate(&mut session, tok, sampler, &mut history, logits, limit, Some(&mut stdout))?;
-        let reply: Vec<u32> = generated.iter().copied().filter(|&i| !tok.is_eog(i)).collect();
+        let (generated, eog) = generate(
+            &mut session,
+            tok,
+            sampler,
+            &mut history,
+            logits,
+            limit,
+            Some(&mut stdout),
+        )?;
+        let reply: Vec<u32> = generated
+            .iter()
+            .copied()
+            .filter(|&i| !tok.is_eog(i))
+            .collect();
         if eog && session.remaining() > 0 {
             // Keep the end-of-turn token in the cache so the next turn continues the template.
             let last = *generated.last().expect("eog was generated");

@@ -16,13 +16,26 @@ pub enum BackendError {
     #[error("sequence {seq} does not exist (the cache holds {n_seq} sequences)")]
     BadSequence { seq: usize, n_seq: usize },
     #[error("sequence {seq}: token at position {found} does not continue the cache, which holds {expected} tokens")]
-    BadPosition { seq: usize, expected: usize, found: usize },
+    BadPosition {
+        seq: usize,
+        expected: usize,
+        found: usize,
+    },
     #[error("sequence {seq}: position {pos} is beyond the context of {n_ctx} tokens")]
-    ContextFull { seq: usize, pos: usize, n_ctx: usize },
+    ContextFull {
+        seq: usize,
+        pos: usize,
+        n_ctx: usize,
+    },
     #[error("token id {token} is outside the vocabulary of {n_vocab}")]
     BadToken { token: u32, n_vocab: usize },
     #[error("batch arrays differ in length: {tokens} tokens, {positions} positions, {seqs} sequence ids, {logits} logit flags")]
-    RaggedBatch { tokens: usize, positions: usize, seqs: usize, logits: usize },
+    RaggedBatch {
+        tokens: usize,
+        positions: usize,
+        seqs: usize,
+        logits: usize,
+    },
     #[error("out of memory: {what} needs {bytes} bytes")]
     OutOfMemory { what: String, bytes: usize },
     #[error(transparent)]
@@ -81,7 +94,10 @@ pub fn validate_batch(
     }
     let n_logits = batch.want_logits.iter().filter(|&&b| b).count();
     if n_logits > max_logits {
-        return Err(BackendError::TooManyLogits { n: n_logits, max: max_logits });
+        return Err(BackendError::TooManyLogits {
+            n: n_logits,
+            max: max_logits,
+        });
     }
     if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= n_vocab) {
         return Err(BackendError::BadToken { token: t, n_vocab });
@@ -89,22 +105,35 @@ pub fn validate_batch(
     for (seq, start, len) in batch.runs() {
         let s = seq as usize;
         if s >= layout.n_seq {
-            return Err(BackendError::BadSequence { seq: s, n_seq: layout.n_seq });
+            return Err(BackendError::BadSequence {
+                seq: s,
+                n_seq: layout.n_seq,
+            });
         }
         if batch.runs().take_while(|r| r.1 < start).any(|r| r.0 == seq) {
             // A sequence split into two runs would need the first run's keys before the cache
             // is written; keep batches simple instead.
-            return Err(BackendError::BadPosition { seq: s, expected: seq_len(s) + len, found: batch.positions[start] as usize });
+            return Err(BackendError::BadPosition {
+                seq: s,
+                expected: seq_len(s) + len,
+                found: batch.positions[start] as usize,
+            });
         }
-        let mut expected = seq_len(s);
-        for &p in &batch.positions[start..start + len] {
+        for (expected, &p) in (seq_len(s)..).zip(&batch.positions[start..start + len]) {
             if p as usize != expected {
-                return Err(BackendError::BadPosition { seq: s, expected, found: p as usize });
+                return Err(BackendError::BadPosition {
+                    seq: s,
+                    expected,
+                    found: p as usize,
+                });
             }
             if expected >= layout.n_ctx {
-                return Err(BackendError::ContextFull { seq: s, pos: expected, n_ctx: layout.n_ctx });
+                return Err(BackendError::ContextFull {
+                    seq: s,
+                    pos: expected,
+                    n_ctx: layout.n_ctx,
+                });
             }
-            expected += 1;
         }
     }
     Ok(())

@@ -21,15 +21,30 @@ pub enum Op {
     /// `out[t] = dequantize(table row tokens[t])`.
     Embed { table: WeightId, out: ActId },
     /// `out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w` (w: a vector weight of length width).
-    RmsNorm { x: ActId, w: WeightId, eps: f32, out: ActId },
+    RmsNorm {
+        x: ActId,
+        w: WeightId,
+        eps: f32,
+        out: ActId,
+    },
     /// `out[t][r] = dot(W row r, x[t])`, W of shape `[rows, width(x)]` (ggml dims `[width, rows]`).
     MatMul { w: WeightId, x: ActId, out: ActId },
     /// Rotary embedding in place on `x` viewed as `n_heads` heads of `head_dim`, at the batch
     /// positions.
-    Rope { x: ActId, n_heads: usize, head_dim: usize },
+    Rope {
+        x: ActId,
+        n_heads: usize,
+        head_dim: usize,
+    },
     /// Causal attention of layer `layer` under the KV cache's span mask: appends the batch's
     /// `k`/`v` rows to the cache and writes the attention output (all query heads) to `out`.
-    Attention { layer: usize, q: ActId, k: ActId, v: ActId, out: ActId },
+    Attention {
+        layer: usize,
+        q: ActId,
+        k: ActId,
+        v: ActId,
+        out: ActId,
+    },
     /// `gate[t] = silu(gate[t]) * up[t]`, in place.
     SwiGlu { gate: ActId, up: ActId },
     /// `x[t] += y[t]`.
@@ -130,6 +145,11 @@ impl BatchBuf {
         self.tokens.is_empty()
     }
     pub fn as_batch(&self) -> Batch<'_> {
-        Batch { tokens: &self.tokens, positions: &self.positions, seq_ids: &self.seq_ids, want_logits: &self.want_logits }
+        Batch {
+            tokens: &self.tokens,
+            positions: &self.positions,
+            seq_ids: &self.seq_ids,
+            want_logits: &self.want_logits,
+        }
     }
 }

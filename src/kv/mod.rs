@@ -29,14 +29,33 @@ pub enum KvError {
     #[error("capacity table has {found} entries, the model needs {expected} (layers x KV heads)")]
     WrongShape { expected: usize, found: usize },
     #[error("layer {layer} head {head}: capacity {cap} must exceed the {sink} sink tokens (or cover the whole context)")]
-    TooSmall { layer: usize, head: usize, cap: usize, sink: usize },
+    TooSmall {
+        layer: usize,
+        head: usize,
+        cap: usize,
+        sink: usize,
+    },
 }
 
 impl KvLayout {
     /// Dense attention: every head keeps all `n_ctx` tokens.
-    pub fn dense(n_seq: usize, n_layer: usize, n_head_kv: usize, head_dim: usize, n_ctx: usize) -> KvLayout {
-        Self::with_capacities(n_seq, n_layer, n_head_kv, head_dim, n_ctx, 0, vec![n_ctx; n_layer * n_head_kv])
-            .expect("dense layout is valid")
+    pub fn dense(
+        n_seq: usize,
+        n_layer: usize,
+        n_head_kv: usize,
+        head_dim: usize,
+        n_ctx: usize,
+    ) -> KvLayout {
+        Self::with_capacities(
+            n_seq,
+            n_layer,
+            n_head_kv,
+            head_dim,
+            n_ctx,
+            0,
+            vec![n_ctx; n_layer * n_head_kv],
+        )
+        .expect("dense layout is valid")
     }
 
     /// A layout with per-head capacities (clamped to `n_ctx`).
@@ -50,12 +69,20 @@ impl KvLayout {
         caps: Vec<usize>,
     ) -> Result<KvLayout, KvError> {
         if caps.len() != n_layer * n_head_kv {
-            return Err(KvError::WrongShape { expected: n_layer * n_head_kv, found: caps.len() });
+            return Err(KvError::WrongShape {
+                expected: n_layer * n_head_kv,
+                found: caps.len(),
+            });
         }
         let caps: Vec<usize> = caps.into_iter().map(|c| c.min(n_ctx)).collect();
         for (i, &cap) in caps.iter().enumerate() {
             if cap < n_ctx && cap <= sink {
-                return Err(KvError::TooSmall { layer: i / n_head_kv, head: i % n_head_kv, cap, sink });
+                return Err(KvError::TooSmall {
+                    layer: i / n_head_kv,
+                    head: i % n_head_kv,
+                    cap,
+                    sink,
+                });
             }
         }
         let mut offsets = Vec::with_capacity(caps.len());
@@ -68,7 +95,17 @@ impl KvLayout {
             }
             rows_per_seq_layer.push(off);
         }
-        Ok(KvLayout { n_seq, n_layer, n_head_kv, head_dim, sink, n_ctx, caps, offsets, rows_per_seq_layer })
+        Ok(KvLayout {
+            n_seq,
+            n_layer,
+            n_head_kv,
+            head_dim,
+            sink,
+            n_ctx,
+            caps,
+            offsets,
+            rows_per_seq_layer,
+        })
     }
 
     /// `C_h` of a head.
@@ -162,11 +199,18 @@ mod tests {
     fn bad_capacities_are_errors() {
         assert!(matches!(
             KvLayout::with_capacities(1, 2, 2, 8, 100, 4, vec![50; 3]),
-            Err(KvError::WrongShape { expected: 4, found: 3 })
+            Err(KvError::WrongShape {
+                expected: 4,
+                found: 3
+            })
         ));
         assert!(matches!(
             KvLayout::with_capacities(1, 1, 2, 8, 100, 4, vec![50, 4]),
-            Err(KvError::TooSmall { layer: 0, head: 1, .. })
+            Err(KvError::TooSmall {
+                layer: 0,
+                head: 1,
+                ..
+            })
         ));
     }
 }

@@ -15,7 +15,11 @@ pub enum ModelError {
     #[error("missing tensor {0:?}")]
     MissingTensor(String),
     #[error("tensor {name:?}: expected shape {expected:?}, found {found:?}")]
-    BadTensorShape { name: String, expected: Vec<u64>, found: Vec<u64> },
+    BadTensorShape {
+        name: String,
+        expected: Vec<u64>,
+        found: Vec<u64>,
+    },
     #[error("tensor {name:?}: type {ty} has no matrix-product kernel")]
     UnsupportedTensorType { name: String, ty: String },
     #[error(transparent)]
@@ -56,13 +60,19 @@ pub struct ModelConfig {
 
 fn key_usize(g: &Gguf, key: &str) -> Result<usize, ModelError> {
     let v = g.get_u64(key)?;
-    usize::try_from(v).map_err(|_| ModelError::BadValue { key: key.into(), reason: format!("{v} is too large") })
+    usize::try_from(v).map_err(|_| ModelError::BadValue {
+        key: key.into(),
+        reason: format!("{v} is too large"),
+    })
 }
 
 fn positive(g: &Gguf, key: &str) -> Result<usize, ModelError> {
     let v = key_usize(g, key)?;
     if v == 0 {
-        return Err(ModelError::BadValue { key: key.into(), reason: "must be positive".into() });
+        return Err(ModelError::BadValue {
+            key: key.into(),
+            reason: "must be positive".into(),
+        });
     }
     Ok(v)
 }
@@ -73,7 +83,10 @@ fn optional_f32(g: &Gguf, key: &str, default: f32) -> Result<f32, ModelError> {
         Some(_) => {
             let v = g.get_f64(key)? as f32;
             if !v.is_finite() {
-                return Err(ModelError::BadValue { key: key.into(), reason: format!("{v} is not finite") });
+                return Err(ModelError::BadValue {
+                    key: key.into(),
+                    reason: format!("{v} is not finite"),
+                });
             }
             Ok(v)
         }
@@ -149,7 +162,10 @@ impl ModelConfig {
             Some("linear") => {
                 let factor = optional_f32(g, &k("rope.scaling.factor"), 1.0)?;
                 if factor <= 0.0 {
-                    return Err(ModelError::BadValue { key: k("rope.scaling.factor"), reason: format!("{factor} must be positive") });
+                    return Err(ModelError::BadValue {
+                        key: k("rope.scaling.factor"),
+                        reason: format!("{factor} must be positive"),
+                    });
                 }
                 freq_scale = 1.0 / factor;
             }
@@ -158,7 +174,9 @@ impl ModelConfig {
             Some(other) => {
                 return Err(ModelError::BadValue {
                     key: k("rope.scaling.type"),
-                    reason: format!("scaling type {other:?} is not supported (supported: none, linear, llama3)"),
+                    reason: format!(
+                        "scaling type {other:?} is not supported (supported: none, linear, llama3)"
+                    ),
                 })
             }
         }
@@ -173,7 +191,12 @@ impl ModelConfig {
             n_vocab,
             n_ctx_train,
             rms_eps,
-            rope: RopeConfig { n_rot, freq_base, freq_scale, freq_factors: None },
+            rope: RopeConfig {
+                n_rot,
+                freq_base,
+                freq_scale,
+                freq_factors: None,
+            },
         })
     }
 

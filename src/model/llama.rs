@@ -18,25 +18,85 @@ pub fn build_graph(cfg: &ModelConfig, w: &ModelWeights) -> Graph {
     let up = g.act("ffn_up", cfg.n_ff);
     let eps = cfg.rms_eps;
 
-    g.push(Op::Embed { table: w.token_embd, out: h });
+    g.push(Op::Embed {
+        table: w.token_embd,
+        out: h,
+    });
     for (layer, lw) in w.layers.iter().enumerate() {
-        g.push(Op::RmsNorm { x: h, w: lw.attn_norm, eps, out: xn });
-        g.push(Op::MatMul { w: lw.wq, x: xn, out: q });
-        g.push(Op::MatMul { w: lw.wk, x: xn, out: k });
-        g.push(Op::MatMul { w: lw.wv, x: xn, out: v });
-        g.push(Op::Rope { x: q, n_heads: cfg.n_head, head_dim: cfg.head_dim });
-        g.push(Op::Rope { x: k, n_heads: cfg.n_head_kv, head_dim: cfg.head_dim });
-        g.push(Op::Attention { layer, q, k, v, out: att });
-        g.push(Op::MatMul { w: lw.wo, x: att, out: proj });
+        g.push(Op::RmsNorm {
+            x: h,
+            w: lw.attn_norm,
+            eps,
+            out: xn,
+        });
+        g.push(Op::MatMul {
+            w: lw.wq,
+            x: xn,
+            out: q,
+        });
+        g.push(Op::MatMul {
+            w: lw.wk,
+            x: xn,
+            out: k,
+        });
+        g.push(Op::MatMul {
+            w: lw.wv,
+            x: xn,
+            out: v,
+        });
+        g.push(Op::Rope {
+            x: q,
+            n_heads: cfg.n_head,
+            head_dim: cfg.head_dim,
+        });
+        g.push(Op::Rope {
+            x: k,
+            n_heads: cfg.n_head_kv,
+            head_dim: cfg.head_dim,
+        });
+        g.push(Op::Attention {
+            layer,
+            q,
+            k,
+            v,
+            out: att,
+        });
+        g.push(Op::MatMul {
+            w: lw.wo,
+            x: att,
+            out: proj,
+        });
         g.push(Op::Add { x: h, y: proj });
-        g.push(Op::RmsNorm { x: h, w: lw.ffn_norm, eps, out: xn });
-        g.push(Op::MatMul { w: lw.gate, x: xn, out: gate });
-        g.push(Op::MatMul { w: lw.up, x: xn, out: up });
+        g.push(Op::RmsNorm {
+            x: h,
+            w: lw.ffn_norm,
+            eps,
+            out: xn,
+        });
+        g.push(Op::MatMul {
+            w: lw.gate,
+            x: xn,
+            out: gate,
+        });
+        g.push(Op::MatMul {
+            w: lw.up,
+            x: xn,
+            out: up,
+        });
         g.push(Op::SwiGlu { gate, up });
-        g.push(Op::MatMul { w: lw.down, x: gate, out: proj });
+        g.push(Op::MatMul {
+            w: lw.down,
+            x: gate,
+            out: proj,
+        });
         g.push(Op::Add { x: h, y: proj });
     }
-    g.push(Op::RmsNorm { x: h, w: w.output_norm, eps, out: xn });
+    g.push(Op::RmsNorm {
+        x: h,
+        w: w.output_norm,
+        eps,
+        out: xn,
+    });
     g.push(Op::Logits { w: w.output, x: xn });
     g
 }

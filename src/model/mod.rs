@@ -45,7 +45,12 @@ impl Model {
             config.rope.freq_factors = Some(file.dequantize("rope_freqs.weight")?);
         }
         let graph = build_graph(&config, &weights);
-        Ok(Model { file, config, weights, graph })
+        Ok(Model {
+            file,
+            config,
+            weights,
+            graph,
+        })
     }
 
     /// The bytes of a weight.

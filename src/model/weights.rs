@@ -57,7 +57,9 @@ impl ModelWeights {
     pub fn bind(file: &GgufFile, cfg: &ModelConfig) -> Result<ModelWeights, ModelError> {
         let mut table = Vec::new();
         let mut get = |name: &str, shape: &[usize], matmul: bool| -> Result<WeightId, ModelError> {
-            let t = file.tensor_info(name).ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+            let t = file
+                .tensor_info(name)
+                .ok_or_else(|| ModelError::MissingTensor(name.into()))?;
             let found: Vec<u64> = t.dims.clone();
             let expected: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
             // Trailing 1-dims are insignificant in ggml shapes.
@@ -69,7 +71,11 @@ impl ModelWeights {
                 v
             };
             if trim(&found) != trim(&expected) {
-                return Err(ModelError::BadTensorShape { name: name.into(), expected, found });
+                return Err(ModelError::BadTensorShape {
+                    name: name.into(),
+                    expected,
+                    found,
+                });
             }
             let ok = if matmul {
                 ggml_compat::dot::vec_dot_type(t.ty).is_some()
@@ -77,7 +83,10 @@ impl ModelWeights {
                 t.ty.can_dequantize()
             };
             if !ok {
-                return Err(ModelError::UnsupportedTensorType { name: name.into(), ty: t.ty.name().into() });
+                return Err(ModelError::UnsupportedTensorType {
+                    name: name.into(),
+                    ty: t.ty.name().into(),
+                });
             }
             table.push(WeightTensor {
                 name: name.into(),
@@ -96,10 +105,17 @@ impl ModelWeights {
             get("output.weight", &[e, v], true)?
         } else {
             // Tied embeddings: the embedding table doubles as the output matrix.
-            if ggml_compat::dot::vec_dot_type(file.tensor_info("token_embd.weight").unwrap().ty).is_none() {
+            if ggml_compat::dot::vec_dot_type(file.tensor_info("token_embd.weight").unwrap().ty)
+                .is_none()
+            {
                 return Err(ModelError::UnsupportedTensorType {
                     name: "token_embd.weight".into(),
-                    ty: file.tensor_info("token_embd.weight").unwrap().ty.name().into(),
+                    ty: file
+                        .tensor_info("token_embd.weight")
+                        .unwrap()
+                        .ty
+                        .name()
+                        .into(),
                 });
             }
             token_embd
@@ -119,6 +135,12 @@ impl ModelWeights {
                 down: get(&n("ffn_down"), &[ff, e], true)?,
             });
         }
-        Ok(ModelWeights { table, token_embd, output_norm, output, layers })
+        Ok(ModelWeights {
+            table,
+            token_embd,
+            output_norm,
+            output,
+            layers,
+        })
     }
 }

@@ -37,15 +37,27 @@ struct RefLayer {
 fn matrix(m: &Model, name: &str) -> Vec<Vec<f64>> {
     let t = m.file.tensor_info(name).unwrap();
     let cols = t.dims[0] as usize;
-    m.file.dequantize(name).unwrap().chunks(cols).map(|r| r.iter().map(|&x| x as f64).collect()).collect()
+    m.file
+        .dequantize(name)
+        .unwrap()
+        .chunks(cols)
+        .map(|r| r.iter().map(|&x| x as f64).collect())
+        .collect()
 }
 
 fn vector(m: &Model, name: &str) -> Vec<f64> {
-    m.file.dequantize(name).unwrap().iter().map(|&x| x as f64).collect()
+    m.file
+        .dequantize(name)
+        .unwrap()
+        .iter()
+        .map(|&x| x as f64)
+        .collect()
 }
 
 fn matvec(w: &[Vec<f64>], x: &[f64]) -> Vec<f64> {
-    w.iter().map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+    w.iter()
+        .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
+        .collect()
 }
 
 fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
@@ -63,7 +75,11 @@ fn round16(x: &mut [f64]) {
 impl RefModel {
     pub fn new(m: &Model) -> RefModel {
         let c = &m.config;
-        let out_name = if m.file.tensor_info("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };
+        let out_name = if m.file.tensor_info("output.weight").is_some() {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
         RefModel {
             n_layer: c.n_layer,
             n_embd: c.n_embd,
@@ -110,18 +126,29 @@ impl RefModel {
 
     /// Logits at every position of `tokens`; `mask(layer, kv_head, i, j)` says whether query `i`
     /// may see key `j` (it is only asked for `j <= i`).
-    pub fn logits(&self, tokens: &[u32], mask: impl Fn(usize, usize, usize, usize) -> bool) -> Vec<Vec<f32>> {
+    pub fn logits(
+        &self,
+        tokens: &[u32],
+        mask: impl Fn(usize, usize, usize, usize) -> bool,
+    ) -> Vec<Vec<f32>> {
         let n = tokens.len();
         let hd = self.head_dim;
         let group = self.n_head / self.n_head_kv;
-        let mut x: Vec<Vec<f64>> = tokens.iter().map(|&t| self.embd[t as usize].clone()).collect();
+        let mut x: Vec<Vec<f64>> = tokens
+            .iter()
+            .map(|&t| self.embd[t as usize].clone())
+            .collect();
         for (l, lw) in self.layers.iter().enumerate() {
             let mut qs = Vec::new();
             let mut ks = Vec::new();
             let mut vs = Vec::new();
             for (i, xi) in x.iter().enumerate() {
                 let xn = rms_norm(xi, &lw.attn_norm, self.eps);
-                let (mut q, mut k, mut v) = (matvec(&lw.wq, &xn), matvec(&lw.wk, &xn), matvec(&lw.wv, &xn));
+                let (mut q, mut k, mut v) = (
+                    matvec(&lw.wq, &xn),
+                    matvec(&lw.wk, &xn),
+                    matvec(&lw.wv, &xn),
+                );
                 self.rope(&mut q, i);
                 self.rope(&mut k, i);
                 round16(&mut q);
@@ -143,7 +170,12 @@ impl RefModel {
                         })
                         .collect();
                     let visible: Vec<bool> = (0..=i).map(|j| mask(l, g, i, j)).collect();
-                    let m = scores.iter().zip(&visible).filter(|(_, &v)| v).map(|(s, _)| *s).fold(f64::NEG_INFINITY, f64::max);
+                    let m = scores
+                        .iter()
+                        .zip(&visible)
+                        .filter(|(_, &v)| v)
+                        .map(|(s, _)| *s)
+                        .fold(f64::NEG_INFINITY, f64::max);
                     let mut sum = 0.0;
                     for j in 0..=i {
                         if visible[j] {
@@ -165,13 +197,24 @@ impl RefModel {
                 let xn = rms_norm(&x[i], &lw.ffn_norm, self.eps);
                 let g = matvec(&lw.gate, &xn);
                 let u = matvec(&lw.up, &xn);
-                let hmid: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                let hmid: Vec<f64> = g
+                    .iter()
+                    .zip(&u)
+                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                    .collect();
                 let d = matvec(&lw.down, &hmid);
                 for (a, b) in x[i].iter_mut().zip(&d) {
                     *a += b;
                 }
             }
         }
-        x.iter().map(|xi| matvec(&self.output, &rms_norm(xi, &self.out_norm, self.eps)).iter().map(|&v| v as f32).collect()).collect()
+        x.iter()
+            .map(|xi| {
+                matvec(&self.output, &rms_norm(xi, &self.out_norm, self.eps))
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect()
+            })
+            .collect()
     }
 }

@@ -33,7 +33,11 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new(max_keys: usize, head_dim: usize) -> Scratch {
-        Scratch { scores: vec![0.0; max_keys], q16: vec![f16::ZERO; head_dim], acc: vec![0.0; head_dim] }
+        Scratch {
+            scores: vec![0.0; max_keys],
+            q16: vec![f16::ZERO; head_dim],
+            acc: vec![0.0; head_dim],
+        }
     }
 }
 
@@ -60,7 +64,18 @@ pub struct Run<'a> {
 
 /// Computes attention for a run, then stores its keys and values in the cache.
 pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) {
-    let Run { layout, layer, seq, p0, n, n_head, q, k_new, v_new, out } = run;
+    let Run {
+        layout,
+        layer,
+        seq,
+        p0,
+        n,
+        n_head,
+        q,
+        k_new,
+        v_new,
+        out,
+    } = run;
     let hd = layout.head_dim;
     let n_kv = layout.n_head_kv;
     let group = n_head / n_kv;
@@ -72,7 +87,6 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
     let cache: &LayerKv = kv;
 
     (0..n_kv * tiles).into_par_iter().for_each(|task| {
-        let out_ptr = out_ptr;
         let g = task % n_kv;
         let tile = task / n_kv;
         let cap = layout.capacity(layer, g);
@@ -125,7 +139,11 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
                     if visible(cap, sink, i, p0 + t2) {
                         let p = (scores[c] - m).exp();
                         sum += p;
-                        simd::axpy_f16(acc, p, &v_new[t2 * kv_dim + g * hd..t2 * kv_dim + (g + 1) * hd]);
+                        simd::axpy_f16(
+                            acc,
+                            p,
+                            &v_new[t2 * kv_dim + g * hd..t2 * kv_dim + (g + 1) * hd],
+                        );
                         c += 1;
                     }
                 }
@@ -134,7 +152,7 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
                     // SAFETY: task (g, tile) writes only rows t of its tile and the heads of its
                     // group; (tile, g) pairs are distinct, so writes never overlap, and the index
                     // is below n * q_dim = out.len().
-                    unsafe { *out_ptr.0.add(t * q_dim + h * hd + d) = a * inv };
+                    unsafe { *out_ptr.ptr().add(t * q_dim + h * hd + d) = a * inv };
                 }
             }
         }
@@ -145,9 +163,12 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
     for t in 0..n {
         let p = p0 + t;
         for g in 0..n_kv {
-            let row = layout.region_offset(seq, layer, g) + ring_slot(layout.capacity(layer, g), sink, p);
-            kv.k[row * hd..(row + 1) * hd].copy_from_slice(&k_new[t * kv_dim + g * hd..t * kv_dim + (g + 1) * hd]);
-            kv.v[row * hd..(row + 1) * hd].copy_from_slice(&v_new[t * kv_dim + g * hd..t * kv_dim + (g + 1) * hd]);
+            let row =
+                layout.region_offset(seq, layer, g) + ring_slot(layout.capacity(layer, g), sink, p);
+            kv.k[row * hd..(row + 1) * hd]
+                .copy_from_slice(&k_new[t * kv_dim + g * hd..t * kv_dim + (g + 1) * hd]);
+            kv.v[row * hd..(row + 1) * hd]
+                .copy_from_slice(&v_new[t * kv_dim + g * hd..t * kv_dim + (g + 1) * hd]);
             kv.pos[row] = p as u32;
         }
     }

@@ -16,9 +16,18 @@ unsafe impl<T: Send> Send for SharedMut<T> {}
 // SAFETY: as above.
 unsafe impl<T: Send> Sync for SharedMut<T> {}
 
+impl<T> SharedMut<T> {
+    /// The pointer (a method, so closures capture the `Send` wrapper, not the raw field).
+    pub fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
 /// Quantizes `n` rows of `width` f32 values into `out` (rows of `act_row_bytes` of type `ty`).
 pub fn quantize_rows(ty: GgmlType, x: &[f32], width: usize, n: usize, out: &mut [u8]) {
-    let rb = ty.bytes_for(width as u64).expect("activation widths are whole blocks") as usize;
+    let rb = ty
+        .bytes_for(width as u64)
+        .expect("activation widths are whole blocks") as usize;
     out[..n * rb]
         .par_chunks_mut(rb)
         .zip(x[..n * width].par_chunks(width))
@@ -51,14 +60,13 @@ pub fn matmul(
     (0..rows.div_ceil(block)).into_par_iter().for_each(|b| {
         let r0 = b * block;
         let r1 = (r0 + block).min(rows);
-        let out_ptr = out_ptr;
         for t in 0..n {
             let a = &xq[t * act_row_bytes..(t + 1) * act_row_bytes];
             for r in r0..r1 {
                 let v = dot(cols, &w[r * row_bytes..(r + 1) * row_bytes], a);
                 // SAFETY: block b writes only rows r0..r1 of each output row t; blocks are
                 // disjoint, and the index is inside `out` by the assertion above.
-                unsafe { *out_ptr.0.add(t * out_stride + r) = v };
+                unsafe { *out_ptr.ptr().add(t * out_stride + r) = v };
             }
         }
     });

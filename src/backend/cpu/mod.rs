@@ -59,12 +59,22 @@ pub struct CpuBackend {
 
 /// Applies `f` to each `(dst row, src row)` pair, in parallel only when the batch is large enough
 /// to pay for the fork (a decode step runs these small ops on one thread).
-fn rows2(dst: &mut [f32], src: &[f32], width: usize, n: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) {
+fn rows2(
+    dst: &mut [f32],
+    src: &[f32],
+    width: usize,
+    n: usize,
+    f: impl Fn(&mut [f32], &[f32]) + Sync,
+) {
     let (d, s) = (&mut dst[..n * width], &src[..n * width]);
     if n >= 16 {
-        d.par_chunks_mut(width).zip(s.par_chunks(width)).for_each(|(a, b)| f(a, b));
+        d.par_chunks_mut(width)
+            .zip(s.par_chunks(width))
+            .for_each(|(a, b)| f(a, b));
     } else {
-        d.chunks_mut(width).zip(s.chunks(width)).for_each(|(a, b)| f(a, b));
+        d.chunks_mut(width)
+            .zip(s.chunks(width))
+            .for_each(|(a, b)| f(a, b));
     }
 }
 
@@ -72,7 +82,10 @@ fn rows2(dst: &mut [f32], src: &[f32], width: usize, n: usize, f: impl Fn(&mut [
 fn alloc<T: Clone>(n: usize, value: T, what: &str) -> Result<Vec<T>, BackendError> {
     let mut v = Vec::new();
     v.try_reserve_exact(n)
-        .map_err(|_| BackendError::OutOfMemory { what: what.into(), bytes: n * std::mem::size_of::<T>() })?;
+        .map_err(|_| BackendError::OutOfMemory {
+            what: what.into(),
+            bytes: n * std::mem::size_of::<T>(),
+        })?;
     v.resize(n, value);
     Ok(v)
 }
@@ -84,11 +97,17 @@ impl CpuBackend {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
-            .map_err(|e| BackendError::OutOfMemory { what: format!("thread pool ({e})"), bytes: 0 })?;
+            .map_err(|e| BackendError::OutOfMemory {
+                what: format!("thread pool ({e})"),
+                bytes: 0,
+            })?;
         let max_batch = opts.max_batch.max(1);
         let max_logits = max_batch;
         let layout = opts.layout;
-        assert_eq!((layout.n_layer, layout.n_head_kv, layout.head_dim), (cfg.n_layer, cfg.n_head_kv, cfg.head_dim));
+        assert_eq!(
+            (layout.n_layer, layout.n_head_kv, layout.head_dim),
+            (cfg.n_layer, cfg.n_head_kv, cfg.head_dim)
+        );
 
         let graph = &model.graph;
         let mut acts = Vec::with_capacity(graph.acts.len());
@@ -107,7 +126,12 @@ impl CpuBackend {
                     let act_ty = vec_dot_type(wt.ty).expect("matrix types were validated at load");
                     let dot = dot_kernel(wt.ty).expect("kernel exists for validated types");
                     kernels[w] = Some(MatKernel { dot, act_ty });
-                    qbytes = qbytes.max(act_ty.bytes_for(wt.cols as u64).map_err(crate::model::ModelError::from)? as usize);
+                    qbytes = qbytes.max(
+                        act_ty
+                            .bytes_for(wt.cols as u64)
+                            .map_err(crate::model::ModelError::from)?
+                            as usize,
+                    );
                 }
                 _ => {}
             }
@@ -122,7 +146,9 @@ impl CpuBackend {
             });
         }
         let max_keys = layout.n_ctx + max_batch;
-        let scratch = (0..threads).map(|_| Mutex::new(Scratch::new(max_keys, cfg.head_dim))).collect();
+        let scratch = (0..threads)
+            .map(|_| Mutex::new(Scratch::new(max_keys, cfg.head_dim)))
+            .collect();
         Ok(CpuBackend {
             pool,
             threads,
@@ -164,7 +190,18 @@ impl CpuBackend {
         let model = Arc::clone(&self.model);
         let wt = &model.weights.table[w];
         let arb = k.act_ty.bytes_for(wt.cols as u64).unwrap() as usize;
-        matmul::matmul(k.dot, model.weight_bytes(w), wt.rows, wt.row_bytes(), wt.cols, &self.qbuf, arb, n, &mut self.acts[out], wt.rows);
+        matmul::matmul(
+            k.dot,
+            model.weight_bytes(w),
+            wt.rows,
+            wt.row_bytes(),
+            wt.cols,
+            &self.qbuf,
+            arb,
+            n,
+            &mut self.acts[out],
+            wt.rows,
+        );
         self.act_version[out] += 1;
     }
 
@@ -176,21 +213,30 @@ impl CpuBackend {
             Op::Embed { table, out } => {
                 let wt = &model.weights.table[table];
                 let (bytes, rb, w) = (model.weight_bytes(table), wt.row_bytes(), wt.cols);
-                self.acts[out][..n * w].par_chunks_mut(w).zip(batch.tokens).for_each(|(row, &tok)| {
-                    ops::embed_row(wt.ty, bytes, rb, tok as usize, row);
-                });
+                self.acts[out][..n * w]
+                    .par_chunks_mut(w)
+                    .zip(batch.tokens)
+                    .for_each(|(row, &tok)| {
+                        ops::embed_row(wt.ty, bytes, rb, tok as usize, row);
+                    });
                 self.act_version[out] += 1;
             }
             Op::RmsNorm { x, w, eps, out } => {
                 let width = model.graph.acts[x].width;
                 let weight = self.vectors[w].as_ref().expect("norm prepared");
                 let mut dst = std::mem::take(&mut self.acts[out]);
-                rows2(&mut dst, &self.acts[x], width, n, |o, xi| ops::rms_norm(xi, weight, eps, o));
+                rows2(&mut dst, &self.acts[x], width, n, |o, xi| {
+                    ops::rms_norm(xi, weight, eps, o)
+                });
                 self.acts[out] = dst;
                 self.act_version[out] += 1;
             }
             Op::MatMul { w, x, out } => self.matmul_op(w, x, out, n),
-            Op::Rope { x, n_heads, head_dim } => {
+            Op::Rope {
+                x,
+                n_heads,
+                head_dim,
+            } => {
                 let width = n_heads * head_dim;
                 let half = cfg.rope.n_rot / 2;
                 let cs = &self.rope_cs;
@@ -199,7 +245,13 @@ impl CpuBackend {
                 }
                 self.act_version[x] += 1;
             }
-            Op::Attention { layer, q, k, v, out } => {
+            Op::Attention {
+                layer,
+                q,
+                k,
+                v,
+                out,
+            } => {
                 let kv_dim = cfg.kv_dim();
                 simd::f32_to_f16(&self.acts[k][..n * kv_dim], &mut self.k16[..n * kv_dim]);
                 simd::f32_to_f16(&self.acts[v][..n * kv_dim], &mut self.v16[..n * kv_dim]);
@@ -241,7 +293,8 @@ impl CpuBackend {
                 let width = model.graph.acts[x].width;
                 let mut m = 0;
                 for (t, _) in batch.want_logits.iter().enumerate().filter(|(_, &b)| b) {
-                    self.logit_x[m * width..(m + 1) * width].copy_from_slice(&self.acts[x][t * width..(t + 1) * width]);
+                    self.logit_x[m * width..(m + 1) * width]
+                        .copy_from_slice(&self.acts[x][t * width..(t + 1) * width]);
                     m += 1;
                 }
                 self.n_logits = m;
@@ -253,7 +306,18 @@ impl CpuBackend {
                 self.qkey = None;
                 let wt = &model.weights.table[w];
                 let arb = k.act_ty.bytes_for(wt.cols as u64).unwrap() as usize;
-                matmul::matmul(k.dot, model.weight_bytes(w), wt.rows, wt.row_bytes(), wt.cols, &self.qbuf, arb, m, &mut self.logits, wt.rows);
+                matmul::matmul(
+                    k.dot,
+                    model.weight_bytes(w),
+                    wt.rows,
+                    wt.row_bytes(),
+                    wt.cols,
+                    &self.qbuf,
+                    arb,
+                    m,
+                    &mut self.logits,
+                    wt.rows,
+                );
             }
         }
     }
@@ -269,14 +333,31 @@ impl Backend for CpuBackend {
     }
 
     fn forward(&mut self, batch: &Batch) -> Result<(), BackendError> {
-        validate_batch(batch, |s| self.seq_len[s], &self.layout, self.max_batch, self.max_logits, self.model.config.n_vocab)?;
+        validate_batch(
+            batch,
+            |s| self.seq_len[s],
+            &self.layout,
+            self.max_batch,
+            self.max_logits,
+            self.model.config.n_vocab,
+        )?;
         let model = Arc::clone(&self.model);
         let half = model.config.rope.n_rot / 2;
         for (t, &p) in batch.positions.iter().enumerate() {
-            ops::rope_angles(&model.config.rope, p, &mut self.rope_cs[t * half..(t + 1) * half]);
+            ops::rope_angles(
+                &model.config.rope,
+                p,
+                &mut self.rope_cs[t * half..(t + 1) * half],
+            );
         }
         self.qkey = None;
-        let pool = std::mem::replace(&mut self.pool, rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap());
+        let pool = std::mem::replace(
+            &mut self.pool,
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap(),
+        );
         pool.install(|| {
             for op in &model.graph.ops {
                 self.run_op(op, batch);

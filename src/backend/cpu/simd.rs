@@ -16,9 +16,17 @@ fn kernels() -> &'static Kernels {
     K.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         if ggml_compat::dot::kernel_set() == ggml_compat::dot::KernelSet::Avx2 {
-            return Kernels { dot_f16: x86::dot_f16, axpy_f16: x86::axpy_f16, f32_to_f16: x86::f32_to_f16 };
+            return Kernels {
+                dot_f16: x86::dot_f16,
+                axpy_f16: x86::axpy_f16,
+                f32_to_f16: x86::f32_to_f16,
+            };
         }
-        Kernels { dot_f16: portable::dot_f16, axpy_f16: portable::axpy_f16, f32_to_f16: portable::f32_to_f16 }
+        Kernels {
+            dot_f16: portable::dot_f16,
+            axpy_f16: portable::axpy_f16,
+            f32_to_f16: portable::f32_to_f16,
+        }
     })
 }
 
@@ -198,7 +206,10 @@ mod tests {
             assert_eq!(a, ap, "rounding differs at n={n}");
             let d = dot_f16(&a, &b);
             let dp = portable::dot_f16(&a, &b);
-            assert!((d - dp).abs() <= 1e-5 * (1.0 + dp.abs()), "n={n}: {d} vs {dp}");
+            assert!(
+                (d - dp).abs() <= 1e-5 * (1.0 + dp.abs()),
+                "n={n}: {d} vs {dp}"
+            );
             let mut y = data(n, 3);
             let mut yp = y.clone();
             axpy_f16(&mut y, 0.37, &a);
