@@ -86,9 +86,12 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
     let out_ptr = SharedMut(out.as_mut_ptr());
     let cache: &LayerKv = kv;
 
-    (0..n_kv * tiles).into_par_iter().for_each(|task| {
-        let g = task % n_kv;
-        let tile = task / n_kv;
+    // One task per (query head, tile of queries): enough tasks to keep every thread busy even
+    // for a single decoded token.
+    (0..n_head * tiles).into_par_iter().for_each(|task| {
+        let h = task % n_head;
+        let g = h / group;
+        let tile = task / n_head;
         let cap = layout.capacity(layer, g);
         let off = layout.region_offset(seq, layer, g);
         let filled = layout.filled(layer, g, p0);
@@ -101,7 +104,7 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
 
         for t in tile * QUERY_TILE..((tile + 1) * QUERY_TILE).min(n) {
             let i = p0 + t;
-            for h in g * group..(g + 1) * group {
+            {
                 simd::f32_to_f16(&q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd], q16);
                 // Pass 1: scores of the visible keys, cached slots first, then the run's own.
                 let mut m = f32::NEG_INFINITY;
@@ -149,9 +152,9 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
                 }
                 let inv = 1.0 / sum;
                 for (d, &a) in acc.iter().enumerate() {
-                    // SAFETY: task (g, tile) writes only rows t of its tile and the heads of its
-                    // group; (tile, g) pairs are distinct, so writes never overlap, and the index
-                    // is below n * q_dim = out.len().
+                    // SAFETY: task (h, tile) writes only head h of the rows t of its tile;
+                    // (h, tile) pairs are distinct, so writes never overlap, and the index is
+                    // below n * q_dim = out.len().
                     unsafe { *out_ptr.ptr().add(t * q_dim + h * hd + d) = a * inv };
                 }
             }

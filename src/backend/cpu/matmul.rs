@@ -34,39 +34,75 @@ pub fn quantize_rows(ty: GgmlType, x: &[f32], width: usize, n: usize, out: &mut 
         .for_each(|(dst, src)| ggml_compat::quantize_row(ty, src, dst).expect("sizes checked"));
 }
 
-/// `out[t * out_stride + r] = dot(W row r, xq row t)` for `r < rows`, `t < n`.
+/// Most matrices one [`matmul`] call takes.
+pub const MAX_JOBS: usize = 4;
+
+/// One weight matrix of a [`matmul`] call and where its products go.
+pub struct MatJob<'a> {
+    pub dot: DotFn,
+    /// `rows` rows of `row_bytes`.
+    pub w: &'a [u8],
+    pub rows: usize,
+    pub row_bytes: usize,
+    pub cols: usize,
+    /// `n` output rows of `rows` values (at least `n * rows` elements).
+    pub out: &'a mut [f32],
+}
+
+/// For every job, `out[t * rows + r] = dot(W row r, xq row t)` for `r < rows`, `t < n`.
 ///
-/// `w` holds `rows` rows of `row_bytes`; `xq` holds `n` quantized activation rows of
-/// `act_row_bytes`, each `cols` elements.
-#[allow(clippy::too_many_arguments)]
+/// All jobs share the quantized activations `xq` (`n` rows of `act_row_bytes`) and run in one
+/// parallel region, split into blocks of weight rows so each block of weights is read from
+/// memory once for all tokens. Several matrices of one input (Q, K and V; gate and up) in one
+/// call save a fork-join per matrix, which dominates small decode steps.
+///
+/// `tasks` is caller-owned scratch (its capacity is kept between calls, so steady-state calls
+/// allocate nothing).
 pub fn matmul(
-    dot: DotFn,
-    w: &[u8],
-    rows: usize,
-    row_bytes: usize,
-    cols: usize,
+    jobs: &mut [MatJob],
     xq: &[u8],
     act_row_bytes: usize,
     n: usize,
-    out: &mut [f32],
-    out_stride: usize,
+    tasks: &mut Vec<(usize, usize, usize)>,
 ) {
-    assert!(w.len() >= rows * row_bytes && xq.len() >= n * act_row_bytes);
-    assert!(n == 0 || out.len() >= (n - 1) * out_stride + rows);
+    assert!(
+        jobs.len() <= MAX_JOBS,
+        "at most {MAX_JOBS} matrices per call"
+    );
     let threads = rayon::current_num_threads().max(1);
+    let total_rows: usize = jobs.iter().map(|j| j.rows).sum();
     // Blocks small enough to balance the threads, large enough to amortize task overhead.
-    let block = (rows / (threads * 8)).clamp(4, 256);
-    let out_ptr = SharedMut(out.as_mut_ptr());
-    (0..rows.div_ceil(block)).into_par_iter().for_each(|b| {
-        let r0 = b * block;
-        let r1 = (r0 + block).min(rows);
+    let block = (total_rows / (threads * 8)).clamp(4, 256);
+    tasks.clear();
+    for (j, job) in jobs.iter().enumerate() {
+        assert!(job.w.len() >= job.rows * job.row_bytes && job.out.len() >= n * job.rows);
+        let mut r0 = 0;
+        while r0 < job.rows {
+            tasks.push((j, r0, (r0 + block).min(job.rows)));
+            r0 += block;
+        }
+    }
+    assert!(xq.len() >= n * act_row_bytes);
+    let mut outs = [SharedMut(std::ptr::null_mut::<f32>()); MAX_JOBS];
+    for (o, j) in outs.iter_mut().zip(jobs.iter_mut()) {
+        *o = SharedMut(j.out.as_mut_ptr());
+    }
+    let jobs = &*jobs;
+    tasks.par_iter().for_each(|&(j, r0, r1)| {
+        let job = &jobs[j];
+        let out = outs[j];
         for t in 0..n {
             let a = &xq[t * act_row_bytes..(t + 1) * act_row_bytes];
             for r in r0..r1 {
-                let v = dot(cols, &w[r * row_bytes..(r + 1) * row_bytes], a);
-                // SAFETY: block b writes only rows r0..r1 of each output row t; blocks are
-                // disjoint, and the index is inside `out` by the assertion above.
-                unsafe { *out_ptr.ptr().add(t * out_stride + r) = v };
+                let v = (job.dot)(
+                    job.cols,
+                    &job.w[r * job.row_bytes..(r + 1) * job.row_bytes],
+                    a,
+                );
+                // SAFETY: each task writes rows r0..r1 of one job's output, for every token;
+                // tasks of a job cover disjoint row ranges and jobs have distinct buffers
+                // (distinct &mut slices), and t * rows + r < n * rows <= out.len() (asserted).
+                unsafe { *out.ptr().add(t * job.rows + r) = v };
             }
         }
     });

@@ -16,8 +16,9 @@ use half::f16;
 use rayon::prelude::*;
 
 use self::attention::{LayerKv, Run, Scratch};
+use self::matmul::{MatJob, MAX_JOBS};
 use super::{validate_batch, Backend, BackendError, BackendOptions};
-use crate::graph::{ActId, Batch, Op, WeightId};
+use crate::graph::{ActId, Batch, Op};
 use crate::kv::KvLayout;
 use crate::model::Model;
 
@@ -55,6 +56,8 @@ pub struct CpuBackend {
     scratch: Vec<Mutex<Scratch>>,
     logits: Vec<f32>,
     n_logits: usize,
+    /// Scratch of the matrix products' task list.
+    tasks: Vec<(usize, usize, usize)>,
 }
 
 /// Applies `f` to each `(dst row, src row)` pair, in parallel only when the batch is large enough
@@ -169,6 +172,7 @@ impl CpuBackend {
             scratch,
             logits: alloc(max_logits * cfg.n_vocab, 0f32, "logits")?,
             n_logits: 0,
+            tasks: Vec::with_capacity(4096),
             layout,
             model,
         })
@@ -184,25 +188,72 @@ impl CpuBackend {
         }
     }
 
-    fn matmul_op(&mut self, w: WeightId, x: ActId, out: ActId, n: usize) {
-        let k = self.kernels[w].expect("kernel prepared");
+    /// End of the run of `MatMul` ops starting at `i` that read the same activation in the same
+    /// format (and do not overwrite it); `i` itself when `ops[i]` is not a `MatMul`.
+    fn matmul_group_end(&self, ops: &[Op], i: usize) -> usize {
+        let Op::MatMul { w: w0, x: x0, .. } = ops[i] else {
+            return i;
+        };
+        let ty = self.kernels[w0].map(|k| k.act_ty);
+        let mut j = i;
+        while j < ops.len() && j - i < MAX_JOBS {
+            match ops[j] {
+                Op::MatMul { w, x, out }
+                    if x == x0 && out != x0 && self.kernels[w].map(|k| k.act_ty) == ty =>
+                {
+                    j += 1
+                }
+                _ => break,
+            }
+        }
+        j
+    }
+
+    /// Runs consecutive `MatMul` ops that read the same activation (in the same activation
+    /// format) as one parallel region.
+    fn matmul_group(&mut self, ops: &[Op], n: usize) {
+        let Op::MatMul { w: w0, x, .. } = ops[0] else {
+            unreachable!("matmul groups hold MatMul ops")
+        };
+        let k = self.kernels[w0].expect("kernel prepared");
         self.quantize_act(x, k, n);
         let model = Arc::clone(&self.model);
-        let wt = &model.weights.table[w];
-        let arb = k.act_ty.bytes_for(wt.cols as u64).unwrap() as usize;
-        matmul::matmul(
-            k.dot,
-            model.weight_bytes(w),
-            wt.rows,
-            wt.row_bytes(),
-            wt.cols,
-            &self.qbuf,
-            arb,
-            n,
-            &mut self.acts[out],
-            wt.rows,
-        );
-        self.act_version[out] += 1;
+        let mut outs = [usize::MAX; MAX_JOBS];
+        let mut weights = [w0; MAX_JOBS];
+        let mut bufs: [Vec<f32>; MAX_JOBS] = Default::default();
+        for (i, op) in ops.iter().enumerate() {
+            if let Op::MatMul { w, out, .. } = *op {
+                outs[i] = out;
+                weights[i] = w;
+                bufs[i] = std::mem::take(&mut self.acts[out]);
+            }
+        }
+        let mut bufs_iter = bufs.iter_mut();
+        let mut jobs: [MatJob; MAX_JOBS] = std::array::from_fn(|i| {
+            let buf = bufs_iter.next().expect("one buffer per job");
+            let id = weights[i];
+            let wt = &model.weights.table[id];
+            let live = i < ops.len();
+            MatJob {
+                dot: self.kernels[id].expect("kernel prepared").dot,
+                w: if live { model.weight_bytes(id) } else { &[] },
+                rows: if live { wt.rows } else { 0 },
+                row_bytes: wt.row_bytes(),
+                cols: wt.cols,
+                out: &mut buf[..],
+            }
+        });
+        let wt = &model.weights.table[w0];
+        let arb = k
+            .act_ty
+            .bytes_for(wt.cols as u64)
+            .expect("validated at load") as usize;
+        matmul::matmul(&mut jobs[..ops.len()], &self.qbuf, arb, n, &mut self.tasks);
+        drop(jobs);
+        for i in 0..ops.len() {
+            self.acts[outs[i]] = std::mem::take(&mut bufs[i]);
+            self.act_version[outs[i]] += 1;
+        }
     }
 
     fn run_op(&mut self, op: &Op, batch: &Batch) {
@@ -231,7 +282,7 @@ impl CpuBackend {
                 self.acts[out] = dst;
                 self.act_version[out] += 1;
             }
-            Op::MatMul { w, x, out } => self.matmul_op(w, x, out, n),
+            Op::MatMul { .. } => self.matmul_group(std::slice::from_ref(op), n),
             Op::Rope {
                 x,
                 n_heads,
@@ -306,18 +357,15 @@ impl CpuBackend {
                 self.qkey = None;
                 let wt = &model.weights.table[w];
                 let arb = k.act_ty.bytes_for(wt.cols as u64).unwrap() as usize;
-                matmul::matmul(
-                    k.dot,
-                    model.weight_bytes(w),
-                    wt.rows,
-                    wt.row_bytes(),
-                    wt.cols,
-                    &self.qbuf,
-                    arb,
-                    m,
-                    &mut self.logits,
-                    wt.rows,
-                );
+                let mut job = [MatJob {
+                    dot: k.dot,
+                    w: model.weight_bytes(w),
+                    rows: wt.rows,
+                    row_bytes: wt.row_bytes(),
+                    cols: wt.cols,
+                    out: &mut self.logits[..],
+                }];
+                matmul::matmul(&mut job, &self.qbuf, arb, m, &mut self.tasks);
             }
         }
     }
@@ -359,8 +407,17 @@ impl Backend for CpuBackend {
                 .unwrap(),
         );
         pool.install(|| {
-            for op in &model.graph.ops {
-                self.run_op(op, batch);
+            let ops = &model.graph.ops;
+            let mut i = 0;
+            while i < ops.len() {
+                let end = self.matmul_group_end(ops, i);
+                if end > i + 1 || matches!(ops[i], Op::MatMul { .. }) {
+                    self.matmul_group(&ops[i..end], batch.len());
+                    i = end;
+                } else {
+                    self.run_op(&ops[i], batch);
+                    i += 1;
+                }
             }
         });
         self.pool = pool;

@@ -1,0 +1,190 @@
+//! moa-bench: llama-bench-style throughput of prompt processing (`pp`, a batch of `-p` tokens)
+//! and generation (`tg`, `-n` single-token steps), each at the given context depths (`-d`,
+//! tokens already in the cache), repeated `-r` times; markdown or `--json`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use moa::backend::Backend;
+use moa::graph::BatchBuf;
+use moa::runtime;
+
+#[derive(Parser)]
+#[command(name = "moa-bench", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MOA_GIT_REV"), ")"))]
+#[command(about = "Measure prompt-processing and generation speed (llama-bench style)")]
+struct Args {
+    /// Model file (default: the default model in the local model folder).
+    #[arg(short = 'm', long = "model")]
+    model: Option<PathBuf>,
+    /// Prompt lengths to test (0 to skip).
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    n_prompt: Vec<usize>,
+    /// Generation lengths to test (0 to skip).
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    n_gen: Vec<usize>,
+    /// Context depths: tokens already in the cache before each test.
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    depth: Vec<usize>,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
+    reps: usize,
+    /// Threads (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    threads: Option<usize>,
+    /// Tokens per forward batch.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
+    batch: usize,
+    /// Print JSON instead of a markdown table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Deterministic token ids (the values do not change the cost).
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Feeds `toks` in batches; only the last token asks for logits.
+fn feed(be: &mut dyn Backend, toks: &[u32], n_batch: usize, b: &mut BatchBuf) -> Result<()> {
+    let mut pos = be.seq_len(0);
+    let n = toks.len();
+    for (c, chunk) in toks.chunks(n_batch).enumerate() {
+        b.clear();
+        for (k, &t) in chunk.iter().enumerate() {
+            b.push(t, pos as u32, 0, c * n_batch + k + 1 == n);
+            pos += 1;
+        }
+        be.forward(&b.as_batch())?;
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let path = runtime::resolve_model(a.model.as_deref())?;
+    let loaded = runtime::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
+    let threads = a.threads.unwrap_or_else(runtime::default_threads);
+    let vocab = loaded.model.config.n_vocab;
+    let max_d = a.depth.iter().copied().max().unwrap_or(0);
+    let max_t = a
+        .n_prompt
+        .iter()
+        .chain(&a.n_gen)
+        .copied()
+        .max()
+        .unwrap_or(0);
+    let n_ctx = max_d + max_t + 1;
+    let mut be = runtime::cpu_backend(&loaded.model, n_ctx, 1, a.batch, threads)?;
+    let size: u64 = loaded.model.file.tensors.iter().map(|t| t.n_bytes).sum();
+    let params: u64 = loaded
+        .model
+        .file
+        .tensors
+        .iter()
+        .map(|t| t.n_elements())
+        .sum();
+    let name = format!(
+        "{} {} {}",
+        loaded.model.config.arch,
+        loaded
+            .model
+            .file
+            .get("general.size_label")
+            .and_then(|v| v.as_str())
+            .unwrap_or("?"),
+        loaded
+            .model
+            .file
+            .tensors
+            .iter()
+            .find(|t| t.name == "blk.0.attn_q.weight")
+            .map_or("?", |t| t.ty.name())
+    );
+    let mut rows = Vec::new();
+    let mut b = BatchBuf::with_capacity(a.batch);
+    let tests: Vec<(&str, usize)> = a
+        .n_prompt
+        .iter()
+        .filter(|&&n| n > 0)
+        .map(|&n| ("pp", n))
+        .chain(a.n_gen.iter().filter(|&&n| n > 0).map(|&n| ("tg", n)))
+        .collect();
+    for &d in &a.depth {
+        for &(kind, n) in &tests {
+            let mut samples = Vec::with_capacity(a.reps);
+            for r in 0..a.reps {
+                be.clear(0);
+                feed(&mut be, &tokens(d, vocab, 7), a.batch, &mut b)?;
+                let toks = tokens(n, vocab, 100 + r as u64);
+                let t0 = Instant::now();
+                if kind == "pp" {
+                    feed(&mut be, &toks, a.batch, &mut b)?;
+                } else {
+                    for &t in &toks {
+                        feed(&mut be, &[t], 1, &mut b)?;
+                    }
+                }
+                samples.push(n as f64 / t0.elapsed().as_secs_f64());
+            }
+            let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+            let sd = (samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>()
+                / (samples.len().max(2) - 1) as f64)
+                .sqrt();
+            let test = if d > 0 {
+                format!("{kind}{n} @ d{d}")
+            } else {
+                format!("{kind}{n}")
+            };
+            rows.push(serde_json::json!({"test": test, "n": n, "depth": d, "kind": kind, "tps_mean": mean, "tps_sd": sd, "samples": samples}));
+        }
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": path, "model_name": name, "size_bytes": size, "params": params,
+                "backend": be.describe(), "threads": threads, "n_batch": a.batch, "results": rows,
+            }))?
+        );
+    } else {
+        println!("| model | size | params | backend | threads | test | t/s |");
+        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+        for r in &rows {
+            println!(
+                "| {name} | {} | {:.2} M | {} | {threads} | {} | {:.2} ± {:.2} |",
+                runtime::mib(size as usize),
+                params as f64 / 1e6,
+                be.describe(),
+                r["test"].as_str().unwrap(),
+                r["tps_mean"].as_f64().unwrap(),
+                r["tps_sd"].as_f64().unwrap()
+            );
+        }
+    }
+    Ok(())
+}
