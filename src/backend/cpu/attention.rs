@@ -15,13 +15,13 @@ use rayon::prelude::*;
 
 use super::matmul::SharedMut;
 use super::simd;
-use crate::kv::{ring_slot, visible, KvLayout};
+use crate::kv::{ring_slot, KvLayout};
 
-/// One layer's cache: K and V rows of `head_dim` f16 values, and each slot's absolute position.
+/// One layer's cache: K and V rows of `head_dim` f16 values. Which position a slot holds
+/// follows from the ring placement ([`ring_slot`]): the sinks, then the most recent tokens.
 pub struct LayerKv {
     pub k: Vec<f16>,
     pub v: Vec<f16>,
-    pub pos: Vec<u32>,
 }
 
 /// Per-thread buffers, allocated once.
@@ -40,6 +40,9 @@ impl Scratch {
         }
     }
 }
+
+/// A run of visible keys: (key rows, value rows, row stride, first row, number of rows).
+type Span<'a> = (&'a [f16], &'a [f16], usize, usize, usize);
 
 /// Queries per parallel task (a tile of one KV head's group).
 const QUERY_TILE: usize = 8;
@@ -97,66 +100,78 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
         let filled = layout.filled(layer, g, p0);
         let kc = &cache.k[off * hd..(off + filled) * hd];
         let vc = &cache.v[off * hd..(off + filled) * hd];
-        let pc = &cache.pos[off..off + filled];
         let slot = rayon::current_thread_index().unwrap_or(0) % scratch.len();
         let mut guard = scratch[slot].lock().unwrap_or_else(|e| e.into_inner());
         let Scratch { scores, q16, acc } = &mut *guard;
 
+        let w = cap - sink;
         for t in tile * QUERY_TILE..((tile + 1) * QUERY_TILE).min(n) {
             let i = p0 + t;
-            {
-                simd::f32_to_f16(&q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd], q16);
-                // Pass 1: scores of the visible keys, cached slots first, then the run's own.
-                let mut m = f32::NEG_INFINITY;
-                let mut c = 0;
-                for (s, &j) in pc.iter().enumerate() {
-                    if visible(cap, sink, i, j as usize) {
-                        let sc = simd::dot_f16(q16, &kc[s * hd..(s + 1) * hd]) * scale;
-                        m = m.max(sc);
-                        scores[c] = sc;
-                        c += 1;
+            simd::f32_to_f16(&q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd], q16);
+            // The visible keys as at most five runs of rows: cached sinks, the cached ring (two
+            // runs when the visible part wraps), the run's own sinks and its recent keys.
+            let lo = (i + 1).saturating_sub(w); // oldest visible non-sink position
+                                                // (keys, values, row stride, first row, rows), bases already at head g.
+            let kn = &k_new[g * hd..];
+            let vn = &v_new[g * hd..];
+            let mut spans: [Span; 5] = [(&[], &[], 0, 0, 0); 5];
+            let mut ns = 0;
+            macro_rules! push {
+                ($span:expr) => {{
+                    let span = $span;
+                    if span.4 > 0 {
+                        spans[ns] = span;
+                        ns += 1;
                     }
-                }
-                for t2 in 0..=t {
-                    if visible(cap, sink, i, p0 + t2) {
-                        let kr = &k_new[t2 * kv_dim + g * hd..t2 * kv_dim + (g + 1) * hd];
-                        let sc = simd::dot_f16(q16, kr) * scale;
-                        m = m.max(sc);
-                        scores[c] = sc;
-                        c += 1;
-                    }
-                }
-                // Pass 2: softmax weights and the weighted sum of values, same order.
-                acc.fill(0.0);
-                let mut sum = 0.0f32;
-                let mut c = 0;
-                for (s, &j) in pc.iter().enumerate() {
-                    if visible(cap, sink, i, j as usize) {
-                        let p = (scores[c] - m).exp();
-                        sum += p;
-                        simd::axpy_f16(acc, p, &vc[s * hd..(s + 1) * hd]);
-                        c += 1;
-                    }
-                }
-                for t2 in 0..=t {
-                    if visible(cap, sink, i, p0 + t2) {
-                        let p = (scores[c] - m).exp();
-                        sum += p;
-                        simd::axpy_f16(
-                            acc,
-                            p,
-                            &v_new[t2 * kv_dim + g * hd..t2 * kv_dim + (g + 1) * hd],
-                        );
-                        c += 1;
-                    }
-                }
-                let inv = 1.0 / sum;
-                for (d, &a) in acc.iter().enumerate() {
-                    // SAFETY: task (h, tile) writes only head h of the rows t of its tile;
-                    // (h, tile) pairs are distinct, so writes never overlap, and the index is
-                    // below n * q_dim = out.len().
-                    unsafe { *out_ptr.ptr().add(t * q_dim + h * hd + d) = a * inv };
-                }
+                }};
+            }
+            push!((kc, vc, hd, 0, sink.min(filled)));
+            let a = sink.max(lo);
+            if a < p0 && p0 > sink {
+                let len = p0 - a;
+                let s0 = sink + (a - sink) % w;
+                let first = len.min(cap - s0);
+                push!((kc, vc, hd, s0, first));
+                push!((kc, vc, hd, sink, len - first));
+            }
+            let sinks_new = sink.saturating_sub(p0).min(t + 1);
+            push!((kn, vn, kv_dim, 0, sinks_new));
+            let b = sinks_new.max(lo.saturating_sub(p0));
+            push!((kn, vn, kv_dim, b, (t + 1).saturating_sub(b)));
+            let spans = &spans[..ns];
+
+            let mut c = 0;
+            for &(k, _, stride, start, len) in spans {
+                simd::dot_rows_f16(
+                    q16,
+                    &k[start * stride..],
+                    stride,
+                    scale,
+                    &mut scores[c..c + len],
+                );
+                c += len;
+            }
+            let m = scores[..c]
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for sc in &mut scores[..c] {
+                *sc = (*sc - m).exp();
+                sum += *sc;
+            }
+            acc.fill(0.0);
+            let mut c = 0;
+            for &(_, v, stride, start, len) in spans {
+                simd::axpy_rows_f16(acc, &scores[c..c + len], &v[start * stride..], stride);
+                c += len;
+            }
+            let inv = 1.0 / sum;
+            for (d, &a) in acc.iter().enumerate() {
+                // SAFETY: task (h, tile) writes only head h of the rows t of its tile;
+                // (h, tile) pairs are distinct, so writes never overlap, and the index is
+                // below n * q_dim = out.len().
+                unsafe { *out_ptr.ptr().add(t * q_dim + h * hd + d) = a * inv };
             }
         }
     });
@@ -172,7 +187,6 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
                 .copy_from_slice(&k_new[t * kv_dim + g * hd..t * kv_dim + (g + 1) * hd]);
             kv.v[row * hd..(row + 1) * hd]
                 .copy_from_slice(&v_new[t * kv_dim + g * hd..t * kv_dim + (g + 1) * hd]);
-            kv.pos[row] = p as u32;
         }
     }
 }

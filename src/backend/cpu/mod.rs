@@ -145,7 +145,6 @@ impl CpuBackend {
             kv.push(LayerKv {
                 k: alloc(rows * cfg.head_dim, f16::ZERO, "KV cache (K)")?,
                 v: alloc(rows * cfg.head_dim, f16::ZERO, "KV cache (V)")?,
-                pos: alloc(rows, 0u32, "KV cache positions")?,
             });
         }
         let max_keys = layout.n_ctx + max_batch;
@@ -228,28 +227,29 @@ impl CpuBackend {
                 bufs[i] = std::mem::take(&mut self.acts[out]);
             }
         }
-        let mut bufs_iter = bufs.iter_mut();
-        let mut jobs: [MatJob; MAX_JOBS] = std::array::from_fn(|i| {
-            let buf = bufs_iter.next().expect("one buffer per job");
-            let id = weights[i];
-            let wt = &model.weights.table[id];
-            let live = i < ops.len();
-            MatJob {
-                dot: self.kernels[id].expect("kernel prepared").dot,
-                w: if live { model.weight_bytes(id) } else { &[] },
-                rows: if live { wt.rows } else { 0 },
-                row_bytes: wt.row_bytes(),
-                cols: wt.cols,
-                out: &mut buf[..],
-            }
-        });
-        let wt = &model.weights.table[w0];
-        let arb = k
-            .act_ty
-            .bytes_for(wt.cols as u64)
-            .expect("validated at load") as usize;
-        matmul::matmul(&mut jobs[..ops.len()], &self.qbuf, arb, n, &mut self.tasks);
-        drop(jobs);
+        {
+            let mut bufs_iter = bufs.iter_mut();
+            let mut jobs: [MatJob; MAX_JOBS] = std::array::from_fn(|i| {
+                let buf = bufs_iter.next().expect("one buffer per job");
+                let id = weights[i];
+                let wt = &model.weights.table[id];
+                let live = i < ops.len();
+                MatJob {
+                    dot: self.kernels[id].expect("kernel prepared").dot,
+                    w: if live { model.weight_bytes(id) } else { &[] },
+                    rows: if live { wt.rows } else { 0 },
+                    row_bytes: wt.row_bytes(),
+                    cols: wt.cols,
+                    out: &mut buf[..],
+                }
+            });
+            let wt = &model.weights.table[w0];
+            let arb = k
+                .act_ty
+                .bytes_for(wt.cols as u64)
+                .expect("validated at load") as usize;
+            matmul::matmul(&mut jobs[..ops.len()], &self.qbuf, arb, n, &mut self.tasks);
+        }
         for i in 0..ops.len() {
             self.acts[outs[i]] = std::mem::take(&mut bufs[i]);
             self.act_version[outs[i]] += 1;

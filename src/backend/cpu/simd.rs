@@ -5,10 +5,17 @@
 use half::f16;
 use std::sync::OnceLock;
 
+/// `out[r] = scale * dot(q, rows[r * stride..][..q.len()])` for `r < out.len()`.
+pub type DotRowsFn = fn(&[f16], &[f16], usize, f32, &mut [f32]);
+/// `acc += sum_r p[r] * rows[r * stride..][..acc.len()]` for `r < p.len()`.
+pub type AxpyRowsFn = fn(&mut [f32], &[f32], &[f16], usize);
+
 struct Kernels {
     dot_f16: fn(&[f16], &[f16]) -> f32,
     axpy_f16: fn(&mut [f32], f32, &[f16]),
     f32_to_f16: fn(&[f32], &mut [f16]),
+    dot_rows_f16: DotRowsFn,
+    axpy_rows_f16: AxpyRowsFn,
 }
 
 fn kernels() -> &'static Kernels {
@@ -20,12 +27,16 @@ fn kernels() -> &'static Kernels {
                 dot_f16: x86::dot_f16,
                 axpy_f16: x86::axpy_f16,
                 f32_to_f16: x86::f32_to_f16,
+                dot_rows_f16: x86::dot_rows_f16,
+                axpy_rows_f16: x86::axpy_rows_f16,
             };
         }
         Kernels {
             dot_f16: portable::dot_f16,
             axpy_f16: portable::axpy_f16,
             f32_to_f16: portable::f32_to_f16,
+            dot_rows_f16: portable::dot_rows_f16,
+            axpy_rows_f16: portable::axpy_rows_f16,
         }
     })
 }
@@ -42,6 +53,18 @@ pub fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16]) {
     (kernels().axpy_f16)(y, alpha, x)
 }
 
+/// Scores of one query against consecutive rows (attention keys `stride` apart).
+#[inline]
+pub fn dot_rows_f16(q: &[f16], rows: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+    (kernels().dot_rows_f16)(q, rows, stride, scale, out)
+}
+
+/// Weighted sum of consecutive rows (attention values `stride` apart) into `acc`.
+#[inline]
+pub fn axpy_rows_f16(acc: &mut [f32], p: &[f32], rows: &[f16], stride: usize) {
+    (kernels().axpy_rows_f16)(acc, p, rows, stride)
+}
+
 /// Round to f16 (nearest even), as ggml does when it stores K/V or converts a query.
 #[inline]
 pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
@@ -50,6 +73,19 @@ pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
 
 pub mod portable {
     use half::f16;
+
+    pub fn dot_rows_f16(q: &[f16], rows: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+        let d = q.len();
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = dot_f16(q, &rows[r * stride..r * stride + d]) * scale;
+        }
+    }
+    pub fn axpy_rows_f16(acc: &mut [f32], p: &[f32], rows: &[f16], stride: usize) {
+        let d = acc.len();
+        for (r, &w) in p.iter().enumerate() {
+            axpy_f16(acc, w, &rows[r * stride..r * stride + d]);
+        }
+    }
 
     pub fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
         assert_eq!(a.len(), b.len());
@@ -88,6 +124,95 @@ mod x86 {
         assert_eq!(src.len(), dst.len());
         // SAFETY: as above.
         unsafe { f32_to_f16_avx2(src, dst) }
+    }
+
+    /// Head dimensions up to this many values use the register-blocked kernels.
+    const MAX_D: usize = 256;
+
+    pub fn dot_rows_f16(q: &[f16], rows: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+        let d = q.len();
+        if !d.is_multiple_of(8) || d > MAX_D {
+            return super::portable::dot_rows_f16(q, rows, stride, scale, out);
+        }
+        if let Some(last) = out.len().checked_sub(1) {
+            assert!(last * stride + d <= rows.len(), "rows too short");
+        }
+        // SAFETY: CPU features as above; every row read lies inside `rows` (asserted).
+        unsafe { dot_rows_avx2(q, rows, stride, scale, out) }
+    }
+
+    pub fn axpy_rows_f16(acc: &mut [f32], p: &[f32], rows: &[f16], stride: usize) {
+        let d = acc.len();
+        if !d.is_multiple_of(8) || d > MAX_D {
+            return super::portable::axpy_rows_f16(acc, p, rows, stride);
+        }
+        if let Some(last) = p.len().checked_sub(1) {
+            assert!(last * stride + d <= rows.len(), "rows too short");
+        }
+        // SAFETY: as above.
+        unsafe { axpy_rows_avx2(acc, p, rows, stride) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_rows_avx2(q: &[f16], rows: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+        let nc = q.len() / 8;
+        // SAFETY: q holds nc * 8 values; row r spans r * stride .. r * stride + nc * 8, inside
+        // `rows` as the caller asserted.
+        unsafe {
+            let mut qv = [_mm256_setzero_ps(); MAX_D / 8];
+            for (c, v) in qv[..nc].iter_mut().enumerate() {
+                *v = _mm256_cvtph_ps(_mm_loadu_si128(q.as_ptr().add(8 * c) as *const __m128i));
+            }
+            for (r, o) in out.iter_mut().enumerate() {
+                let k = rows.as_ptr().add(r * stride);
+                let mut a0 = _mm256_setzero_ps();
+                let mut a1 = _mm256_setzero_ps();
+                let mut c = 0;
+                while c + 1 < nc {
+                    let k0 = _mm256_cvtph_ps(_mm_loadu_si128(k.add(8 * c) as *const __m128i));
+                    let k1 = _mm256_cvtph_ps(_mm_loadu_si128(k.add(8 * c + 8) as *const __m128i));
+                    a0 = _mm256_fmadd_ps(qv[c], k0, a0);
+                    a1 = _mm256_fmadd_ps(qv[c + 1], k1, a1);
+                    c += 2;
+                }
+                if c < nc {
+                    let k0 = _mm256_cvtph_ps(_mm_loadu_si128(k.add(8 * c) as *const __m128i));
+                    a0 = _mm256_fmadd_ps(qv[c], k0, a0);
+                }
+                let a = _mm256_add_ps(a0, a1);
+                let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+                *o = _mm_cvtss_f32(s) * scale;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn axpy_rows_avx2(acc: &mut [f32], p: &[f32], rows: &[f16], stride: usize) {
+        let nc = acc.len() / 8;
+        // SAFETY: acc holds nc * 8 values; row r spans r * stride .. r * stride + nc * 8, inside
+        // `rows` as the caller asserted.
+        unsafe {
+            let mut av = [_mm256_setzero_ps(); MAX_D / 8];
+            for (c, v) in av[..nc].iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(acc.as_ptr().add(8 * c));
+            }
+            for (r, &w) in p.iter().enumerate() {
+                let v = rows.as_ptr().add(r * stride);
+                let wv = _mm256_set1_ps(w);
+                for (c, a) in av[..nc].iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(
+                        wv,
+                        _mm256_cvtph_ps(_mm_loadu_si128(v.add(8 * c) as *const __m128i)),
+                        *a,
+                    );
+                }
+            }
+            for (c, v) in av[..nc].iter().enumerate() {
+                _mm256_storeu_ps(acc.as_mut_ptr().add(8 * c), *v);
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -190,6 +315,37 @@ mod tests {
                 (x % 20001) as f32 / 10000.0 - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn row_kernels_match_portable() {
+        for (d, stride, n) in [
+            (64, 64, 0),
+            (64, 192, 7),
+            (128, 128, 33),
+            (24, 40, 5),
+            (72, 72, 3),
+        ] {
+            let q32 = data(d, 5);
+            let r32 = data(stride * n.max(1), 6);
+            let mut q = vec![f16::ZERO; d];
+            let mut rows = vec![f16::ZERO; r32.len()];
+            portable::f32_to_f16(&q32, &mut q);
+            portable::f32_to_f16(&r32, &mut rows);
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            dot_rows_f16(&q, &rows, stride, 0.125, &mut a);
+            portable::dot_rows_f16(&q, &rows, stride, 0.125, &mut b);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "d={d}: {x} vs {y}");
+            }
+            let p = data(n, 7);
+            let (mut a, mut b) = (data(d, 8), data(d, 8));
+            axpy_rows_f16(&mut a, &p, &rows, stride);
+            portable::axpy_rows_f16(&mut b, &p, &rows, stride);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "d={d}: {x} vs {y}");
+            }
+        }
     }
 
     #[test]
