@@ -10,6 +10,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{BackendError, BackendOptions};
 use crate::kv::KvLayout;
 use crate::model::{Model, ModelError};
+use crate::moa::{Plan, PlanError, PlanFileError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// File name of the default model (SmolLM2-135M-Instruct, Q4_1).
@@ -27,6 +28,58 @@ pub enum RuntimeError {
     Backend(#[from] BackendError),
     #[error("context size {n_ctx} is invalid: {reason}")]
     BadContext { n_ctx: usize, reason: String },
+    #[error("span plan: {0}")]
+    Plan(#[from] PlanError),
+    #[error("span plan: {0}")]
+    PlanFile(#[from] PlanFileError),
+    #[error("--uniform {0}: the density must be in (0, 1]")]
+    BadDensity(f32),
+}
+
+/// Which attention spans a run uses (flags shared by the tools).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PlanArgs {
+    /// Ignore the model's embedded span plan: every head attends to the whole context.
+    #[arg(long, conflicts_with_all = ["plan", "uniform"])]
+    pub dense: bool,
+    /// Apply a span plan file (JSON) without converting the model.
+    #[arg(long, value_name = "FILE", conflicts_with = "uniform")]
+    pub plan: Option<PathBuf>,
+    /// Apply the uniform StreamingLLM-style baseline (alpha 0, beta D, same sinks).
+    #[arg(long, value_name = "D")]
+    pub uniform: Option<f32>,
+}
+
+impl PlanArgs {
+    /// The plan to run with: `--dense` none, `--plan` the file, `--uniform` the baseline, and
+    /// otherwise the plan embedded in the model, if any. Validated against the model.
+    pub fn resolve(&self, model: &Model) -> Result<Option<Plan>, RuntimeError> {
+        let c = &model.config;
+        let plan = if self.dense {
+            None
+        } else if let Some(p) = &self.plan {
+            Some(Plan::load_json(p)?)
+        } else if let Some(d) = self.uniform {
+            if !(d > 0.0 && d <= 1.0) {
+                return Err(RuntimeError::BadDensity(d));
+            }
+            Some(Plan::uniform(c.n_layer, c.n_head_kv, d))
+        } else {
+            Plan::from_gguf(&model.file)?
+        };
+        if let Some(p) = &plan {
+            p.validate(c)?;
+        }
+        Ok(plan)
+    }
+}
+
+/// One line describing the attention of a run at planned length `n`.
+pub fn describe_plan(plan: Option<&Plan>, n: usize) -> String {
+    match plan {
+        None => "dense".into(),
+        Some(p) => format!("MoA plan ({}), density {:.3} at N = {n}", p.source, p.density_at(n)),
+    }
 }
 
 /// The folders searched for models: `$MOA_MODELS`, `./models`, and `models/` beside the
@@ -115,16 +168,25 @@ pub fn cpu_backend(
     n_batch: usize,
     threads: usize,
 ) -> Result<CpuBackend, RuntimeError> {
+    cpu_backend_with_plan(model, None, n_ctx, n_seq, n_batch, threads)
+}
+
+/// A CPU backend whose cache follows `plan` (dense when `None`) for sequences of planned length
+/// `n`, which is also the context (positions stay below `n`).
+pub fn cpu_backend_with_plan(
+    model: &Arc<Model>,
+    plan: Option<&Plan>,
+    n: usize,
+    n_seq: usize,
+    n_batch: usize,
+    threads: usize,
+) -> Result<CpuBackend, RuntimeError> {
     let c = &model.config;
-    let layout = KvLayout::dense(n_seq, c.n_layer, c.n_head_kv, c.head_dim, n_ctx);
-    Ok(CpuBackend::new(
-        Arc::clone(model),
-        BackendOptions {
-            max_batch: n_batch.min(n_ctx).max(1),
-            threads,
-            layout,
-        },
-    )?)
+    let layout = match plan {
+        Some(p) => p.layout(c, n_seq, n),
+        None => KvLayout::dense(n_seq, c.n_layer, c.n_head_kv, c.head_dim, n),
+    };
+    Ok(CpuBackend::new(Arc::clone(model), BackendOptions { max_batch: n_batch.min(n).max(1), threads, layout })?)
 }
 
 /// Formats a byte count as MiB with two decimals.

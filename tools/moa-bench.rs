@@ -54,6 +54,8 @@ struct Args {
     /// Print JSON instead of a markdown table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    spans: runtime::PlanArgs,
 }
 
 /// Deterministic token ids (the values do not change the cost).
@@ -99,7 +101,9 @@ fn main() -> Result<()> {
         .max()
         .unwrap_or(0);
     let n_ctx = max_d + max_t + 1;
-    let mut be = runtime::cpu_backend(&loaded.model, n_ctx, 1, a.batch, threads)?;
+    let plan = a.spans.resolve(&loaded.model)?;
+    let mut be = runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_ctx, 1, a.batch, threads)?;
+    let attention = runtime::describe_plan(plan.as_ref(), n_ctx);
     let size: u64 = loaded.model.file.tensors.iter().map(|t| t.n_bytes).sum();
     let params: u64 = loaded
         .model
@@ -169,9 +173,11 @@ fn main() -> Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "model": path, "model_name": name, "size_bytes": size, "params": params,
                 "backend": be.describe(), "threads": threads, "n_batch": a.batch, "results": rows,
+                "attention": attention, "kv_bytes": be.kv_bytes(), "kv_bytes_dense": be.kv_layout().dense_bytes(2),
             }))?
         );
     } else {
+        eprintln!("attention: {attention}; KV cache {} (dense: {})", runtime::mib(be.kv_bytes()), runtime::mib(be.kv_layout().dense_bytes(2)));
         println!("| model | size | params | backend | threads | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
         for r in &rows {

@@ -34,6 +34,8 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    spans: runtime::PlanArgs,
 }
 
 fn main() -> Result<()> {
@@ -49,7 +51,9 @@ fn main() -> Result<()> {
     // As llama-perplexity: special tokens added as the model says, none parsed from the text.
     let tokens = tok.encode(&text, true, false)?;
     let tokenize_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let mut be = runtime::cpu_backend(&loaded.model, n_ctx, 1, a.batch, threads)?;
+    let plan = a.spans.resolve(&loaded.model)?;
+    let mut be = runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_ctx, 1, a.batch, threads)?;
+    let attention = runtime::describe_plan(plan.as_ref(), n_ctx);
     let bos = if tok.add_bos() { tok.bos() } else { None };
     let n_batch = a.batch.min(n_ctx);
     if !a.json {
@@ -98,6 +102,8 @@ fn main() -> Result<()> {
                 "n_tokens": tokens.len(), "ppl": r.ppl, "err": r.err, "running": r.running,
                 "n_chunks": r.n_chunks, "tokens_scored": r.tokens_scored, "seconds": secs,
                 "kv_bytes": moa::backend::Backend::kv_bytes(&be),
+                "kv_bytes_dense": moa::backend::Backend::kv_layout(&be).dense_bytes(2),
+                "attention": attention,
             })
         );
     } else {

@@ -69,6 +69,8 @@ struct Args {
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    spans: runtime::PlanArgs,
 }
 
 fn sampler_config(a: &Args) -> SamplerConfig {
@@ -134,30 +136,12 @@ fn main() -> Result<()> {
     let tok = &loaded.tokenizer;
     let threads = a.threads.unwrap_or_else(runtime::default_threads);
     let n_ctx = runtime::context_size(&loaded.model, a.ctx)?;
-    let mut be = runtime::cpu_backend(&loaded.model, n_ctx, 1, a.batch, threads)?;
+    let plan = a.spans.resolve(&loaded.model)?;
     let mut sampler = Sampler::new(sampler_config(&a), tok.vocab_size());
     let limit = (a.n_predict >= 0).then_some(a.n_predict as usize);
-    if !a.json {
-        let c = &loaded.model.config;
-        eprintln!(
-            "model: {} ({} layers, d {}, {} heads / {} KV heads, vocab {})",
-            path.display(),
-            c.n_layer,
-            c.n_embd,
-            c.n_head,
-            c.n_head_kv,
-            c.n_vocab
-        );
-        eprintln!(
-            "backend: {}; context {} tokens; KV cache {} (dense: {})",
-            be.describe(),
-            n_ctx,
-            runtime::mib(be.kv_bytes()),
-            runtime::mib(be.kv_layout().dense_bytes(2))
-        );
-    }
-
     if a.conversation {
+        let mut be = runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_ctx, 1, a.batch, threads)?;
+        print_setup(&a, &path, &loaded, &be, plan.as_ref(), n_ctx);
         return chat_loop(&a, &loaded, &mut be, &mut sampler);
     }
 
@@ -185,12 +169,13 @@ fn main() -> Result<()> {
         bail!("the prompt is empty after tokenization");
     }
     if ids.len() >= n_ctx {
-        bail!(
-            "the prompt has {} tokens, but the context holds {} (raise -c)",
-            ids.len(),
-            n_ctx
-        );
+        bail!("the prompt has {} tokens, but the context holds {} (raise -c)", ids.len(), n_ctx);
     }
+    // The planned length N: the prompt and every token asked for, within the context
+    // (moa-method.md section 1); spans are sized for it and the cache holds at most N tokens.
+    let n_plan = limit.map_or(n_ctx, |l| (ids.len() + l).clamp(ids.len() + 1, n_ctx));
+    let mut be = runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_plan, 1, a.batch, threads)?;
+    print_setup(&a, &path, &loaded, &be, plan.as_ref(), n_plan);
     let mut session = Session::new(&mut be, 0, a.batch);
     session.timings.load_ms = loaded.load_ms;
     let logits = session.prompt(&ids)?.to_vec();
@@ -223,7 +208,7 @@ fn main() -> Result<()> {
                 "model": path, "prompt": text, "prompt_ids": ids, "generated_ids": generated,
                 "text": tok.decode(&text_ids), "stopped_on_eog": eog, "timings": t,
                 "kv_bytes": session.backend().kv_bytes(), "kv_bytes_dense": session.backend().kv_layout().dense_bytes(2),
-                "n_ctx": n_ctx, "threads": threads,
+                "n_ctx": n_ctx, "n_plan": n_plan, "attention": runtime::describe_plan(plan.as_ref(), n_plan), "threads": threads,
             })
         );
     } else {
@@ -231,6 +216,30 @@ fn main() -> Result<()> {
         eprintln!("\n{}", t.report());
     }
     Ok(())
+}
+
+/// The start-up lines: model shape, backend, attention and KV cache bytes beside the dense figure.
+fn print_setup(a: &Args, path: &std::path::Path, loaded: &runtime::Loaded, be: &dyn Backend, plan: Option<&moa::moa::Plan>, n: usize) {
+    if a.json {
+        return;
+    }
+    let c = &loaded.model.config;
+    eprintln!(
+        "model: {} ({} layers, d {}, {} heads / {} KV heads, vocab {})",
+        path.display(),
+        c.n_layer,
+        c.n_embd,
+        c.n_head,
+        c.n_head_kv,
+        c.n_vocab
+    );
+    eprintln!("backend: {}; context {} tokens", be.describe(), n);
+    eprintln!(
+        "attention: {}; KV cache {} (dense: {})",
+        runtime::describe_plan(plan, n),
+        runtime::mib(be.kv_bytes()),
+        runtime::mib(be.kv_layout().dense_bytes(2))
+    );
 }
 
 /// Interactive chat: each user line is a turn; the model answers in its chat template.
