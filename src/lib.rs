@@ -14,6 +14,7 @@ pub mod generate;
 pub mod graph;
 pub mod inspect;
 pub mod kv;
+pub mod moa;
 pub mod model;
 pub mod perplexity;
 pub mod runtime;

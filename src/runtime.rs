@@ -9,8 +9,8 @@ use std::time::Instant;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{BackendError, BackendOptions};
 use crate::kv::KvLayout;
-use crate::model::{Model, ModelError};
 use crate::moa::{Plan, PlanError, PlanFileError};
+use crate::model::{Model, ModelError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// File name of the default model (SmolLM2-135M-Instruct, Q4_1).
@@ -78,7 +78,11 @@ impl PlanArgs {
 pub fn describe_plan(plan: Option<&Plan>, n: usize) -> String {
     match plan {
         None => "dense".into(),
-        Some(p) => format!("MoA plan ({}), density {:.3} at N = {n}", p.source, p.density_at(n)),
+        Some(p) => format!(
+            "MoA plan ({}), density {:.3} at N = {n}",
+            p.source,
+            p.density_at(n)
+        ),
     }
 }
 
@@ -186,7 +190,14 @@ pub fn cpu_backend_with_plan(
         Some(p) => p.layout(c, n_seq, n),
         None => KvLayout::dense(n_seq, c.n_layer, c.n_head_kv, c.head_dim, n),
     };
-    Ok(CpuBackend::new(Arc::clone(model), BackendOptions { max_batch: n_batch.min(n).max(1), threads, layout })?)
+    Ok(CpuBackend::new(
+        Arc::clone(model),
+        BackendOptions {
+            max_batch: n_batch.min(n).max(1),
+            threads,
+            layout,
+        },
+    )?)
 }
 
 /// Formats a byte count as MiB with two decimals.

@@ -102,7 +102,8 @@ fn main() -> Result<()> {
         .unwrap_or(0);
     let n_ctx = max_d + max_t + 1;
     let plan = a.spans.resolve(&loaded.model)?;
-    let mut be = runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_ctx, 1, a.batch, threads)?;
+    let mut be =
+        runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_ctx, 1, a.batch, threads)?;
     let attention = runtime::describe_plan(plan.as_ref(), n_ctx);
     let size: u64 = loaded.model.file.tensors.iter().map(|t| t.n_bytes).sum();
     let params: u64 = loaded
@@ -177,7 +178,11 @@ fn main() -> Result<()> {
             }))?
         );
     } else {
-        eprintln!("attention: {attention}; KV cache {} (dense: {})", runtime::mib(be.kv_bytes()), runtime::mib(be.kv_layout().dense_bytes(2)));
+        eprintln!(
+            "attention: {attention}; KV cache {} (dense: {})",
+            runtime::mib(be.kv_bytes()),
+            runtime::mib(be.kv_layout().dense_bytes(2))
+        );
         println!("| model | size | params | backend | threads | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
         for r in &rows {

@@ -52,7 +52,8 @@ fn main() -> Result<()> {
     let tokens = tok.encode(&text, true, false)?;
     let tokenize_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let plan = a.spans.resolve(&loaded.model)?;
-    let mut be = runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_ctx, 1, a.batch, threads)?;
+    let mut be =
+        runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_ctx, 1, a.batch, threads)?;
     let attention = runtime::describe_plan(plan.as_ref(), n_ctx);
     let bos = if tok.add_bos() { tok.bos() } else { None };
     let n_batch = a.batch.min(n_ctx);
@@ -62,6 +63,11 @@ fn main() -> Result<()> {
             path.display(),
             loaded.model.config.n_layer,
             loaded.model.config.n_head_kv
+        );
+        eprintln!(
+            "attention: {attention}; KV cache {} (dense: {})",
+            runtime::mib(moa::backend::Backend::kv_bytes(&be)),
+            runtime::mib(moa::backend::Backend::kv_layout(&be).dense_bytes(2))
         );
         eprintln!(
             "tokenized {} bytes into {} tokens in {:.1} ms",

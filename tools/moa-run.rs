@@ -140,7 +140,14 @@ fn main() -> Result<()> {
     let mut sampler = Sampler::new(sampler_config(&a), tok.vocab_size());
     let limit = (a.n_predict >= 0).then_some(a.n_predict as usize);
     if a.conversation {
-        let mut be = runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_ctx, 1, a.batch, threads)?;
+        let mut be = runtime::cpu_backend_with_plan(
+            &loaded.model,
+            plan.as_ref(),
+            n_ctx,
+            1,
+            a.batch,
+            threads,
+        )?;
         print_setup(&a, &path, &loaded, &be, plan.as_ref(), n_ctx);
         return chat_loop(&a, &loaded, &mut be, &mut sampler);
     }
@@ -169,12 +176,17 @@ fn main() -> Result<()> {
         bail!("the prompt is empty after tokenization");
     }
     if ids.len() >= n_ctx {
-        bail!("the prompt has {} tokens, but the context holds {} (raise -c)", ids.len(), n_ctx);
+        bail!(
+            "the prompt has {} tokens, but the context holds {} (raise -c)",
+            ids.len(),
+            n_ctx
+        );
     }
     // The planned length N: the prompt and every token asked for, within the context
     // (moa-method.md section 1); spans are sized for it and the cache holds at most N tokens.
     let n_plan = limit.map_or(n_ctx, |l| (ids.len() + l).clamp(ids.len() + 1, n_ctx));
-    let mut be = runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_plan, 1, a.batch, threads)?;
+    let mut be =
+        runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_plan, 1, a.batch, threads)?;
     print_setup(&a, &path, &loaded, &be, plan.as_ref(), n_plan);
     let mut session = Session::new(&mut be, 0, a.batch);
     session.timings.load_ms = loaded.load_ms;
@@ -219,7 +231,14 @@ fn main() -> Result<()> {
 }
 
 /// The start-up lines: model shape, backend, attention and KV cache bytes beside the dense figure.
-fn print_setup(a: &Args, path: &std::path::Path, loaded: &runtime::Loaded, be: &dyn Backend, plan: Option<&moa::moa::Plan>, n: usize) {
+fn print_setup(
+    a: &Args,
+    path: &std::path::Path,
+    loaded: &runtime::Loaded,
+    be: &dyn Backend,
+    plan: Option<&moa::moa::Plan>,
+    n: usize,
+) {
     if a.json {
         return;
     }
