@@ -31,7 +31,7 @@ struct MatKernel {
 
 pub struct CpuBackend {
     model: Arc<Model>,
-    pool: rayon::ThreadPool,
+    pool: Arc<rayon::ThreadPool>,
     threads: usize,
     max_batch: usize,
     max_logits: usize,
@@ -100,6 +100,7 @@ impl CpuBackend {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
+            .map(Arc::new)
             .map_err(|e| BackendError::OutOfMemory {
                 what: format!("thread pool ({e})"),
                 bytes: 0,
@@ -399,13 +400,8 @@ impl Backend for CpuBackend {
             );
         }
         self.qkey = None;
-        let pool = std::mem::replace(
-            &mut self.pool,
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .unwrap(),
-        );
+        // The pool is shared through an Arc so the ops can borrow `self` inside `install`.
+        let pool = Arc::clone(&self.pool);
         pool.install(|| {
             let ops = &model.graph.ops;
             let mut i = 0;
@@ -420,7 +416,6 @@ impl Backend for CpuBackend {
                 }
             }
         });
-        self.pool = pool;
         for (seq, _, len) in batch.runs() {
             self.seq_len[seq as usize] += len;
         }
