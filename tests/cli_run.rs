@@ -193,3 +193,47 @@ fn moa_perplexity_prints_llama_style_estimates() {
     assert!(!ok);
     assert!(err.contains("need at least 2048 tokens"), "{err}");
 }
+
+#[test]
+fn moa_run_chat_mode_answers_each_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("chat.gguf");
+    let mut spec = SynthSpec::tiny(GgmlType::Q8_0, 10);
+    spec.chat_template = Some(
+        "{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|eos|>{% endfor %}{% if add_generation_prompt %}<|bos|>assistant: {% endif %}".into(),
+    );
+    write_synthetic(&spec, &p).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moa-run"))
+        .args([
+            "-m",
+            p.to_str().unwrap(),
+            "-cnv",
+            "--system",
+            "be brief",
+            "--temp",
+            "0",
+            "-n",
+            "5",
+            "-c",
+            "256",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello there\nsecond turn\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("chat mode"), "{err}");
+    // Two turns were answered: two prompts printed after the banner, then the final one at EOF.
+    assert_eq!(err.matches("\n> ").count(), 3, "{err}");
+    assert!(err.contains("eval time"), "{err}");
+}

@@ -378,6 +378,7 @@ fn llama32_shape(dir: &Path) -> PathBuf {
         untied_output: false,
         rope_base: 500000.0,
         seed: 5,
+        chat_template: None,
     };
     write_synthetic(&spec, &p).unwrap();
     p

@@ -130,7 +130,15 @@ fn generate(
 }
 
 fn main() -> Result<()> {
-    let a = Args::parse();
+    // llama.cpp spells the chat flag `-cnv`, which clap would read as `-c nv`.
+    let argv = std::env::args_os().map(|a| {
+        if a == "-cnv" {
+            "--conversation".into()
+        } else {
+            a
+        }
+    });
+    let a = Args::parse_from(argv);
     let path = runtime::resolve_model(a.model.as_deref())?;
     let loaded = runtime::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
     let tok = &loaded.tokenizer;
@@ -272,6 +280,7 @@ fn chat_loop(
     let tmpl = ChatTemplate::from_gguf(&loaded.model.file)?
         .context("the model has no chat template; -cnv needs one")?;
     let mut session = Session::new(be, 0, a.batch);
+    session.timings.load_ms = loaded.load_ms;
     let mut msgs: Vec<Message> = Vec::new();
     if let Some(s) = &a.system {
         msgs.push(Message::new("system", s.as_str()));

@@ -28,6 +28,8 @@ pub struct SynthSpec {
     pub untied_output: bool,
     pub rope_base: f32,
     pub seed: u64,
+    /// `tokenizer.chat_template`, if any.
+    pub chat_template: Option<String>,
 }
 
 impl SynthSpec {
@@ -46,6 +48,7 @@ impl SynthSpec {
             untied_output: true,
             rope_base: 10000.0,
             seed,
+            chat_template: None,
         }
     }
 }
@@ -178,6 +181,9 @@ pub fn write_synthetic(spec: &SynthSpec, path: &Path) -> Result<u64, GgufError> 
         Value::U32(spec.n_vocab as u32 - 1),
     );
     b.set("tokenizer.ggml.add_bos_token", Value::Bool(true));
+    if let Some(t) = &spec.chat_template {
+        b.set("tokenizer.chat_template", Value::string(t.as_str()));
+    }
 
     let (e, q, kv, ff, v) = (
         spec.n_embd,
