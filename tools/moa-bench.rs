@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use moa::backend::Backend;
-use moa::graph::BatchBuf;
+use moa::generate::Session;
 use moa::runtime;
 
 #[derive(Parser)]
@@ -71,21 +71,6 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// Feeds `toks` in batches; only the last token asks for logits.
-fn feed(be: &mut dyn Backend, toks: &[u32], n_batch: usize, b: &mut BatchBuf) -> Result<()> {
-    let mut pos = be.seq_len(0);
-    let n = toks.len();
-    for (c, chunk) in toks.chunks(n_batch).enumerate() {
-        b.clear();
-        for (k, &t) in chunk.iter().enumerate() {
-            b.push(t, pos as u32, 0, c * n_batch + k + 1 == n);
-            pos += 1;
-        }
-        be.forward(&b.as_batch())?;
-    }
-    Ok(())
-}
-
 fn main() -> Result<()> {
     let a = Args::parse();
     let path = runtime::resolve_model(a.model.as_deref())?;
@@ -131,7 +116,6 @@ fn main() -> Result<()> {
             .map_or("?", |t| t.ty.name())
     );
     let mut rows = Vec::new();
-    let mut b = BatchBuf::with_capacity(a.batch);
     let tests: Vec<(&str, usize)> = a
         .n_prompt
         .iter()
@@ -144,14 +128,15 @@ fn main() -> Result<()> {
             let mut samples = Vec::with_capacity(a.reps);
             for r in 0..a.reps {
                 be.clear(0);
-                feed(&mut be, &tokens(d, vocab, 7), a.batch, &mut b)?;
+                let mut s = Session::new(&mut be, 0, a.batch);
+                s.prompt(&tokens(d, vocab, 7))?;
                 let toks = tokens(n, vocab, 100 + r as u64);
                 let t0 = Instant::now();
                 if kind == "pp" {
-                    feed(&mut be, &toks, a.batch, &mut b)?;
+                    s.prompt(&toks)?;
                 } else {
                     for &t in &toks {
-                        feed(&mut be, &[t], 1, &mut b)?;
+                        s.step(t)?;
                     }
                 }
                 samples.push(n as f64 / t0.elapsed().as_secs_f64());
