@@ -11,8 +11,6 @@ pub type DotRowsFn = fn(&[f16], &[f16], usize, f32, &mut [f32]);
 pub type AxpyRowsFn = fn(&mut [f32], &[f32], &[f16], usize);
 
 struct Kernels {
-    dot_f16: fn(&[f16], &[f16]) -> f32,
-    axpy_f16: fn(&mut [f32], f32, &[f16]),
     f32_to_f16: fn(&[f32], &mut [f16]),
     dot_rows_f16: DotRowsFn,
     axpy_rows_f16: AxpyRowsFn,
@@ -24,33 +22,17 @@ fn kernels() -> &'static Kernels {
         #[cfg(target_arch = "x86_64")]
         if ggml_compat::dot::kernel_set() == ggml_compat::dot::KernelSet::Avx2 {
             return Kernels {
-                dot_f16: x86::dot_f16,
-                axpy_f16: x86::axpy_f16,
                 f32_to_f16: x86::f32_to_f16,
                 dot_rows_f16: x86::dot_rows_f16,
                 axpy_rows_f16: x86::axpy_rows_f16,
             };
         }
         Kernels {
-            dot_f16: portable::dot_f16,
-            axpy_f16: portable::axpy_f16,
             f32_to_f16: portable::f32_to_f16,
             dot_rows_f16: portable::dot_rows_f16,
             axpy_rows_f16: portable::axpy_rows_f16,
         }
     })
-}
-
-/// `sum a[i] * b[i]` with f32 accumulation.
-#[inline]
-pub fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
-    (kernels().dot_f16)(a, b)
-}
-
-/// `y[i] += alpha * x[i]`.
-#[inline]
-pub fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16]) {
-    (kernels().axpy_f16)(y, alpha, x)
 }
 
 /// Scores of one query against consecutive rows (attention keys `stride` apart).
@@ -110,16 +92,6 @@ mod x86 {
     use half::f16;
     use std::arch::x86_64::*;
 
-    pub fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        // SAFETY: selected only when the CPU reports AVX2, FMA and F16C; lengths are equal.
-        unsafe { dot_f16_avx2(a, b) }
-    }
-    pub fn axpy_f16(y: &mut [f32], alpha: f32, x: &[f16]) {
-        assert_eq!(y.len(), x.len());
-        // SAFETY: as above.
-        unsafe { axpy_f16_avx2(y, alpha, x) }
-    }
     pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
         assert_eq!(src.len(), dst.len());
         // SAFETY: as above.
@@ -216,70 +188,6 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_f16_avx2(a: &[f16], b: &[f16]) -> f32 {
-        // SAFETY: the loads and stores below stay in bounds (see the loop conditions), and
-        // the caller guarantees the CPU features this function is compiled for.
-        unsafe {
-            let n = a.len();
-            let mut i = 0;
-            let mut acc0 = _mm256_setzero_ps();
-            let mut acc1 = _mm256_setzero_ps();
-            // SAFETY (all loads): i + 16 <= n (or i + 8 <= n) bounds every 8-element load; f16 is
-            // a 2-byte plain value, so 8 of them are one unaligned 128-bit load.
-            while i + 16 <= n {
-                let pa = a.as_ptr().add(i) as *const __m128i;
-                let pb = b.as_ptr().add(i) as *const __m128i;
-                let a0 = _mm256_cvtph_ps(_mm_loadu_si128(pa));
-                let b0 = _mm256_cvtph_ps(_mm_loadu_si128(pb));
-                let a1 = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(1)));
-                let b1 = _mm256_cvtph_ps(_mm_loadu_si128(pb.add(1)));
-                acc0 = _mm256_fmadd_ps(a0, b0, acc0);
-                acc1 = _mm256_fmadd_ps(a1, b1, acc1);
-                i += 16;
-            }
-            while i + 8 <= n {
-                let a0 = _mm256_cvtph_ps(_mm_loadu_si128(a.as_ptr().add(i) as *const __m128i));
-                let b0 = _mm256_cvtph_ps(_mm_loadu_si128(b.as_ptr().add(i) as *const __m128i));
-                acc0 = _mm256_fmadd_ps(a0, b0, acc0);
-                i += 8;
-            }
-            let acc = _mm256_add_ps(acc0, acc1);
-            let hi = _mm256_extractf128_ps(acc, 1);
-            let s = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            let mut sum = _mm_cvtss_f32(s);
-            while i < n {
-                sum += a[i].to_f32() * b[i].to_f32();
-                i += 1;
-            }
-            sum
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn axpy_f16_avx2(y: &mut [f32], alpha: f32, x: &[f16]) {
-        // SAFETY: the loads and stores below stay in bounds (see the loop conditions), and
-        // the caller guarantees the CPU features this function is compiled for.
-        unsafe {
-            let n = y.len();
-            let va = _mm256_set1_ps(alpha);
-            let mut i = 0;
-            // SAFETY: i + 8 <= n bounds each 8-lane load and store of y and x.
-            while i + 8 <= n {
-                let xv = _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(i) as *const __m128i));
-                let yp = y.as_mut_ptr().add(i);
-                _mm256_storeu_ps(yp, _mm256_fmadd_ps(va, xv, _mm256_loadu_ps(yp)));
-                i += 8;
-            }
-            while i < n {
-                y[i] += alpha * x[i].to_f32();
-                i += 1;
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn f32_to_f16_avx2(src: &[f32], dst: &mut [f16]) {
         // SAFETY: the loads and stores below stay in bounds (see the loop conditions), and
         // the caller guarantees the CPU features this function is compiled for.
@@ -349,30 +257,14 @@ mod tests {
     }
 
     #[test]
-    fn dispatched_kernels_match_portable() {
+    fn dispatched_rounding_matches_portable() {
         for n in [0, 1, 7, 8, 15, 16, 17, 64, 100, 129] {
             let a32 = data(n, 1);
-            let b32 = data(n, 2);
             let mut a = vec![f16::ZERO; n];
-            let mut b = vec![f16::ZERO; n];
             f32_to_f16(&a32, &mut a);
-            f32_to_f16(&b32, &mut b);
             let mut ap = vec![f16::ZERO; n];
             portable::f32_to_f16(&a32, &mut ap);
             assert_eq!(a, ap, "rounding differs at n={n}");
-            let d = dot_f16(&a, &b);
-            let dp = portable::dot_f16(&a, &b);
-            assert!(
-                (d - dp).abs() <= 1e-5 * (1.0 + dp.abs()),
-                "n={n}: {d} vs {dp}"
-            );
-            let mut y = data(n, 3);
-            let mut yp = y.clone();
-            axpy_f16(&mut y, 0.37, &a);
-            portable::axpy_f16(&mut yp, 0.37, &a);
-            for (u, v) in y.iter().zip(&yp) {
-                assert!((u - v).abs() <= 1e-6 * (1.0 + v.abs()));
-            }
         }
     }
 }
