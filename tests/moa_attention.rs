@@ -111,7 +111,10 @@ proptest! {
         let ours = run(&mut be, &toks, prompt, chunk);
         for (p, (a, b)) in ours.iter().zip(&reference).enumerate() {
             for (x, y) in a.iter().zip(b) {
-                prop_assert!((x - y).abs() <= 2e-4 * (1.0 + y.abs()), "position {}: {} vs {} (caps {:?})", p, x, y, caps);
+                // Noise floor: q/k/v are rounded to f16 in both, and a value computed in f32 that
+                // lands on the other side of an f16 rounding boundary than its f64 twin moves the
+                // logits by up to ~3e-4. Widening any span by one key moves them by 8e-2..5e-1.
+                prop_assert!((x - y).abs() <= 2e-3 * (1.0 + y.abs()), "position {}: {} vs {} (caps {:?})", p, x, y, caps);
             }
         }
     }
