@@ -5,6 +5,7 @@
 pub mod json;
 pub mod metadata;
 pub mod plan;
+pub mod profile_file;
 pub mod report;
 
 pub use json::ImportReport;
