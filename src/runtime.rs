@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{BackendError, BackendOptions};
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{Backend, BackendError, BackendOptions};
 use crate::kv::KvLayout;
 use crate::moa::{Plan, PlanError, PlanFileError};
 use crate::model::{Model, ModelError};
@@ -198,6 +199,59 @@ pub fn cpu_backend_with_plan(
             layout,
         },
     )?)
+}
+
+/// Where the forward pass runs (`--device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Device {
+    /// The GPU when one is usable, else the CPU (with a notice saying why).
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// A backend on `device` whose cache follows `plan` (dense when `None`) for sequences of
+/// planned length `n`. `auto` falls back to the CPU only when no GPU is usable (missing driver,
+/// libraries or device), never after a GPU error such as out-of-memory.
+pub fn backend_with_plan(
+    model: &Arc<Model>,
+    plan: Option<&Plan>,
+    n: usize,
+    n_seq: usize,
+    n_batch: usize,
+    threads: usize,
+    device: Device,
+) -> Result<Box<dyn Backend>, RuntimeError> {
+    let use_gpu = match device {
+        Device::Cpu => false,
+        Device::Cuda => true,
+        Device::Auto => match crate::backend::cuda::probe() {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("note: no usable GPU ({e}); running on the CPU");
+                false
+            }
+        },
+    };
+    if !use_gpu {
+        return Ok(Box::new(cpu_backend_with_plan(
+            model, plan, n, n_seq, n_batch, threads,
+        )?));
+    }
+    let c = &model.config;
+    let layout = match plan {
+        Some(p) => p.layout(c, n_seq, n),
+        None => KvLayout::dense(n_seq, c.n_layer, c.n_head_kv, c.head_dim, n),
+    };
+    Ok(Box::new(CudaBackend::new(
+        Arc::clone(model),
+        BackendOptions {
+            max_batch: n_batch.min(n).max(1),
+            threads,
+            layout,
+        },
+    )?))
 }
 
 /// Formats a byte count as MiB with two decimals.

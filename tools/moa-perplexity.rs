@@ -36,6 +36,9 @@ struct Args {
     json: bool,
     #[command(flatten)]
     spans: runtime::PlanArgs,
+    /// Where to run: auto (the GPU when usable), cpu or cuda.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: runtime::Device,
 }
 
 fn main() -> Result<()> {
@@ -52,8 +55,15 @@ fn main() -> Result<()> {
     let tokens = tok.encode(&text, true, false)?;
     let tokenize_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let plan = a.spans.resolve(&loaded.model)?;
-    let mut be =
-        runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_ctx, 1, a.batch, threads)?;
+    let mut be = runtime::backend_with_plan(
+        &loaded.model,
+        plan.as_ref(),
+        n_ctx,
+        1,
+        a.batch,
+        threads,
+        a.device,
+    )?;
     let attention = runtime::describe_plan(plan.as_ref(), n_ctx);
     let bos = if tok.add_bos() { tok.bos() } else { None };
     let n_batch = a.batch.min(n_ctx);
@@ -66,8 +76,8 @@ fn main() -> Result<()> {
         );
         eprintln!(
             "attention: {attention}; KV cache {} (dense: {})",
-            runtime::mib(moa::backend::Backend::kv_bytes(&be)),
-            runtime::mib(moa::backend::Backend::kv_layout(&be).dense_bytes(2))
+            runtime::mib(be.kv_bytes()),
+            runtime::mib(be.kv_layout().dense_bytes(2))
         );
         eprintln!(
             "tokenized {} bytes into {} tokens in {:.1} ms",
@@ -85,7 +95,7 @@ fn main() -> Result<()> {
     }
     let t1 = Instant::now();
     let r = perplexity(
-        &mut be,
+        be.as_mut(),
         &tokens,
         n_ctx,
         n_batch,
@@ -107,8 +117,8 @@ fn main() -> Result<()> {
                 "model": path, "file": a.file, "n_ctx": n_ctx, "n_batch": n_batch, "threads": threads,
                 "n_tokens": tokens.len(), "ppl": r.ppl, "err": r.err, "running": r.running,
                 "n_chunks": r.n_chunks, "tokens_scored": r.tokens_scored, "seconds": secs,
-                "kv_bytes": moa::backend::Backend::kv_bytes(&be),
-                "kv_bytes_dense": moa::backend::Backend::kv_layout(&be).dense_bytes(2),
+                "kv_bytes": be.kv_bytes(),
+                "kv_bytes_dense": be.kv_layout().dense_bytes(2),
                 "attention": attention,
             })
         );

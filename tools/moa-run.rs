@@ -71,6 +71,9 @@ struct Args {
     json: bool,
     #[command(flatten)]
     spans: runtime::PlanArgs,
+    /// Where to run: auto (the GPU when usable), cpu or cuda.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: runtime::Device,
 }
 
 fn sampler_config(a: &Args) -> SamplerConfig {
@@ -148,16 +151,17 @@ fn main() -> Result<()> {
     let mut sampler = Sampler::new(sampler_config(&a), tok.vocab_size());
     let limit = (a.n_predict >= 0).then_some(a.n_predict as usize);
     if a.conversation {
-        let mut be = runtime::cpu_backend_with_plan(
+        let mut be = runtime::backend_with_plan(
             &loaded.model,
             plan.as_ref(),
             n_ctx,
             1,
             a.batch,
             threads,
+            a.device,
         )?;
-        print_setup(&a, &path, &loaded, &be, plan.as_ref(), n_ctx);
-        return chat_loop(&a, &loaded, &mut be, &mut sampler);
+        print_setup(&a, &path, &loaded, be.as_ref(), plan.as_ref(), n_ctx);
+        return chat_loop(&a, &loaded, be.as_mut(), &mut sampler);
     }
 
     let prompt = match (&a.prompt, &a.file) {
@@ -193,10 +197,17 @@ fn main() -> Result<()> {
     // The planned length N: the prompt and every token asked for, within the context
     // (moa-method.md section 1); spans are sized for it and the cache holds at most N tokens.
     let n_plan = limit.map_or(n_ctx, |l| (ids.len() + l).clamp(ids.len() + 1, n_ctx));
-    let mut be =
-        runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_plan, 1, a.batch, threads)?;
-    print_setup(&a, &path, &loaded, &be, plan.as_ref(), n_plan);
-    let mut session = Session::new(&mut be, 0, a.batch);
+    let mut be = runtime::backend_with_plan(
+        &loaded.model,
+        plan.as_ref(),
+        n_plan,
+        1,
+        a.batch,
+        threads,
+        a.device,
+    )?;
+    print_setup(&a, &path, &loaded, be.as_ref(), plan.as_ref(), n_plan);
+    let mut session = Session::new(be.as_mut(), 0, a.batch);
     session.timings.load_ms = loaded.load_ms;
     let logits = session.prompt(&ids)?.to_vec();
     let mut history = ids.clone();

@@ -2,6 +2,7 @@
 //! generation code sees; buffers, kernels and threads belong to each backend.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::graph::Batch;
 use crate::kv::KvLayout;
@@ -38,6 +39,22 @@ pub enum BackendError {
     },
     #[error("out of memory: {what} needs {bytes} bytes")]
     OutOfMemory { what: String, bytes: usize },
+    #[error("GPU out of memory: {what} needs {bytes} bytes, {free} of {total} bytes are free on the device")]
+    DeviceOutOfMemory {
+        what: String,
+        bytes: usize,
+        free: usize,
+        total: usize,
+    },
+    #[error("GPU: {0}")]
+    Device(String),
+    #[error("the {backend} backend cannot run tensor {tensor} of type {ty}: {reason}")]
+    Unsupported {
+        backend: &'static str,
+        tensor: String,
+        ty: String,
+        reason: String,
+    },
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
 }

@@ -1,0 +1,137 @@
+// Row-wise float ops of the forward step (the CUDA twins of src/backend/cpu/ops.rs), the KV
+// cache store, f32 -> f16 conversion, row gathers and greedy argmax.
+
+// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w; one block per row, sum of squares in f64 as the
+// CPU backend (and ggml) accumulate it.
+extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, int width,
+                                    float* out) {
+    int t = blockIdx.x;
+    const float* xr = x + (size_t)t * width;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) s += (double)(xr[i] * xr[i]);
+    __shared__ double red[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (threadIdx.x % WARP == 0) red[threadIdx.x / WARP] = s;
+    __syncthreads();
+    if (threadIdx.x < WARP) {
+        s = threadIdx.x < blockDim.x / WARP ? red[threadIdx.x] : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (threadIdx.x == 0) red[0] = s;
+    }
+    __syncthreads();
+    float mean = (float)(red[0] / (double)width);
+    float scale = 1.0f / sqrtf(mean + eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x)
+        out[(size_t)t * width + i] = (xr[i] * scale) * w[i];
+}
+
+// Rotates adjacent pairs of the first n_rot dims of every head; cs: n_tok x (n_rot/2) (cos, sin)
+// computed on the host exactly as the CPU backend computes them.
+extern "C" __global__ void rope(float* x, int n_tok, int n_heads, int head_dim, int half_rot,
+                                const float2* cs) {
+    int gid = blockIdx.x * blockDim.x + threadIdx.x;
+    int per_tok = n_heads * half_rot;
+    if (gid >= n_tok * per_tok) return;
+    int t = gid / per_tok, r = gid % per_tok, h = r / half_rot, i = r % half_rot;
+    float2 c = cs[t * half_rot + i];
+    float* p = x + (size_t)t * n_heads * head_dim + h * head_dim + 2 * i;
+    float x0 = p[0], x1 = p[1];
+    p[0] = x0 * c.x - x1 * c.y;
+    p[1] = x0 * c.y + x1 * c.x;
+}
+
+extern "C" __global__ void swiglu(float* gate, const float* up, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = gate[i];
+    gate[i] = g / (1.0f + expf(-g)) * up[i];
+}
+
+extern "C" __global__ void add(float* x, const float* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+extern "C" __global__ void to_f16(const float* x, u16* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = f2h(x[i]);
+}
+
+// dst[r] = src[rows[r]] for r < n, rows of width floats.
+extern "C" __global__ void gather_rows(const float* src, const int* rows, int n, int width,
+                                       float* dst) {
+    int gid = blockIdx.x * blockDim.x + threadIdx.x;
+    if (gid >= n * width) return;
+    int r = gid / width, i = gid % width;
+    dst[gid] = src[(size_t)rows[r] * width + i];
+}
+
+// Slot of position `pos` in a head region of capacity `cap` with `sink` kept tokens (the ring of
+// src/kv: sinks first, then the most recent tokens).
+__device__ __forceinline__ int ring_slot(int cap, int sink, int pos) {
+    return (pos < sink || cap <= sink) ? pos : sink + (pos - sink) % (cap - sink);
+}
+
+// Writes the batch's f16 K and V rows (tok_last: the last position of each token's run) (n_tok x n_head_kv x head_dim) into one layer's cache.
+// caps/offs: this layer's per-head capacity and region offset; rows_per_seq: rows one sequence
+// holds in this layer.
+extern "C" __global__ void kv_store(const u16* knew, const u16* vnew, int n_tok, int n_head_kv,
+                                    int head_dim, const int* tok_pos, const int* tok_seq,
+                                    const int* tok_last, const int* caps, const int* offs, int rows_per_seq, int sink,
+                                    u16* kc, u16* vc) {
+    int gid = blockIdx.x * blockDim.x + threadIdx.x;
+    int per_head = head_dim / 8;
+    if (gid >= n_tok * n_head_kv * per_head) return;
+    int t = gid / (n_head_kv * per_head), r = gid % (n_head_kv * per_head);
+    int h = r / per_head, c = r % per_head;
+    int pos = tok_pos[t], cap = caps[h];
+    // A later token of the same run takes this ring slot: only the newest may write it.
+    if (pos >= sink && cap > sink && tok_last[t] - pos >= cap - sink) return;
+    int slot = ring_slot(cap, sink, pos);
+    size_t row = (size_t)tok_seq[t] * rows_per_seq + offs[h] + slot;
+    size_t src = ((size_t)t * n_head_kv + h) * head_dim;
+    ((uint4*)(kc + row * head_dim))[c] = ((const uint4*)(knew + src))[c];
+    ((uint4*)(vc + row * head_dim))[c] = ((const uint4*)(vnew + src))[c];
+}
+
+// out[r] = argmax of logits row r (first index on ties); one block per row.
+extern "C" __global__ void argmax_rows(const float* logits, int n_vocab, int* out) {
+    const float* x = logits + (size_t)blockIdx.x * n_vocab;
+    float best = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < n_vocab; i += blockDim.x) {
+        float v = x[i];
+        if (v > best || (v == best && i < bi)) {
+            best = v;
+            bi = i;
+        }
+    }
+    __shared__ float sb[32];
+    __shared__ int si[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+    if (threadIdx.x % WARP == 0) {
+        sb[threadIdx.x / WARP] = best;
+        si[threadIdx.x / WARP] = bi;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x / WARP); w++) {
+            if (sb[w] > best || (sb[w] == best && si[w] < bi)) {
+                best = sb[w];
+                bi = si[w];
+            }
+        }
+        if (bi == 0x7fffffff) bi = 0;
+        out[blockIdx.x] = bi;
+    }
+}

@@ -1,0 +1,499 @@
+// Quantized weights on the GPU: the ggml block formats as they sit in the GGUF file (never
+// dequantized copies kept), with
+//   - quantize_q8_1: activations to 8-bit blocks of 32 (int8 values + (scale, scale * sum)),
+//     once per matrix input, as llama.cpp's MMVQ path does;
+//   - mmvq_<type>: decode matrix-vector products (1..8 tokens) from q8_1 activations with
+//     __dp4a, one warp per weight row, the row's blocks spread over the lanes;
+//   - mv_<f32|f16|bf16>: the same for float weights with f32 activations;
+//   - dequant_f16_<type>: weights to f16 rows (prefill: a scratch tile for cuBLAS);
+//   - embed_<type>: token embedding rows to f32.
+// Block layouts follow ggml (see ggml-compat for the CPU reference of every one).
+
+#define MV_WARPS 4
+#define MV_MAXT 8
+
+// ---- q8_1 activations ---------------------------------------------------------------------
+
+// x: n_tok rows of K floats (row stride ldx). yq: n_tok rows of K int8. yds: (d, d * sum q).
+extern "C" __global__ void quantize_q8_1(const float* x, int ldx, int K, int n_tok, i8* yq,
+                                         float2* yds) {
+    int nb = K / 32;
+    int gb = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;  // global block index
+    if (gb >= nb * n_tok) return;
+    int t = gb / nb, b = gb % nb, lane = threadIdx.x % WARP;
+    float v = x[(size_t)t * ldx + b * 32 + lane];
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.0f;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int q = (int)roundf(v * id);
+    yq[(size_t)t * K + b * 32 + lane] = (i8)q;
+    float s = warp_sum((float)q);
+    if (lane == 0) yds[(size_t)t * nb + b] = make_float2(d, d * s);
+}
+
+// ---- one unit of a row times q8_1 activations ----------------------------------------------
+// A unit is 32 values for the legacy quants and 64 for the K-quants. `load` reads the unit's
+// weight bytes into registers once (vector loads where the block layout is aligned); `dot`
+// multiplies them with one token's q8_1 row, so a batch of tokens reads each weight once.
+
+// Four ints of int8 activations (16 values) at `p` (16-byte aligned).
+__device__ __forceinline__ int4 ld_y16(const i8* p) { return *(const int4*)p; }
+
+__device__ __forceinline__ int dp4(int a, int b, int c) { return __dp4a(a, b, c); }
+
+// Spreads 4 bits to bit 4 of each byte.
+__device__ __forceinline__ int spread4(u32 hb) {
+    return (int)(((hb & 1u) << 4) | ((hb & 2u) << 11) | ((hb & 4u) << 18) | ((hb & 8u) << 25));
+}
+
+// Sum of 16 int8 products: q[0..4] x y (16 values).
+__device__ __forceinline__ int dot16(const int* q, int4 y, int s) {
+    s = dp4(q[0], y.x, s);
+    s = dp4(q[1], y.y, s);
+    s = dp4(q[2], y.z, s);
+    return dp4(q[3], y.w, s);
+}
+
+template <int T>
+struct Unit;
+
+// Legacy quants: one 32-value block; lo[i] / hi[i] hold values 4i.. and 16+4i.. as bytes.
+template <>
+struct Unit<T_Q4_0> {
+    int q[8];
+    float d;
+    int u;
+    __device__ __forceinline__ void load(const u8* row, int uu) {
+        u = uu;
+        const u8* b = row + u * 18;
+        d = h2f(*(const u16*)b);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int v = ld_i32_a2(b + 2 + 4 * i);
+            q[i] = v & 0x0F0F0F0F;
+            q[i + 4] = (v >> 4) & 0x0F0F0F0F;
+        }
+    }
+    __device__ __forceinline__ float dot(const i8* yq, const float2* yds) const {
+        const i8* y = yq + u * 32;
+        int s = dot16(q, ld_y16(y), 0);
+        s = dot16(q + 4, ld_y16(y + 16), s);
+        float2 ds = yds[u];
+        return d * (ds.x * (float)s - 8.0f * ds.y);
+    }
+};
+
+template <>
+struct Unit<T_Q4_1> {
+    int q[8];
+    float d, m;
+    int u;
+    __device__ __forceinline__ void load(const u8* row, int uu) {
+        u = uu;
+        const u8* b = row + u * 20;
+        u32 dm = *(const u32*)b;
+        d = h2f((u16)(dm & 0xffff));
+        m = h2f((u16)(dm >> 16));
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int v = ld_i32_a4(b + 4 + 4 * i);
+            q[i] = v & 0x0F0F0F0F;
+            q[i + 4] = (v >> 4) & 0x0F0F0F0F;
+        }
+    }
+    __device__ __forceinline__ float dot(const i8* yq, const float2* yds) const {
+        const i8* y = yq + u * 32;
+        int s = dot16(q, ld_y16(y), 0);
+        s = dot16(q + 4, ld_y16(y + 16), s);
+        float2 ds = yds[u];
+        return d * ds.x * (float)s + m * ds.y;
+    }
+};
+
+template <>
+struct Unit<T_Q5_0> {
+    int q[8];
+    float d;
+    int u;
+    __device__ __forceinline__ void load(const u8* row, int uu) {
+        u = uu;
+        const u8* b = row + u * 22;
+        d = h2f(*(const u16*)b);
+        u32 qh = (u32)ld_i32_a2(b + 2);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int v = ld_i32_a2(b + 6 + 4 * i);
+            q[i] = (v & 0x0F0F0F0F) | spread4((qh >> (4 * i)) & 0xF);
+            q[i + 4] = ((v >> 4) & 0x0F0F0F0F) | spread4((qh >> (16 + 4 * i)) & 0xF);
+        }
+    }
+    __device__ __forceinline__ float dot(const i8* yq, const float2* yds) const {
+        const i8* y = yq + u * 32;
+        int s = dot16(q, ld_y16(y), 0);
+        s = dot16(q + 4, ld_y16(y + 16), s);
+        float2 ds = yds[u];
+        return d * (ds.x * (float)s - 16.0f * ds.y);
+    }
+};
+
+template <>
+struct Unit<T_Q5_1> {
+    int q[8];
+    float d, m;
+    int u;
+    __device__ __forceinline__ void load(const u8* row, int uu) {
+        u = uu;
+        const u8* b = row + u * 24;
+        u32 dm = *(const u32*)b;
+        d = h2f((u16)(dm & 0xffff));
+        m = h2f((u16)(dm >> 16));
+        u32 qh = *(const u32*)(b + 4);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int v = ld_i32_a4(b + 8 + 4 * i);
+            q[i] = (v & 0x0F0F0F0F) | spread4((qh >> (4 * i)) & 0xF);
+            q[i + 4] = ((v >> 4) & 0x0F0F0F0F) | spread4((qh >> (16 + 4 * i)) & 0xF);
+        }
+    }
+    __device__ __forceinline__ float dot(const i8* yq, const float2* yds) const {
+        const i8* y = yq + u * 32;
+        int s = dot16(q, ld_y16(y), 0);
+        s = dot16(q + 4, ld_y16(y + 16), s);
+        float2 ds = yds[u];
+        return d * ds.x * (float)s + m * ds.y;
+    }
+};
+
+template <>
+struct Unit<T_Q8_0> {
+    int q[8];
+    float d;
+    int u;
+    __device__ __forceinline__ void load(const u8* row, int uu) {
+        u = uu;
+        const u8* b = row + u * 34;
+        d = h2f(*(const u16*)b);
+#pragma unroll
+        for (int i = 0; i < 8; i++) q[i] = ld_i32_a2(b + 2 + 4 * i);
+    }
+    __device__ __forceinline__ float dot(const i8* yq, const float2* yds) const {
+        const i8* y = yq + u * 32;
+        int s = dot16(q, ld_y16(y), 0);
+        s = dot16(q + 4, ld_y16(y + 16), s);
+        return d * yds[u].x * (float)s;
+    }
+};
+
+// 6-bit scale and min j (0..7) of a K-quant super-block from its 12 scale bytes held in three
+// words (ggml's get_scale_min_k4).
+__device__ __forceinline__ void scale_min_w(int j, const u32* w, int* sc, int* m) {
+    const u8* q = (const u8*)w;
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// Byte-pointer variant for the dequantizers.
+__device__ __forceinline__ void scale_min_k4(int j, const u8* q, int* sc, int* m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// Q4_K / Q5_K: unit = one pair of 32-value sub-blocks (4 per 256-value super-block); the
+// super-block is 16-byte aligned in both, so the quants load as int4.
+template <bool FIVE>
+struct UnitK45 {
+    int lo[8], hi[8];
+    float d0, d1, m0, m1;
+    int blk;
+    __device__ __forceinline__ void load(const u8* row, int u) {
+        int sb = u >> 2, p = u & 3;
+        const u8* b = row + sb * (FIVE ? 176 : 144);
+        u32 dd = *(const u32*)b;
+        float d = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
+        u32 w[3] = {*(const u32*)(b + 4), *(const u32*)(b + 8), *(const u32*)(b + 12)};
+        int sc0, mm0, sc1, mm1;
+        scale_min_w(2 * p, w, &sc0, &mm0);
+        scale_min_w(2 * p + 1, w, &sc1, &mm1);
+        d0 = d * (float)sc0;
+        d1 = d * (float)sc1;
+        m0 = dmin * (float)mm0;
+        m1 = dmin * (float)mm1;
+        const int4* ql = (const int4*)(b + (FIVE ? 48 : 16) + 32 * p);
+        int4 a = ql[0], c = ql[1];
+        int v[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+        int h[8];
+        if (FIVE) {
+            const int4* qh = (const int4*)(b + 16);
+            int4 e = qh[0], f = qh[1];
+            h[0] = e.x; h[1] = e.y; h[2] = e.z; h[3] = e.w;
+            h[4] = f.x; h[5] = f.y; h[6] = f.z; h[7] = f.w;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            lo[i] = v[i] & 0x0F0F0F0F;
+            hi[i] = (v[i] >> 4) & 0x0F0F0F0F;
+            if (FIVE) {
+                lo[i] |= ((h[i] >> (2 * p)) & 0x01010101) << 4;
+                hi[i] |= ((h[i] >> (2 * p + 1)) & 0x01010101) << 4;
+            }
+        }
+        blk = sb * 8 + 2 * p;
+    }
+    __device__ __forceinline__ float dot(const i8* yq, const float2* yds) const {
+        const i8* y = yq + blk * 32;
+        int s0 = dot16(lo, ld_y16(y), 0);
+        s0 = dot16(lo + 4, ld_y16(y + 16), s0);
+        int s1 = dot16(hi, ld_y16(y + 32), 0);
+        s1 = dot16(hi + 4, ld_y16(y + 48), s1);
+        float2 a = yds[blk], c = yds[blk + 1];
+        return d0 * a.x * (float)s0 + d1 * c.x * (float)s1 - (m0 * a.y + m1 * c.y);
+    }
+};
+
+template <>
+struct Unit<T_Q4_K> : UnitK45<false> {};
+template <>
+struct Unit<T_Q5_K> : UnitK45<true> {};
+
+// Q6_K: unit = (half h of the super-block, 16-value group lg): values l in [16 lg, 16 lg + 16)
+// of the four 32-value quarters of that half (64 values). Blocks are 210 bytes (2-aligned).
+template <>
+struct Unit<T_Q6_K> {
+    int q[4][4];
+    float ds[4];
+    int yoff;
+    __device__ __forceinline__ void load(const u8* row, int u) {
+        int sb = u >> 2, h = (u >> 1) & 1, lg = u & 1;
+        const u8* b = row + sb * 210;
+        const u8* ql = b + 64 * h + 16 * lg;
+        const u8* qh = b + 128 + 32 * h + 16 * lg;
+        const i8* sc = (const i8*)(b + 192) + 8 * h + lg;
+        float d = h2f(*(const u16*)(b + 208));
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int a = ld_i32_a2(ql + 4 * i), c = ld_i32_a2(ql + 32 + 4 * i),
+                hh = ld_i32_a2(qh + 4 * i);
+            q[0][i] = (int)__vsubss4((a & 0x0F0F0F0F) | ((hh & 0x03030303) << 4), 0x20202020);
+            q[1][i] = (int)__vsubss4((c & 0x0F0F0F0F) | (((hh >> 2) & 0x03030303) << 4), 0x20202020);
+            q[2][i] = (int)__vsubss4(((a >> 4) & 0x0F0F0F0F) | (((hh >> 4) & 0x03030303) << 4), 0x20202020);
+            q[3][i] = (int)__vsubss4(((c >> 4) & 0x0F0F0F0F) | (((hh >> 6) & 0x03030303) << 4), 0x20202020);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; k++) ds[k] = d * (float)sc[2 * k];
+        yoff = (sb * 8 + 4 * h) * 32 + 16 * lg;
+    }
+    __device__ __forceinline__ float dot(const i8* yq, const float2* yds) const {
+        const i8* y = yq + yoff;
+        const float2* dd = yds + (yoff >> 5);
+        float r = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; k++) r += ds[k] * dd[k].x * (float)dot16(q[k], ld_y16(y + 32 * k), 0);
+        return r;
+    }
+};
+
+// out[t * ldo + row] = W[row] . y[t] for t < n_tok (<= MV_MAXT); one warp per row.
+template <int T>
+__device__ __forceinline__ void mmvq(const u8* W, u64 row_bytes, int units, const i8* yq,
+                                     const float2* yds, int K, int n_tok, float* out, int ldo,
+                                     int n_rows) {
+    int row = blockIdx.x * MV_WARPS + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= n_rows) return;
+    const u8* r = W + (u64)row * row_bytes;
+    float acc[MV_MAXT];
+#pragma unroll
+    for (int t = 0; t < MV_MAXT; t++) acc[t] = 0.0f;
+    int nb = K / 32;
+    for (int u = lane; u < units; u += WARP) {
+        Unit<T> w;
+        w.load(r, u);
+#pragma unroll
+        for (int t = 0; t < MV_MAXT; t++)
+            if (t < n_tok) acc[t] += w.dot(yq + (size_t)t * K, yds + (size_t)t * nb);
+    }
+#pragma unroll
+    for (int t = 0; t < MV_MAXT; t++) {
+        if (t < n_tok) {
+            float v = warp_sum(acc[t]);
+            if (lane == 0) out[(size_t)t * ldo + row] = v;
+        }
+    }
+}
+
+#define MMVQ(name, T)                                                                       \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP)                          \
+        name(const u8* W, u64 row_bytes, int units, const i8* yq, const float2* yds, int K, \
+             int n_tok, float* out, int ldo, int n_rows) {                                  \
+        mmvq<T>(W, row_bytes, units, yq, yds, K, n_tok, out, ldo, n_rows);                  \
+    }
+MMVQ(mmvq_q4_0, T_Q4_0)
+MMVQ(mmvq_q4_1, T_Q4_1)
+MMVQ(mmvq_q5_0, T_Q5_0)
+MMVQ(mmvq_q5_1, T_Q5_1)
+MMVQ(mmvq_q8_0, T_Q8_0)
+MMVQ(mmvq_q4_k, T_Q4_K)
+MMVQ(mmvq_q5_k, T_Q5_K)
+MMVQ(mmvq_q6_k, T_Q6_K)
+
+// ---- float weights ---------------------------------------------------------------------------
+
+template <int T>
+__device__ __forceinline__ float ld_float(const u8* row, int i) {
+    if (T == T_F32) return ((const float*)row)[i];
+    if (T == T_F16) return h2f(((const u16*)row)[i]);
+    return bf2f(((const u16*)row)[i]);
+}
+
+template <int T>
+__device__ __forceinline__ void mv_float(const u8* W, u64 row_bytes, const float* x, int ldx,
+                                         int K, int n_tok, float* out, int ldo, int n_rows) {
+    int row = blockIdx.x * MV_WARPS + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= n_rows) return;
+    const u8* r = W + (u64)row * row_bytes;
+    float acc[MV_MAXT];
+#pragma unroll
+    for (int t = 0; t < MV_MAXT; t++) acc[t] = 0.0f;
+    for (int i = lane; i < K; i += WARP) {
+        float w = ld_float<T>(r, i);
+#pragma unroll
+        for (int t = 0; t < MV_MAXT; t++)
+            if (t < n_tok) acc[t] += w * x[(size_t)t * ldx + i];
+    }
+#pragma unroll
+    for (int t = 0; t < MV_MAXT; t++) {
+        if (t < n_tok) {
+            float v = warp_sum(acc[t]);
+            if (lane == 0) out[(size_t)t * ldo + row] = v;
+        }
+    }
+}
+
+#define MVF(name, T)                                                                        \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP)                           \
+        name(const u8* W, u64 row_bytes, const float* x, int ldx, int K, int n_tok, float* out, \
+             int ldo, int n_rows) {                                                         \
+        mv_float<T>(W, row_bytes, x, ldx, K, n_tok, out, ldo, n_rows);                      \
+    }
+MVF(mv_f32, T_F32)
+MVF(mv_f16, T_F16)
+MVF(mv_bf16, T_BF16)
+
+// ---- dequantization of 32-value groups ------------------------------------------------------
+// Group g of a row holds values [32 g, 32 g + 32).
+
+template <int T>
+__device__ __forceinline__ void dq32(const u8* row, int g, float* v) {
+    if (T == T_F32 || T == T_F16 || T == T_BF16) {
+        for (int l = 0; l < 32; l++) v[l] = ld_float<T>(row, 32 * g + l);
+    } else if (T == T_Q4_0 || T == T_Q4_1) {
+        const u8* b = row + g * (T == T_Q4_0 ? 18 : 20);
+        float d = h2f(*(const u16*)b);
+        float m = T == T_Q4_0 ? -8.0f * d : h2f(*(const u16*)(b + 2));
+        const u8* qs = b + (T == T_Q4_0 ? 2 : 4);
+        for (int l = 0; l < 16; l++) {
+            v[l] = d * (float)(qs[l] & 15) + m;
+            v[l + 16] = d * (float)(qs[l] >> 4) + m;
+        }
+    } else if (T == T_Q5_0 || T == T_Q5_1) {
+        const u8* b = row + g * (T == T_Q5_0 ? 22 : 24);
+        float d = h2f(*(const u16*)b);
+        float m = T == T_Q5_0 ? -16.0f * d : h2f(*(const u16*)(b + 2));
+        const u8* qhp = b + (T == T_Q5_0 ? 2 : 4);
+        u32 qh = (u32)qhp[0] | ((u32)qhp[1] << 8) | ((u32)qhp[2] << 16) | ((u32)qhp[3] << 24);
+        const u8* qs = qhp + 4;
+        for (int l = 0; l < 16; l++) {
+            v[l] = d * (float)((qs[l] & 15) | (((qh >> l) & 1) << 4)) + m;
+            v[l + 16] = d * (float)((qs[l] >> 4) | (((qh >> (l + 16)) & 1) << 4)) + m;
+        }
+    } else if (T == T_Q8_0) {
+        const u8* b = row + g * 34;
+        float d = h2f(*(const u16*)b);
+        for (int l = 0; l < 32; l++) v[l] = d * (float)((const i8*)(b + 2))[l];
+    } else if (T == T_Q4_K || T == T_Q5_K) {
+        const bool five = T == T_Q5_K;
+        int sb = g >> 3, j = g & 7, p = j >> 1, hi = j & 1;
+        const u8* b = row + sb * (five ? 176 : 144);
+        float d = h2f(*(const u16*)b), dmin = h2f(*(const u16*)(b + 2));
+        int sc, m;
+        scale_min_k4(j, b + 4, &sc, &m);
+        const u8* ql = b + (five ? 48 : 16) + 32 * p;
+        const u8* qh = b + 16;
+        for (int l = 0; l < 32; l++) {
+            int q = (ql[l] >> (4 * hi)) & 15;
+            if (five) q |= ((qh[l] >> j) & 1) << 4;
+            v[l] = d * (float)sc * (float)q - dmin * (float)m;
+        }
+    } else if (T == T_Q6_K) {
+        int sb = g >> 3, j = g & 7, h = j >> 2, k = j & 3;
+        const u8* b = row + sb * 210;
+        const u8* ql = b + 64 * h + ((k & 1) ? 32 : 0);
+        const u8* qh = b + 128 + 32 * h;
+        const i8* sc = (const i8*)(b + 192) + 8 * h;
+        float d = h2f(*(const u16*)(b + 208));
+        for (int l = 0; l < 32; l++) {
+            int q = ((ql[l] >> ((k >> 1) * 4)) & 15) | (((qh[l] >> (2 * k)) & 3) << 4);
+            v[l] = d * (float)sc[l / 16 + 2 * k] * (float)(q - 32);
+        }
+    }
+}
+
+// W (n_rows rows of K values) -> f16 rows, one thread per 32-value group.
+template <int T>
+__device__ __forceinline__ void dequant_f16(const u8* W, u64 row_bytes, int K, int n_rows,
+                                            u16* out) {
+    u64 gid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    int ng = K / 32;
+    if (gid >= (u64)ng * n_rows) return;
+    int row = (int)(gid / ng), g = (int)(gid % ng);
+    float v[32];
+    dq32<T>(W + (u64)row * row_bytes, g, v);
+    u32* o = (u32*)(out + (u64)row * K + 32 * g);
+#pragma unroll
+    for (int l = 0; l < 16; l++) o[l] = (u32)f2h(v[2 * l]) | ((u32)f2h(v[2 * l + 1]) << 16);
+}
+
+// out[t] = row tokens[t] of an embedding table, as f32.
+template <int T>
+__device__ __forceinline__ void embed(const u8* W, u64 row_bytes, int K, const int* tokens,
+                                      int n_tok, float* out) {
+    int gid = blockIdx.x * blockDim.x + threadIdx.x;
+    int ng = K / 32;
+    if (gid >= ng * n_tok) return;
+    int t = gid / ng, g = gid % ng;
+    float v[32];
+    dq32<T>(W + (u64)tokens[t] * row_bytes, g, v);
+    for (int l = 0; l < 32; l++) out[(size_t)t * K + 32 * g + l] = v[l];
+}
+
+#define DQ(suffix, T)                                                                          \
+    extern "C" __global__ void dequant_f16_##suffix(const u8* W, u64 row_bytes, int K,         \
+                                                    int n_rows, u16* out) {                    \
+        dequant_f16<T>(W, row_bytes, K, n_rows, out);                                          \
+    }                                                                                          \
+    extern "C" __global__ void embed_##suffix(const u8* W, u64 row_bytes, int K,               \
+                                              const int* tokens, int n_tok, float* out) {      \
+        embed<T>(W, row_bytes, K, tokens, n_tok, out);                                         \
+    }
+DQ(f32, T_F32)
+DQ(f16, T_F16)
+DQ(bf16, T_BF16)
+DQ(q4_0, T_Q4_0)
+DQ(q4_1, T_Q4_1)
+DQ(q5_0, T_Q5_0)
+DQ(q5_1, T_Q5_1)
+DQ(q8_0, T_Q8_0)
+DQ(q4_k, T_Q4_K)
+DQ(q5_k, T_Q5_K)
+DQ(q6_k, T_Q6_K)

@@ -1,0 +1,223 @@
+//! The GPU as the CUDA backend sees it: finding a usable device without panicking when the
+//! driver or libraries are absent, one context and stream, plain device allocations with an
+//! out-of-memory error that says how much was asked and how much is free, and copies.
+//!
+//! Buffers are raw device pointers owned by [`DevBuf`] (freed on drop). Kernels take them as
+//! plain `u64` arguments, which keeps launches free of cudarc's per-buffer event tracking and
+//! lets a whole decode step be captured into a CUDA graph.
+
+use std::sync::Arc;
+
+use cudarc::driver::PushKernelArg;
+use cudarc::driver::{result as drv, sys, CudaContext, CudaFunction, CudaStream, LaunchConfig};
+
+use crate::backend::BackendError;
+
+/// Why no GPU can be used; printed when `--device auto` falls back to the CPU.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CudaUnavailable {
+    #[error("the CUDA driver library (libcuda) was not found")]
+    NoDriver,
+    #[error(
+        "the NVRTC library (libnvrtc.so.13) was not found; it is needed to compile the kernels"
+    )]
+    NoNvrtc,
+    #[error("the cuBLAS library (libcublas.so.13) was not found")]
+    NoCublas,
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+}
+
+/// Checks the libraries and the device count without touching anything that panics.
+pub fn probe() -> Result<(), CudaUnavailable> {
+    // SAFETY: these only try to dlopen the libraries.
+    unsafe {
+        if !cudarc::driver::sys::is_culib_present() {
+            return Err(CudaUnavailable::NoDriver);
+        }
+        if !cudarc::nvrtc::sys::is_culib_present() {
+            return Err(CudaUnavailable::NoNvrtc);
+        }
+        if !cudarc::cublas::sys::is_culib_present() {
+            return Err(CudaUnavailable::NoCublas);
+        }
+    }
+    drv::init().map_err(|e| CudaUnavailable::NoDevice(format!("cuInit failed: {e}")))?;
+    match drv::device::get_count() {
+        Ok(0) => Err(CudaUnavailable::NoDevice(
+            "the driver reports 0 devices".into(),
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err(CudaUnavailable::NoDevice(e.to_string())),
+    }
+}
+
+/// Whether the NVRTC library can be loaded (all that compiling kernels needs).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+pub fn driver_err(what: &str, e: impl std::fmt::Display) -> BackendError {
+    BackendError::Device(format!("{what}: {e}"))
+}
+
+/// A kernel argument: a device pointer or size, an int, a float.
+pub enum A {
+    P(u64),
+    I(i32),
+    F(f32),
+}
+
+/// Launch shape: `grid` blocks of `block` threads, no dynamic shared memory.
+pub fn lcfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Blocks of `per` threads covering `n` items (at least one).
+pub fn blocks(n: usize, per: usize) -> u32 {
+    n.div_ceil(per).max(1) as u32
+}
+
+/// One thread per item, 256 per block.
+pub fn cfg_1d(n: usize) -> LaunchConfig {
+    lcfg((blocks(n, 256), 1, 1), 256)
+}
+
+/// One device: context, stream, name and compute capability.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub name: String,
+    pub cc: (i32, i32),
+}
+
+impl Gpu {
+    pub fn open(ordinal: usize) -> Result<Gpu, BackendError> {
+        probe().map_err(|e| BackendError::Device(e.to_string()))?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("creating the context", e))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver_err("creating a stream", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let cc = ctx
+            .compute_capability()
+            .map_err(|e| driver_err("reading the compute capability", e))?;
+        Ok(Gpu {
+            ctx,
+            stream,
+            name,
+            cc,
+        })
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> (usize, usize) {
+        self.ctx.mem_get_info().unwrap_or((0, 0))
+    }
+
+    /// A device buffer of `bytes` (at least 1), zero-filled.
+    pub fn alloc(&self, bytes: usize, what: &str) -> Result<DevBuf, BackendError> {
+        let n = bytes.max(1);
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("binding the context", e))?;
+        // SAFETY: plain cuMemAlloc; the pointer is owned by the returned DevBuf.
+        let ptr = unsafe { drv::malloc_sync(n) }.map_err(|e| {
+            let (free, total) = self.mem_info();
+            if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                BackendError::DeviceOutOfMemory {
+                    what: what.into(),
+                    bytes: n,
+                    free,
+                    total,
+                }
+            } else {
+                driver_err(&format!("allocating {n} bytes for {what}"), e)
+            }
+        })?;
+        // SAFETY: ptr is a fresh allocation of n bytes.
+        unsafe { drv::memset_d8_sync(ptr, 0, n) }.map_err(|e| driver_err("clearing memory", e))?;
+        Ok(DevBuf { ptr, bytes: n })
+    }
+
+    /// Copies `src` to the start of `dst` (synchronous with respect to the host buffer).
+    pub fn upload<T>(&self, dst: &DevBuf, src: &[T]) -> Result<(), BackendError> {
+        let n = std::mem::size_of_val(src);
+        assert!(n <= dst.bytes, "upload of {n} bytes into {}", dst.bytes);
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY: dst holds at least n bytes; the copy is ordered on our stream and completes
+        // before returning for pageable host memory.
+        unsafe { drv::memcpy_htod_async(dst.ptr, src, self.stream.cu_stream()) }
+            .map_err(|e| driver_err("copying to the device", e))
+    }
+
+    /// Copies the start of `src` into `dst` and waits for the stream.
+    pub fn download<T>(&self, dst: &mut [T], src: &DevBuf) -> Result<(), BackendError> {
+        let n = std::mem::size_of_val(dst);
+        assert!(n <= src.bytes);
+        if n > 0 {
+            // SAFETY: src holds at least n bytes.
+            unsafe { drv::memcpy_dtoh_async(dst, src.ptr, self.stream.cu_stream()) }
+                .map_err(|e| driver_err("copying from the device", e))?;
+        }
+        self.sync()
+    }
+
+    /// Launches `f` on the stream.
+    pub fn launch(
+        &self,
+        f: &CudaFunction,
+        c: LaunchConfig,
+        args: &[A],
+    ) -> Result<(), BackendError> {
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                A::P(v) => b.arg(v),
+                A::I(v) => b.arg(v),
+                A::F(v) => b.arg(v),
+            };
+        }
+        // SAFETY: callers pass argument lists that match the kernels' signatures in cuda/*.cu,
+        // with pointers to live allocations of the sizes the kernels index.
+        unsafe { b.launch(c) }
+            .map(|_| ())
+            .map_err(|e| driver_err("launching a kernel", e))
+    }
+
+    pub fn sync(&self) -> Result<(), BackendError> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("running the kernels", e))
+    }
+}
+
+/// A device allocation, freed on drop.
+pub struct DevBuf {
+    pub ptr: u64,
+    pub bytes: usize,
+}
+
+impl DevBuf {
+    /// Device address `off` bytes in.
+    pub fn at(&self, off: usize) -> u64 {
+        debug_assert!(off <= self.bytes);
+        self.ptr + off as u64
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        // SAFETY: ptr came from cuMemAlloc and is freed once.
+        unsafe {
+            let _ = drv::free_sync(self.ptr);
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The kernel program: the sources in `cuda/` (embedded in the binary), compiled with NVRTC for
+//! the device's compute capability on first use and cached on disk as PTX.
+//!
+//! Why NVRTC at run time rather than nvcc at build time: the binary then needs no CUDA toolkit to
+//! build (CI and most developers have none), runs on any GPU generation with the code generated
+//! for that exact chip, and the kernels need only libnvrtc (no CUDA headers: half conversions
+//! are PTX instructions, see `cuda/common.cuh`). Compiling takes about a second once; the PTX is
+//! cached under `$MOA_CACHE` (default `~/.cache/moa`)/kernels keyed by a hash of source, target
+//! and NVRTC version. CI compiles the program through NVRTC (from NVIDIA's PyPI wheel) so a
+//! kernel that does not compile fails CI even without a GPU.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
+
+use crate::backend::BackendError;
+
+/// The kernel sources, in the order they are concatenated.
+pub const SOURCES: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("../../../cuda/common.cuh")),
+    ("quant.cu", include_str!("../../../cuda/quant.cu")),
+    ("ops.cu", include_str!("../../../cuda/ops.cu")),
+    ("attention.cu", include_str!("../../../cuda/attention.cu")),
+];
+
+/// The whole program as one translation unit (no include paths needed).
+pub fn program_source() -> String {
+    let mut s = String::new();
+    for (name, src) in SOURCES {
+        s.push_str(&format!("// ---- {name}\n"));
+        s.push_str(src);
+        s.push('\n');
+    }
+    s
+}
+
+/// NVRTC's `--gpu-architecture` value for a compute capability.
+pub fn arch_for(cc: (i32, i32)) -> &'static str {
+    match cc {
+        (7, 0) => "sm_70",
+        (7, 5) => "sm_75",
+        (8, 0) => "sm_80",
+        (8, 6) => "sm_86",
+        (8, 7) => "sm_87",
+        (8, 9) => "sm_89",
+        (9, 0) => "sm_90",
+        (10, 0) => "sm_100",
+        (12, 0) => "sm_120",
+        (a, b) => Box::leak(format!("sm_{a}{b}").into_boxed_str()),
+    }
+}
+
+fn compile_error(e: CompileError) -> BackendError {
+    match e {
+        CompileError::CompileError { log, .. } => BackendError::Device(format!(
+            "NVRTC could not compile the kernels:\n{}",
+            log.to_string_lossy()
+        )),
+        other => BackendError::Device(format!("NVRTC: {other:?}")),
+    }
+}
+
+/// Compiles the program to PTX for `arch` (needs only libnvrtc, no GPU).
+pub fn compile(arch: &'static str) -> Result<String, BackendError> {
+    if !super::device::nvrtc_present() {
+        return Err(BackendError::Device(
+            super::device::CudaUnavailable::NoNvrtc.to_string(),
+        ));
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: vec!["-std=c++17".into()],
+        name: Some("moa_kernels.cu".into()),
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(program_source(), opts).map_err(compile_error)?;
+    Ok(ptx.to_src())
+}
+
+fn cache_path(arch: &str) -> Option<PathBuf> {
+    let base = std::env::var_os("MOA_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/moa")))?;
+    let mut h = DefaultHasher::new();
+    program_source().hash(&mut h);
+    arch.hash(&mut h);
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain version query of a loaded library.
+    unsafe {
+        let _ = cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor);
+    }
+    (major, minor).hash(&mut h);
+    Some(
+        base.join("kernels")
+            .join(format!("{:016x}-{arch}.ptx", h.finish())),
+    )
+}
+
+/// PTX for `arch`, from the disk cache or compiled (and then cached; a cache that cannot be
+/// written is not an error).
+pub fn ptx_cached(arch: &'static str) -> Result<String, BackendError> {
+    let path = cache_path(arch);
+    if let Some(p) = &path {
+        if let Ok(s) = std::fs::read_to_string(p) {
+            return Ok(s);
+        }
+    }
+    let ptx = compile(arch)?;
+    if let Some(p) = &path {
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = crate::util::write_file_atomic(p, ptx.as_bytes());
+    }
+    Ok(ptx)
+}
+
+/// Every kernel function of the program.
+pub struct Kernels {
+    pub quantize_q8_1: CudaFunction,
+    pub rms_norm: CudaFunction,
+    pub rope: CudaFunction,
+    pub swiglu: CudaFunction,
+    pub add: CudaFunction,
+    pub to_f16: CudaFunction,
+    pub gather_rows: CudaFunction,
+    pub kv_store: CudaFunction,
+    pub argmax_rows: CudaFunction,
+    pub attn_d64: CudaFunction,
+    pub attn_d128: CudaFunction,
+    pub attn_merge: CudaFunction,
+    module: Arc<CudaModule>,
+}
+
+impl Kernels {
+    pub fn load(ctx: &Arc<CudaContext>, arch: &'static str) -> Result<Kernels, BackendError> {
+        let ptx = ptx_cached(arch)?;
+        let module = ctx
+            .load_module(Ptx::from_src(ptx))
+            .map_err(|e| super::device::driver_err("loading the kernel module", e))?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| super::device::driver_err(&format!("kernel {name}"), e))
+        };
+        Ok(Kernels {
+            quantize_q8_1: f("quantize_q8_1")?,
+            rms_norm: f("rms_norm")?,
+            rope: f("rope")?,
+            swiglu: f("swiglu")?,
+            add: f("add")?,
+            to_f16: f("to_f16")?,
+            gather_rows: f("gather_rows")?,
+            kv_store: f("kv_store")?,
+            argmax_rows: f("argmax_rows")?,
+            attn_d64: f("attn_d64")?,
+            attn_d128: f("attn_d128")?,
+            attn_merge: f("attn_merge")?,
+            module,
+        })
+    }
+
+    /// A kernel by name (per-type kernels: `mmvq_q4_k`, `dequant_f16_q6_k`, `embed_q4_1`, ...).
+    pub fn get(&self, name: &str) -> Result<CudaFunction, BackendError> {
+        self.module
+            .load_function(name)
+            .map_err(|e| super::device::driver_err(&format!("kernel {name}"), e))
+    }
+}

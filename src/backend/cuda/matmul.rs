@@ -1,0 +1,422 @@
+//! Matrix products with quantized weights on the GPU.
+//!
+//! - Up to [`MV_MAXT`] tokens (decode): `mmvq_<type>` with the activations quantized once to
+//!   q8_1 (reused by every matrix that reads the same activation), or `mv_<type>` with f32
+//!   activations for float weights. One warp per weight row; the weights are read once for all
+//!   tokens.
+//! - More tokens (prefill): the weight is dequantized in row chunks to an f16 scratch tile
+//!   (bounded, so no dequantized copy of any matrix is kept) and multiplied with cuBLAS
+//!   (f16 x f16, f32 accumulation and output).
+//!
+//! [`MatmulHarness`] runs one product on fresh data (kernel tests) and times the decode kernels
+//! on large shapes (bandwidth report of `moa-bench kernels`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::CudaFunction;
+use ggml_compat::GgmlType;
+
+use super::device::{blocks, cfg_1d, lcfg, DevBuf, Gpu, A};
+use super::kernels::Kernels;
+use crate::backend::BackendError;
+
+/// Most tokens the matrix-vector kernels take (`MV_MAXT` in quant.cu).
+pub const MV_MAXT: usize = 8;
+/// Halves of the f16 weight scratch used by prefill products (64 MiB).
+pub const DQ_SCRATCH_HALVES: usize = 32 << 20;
+
+/// Kernel-name suffix of a weight type, if the GPU supports it.
+pub fn type_suffix(ty: GgmlType) -> Option<&'static str> {
+    Some(match ty {
+        GgmlType::F32 => "f32",
+        GgmlType::F16 => "f16",
+        GgmlType::BF16 => "bf16",
+        GgmlType::Q4_0 => "q4_0",
+        GgmlType::Q4_1 => "q4_1",
+        GgmlType::Q5_0 => "q5_0",
+        GgmlType::Q5_1 => "q5_1",
+        GgmlType::Q8_0 => "q8_0",
+        GgmlType::Q4_K => "q4_k",
+        GgmlType::Q5_K => "q5_k",
+        GgmlType::Q6_K => "q6_k",
+        _ => return None,
+    })
+}
+
+/// Weight types the GPU kernels support.
+pub const GPU_TYPES: &[GgmlType] = &[
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+pub fn is_float(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+}
+
+/// Work units per row of the mmvq kernels: blocks of 32, or pairs of 32 (64 values) for the
+/// 256-value K-quant super-blocks.
+fn units_per_row(ty: GgmlType, cols: usize) -> usize {
+    match ty {
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => cols / 64,
+        _ => cols / 32,
+    }
+}
+
+/// A weight matrix on the device (a pointer into an uploaded tensor) and its kernels.
+pub struct GpuMatrix {
+    pub ptr: u64,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_bytes: usize,
+    mv: CudaFunction,
+    dq: CudaFunction,
+}
+
+impl GpuMatrix {
+    /// Looks up the kernels for `ty`; `None` when the GPU has none for it.
+    pub fn new(
+        k: &Kernels,
+        ptr: u64,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<GpuMatrix>, BackendError> {
+        let Some(suffix) = type_suffix(ty) else {
+            return Ok(None);
+        };
+        if !cols.is_multiple_of(ty.block_size()) {
+            return Ok(None);
+        }
+        let mv = if is_float(ty) {
+            k.get(&format!("mv_{suffix}"))?
+        } else {
+            k.get(&format!("mmvq_{suffix}"))?
+        };
+        let dq = k.get(&format!("dequant_f16_{suffix}"))?;
+        let row_bytes = ty.bytes_for(cols as u64).expect("validated shape") as usize;
+        Ok(Some(GpuMatrix {
+            ptr,
+            ty,
+            rows,
+            cols,
+            row_bytes,
+            mv,
+            dq,
+        }))
+    }
+}
+
+/// One product: `n` input rows of `ldx` floats at `x`, output rows of `ldo` floats at `out`.
+#[derive(Clone, Copy)]
+pub struct MatArgs {
+    pub x: u64,
+    pub ldx: usize,
+    pub n: usize,
+    pub out: u64,
+    pub ldo: usize,
+}
+
+/// Buffers the products share: q8_1 activations (and which input they hold), f16 activations
+/// and the f16 weight tile.
+pub struct MatScratch {
+    yq: DevBuf,
+    yds: DevBuf,
+    x16: DevBuf,
+    wdq: DevBuf,
+    qkey: Option<(u64, u64)>,
+}
+
+impl MatScratch {
+    /// Scratch for inputs of up to `max_batch` rows of `max_cols`, weights of up to
+    /// `max_mat` values.
+    pub fn new(
+        gpu: &Gpu,
+        max_batch: usize,
+        max_cols: usize,
+        max_mat: usize,
+    ) -> Result<MatScratch, BackendError> {
+        let prefill = max_batch > MV_MAXT;
+        let mv_rows = max_batch.min(MV_MAXT);
+        Ok(MatScratch {
+            yq: gpu.alloc(mv_rows * max_cols, "quantized activations")?,
+            yds: gpu.alloc(mv_rows * max_cols / 32 * 8, "activation scales")?,
+            x16: gpu.alloc(
+                if prefill { max_batch * max_cols * 2 } else { 0 },
+                "f16 activations",
+            )?,
+            wdq: gpu.alloc(
+                if prefill {
+                    max_mat.min(DQ_SCRATCH_HALVES.max(max_cols)) * 2
+                } else {
+                    0
+                },
+                "f16 weight tile",
+            )?,
+            qkey: None,
+        })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.yq.bytes + self.yds.bytes + self.x16.bytes + self.wdq.bytes
+    }
+
+    /// Forgets which activation the q8_1 buffer holds.
+    pub fn invalidate(&mut self) {
+        self.qkey = None;
+    }
+}
+
+/// `out[t] = W x[t]`. `x_version` identifies the input's contents so the q8_1 quantization is
+/// shared by consecutive products of the same input.
+pub fn matmul(
+    gpu: &Gpu,
+    k: &Kernels,
+    blas_h: &CudaBlas,
+    s: &mut MatScratch,
+    m: &GpuMatrix,
+    a: MatArgs,
+    x_version: u64,
+) -> Result<(), BackendError> {
+    if a.n <= MV_MAXT {
+        let grid = (blocks(m.rows, 4), 1, 1);
+        if is_float(m.ty) {
+            return gpu.launch(
+                &m.mv,
+                lcfg(grid, 128),
+                &[
+                    A::P(m.ptr),
+                    A::P(m.row_bytes as u64),
+                    A::P(a.x),
+                    A::I(a.ldx as i32),
+                    A::I(m.cols as i32),
+                    A::I(a.n as i32),
+                    A::P(a.out),
+                    A::I(a.ldo as i32),
+                    A::I(m.rows as i32),
+                ],
+            );
+        }
+        let key = (a.x, x_version);
+        if s.qkey != Some(key) {
+            let nb = a.n * m.cols / 32;
+            gpu.launch(
+                &k.quantize_q8_1,
+                lcfg((blocks(nb, 8), 1, 1), 256),
+                &[
+                    A::P(a.x),
+                    A::I(a.ldx as i32),
+                    A::I(m.cols as i32),
+                    A::I(a.n as i32),
+                    A::P(s.yq.ptr),
+                    A::P(s.yds.ptr),
+                ],
+            )?;
+            s.qkey = Some(key);
+        }
+        return gpu.launch(
+            &m.mv,
+            lcfg(grid, 128),
+            &[
+                A::P(m.ptr),
+                A::P(m.row_bytes as u64),
+                A::I(units_per_row(m.ty, m.cols) as i32),
+                A::P(s.yq.ptr),
+                A::P(s.yds.ptr),
+                A::I(m.cols as i32),
+                A::I(a.n as i32),
+                A::P(a.out),
+                A::I(a.ldo as i32),
+                A::I(m.rows as i32),
+            ],
+        );
+    }
+    assert_eq!(a.ldx, m.cols, "prefill inputs are dense rows");
+    let nx = a.n * m.cols;
+    assert!(
+        nx * 2 <= s.x16.bytes,
+        "batch larger than the scratch was sized for"
+    );
+    gpu.launch(
+        &k.to_f16,
+        cfg_1d(nx),
+        &[A::P(a.x), A::P(s.x16.ptr), A::I(nx as i32)],
+    )?;
+    let chunk = (s.wdq.bytes / 2 / m.cols).clamp(1, m.rows);
+    let mut r0 = 0;
+    while r0 < m.rows {
+        let rc = chunk.min(m.rows - r0);
+        let groups = rc * m.cols / 32;
+        gpu.launch(
+            &m.dq,
+            lcfg((blocks(groups, 128), 1, 1), 128),
+            &[
+                A::P(m.ptr + (r0 * m.row_bytes) as u64),
+                A::P(m.row_bytes as u64),
+                A::I(m.cols as i32),
+                A::I(rc as i32),
+                A::P(s.wdq.ptr),
+            ],
+        )?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Column-major view: C (rc x n, ldc = ldo) = Wtile^T (rc x K) * X (K x n).
+        // SAFETY: the pointers cover rc x K halves, n x K halves and n rows of ldo floats.
+        unsafe {
+            blas::gemm_ex(
+                *blas_h.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                rc as i32,
+                a.n as i32,
+                m.cols as i32,
+                &alpha as *const f32 as *const _,
+                s.wdq.ptr as *const _,
+                blas_sys::cudaDataType_t::CUDA_R_16F,
+                m.cols as i32,
+                s.x16.ptr as *const _,
+                blas_sys::cudaDataType_t::CUDA_R_16F,
+                m.cols as i32,
+                &beta as *const f32 as *const _,
+                (a.out + (r0 * 4) as u64) as *mut _,
+                blas_sys::cudaDataType_t::CUDA_R_32F,
+                a.ldo as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .map_err(|e| BackendError::Device(format!("cuBLAS gemm: {e:?}")))?;
+        r0 += rc;
+    }
+    Ok(())
+}
+
+/// A GPU, its kernels and cuBLAS, for running single products (tests, benchmarks).
+pub struct MatmulHarness {
+    pub gpu: Gpu,
+    pub k: Kernels,
+    blas: CudaBlas,
+}
+
+impl MatmulHarness {
+    pub fn new() -> Result<MatmulHarness, BackendError> {
+        let gpu = Gpu::open(0)?;
+        let k = Kernels::load(&gpu.ctx, super::kernels::arch_for(gpu.cc))?;
+        let blas = CudaBlas::new(Arc::clone(&gpu.stream))
+            .map_err(|e| BackendError::Device(format!("cuBLAS: {e:?}")))?;
+        Ok(MatmulHarness { gpu, k, blas })
+    }
+
+    /// `n` rows of `W x` for a weight of `rows x cols` given as ggml bytes.
+    pub fn run(
+        &self,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        x: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>, BackendError> {
+        let wb = self.gpu.alloc(w.len(), "test weight")?;
+        self.gpu.upload(&wb, w)?;
+        let xb = self.gpu.alloc(x.len() * 4, "test input")?;
+        self.gpu.upload(&xb, x)?;
+        let ob = self.gpu.alloc(n * rows * 4, "test output")?;
+        let m = GpuMatrix::new(&self.k, wb.ptr, ty, rows, cols)?
+            .ok_or_else(|| BackendError::Device(format!("no GPU kernel for {}", ty.name())))?;
+        let mut s = MatScratch::new(&self.gpu, n, cols, rows * cols)?;
+        let a = MatArgs {
+            x: xb.ptr,
+            ldx: cols,
+            n,
+            out: ob.ptr,
+            ldo: rows,
+        };
+        matmul(&self.gpu, &self.k, &self.blas, &mut s, &m, a, 1)?;
+        let mut out = vec![0f32; n * rows];
+        self.gpu.download(&mut out, &ob)?;
+        Ok(out)
+    }
+
+    /// Mean seconds of one decode product (`n` tokens, activations already quantized) on a
+    /// weight of `rows x cols` filled with `w_bytes` repeated, over `iters` runs after warm-up.
+    pub fn time_matvec(
+        &self,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        block_bytes: &[u8],
+        n: usize,
+        iters: usize,
+    ) -> Result<f64, BackendError> {
+        let row_bytes = ty.bytes_for(cols as u64).expect("shape") as usize;
+        let total = rows * row_bytes;
+        let host: Vec<u8> = block_bytes.iter().copied().cycle().take(total).collect();
+        let wb = self.gpu.alloc(total, "bench weight")?;
+        self.gpu.upload(&wb, &host)?;
+        let x: Vec<f32> = (0..n * cols)
+            .map(|i| ((i % 17) as f32 - 8.0) * 0.01)
+            .collect();
+        let xb = self.gpu.alloc(x.len() * 4, "bench input")?;
+        self.gpu.upload(&xb, &x)?;
+        let ob = self.gpu.alloc(n * rows * 4, "bench output")?;
+        let m = GpuMatrix::new(&self.k, wb.ptr, ty, rows, cols)?
+            .ok_or_else(|| BackendError::Device(format!("no GPU kernel for {}", ty.name())))?;
+        let mut s = MatScratch::new(&self.gpu, n, cols, 0)?;
+        let a = MatArgs {
+            x: xb.ptr,
+            ldx: cols,
+            n,
+            out: ob.ptr,
+            ldo: rows,
+        };
+        for _ in 0..3 {
+            matmul(&self.gpu, &self.k, &self.blas, &mut s, &m, a, 1)?;
+        }
+        self.gpu.sync()?;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            matmul(&self.gpu, &self.k, &self.blas, &mut s, &m, a, 1)?;
+        }
+        self.gpu.sync()?;
+        Ok(t0.elapsed().as_secs_f64() / iters as f64)
+    }
+
+    /// Device-to-device copy bandwidth in bytes per second (bytes read + written), the ceiling
+    /// the decode kernels are compared against.
+    pub fn copy_bandwidth(&self, bytes: usize) -> Result<f64, BackendError> {
+        let a = self.gpu.alloc(bytes, "copy source")?;
+        let b = self.gpu.alloc(bytes, "copy destination")?;
+        let copy = || {
+            // SAFETY: both buffers hold `bytes`.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    b.ptr,
+                    a.ptr,
+                    bytes,
+                    self.gpu.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| super::device::driver_err("device copy", e))
+        };
+        copy()?;
+        self.gpu.sync()?;
+        let iters = 10;
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            copy()?;
+        }
+        self.gpu.sync()?;
+        Ok(2.0 * bytes as f64 * iters as f64 / t0.elapsed().as_secs_f64())
+    }
+}

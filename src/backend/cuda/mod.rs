@@ -1,0 +1,698 @@
+//! The CUDA backend: executes the same [`crate::graph::Graph`] as the CPU backend on one GPU.
+//!
+//! - Weights are uploaded as they sit in the GGUF file (quantized blocks; no dequantized copies
+//!   kept), norms as f32.
+//! - Matrix products: up to 8 tokens use the matrix-vector kernels (`mmvq_*` with activations
+//!   quantized once to q8_1, or `mv_*` for float weights); larger batches dequantize the weight
+//!   in row chunks to an f16 scratch tile and multiply with cuBLAS (f32 accumulation).
+//! - Attention: the span-aware kernel of `cuda/attention.cu` over per-head KV regions of the
+//!   [`KvLayout`] (dense is the layout with one region of `n_ctx` per head), f16 K/V.
+//! - Every buffer is allocated in [`CudaBackend::new`]; a forward step uploads the batch's
+//!   metadata in one copy and downloads only the requested logits.
+
+pub mod device;
+pub mod kernels;
+pub mod matmul;
+
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::CudaFunction;
+
+use self::device::{cfg_1d, lcfg, A};
+pub use self::device::{probe, CudaUnavailable, DevBuf, Gpu};
+use self::kernels::Kernels;
+pub use self::matmul::{GpuMatrix, MatArgs, MatScratch, MatmulHarness, GPU_TYPES, MV_MAXT};
+
+use super::{validate_batch, Backend, BackendError, BackendOptions};
+use crate::backend::cpu::ops::rope_angles;
+use crate::graph::{ActId, Batch, Op};
+use crate::kv::KvLayout;
+use crate::model::Model;
+
+/// Query rows per attention block (`ATT_RMAX` in attention.cu).
+const ATT_RMAX: usize = 16;
+/// Most (token, head, split) partial rows of split attention.
+const PART_ROWS: usize = 65536;
+/// Attention blocks to aim for when splitting long key ranges (a few per multiprocessor).
+const ATT_TARGET_BLOCKS: usize = 1024;
+
+pub struct CudaBackend {
+    model: Arc<Model>,
+    gpu: Gpu,
+    k: Kernels,
+    blas: CudaBlas,
+    max_batch: usize,
+    max_logits: usize,
+    layout: KvLayout,
+    /// Raw weight tensors by upload order; `matrices`/`vectors` index into it.
+    weight_bufs: Vec<DevBuf>,
+    /// Index into `weight_bufs` of each uploaded weight id (`usize::MAX` if not uploaded).
+    buf_of: Vec<usize>,
+    matrices: Vec<Option<GpuMatrix>>,
+    vectors: Vec<Option<DevBuf>>,
+    embed_fn: CudaFunction,
+    acts: Vec<DevBuf>,
+    act_version: Vec<u64>,
+    mats: MatScratch,
+    k16: DevBuf,
+    v16: DevBuf,
+    kv: Vec<(DevBuf, DevBuf)>,
+    caps: DevBuf,
+    offs: DevBuf,
+    /// Batch metadata: tokens, positions, sequence ids, run first positions, run starts, logit
+    /// rows (i32 each, `max_batch` apart), then tiles (int2) and rope (cos, sin) pairs.
+    meta: DevBuf,
+    meta_host: Vec<u32>,
+    part: DevBuf,
+    logit_x: DevBuf,
+    logits_d: DevBuf,
+    argmax_d: DevBuf,
+    logits: Vec<f32>,
+    n_logits: usize,
+    seq_len: Vec<usize>,
+    n_tiles: usize,
+    weight_bytes: usize,
+    scratch_bytes: usize,
+}
+
+/// Offsets (in u32 words) of the metadata sections.
+struct MetaLayout {
+    tokens: usize,
+    pos: usize,
+    seq: usize,
+    p0: usize,
+    rs: usize,
+    lrows: usize,
+    last: usize,
+    tiles: usize,
+    cs: usize,
+    words: usize,
+}
+
+fn meta_layout(max_batch: usize, half_rot: usize) -> MetaLayout {
+    let b = max_batch;
+    MetaLayout {
+        tokens: 0,
+        pos: b,
+        seq: 2 * b,
+        p0: 3 * b,
+        rs: 4 * b,
+        lrows: 5 * b,
+        last: 6 * b,
+        tiles: 7 * b,
+        cs: 9 * b,
+        words: 9 * b + 2 * b * half_rot,
+    }
+}
+
+impl CudaBackend {
+    pub fn new(model: Arc<Model>, opts: BackendOptions) -> Result<CudaBackend, BackendError> {
+        Self::on_device(model, opts, 0)
+    }
+
+    pub fn on_device(
+        model: Arc<Model>,
+        opts: BackendOptions,
+        ordinal: usize,
+    ) -> Result<CudaBackend, BackendError> {
+        let gpu = Gpu::open(ordinal)?;
+        let cfg = model.config.clone();
+        let layout = opts.layout;
+        assert_eq!(
+            (layout.n_layer, layout.n_head_kv, layout.head_dim),
+            (cfg.n_layer, cfg.n_head_kv, cfg.head_dim)
+        );
+        if cfg.head_dim != 64 && cfg.head_dim != 128 {
+            return Err(BackendError::Unsupported {
+                backend: "cuda",
+                tensor: "attention".into(),
+                ty: format!("head_dim {}", cfg.head_dim),
+                reason: "the attention kernels exist for head dimensions 64 and 128".into(),
+            });
+        }
+        let k = Kernels::load(&gpu.ctx, kernels::arch_for(gpu.cc))?;
+        let blas = CudaBlas::new(Arc::clone(&gpu.stream))
+            .map_err(|e| BackendError::Device(format!("cuBLAS: {e:?}")))?;
+        let max_batch = opts.max_batch.max(1);
+        let max_logits = max_batch;
+
+        // Weights: each tensor once, raw.
+        let graph = &model.graph;
+        let n_w = model.weights.table.len();
+        let mut weight_bufs = Vec::new();
+        let mut buf_of = vec![usize::MAX; n_w];
+        let mut matrices: Vec<Option<GpuMatrix>> = (0..n_w).map(|_| None).collect();
+        let mut vectors: Vec<Option<DevBuf>> = (0..n_w).map(|_| None).collect();
+        let mut weight_bytes = 0usize;
+        let mut max_cols = 0usize;
+        let mut max_mat = 0usize;
+        let upload = |id: usize,
+                      bufs: &mut Vec<DevBuf>,
+                      buf_of: &mut Vec<usize>,
+                      weight_bytes: &mut usize|
+         -> Result<usize, BackendError> {
+            if buf_of[id] == usize::MAX {
+                let wt = &model.weights.table[id];
+                let b = gpu.alloc(wt.n_bytes, &format!("weight {}", wt.name))?;
+                gpu.upload(&b, model.weight_bytes(id))?;
+                *weight_bytes += wt.n_bytes;
+                bufs.push(b);
+                buf_of[id] = bufs.len() - 1;
+            }
+            Ok(buf_of[id])
+        };
+        let unsupported = |id: usize, reason: &str| {
+            let wt = &model.weights.table[id];
+            BackendError::Unsupported {
+                backend: "cuda",
+                tensor: wt.name.clone(),
+                ty: wt.ty.name().into(),
+                reason: reason.into(),
+            }
+        };
+        let mut embed_fn = None;
+        for op in &graph.ops {
+            match *op {
+                Op::RmsNorm { w, .. } if vectors[w].is_none() => {
+                    let v = model.weight_f32(w)?;
+                    let b = gpu.alloc(v.len() * 4, "norm weights")?;
+                    gpu.upload(&b, &v)?;
+                    weight_bytes += v.len() * 4;
+                    vectors[w] = Some(b);
+                }
+                Op::Embed { table, .. } => {
+                    let ty = model.weights.table[table].ty;
+                    let suffix = matmul::type_suffix(ty)
+                        .ok_or_else(|| unsupported(table, "no GPU kernel for this type"))?;
+                    embed_fn = Some(k.get(&format!("embed_{suffix}"))?);
+                    upload(table, &mut weight_bufs, &mut buf_of, &mut weight_bytes)?;
+                }
+                Op::MatMul { w, .. } | Op::Logits { w, .. } => {
+                    if matrices[w].is_some() {
+                        continue;
+                    }
+                    let wt = &model.weights.table[w];
+                    let buf = upload(w, &mut weight_bufs, &mut buf_of, &mut weight_bytes)?;
+                    let m = GpuMatrix::new(&k, weight_bufs[buf].ptr, wt.ty, wt.rows, wt.cols)?
+                        .ok_or_else(|| {
+                            unsupported(w, "no GPU kernel for this type and row length")
+                        })?;
+                    max_cols = max_cols.max(wt.cols);
+                    max_mat = max_mat.max(wt.rows * wt.cols);
+                    matrices[w] = Some(m);
+                }
+                _ => {}
+            }
+        }
+        let embed_fn =
+            embed_fn.ok_or_else(|| BackendError::Device("graph has no embedding".into()))?;
+
+        let mats = MatScratch::new(&gpu, max_batch, max_cols, max_mat)?;
+        let mut scratch_bytes = mats.bytes();
+        let mut salloc = |bytes: usize, what: &str| -> Result<DevBuf, BackendError> {
+            scratch_bytes += bytes;
+            gpu.alloc(bytes, what)
+        };
+        let mut acts = Vec::with_capacity(graph.acts.len());
+        for a in &graph.acts {
+            acts.push(salloc(max_batch * a.width * 4, a.name)?);
+        }
+        let kv_dim = cfg.kv_dim();
+        let k16 = salloc(max_batch * kv_dim * 2, "new keys")?;
+        let v16 = salloc(max_batch * kv_dim * 2, "new values")?;
+        let mut kv = Vec::with_capacity(cfg.n_layer);
+        for l in 0..cfg.n_layer {
+            let bytes = layout.rows_per_layer(l) * cfg.head_dim * 2;
+            kv.push((
+                gpu.alloc(bytes, &format!("KV cache (K, layer {l})"))?,
+                gpu.alloc(bytes, &format!("KV cache (V, layer {l})"))?,
+            ));
+        }
+        let nh = cfg.n_layer * cfg.n_head_kv;
+        let caps_h: Vec<i32> = (0..nh)
+            .map(|i| layout.capacity(i / cfg.n_head_kv, i % cfg.n_head_kv) as i32)
+            .collect();
+        let offs_h: Vec<i32> = (0..nh)
+            .map(|i| layout.region_offset(0, i / cfg.n_head_kv, i % cfg.n_head_kv) as i32)
+            .collect();
+        let caps = salloc(nh * 4, "head capacities")?;
+        let offs = salloc(nh * 4, "head offsets")?;
+        gpu.upload(&caps, &caps_h)?;
+        gpu.upload(&offs, &offs_h)?;
+        let ml = meta_layout(max_batch, cfg.rope.n_rot / 2);
+        let meta = salloc(ml.words * 4, "batch metadata")?;
+        let part = salloc(PART_ROWS * (cfg.head_dim + 2) * 4, "attention partials")?;
+        let logit_x = salloc(max_logits * cfg.n_embd * 4, "logit inputs")?;
+        let logits_d = salloc(max_logits * cfg.n_vocab * 4, "logits")?;
+        let argmax_d = salloc(max_logits * 4, "argmax")?;
+        gpu.sync()?;
+        Ok(CudaBackend {
+            k,
+            blas,
+            max_batch,
+            max_logits,
+            weight_bufs,
+            buf_of,
+            matrices,
+            vectors,
+            embed_fn,
+            act_version: vec![0; acts.len()],
+            acts,
+            mats,
+            k16,
+            v16,
+            kv,
+            caps,
+            offs,
+            meta,
+            meta_host: vec![0; ml.words],
+            part,
+            logit_x,
+            logits_d,
+            argmax_d,
+            logits: vec![0.0; max_logits * cfg.n_vocab],
+            n_logits: 0,
+            seq_len: vec![0; layout.n_seq],
+            n_tiles: 0,
+            weight_bytes,
+            scratch_bytes,
+            layout,
+            gpu,
+            model,
+        })
+    }
+
+    /// Device name and compute capability.
+    pub fn device_name(&self) -> String {
+        format!("{} (sm_{}{})", self.gpu.name, self.gpu.cc.0, self.gpu.cc.1)
+    }
+
+    /// Bytes of weights on the device (their file size, plus norms as f32).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// Bytes of scratch buffers (activations, staging, logits).
+    pub fn scratch_bytes(&self) -> usize {
+        self.scratch_bytes
+    }
+
+    fn meta_ptr(&self, word: usize) -> u64 {
+        self.meta.at(word * 4)
+    }
+
+    fn matmul(&mut self, w: usize, a: MatArgs, x_version: u64) -> Result<(), BackendError> {
+        let m = self.matrices[w].as_ref().expect("matrix prepared");
+        matmul::matmul(
+            &self.gpu,
+            &self.k,
+            &self.blas,
+            &mut self.mats,
+            m,
+            a,
+            x_version,
+        )
+    }
+
+    fn act(&self, id: ActId) -> u64 {
+        self.acts[id].ptr
+    }
+
+    fn upload_meta(&mut self, batch: &Batch) -> Result<(), BackendError> {
+        let cfg = &self.model.config;
+        let half = cfg.rope.n_rot / 2;
+        let ml = meta_layout(self.max_batch, half);
+        let n = batch.len();
+        let h = &mut self.meta_host;
+        for t in 0..n {
+            h[ml.tokens + t] = batch.tokens[t];
+            h[ml.pos + t] = batch.positions[t];
+            h[ml.seq + t] = batch.seq_ids[t];
+        }
+        let mut m = 0;
+        for (t, _) in batch.want_logits.iter().enumerate().filter(|(_, &b)| b) {
+            h[ml.lrows + m] = t as u32;
+            m += 1;
+        }
+        self.n_logits = m;
+        let g = cfg.n_head / cfg.n_head_kv;
+        let tq = (ATT_RMAX / g).max(1);
+        let mut nt = 0;
+        for (_, start, len) in batch.runs() {
+            for t in start..start + len {
+                h[ml.p0 + t] = batch.positions[start];
+                h[ml.rs + t] = start as u32;
+                h[ml.last + t] = batch.positions[start + len - 1];
+            }
+            let mut tb = 0;
+            while tb < len {
+                let c = tq.min(len - tb);
+                h[ml.tiles + 2 * nt] = (start + tb) as u32;
+                h[ml.tiles + 2 * nt + 1] = c as u32;
+                nt += 1;
+                tb += c;
+            }
+        }
+        self.n_tiles = nt;
+        let mut cs = vec![(0f32, 0f32); half];
+        for t in 0..n {
+            rope_angles(&cfg.rope, batch.positions[t], &mut cs);
+            for (i, &(c, s)) in cs.iter().enumerate() {
+                h[ml.cs + 2 * (t * half + i)] = c.to_bits();
+                h[ml.cs + 2 * (t * half + i) + 1] = s.to_bits();
+            }
+        }
+        let words = ml.cs + 2 * n * half;
+        self.gpu.upload(&self.meta, &self.meta_host[..words])
+    }
+
+    fn attention(
+        &mut self,
+        layer: usize,
+        q: ActId,
+        kx: ActId,
+        vx: ActId,
+        out: ActId,
+        batch: &Batch,
+    ) -> Result<(), BackendError> {
+        let cfg = self.model.config.clone();
+        let n = batch.len();
+        let kvn = n * cfg.kv_dim();
+        let ml = meta_layout(self.max_batch, cfg.rope.n_rot / 2);
+        for (src, dst) in [(kx, self.k16.ptr), (vx, self.v16.ptr)] {
+            self.gpu.launch(
+                &self.k.to_f16,
+                cfg_1d(kvn),
+                &[A::P(self.act(src)), A::P(dst), A::I(kvn as i32)],
+            )?;
+        }
+        let hk = cfg.n_head_kv;
+        let g = cfg.n_head / hk;
+        // Longest key range of any query of the batch (bounds the split count).
+        let max_pos = batch.positions.iter().copied().max().unwrap_or(0) as usize;
+        let max_cap = (0..hk)
+            .map(|h| self.layout.capacity(layer, h))
+            .max()
+            .unwrap_or(1);
+        let nk = (max_pos + 1).min(max_cap + self.layout.sink);
+        let base = self.n_tiles * hk;
+        let mut n_split = ATT_TARGET_BLOCKS.div_ceil(base).min(nk.div_ceil(64)).max(1);
+        while n_split > 1 && n * cfg.n_head * n_split > PART_ROWS {
+            n_split -= 1;
+        }
+        let f = if cfg.head_dim == 64 {
+            &self.k.attn_d64
+        } else {
+            &self.k.attn_d128
+        };
+        let (kc, vc) = (&self.kv[layer].0, &self.kv[layer].1);
+        let rows_per_seq = self.layout.rows_per_layer(layer) / self.layout.n_seq;
+        let head_off = layer * hk * 4;
+        self.gpu.launch(
+            f,
+            lcfg((self.n_tiles as u32, hk as u32, n_split as u32), 128),
+            &[
+                A::P(self.act(q)),
+                A::P(self.k16.ptr),
+                A::P(self.v16.ptr),
+                A::P(kc.ptr),
+                A::P(vc.ptr),
+                A::P(self.meta_ptr(ml.pos)),
+                A::P(self.meta_ptr(ml.seq)),
+                A::P(self.meta_ptr(ml.p0)),
+                A::P(self.meta_ptr(ml.rs)),
+                A::P(self.meta_ptr(ml.tiles)),
+                A::I(g as i32),
+                A::I(cfg.n_head as i32),
+                A::I(hk as i32),
+                A::P(self.caps.at(head_off)),
+                A::P(self.offs.at(head_off)),
+                A::I(rows_per_seq as i32),
+                A::I(self.layout.sink as i32),
+                A::I(n_split as i32),
+                A::F(1.0 / (cfg.head_dim as f32).sqrt()),
+                A::P(self.act(out)),
+                A::P(self.part.ptr),
+            ],
+        )?;
+        if n_split > 1 {
+            self.gpu.launch(
+                &self.k.attn_merge,
+                lcfg(((n * cfg.n_head) as u32, 1, 1), cfg.head_dim as u32),
+                &[
+                    A::P(self.part.ptr),
+                    A::I(n_split as i32),
+                    A::I(cfg.head_dim as i32),
+                    A::P(self.act(out)),
+                ],
+            )?;
+        }
+        let chunks = n * hk * (cfg.head_dim / 8);
+        self.gpu.launch(
+            &self.k.kv_store,
+            cfg_1d(chunks),
+            &[
+                A::P(self.k16.ptr),
+                A::P(self.v16.ptr),
+                A::I(n as i32),
+                A::I(hk as i32),
+                A::I(cfg.head_dim as i32),
+                A::P(self.meta_ptr(ml.pos)),
+                A::P(self.meta_ptr(ml.seq)),
+                A::P(self.meta_ptr(ml.last)),
+                A::P(self.caps.at(head_off)),
+                A::P(self.offs.at(head_off)),
+                A::I(rows_per_seq as i32),
+                A::I(self.layout.sink as i32),
+                A::P(kc.ptr),
+                A::P(vc.ptr),
+            ],
+        )
+    }
+
+    fn run_op(&mut self, op: &Op, batch: &Batch) -> Result<(), BackendError> {
+        let model = Arc::clone(&self.model);
+        let cfg = &model.config;
+        let n = batch.len();
+        let ml = meta_layout(self.max_batch, cfg.rope.n_rot / 2);
+        match *op {
+            Op::Embed { table, out } => {
+                let wt = &model.weights.table[table];
+                let buf = self.weight_bufs[self.buf_of[table]].ptr;
+                let groups = n * wt.cols / 32;
+                self.gpu.launch(
+                    &self.embed_fn,
+                    cfg_1d(groups),
+                    &[
+                        A::P(buf),
+                        A::P(wt.row_bytes() as u64),
+                        A::I(wt.cols as i32),
+                        A::P(self.meta_ptr(ml.tokens)),
+                        A::I(n as i32),
+                        A::P(self.act(out)),
+                    ],
+                )?;
+                self.act_version[out] += 1;
+            }
+            Op::RmsNorm { x, w, eps, out } => {
+                let width = model.graph.acts[x].width;
+                let wv = self.vectors[w].as_ref().expect("norm prepared").ptr;
+                self.gpu.launch(
+                    &self.k.rms_norm,
+                    lcfg((n as u32, 1, 1), 256),
+                    &[
+                        A::P(self.act(x)),
+                        A::P(wv),
+                        A::F(eps),
+                        A::I(width as i32),
+                        A::P(self.act(out)),
+                    ],
+                )?;
+                self.act_version[out] += 1;
+            }
+            Op::MatMul { w, x, out } => {
+                let width = model.graph.acts[x].width;
+                let ow = model.graph.acts[out].width;
+                let a = MatArgs {
+                    x: self.act(x),
+                    ldx: width,
+                    n,
+                    out: self.act(out),
+                    ldo: ow,
+                };
+                self.matmul(w, a, self.act_version[x])?;
+                self.act_version[out] += 1;
+            }
+            Op::Rope {
+                x,
+                n_heads,
+                head_dim,
+            } => {
+                let half = cfg.rope.n_rot / 2;
+                self.gpu.launch(
+                    &self.k.rope,
+                    cfg_1d(n * n_heads * half),
+                    &[
+                        A::P(self.act(x)),
+                        A::I(n as i32),
+                        A::I(n_heads as i32),
+                        A::I(head_dim as i32),
+                        A::I(half as i32),
+                        A::P(self.meta_ptr(ml.cs)),
+                    ],
+                )?;
+                self.act_version[x] += 1;
+            }
+            Op::Attention {
+                layer,
+                q,
+                k,
+                v,
+                out,
+            } => {
+                self.attention(layer, q, k, v, out, batch)?;
+                self.act_version[out] += 1;
+            }
+            Op::SwiGlu { gate, up } => {
+                let len = n * model.graph.acts[gate].width;
+                self.gpu.launch(
+                    &self.k.swiglu,
+                    cfg_1d(len),
+                    &[A::P(self.act(gate)), A::P(self.act(up)), A::I(len as i32)],
+                )?;
+                self.act_version[gate] += 1;
+            }
+            Op::Add { x, y } => {
+                let len = n * model.graph.acts[x].width;
+                self.gpu.launch(
+                    &self.k.add,
+                    cfg_1d(len),
+                    &[A::P(self.act(x)), A::P(self.act(y)), A::I(len as i32)],
+                )?;
+                self.act_version[x] += 1;
+            }
+            Op::Logits { w, x } => {
+                let m = self.n_logits;
+                if m == 0 {
+                    return Ok(());
+                }
+                let width = model.graph.acts[x].width;
+                self.gpu.launch(
+                    &self.k.gather_rows,
+                    cfg_1d(m * width),
+                    &[
+                        A::P(self.act(x)),
+                        A::P(self.meta_ptr(ml.lrows)),
+                        A::I(m as i32),
+                        A::I(width as i32),
+                        A::P(self.logit_x.ptr),
+                    ],
+                )?;
+                self.mats.invalidate();
+                let a = MatArgs {
+                    x: self.logit_x.ptr,
+                    ldx: width,
+                    n: m,
+                    out: self.logits_d.ptr,
+                    ldo: cfg.n_vocab,
+                };
+                self.matmul(w, a, 0)?;
+                self.mats.invalidate();
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the forward step on the device without copying logits back.
+    fn forward_device(&mut self, batch: &Batch) -> Result<(), BackendError> {
+        validate_batch(
+            batch,
+            |s| self.seq_len[s],
+            &self.layout,
+            self.max_batch,
+            self.max_logits,
+            self.model.config.n_vocab,
+        )?;
+        self.upload_meta(batch)?;
+        self.mats.invalidate();
+        let model = Arc::clone(&self.model);
+        for op in &model.graph.ops {
+            self.run_op(op, batch)?;
+        }
+        for (seq, _, len) in batch.runs() {
+            self.seq_len[seq as usize] += len;
+        }
+        Ok(())
+    }
+
+    /// Greedy tokens of the last forward step's logit rows, computed on the device (only
+    /// `4 * rows` bytes come back instead of the logits).
+    pub fn argmax(&mut self) -> Result<Vec<u32>, BackendError> {
+        let m = self.n_logits;
+        if m == 0 {
+            return Ok(Vec::new());
+        }
+        self.gpu.launch(
+            &self.k.argmax_rows,
+            lcfg((m as u32, 1, 1), 1024),
+            &[
+                A::P(self.logits_d.ptr),
+                A::I(self.model.config.n_vocab as i32),
+                A::P(self.argmax_d.ptr),
+            ],
+        )?;
+        let mut out = vec![0u32; m];
+        self.gpu.download(&mut out, &self.argmax_d)?;
+        Ok(out)
+    }
+
+    /// Runs a forward step and returns the greedy tokens without downloading logits.
+    pub fn forward_greedy(&mut self, batch: &Batch) -> Result<Vec<u32>, BackendError> {
+        self.forward_device(batch)?;
+        self.argmax()
+    }
+}
+
+impl Backend for CudaBackend {
+    fn describe(&self) -> String {
+        format!("cuda ({})", self.device_name())
+    }
+
+    fn forward(&mut self, batch: &Batch) -> Result<(), BackendError> {
+        self.forward_device(batch)?;
+        let nv = self.model.config.n_vocab;
+        let m = self.n_logits;
+        if m > 0 {
+            let (dst, src) = (&mut self.logits[..m * nv], &self.logits_d);
+            self.gpu.download(dst, src)?;
+        } else {
+            self.gpu.sync()?;
+        }
+        Ok(())
+    }
+
+    fn logits(&self) -> &[f32] {
+        &self.logits[..self.n_logits * self.model.config.n_vocab]
+    }
+
+    fn n_vocab(&self) -> usize {
+        self.model.config.n_vocab
+    }
+
+    fn seq_len(&self, seq: usize) -> usize {
+        self.seq_len[seq]
+    }
+
+    fn clear(&mut self, seq: usize) {
+        self.seq_len[seq] = 0;
+    }
+
+    fn kv_layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    fn kv_bytes(&self) -> usize {
+        self.layout.bytes(2)
+    }
+}

@@ -1,0 +1,311 @@
+//! The CUDA backend against CPU references on fresh random data.
+//!
+//! - Every kernel compiles through NVRTC (CI has no GPU but installs NVRTC; with
+//!   `MOA_REQUIRE_NVRTC=1` a missing NVRTC fails instead of skipping).
+//! - On a GPU (`MOA_REQUIRE_GPU=1` makes its absence a failure): each weight type's decode
+//!   (1..8 tokens, q8_1 activations) and prefill (f16 tiles + cuBLAS) products against the f64
+//!   product of the dequantized weight with the activations as the kernel sees them; and whole
+//!   models (every op, dense and random span plans, prefill in chunks and decode across ring
+//!   wrap-around) against the CPU backend.
+
+use std::sync::Arc;
+
+use moa::backend::cpu::CpuBackend;
+use moa::backend::cuda::{self, CudaBackend, MatmulHarness, GPU_TYPES};
+use moa::backend::{Backend, BackendOptions};
+use moa::formats::GgmlType;
+use moa::graph::BatchBuf;
+use moa::kv::KvLayout;
+use moa::moa::{Plan, Rule};
+use moa::model::synth::{write_synthetic, SynthSpec};
+use moa::model::Model;
+
+fn require(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+fn gpu_or_skip(test: &str) -> bool {
+    match cuda::probe() {
+        Ok(()) => true,
+        Err(e) if require("MOA_REQUIRE_GPU") => panic!("MOA_REQUIRE_GPU=1 but no GPU: {e}"),
+        Err(e) => {
+            eprintln!("skipping {test}: no usable GPU ({e})");
+            false
+        }
+    }
+}
+
+#[test]
+fn kernels_compile_through_nvrtc() {
+    if !cuda::device::nvrtc_present() {
+        assert!(
+            !require("MOA_REQUIRE_NVRTC"),
+            "MOA_REQUIRE_NVRTC=1 but libnvrtc.so.13 cannot be loaded (LD_LIBRARY_PATH?)"
+        );
+        eprintln!("skipping: NVRTC is not installed (libnvrtc.so.13 not found)");
+        return;
+    }
+    for arch in ["sm_90", "sm_80"] {
+        let ptx = cuda::kernels::compile(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        for name in [
+            "quantize_q8_1",
+            "mmvq_q4_k",
+            "mmvq_q6_k",
+            "mv_f32",
+            "dequant_f16_q5_k",
+            "embed_q4_1",
+            "attn_d64",
+            "attn_d128",
+            "attn_merge",
+            "kv_store",
+            "argmax_rows",
+        ] {
+            assert!(
+                ptx.contains(&format!(".entry {name}(")),
+                "{arch}: kernel {name} missing from the PTX"
+            );
+        }
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn f(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+/// What the decode kernels see of an activation row: q8_1 blocks (d = amax / 127, round).
+fn q8_1_view(x: &[f32]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(x.len());
+    for b in x.chunks(32) {
+        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(b.iter().map(|&v| (v * id).round() as f64 * d as f64));
+    }
+    out
+}
+
+/// What the prefill path sees: f16-rounded values.
+fn f16_view(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| half::f16::from_f32(v).to_f64()).collect()
+}
+
+#[test]
+fn matmul_kernels_match_dequantized_reference() {
+    if !gpu_or_skip("matmul_kernels_match_dequantized_reference") {
+        return;
+    }
+    let h = MatmulHarness::new().unwrap();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for &ty in GPU_TYPES {
+        for &(rows, cols) in &[(37usize, 256usize), (130, 512)] {
+            let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f() * 0.5).collect();
+            let mut w = vec![0u8; ty.bytes_for((rows * cols) as u64).unwrap() as usize];
+            for (src, dst) in wf
+                .chunks(cols)
+                .zip(w.chunks_mut(ty.bytes_for(cols as u64).unwrap() as usize))
+            {
+                ggml_compat::quantize_row(ty, src, dst).unwrap();
+            }
+            let mut wd = vec![0f32; rows * cols];
+            for (src, dst) in w
+                .chunks(ty.bytes_for(cols as u64).unwrap() as usize)
+                .zip(wd.chunks_mut(cols))
+            {
+                ggml_compat::dequantize_row(ty, src, dst).unwrap();
+            }
+            for &n in &[1usize, 3, 8, 13, 40] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
+                let got = h.run(ty, rows, cols, &w, &x, n).unwrap();
+                let decode = n <= cuda::MV_MAXT;
+                let quantized_acts =
+                    decode && !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+                let mut max_err = 0f64;
+                let mut scale = 0f64;
+                for t in 0..n {
+                    let xr = &x[t * cols..(t + 1) * cols];
+                    let xv: Vec<f64> = if quantized_acts {
+                        q8_1_view(xr)
+                    } else if decode {
+                        xr.iter().map(|&v| v as f64).collect()
+                    } else {
+                        f16_view(xr)
+                    };
+                    for r in 0..rows {
+                        let wr = &wd[r * cols..(r + 1) * cols];
+                        let wv: Vec<f64> = if decode {
+                            wr.iter().map(|&v| v as f64).collect()
+                        } else {
+                            f16_view(wr)
+                        };
+                        let want: f64 = wv.iter().zip(&xv).map(|(a, b)| a * b).sum();
+                        let abs: f64 = wv.iter().zip(&xv).map(|(a, b)| (a * b).abs()).sum();
+                        scale = scale.max(abs);
+                        max_err =
+                            max_err.max((got[t * rows + r] as f64 - want).abs() / (abs + 1e-6));
+                    }
+                }
+                assert!(
+                    max_err < 2e-5,
+                    "{} {rows}x{cols} n={n}: relative error {max_err:e} (scale {scale})",
+                    ty.name()
+                );
+            }
+        }
+    }
+}
+
+fn gpu_spec(ty: GgmlType, seed: u64) -> SynthSpec {
+    let mut s = SynthSpec::tiny(ty, seed);
+    s.n_embd = 256;
+    s.n_head = 4; // head_dim 64
+    s.n_head_kv = 2;
+    s.n_ff = 512;
+    s
+}
+
+fn logits_all(be: &mut dyn Backend, toks: &[u32], prompt: usize, chunk: usize) -> Vec<Vec<f32>> {
+    let nv = be.n_vocab();
+    let mut out = Vec::new();
+    let mut b = BatchBuf::default();
+    let mut i = 0;
+    while i < toks.len() {
+        let n = if i < prompt { chunk.min(prompt - i) } else { 1 };
+        b.clear();
+        for (p, &t) in toks.iter().enumerate().skip(i).take(n) {
+            b.push(t, p as u32, 0, true);
+        }
+        be.forward(&b.as_batch()).unwrap();
+        out.extend(be.logits().chunks(nv).map(|r| r.to_vec()));
+        i += n;
+    }
+    out
+}
+
+#[test]
+fn cuda_backend_matches_cpu_backend() {
+    if !gpu_or_skip("cuda_backend_matches_cpu_backend") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(77);
+    for (ti, &ty) in [
+        GgmlType::F32,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = dir.path().join(format!("m{ti}.gguf"));
+        write_synthetic(&gpu_spec(ty, 5 + ti as u64), &path).unwrap();
+        let model = Arc::new(Model::load(&path).unwrap());
+        let c = model.config.clone();
+        for case in 0..4 {
+            let n = 60 + (rng.next() % 80) as usize;
+            let prompt = 1 + (rng.next() % (n as u64 - 1)) as usize;
+            let chunk = [1usize, 5, 16, 32][case];
+            let layout = if case == 0 {
+                KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n)
+            } else {
+                let rules = (0..c.n_layer * c.n_head_kv)
+                    .map(|_| Rule {
+                        alpha: (rng.next() % 40) as f32 - 10.0,
+                        beta: (rng.next() % 5) as f32 * 0.2,
+                    })
+                    .collect();
+                let mut p = Plan::new(c.n_layer, c.n_head_kv, rules, "test");
+                p.sink = 4;
+                p.min_span = 8;
+                p.align = 4;
+                p.layout(&c, 1, n)
+            };
+            let toks: Vec<u32> = (0..n)
+                .map(|_| (rng.next() % c.n_vocab as u64) as u32)
+                .collect();
+            let opts = BackendOptions {
+                max_batch: 32,
+                threads: 2,
+                layout: layout.clone(),
+            };
+            let mut cpu = CpuBackend::new(Arc::clone(&model), opts.clone()).unwrap();
+            let mut gpu = CudaBackend::new(Arc::clone(&model), opts).unwrap();
+            let a = logits_all(&mut cpu, &toks, prompt, chunk);
+            let b = logits_all(&mut gpu, &toks, prompt, chunk);
+            let mut worst = 0f32;
+            for (ra, rb) in a.iter().zip(&b) {
+                let scale = ra.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+                for (x, y) in ra.iter().zip(rb) {
+                    worst = worst.max((x - y).abs() / scale);
+                }
+            }
+            // Activations differ in format between the backends (q8_K/q8_0 on the CPU, q8_1 or
+            // f16 on the GPU); a span or ring error moves logits by far more.
+            let tol = if ty == GgmlType::F32 { 2e-3 } else { 3e-2 };
+            assert!(
+                worst < tol,
+                "{} case {case} (n {n}, prompt {prompt}, chunk {chunk}): worst relative logit difference {worst}",
+                ty.name()
+            );
+            eprintln!("{} case {case}: worst {worst:.2e}", ty.name());
+        }
+    }
+}
+
+/// Decode matvec bandwidth on Llama-3-8B's largest matrices (run on the GPU machine with
+/// `--ignored --nocapture`); the figures go to the README.
+#[test]
+#[ignore]
+fn matvec_bandwidth_report() {
+    if !gpu_or_skip("matvec_bandwidth_report") {
+        return;
+    }
+    let h = MatmulHarness::new().unwrap();
+    let copy = h.copy_bandwidth(2 << 30).unwrap();
+    println!(
+        "device copy bandwidth: {:.0} GB/s (read + write)",
+        copy / 1e9
+    );
+    let mut rng = Rng(3);
+    for &ty in &[
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q5_K,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::F16,
+    ] {
+        for &(name, rows, cols) in &[
+            ("ffn_up/gate 14336x4096", 14336usize, 4096usize),
+            ("ffn_down 4096x14336", 4096, 14336),
+            ("output 128256x4096", 128256, 4096),
+        ] {
+            let row: Vec<f32> = (0..cols).map(|_| rng.f()).collect();
+            let mut rb = vec![0u8; ty.bytes_for(cols as u64).unwrap() as usize];
+            ggml_compat::quantize_row(ty, &row, &mut rb).unwrap();
+            for &n in &[1usize, 4, 8] {
+                let s = h.time_matvec(ty, rows, cols, &rb, n, 50).unwrap();
+                let bytes = rows * rb.len();
+                println!(
+                    "matvec {:5} {name:24} n={n}: {:8.1} us  {:6.0} GB/s  ({:.0}% of copy)",
+                    ty.name(),
+                    s * 1e6,
+                    bytes as f64 / s / 1e9,
+                    100.0 * bytes as f64 / s / copy
+                );
+            }
+        }
+    }
+}
