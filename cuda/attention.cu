@@ -15,6 +15,7 @@
 #define ATT_WARPS 4
 #define ATT_RMAX 16
 #define ATT_TK 32
+#define ATT_MIN_PER 64
 
 template <int D>
 __device__ __forceinline__ void attn_split(
@@ -48,7 +49,9 @@ __device__ __forceinline__ void attn_split(
     const int wlo = max(sink, imin - win + 1);
     const int nw = max(0, imax + 1 - wlo);
     const int nk = ns + nw;
-    const int per = (nk + n_split - 1) / n_split;
+    // At least ATT_MIN_PER keys per split; splits past the end hold nothing (their empty
+    // partials are skipped by the merge), so the grid does not depend on the position.
+    const int per = max((nk + n_split - 1) / n_split, ATT_MIN_PER);
     const int k0 = z * per, k1 = min(nk, k0 + per);
 
     float m[ATT_RMAX / ATT_WARPS], l[ATT_RMAX / ATT_WARPS], acc[ATT_RMAX / ATT_WARPS][DPL];

@@ -309,3 +309,84 @@ fn matvec_bandwidth_report() {
         }
     }
 }
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut b = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[b] {
+            b = i;
+        }
+    }
+    b as u32
+}
+
+/// The default model on the GPU: greedy continuations of the llama.cpp fixture prompts equal
+/// the CPU backend's for 32 tokens (the model comes from tools/fetch-models.sh).
+#[test]
+fn default_model_greedy_matches_cpu() {
+    if !gpu_or_skip("default_model_greedy_matches_cpu") {
+        return;
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.exists() {
+        assert!(!require("MOA_REQUIRE_GPU"), "{} is missing", path.display());
+        eprintln!("skipping: {} not found", path.display());
+        return;
+    }
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/llamacpp/greedy_smollm.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let model = Arc::new(Model::load(&path).unwrap());
+    let c = model.config.clone();
+    let mut matched = 0;
+    let cases = fixture["cases"].as_array().unwrap();
+    for case in cases {
+        let ids: Vec<u32> = case["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let n = ids.len() + 33;
+        let opts = BackendOptions {
+            max_batch: 512,
+            threads: 8,
+            layout: KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n),
+        };
+        let mut outs = Vec::new();
+        for gpu in [false, true] {
+            let mut be: Box<dyn Backend> = if gpu {
+                Box::new(CudaBackend::new(Arc::clone(&model), opts.clone()).unwrap())
+            } else {
+                Box::new(CpuBackend::new(Arc::clone(&model), opts.clone()).unwrap())
+            };
+            let mut s = moa::generate::Session::new(be.as_mut(), 0, 512);
+            let mut tok = argmax(s.prompt(&ids).unwrap());
+            let mut gen = vec![tok];
+            for _ in 0..31 {
+                tok = argmax(s.step(tok).unwrap());
+                gen.push(tok);
+            }
+            outs.push(gen);
+        }
+        if outs[0] == outs[1] {
+            matched += 1;
+        } else {
+            eprintln!(
+                "prompt {:?}: cpu {:?} gpu {:?}",
+                case["prompt"], outs[0], outs[1]
+            );
+        }
+    }
+    eprintln!(
+        "greedy 32 tokens: GPU equals CPU on {matched}/{} prompts",
+        cases.len()
+    );
+    assert_eq!(matched, cases.len());
+}

@@ -34,6 +34,8 @@ use crate::model::Model;
 const ATT_RMAX: usize = 16;
 /// Most (token, head, split) partial rows of split attention.
 const PART_ROWS: usize = 65536;
+/// Fewest keys a split takes (`ATT_MIN_PER` in attention.cu).
+const ATT_MIN_PER: usize = 64;
 /// Attention blocks to aim for when splitting long key ranges (a few per multiprocessor).
 const ATT_TARGET_BLOCKS: usize = 1024;
 
@@ -74,6 +76,10 @@ pub struct CudaBackend {
     n_tiles: usize,
     weight_bytes: usize,
     scratch_bytes: usize,
+    /// Captured decode steps by (tokens, logit rows, attention tiles).
+    graphs: std::collections::HashMap<(usize, usize, usize), cudarc::driver::CudaGraph>,
+    /// `MOA_CUDA_GRAPHS=0` turns graph replay off (for debugging and comparisons).
+    use_graphs: bool,
 }
 
 /// Offsets (in u32 words) of the metadata sections.
@@ -277,6 +283,8 @@ impl CudaBackend {
             n_tiles: 0,
             weight_bytes,
             scratch_bytes,
+            graphs: Default::default(),
+            use_graphs: std::env::var("MOA_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             layout,
             gpu,
             model,
@@ -389,15 +397,18 @@ impl CudaBackend {
         }
         let hk = cfg.n_head_kv;
         let g = cfg.n_head / hk;
-        // Longest key range of any query of the batch (bounds the split count).
-        let max_pos = batch.positions.iter().copied().max().unwrap_or(0) as usize;
-        let max_cap = (0..hk)
+        // Splits depend only on the layout and the batch shape (not on positions), so a decode
+        // step's launches are the same every step and can be replayed as a CUDA graph.
+        let max_keys = (0..hk)
             .map(|h| self.layout.capacity(layer, h))
             .max()
-            .unwrap_or(1);
-        let nk = (max_pos + 1).min(max_cap + self.layout.sink);
+            .unwrap_or(1)
+            .min(self.layout.n_ctx);
         let base = self.n_tiles * hk;
-        let mut n_split = ATT_TARGET_BLOCKS.div_ceil(base).min(nk.div_ceil(64)).max(1);
+        let mut n_split = ATT_TARGET_BLOCKS
+            .div_ceil(base)
+            .min(max_keys.div_ceil(ATT_MIN_PER))
+            .max(1);
         while n_split > 1 && n * cfg.n_head * n_split > PART_ROWS {
             n_split -= 1;
         }
@@ -617,8 +628,40 @@ impl CudaBackend {
         self.upload_meta(batch)?;
         self.mats.invalidate();
         let model = Arc::clone(&self.model);
-        for op in &model.graph.ops {
-            self.run_op(op, batch)?;
+        // Decode-sized steps replay a CUDA graph of the whole step (one launch instead of a
+        // few hundred); every per-step value lives in the metadata buffer uploaded above.
+        let key = (batch.len(), self.n_logits, self.n_tiles);
+        if self.use_graphs && batch.len() <= MV_MAXT {
+            if !self.graphs.contains_key(&key) {
+                let stream = Arc::clone(&self.gpu.stream);
+                stream
+                    .begin_capture(
+                        cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                    )
+                    .map_err(|e| device::driver_err("starting a graph capture", e))?;
+                let mut result = Ok(());
+                for op in &model.graph.ops {
+                    result = self.run_op(op, batch);
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                let graph = stream
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                    .map_err(|e| device::driver_err("capturing the decode graph", e))?;
+                result?;
+                let graph = graph.ok_or_else(|| {
+                    BackendError::Device("the decode graph capture came back empty".into())
+                })?;
+                self.graphs.insert(key, graph);
+            }
+            self.graphs[&key]
+                .launch()
+                .map_err(|e| device::driver_err("launching the decode graph", e))?;
+        } else {
+            for op in &model.graph.ops {
+                self.run_op(op, batch)?;
+            }
         }
         for (seq, _, len) in batch.runs() {
             self.seq_len[seq as usize] += len;
