@@ -1,12 +1,14 @@
 //! moa-bench: llama-bench-style throughput of prompt processing (`pp`, a batch of `-p` tokens)
 //! and generation (`tg`, `-n` single-token steps), each at the given context depths (`-d`,
 //! tokens already in the cache), repeated `-r` times; markdown or `--json`.
+//! `moa-bench synth --shape S --type T -o FILE` writes a synthetic model of a real shape
+//! (`moa::model::synth::run_synth`).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use moa::backend::Backend;
 use moa::generate::Session;
 use moa::runtime;
@@ -14,7 +16,10 @@ use moa::runtime;
 #[derive(Parser)]
 #[command(name = "moa-bench", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MOA_GIT_REV"), ")"))]
 #[command(about = "Measure prompt-processing and generation speed (llama-bench style)")]
+#[command(args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// Model file (default: the default model in the local model folder).
     #[arg(short = 'm', long = "model")]
     model: Option<PathBuf>,
@@ -58,6 +63,12 @@ struct Args {
     spans: runtime::PlanArgs,
 }
 
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write a synthetic model of a real shape (random weights, valid tokenizer; llama.cpp loads it too).
+    Synth(moa::model::synth::SynthArgs),
+}
+
 /// Deterministic token ids (the values do not change the cost).
 fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
@@ -73,6 +84,10 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 
 fn main() -> Result<()> {
     let a = Args::parse();
+    if let Some(Cmd::Synth(s)) = &a.cmd {
+        moa::model::synth::run_synth(s)?;
+        return Ok(());
+    }
     let path = runtime::resolve_model(a.model.as_deref())?;
     let loaded = runtime::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
     let threads = a.threads.unwrap_or_else(runtime::default_threads);
