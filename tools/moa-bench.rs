@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use moa::backend::Backend;
 use moa::generate::Session;
 use moa::runtime;
 
@@ -61,6 +60,9 @@ struct Args {
     json: bool,
     #[command(flatten)]
     spans: runtime::PlanArgs,
+    /// Where to run: auto (the GPU when usable), cpu or cuda.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: runtime::Device,
 }
 
 #[derive(Subcommand)]
@@ -102,8 +104,15 @@ fn main() -> Result<()> {
         .unwrap_or(0);
     let n_ctx = max_d + max_t + 1;
     let plan = a.spans.resolve(&loaded.model)?;
-    let mut be =
-        runtime::cpu_backend_with_plan(&loaded.model, plan.as_ref(), n_ctx, 1, a.batch, threads)?;
+    let mut be = runtime::backend_with_plan(
+        &loaded.model,
+        plan.as_ref(),
+        n_ctx,
+        1,
+        a.batch,
+        threads,
+        a.device,
+    )?;
     let attention = runtime::describe_plan(plan.as_ref(), n_ctx);
     let size: u64 = loaded.model.file.tensors.iter().map(|t| t.n_bytes).sum();
     let params: u64 = loaded
@@ -138,13 +147,28 @@ fn main() -> Result<()> {
         .map(|&n| ("pp", n))
         .chain(a.n_gen.iter().filter(|&&n| n > 0).map(|&n| ("tg", n)))
         .collect();
+    let mut fills = Vec::new();
     for &d in &a.depth {
+        // Fill the cache to depth d once; every repetition rewinds to it.
+        be.clear(0);
+        let t0 = Instant::now();
+        Session::new(be.as_mut(), 0, a.batch).prompt(&tokens(d, vocab, 7))?;
+        let fill_s = t0.elapsed().as_secs_f64();
+        if d > 0 {
+            fills
+                .push(serde_json::json!({"depth": d, "seconds": fill_s, "tps": d as f64 / fill_s}));
+            if !a.json {
+                eprintln!(
+                    "depth {d}: filled in {fill_s:.2} s ({:.0} t/s)",
+                    d as f64 / fill_s
+                );
+            }
+        }
         for &(kind, n) in &tests {
             let mut samples = Vec::with_capacity(a.reps);
             for r in 0..a.reps {
-                be.clear(0);
-                let mut s = Session::new(&mut be, 0, a.batch);
-                s.prompt(&tokens(d, vocab, 7))?;
+                be.rewind(0, d);
+                let mut s = Session::new(be.as_mut(), 0, a.batch);
                 let toks = tokens(n, vocab, 100 + r as u64);
                 let t0 = Instant::now();
                 if kind == "pp" {
@@ -174,7 +198,7 @@ fn main() -> Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "model": path, "model_name": name, "size_bytes": size, "params": params,
                 "backend": be.describe(), "threads": threads, "n_batch": a.batch, "results": rows,
-                "attention": attention, "kv_bytes": be.kv_bytes(), "kv_bytes_dense": be.kv_layout().dense_bytes(2),
+                "attention": attention, "depth_fills": fills, "kv_bytes": be.kv_bytes(), "kv_bytes_dense": be.kv_layout().dense_bytes(2),
             }))?
         );
     } else {

@@ -83,6 +83,11 @@ pub trait Backend {
     fn seq_len(&self, seq: usize) -> usize;
     /// Empties a sequence's cache.
     fn clear(&mut self, seq: usize);
+    /// Drops the tokens of `seq` after its first `len` (nothing if it holds fewer). Exact when
+    /// every head keeps the whole sequence (dense caches); in a span cache, ring slots that later
+    /// tokens took over keep those tokens' keys. Benchmarks use it to repeat a test at one depth
+    /// without filling the cache again (the cost of a step does not depend on the values).
+    fn rewind(&mut self, seq: usize, len: usize);
     fn kv_layout(&self) -> &KvLayout;
     /// Bytes allocated for the KV cache.
     fn kv_bytes(&self) -> usize;

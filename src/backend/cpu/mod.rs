@@ -438,6 +438,10 @@ impl Backend for CpuBackend {
         self.seq_len[seq] = 0;
     }
 
+    fn rewind(&mut self, seq: usize, len: usize) {
+        self.seq_len[seq] = self.seq_len[seq].min(len);
+    }
+
     fn kv_layout(&self) -> &KvLayout {
         &self.layout
     }
