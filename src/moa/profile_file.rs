@@ -228,12 +228,11 @@ impl Profile {
             });
         }
         let hlen = u32::from_le_bytes(take(4, "header length")?.try_into().unwrap()) as usize;
-        let header: ProfileHeader = serde_json::from_slice(take(hlen, "header")?).map_err(|e| {
-            ProfileError::Header {
+        let header: ProfileHeader =
+            serde_json::from_slice(take(hlen, "header")?).map_err(|e| ProfileError::Header {
                 path: p(),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         let bad = |reason: String| ProfileError::Header { path: p(), reason };
         if header.block == 0 {
             return Err(bad("block size 0".into()));
