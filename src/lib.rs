@@ -17,6 +17,7 @@ pub mod kv;
 pub mod moa;
 pub mod model;
 pub mod perplexity;
+pub mod profile;
 pub mod runtime;
 pub mod sampling;
 pub mod tokenizer;

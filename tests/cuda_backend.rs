@@ -57,6 +57,8 @@ fn kernels_compile_through_nvrtc() {
             "attn_d64",
             "attn_d128",
             "attn_merge",
+            "attn_tc_d64",
+            "attn_tc_d128",
             "kv_store",
             "argmax_rows",
         ] {

@@ -133,6 +133,8 @@ pub struct Kernels {
     pub attn_d64: CudaFunction,
     pub attn_d128: CudaFunction,
     pub attn_merge: CudaFunction,
+    pub attn_tc_d64: CudaFunction,
+    pub attn_tc_d128: CudaFunction,
     module: Arc<CudaModule>,
 }
 
@@ -160,6 +162,8 @@ impl Kernels {
             attn_d64: f("attn_d64")?,
             attn_d128: f("attn_d128")?,
             attn_merge: f("attn_merge")?,
+            attn_tc_d64: f("attn_tc_d64")?,
+            attn_tc_d128: f("attn_tc_d128")?,
             module,
         })
     }

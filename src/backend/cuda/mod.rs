@@ -30,6 +30,8 @@ use crate::graph::{ActId, Batch, Op};
 use crate::kv::KvLayout;
 use crate::model::Model;
 
+/// Query rows per tensor-core attention block (`TC_ROWS` in attention.cu).
+const TC_ROWS: usize = 64;
 /// Query rows per attention block (`ATT_RMAX` in attention.cu).
 const ATT_RMAX: usize = 16;
 /// Most (token, head, split) partial rows of split attention.
@@ -345,7 +347,14 @@ impl CudaBackend {
         }
         self.n_logits = m;
         let g = cfg.n_head / cfg.n_head_kv;
-        let tq = (ATT_RMAX / g).max(1);
+        // Prefill batches use the tensor-core kernel (64 query rows per block), decode steps
+        // the split kernel (16 rows).
+        let rows = if batch.len() > MV_MAXT {
+            TC_ROWS
+        } else {
+            ATT_RMAX
+        };
+        let tq = (rows / g).max(1);
         let mut nt = 0;
         for (_, start, len) in batch.runs() {
             for t in start..start + len {
@@ -412,41 +421,58 @@ impl CudaBackend {
         while n_split > 1 && n * cfg.n_head * n_split > PART_ROWS {
             n_split -= 1;
         }
-        let f = if cfg.head_dim == 64 {
-            &self.k.attn_d64
-        } else {
-            &self.k.attn_d128
-        };
         let (kc, vc) = (&self.kv[layer].0, &self.kv[layer].1);
         let rows_per_seq = self.layout.rows_per_layer(layer) / self.layout.n_seq;
         let head_off = layer * hk * 4;
-        self.gpu.launch(
-            f,
-            lcfg((self.n_tiles as u32, hk as u32, n_split as u32), 128),
-            &[
-                A::P(self.act(q)),
-                A::P(self.k16.ptr),
-                A::P(self.v16.ptr),
-                A::P(kc.ptr),
-                A::P(vc.ptr),
-                A::P(self.meta_ptr(ml.pos)),
-                A::P(self.meta_ptr(ml.seq)),
-                A::P(self.meta_ptr(ml.p0)),
-                A::P(self.meta_ptr(ml.rs)),
-                A::P(self.meta_ptr(ml.tiles)),
-                A::I(g as i32),
-                A::I(cfg.n_head as i32),
-                A::I(hk as i32),
-                A::P(self.caps.at(head_off)),
-                A::P(self.offs.at(head_off)),
-                A::I(rows_per_seq as i32),
-                A::I(self.layout.sink as i32),
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        let mut args = vec![
+            A::P(self.act(q)),
+            A::P(self.k16.ptr),
+            A::P(self.v16.ptr),
+            A::P(kc.ptr),
+            A::P(vc.ptr),
+            A::P(self.meta_ptr(ml.pos)),
+            A::P(self.meta_ptr(ml.seq)),
+            A::P(self.meta_ptr(ml.p0)),
+            A::P(self.meta_ptr(ml.rs)),
+            A::P(self.meta_ptr(ml.tiles)),
+            A::I(g as i32),
+            A::I(cfg.n_head as i32),
+            A::I(hk as i32),
+            A::P(self.caps.at(head_off)),
+            A::P(self.offs.at(head_off)),
+            A::I(rows_per_seq as i32),
+            A::I(self.layout.sink as i32),
+        ];
+        if n > MV_MAXT {
+            // Prefill: tensor cores, one block per 64 query rows and KV head.
+            let f = if cfg.head_dim == 64 {
+                &self.k.attn_tc_d64
+            } else {
+                &self.k.attn_tc_d128
+            };
+            args.extend([A::F(scale), A::P(self.act(out))]);
+            self.gpu
+                .launch(f, lcfg((self.n_tiles as u32, hk as u32, 1), 128), &args)?;
+            n_split = 1;
+        } else {
+            let f = if cfg.head_dim == 64 {
+                &self.k.attn_d64
+            } else {
+                &self.k.attn_d128
+            };
+            args.extend([
                 A::I(n_split as i32),
-                A::F(1.0 / (cfg.head_dim as f32).sqrt()),
+                A::F(scale),
                 A::P(self.act(out)),
                 A::P(self.part.ptr),
-            ],
-        )?;
+            ]);
+            self.gpu.launch(
+                f,
+                lcfg((self.n_tiles as u32, hk as u32, n_split as u32), 128),
+                &args,
+            )?;
+        }
         if n_split > 1 {
             self.gpu.launch(
                 &self.k.attn_merge,

@@ -1,0 +1,431 @@
+//! Calibration sets (moa-method.md section 6): conversations built from long documents found
+//! offline (license texts, documentation files), each a user turn holding the documents and a
+//! request that needs all of them (summarize each; recall facts from its start and end), answered
+//! by the dense model itself (greedy), rendered in the model's chat template. Stored as JSONL,
+//! one [`CalibRecord`] per line: token ids and the response ranges the loss is taken on.
+//!
+//! Deterministic given the documents, the model and the seed: documents are read in sorted path
+//! order, split into calibration and validation pools by a hash of their path, and every choice
+//! comes from a seeded generator.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chat::{ChatError, ChatTemplate, Message};
+use crate::generate::Session;
+use crate::model::Model;
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// One calibration or validation conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibRecord {
+    pub id: String,
+    /// `calib` or `val`.
+    pub split: String,
+    /// The length bucket the conversation was built for (it has at most this many tokens).
+    pub length: usize,
+    pub task: String,
+    /// Document paths, in the order they appear.
+    pub sources: Vec<String>,
+    pub n_tokens: usize,
+    /// Token ranges `[start, end)` of the response (the loss mask).
+    pub response: Vec<[usize; 2]>,
+    pub tokens: Vec<u32>,
+}
+
+impl CalibRecord {
+    pub fn response_ranges(&self) -> Vec<Range<usize>> {
+        self.response.iter().map(|r| r[0]..r[1]).collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CalibError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {reason}")]
+    BadRecord {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("no usable documents (UTF-8 text of at least {min_chars} characters) under {sources}")]
+    NoDocuments { sources: String, min_chars: usize },
+    #[error("length {length} leaves no room for documents after {overhead} tokens of template, request and answer")]
+    TooShort { length: usize, overhead: usize },
+    #[error("the documents hold {have} tokens, a {length}-token conversation needs about {need}; add sources")]
+    NotEnoughText {
+        length: usize,
+        need: usize,
+        have: usize,
+    },
+    #[error("the model has no chat template")]
+    NoTemplate,
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("generation failed: {0}")]
+    Generate(String),
+}
+
+/// Reads and validates a JSONL calibration file.
+pub fn read_jsonl(path: &Path) -> Result<Vec<CalibRecord>, CalibError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CalibError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |reason: String| CalibError::BadRecord {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason,
+        };
+        let r: CalibRecord = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        if r.tokens.len() != r.n_tokens {
+            return Err(bad(format!(
+                "n_tokens is {} but there are {} tokens",
+                r.n_tokens,
+                r.tokens.len()
+            )));
+        }
+        if r.n_tokens > r.length {
+            return Err(bad(format!(
+                "{} tokens exceed the length bucket {}",
+                r.n_tokens, r.length
+            )));
+        }
+        for s in &r.response {
+            if s[0] < 1 || s[0] > s[1] || s[1] > r.n_tokens {
+                return Err(bad(format!(
+                    "response range {}..{} is not inside 1..{}",
+                    s[0], s[1], r.n_tokens
+                )));
+            }
+        }
+        if r.response.iter().all(|s| s[0] == s[1]) {
+            return Err(bad("no response tokens".into()));
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// A source document.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub name: String,
+    pub text: String,
+}
+
+/// Reads every UTF-8 file of at least `min_chars` characters under `sources` (files or folders,
+/// recursively), in sorted path order. Unreadable or binary files are skipped.
+pub fn collect_documents(
+    sources: &[PathBuf],
+    min_chars: usize,
+) -> Result<Vec<Document>, CalibError> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<(), CalibError> {
+        let meta = std::fs::metadata(p).map_err(|source| CalibError::Io {
+            path: p.to_path_buf(),
+            source,
+        })?;
+        if meta.is_dir() {
+            let rd = std::fs::read_dir(p).map_err(|source| CalibError::Io {
+                path: p.to_path_buf(),
+                source,
+            })?;
+            let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            entries.sort();
+            for e in entries {
+                // Symlinks to folders could loop; files behind links are fine.
+                if e.is_dir() && std::fs::symlink_metadata(&e).is_ok_and(|m| m.is_symlink()) {
+                    continue;
+                }
+                walk(&e, out)?;
+            }
+        } else if meta.is_file() {
+            out.push(p.to_path_buf());
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for s in sources {
+        walk(s, &mut files)?;
+    }
+    files.sort();
+    files.dedup();
+    let mut docs = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for f in files {
+        let Ok(bytes) = std::fs::read(&f) else {
+            continue;
+        };
+        let Ok(text) = String::from_utf8(bytes) else {
+            continue;
+        };
+        // Skip binary files, short ones, and copies (symlinks, duplicated texts).
+        if text.contains('\0')
+            || text.chars().count() < min_chars
+            || !seen.insert(fnv1a(text.as_bytes()))
+        {
+            continue;
+        }
+        docs.push(Document {
+            name: f.display().to_string(),
+            text: text.replace("\r\n", "\n"),
+        });
+    }
+    if docs.is_empty() {
+        return Err(CalibError::NoDocuments {
+            sources: sources
+                .iter()
+                .map(|s| s.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            min_chars,
+        });
+    }
+    Ok(docs)
+}
+
+/// 64-bit FNV-1a, for the document split and file fingerprints.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Splits documents into (calibration, validation) pools: a document goes to validation when
+/// the hash of its name falls in the `val_fraction` share.
+pub fn split_documents(docs: Vec<Document>, val_fraction: f64) -> (Vec<Document>, Vec<Document>) {
+    docs.into_iter()
+        .partition(|d| (fnv1a(d.name.as_bytes()) % 1000) as f64 >= val_fraction * 1000.0)
+}
+
+/// The requests; each needs the whole of the documents to answer.
+pub const TASKS: &[(&str, &str)] = &[
+    (
+        "summarize",
+        "Summarize the documents above. For each document, in the order given, write its title and two sentences on what it says.",
+    ),
+    (
+        "recall",
+        "Answer from the documents above: what is the title of the first document, what does its first paragraph say, what does the last paragraph of the last document say, and how many documents are there?",
+    ),
+    (
+        "compare",
+        "List the documents above in order. For each, say what it permits, what it requires, and what it says about warranty, quoting a few words where you can.",
+    ),
+];
+
+/// splitmix64.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// What the builder needs from the model.
+pub struct Builder<'a> {
+    pub model: &'a Arc<Model>,
+    pub tokenizer: &'a Tokenizer,
+    pub template: ChatTemplate,
+    pub threads: usize,
+    /// Most tokens of the dense model's answer.
+    pub max_new: usize,
+}
+
+/// A conversation before the answer: the prompt tokens and what went into it.
+pub struct Prompt {
+    pub tokens: Vec<u32>,
+    pub task: String,
+    pub sources: Vec<String>,
+}
+
+impl<'a> Builder<'a> {
+    pub fn new(
+        model: &'a Arc<Model>,
+        tokenizer: &'a Tokenizer,
+        threads: usize,
+        max_new: usize,
+    ) -> Result<Builder<'a>, CalibError> {
+        let template = ChatTemplate::from_gguf(&model.file)?.ok_or(CalibError::NoTemplate)?;
+        Ok(Builder {
+            model,
+            tokenizer,
+            template,
+            threads,
+            max_new,
+        })
+    }
+
+    fn render(&self, user: &str) -> Result<Vec<u32>, CalibError> {
+        let text = self.template.render(&[Message::new("user", user)], true)?;
+        Ok(self.tokenizer.encode(&text, true, true)?)
+    }
+
+    /// A prompt of at most `length - max_new` tokens from `docs`, chosen by `rng`.
+    fn prompt(
+        &self,
+        docs: &[Document],
+        length: usize,
+        rng: &mut Rng,
+    ) -> Result<Prompt, CalibError> {
+        let (task, request) = TASKS[rng.below(TASKS.len())];
+        let overhead = self.render(request)?.len() + self.max_new + 16;
+        if length <= overhead + 64 {
+            return Err(CalibError::TooShort { length, overhead });
+        }
+        let budget = length - self.max_new;
+        // Documents in a seeded order, starting anywhere; header + text each.
+        let start = rng.below(docs.len());
+        let mut body_tokens = Vec::new();
+        let mut sources = Vec::new();
+        let mut parts: Vec<(usize, Vec<u32>)> = Vec::new();
+        let need = length - overhead;
+        for k in 0..docs.len() {
+            let d = &docs[(start + k) % docs.len()];
+            let title = Path::new(&d.name)
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| d.name.clone());
+            let text = format!(
+                "### Document {}: {}\n\n{}\n\n",
+                parts.len() + 1,
+                title,
+                d.text.trim()
+            );
+            let ids = self.tokenizer.encode(&text, false, false)?;
+            body_tokens.push(ids.len());
+            sources.push(d.name.clone());
+            parts.push((ids.len(), ids));
+            if body_tokens.iter().sum::<usize>() >= need {
+                break;
+            }
+        }
+        let have: usize = body_tokens.iter().sum();
+        if have < need / 2 {
+            return Err(CalibError::NotEnoughText { length, need, have });
+        }
+        // Trim the last document until the rendered prompt fits the budget.
+        let mut keep = need.min(have);
+        loop {
+            let mut ids: Vec<u32> = parts.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+            ids.truncate(keep);
+            let body = self.tokenizer.decode(&ids);
+            let user = format!("{}\n\n{}", body.trim_end(), request);
+            let tokens = self.render(&user)?;
+            if tokens.len() <= budget {
+                return Ok(Prompt {
+                    tokens,
+                    task: task.into(),
+                    sources,
+                });
+            }
+            keep = keep.saturating_sub(tokens.len() - budget + 8);
+            if keep == 0 {
+                return Err(CalibError::TooShort { length, overhead });
+            }
+        }
+    }
+
+    /// The dense model's greedy answer to `prompt` (stops at end of generation; the
+    /// end-of-generation token is part of the answer).
+    pub fn answer(&self, prompt: &[u32]) -> Result<Vec<u32>, CalibError> {
+        let gen = |e: &dyn std::fmt::Display| CalibError::Generate(e.to_string());
+        let n_ctx = prompt.len() + self.max_new;
+        let mut be = crate::runtime::cpu_backend(self.model, n_ctx, 1, 512, self.threads)
+            .map_err(|e| gen(&e))?;
+        let mut s = Session::new(&mut be, 0, 512);
+        let mut logits = s.prompt(prompt).map_err(|e| gen(&e))?.to_vec();
+        let mut out = Vec::new();
+        while out.len() < self.max_new {
+            let next = logits
+                .iter()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| {
+                    if v > b.1 {
+                        (i, v)
+                    } else {
+                        b
+                    }
+                })
+                .0 as u32;
+            out.push(next);
+            if self.tokenizer.is_eog(next) || out.len() == self.max_new {
+                break;
+            }
+            logits = s.step(next).map_err(|e| gen(&e))?.to_vec();
+        }
+        Ok(out)
+    }
+
+    /// Builds `count` conversations of at most `length` tokens from `docs`.
+    pub fn build(
+        &self,
+        docs: &[Document],
+        split: &str,
+        length: usize,
+        count: usize,
+        seed: u64,
+        mut progress: impl FnMut(&CalibRecord),
+    ) -> Result<Vec<CalibRecord>, CalibError> {
+        let mut rng = Rng(seed ^ fnv1a(split.as_bytes()) ^ (length as u64).wrapping_mul(0x9e37));
+        let mut out = Vec::new();
+        for i in 0..count {
+            let p = self.prompt(docs, length, &mut rng)?;
+            let answer = self.answer(&p.tokens)?;
+            let start = p.tokens.len();
+            let mut tokens = p.tokens;
+            tokens.extend(&answer);
+            let rec = CalibRecord {
+                id: format!("{split}-{length}-{i}"),
+                split: split.into(),
+                length,
+                task: p.task,
+                sources: p.sources,
+                n_tokens: tokens.len(),
+                response: vec![[start, tokens.len()]],
+                tokens,
+            };
+            progress(&rec);
+            out.push(rec);
+        }
+        Ok(out)
+    }
+}
+
+/// Writes records as JSONL atomically.
+pub fn write_jsonl(path: &Path, records: &[CalibRecord]) -> Result<(), CalibError> {
+    let mut text = String::new();
+    for r in records {
+        text.push_str(&serde_json::to_string(r).expect("record serializes"));
+        text.push('\n');
+    }
+    crate::util::write_file_atomic(path, text.as_bytes()).map_err(|source| CalibError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}

@@ -1,0 +1,522 @@
+//! moa-profile: the offline profiling of attention influence (moa-method.md sections 5-6).
+//! `calib` builds calibration and validation conversations answered by the dense model; `run`
+//! profiles a calibration file into a profile file for moa-optimize (progress, ETA, resumable);
+//! `show` summarizes a profile file.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use moa::moa::profile_file::{blocks_per_side, packed_index, Profile};
+use moa::profile::calib::{self, Builder, CalibRecord};
+use moa::profile::run::{self, RunConfig, RunEvent};
+use moa::profile::{model_identity, Profiler};
+use moa::runtime;
+
+#[derive(Parser)]
+#[command(name = "moa-profile", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MOA_GIT_REV"), ")"))]
+#[command(about = "Profile attention influence for MoA span plans")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build calibration and validation conversations (JSONL) answered by the dense model.
+    Calib(CalibArgs),
+    /// Profile a calibration file into a profile file (resumes an existing output).
+    Run(RunArgs),
+    /// Summarize a profile file.
+    Show(ShowArgs),
+}
+
+fn parse_lengths(s: &str) -> Result<Vec<usize>, String> {
+    if s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|e| format!("length {v:?}: {e}"))
+                .and_then(|n| {
+                    if n == 0 {
+                        Err("lengths must be positive".into())
+                    } else {
+                        Ok(n)
+                    }
+                })
+        })
+        .collect()
+}
+
+#[derive(clap::Args)]
+struct CalibArgs {
+    /// Model file (default: the default model in the local model folder).
+    #[arg(short = 'm', long = "model")]
+    model: Option<PathBuf>,
+    /// Files or folders of documents (UTF-8 text), read recursively in sorted order.
+    #[arg(long = "source", default_value = "/usr/share/common-licenses")]
+    sources: Vec<PathBuf>,
+    /// Length buckets of the calibration conversations (tokens, answer included).
+    #[arg(long, value_parser = parse_lengths, default_value = "2048,4096,8192")]
+    lengths: std::vec::Vec<usize>,
+    /// Calibration conversations per length.
+    #[arg(long = "per-length", default_value_t = 4)]
+    per_length: usize,
+    /// Length buckets of the validation conversations (empty: none).
+    #[arg(long = "val-lengths", value_parser = parse_lengths, default_value = "6144")]
+    val_lengths: std::vec::Vec<usize>,
+    /// Validation conversations per validation length.
+    #[arg(long = "val-per-length", default_value_t = 2)]
+    val_per_length: usize,
+    /// Share of the documents (by a hash of their path) kept for validation.
+    #[arg(long = "val-fraction", default_value_t = 0.25)]
+    val_fraction: f64,
+    /// Documents shorter than this many characters are skipped.
+    #[arg(long = "min-chars", default_value_t = 2000)]
+    min_chars: usize,
+    /// Most tokens of the dense model's greedy answer.
+    #[arg(long = "max-new", default_value_t = 128)]
+    max_new: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Threads (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    threads: Option<usize>,
+    /// Calibration output (JSONL).
+    #[arg(short = 'o', long = "out", default_value = "calib.jsonl")]
+    out: PathBuf,
+    /// Validation output (JSONL).
+    #[arg(long = "val-out", default_value = "val.jsonl")]
+    val_out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[arg(short = 'm', long = "model")]
+    model: Option<PathBuf>,
+    /// Calibration file written by `moa-profile calib`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Profiled lengths: each uses the file's calibration records of that length bucket.
+    #[arg(long, value_parser = parse_lengths, default_value = "2048,4096,8192")]
+    lengths: std::vec::Vec<usize>,
+    /// At most this many samples per length (default: all).
+    #[arg(long = "per-length")]
+    per_length: Option<usize>,
+    /// Block edge in tokens.
+    #[arg(long, default_value_t = 64)]
+    block: usize,
+    #[arg(short = 't', long = "threads")]
+    threads: Option<usize>,
+    /// Profile file; an existing one from the same model, data and lengths is resumed.
+    #[arg(short = 'o', long = "out")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct ShowArgs {
+    /// Profile file.
+    profile: PathBuf,
+    /// Length to show (default: the longest).
+    #[arg(long)]
+    length: Option<usize>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Calib(a) => cmd_calib(a),
+        Cmd::Run(a) => cmd_run(a),
+        Cmd::Show(a) => cmd_show(a),
+    };
+    if let Err(e) = r {
+        eprintln!("moa-profile: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn pool(threads: Option<usize>) -> Result<()> {
+    let n = threads.unwrap_or_else(runtime::default_threads).max(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .context("starting the thread pool")
+}
+
+fn fmt_dur(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m{:02}s", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+fn cmd_calib(a: CalibArgs) -> Result<()> {
+    if a.lengths.is_empty() {
+        bail!("--lengths is empty");
+    }
+    if !(0.0..1.0).contains(&a.val_fraction) {
+        bail!("--val-fraction {} must be in [0, 1)", a.val_fraction);
+    }
+    let threads = a.threads.unwrap_or_else(runtime::default_threads).max(1);
+    let path = runtime::resolve_model(a.model.as_deref())?;
+    let loaded = runtime::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let n_ctx = loaded.model.config.n_ctx_train;
+    for &l in a.lengths.iter().chain(&a.val_lengths) {
+        if l > n_ctx {
+            bail!("length {l} exceeds the model's training context {n_ctx}");
+        }
+    }
+    let docs = calib::collect_documents(&a.sources, a.min_chars)?;
+    let (cal_docs, val_docs) = calib::split_documents(docs, a.val_fraction);
+    eprintln!(
+        "documents: {} for calibration, {} for validation",
+        cal_docs.len(),
+        val_docs.len()
+    );
+    if cal_docs.is_empty() || (!a.val_lengths.is_empty() && val_docs.is_empty()) {
+        bail!("a split has no documents: add sources or change --val-fraction");
+    }
+    let b = Builder::new(&loaded.model, &loaded.tokenizer, threads, a.max_new)?;
+    let t0 = Instant::now();
+    let report = |r: &CalibRecord| {
+        let resp = r.response[0];
+        eprintln!(
+            "{:>16}: {:>5} tokens, answer {:>3} tokens ({}), {} documents  [{}]",
+            r.id,
+            r.n_tokens,
+            resp[1] - resp[0],
+            r.task,
+            r.sources.len(),
+            fmt_dur(t0.elapsed().as_secs_f64())
+        );
+    };
+    let mut cal = Vec::new();
+    for &l in &a.lengths {
+        cal.extend(b.build(&cal_docs, "calib", l, a.per_length, a.seed, report)?);
+    }
+    calib::write_jsonl(&a.out, &cal)?;
+    let mut val = Vec::new();
+    for &l in &a.val_lengths {
+        val.extend(b.build(&val_docs, "val", l, a.val_per_length, a.seed, report)?);
+    }
+    if !a.val_lengths.is_empty() {
+        calib::write_jsonl(&a.val_out, &val)?;
+    }
+    eprintln!(
+        "wrote {} calibration conversations to {}{} in {}",
+        cal.len(),
+        a.out.display(),
+        if val.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " and {} validation conversations to {}",
+                val.len(),
+                a.val_out.display()
+            )
+        },
+        fmt_dur(t0.elapsed().as_secs_f64())
+    );
+    Ok(())
+}
+
+/// Relative cost of a sample of `n` tokens (linear layers vs attention), for the ETA.
+fn cost(c: &moa::model::ModelConfig, n: usize) -> f64 {
+    let lin = (c.n_embd * (2 * c.q_dim() + 2 * c.kv_dim()) + 3 * c.n_embd * c.n_ff) as f64 * 3.0;
+    let quad = 3.5 * (c.n_head * c.head_dim) as f64;
+    n as f64 * lin + (n as f64).powi(2) * quad
+}
+
+struct Progress {
+    total_cost: f64,
+    done_cost: f64,
+    /// Cost and time spent in this process (for the rate).
+    run_cost: f64,
+    run_secs: f64,
+    done: usize,
+    total: usize,
+    current: Option<(String, usize, usize, f64, Instant)>,
+    start: Instant,
+}
+
+impl Progress {
+    fn line(&self) -> String {
+        let width = 30;
+        let frac = if self.total_cost > 0.0 {
+            (self.done_cost / self.total_cost).clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        let fill = (frac * width as f64).round() as usize;
+        let bar: String = "=".repeat(fill) + &" ".repeat(width - fill);
+        let mut s = format!(
+            "[{bar}] {}/{} samples {:5.1}%  elapsed {}",
+            self.done,
+            self.total,
+            frac * 100.0,
+            fmt_dur(self.start.elapsed().as_secs_f64())
+        );
+        if let Some((id, length, n, c, t)) = &self.current {
+            let cur = t.elapsed().as_secs_f64();
+            s += &format!("  | {id} ({n} tok @ {length}) {}", fmt_dur(cur));
+            if self.run_cost > 0.0 {
+                let rate = self.run_secs / self.run_cost;
+                let left =
+                    (self.total_cost - self.done_cost - c) * rate + (c * rate - cur).max(0.0);
+                s += &format!("  ETA {}", fmt_dur(left));
+            }
+        }
+        s
+    }
+}
+
+fn cmd_run(a: RunArgs) -> Result<()> {
+    pool(a.threads)?;
+    if a.block == 0 || a.block > 4096 {
+        bail!("--block {} must be in 1..=4096", a.block);
+    }
+    let path = runtime::resolve_model(a.model.as_deref())?;
+    let t_load = Instant::now();
+    let model =
+        moa::model::Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let (records, fp) = run::read_data(&a.data)?;
+    for &l in &a.lengths {
+        if l > model.config.n_ctx_train {
+            eprintln!(
+                "warning: length {l} exceeds the model's training context {}",
+                model.config.n_ctx_train
+            );
+        }
+    }
+    let profiler = Profiler::new(&model, a.block)?;
+    let identity = model_identity(&model);
+    eprintln!(
+        "model {} ({} layers, {} query / {} KV heads), weights dequantized in {:.1} s; data {} ({} records); {} threads",
+        path.display(),
+        model.config.n_layer,
+        model.config.n_head,
+        model.config.n_head_kv,
+        t_load.elapsed().as_secs_f64(),
+        a.data.display(),
+        records.len(),
+        rayon::current_num_threads()
+    );
+    let cfg = RunConfig {
+        lengths: a.lengths.clone(),
+        per_length: a.per_length,
+        data_name: a
+            .data
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        data_fingerprint: fp,
+        out: a.out.clone(),
+    };
+    // Planned cost per length bucket, for the ETA.
+    let plan_cost: f64 = a
+        .lengths
+        .iter()
+        .map(|&l| {
+            records
+                .iter()
+                .filter(|r| r.split == "calib" && r.length == l)
+                .take(a.per_length.unwrap_or(usize::MAX))
+                .map(|r| cost(&model.config, r.n_tokens))
+                .sum::<f64>()
+        })
+        .sum();
+    let tty = std::io::stderr().is_terminal();
+    let prog = Arc::new(Mutex::new(Progress {
+        total_cost: plan_cost,
+        done_cost: 0.0,
+        run_cost: 0.0,
+        run_secs: 0.0,
+        done: 0,
+        total: 0,
+        current: None,
+        start: Instant::now(),
+    }));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = tty.then(|| {
+        let (prog, stop) = (Arc::clone(&prog), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                eprint!("\r{}\x1b[K", prog.lock().unwrap().line());
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    });
+    let mut per_length: Vec<(usize, usize, f64)> = Vec::new();
+    let cfgm = &model.config;
+    let result = run::run(&profiler, &identity, &records, &cfg, |e| {
+        let mut p = prog.lock().unwrap();
+        match e {
+            RunEvent::Start { done, total } => {
+                p.done = done;
+                p.total = total;
+                // Cost of the samples already in the file (first `done` of each length).
+                let mut already = 0.0;
+                if done > 0 {
+                    if let Ok(old) = Profile::load(&cfg.out) {
+                        for e in &old.header.lengths {
+                            already += records
+                                .iter()
+                                .filter(|r| r.split == "calib" && r.length == e.length)
+                                .take(e.samples)
+                                .map(|r| cost(cfgm, r.n_tokens))
+                                .sum::<f64>();
+                        }
+                    }
+                    eprintln!(
+                        "resuming {}: {done} of {total} samples already done",
+                        cfg.out.display()
+                    );
+                }
+                p.done_cost = already;
+            }
+            RunEvent::Begin {
+                id,
+                length,
+                n_tokens,
+            } => {
+                p.current = Some((
+                    id.to_string(),
+                    length,
+                    n_tokens,
+                    cost(cfgm, n_tokens),
+                    Instant::now(),
+                ));
+            }
+            RunEvent::Done {
+                id,
+                length,
+                n_tokens,
+                loss,
+                seconds,
+                done,
+                total,
+            } => {
+                let c = cost(cfgm, n_tokens);
+                p.done_cost += c;
+                p.run_cost += c;
+                p.run_secs += seconds;
+                p.done = done;
+                p.total = total;
+                p.current = None;
+                let line = p.line();
+                if tty {
+                    eprint!("\r\x1b[K");
+                }
+                eprintln!(
+                    "{id}: length {length}, {n_tokens} tokens, loss {loss:.4}, {seconds:.1} s ({:.2} ms/token)",
+                    seconds * 1000.0 / n_tokens as f64
+                );
+                if !tty {
+                    eprintln!("{line}");
+                }
+                match per_length.iter_mut().find(|e| e.0 == length) {
+                    Some(e) => {
+                        e.1 += 1;
+                        e.2 += seconds;
+                    }
+                    None => per_length.push((length, 1, seconds)),
+                }
+            }
+        }
+    });
+    stop.store(true, Ordering::Relaxed);
+    if let Some(t) = ticker {
+        let _ = t.join();
+        eprint!("\r\x1b[K");
+    }
+    let profile = result?;
+    per_length.sort_by_key(|e| e.0);
+    for (l, n, s) in &per_length {
+        eprintln!(
+            "length {l}: {n} samples in {}, {:.1} s per sample",
+            fmt_dur(*s),
+            s / *n as f64
+        );
+    }
+    eprintln!(
+        "profile {}: {}",
+        a.out.display(),
+        profile
+            .header
+            .lengths
+            .iter()
+            .map(|e| format!("{} samples at {}", e.samples, e.length))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+fn cmd_show(a: ShowArgs) -> Result<()> {
+    let p = Profile::load(&a.profile)?;
+    let h = &p.header;
+    println!(
+        "model {:?} ({}, {} layers, {} query / {} KV heads, head_dim {}, n_ctx_train {})",
+        h.model.name,
+        h.model.arch,
+        h.model.n_layer,
+        h.model.n_head,
+        h.model.n_head_kv,
+        h.model.head_dim,
+        h.model.n_ctx_train
+    );
+    println!("block {}; provenance: {}", h.block, h.provenance);
+    for e in &h.lengths {
+        println!("length {:>6}: {} samples", e.length, e.samples);
+    }
+    let li = match a.length {
+        Some(l) => p
+            .length_index(l)
+            .with_context(|| format!("length {l} is not in the profile"))?,
+        None => (0..h.lengths.len())
+            .max_by_key(|&i| h.lengths[i].length)
+            .unwrap_or(0),
+    };
+    let length = h.lengths[li].length;
+    let nb = blocks_per_side(length, h.block);
+    println!(
+        "\nat length {length}: per layer and KV head, mean total |E| and the share of it in the sink \
+         column (key block 0) / the local band (query block - key block <= 1) / the rest"
+    );
+    for l in 0..h.model.n_layer {
+        let mut cells = Vec::new();
+        for g in 0..h.model.n_head_kv {
+            let m = p.mean(li, l, g);
+            let (mut tot, mut sink, mut local) = (0f64, 0f64, 0f64);
+            for qb in 0..nb {
+                for kb in 0..=qb {
+                    let v = m[packed_index(qb, kb)] as f64;
+                    tot += v;
+                    if kb == 0 {
+                        sink += v;
+                    } else if qb - kb <= 1 {
+                        local += v;
+                    }
+                }
+            }
+            let t = tot.max(1e-30);
+            cells.push(format!(
+                "{tot:9.3e} {:3.0}/{:3.0}/{:3.0}%",
+                100.0 * sink / t,
+                100.0 * local / t,
+                100.0 * (tot - sink - local) / t
+            ));
+        }
+        println!("layer {l:>3}: {}", cells.join("  "));
+    }
+    Ok(())
+}
