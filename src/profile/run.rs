@@ -80,11 +80,7 @@ fn provenance(cfg: &RunConfig, block: usize) -> String {
 }
 
 /// The records profiled at `length`, in order.
-fn plan_for(
-    records: &[CalibRecord],
-    length: usize,
-    cap: Option<usize>,
-) -> Vec<&CalibRecord> {
+fn plan_for(records: &[CalibRecord], length: usize, cap: Option<usize>) -> Vec<&CalibRecord> {
     records
         .iter()
         .filter(|r| r.split == "calib" && r.length == length)
