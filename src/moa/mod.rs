@@ -4,6 +4,7 @@
 
 pub mod json;
 pub mod metadata;
+pub mod optimize;
 pub mod plan;
 pub mod profile_file;
 pub mod report;
