@@ -560,3 +560,109 @@ fn run_resumes_and_refuses_mismatches() {
     assert!(e.is_err());
     assert!(e2.to_string().contains("outside the vocabulary"), "{e2}");
 }
+
+/// `moa-profile calib`, `run` and `show` end to end on a synthetic model with a chat template:
+/// deterministic conversations within their buckets, answers as the response range, a profile
+/// with the sample counts, and errors (not panics) for bad input.
+#[test]
+fn cli_calib_run_show() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("chat.gguf");
+    let mut spec = SynthSpec::tiny(GgmlType::Q8_0, 10);
+    spec.chat_template = Some(
+        "{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|eos|>{% endfor %}{% if add_generation_prompt %}<|bos|>assistant: {% endif %}".into(),
+    );
+    write_synthetic(&spec, &mp).unwrap();
+    let docs = dir.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    for k in 0..8 {
+        let text: String = (0..400)
+            .map(|i| format!("word{} ", (i * 7 + k * 13) % 97))
+            .collect();
+        std::fs::write(docs.join(format!("doc{k}.txt")), text).unwrap();
+    }
+    let bin = env!("CARGO_BIN_EXE_moa-profile");
+    let calib = |out: &str, val: &str| {
+        let o = Command::new(bin)
+            .args(["calib", "-m", mp.to_str().unwrap(), "--source"])
+            .arg(&docs)
+            .args([
+                "--lengths",
+                "256,512",
+                "--per-length",
+                "2",
+                "--val-lengths",
+                "384",
+            ])
+            .args([
+                "--val-per-length",
+                "1",
+                "--max-new",
+                "16",
+                "--min-chars",
+                "100",
+                "-t",
+                "1",
+            ])
+            .args(["--val-fraction", "0.3", "-o"])
+            .arg(dir.path().join(out))
+            .arg("--val-out")
+            .arg(dir.path().join(val))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(dir.path().join(out)).unwrap()
+    };
+    let a = calib("a.jsonl", "av.jsonl");
+    let b = calib("b.jsonl", "bv.jsonl");
+    assert_eq!(a, b, "calib is deterministic");
+    let recs = moa::profile::calib::read_jsonl(&dir.path().join("a.jsonl")).unwrap();
+    assert_eq!(recs.len(), 4);
+    for r in &recs {
+        assert!(
+            r.n_tokens <= r.length && r.n_tokens > r.length / 2,
+            "{}",
+            r.n_tokens
+        );
+        assert_eq!(r.response[0][1], r.n_tokens);
+        assert!(r.response[0][1] - r.response[0][0] <= 16);
+    }
+    let val = moa::profile::calib::read_jsonl(&dir.path().join("av.jsonl")).unwrap();
+    assert_eq!((val.len(), val[0].split.as_str()), (1, "val"));
+    let out = dir.path().join("p.bin");
+    let o = Command::new(bin)
+        .args(["run", "-m", mp.to_str().unwrap(), "--data"])
+        .arg(dir.path().join("a.jsonl"))
+        .args(["--lengths", "256,512", "-t", "1", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = Profile::load(&out).unwrap();
+    assert_eq!(
+        p.header
+            .lengths
+            .iter()
+            .map(|e| e.samples)
+            .collect::<Vec<_>>(),
+        [2, 2]
+    );
+    let o = Command::new(bin).arg("show").arg(&out).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("length    512: 2 samples"), "{text}");
+    // Bad input: an error naming the problem.
+    std::fs::write(dir.path().join("bad.jsonl"), "{\"id\": \"x\"}\n").unwrap();
+    let o = Command::new(bin)
+        .args(["run", "-m", mp.to_str().unwrap(), "--data"])
+        .arg(dir.path().join("bad.jsonl"))
+        .args(["-o"])
+        .arg(dir.path().join("q.bin"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("bad.jsonl:1: missing field"),
+        "{err}"
+    );
+}

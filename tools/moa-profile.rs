@@ -137,7 +137,18 @@ fn main() {
         Cmd::Show(a) => cmd_show(a),
     };
     if let Err(e) = r {
-        eprintln!("moa-profile: error: {e:#}");
+        // The chain of causes, skipping a cause its message already quotes.
+        let mut msg = String::new();
+        for c in e.chain() {
+            let t = c.to_string();
+            if !msg.contains(&t) {
+                if !msg.is_empty() {
+                    msg.push_str(": ");
+                }
+                msg.push_str(&t);
+            }
+        }
+        eprintln!("moa-profile: error: {msg}");
         std::process::exit(1);
     }
 }
