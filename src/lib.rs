@@ -10,6 +10,7 @@ pub mod gguf;
 pub use ggml_compat as formats;
 pub mod backend;
 pub mod chat;
+pub mod eval;
 pub mod generate;
 pub mod graph;
 pub mod inspect;
