@@ -67,32 +67,49 @@ __device__ __forceinline__ void attn_split(
     }
     __syncthreads();
 
-    for (int kb = k0; kb < k1; kb += ATT_TK) {
+    // K/V chunks (16 bytes) this thread moves per tile; the next tile's chunks are fetched into
+    // registers while the current tile is being used (global loads overlap the math).
+    constexpr int CH = ATT_TK * (D / 8) / ATT_THREADS;
+    uint4 rk[CH], rv[CH];
+    auto fetch = [&](int kb) {
         const int nkt = min(ATT_TK, k1 - kb);
-        for (int c = tid; c < ATT_TK * (D / 8); c += ATT_THREADS) {
-            int kk = c / (D / 8), part8 = c % (D / 8);
-            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int e = 0; e < CH; e++) {
+            const int c = tid + e * ATT_THREADS;
+            const int kk = c / (D / 8), part8 = c % (D / 8);
+            rk[e] = make_uint4(0, 0, 0, 0);
+            rv[e] = make_uint4(0, 0, 0, 0);
             if (kk < nkt) {
-                int idx = kb + kk;
-                int j = idx < ns ? idx : wlo + (idx - ns);
+                const int idx = kb + kk;
+                const int j = idx < ns ? idx : wlo + (idx - ns);
                 const u16 *kp, *vp;
                 if (j < p0) {
-                    int slot = (j < sink || cap <= sink) ? j : sink + (j - sink) % win;
-                    size_t row = (size_t)seq * rows_per_seq + offs[g] + slot;
+                    const int slot = (j < sink || cap <= sink) ? j : sink + (j - sink) % win;
+                    const size_t row = (size_t)seq * rows_per_seq + offs[g] + slot;
                     kp = kc + row * D;
                     vp = vc + row * D;
                 } else {
-                    size_t row = (size_t)(rs + (j - p0));
+                    const size_t row = (size_t)(rs + (j - p0));
                     kp = knew + row * ldkv + g * D;
                     vp = vnew + row * ldkv + g * D;
                 }
-                kv4 = ((const uint4*)kp)[part8];
-                vv4 = ((const uint4*)vp)[part8];
+                rk[e] = ((const uint4*)kp)[part8];
+                rv[e] = ((const uint4*)vp)[part8];
             }
-            *(uint4*)&sk[kk][part8 * 8] = kv4;
-            *(uint4*)&sv[kk][part8 * 8] = vv4;
+        }
+    };
+    if (k0 < k1) fetch(k0);
+    for (int kb = k0; kb < k1; kb += ATT_TK) {
+        const int nkt = min(ATT_TK, k1 - kb);
+#pragma unroll
+        for (int e = 0; e < CH; e++) {
+            const int c = tid + e * ATT_THREADS;
+            const int kk = c / (D / 8), part8 = c % (D / 8);
+            *(uint4*)&sk[kk][part8 * 8] = rk[e];
+            *(uint4*)&sv[kk][part8 * 8] = rv[e];
         }
         __syncthreads();
+        if (kb + ATT_TK < k1) fetch(kb + ATT_TK);
 
         const int idx = kb + lane;
         const int j = idx < ns ? idx : wlo + (idx - ns);

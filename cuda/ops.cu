@@ -135,3 +135,125 @@ extern "C" __global__ void argmax_rows(const float* logits, int n_vocab, int* ou
         out[blockIdx.x] = bi;
     }
 }
+
+// ---- fused decode ops (fewer launches per layer; each equals the unfused sequence) -------------
+
+// Quantizes one 32-value chunk held one value per lane into q8_1 (as quantize_q8_1).
+__device__ __forceinline__ void q8_1_lane(float v, i8* yq, float2* yds, int lane) {
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.0f;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int q = (int)roundf(v * id);
+    yq[lane] = (i8)q;
+    float s = warp_sum((float)q);
+    if (lane == 0) *yds = make_float2(d, d * s);
+}
+
+// Per row t: if y: x[t] += y[t]; out[t] = rms_norm(x[t]) * w; if yq: out[t] also as q8_1.
+// One block per row (width a multiple of 32 when yq is given).
+extern "C" __global__ void add_rms_norm_q8(float* x, const float* y, const float* w, float eps,
+                                           int width, float* out, i8* yq, float2* yds) {
+    int t = blockIdx.x;
+    float* xr = x + (size_t)t * width;
+    const float* yr = y ? y + (size_t)t * width : nullptr;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float v = xr[i];
+        if (yr) {
+            v += yr[i];
+            xr[i] = v;
+        }
+        s += (double)(v * v);
+    }
+    __shared__ double red[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (threadIdx.x % WARP == 0) red[threadIdx.x / WARP] = s;
+    __syncthreads();
+    if (threadIdx.x < WARP) {
+        s = threadIdx.x < blockDim.x / WARP ? red[threadIdx.x] : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (threadIdx.x == 0) red[0] = s;
+    }
+    __syncthreads();
+    float mean = (float)(red[0] / (double)width);
+    float scale = 1.0f / sqrtf(mean + eps);
+    // Each warp takes whole 32-value chunks so the q8_1 blocks can be formed in registers.
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    for (int c = warp; c * 32 < width; c += nw) {
+        int i = c * 32 + lane;
+        float v = (xr[i] * scale) * w[i];
+        out[(size_t)t * width + i] = v;
+        if (yq) q8_1_lane(v, yq + (size_t)t * width + c * 32, yds + (size_t)t * (width / 32) + c, lane);
+    }
+}
+
+// gate[t] = silu(gate[t]) * up[t], and the result as q8_1 (the input of the down projection).
+// One warp per 32-value chunk.
+extern "C" __global__ void swiglu_q8(float* gate, const float* up, int width, int n_tok, i8* yq,
+                                     float2* yds) {
+    int nb = width / 32;
+    int gb = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    if (gb >= nb * n_tok) return;
+    int t = gb / nb, b = gb % nb, lane = threadIdx.x % WARP;
+    size_t i = (size_t)t * width + b * 32 + lane;
+    float g = gate[i];
+    float v = g / (1.0f + expf(-g)) * up[i];
+    gate[i] = v;
+    q8_1_lane(v, yq + i, yds + (size_t)t * nb + b, lane);
+}
+
+// RoPE on q and k (in place), k and v rounded to f16 into the staging rows, and, when `store`
+// (every run of the batch is one token, so no key a query of the batch needs is displaced),
+// also into the layer's cache ring. One thread per (token, head pair slot).
+extern "C" __global__ void rope_kv(float* q, float* k, const float* v, int n_tok, int n_head,
+                                   int n_head_kv, int head_dim, int half_rot, const float2* cs,
+                                   u16* k16, u16* v16, int store, const int* tok_pos,
+                                   const int* tok_seq, const int* caps, const int* offs,
+                                   int rows_per_seq, int sink, u16* kc, u16* vc) {
+    int hp = head_dim / 2;
+    int per_tok = (n_head + 2 * n_head_kv) * hp;
+    int gid = blockIdx.x * blockDim.x + threadIdx.x;
+    if (gid >= n_tok * per_tok) return;
+    int t = gid / per_tok, r = gid % per_tok;
+    int h = r / hp, i = r % hp;
+    if (h < n_head) {
+        if (i < half_rot) {
+            float2 c = cs[t * half_rot + i];
+            float* p = q + (size_t)t * n_head * head_dim + h * head_dim + 2 * i;
+            float x0 = p[0], x1 = p[1];
+            p[0] = x0 * c.x - x1 * c.y;
+            p[1] = x0 * c.y + x1 * c.x;
+        }
+        return;
+    }
+    h -= n_head;
+    bool is_k = h < n_head_kv;
+    if (!is_k) h -= n_head_kv;
+    size_t off = (size_t)t * n_head_kv * head_dim + h * head_dim + 2 * i;
+    float x0, x1;
+    if (is_k) {
+        float* p = k + off;
+        x0 = p[0];
+        x1 = p[1];
+        if (i < half_rot) {
+            float2 c = cs[t * half_rot + i];
+            float y0 = x0 * c.x - x1 * c.y, y1 = x0 * c.y + x1 * c.x;
+            x0 = y0;
+            x1 = y1;
+            p[0] = x0;
+            p[1] = x1;
+        }
+    } else {
+        x0 = v[off];
+        x1 = v[off + 1];
+    }
+    u32 packed = (u32)f2h(x0) | ((u32)f2h(x1) << 16);
+    *(u32*)((is_k ? k16 : v16) + off) = packed;
+    if (store) {
+        int slot = ring_slot(caps[h], sink, tok_pos[t]);
+        size_t row = (size_t)tok_seq[t] * rows_per_seq + offs[h] + slot;
+        *(u32*)((is_k ? kc : vc) + row * head_dim + 2 * i) = packed;
+    }
+}

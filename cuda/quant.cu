@@ -302,14 +302,28 @@ struct Unit<T_Q6_K> {
     }
 };
 
-// out[t * ldo + row] = W[row] . y[t] for t < n_tok (<= MV_MAXT); one warp per row.
+// out[t * ldo + row] = W[row] . y[t] for t < n_tok (<= MV_MAXT); one warp per row. Up to three
+// matrices of the same type and width that read the same input run as one launch (q/k/v,
+// gate/up): rows [0, r0) of W0, then r1 rows of W1, then r2 rows of W2.
 template <int T>
-__device__ __forceinline__ void mmvq(const u8* W, u64 row_bytes, int units, const i8* yq,
-                                     const float2* yds, int K, int n_tok, float* out, int ldo,
-                                     int n_rows) {
+__device__ __forceinline__ void mmvq(const u8* W0, const u8* W1, const u8* W2, int r0, int r1,
+                                     int r2, float* o0, float* o1, float* o2, int ldo0, int ldo1,
+                                     int ldo2, u64 row_bytes, int units, const i8* yq,
+                                     const float2* yds, int K, int n_tok) {
     int row = blockIdx.x * MV_WARPS + threadIdx.x / WARP;
     int lane = threadIdx.x % WARP;
-    if (row >= n_rows) return;
+    const u8* W;
+    float* out;
+    int ldo;
+    if (row < r0) {
+        W = W0; out = o0; ldo = ldo0;
+    } else if (row < r0 + r1) {
+        row -= r0; W = W1; out = o1; ldo = ldo1;
+    } else if (row < r0 + r1 + r2) {
+        row -= r0 + r1; W = W2; out = o2; ldo = ldo2;
+    } else {
+        return;
+    }
     const u8* r = W + (u64)row * row_bytes;
     float acc[MV_MAXT];
 #pragma unroll
@@ -331,11 +345,13 @@ __device__ __forceinline__ void mmvq(const u8* W, u64 row_bytes, int units, cons
     }
 }
 
-#define MMVQ(name, T)                                                                       \
-    extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP)                          \
-        name(const u8* W, u64 row_bytes, int units, const i8* yq, const float2* yds, int K, \
-             int n_tok, float* out, int ldo, int n_rows) {                                  \
-        mmvq<T>(W, row_bytes, units, yq, yds, K, n_tok, out, ldo, n_rows);                  \
+#define MMVQ(name, T)                                                                          \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) name(                        \
+        const u8* W0, const u8* W1, const u8* W2, int r0, int r1, int r2, float* o0, float* o1, \
+        float* o2, int ldo0, int ldo1, int ldo2, u64 row_bytes, int units, const i8* yq,       \
+        const float2* yds, int K, int n_tok) {                                                 \
+        mmvq<T>(W0, W1, W2, r0, r1, r2, o0, o1, o2, ldo0, ldo1, ldo2, row_bytes, units, yq,    \
+                yds, K, n_tok);                                                                \
     }
 MMVQ(mmvq_q4_0, T_Q4_0)
 MMVQ(mmvq_q4_1, T_Q4_1)

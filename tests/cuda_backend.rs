@@ -59,6 +59,9 @@ fn kernels_compile_through_nvrtc() {
             "attn_merge",
             "attn_tc_d64",
             "attn_tc_d128",
+            "add_rms_norm_q8",
+            "swiglu_q8",
+            "rope_kv",
             "kv_store",
             "argmax_rows",
         ] {
@@ -322,8 +325,24 @@ fn argmax(v: &[f32]) -> u32 {
     b as u32
 }
 
-/// The default model on the GPU: greedy continuations of the llama.cpp fixture prompts equal
-/// the CPU backend's for 32 tokens (the model comes from tools/fetch-models.sh).
+fn top2_margin(v: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &x in v {
+        if x > a {
+            b = a;
+            a = x;
+        } else if x > b {
+            b = x;
+        }
+    }
+    a - b
+}
+
+/// The default model on the GPU against the CPU backend on the llama.cpp fixture prompts: the
+/// CPU's greedy 32-token continuation is fed to the GPU (teacher forcing); the GPU's top-1 must
+/// equal the CPU's at every position where the CPU's top-2 margin is at least 0.5 and at 95% of
+/// all positions (near-ties may flip: the backends quantize activations differently in
+/// prefill). Free-running agreement is printed. The model comes from tools/fetch-models.sh.
 #[test]
 fn default_model_greedy_matches_cpu() {
     if !gpu_or_skip("default_model_greedy_matches_cpu") {
@@ -346,8 +365,8 @@ fn default_model_greedy_matches_cpu() {
     .unwrap();
     let model = Arc::new(Model::load(&path).unwrap());
     let c = model.config.clone();
-    let mut matched = 0;
     let cases = fixture["cases"].as_array().unwrap();
+    let (mut free_equal, mut agree, mut total, mut decisive, mut decisive_agree) = (0, 0, 0, 0, 0);
     for case in cases {
         let ids: Vec<u32> = case["prompt_ids"]
             .as_array()
@@ -361,34 +380,45 @@ fn default_model_greedy_matches_cpu() {
             threads: 8,
             layout: KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n),
         };
-        let mut outs = Vec::new();
-        for gpu in [false, true] {
-            let mut be: Box<dyn Backend> = if gpu {
-                Box::new(CudaBackend::new(Arc::clone(&model), opts.clone()).unwrap())
-            } else {
-                Box::new(CpuBackend::new(Arc::clone(&model), opts.clone()).unwrap())
-            };
-            let mut s = moa::generate::Session::new(be.as_mut(), 0, 512);
-            let mut tok = argmax(s.prompt(&ids).unwrap());
-            let mut gen = vec![tok];
-            for _ in 0..31 {
-                tok = argmax(s.step(tok).unwrap());
-                gen.push(tok);
+        // CPU greedy path and its margins.
+        let mut cpu = CpuBackend::new(Arc::clone(&model), opts.clone()).unwrap();
+        let mut s = moa::generate::Session::new(&mut cpu, 0, 512);
+        let mut logits = s.prompt(&ids).unwrap().to_vec();
+        let (mut path, mut margins) = (Vec::new(), Vec::new());
+        for _ in 0..32 {
+            let t = argmax(&logits);
+            path.push(t);
+            margins.push(top2_margin(&logits));
+            logits = s.step(t).unwrap().to_vec();
+        }
+        // GPU along the CPU's path, and free-running.
+        let mut gpu = CudaBackend::new(Arc::clone(&model), opts.clone()).unwrap();
+        let mut s = moa::generate::Session::new(&mut gpu, 0, 512);
+        let mut logits = s.prompt(&ids).unwrap().to_vec();
+        for (k, &t) in path.iter().enumerate() {
+            let g = argmax(&logits);
+            total += 1;
+            agree += (g == t) as usize;
+            if margins[k] >= 0.5 {
+                decisive += 1;
+                decisive_agree += (g == t) as usize;
             }
-            outs.push(gen);
+            logits = s.step(t).unwrap().to_vec();
         }
-        if outs[0] == outs[1] {
-            matched += 1;
-        } else {
-            eprintln!(
-                "prompt {:?}: cpu {:?} gpu {:?}",
-                case["prompt"], outs[0], outs[1]
-            );
+        let mut gpu = CudaBackend::new(Arc::clone(&model), opts).unwrap();
+        let mut s = moa::generate::Session::new(&mut gpu, 0, 512);
+        let mut tok = argmax(s.prompt(&ids).unwrap());
+        let mut free = vec![tok];
+        for _ in 0..31 {
+            tok = argmax(s.step(tok).unwrap());
+            free.push(tok);
         }
+        free_equal += (free == path) as usize;
     }
     eprintln!(
-        "greedy 32 tokens: GPU equals CPU on {matched}/{} prompts",
+        "GPU vs CPU: teacher-forced top-1 {agree}/{total}, at margin >= 0.5 {decisive_agree}/{decisive}; free-running 32 tokens equal on {free_equal}/{} prompts",
         cases.len()
     );
-    assert_eq!(matched, cases.len());
+    assert_eq!(decisive_agree, decisive);
+    assert!(agree * 100 >= total * 95, "{agree}/{total}");
 }

@@ -166,7 +166,9 @@ fn main() -> Result<()> {
         }
         for &(kind, n) in &tests {
             let mut samples = Vec::with_capacity(a.reps);
-            for r in 0..a.reps {
+            // Repetition 0 is an untimed warm-up (as llama-bench does): kernel caches, cuBLAS
+            // heuristics, CUDA graph capture.
+            for r in 0..=a.reps {
                 be.rewind(0, d);
                 let mut s = Session::new(be.as_mut(), 0, a.batch);
                 let toks = tokens(n, vocab, 100 + r as u64);
@@ -178,7 +180,9 @@ fn main() -> Result<()> {
                         s.step(t)?;
                     }
                 }
-                samples.push(n as f64 / t0.elapsed().as_secs_f64());
+                if r > 0 {
+                    samples.push(n as f64 / t0.elapsed().as_secs_f64());
+                }
             }
             let mean = samples.iter().sum::<f64>() / samples.len() as f64;
             let sd = (samples.iter().map(|s| (s - mean).powi(2)).sum::<f64>()

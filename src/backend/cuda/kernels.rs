@@ -134,6 +134,9 @@ pub struct Kernels {
     pub attn_d128: CudaFunction,
     pub attn_merge: CudaFunction,
     pub attn_tc_d64: CudaFunction,
+    pub add_rms_norm_q8: CudaFunction,
+    pub swiglu_q8: CudaFunction,
+    pub rope_kv: CudaFunction,
     pub attn_tc_d128: CudaFunction,
     module: Arc<CudaModule>,
 }
@@ -163,6 +166,9 @@ impl Kernels {
             attn_d128: f("attn_d128")?,
             attn_merge: f("attn_merge")?,
             attn_tc_d64: f("attn_tc_d64")?,
+            add_rms_norm_q8: f("add_rms_norm_q8")?,
+            swiglu_q8: f("swiglu_q8")?,
+            rope_kv: f("rope_kv")?,
             attn_tc_d128: f("attn_tc_d128")?,
             module,
         })

@@ -176,6 +176,21 @@ impl MatScratch {
     pub fn invalidate(&mut self) {
         self.qkey = None;
     }
+
+    /// Device pointers of the q8_1 values and scales (for kernels that quantize as they write).
+    pub fn q8_ptrs(&self) -> (u64, u64) {
+        (self.yq.ptr, self.yds.ptr)
+    }
+
+    /// Records that a fused kernel left input `x` at `version` in the q8_1 buffer.
+    pub fn mark_quantized(&mut self, x: u64, version: u64) {
+        self.qkey = Some((x, version));
+    }
+
+    /// Whether a q8_1 copy of rows of `cols` values fits (decode-sized batches).
+    pub fn can_hold_q8(&self, n: usize, cols: usize) -> bool {
+        n * cols <= self.yq.bytes
+    }
 }
 
 /// `out[t] = W x[t]`. `x_version` identifies the input's contents so the q8_1 quantization is
@@ -225,22 +240,7 @@ pub fn matmul(
             )?;
             s.qkey = Some(key);
         }
-        return gpu.launch(
-            &m.mv,
-            lcfg(grid, 128),
-            &[
-                A::P(m.ptr),
-                A::P(m.row_bytes as u64),
-                A::I(units_per_row(m.ty, m.cols) as i32),
-                A::P(s.yq.ptr),
-                A::P(s.yds.ptr),
-                A::I(m.cols as i32),
-                A::I(a.n as i32),
-                A::P(a.out),
-                A::I(a.ldo as i32),
-                A::I(m.rows as i32),
-            ],
-        );
+        return launch_mmvq(gpu, s, &[(m, a.out, a.ldo)], a.n);
     }
     assert_eq!(a.ldx, m.cols, "prefill inputs are dense rows");
     let nx = a.n * m.cols;
@@ -297,6 +297,104 @@ pub fn matmul(
         }
         .map_err(|e| BackendError::Device(format!("cuBLAS gemm: {e:?}")))?;
         r0 += rc;
+    }
+    Ok(())
+}
+
+/// One fused decode launch over up to three matrices of one type and width reading the q8_1
+/// input already in the scratch.
+fn launch_mmvq(
+    gpu: &Gpu,
+    s: &MatScratch,
+    t: &[(&GpuMatrix, u64, usize)],
+    n: usize,
+) -> Result<(), BackendError> {
+    let m = t[0].0;
+    let get = |i: usize| {
+        t.get(i)
+            .map_or((0u64, 0usize, 0u64, 0usize), |&(mm, o, l)| {
+                (mm.ptr, mm.rows, o, l)
+            })
+    };
+    let (w0, r0, o0, l0) = get(0);
+    let (w1, r1, o1, l1) = get(1);
+    let (w2, r2, o2, l2) = get(2);
+    gpu.launch(
+        &m.mv,
+        lcfg((blocks(r0 + r1 + r2, 4), 1, 1), 128),
+        &[
+            A::P(w0),
+            A::P(w1),
+            A::P(w2),
+            A::I(r0 as i32),
+            A::I(r1 as i32),
+            A::I(r2 as i32),
+            A::P(o0),
+            A::P(o1),
+            A::P(o2),
+            A::I(l0 as i32),
+            A::I(l1 as i32),
+            A::I(l2 as i32),
+            A::P(m.row_bytes as u64),
+            A::I(units_per_row(m.ty, m.cols) as i32),
+            A::P(s.yq.ptr),
+            A::P(s.yds.ptr),
+            A::I(m.cols as i32),
+            A::I(n as i32),
+        ],
+    )
+}
+
+/// Products of one input with several matrices (`(matrix, out, ldo)` each). Decode-sized
+/// batches of up to three quantized matrices of one type and width run as one launch.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_multi(
+    gpu: &Gpu,
+    k: &Kernels,
+    blas_h: &CudaBlas,
+    s: &mut MatScratch,
+    targets: &[(&GpuMatrix, u64, usize)],
+    x: u64,
+    ldx: usize,
+    n: usize,
+    x_version: u64,
+) -> Result<(), BackendError> {
+    let m0 = targets[0].0;
+    let fusable = n <= MV_MAXT
+        && targets.len() <= 3
+        && !is_float(m0.ty)
+        && targets
+            .iter()
+            .all(|t| t.0.ty == m0.ty && t.0.cols == m0.cols);
+    if fusable {
+        let key = (x, x_version);
+        if s.qkey != Some(key) {
+            let nb = n * m0.cols / 32;
+            gpu.launch(
+                &k.quantize_q8_1,
+                lcfg((blocks(nb, 8), 1, 1), 256),
+                &[
+                    A::P(x),
+                    A::I(ldx as i32),
+                    A::I(m0.cols as i32),
+                    A::I(n as i32),
+                    A::P(s.yq.ptr),
+                    A::P(s.yds.ptr),
+                ],
+            )?;
+            s.qkey = Some(key);
+        }
+        return launch_mmvq(gpu, s, targets, n);
+    }
+    for &(m, out, ldo) in targets {
+        let a = MatArgs {
+            x,
+            ldx,
+            n,
+            out,
+            ldo,
+        };
+        matmul(gpu, k, blas_h, s, m, a, x_version)?;
     }
     Ok(())
 }

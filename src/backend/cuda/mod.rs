@@ -19,7 +19,7 @@ use std::sync::Arc;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaFunction;
 
-use self::device::{cfg_1d, lcfg, A};
+use self::device::{blocks, cfg_1d, lcfg, A};
 pub use self::device::{probe, CudaUnavailable, DevBuf, Gpu};
 use self::kernels::Kernels;
 pub use self::matmul::{GpuMatrix, MatArgs, MatScratch, MatmulHarness, GPU_TYPES, MV_MAXT};
@@ -80,6 +80,8 @@ pub struct CudaBackend {
     scratch_bytes: usize,
     /// Captured decode steps by (tokens, logit rows, attention tiles).
     graphs: std::collections::HashMap<(usize, usize, usize), cudarc::driver::CudaGraph>,
+    /// Every run of the current batch is one token (decode): keys may be stored before attention.
+    single_token_runs: bool,
     /// `MOA_CUDA_GRAPHS=0` turns graph replay off (for debugging and comparisons).
     use_graphs: bool,
 }
@@ -286,6 +288,7 @@ impl CudaBackend {
             weight_bytes,
             scratch_bytes,
             graphs: Default::default(),
+            single_token_runs: false,
             use_graphs: std::env::var("MOA_CUDA_GRAPHS").map_or(true, |v| v != "0"),
             layout,
             gpu,
@@ -372,6 +375,7 @@ impl CudaBackend {
             }
         }
         self.n_tiles = nt;
+        self.single_token_runs = batch.runs().all(|(_, _, len)| len == 1);
         let mut cs = vec![(0f32, 0f32); half];
         for t in 0..n {
             rope_angles(&cfg.rope, batch.positions[t], &mut cs);
@@ -384,6 +388,7 @@ impl CudaBackend {
         self.gpu.upload(&self.meta, &self.meta_host[..words])
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &mut self,
         layer: usize,
@@ -392,17 +397,54 @@ impl CudaBackend {
         vx: ActId,
         out: ActId,
         batch: &Batch,
+        fused_rope: Option<(ActId, ActId)>,
     ) -> Result<(), BackendError> {
         let cfg = self.model.config.clone();
         let n = batch.len();
         let kvn = n * cfg.kv_dim();
         let ml = meta_layout(self.max_batch, cfg.rope.n_rot / 2);
-        for (src, dst) in [(kx, self.k16.ptr), (vx, self.v16.ptr)] {
+        let hk_ = cfg.n_head_kv;
+        let head_off_ = layer * hk_ * 4;
+        let rows_per_seq_ = self.layout.rows_per_layer(layer) / self.layout.n_seq;
+        // With every run one token long, the new keys can go straight into the ring: the slot a
+        // token takes held a key no query of this batch can see.
+        let store_now = fused_rope.is_some() && self.single_token_runs;
+        if let Some((qx, kxr)) = fused_rope {
+            let half = cfg.rope.n_rot / 2;
             self.gpu.launch(
-                &self.k.to_f16,
-                cfg_1d(kvn),
-                &[A::P(self.act(src)), A::P(dst), A::I(kvn as i32)],
+                &self.k.rope_kv,
+                cfg_1d(n * (cfg.n_head + 2 * hk_) * (cfg.head_dim / 2)),
+                &[
+                    A::P(self.act(qx)),
+                    A::P(self.act(kxr)),
+                    A::P(self.act(vx)),
+                    A::I(n as i32),
+                    A::I(cfg.n_head as i32),
+                    A::I(hk_ as i32),
+                    A::I(cfg.head_dim as i32),
+                    A::I(half as i32),
+                    A::P(self.meta_ptr(ml.cs)),
+                    A::P(self.k16.ptr),
+                    A::P(self.v16.ptr),
+                    A::I(store_now as i32),
+                    A::P(self.meta_ptr(ml.pos)),
+                    A::P(self.meta_ptr(ml.seq)),
+                    A::P(self.caps.at(head_off_)),
+                    A::P(self.offs.at(head_off_)),
+                    A::I(rows_per_seq_ as i32),
+                    A::I(self.layout.sink as i32),
+                    A::P(self.kv[layer].0.ptr),
+                    A::P(self.kv[layer].1.ptr),
+                ],
             )?;
+        } else {
+            for (src, dst) in [(kx, self.k16.ptr), (vx, self.v16.ptr)] {
+                self.gpu.launch(
+                    &self.k.to_f16,
+                    cfg_1d(kvn),
+                    &[A::P(self.act(src)), A::P(dst), A::I(kvn as i32)],
+                )?;
+            }
         }
         let hk = cfg.n_head_kv;
         let g = cfg.n_head / hk;
@@ -484,6 +526,9 @@ impl CudaBackend {
                     A::P(self.act(out)),
                 ],
             )?;
+        }
+        if store_now {
+            return Ok(());
         }
         let chunks = n * hk * (cfg.head_dim / 8);
         self.gpu.launch(
@@ -588,7 +633,7 @@ impl CudaBackend {
                 v,
                 out,
             } => {
-                self.attention(layer, q, k, v, out, batch)?;
+                self.attention(layer, q, k, v, out, batch, None)?;
                 self.act_version[out] += 1;
             }
             Op::SwiGlu { gate, up } => {
@@ -641,6 +686,176 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Whether `op` is a decode product that reads `x` from the q8_1 buffer.
+    fn reads_q8(&self, op: Option<&Op>, x: ActId, n: usize) -> bool {
+        match op {
+            Some(&Op::MatMul { w, x: x2, .. }) if x2 == x && n <= MV_MAXT => self.matrices[w]
+                .as_ref()
+                .is_some_and(|m| !matmul::is_float(m.ty) && self.mats.can_hold_q8(n, m.cols)),
+            _ => false,
+        }
+    }
+
+    /// `x += y` (when given), `out = rms_norm(x) * w`, and `out` as q8_1 when the next op is a
+    /// decode product reading it: one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn norm(
+        &mut self,
+        y: Option<ActId>,
+        x: ActId,
+        w: usize,
+        eps: f32,
+        out: ActId,
+        next: Option<&Op>,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        let width = self.model.graph.acts[x].width;
+        let q8 = width.is_multiple_of(32) && self.reads_q8(next, out, n);
+        let (yq, yds) = if q8 { self.mats.q8_ptrs() } else { (0, 0) };
+        let wv = self.vectors[w].as_ref().expect("norm prepared").ptr;
+        self.gpu.launch(
+            &self.k.add_rms_norm_q8,
+            lcfg((n as u32, 1, 1), 256),
+            &[
+                A::P(self.act(x)),
+                A::P(y.map_or(0, |y| self.act(y))),
+                A::P(wv),
+                A::F(eps),
+                A::I(width as i32),
+                A::P(self.act(out)),
+                A::P(yq),
+                A::P(yds),
+            ],
+        )?;
+        if y.is_some() {
+            self.act_version[x] += 1;
+        }
+        self.act_version[out] += 1;
+        if q8 {
+            self.mats
+                .mark_quantized(self.act(out), self.act_version[out]);
+        }
+        Ok(())
+    }
+
+    /// Executes the ops, fusing the patterns the llama graph has: residual add + norm (+ q8_1),
+    /// products of one input (q/k/v, gate/up), RoPE + f16 staging (+ cache store) before
+    /// attention, SwiGLU + q8_1 before the down projection.
+    fn run_ops(&mut self, ops: &[Op], batch: &Batch) -> Result<(), BackendError> {
+        let n = batch.len();
+        let mut i = 0;
+        while i < ops.len() {
+            match ops[i] {
+                Op::Add { x, y } => {
+                    if let Some(&Op::RmsNorm {
+                        x: x2, w, eps, out, ..
+                    }) = ops.get(i + 1)
+                    {
+                        if x2 == x {
+                            self.norm(Some(y), x, w, eps, out, ops.get(i + 2), n)?;
+                            i += 2;
+                            continue;
+                        }
+                    }
+                    self.run_op(&ops[i], batch)?;
+                    i += 1;
+                }
+                Op::RmsNorm { x, w, eps, out } => {
+                    self.norm(None, x, w, eps, out, ops.get(i + 1), n)?;
+                    i += 1;
+                }
+                Op::MatMul { x, .. } => {
+                    let mut end = i;
+                    let mut targets = Vec::with_capacity(3);
+                    while end < ops.len() && targets.len() < 3 {
+                        match ops[end] {
+                            Op::MatMul { w, x: x2, out } if x2 == x && out != x => {
+                                targets.push((w, out));
+                                end += 1;
+                            }
+                            _ => break,
+                        }
+                    }
+                    let width = self.model.graph.acts[x].width;
+                    let outs: Vec<(usize, u64, usize)> = targets
+                        .iter()
+                        .map(|&(w, out)| (w, self.act(out), self.model.graph.acts[out].width))
+                        .collect();
+                    {
+                        let t: Vec<(&GpuMatrix, u64, usize)> = outs
+                            .iter()
+                            .map(|&(w, o, l)| (self.matrices[w].as_ref().expect("matrix"), o, l))
+                            .collect();
+                        matmul::matmul_multi(
+                            &self.gpu,
+                            &self.k,
+                            &self.blas,
+                            &mut self.mats,
+                            &t,
+                            self.acts[x].ptr,
+                            width,
+                            n,
+                            self.act_version[x],
+                        )?;
+                    }
+                    for &(_, out) in &targets {
+                        self.act_version[out] += 1;
+                    }
+                    i = end;
+                }
+                Op::Rope { x: q, .. } => {
+                    if let (
+                        Some(&Op::Rope { x: k, .. }),
+                        Some(&Op::Attention {
+                            layer,
+                            q: q2,
+                            k: k2,
+                            v,
+                            out,
+                        }),
+                    ) = (ops.get(i + 1), ops.get(i + 2))
+                    {
+                        if q2 == q && k2 == k {
+                            self.attention(layer, q, k, v, out, batch, Some((q, k)))?;
+                            self.act_version[q] += 1;
+                            self.act_version[k] += 1;
+                            self.act_version[out] += 1;
+                            i += 3;
+                            continue;
+                        }
+                    }
+                    self.run_op(&ops[i], batch)?;
+                    i += 1;
+                }
+                Op::SwiGlu { gate, up } if self.reads_q8(ops.get(i + 1), gate, n) => {
+                    let width = self.model.graph.acts[gate].width;
+                    let (yq, yds) = self.mats.q8_ptrs();
+                    self.gpu.launch(
+                        &self.k.swiglu_q8,
+                        lcfg((blocks(n * width / 32, 8), 1, 1), 256),
+                        &[
+                            A::P(self.act(gate)),
+                            A::P(self.act(up)),
+                            A::I(width as i32),
+                            A::I(n as i32),
+                            A::P(yq),
+                            A::P(yds),
+                        ],
+                    )?;
+                    self.act_version[gate] += 1;
+                    self.mats
+                        .mark_quantized(self.act(gate), self.act_version[gate]);
+                    i += 1;
+                }
+                _ => {
+                    self.run_op(&ops[i], batch)?;
+                    i += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the forward step on the device without copying logits back.
     fn forward_device(&mut self, batch: &Batch) -> Result<(), BackendError> {
         validate_batch(
@@ -665,13 +880,7 @@ impl CudaBackend {
                         cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
                     )
                     .map_err(|e| device::driver_err("starting a graph capture", e))?;
-                let mut result = Ok(());
-                for op in &model.graph.ops {
-                    result = self.run_op(op, batch);
-                    if result.is_err() {
-                        break;
-                    }
-                }
+                let result = self.run_ops(&model.graph.ops, batch);
                 let graph = stream
                     .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
                     .map_err(|e| device::driver_err("capturing the decode graph", e))?;
@@ -685,9 +894,7 @@ impl CudaBackend {
                 .launch()
                 .map_err(|e| device::driver_err("launching the decode graph", e))?;
         } else {
-            for op in &model.graph.ops {
-                self.run_op(op, batch)?;
-            }
+            self.run_ops(&model.graph.ops, batch)?;
         }
         for (seq, _, len) in batch.runs() {
             self.seq_len[seq as usize] += len;
