@@ -201,7 +201,7 @@ extern "C" __global__ void swiglu_q8(float* gate, const float* up, int width, in
     float g = gate[i];
     float v = g / (1.0f + expf(-g)) * up[i];
     gate[i] = v;
-    q8_1_lane(v, yq + i, yds + (size_t)t * nb + b, lane);
+    q8_1_lane(v, yq + (size_t)t * width + b * 32, yds + (size_t)t * nb + b, lane);
 }
 
 // RoPE on q and k (in place), k and v rounded to f16 into the staging rows, and, when `store`
