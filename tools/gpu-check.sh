@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks, built where cargo is and run where the GPU is.
+#
+#   bash tools/gpu-check.sh build        # here: stripped release binaries into .devbin/
+#   bash tools/gpu-check.sh run [MODEL]  # on the GPU machine, from the repo root
+#
+# `run` executes, with MOA_REQUIRE_GPU=1 (a missing GPU fails instead of skipping):
+#   1. tests/cuda_backend.rs: every kernel against its CPU reference on fresh random data,
+#      whole synthetic models (dense and random span plans, chunked prefill, decode across ring
+#      wrap-around) against the CPU backend, and the default model GPU vs CPU when MODEL (or
+#      models/SmolLM2-135M-Instruct.Q4_1.gguf) is there;
+#   2. moa-perplexity on the license corpus, GPU and CPU;
+#   3. a synthetic Llama-3-8B-shaped file (Q4_K, Q6_K output, vocab 49152: the shape of the
+#      llama.cpp figures in ../shared/docs/anchors.md) and moa-bench on it, dense and uniform 0.5;
+#   4. the decode matvec bandwidth report.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=.devbin
+case "${1:-}" in
+build)
+    mkdir -p "$out"
+    exe=$(cargo test --release --no-run --test cuda_backend 2>&1 | sed -n 's/.*Executable.*(\(.*\))/\1/p' | tail -1)
+    cargo build --release --bin moa-run --bin moa-perplexity --bin moa-bench
+    strip -o "$out/cuda_backend" "$exe"
+    for b in moa-run moa-perplexity moa-bench; do strip -o "$out/$b" "target/release/$b"; done
+    bash tests/fixtures/llamacpp/make_corpus.sh "$out/corpus.txt"
+    du -sh "$out"
+    ;;
+run)
+    model=${2:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+    export MOA_REQUIRE_GPU=1
+    echo "== kernel and model tests"
+    "$out/cuda_backend" --test-threads 1 --nocapture 2>&1 | grep -E "test |worst|GPU vs CPU|panicked|result"
+    if [ -f "$model" ]; then
+        echo "== perplexity (GPU, then CPU)"
+        for dev in cuda cpu; do
+            "$out/moa-perplexity" -m "$model" -f "$out/corpus.txt" -c 512 -b 512 --device $dev 2>&1 | grep Final
+        done
+    fi
+    echo "== synthetic Llama-3-8B shape"
+    synth=${TMPDIR:-/tmp}/moa-8b-q4k.gguf
+    [ -f "$synth" ] || "$out/moa-bench" synth --shape llama3-8b --type q4_k --n-vocab 49152 --ctx 131072 -o "$synth"
+    b=("$out/moa-bench" -m "$synth" --device cuda -r 3)
+    "${b[@]}" --dense -p 512 -n 128 -d 0,4096,16384
+    "${b[@]}" --dense -p 512 -n 128 -d 32768
+    "${b[@]}" --dense -p 0 -n 128 -d 65536
+    for d in 32768 65536; do "${b[@]}" --uniform 0.5 -p 512 -n 128 -d $d; done
+    echo "== decode matvec bandwidth"
+    "$out/cuda_backend" --ignored --nocapture matvec_bandwidth 2>&1 | grep -E "copy|n=1"
+    ;;
+*)
+    echo "usage: $0 build | run [MODEL]" >&2
+    exit 2
+    ;;
+esac
