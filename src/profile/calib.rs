@@ -392,6 +392,12 @@ impl<'a> Builder<'a> {
         seed: u64,
         mut progress: impl FnMut(&CalibRecord),
     ) -> Result<Vec<CalibRecord>, CalibError> {
+        if docs.is_empty() {
+            return Err(CalibError::NoDocuments {
+                sources: format!("the {split} split"),
+                min_chars: 0,
+            });
+        }
         let mut rng = Rng(seed ^ fnv1a(split.as_bytes()) ^ (length as u64).wrapping_mul(0x9e37));
         let mut out = Vec::new();
         for i in 0..count {
