@@ -1,32 +1,6 @@
 // Row-wise float ops of the forward step (the CUDA twins of src/backend/cpu/ops.rs), the KV
 // cache store, f32 -> f16 conversion, row gathers and greedy argmax.
 
-// out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w; one block per row, sum of squares in f64 as the
-// CPU backend (and ggml) accumulate it.
-extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, int width,
-                                    float* out) {
-    int t = blockIdx.x;
-    const float* xr = x + (size_t)t * width;
-    double s = 0.0;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) s += (double)(xr[i] * xr[i]);
-    __shared__ double red[32];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (threadIdx.x % WARP == 0) red[threadIdx.x / WARP] = s;
-    __syncthreads();
-    if (threadIdx.x < WARP) {
-        s = threadIdx.x < blockDim.x / WARP ? red[threadIdx.x] : 0.0;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (threadIdx.x == 0) red[0] = s;
-    }
-    __syncthreads();
-    float mean = (float)(red[0] / (double)width);
-    float scale = 1.0f / sqrtf(mean + eps);
-    for (int i = threadIdx.x; i < width; i += blockDim.x)
-        out[(size_t)t * width + i] = (xr[i] * scale) * w[i];
-}
-
 // Rotates adjacent pairs of the first n_rot dims of every head; cs: n_tok x (n_rot/2) (cos, sin)
 // computed on the host exactly as the CPU backend computes them.
 extern "C" __global__ void rope(float* x, int n_tok, int n_heads, int head_dim, int half_rot,
@@ -149,8 +123,9 @@ __device__ __forceinline__ void q8_1_lane(float v, i8* yq, float2* yds, int lane
     if (lane == 0) *yds = make_float2(d, d * s);
 }
 
-// Per row t: if y: x[t] += y[t]; out[t] = rms_norm(x[t]) * w; if yq: out[t] also as q8_1.
-// One block per row (width a multiple of 32 when yq is given).
+// Per row t: if y: x[t] += y[t]; out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w (sum of squares in
+// f64 as the CPU backend and ggml accumulate it); if yq: out[t] also as q8_1 (width a multiple of
+// 32 then). One block per row.
 extern "C" __global__ void add_rms_norm_q8(float* x, const float* y, const float* w, float eps,
                                            int width, float* out, i8* yq, float2* yds) {
     int t = blockIdx.x;
@@ -183,8 +158,8 @@ extern "C" __global__ void add_rms_norm_q8(float* x, const float* y, const float
     int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nw = blockDim.x / WARP;
     for (int c = warp; c * 32 < width; c += nw) {
         int i = c * 32 + lane;
-        float v = (xr[i] * scale) * w[i];
-        out[(size_t)t * width + i] = v;
+        float v = i < width ? (xr[i] * scale) * w[i] : 0.0f;
+        if (i < width) out[(size_t)t * width + i] = v;
         if (yq) q8_1_lane(v, yq + (size_t)t * width + c * 32, yds + (size_t)t * (width / 32) + c, lane);
     }
 }

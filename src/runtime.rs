@@ -176,6 +176,15 @@ pub fn cpu_backend(
     cpu_backend_with_plan(model, None, n_ctx, n_seq, n_batch, threads)
 }
 
+/// The KV layout of `plan` (dense when `None`) for `n_seq` sequences of planned length `n`.
+pub fn layout_for(model: &Model, plan: Option<&Plan>, n_seq: usize, n: usize) -> KvLayout {
+    let c = &model.config;
+    match plan {
+        Some(p) => p.layout(c, n_seq, n),
+        None => KvLayout::dense(n_seq, c.n_layer, c.n_head_kv, c.head_dim, n),
+    }
+}
+
 /// A CPU backend whose cache follows `plan` (dense when `None`) for sequences of planned length
 /// `n`, which is also the context (positions stay below `n`).
 pub fn cpu_backend_with_plan(
@@ -186,11 +195,7 @@ pub fn cpu_backend_with_plan(
     n_batch: usize,
     threads: usize,
 ) -> Result<CpuBackend, RuntimeError> {
-    let c = &model.config;
-    let layout = match plan {
-        Some(p) => p.layout(c, n_seq, n),
-        None => KvLayout::dense(n_seq, c.n_layer, c.n_head_kv, c.head_dim, n),
-    };
+    let layout = layout_for(model, plan, n_seq, n);
     Ok(CpuBackend::new(
         Arc::clone(model),
         BackendOptions {
@@ -239,11 +244,7 @@ pub fn backend_with_plan(
             model, plan, n, n_seq, n_batch, threads,
         )?));
     }
-    let c = &model.config;
-    let layout = match plan {
-        Some(p) => p.layout(c, n_seq, n),
-        None => KvLayout::dense(n_seq, c.n_layer, c.n_head_kv, c.head_dim, n),
-    };
+    let layout = layout_for(model, plan, n_seq, n);
     Ok(Box::new(CudaBackend::new(
         Arc::clone(model),
         BackendOptions {

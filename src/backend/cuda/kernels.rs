@@ -122,7 +122,6 @@ pub fn ptx_cached(arch: &'static str) -> Result<String, BackendError> {
 /// Every kernel function of the program.
 pub struct Kernels {
     pub quantize_q8_1: CudaFunction,
-    pub rms_norm: CudaFunction,
     pub rope: CudaFunction,
     pub swiglu: CudaFunction,
     pub add: CudaFunction,
@@ -154,7 +153,6 @@ impl Kernels {
         };
         Ok(Kernels {
             quantize_q8_1: f("quantize_q8_1")?,
-            rms_norm: f("rms_norm")?,
             rope: f("rope")?,
             swiglu: f("swiglu")?,
             add: f("add")?,

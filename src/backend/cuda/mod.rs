@@ -577,22 +577,7 @@ impl CudaBackend {
                 )?;
                 self.act_version[out] += 1;
             }
-            Op::RmsNorm { x, w, eps, out } => {
-                let width = model.graph.acts[x].width;
-                let wv = self.vectors[w].as_ref().expect("norm prepared").ptr;
-                self.gpu.launch(
-                    &self.k.rms_norm,
-                    lcfg((n as u32, 1, 1), 256),
-                    &[
-                        A::P(self.act(x)),
-                        A::P(wv),
-                        A::F(eps),
-                        A::I(width as i32),
-                        A::P(self.act(out)),
-                    ],
-                )?;
-                self.act_version[out] += 1;
-            }
+            Op::RmsNorm { x, w, eps, out } => self.norm(None, x, w, eps, out, None, n)?,
             Op::MatMul { w, x, out } => {
                 let width = model.graph.acts[x].width;
                 let ow = model.graph.acts[out].width;
