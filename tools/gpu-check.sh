@@ -45,6 +45,7 @@ run)
     "${b[@]}" --dense -p 512 -n 128 -d 32768
     "${b[@]}" --dense -p 0 -n 128 -d 65536
     for d in 32768 65536; do "${b[@]}" --uniform 0.5 -p 512 -n 128 -d $d; done
+    for mode in --dense "--uniform 0.5"; do "$out/moa-bench" -m "$synth" --device cuda $mode -p 16384 -n 128 --parallel 1,4,16; done
     echo "== decode matvec bandwidth"
     "$out/cuda_backend" --ignored --nocapture matvec_bandwidth 2>&1 | grep -E "copy|n=1"
     ;;

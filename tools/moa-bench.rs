@@ -63,6 +63,11 @@ struct Args {
     /// Where to run: auto (the GPU when usable), cpu or cuda.
     #[arg(long, value_enum, default_value = "auto")]
     device: runtime::Device,
+    /// Parallel mode (llama-batched-bench): for each count S, S sequences each get their own
+    /// prompt of the first -p tokens, then generate the first -n tokens in lockstep (one batch of
+    /// S tokens per step); reports prompt and aggregate generation t/s and the KV bytes.
+    #[arg(long = "parallel", value_delimiter = ',', value_name = "S,..")]
+    parallel: Vec<usize>,
 }
 
 #[derive(Subcommand)]
@@ -93,6 +98,9 @@ fn main() -> Result<()> {
     let path = runtime::resolve_model(a.model.as_deref())?;
     let loaded = runtime::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
     let threads = a.threads.unwrap_or_else(runtime::default_threads);
+    if !a.parallel.is_empty() {
+        return parallel(&a, &path, &loaded, threads);
+    }
     let vocab = loaded.model.config.n_vocab;
     let max_d = a.depth.iter().copied().max().unwrap_or(0);
     let max_t = a
@@ -222,6 +230,88 @@ fn main() -> Result<()> {
                 r["test"].as_str().unwrap(),
                 r["tps_mean"].as_f64().unwrap(),
                 r["tps_sd"].as_f64().unwrap()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// llama-batched-bench's measurement: S sequences, each with its own prompt of `p` tokens
+/// (filled one sequence at a time in batches of `-b`), then `n` lockstep decode steps of S tokens.
+fn parallel(
+    a: &Args,
+    path: &std::path::Path,
+    loaded: &runtime::Loaded,
+    threads: usize,
+) -> Result<()> {
+    let p = a.n_prompt.first().copied().unwrap_or(512);
+    let n = a.n_gen.first().copied().unwrap_or(128);
+    anyhow::ensure!(p > 0 && n > 0, "--parallel needs -p and -n above 0");
+    let vocab = loaded.model.config.n_vocab;
+    let n_ctx = p + n + 1;
+    let plan = a.spans.resolve(&loaded.model)?;
+    let attention = runtime::describe_plan(plan.as_ref(), n_ctx);
+    let mut rows = Vec::new();
+    for &s in &a.parallel {
+        anyhow::ensure!(s > 0, "--parallel counts must be positive");
+        let mut be = runtime::backend_with_plan(
+            &loaded.model,
+            plan.as_ref(),
+            n_ctx,
+            s,
+            a.batch.max(s),
+            threads,
+            a.device,
+        )?;
+        let t0 = Instant::now();
+        for seq in 0..s {
+            Session::new(be.as_mut(), seq as u32, a.batch).prompt(&tokens(
+                p,
+                vocab,
+                7 + seq as u64,
+            ))?;
+        }
+        let pp_s = t0.elapsed().as_secs_f64();
+        let mut b = moa::graph::BatchBuf::default();
+        let steps: Vec<Vec<u32>> = (0..s).map(|q| tokens(n, vocab, 1000 + q as u64)).collect();
+        let t1 = Instant::now();
+        for i in 0..n {
+            b.clear();
+            for (seq, toks) in steps.iter().enumerate() {
+                b.push(toks[i], (p + i) as u32, seq as u32, true);
+            }
+            be.forward(&b.as_batch())?;
+        }
+        let tg_s = t1.elapsed().as_secs_f64();
+        rows.push(serde_json::json!({
+            "sequences": s, "prompt": p, "gen": n,
+            "pp_tps": (s * p) as f64 / pp_s, "tg_tps": (s * n) as f64 / tg_s,
+            "pp_seconds": pp_s, "tg_seconds": tg_s,
+            "kv_bytes": be.kv_bytes(), "kv_bytes_dense": be.kv_layout().dense_bytes(2),
+            "backend": be.describe(),
+        }));
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": path, "attention": attention, "threads": threads, "n_batch": a.batch,
+                "parallel": rows,
+            }))?
+        );
+    } else {
+        eprintln!("attention: {attention}");
+        println!("| S | prompt | gen | backend | KV cache | pp t/s | tg t/s (aggregate) |");
+        println!("| ---: | ---: | ---: | --- | ---: | ---: | ---: |");
+        for r in &rows {
+            println!(
+                "| {} | {p} | {n} | {} | {} (dense {}) | {:.1} | {:.1} |",
+                r["sequences"],
+                r["backend"].as_str().unwrap_or("?"),
+                runtime::mib(r["kv_bytes"].as_u64().unwrap_or(0) as usize),
+                runtime::mib(r["kv_bytes_dense"].as_u64().unwrap_or(0) as usize),
+                r["pp_tps"].as_f64().unwrap_or(0.0),
+                r["tg_tps"].as_f64().unwrap_or(0.0)
             );
         }
     }

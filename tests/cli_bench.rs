@@ -1,0 +1,71 @@
+//! moa-bench's parallel mode (llama-batched-bench): S sequences with their own prompts, lockstep
+//! decode; the KV cache grows with S and the JSON carries one row per count.
+
+use std::process::Command;
+
+use moa::formats::GgmlType;
+use moa::model::synth::{write_synthetic, SynthSpec};
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_moa-bench"))
+        .args(args)
+        .output()
+        .expect("moa-bench runs")
+}
+
+#[test]
+fn parallel_mode_reports_one_row_per_sequence_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_synthetic(&SynthSpec::tiny(GgmlType::Q8_0, 3), &path).unwrap();
+    let m = path.to_str().unwrap();
+    let out = bench(&[
+        "-m",
+        m,
+        "--parallel",
+        "1,3",
+        "-p",
+        "8",
+        "-n",
+        "4",
+        "--json",
+        "--device",
+        "cpu",
+        "-t",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["parallel"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["sequences"], 1);
+    assert_eq!(rows[1]["sequences"], 3);
+    let kv = |r: &serde_json::Value| r["kv_bytes"].as_u64().unwrap();
+    assert_eq!(kv(&rows[1]), 3 * kv(&rows[0]));
+    for r in rows {
+        assert!(r["tg_tps"].as_f64().unwrap() > 0.0 && r["pp_tps"].as_f64().unwrap() > 0.0);
+    }
+
+    let bad = bench(&[
+        "-m",
+        m,
+        "--parallel",
+        "0",
+        "-p",
+        "8",
+        "-n",
+        "4",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--parallel counts must be positive"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
