@@ -325,6 +325,16 @@ fn argmax(v: &[f32]) -> u32 {
     b as u32
 }
 
+/// A repository file: relative to the working directory first (the GPU machine runs the test
+/// binary from a copy of the repository, not where it was built), then to the build checkout.
+fn repo_file(rel: &str) -> std::path::PathBuf {
+    let here = std::path::PathBuf::from(rel);
+    if here.exists() {
+        return here;
+    }
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
 fn top2_margin(v: &[f32]) -> f32 {
     let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
     for &x in v {
@@ -348,19 +358,14 @@ fn default_model_greedy_matches_cpu() {
     if !gpu_or_skip("default_model_greedy_matches_cpu") {
         return;
     }
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = repo_file("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !path.exists() {
         assert!(!require("MOA_REQUIRE_GPU"), "{} is missing", path.display());
         eprintln!("skipping: {} not found", path.display());
         return;
     }
     let fixture: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/fixtures/llamacpp/greedy_smollm.json"),
-        )
-        .unwrap(),
+        &std::fs::read_to_string(repo_file("tests/fixtures/llamacpp/greedy_smollm.json")).unwrap(),
     )
     .unwrap();
     let model = Arc::new(Model::load(&path).unwrap());
