@@ -12,7 +12,11 @@
 #   2. moa-perplexity on the license corpus, GPU and CPU;
 #   3. a synthetic Llama-3-8B-shaped file (Q4_K, Q6_K output, vocab 49152: the shape of the
 #      llama.cpp figures in ../shared/docs/anchors.md) and moa-bench on it, dense and uniform 0.5;
-#   4. the decode matvec bandwidth report.
+#   4. moa-bench --parallel 1,4,16 with 16k prompts, dense and uniform 0.5;
+#   5. the decode matvec bandwidth report.
+# The lent GPU machine takes at most 64 MiB per call: carry .devbin/ in one call and the default
+# model (98 MB) split in two parts (`split -b 50000000`) over two consecutive calls, joined there
+# into models/ before `run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.devbin
