@@ -666,3 +666,56 @@ fn cli_calib_run_show() {
         "{err}"
     );
 }
+
+/// `moa-profile grads` (the input of tests/py/autograd_check.py) writes the loss and the
+/// per-layer dL/d(hidden) of the window it reports, equal to the library's captured gradients.
+#[test]
+fn cli_grads_dumps_captured_gradients() {
+    use moa::profile::backward::Captured;
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("m.gguf");
+    let spec = SynthSpec::tiny(GgmlType::Q8_0, 4);
+    write_synthetic(&spec, &mp).unwrap();
+    let m = Arc::new(Model::load(&mp).unwrap());
+    let toks = tokens(90, 8, m.config.n_vocab);
+    let data = dir.path().join("c.jsonl");
+    moa::profile::calib::write_jsonl(&data, &[record("r0", 128, toks.clone(), [60, 80])]).unwrap();
+    let out = dir.path().join("g.bin");
+    let o = Command::new(env!("CARGO_BIN_EXE_moa-profile"))
+        .args(["grads", "-m", mp.to_str().unwrap(), "--data"])
+        .arg(&data)
+        .args(["--max-tokens", "50", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let raw = std::fs::read(&out).unwrap();
+    let nl = raw.iter().position(|&b| b == b'\n').unwrap();
+    let hdr: serde_json::Value = serde_json::from_slice(&raw[..nl]).unwrap();
+    // The window ends where the response ends: tokens 30..80, response 30..50 in it.
+    assert_eq!(hdr["n_tokens"], 50);
+    assert_eq!(hdr["response"], serde_json::json!([[30, 50]]));
+    let win = &toks[30..80];
+    let prof = moa::profile::Profiler::new(&m, 64).unwrap();
+    let mut cap = Captured::default();
+    let res = prof
+        .profile_sample(win, &[30..50], 64, Some(&mut cap))
+        .unwrap();
+    assert!((hdr["loss"].as_f64().unwrap() - res.loss).abs() < 1e-12);
+    let vals: Vec<f32> = raw[nl + 1..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let want: Vec<f32> = cap.d_hidden.concat();
+    assert_eq!(vals.len(), m.config.n_layer * 50 * m.config.n_embd);
+    assert_eq!(vals, want);
+    let bad = Command::new(env!("CARGO_BIN_EXE_moa-profile"))
+        .args(["grads", "-m", mp.to_str().unwrap(), "--data"])
+        .arg(&data)
+        .args(["--index", "3", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("out of range"));
+}

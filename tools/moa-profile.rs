@@ -33,6 +33,28 @@ enum Cmd {
     Run(RunArgs),
     /// Summarize a profile file.
     Show(ShowArgs),
+    /// Write the loss and dL/d(hidden) at every layer's input for one calibration record (for
+    /// the comparison with PyTorch autograd: tests/py/autograd_check.py).
+    Grads(GradsArgs),
+}
+
+#[derive(clap::Args)]
+struct GradsArgs {
+    /// Model file (default: the default model).
+    #[arg(short = 'm', long = "model")]
+    model: Option<PathBuf>,
+    /// Calibration JSONL (moa-profile calib).
+    #[arg(long)]
+    data: PathBuf,
+    /// Which record (0-based).
+    #[arg(long, default_value_t = 0)]
+    index: usize,
+    /// Keep at most N tokens: the window ending where the first response ends.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Output: one JSON header line, then per layer n x n_embd f32 little-endian values.
+    #[arg(short = 'o', long)]
+    out: PathBuf,
 }
 
 fn parse_lengths(s: &str) -> Result<Vec<usize>, String> {
@@ -135,6 +157,7 @@ fn main() {
         Cmd::Calib(a) => cmd_calib(a),
         Cmd::Run(a) => cmd_run(a),
         Cmd::Show(a) => cmd_show(a),
+        Cmd::Grads(a) => cmd_grads(a),
     };
     if let Err(e) = r {
         // The chain of causes, skipping a cause its message already quotes.
@@ -529,5 +552,62 @@ fn cmd_show(a: ShowArgs) -> Result<()> {
         }
         println!("layer {l:>3}: {}", cells.join("  "));
     }
+    Ok(())
+}
+
+fn cmd_grads(a: GradsArgs) -> Result<()> {
+    let path = runtime::resolve_model(a.model.as_deref())?;
+    let loaded = runtime::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
+    let records = calib::read_jsonl(&a.data)?;
+    let Some(rec) = records.get(a.index) else {
+        bail!(
+            "{} holds {} records; --index {} is out of range",
+            a.data.display(),
+            records.len(),
+            a.index
+        );
+    };
+    // A window of at most --max-tokens ending at the end of the first response range, so the
+    // loss still has targets; response ranges are shifted into it.
+    let all = rec.response_ranges();
+    let end = all
+        .first()
+        .map_or(rec.tokens.len(), |r| r.end)
+        .min(rec.tokens.len());
+    let m = a.max_tokens.unwrap_or(end).min(end);
+    let start = end - m;
+    let tokens = &rec.tokens[start..end];
+    let n = tokens.len();
+    let response: Vec<std::ops::Range<usize>> = all
+        .into_iter()
+        .map(|r| r.start.saturating_sub(start).max(1)..r.end.saturating_sub(start).min(n))
+        .filter(|r| r.start < r.end)
+        .collect();
+    let prof = moa::profile::Profiler::new(&loaded.model, 64)?;
+    let mut cap = moa::profile::backward::Captured::default();
+    let res = prof.profile_sample(tokens, &response, n.div_ceil(64) * 64, Some(&mut cap))?;
+    let c = &loaded.model.config;
+    let header = serde_json::json!({
+        "model": path, "record": a.index, "n_tokens": n, "n_embd": c.n_embd, "n_layer": c.n_layer,
+        "tokens": tokens, "response": response.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>(),
+        "loss": res.loss, "n_targets": res.n_targets,
+    });
+    let mut bytes = serde_json::to_vec(&header)?;
+    bytes.push(b'\n');
+    for d in &cap.d_hidden {
+        for v in d {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    moa::util::write_file_atomic(&a.out, &bytes)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    eprintln!(
+        "{} tokens, {} response targets, loss {:.6}; dL/d(hidden) of {} layers -> {}",
+        n,
+        res.n_targets,
+        res.loss,
+        cap.d_hidden.len(),
+        a.out.display()
+    );
     Ok(())
 }
