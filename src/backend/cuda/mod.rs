@@ -68,6 +68,8 @@ pub struct CudaBackend {
     /// rows (i32 each, `max_batch` apart), then tiles (int2) and rope (cos, sin) pairs.
     meta: DevBuf,
     meta_host: Vec<u32>,
+    /// One position's rope (cos, sin) pairs, computed on the host (as the CPU backend does).
+    rope_host: Vec<(f32, f32)>,
     part: DevBuf,
     logit_x: DevBuf,
     logits_d: DevBuf,
@@ -277,6 +279,7 @@ impl CudaBackend {
             offs,
             meta,
             meta_host: vec![0; ml.words],
+            rope_host: vec![(0.0, 0.0); cfg.rope.n_rot / 2],
             part,
             logit_x,
             logits_d,
@@ -376,9 +379,9 @@ impl CudaBackend {
         }
         self.n_tiles = nt;
         self.single_token_runs = batch.runs().all(|(_, _, len)| len == 1);
-        let mut cs = vec![(0f32, 0f32); half];
+        let cs = &mut self.rope_host;
         for t in 0..n {
-            rope_angles(&cfg.rope, batch.positions[t], &mut cs);
+            rope_angles(&cfg.rope, batch.positions[t], cs);
             for (i, &(c, s)) in cs.iter().enumerate() {
                 h[ml.cs + 2 * (t * half + i)] = c.to_bits();
                 h[ml.cs + 2 * (t * half + i) + 1] = s.to_bits();
@@ -399,13 +402,17 @@ impl CudaBackend {
         batch: &Batch,
         fused_rope: Option<(ActId, ActId)>,
     ) -> Result<(), BackendError> {
-        let cfg = self.model.config.clone();
+        let model = Arc::clone(&self.model);
+        let cfg = &model.config;
         let n = batch.len();
         let kvn = n * cfg.kv_dim();
         let ml = meta_layout(self.max_batch, cfg.rope.n_rot / 2);
-        let hk_ = cfg.n_head_kv;
-        let head_off_ = layer * hk_ * 4;
-        let rows_per_seq_ = self.layout.rows_per_layer(layer) / self.layout.n_seq;
+        let hk = cfg.n_head_kv;
+        let g = cfg.n_head / hk;
+        // Byte offset of this layer's per-head capacity and region-offset entries (i32 each).
+        let head_off = layer * hk * 4;
+        let rows_per_seq = self.layout.rows_per_layer(layer) / self.layout.n_seq;
+        let (kc, vc) = (self.kv[layer].0.ptr, self.kv[layer].1.ptr);
         // With every run one token long, the new keys can go straight into the ring: the slot a
         // token takes held a key no query of this batch can see.
         let store_now = fused_rope.is_some() && self.single_token_runs;
@@ -413,14 +420,14 @@ impl CudaBackend {
             let half = cfg.rope.n_rot / 2;
             self.gpu.launch(
                 &self.k.rope_kv,
-                cfg_1d(n * (cfg.n_head + 2 * hk_) * (cfg.head_dim / 2)),
+                cfg_1d(n * (cfg.n_head + 2 * hk) * (cfg.head_dim / 2)),
                 &[
                     A::P(self.act(qx)),
                     A::P(self.act(kxr)),
                     A::P(self.act(vx)),
                     A::I(n as i32),
                     A::I(cfg.n_head as i32),
-                    A::I(hk_ as i32),
+                    A::I(hk as i32),
                     A::I(cfg.head_dim as i32),
                     A::I(half as i32),
                     A::P(self.meta_ptr(ml.cs)),
@@ -429,12 +436,12 @@ impl CudaBackend {
                     A::I(store_now as i32),
                     A::P(self.meta_ptr(ml.pos)),
                     A::P(self.meta_ptr(ml.seq)),
-                    A::P(self.caps.at(head_off_)),
-                    A::P(self.offs.at(head_off_)),
-                    A::I(rows_per_seq_ as i32),
+                    A::P(self.caps.at(head_off)),
+                    A::P(self.offs.at(head_off)),
+                    A::I(rows_per_seq as i32),
                     A::I(self.layout.sink as i32),
-                    A::P(self.kv[layer].0.ptr),
-                    A::P(self.kv[layer].1.ptr),
+                    A::P(kc),
+                    A::P(vc),
                 ],
             )?;
         } else {
@@ -446,33 +453,13 @@ impl CudaBackend {
                 )?;
             }
         }
-        let hk = cfg.n_head_kv;
-        let g = cfg.n_head / hk;
-        // Splits depend only on the layout and the batch shape (not on positions), so a decode
-        // step's launches are the same every step and can be replayed as a CUDA graph.
-        let max_keys = (0..hk)
-            .map(|h| self.layout.capacity(layer, h))
-            .max()
-            .unwrap_or(1)
-            .min(self.layout.n_ctx);
-        let base = self.n_tiles * hk;
-        let mut n_split = ATT_TARGET_BLOCKS
-            .div_ceil(base)
-            .min(max_keys.div_ceil(ATT_MIN_PER))
-            .max(1);
-        while n_split > 1 && n * cfg.n_head * n_split > PART_ROWS {
-            n_split -= 1;
-        }
-        let (kc, vc) = (&self.kv[layer].0, &self.kv[layer].1);
-        let rows_per_seq = self.layout.rows_per_layer(layer) / self.layout.n_seq;
-        let head_off = layer * hk * 4;
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
         let mut args = vec![
             A::P(self.act(q)),
             A::P(self.k16.ptr),
             A::P(self.v16.ptr),
-            A::P(kc.ptr),
-            A::P(vc.ptr),
+            A::P(kc),
+            A::P(vc),
             A::P(self.meta_ptr(ml.pos)),
             A::P(self.meta_ptr(ml.seq)),
             A::P(self.meta_ptr(ml.p0)),
@@ -496,8 +483,21 @@ impl CudaBackend {
             args.extend([A::F(scale), A::P(self.act(out))]);
             self.gpu
                 .launch(f, lcfg((self.n_tiles as u32, hk as u32, 1), 128), &args)?;
-            n_split = 1;
         } else {
+            // Splits depend only on the layout and the batch shape (not on positions), so a
+            // decode step's launches are the same every step and can be replayed as a CUDA graph.
+            let max_keys = (0..hk)
+                .map(|h| self.layout.capacity(layer, h))
+                .max()
+                .unwrap_or(1)
+                .min(self.layout.n_ctx);
+            let mut n_split = ATT_TARGET_BLOCKS
+                .div_ceil(self.n_tiles * hk)
+                .min(max_keys.div_ceil(ATT_MIN_PER))
+                .max(1);
+            while n_split > 1 && n * cfg.n_head * n_split > PART_ROWS {
+                n_split -= 1;
+            }
             let f = if cfg.head_dim == 64 {
                 &self.k.attn_d64
             } else {
@@ -514,18 +514,18 @@ impl CudaBackend {
                 lcfg((self.n_tiles as u32, hk as u32, n_split as u32), 128),
                 &args,
             )?;
-        }
-        if n_split > 1 {
-            self.gpu.launch(
-                &self.k.attn_merge,
-                lcfg(((n * cfg.n_head) as u32, 1, 1), cfg.head_dim as u32),
-                &[
-                    A::P(self.part.ptr),
-                    A::I(n_split as i32),
-                    A::I(cfg.head_dim as i32),
-                    A::P(self.act(out)),
-                ],
-            )?;
+            if n_split > 1 {
+                self.gpu.launch(
+                    &self.k.attn_merge,
+                    lcfg(((n * cfg.n_head) as u32, 1, 1), cfg.head_dim as u32),
+                    &[
+                        A::P(self.part.ptr),
+                        A::I(n_split as i32),
+                        A::I(cfg.head_dim as i32),
+                        A::P(self.act(out)),
+                    ],
+                )?;
+            }
         }
         if store_now {
             return Ok(());
@@ -547,8 +547,8 @@ impl CudaBackend {
                 A::P(self.offs.at(head_off)),
                 A::I(rows_per_seq as i32),
                 A::I(self.layout.sink as i32),
-                A::P(kc.ptr),
-                A::P(vc.ptr),
+                A::P(kc),
+                A::P(vc),
             ],
         )
     }
@@ -750,43 +750,41 @@ impl CudaBackend {
                     i += 1;
                 }
                 Op::MatMul { x, .. } => {
-                    let mut end = i;
-                    let mut targets = Vec::with_capacity(3);
-                    while end < ops.len() && targets.len() < 3 {
-                        match ops[end] {
-                            Op::MatMul { w, x: x2, out } if x2 == x && out != x => {
-                                targets.push((w, out));
-                                end += 1;
+                    // Up to three products of the same input (q/k/v, gate/up) go together.
+                    let mut group = [(0usize, 0u64, 0usize); 3];
+                    let mut k = 0;
+                    while k < 3 {
+                        match ops.get(i + k) {
+                            Some(&Op::MatMul { w, x: x2, out }) if x2 == x && out != x => {
+                                group[k] = (w, self.act(out), self.model.graph.acts[out].width);
+                                k += 1;
                             }
                             _ => break,
                         }
                     }
                     let width = self.model.graph.acts[x].width;
-                    let outs: Vec<(usize, u64, usize)> = targets
-                        .iter()
-                        .map(|&(w, out)| (w, self.act(out), self.model.graph.acts[out].width))
-                        .collect();
-                    {
-                        let t: Vec<(&GpuMatrix, u64, usize)> = outs
-                            .iter()
-                            .map(|&(w, o, l)| (self.matrices[w].as_ref().expect("matrix"), o, l))
-                            .collect();
-                        matmul::matmul_multi(
-                            &self.gpu,
-                            &self.k,
-                            &self.blas,
-                            &mut self.mats,
-                            &t,
-                            self.acts[x].ptr,
-                            width,
-                            n,
-                            self.act_version[x],
-                        )?;
-                    }
-                    for &(_, out) in &targets {
+                    let t: [(&GpuMatrix, u64, usize); 3] = std::array::from_fn(|j| {
+                        let (w, o, l) = group[j.min(k - 1)];
+                        (self.matrices[w].as_ref().expect("matrix prepared"), o, l)
+                    });
+                    matmul::matmul_multi(
+                        &self.gpu,
+                        &self.k,
+                        &self.blas,
+                        &mut self.mats,
+                        &t[..k],
+                        self.acts[x].ptr,
+                        width,
+                        n,
+                        self.act_version[x],
+                    )?;
+                    for j in 0..k {
+                        let Op::MatMul { out, .. } = ops[i + j] else {
+                            unreachable!("the group holds MatMul ops")
+                        };
                         self.act_version[out] += 1;
                     }
-                    i = end;
+                    i += k;
                 }
                 Op::Rope { x: q, .. } => {
                     if let (
