@@ -185,6 +185,23 @@ pub fn layout_for(model: &Model, plan: Option<&Plan>, n_seq: usize, n: usize) ->
     }
 }
 
+/// Backend options for `n_seq` sequences of planned length `n` under `plan` (batches of at most
+/// `n_batch` tokens, never more than `n`).
+fn backend_options(
+    model: &Model,
+    plan: Option<&Plan>,
+    n: usize,
+    n_seq: usize,
+    n_batch: usize,
+    threads: usize,
+) -> BackendOptions {
+    BackendOptions {
+        max_batch: n_batch.min(n).max(1),
+        threads,
+        layout: layout_for(model, plan, n_seq, n),
+    }
+}
+
 /// A CPU backend whose cache follows `plan` (dense when `None`) for sequences of planned length
 /// `n`, which is also the context (positions stay below `n`).
 pub fn cpu_backend_with_plan(
@@ -195,14 +212,9 @@ pub fn cpu_backend_with_plan(
     n_batch: usize,
     threads: usize,
 ) -> Result<CpuBackend, RuntimeError> {
-    let layout = layout_for(model, plan, n_seq, n);
     Ok(CpuBackend::new(
         Arc::clone(model),
-        BackendOptions {
-            max_batch: n_batch.min(n).max(1),
-            threads,
-            layout,
-        },
+        backend_options(model, plan, n, n_seq, n_batch, threads),
     )?)
 }
 
@@ -244,14 +256,9 @@ pub fn backend_with_plan(
             model, plan, n, n_seq, n_batch, threads,
         )?));
     }
-    let layout = layout_for(model, plan, n_seq, n);
     Ok(Box::new(CudaBackend::new(
         Arc::clone(model),
-        BackendOptions {
-            max_batch: n_batch.min(n).max(1),
-            threads,
-            layout,
-        },
+        backend_options(model, plan, n, n_seq, n_batch, threads),
     )?))
 }
 
