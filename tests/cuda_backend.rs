@@ -8,13 +8,14 @@
 //!   models (every op, dense and random span plans, prefill in chunks and decode across ring
 //!   wrap-around) against the CPU backend.
 
+mod common;
+
 use std::sync::Arc;
 
 use moa::backend::cpu::CpuBackend;
 use moa::backend::cuda::{self, CudaBackend, MatmulHarness, GPU_TYPES};
-use moa::backend::{Backend, BackendOptions};
+use moa::backend::BackendOptions;
 use moa::formats::GgmlType;
-use moa::graph::BatchBuf;
 use moa::kv::KvLayout;
 use moa::moa::{Plan, Rule};
 use moa::model::synth::{write_synthetic, SynthSpec};
@@ -177,24 +178,6 @@ fn gpu_spec(ty: GgmlType, seed: u64) -> SynthSpec {
     s
 }
 
-fn logits_all(be: &mut dyn Backend, toks: &[u32], prompt: usize, chunk: usize) -> Vec<Vec<f32>> {
-    let nv = be.n_vocab();
-    let mut out = Vec::new();
-    let mut b = BatchBuf::default();
-    let mut i = 0;
-    while i < toks.len() {
-        let n = if i < prompt { chunk.min(prompt - i) } else { 1 };
-        b.clear();
-        for (p, &t) in toks.iter().enumerate().skip(i).take(n) {
-            b.push(t, p as u32, 0, true);
-        }
-        be.forward(&b.as_batch()).unwrap();
-        out.extend(be.logits().chunks(nv).map(|r| r.to_vec()));
-        i += n;
-    }
-    out
-}
-
 #[test]
 fn cuda_backend_matches_cpu_backend() {
     if !gpu_or_skip("cuda_backend_matches_cpu_backend") {
@@ -244,8 +227,8 @@ fn cuda_backend_matches_cpu_backend() {
             };
             let mut cpu = CpuBackend::new(Arc::clone(&model), opts.clone()).unwrap();
             let mut gpu = CudaBackend::new(Arc::clone(&model), opts).unwrap();
-            let a = logits_all(&mut cpu, &toks, prompt, chunk);
-            let b = logits_all(&mut gpu, &toks, prompt, chunk);
+            let a = common::logits_all(&mut cpu, &toks, prompt, chunk);
+            let b = common::logits_all(&mut gpu, &toks, prompt, chunk);
             let mut worst = 0f32;
             for (ra, rb) in a.iter().zip(&b) {
                 let scale = ra.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);

@@ -9,9 +9,8 @@ use std::sync::{Arc, OnceLock};
 
 use common::reference::RefModel;
 use moa::backend::cpu::CpuBackend;
-use moa::backend::{Backend, BackendOptions};
+use moa::backend::BackendOptions;
 use moa::formats::GgmlType;
-use moa::graph::BatchBuf;
 use moa::kv::{visible, KvLayout};
 use moa::moa::{Plan, Rule};
 use moa::model::synth::{write_synthetic, SynthSpec};
@@ -47,25 +46,6 @@ fn small_plan(rules: Vec<Rule>, n_layer: usize, n_kv: usize) -> Plan {
     p.min_span = 8;
     p.align = 4;
     p
-}
-
-/// Logits for every position: prompt in chunks, then one token per step.
-fn run(be: &mut CpuBackend, toks: &[u32], prompt: usize, chunk: usize) -> Vec<Vec<f32>> {
-    let nv = be.n_vocab();
-    let mut out = Vec::new();
-    let mut b = BatchBuf::default();
-    let mut i = 0;
-    while i < toks.len() {
-        let n = if i < prompt { chunk.min(prompt - i) } else { 1 };
-        b.clear();
-        for (p, &t) in toks.iter().enumerate().skip(i).take(n) {
-            b.push(t, p as u32, 0, true);
-        }
-        be.forward(&b.as_batch()).unwrap();
-        out.extend(be.logits().chunks(nv).map(|r| r.to_vec()));
-        i += n;
-    }
-    out
 }
 
 fn tokens(n: usize, seed: u64, vocab: u32) -> Vec<u32> {
@@ -108,7 +88,7 @@ proptest! {
         let toks = tokens(n, seed, c.n_vocab as u32);
         let reference = f.reference.logits(&toks, |l, g, i, j| visible(caps[l * c.n_head_kv + g], plan.sink as usize, i, j));
         let mut be = CpuBackend::new(Arc::clone(&f.model), BackendOptions { max_batch: 32, threads: 2, layout }).unwrap();
-        let ours = run(&mut be, &toks, prompt, chunk);
+        let ours = common::logits_all(&mut be, &toks, prompt, chunk);
         for (p, (a, b)) in ours.iter().zip(&reference).enumerate() {
             for (x, y) in a.iter().zip(b) {
                 // Noise floor: q/k/v are rounded to f16 in both, and a value computed in f32 that
@@ -156,8 +136,8 @@ fn plan_covering_the_sequence_equals_dense_exactly() {
         },
     )
     .unwrap();
-    let la = run(&mut a, &toks, 50, 16);
-    let lb = run(&mut b, &toks, 50, 16);
+    let la = common::logits_all(&mut a, &toks, 50, 16);
+    let lb = common::logits_all(&mut b, &toks, 50, 16);
     let worst = la
         .iter()
         .zip(&lb)

@@ -65,3 +65,28 @@ pub fn run_py(script: &str, args: &[&str]) -> String {
     );
     stdout
 }
+
+/// Logits for every position of `toks`: the first `prompt` tokens in batches of `chunk`, then
+/// one token per step (prefill across chunk borders and decode across ring wrap-around).
+pub fn logits_all(
+    be: &mut dyn moa::backend::Backend,
+    toks: &[u32],
+    prompt: usize,
+    chunk: usize,
+) -> Vec<Vec<f32>> {
+    let nv = be.n_vocab();
+    let mut out = Vec::new();
+    let mut b = moa::graph::BatchBuf::default();
+    let mut i = 0;
+    while i < toks.len() {
+        let n = if i < prompt { chunk.min(prompt - i) } else { 1 };
+        b.clear();
+        for (p, &t) in toks.iter().enumerate().skip(i).take(n) {
+            b.push(t, p as u32, 0, true);
+        }
+        be.forward(&b.as_batch()).unwrap();
+        out.extend(be.logits().chunks(nv).map(|r| r.to_vec()));
+        i += n;
+    }
+    out
+}
