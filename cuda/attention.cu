@@ -17,6 +17,62 @@
 #define ATT_TK 32
 #define ATT_MIN_PER 64
 
+
+// The keys one block may need, shared by both kernels: for query tokens t0..t0+nt-1 of one run
+// (positions imin..imax) and KV head g, the sinks [0, min(sink, imax + 1)) followed by the window
+// union [wlo, imax]; key index idx in [0, nk) maps to a position, and a position to its K/V rows
+// (the cache ring below the run's first position p0, the run's f16 staging rows from p0 on).
+struct KeySpan {
+    int cap, sink, win, p0, rs, ns, wlo, nk, ldkv, g;
+    size_t region;  // first row of this head's region for the sequence
+    const u16 *kc, *vc, *knew, *vnew;
+
+    __device__ __forceinline__ KeySpan(const int* tok_pos, const int* tok_seq, const int* tok_p0,
+                                       const int* tok_rs, int t0, int nt, int g_, const int* caps,
+                                       const int* offs, int rows_per_seq, int sink_, int ldkv_,
+                                       const u16* kc_, const u16* vc_, const u16* knew_,
+                                       const u16* vnew_) {
+        g = g_;
+        cap = caps[g];
+        sink = sink_;
+        win = cap - sink;
+        p0 = tok_p0[t0];
+        rs = tok_rs[t0];
+        const int imin = tok_pos[t0], imax = tok_pos[t0 + nt - 1];
+        ns = min(sink, imax + 1);
+        wlo = max(sink, imin - win + 1);
+        nk = ns + max(0, imax + 1 - wlo);
+        ldkv = ldkv_;
+        region = (size_t)tok_seq[t0] * rows_per_seq + offs[g];
+        kc = kc_;
+        vc = vc_;
+        knew = knew_;
+        vnew = vnew_;
+    }
+
+    // Position of key index idx.
+    __device__ __forceinline__ int pos(int idx) const { return idx < ns ? idx : wlo + (idx - ns); }
+
+    // The token-exact mask: may the query at position i see the key at position j?
+    __device__ __forceinline__ bool visible(int i, int j) const {
+        return j <= i && (j < sink || i - j < win);
+    }
+
+    // K and V rows (D halves each) of the key at position j.
+    template <int D>
+    __device__ __forceinline__ void rows(int j, const u16** kp, const u16** vp) const {
+        if (j < p0) {
+            const int slot = (j < sink || cap <= sink) ? j : sink + (j - sink) % win;
+            *kp = kc + (region + slot) * D;
+            *vp = vc + (region + slot) * D;
+        } else {
+            const size_t row = (size_t)(rs + (j - p0));
+            *kp = knew + row * ldkv + g * D;
+            *vp = vnew + row * ldkv + g * D;
+        }
+    }
+};
+
 template <int D>
 __device__ __forceinline__ void attn_split(
     const float* q, const u16* knew, const u16* vnew, const u16* kc, const u16* vc,
@@ -41,14 +97,9 @@ __device__ __forceinline__ void attn_split(
         sq[r][d] = h2f(f2h(q[(size_t)t * ldq + h * D + d]));
     }
 
-    const int cap = caps[g];
-    const int seq = tok_seq[t0], p0 = tok_p0[t0], rs = tok_rs[t0];
-    const int imin = tok_pos[t0], imax = tok_pos[t0 + nt - 1];
-    const int win = cap - sink;
-    const int ns = min(sink, imax + 1);
-    const int wlo = max(sink, imin - win + 1);
-    const int nw = max(0, imax + 1 - wlo);
-    const int nk = ns + nw;
+    const KeySpan ks(tok_pos, tok_seq, tok_p0, tok_rs, t0, nt, g, caps, offs, rows_per_seq, sink,
+                     ldkv, kc, vc, knew, vnew);
+    const int nk = ks.nk;
     // At least ATT_MIN_PER keys per split; splits past the end hold nothing (their empty
     // partials are skipped by the merge), so the grid does not depend on the position.
     const int per = max((nk + n_split - 1) / n_split, ATT_MIN_PER);
@@ -80,19 +131,8 @@ __device__ __forceinline__ void attn_split(
             rk[e] = make_uint4(0, 0, 0, 0);
             rv[e] = make_uint4(0, 0, 0, 0);
             if (kk < nkt) {
-                const int idx = kb + kk;
-                const int j = idx < ns ? idx : wlo + (idx - ns);
                 const u16 *kp, *vp;
-                if (j < p0) {
-                    const int slot = (j < sink || cap <= sink) ? j : sink + (j - sink) % win;
-                    const size_t row = (size_t)seq * rows_per_seq + offs[g] + slot;
-                    kp = kc + row * D;
-                    vp = vc + row * D;
-                } else {
-                    const size_t row = (size_t)(rs + (j - p0));
-                    kp = knew + row * ldkv + g * D;
-                    vp = vnew + row * ldkv + g * D;
-                }
+                ks.rows<D>(ks.pos(kb + kk), &kp, &vp);
                 rk[e] = ((const uint4*)kp)[part8];
                 rv[e] = ((const uint4*)vp)[part8];
             }
@@ -111,15 +151,14 @@ __device__ __forceinline__ void attn_split(
         __syncthreads();
         if (kb + ATT_TK < k1) fetch(kb + ATT_TK);
 
-        const int idx = kb + lane;
-        const int j = idx < ns ? idx : wlo + (idx - ns);
+        const int j = ks.pos(kb + lane);
 #pragma unroll
         for (int ri = 0; ri < ATT_RMAX / ATT_WARPS; ri++) {
             const int r = warp + ATT_WARPS * ri;
             if (r >= R) break;
             const int i = qi[ri];
             float s = NEG_INF;
-            if (lane < nkt && j <= i && (j < sink || i - j < win)) {
+            if (lane < nkt && ks.visible(i, j)) {
                 float dot = 0.0f;
 #pragma unroll
                 for (int c = 0; c < D / 8; c++) {
@@ -280,13 +319,9 @@ __device__ __forceinline__ void attn_tc(
         qi[h2] = r < R ? tok_pos[t0 + r / G] : -1;
     }
 
-    const int cap = caps[g];
-    const int seq = tok_seq[t0], p0 = tok_p0[t0], rs = tok_rs[t0];
-    const int imin = tok_pos[t0], imax = tok_pos[t0 + nt - 1];
-    const int win = cap - sink;
-    const int ns = min(sink, imax + 1);
-    const int wlo = max(sink, imin - win + 1);
-    const int nk = ns + max(0, imax + 1 - wlo);
+    const KeySpan ks(tok_pos, tok_seq, tok_p0, tok_rs, t0, nt, g, caps, offs, rows_per_seq, sink,
+                     ldkv, kc, vc, knew, vnew);
+    const int nk = ks.nk;
 
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     float o[D / 8][4];
@@ -300,19 +335,8 @@ __device__ __forceinline__ void attn_tc(
             int kk = c / (D / 8), part8 = c % (D / 8);
             uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
             if (kk < nkt) {
-                int idx = kb + kk;
-                int j = idx < ns ? idx : wlo + (idx - ns);
                 const u16 *kp, *vp;
-                if (j < p0) {
-                    int slot = (j < sink || cap <= sink) ? j : sink + (j - sink) % win;
-                    size_t row = (size_t)seq * rows_per_seq + offs[g] + slot;
-                    kp = kc + row * D;
-                    vp = vc + row * D;
-                } else {
-                    size_t row = (size_t)(rs + (j - p0));
-                    kp = knew + row * ldkv + g * D;
-                    vp = vnew + row * ldkv + g * D;
-                }
+                ks.rows<D>(ks.pos(kb + kk), &kp, &vp);
                 kv4 = ((const uint4*)kp)[part8];
                 vv4 = ((const uint4*)vp)[part8];
             }
@@ -339,10 +363,7 @@ __device__ __forceinline__ void attn_tc(
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int n = 8 * j + 2 * cq + (e & 1);
-                const int idx = kb + n;
-                const int jp = idx < ns ? idx : wlo + (idx - ns);
-                const int i = qi[e >> 1];
-                const bool vis = n < nkt && jp <= i && (jp < sink || i - jp < win);
+                const bool vis = n < nkt && ks.visible(qi[e >> 1], ks.pos(kb + n));
                 s[j][e] = vis ? s[j][e] * scale : NEG_INF;
                 mt[e >> 1] = fmaxf(mt[e >> 1], s[j][e]);
             }

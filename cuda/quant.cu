@@ -54,6 +54,11 @@ __device__ __forceinline__ int dot16(const int* q, int4 y, int s) {
     return dp4(q[3], y.w, s);
 }
 
+// Sum of 32 int8 products: q[0..8] x the 32 activations at y (16-byte aligned).
+__device__ __forceinline__ int dot32(const int* q, const i8* y) {
+    return dot16(q + 4, ld_y16(y + 16), dot16(q, ld_y16(y), 0));
+}
+
 template <int T>
 struct Unit;
 
@@ -75,9 +80,7 @@ struct Unit<T_Q4_0> {
         }
     }
     __device__ __forceinline__ float dot(const i8* yq, const float2* yds) const {
-        const i8* y = yq + u * 32;
-        int s = dot16(q, ld_y16(y), 0);
-        s = dot16(q + 4, ld_y16(y + 16), s);
+        int s = dot32(q, yq + u * 32);
         float2 ds = yds[u];
         return d * (ds.x * (float)s - 8.0f * ds.y);
     }
@@ -102,9 +105,7 @@ struct Unit<T_Q4_1> {
         }
     }
     __device__ __forceinline__ float dot(const i8* yq, const float2* yds) const {
-        const i8* y = yq + u * 32;
-        int s = dot16(q, ld_y16(y), 0);
-        s = dot16(q + 4, ld_y16(y + 16), s);
+        int s = dot32(q, yq + u * 32);
         float2 ds = yds[u];
         return d * ds.x * (float)s + m * ds.y;
     }
@@ -128,9 +129,7 @@ struct Unit<T_Q5_0> {
         }
     }
     __device__ __forceinline__ float dot(const i8* yq, const float2* yds) const {
-        const i8* y = yq + u * 32;
-        int s = dot16(q, ld_y16(y), 0);
-        s = dot16(q + 4, ld_y16(y + 16), s);
+        int s = dot32(q, yq + u * 32);
         float2 ds = yds[u];
         return d * (ds.x * (float)s - 16.0f * ds.y);
     }
@@ -156,9 +155,7 @@ struct Unit<T_Q5_1> {
         }
     }
     __device__ __forceinline__ float dot(const i8* yq, const float2* yds) const {
-        const i8* y = yq + u * 32;
-        int s = dot16(q, ld_y16(y), 0);
-        s = dot16(q + 4, ld_y16(y + 16), s);
+        int s = dot32(q, yq + u * 32);
         float2 ds = yds[u];
         return d * ds.x * (float)s + m * ds.y;
     }
@@ -177,9 +174,7 @@ struct Unit<T_Q8_0> {
         for (int i = 0; i < 8; i++) q[i] = ld_i32_a2(b + 2 + 4 * i);
     }
     __device__ __forceinline__ float dot(const i8* yq, const float2* yds) const {
-        const i8* y = yq + u * 32;
-        int s = dot16(q, ld_y16(y), 0);
-        s = dot16(q + 4, ld_y16(y + 16), s);
+        int s = dot32(q, yq + u * 32);
         return d * yds[u].x * (float)s;
     }
 };
@@ -251,10 +246,7 @@ struct UnitK45 {
     }
     __device__ __forceinline__ float dot(const i8* yq, const float2* yds) const {
         const i8* y = yq + blk * 32;
-        int s0 = dot16(lo, ld_y16(y), 0);
-        s0 = dot16(lo + 4, ld_y16(y + 16), s0);
-        int s1 = dot16(hi, ld_y16(y + 32), 0);
-        s1 = dot16(hi + 4, ld_y16(y + 48), s1);
+        int s0 = dot32(lo, y), s1 = dot32(hi, y + 32);
         float2 a = yds[blk], c = yds[blk + 1];
         return d0 * a.x * (float)s0 + d1 * c.x * (float)s1 - (m0 * a.y + m1 * c.y);
     }
