@@ -10,7 +10,7 @@
 // Block layouts follow ggml (see ggml-compat for the CPU reference of every one).
 
 #define MV_WARPS 4
-#define MV_MAXT 8
+#define MV_MAXT 16
 
 // ---- q8_1 activations ---------------------------------------------------------------------
 
@@ -294,10 +294,25 @@ struct Unit<T_Q6_K> {
     }
 };
 
+// acc[t] += units u, u + WARP, ... (U of them) of a row times token t's q8_1 activations.
+template <int T, int U, int NT>
+__device__ __forceinline__ void mmvq_units(const u8* r, int u, const i8* yq, const float2* yds,
+                                           int K, int nb, int n_tok, float* acc) {
+    Unit<T> w[U];
+#pragma unroll
+    for (int i = 0; i < U; i++) w[i].load(r, u + i * WARP);
+#pragma unroll
+    for (int i = 0; i < U; i++) {
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+            if (t < n_tok) acc[t] += w[i].dot(yq + (size_t)t * K, yds + (size_t)t * nb);
+    }
+}
+
 // out[t * ldo + row] = W[row] . y[t] for t < n_tok (<= MV_MAXT); one warp per row. Up to three
 // matrices of the same type and width that read the same input run as one launch (q/k/v,
 // gate/up): rows [0, r0) of W0, then r1 rows of W1, then r2 rows of W2.
-template <int T>
+template <int T, int NT>
 __device__ __forceinline__ void mmvq(const u8* W0, const u8* W1, const u8* W2, int r0, int r1,
                                      int r2, float* o0, float* o1, float* o2, int ldo0, int ldo1,
                                      int ldo2, u64 row_bytes, int units, const i8* yq,
@@ -317,19 +332,23 @@ __device__ __forceinline__ void mmvq(const u8* W0, const u8* W1, const u8* W2, i
         return;
     }
     const u8* r = W + (u64)row * row_bytes;
-    float acc[MV_MAXT];
+    float acc[NT];
 #pragma unroll
-    for (int t = 0; t < MV_MAXT; t++) acc[t] = 0.0f;
+    for (int t = 0; t < NT; t++) acc[t] = 0.0f;
     int nb = K / 32;
-    for (int u = lane; u < units; u += WARP) {
-        Unit<T> w;
-        w.load(r, u);
-#pragma unroll
-        for (int t = 0; t < MV_MAXT; t++)
-            if (t < n_tok) acc[t] += w.dot(yq + (size_t)t * K, yds + (size_t)t * nb);
+    // Several units per lane are loaded before any is used, so each lane keeps 2-4 weight loads
+    // in flight (a row of a 4096-wide Q4_K matrix is only 2 units per lane).
+    int u = lane;
+    constexpr int U = NT <= 8 ? 4 : 2;  // fewer units in flight where acc takes registers
+    for (; u + (U - 1) * WARP < units; u += U * WARP)
+        mmvq_units<T, U, NT>(r, u, yq, yds, K, nb, n_tok, acc);
+    if (U == 4 && u + WARP < units) {
+        mmvq_units<T, 2, NT>(r, u, yq, yds, K, nb, n_tok, acc);
+        u += 2 * WARP;
     }
+    if (u < units) mmvq_units<T, 1, NT>(r, u, yq, yds, K, nb, n_tok, acc);
 #pragma unroll
-    for (int t = 0; t < MV_MAXT; t++) {
+    for (int t = 0; t < NT; t++) {
         if (t < n_tok) {
             float v = warp_sum(acc[t]);
             if (lane == 0) out[(size_t)t * ldo + row] = v;
@@ -337,14 +356,19 @@ __device__ __forceinline__ void mmvq(const u8* W0, const u8* W1, const u8* W2, i
     }
 }
 
-#define MMVQ(name, T)                                                                          \
+#define MMVQ_NT(name, T, NT)                                                                   \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) name(                        \
         const u8* W0, const u8* W1, const u8* W2, int r0, int r1, int r2, float* o0, float* o1, \
         float* o2, int ldo0, int ldo1, int ldo2, u64 row_bytes, int units, const i8* yq,       \
         const float2* yds, int K, int n_tok) {                                                 \
-        mmvq<T>(W0, W1, W2, r0, r1, r2, o0, o1, o2, ldo0, ldo1, ldo2, row_bytes, units, yq,    \
-                yds, K, n_tok);                                                                \
+        mmvq<T, NT>(W0, W1, W2, r0, r1, r2, o0, o1, o2, ldo0, ldo1, ldo2, row_bytes, units,    \
+                    yq, yds, K, n_tok);                                                        \
     }
+// One token (the batch-1 decode step), up to 8, up to MV_MAXT.
+#define MMVQ(name, T)           \
+    MMVQ_NT(name##_1, T, 1)     \
+    MMVQ_NT(name##_8, T, 8)     \
+    MMVQ_NT(name##_16, T, MV_MAXT)
 MMVQ(mmvq_q4_0, T_Q4_0)
 MMVQ(mmvq_q4_1, T_Q4_1)
 MMVQ(mmvq_q5_0, T_Q5_0)

@@ -50,16 +50,17 @@ fn kernels_compile_through_nvrtc() {
         let ptx = cuda::kernels::compile(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         for name in [
             "quantize_q8_1",
-            "mmvq_q4_k",
-            "mmvq_q6_k",
+            "mmvq_q4_k_1",
+            "mmvq_q6_k_16",
+            "mmvq_q5_0_8",
             "mv_f32",
             "dequant_f16_q5_k",
             "embed_q4_1",
-            "attn_d64",
-            "attn_d128",
+            "attn_dec_d64",
+            "attn_dec_d128",
+            "attn_pre_d64",
+            "attn_pre_d128",
             "attn_merge",
-            "attn_tc_d64",
-            "attn_tc_d128",
             "add_rms_norm_q8",
             "swiglu_q8",
             "rope_kv",
@@ -112,7 +113,8 @@ fn matmul_kernels_match_dequantized_reference() {
     let h = MatmulHarness::new().unwrap();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     for &ty in GPU_TYPES {
-        for &(rows, cols) in &[(37usize, 256usize), (130, 512)] {
+        // Wide rows take the kernels' unrolled paths (2 and 4 units per lane in flight).
+        for &(rows, cols) in &[(37usize, 256usize), (130, 512), (9, 4096), (6, 14336)] {
             let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f() * 0.5).collect();
             let mut w = vec![0u8; ty.bytes_for((rows * cols) as u64).unwrap() as usize];
             for (src, dst) in wf
@@ -128,7 +130,7 @@ fn matmul_kernels_match_dequantized_reference() {
             {
                 ggml_compat::dequantize_row(ty, src, dst).unwrap();
             }
-            for &n in &[1usize, 3, 8, 13, 40] {
+            for &n in &[1usize, 3, 8, 13, 16, 40] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
                 let got = h.run(ty, rows, cols, &w, &x, n).unwrap();
                 let decode = n <= cuda::MV_MAXT;
@@ -249,6 +251,88 @@ fn cuda_backend_matches_cpu_backend() {
     }
 }
 
+/// The attention kernels at the shapes real models have (head dims 64 and 128, GQA groups of
+/// 1, 4 and 8 query heads) over long sequences: prefill in chunks of several sizes then decode
+/// steps, dense and with span plans whose rings wrap many times, so key ranges are split over
+/// many blocks and tiles end mid-way. F32 weights: the backends differ only in f16 K/V, Q and
+/// P rounding.
+#[test]
+fn cuda_attention_long_sequences_match_cpu() {
+    if !gpu_or_skip("cuda_attention_long_sequences_match_cpu") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(1234);
+    // (head_dim, n_head, n_head_kv)
+    for (si, &(hd, nh, nkv)) in [
+        (128usize, 4usize, 1usize),
+        (64, 8, 1),
+        (64, 2, 2),
+        (128, 8, 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut spec = SynthSpec::tiny(GgmlType::F32, 40 + si as u64);
+        spec.n_layer = 1;
+        spec.n_head = nh;
+        spec.n_head_kv = nkv;
+        spec.n_embd = hd * nh;
+        spec.n_ff = 256;
+        spec.n_ctx = 2048;
+        let path = dir.path().join(format!("a{si}.gguf"));
+        write_synthetic(&spec, &path).unwrap();
+        let model = Arc::new(Model::load(&path).unwrap());
+        let c = model.config.clone();
+        for case in 0..3 {
+            let n = 900 + (rng.next() % 700) as usize;
+            let prompt = 300 + (rng.next() % 500) as usize;
+            let chunk = [32usize, 64, 200][case];
+            let layout = if case == 0 {
+                KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n)
+            } else {
+                let rules = (0..c.n_layer * c.n_head_kv)
+                    .map(|_| Rule {
+                        alpha: (rng.next() % 400) as f32,
+                        beta: (rng.next() % 3) as f32 * 0.1,
+                    })
+                    .collect();
+                let mut p = Plan::new(c.n_layer, c.n_head_kv, rules, "test");
+                p.sink = 64;
+                p.min_span = 128;
+                p.align = 64;
+                p.layout(&c, 1, n)
+            };
+            let toks: Vec<u32> = (0..n)
+                .map(|_| (rng.next() % c.n_vocab as u64) as u32)
+                .collect();
+            let opts = BackendOptions {
+                max_batch: 256,
+                threads: 2,
+                layout: layout.clone(),
+            };
+            let mut cpu = CpuBackend::new(Arc::clone(&model), opts.clone()).unwrap();
+            let mut gpu = CudaBackend::new(Arc::clone(&model), opts).unwrap();
+            let a = common::logits_all(&mut cpu, &toks, prompt, chunk);
+            let b = common::logits_all(&mut gpu, &toks, prompt, chunk);
+            let mut worst = 0f32;
+            for (ra, rb) in a.iter().zip(&b) {
+                let scale = ra.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+                for (x, y) in ra.iter().zip(rb) {
+                    worst = worst.max((x - y).abs() / scale);
+                }
+            }
+            let caps: Vec<usize> = (0..c.n_head_kv).map(|h| layout.capacity(0, h)).collect();
+            assert!(
+                worst < 2e-3,
+                "hd {hd} heads {nh}/{nkv} case {case} (n {n}, prompt {prompt}, chunk {chunk}, \
+                 capacities {caps:?}): worst relative logit difference {worst}"
+            );
+            eprintln!("hd {hd} heads {nh}/{nkv} case {case} caps {caps:?}: worst {worst:.2e}");
+        }
+    }
+}
+
 /// Decode matvec bandwidth on Llama-3-8B's largest matrices (run on the GPU machine with
 /// `--ignored --nocapture`); the figures go to the README.
 #[test]
@@ -283,7 +367,7 @@ fn matvec_bandwidth_report() {
             let row: Vec<f32> = (0..cols).map(|_| rng.f()).collect();
             let mut rb = vec![0u8; ty.bytes_for(cols as u64).unwrap() as usize];
             ggml_compat::quantize_row(ty, &row, &mut rb).unwrap();
-            for &n in &[1usize, 4, 8] {
+            for &n in &[1usize, 4, 8, 16] {
                 let s = h.time_matvec(ty, rows, cols, &rb, n, 50).unwrap();
                 let bytes = rows * rb.len();
                 println!(

@@ -51,10 +51,27 @@ run)
     for d in 32768 65536; do "${b[@]}" --uniform 0.5 -p 512 -n 128 -d $d; done
     for mode in --dense "--uniform 0.5"; do "$out/moa-bench" -m "$synth" --device cuda $mode -p 16384 -n 128 --parallel 1,4,16; done
     echo "== decode matvec bandwidth"
-    "$out/cuda_backend" --ignored --nocapture matvec_bandwidth 2>&1 | grep -E "copy|n=1"
+    "$out/cuda_backend" --ignored --nocapture matvec_bandwidth 2>&1 | grep -E "copy|n=1 |n=16"
+    ;;
+profile)
+    # Per-kernel GPU times of decode steps (Nsight Compute, clocks left alone), on the synthetic
+    # 8B file: depth 0 dense, then the decode attention kernels at depth 32768 dense and 0.5.
+    synth=${TMPDIR:-/tmp}/moa-8b-q4k.gguf
+    [ -f "$synth" ] || "$out/moa-bench" synth --shape llama3-8b --type q4_k --n-vocab 49152 --ctx 131072 -o "$synth"
+    cat cuda/common.cuh cuda/quant.cu cuda/ops.cu cuda/attention.cu >/tmp/moa-all.cu
+    nvcc -arch=sm_90 -std=c++17 -cubin -Xptxas -v -o /tmp/moa-all.cubin /tmp/moa-all.cu 2>&1 |
+        grep -E -A1 "Compiling entry.*(attn_|mmvq_q4_k|mmvq_q6_k|rms|swiglu_q8|rope_kv)" | grep -E "entry|registers" || true
+    ncu=(ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel)
+    export MOA_CUDA_GRAPHS=0
+    "${ncu[@]}" "$out/moa-bench" -m "$synth" --device cuda --dense -p 0 -n 4 -r 1 2>&1 |
+        grep -E "^  [a-z_0-9]+|Average|gpu__time|Invocations" | head -150
+    for mode in --dense "--uniform 0.5"; do
+        "${ncu[@]}" -k regex:"attn_d|attn_merge|attn_dec" "$out/moa-bench" -m "$synth" --device cuda $mode -p 0 -n 4 -r 1 -d 32768 2>&1 |
+            grep -E "^  [a-z_0-9]+|gpu__time" | head -40
+    done
     ;;
 *)
-    echo "usage: $0 build | run [MODEL]" >&2
+    echo "usage: $0 build | run [MODEL] | profile" >&2
     exit 2
     ;;
 esac

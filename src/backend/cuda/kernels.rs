@@ -119,6 +119,14 @@ pub fn ptx_cached(arch: &'static str) -> Result<String, BackendError> {
     Ok(ptx)
 }
 
+/// Dynamic shared memory of one attention block with head dimension `d` (`FaSmem` in
+/// attention.cu: FA_STAGES x (K + V tile) of FA_KEYS rows of d + 8 halves).
+pub fn fa_smem_bytes(d: usize) -> usize {
+    const FA_STAGES: usize = 3;
+    const FA_KEYS: usize = 64;
+    FA_STAGES * 2 * FA_KEYS * (d + 8) * 2
+}
+
 /// Every kernel function of the program.
 pub struct Kernels {
     pub quantize_q8_1: CudaFunction,
@@ -129,14 +137,14 @@ pub struct Kernels {
     pub gather_rows: CudaFunction,
     pub kv_store: CudaFunction,
     pub argmax_rows: CudaFunction,
-    pub attn_d64: CudaFunction,
-    pub attn_d128: CudaFunction,
+    pub attn_dec_d64: CudaFunction,
+    pub attn_dec_d128: CudaFunction,
+    pub attn_pre_d64: CudaFunction,
+    pub attn_pre_d128: CudaFunction,
     pub attn_merge: CudaFunction,
-    pub attn_tc_d64: CudaFunction,
     pub add_rms_norm_q8: CudaFunction,
     pub swiglu_q8: CudaFunction,
     pub rope_kv: CudaFunction,
-    pub attn_tc_d128: CudaFunction,
     module: Arc<CudaModule>,
 }
 
@@ -151,6 +159,16 @@ impl Kernels {
                 .load_function(name)
                 .map_err(|e| super::device::driver_err(&format!("kernel {name}"), e))
         };
+        // The attention kernels take more than the default 48 KiB of dynamic shared memory.
+        let fa = |name: &str, d: usize| {
+            let func = f(name)?;
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                fa_smem_bytes(d) as i32,
+            )
+            .map_err(|e| super::device::driver_err(&format!("shared memory size of {name}"), e))?;
+            Ok::<_, BackendError>(func)
+        };
         Ok(Kernels {
             quantize_q8_1: f("quantize_q8_1")?,
             rope: f("rope")?,
@@ -160,14 +178,14 @@ impl Kernels {
             gather_rows: f("gather_rows")?,
             kv_store: f("kv_store")?,
             argmax_rows: f("argmax_rows")?,
-            attn_d64: f("attn_d64")?,
-            attn_d128: f("attn_d128")?,
+            attn_dec_d64: fa("attn_dec_d64", 64)?,
+            attn_dec_d128: fa("attn_dec_d128", 128)?,
+            attn_pre_d64: fa("attn_pre_d64", 64)?,
+            attn_pre_d128: fa("attn_pre_d128", 128)?,
             attn_merge: f("attn_merge")?,
-            attn_tc_d64: f("attn_tc_d64")?,
             add_rms_norm_q8: f("add_rms_norm_q8")?,
             swiglu_q8: f("swiglu_q8")?,
             rope_kv: f("rope_kv")?,
-            attn_tc_d128: f("attn_tc_d128")?,
             module,
         })
     }

@@ -23,7 +23,10 @@ use super::kernels::Kernels;
 use crate::backend::BackendError;
 
 /// Most tokens the matrix-vector kernels take (`MV_MAXT` in quant.cu).
-pub const MV_MAXT: usize = 8;
+pub const MV_MAXT: usize = 16;
+/// Token-count variants of each quantized matrix-vector kernel: `mmvq_<type>_<nt>` takes up to
+/// `nt` tokens (one token, the batch-1 decode step, has its own).
+const MV_VARIANTS: [usize; 3] = [1, 8, 16];
 /// Halves of the f16 weight scratch used by prefill products (64 MiB).
 pub const DQ_SCRATCH_HALVES: usize = 32 << 20;
 
@@ -80,8 +83,17 @@ pub struct GpuMatrix {
     pub rows: usize,
     pub cols: usize,
     pub row_bytes: usize,
-    mv: CudaFunction,
+    /// Matrix-vector kernels by [`MV_VARIANTS`] (float weights: one kernel, repeated).
+    mv: [CudaFunction; 3],
     dq: CudaFunction,
+}
+
+impl GpuMatrix {
+    /// The matrix-vector kernel for `n` tokens.
+    fn mv_for(&self, n: usize) -> &CudaFunction {
+        let i = MV_VARIANTS.iter().position(|&v| n <= v).unwrap_or(2);
+        &self.mv[i]
+    }
 }
 
 impl GpuMatrix {
@@ -100,9 +112,11 @@ impl GpuMatrix {
             return Ok(None);
         }
         let mv = if is_float(ty) {
-            k.get(&format!("mv_{suffix}"))?
+            let f = k.get(&format!("mv_{suffix}"))?;
+            [f.clone(), f.clone(), f]
         } else {
-            k.get(&format!("mmvq_{suffix}"))?
+            let f = |nt: usize| k.get(&format!("mmvq_{suffix}_{nt}"));
+            [f(MV_VARIANTS[0])?, f(MV_VARIANTS[1])?, f(MV_VARIANTS[2])?]
         };
         let dq = k.get(&format!("dequant_f16_{suffix}"))?;
         let row_bytes = ty.bytes_for(cols as u64).expect("validated shape") as usize;
@@ -208,7 +222,7 @@ pub fn matmul(
         let grid = (blocks(m.rows, 4), 1, 1);
         if is_float(m.ty) {
             return gpu.launch(
-                &m.mv,
+                m.mv_for(a.n),
                 lcfg(grid, 128),
                 &[
                     A::P(m.ptr),
@@ -320,7 +334,7 @@ fn launch_mmvq(
     let (w1, r1, o1, l1) = get(1);
     let (w2, r2, o2, l2) = get(2);
     gpu.launch(
-        &m.mv,
+        m.mv_for(n),
         lcfg((blocks(r0 + r1 + r2, 4), 1, 1), 128),
         &[
             A::P(w0),

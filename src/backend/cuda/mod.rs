@@ -30,16 +30,18 @@ use crate::graph::{ActId, Batch, Op};
 use crate::kv::KvLayout;
 use crate::model::Model;
 
-/// Query rows per tensor-core attention block (`TC_ROWS` in attention.cu).
+/// Query rows per prefill attention block (`attn_pre_*` in attention.cu: 4 warps x 16 rows).
 const TC_ROWS: usize = 64;
-/// Query rows per attention block (`ATT_RMAX` in attention.cu).
+/// Query rows per decode attention block (`attn_dec_*`: 4 warps sharing 16 rows).
 const ATT_RMAX: usize = 16;
 /// Most (token, head, split) partial rows of split attention.
 const PART_ROWS: usize = 65536;
-/// Fewest keys a split takes (`ATT_MIN_PER` in attention.cu).
-const ATT_MIN_PER: usize = 64;
-/// Attention blocks to aim for when splitting long key ranges (a few per multiprocessor).
-const ATT_TARGET_BLOCKS: usize = 1024;
+/// Fewest keys a split takes (`FA_MIN_PER` in attention.cu).
+const ATT_MIN_PER: usize = 128;
+/// Attention blocks to aim for per multiprocessor when splitting long key ranges (two are
+/// resident at a time; a few waves even out heads of different spans). `MOA_ATT_BLOCKS`
+/// overrides the total (for tuning).
+const ATT_BLOCKS_PER_SM: usize = 4;
 
 pub struct CudaBackend {
     model: Arc<Model>,
@@ -86,6 +88,8 @@ pub struct CudaBackend {
     single_token_runs: bool,
     /// `MOA_CUDA_GRAPHS=0` turns graph replay off (for debugging and comparisons).
     use_graphs: bool,
+    /// Attention blocks to aim for when splitting key ranges.
+    att_target_blocks: usize,
 }
 
 /// Offsets (in u32 words) of the metadata sections.
@@ -259,6 +263,18 @@ impl CudaBackend {
         let logits_d = salloc(max_logits * cfg.n_vocab * 4, "logits")?;
         let argmax_d = salloc(max_logits * 4, "argmax")?;
         gpu.sync()?;
+        let sms = gpu
+            .ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .unwrap_or(132)
+            .max(1) as usize;
+        let att_target_blocks = std::env::var("MOA_ATT_BLOCKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(ATT_BLOCKS_PER_SM * sms)
+            .max(1);
         Ok(CudaBackend {
             k,
             blas,
@@ -293,6 +309,7 @@ impl CudaBackend {
             graphs: Default::default(),
             single_token_runs: false,
             use_graphs: std::env::var("MOA_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            att_target_blocks,
             layout,
             gpu,
             model,
@@ -473,59 +490,49 @@ impl CudaBackend {
             A::I(rows_per_seq as i32),
             A::I(self.layout.sink as i32),
         ];
-        if n > MV_MAXT {
-            // Prefill: tensor cores, one block per 64 query rows and KV head.
-            let f = if cfg.head_dim == 64 {
-                &self.k.attn_tc_d64
-            } else {
-                &self.k.attn_tc_d128
-            };
-            args.extend([A::F(scale), A::P(self.act(out))]);
-            self.gpu
-                .launch(f, lcfg((self.n_tiles as u32, hk as u32, 1), 128), &args)?;
-        } else {
-            // Splits depend only on the layout and the batch shape (not on positions), so a
-            // decode step's launches are the same every step and can be replayed as a CUDA graph.
-            let max_keys = (0..hk)
-                .map(|h| self.layout.capacity(layer, h))
-                .max()
-                .unwrap_or(1)
-                .min(self.layout.n_ctx);
-            let mut n_split = ATT_TARGET_BLOCKS
-                .div_ceil(self.n_tiles * hk)
-                .min(max_keys.div_ceil(ATT_MIN_PER))
-                .max(1);
-            while n_split > 1 && n * cfg.n_head * n_split > PART_ROWS {
-                n_split -= 1;
-            }
-            let f = if cfg.head_dim == 64 {
-                &self.k.attn_d64
-            } else {
-                &self.k.attn_d128
-            };
-            args.extend([
-                A::I(n_split as i32),
-                A::F(scale),
-                A::P(self.act(out)),
-                A::P(self.part.ptr),
-            ]);
+        // Splits depend only on the layout and the batch shape (not on positions), so a decode
+        // step's launches are the same every step and can be replayed as a CUDA graph.
+        let max_keys = (0..hk)
+            .map(|h| self.layout.capacity(layer, h))
+            .max()
+            .unwrap_or(1)
+            .min(self.layout.n_ctx);
+        let mut n_split = self
+            .att_target_blocks
+            .div_ceil(self.n_tiles * hk)
+            .min(max_keys.div_ceil(ATT_MIN_PER))
+            .max(1);
+        while n_split > 1 && n * cfg.n_head * n_split > PART_ROWS {
+            n_split -= 1;
+        }
+        // Prefill: each warp owns 16 of 64 query rows; decode: the warps split the keys of up
+        // to 16 rows.
+        let f = match (n > MV_MAXT, cfg.head_dim) {
+            (true, 64) => &self.k.attn_pre_d64,
+            (true, _) => &self.k.attn_pre_d128,
+            (false, 64) => &self.k.attn_dec_d64,
+            (false, _) => &self.k.attn_dec_d128,
+        };
+        args.extend([
+            A::I(n_split as i32),
+            A::F(scale),
+            A::P(self.act(out)),
+            A::P(self.part.ptr),
+        ]);
+        let mut lc = lcfg((self.n_tiles as u32, hk as u32, n_split as u32), 128);
+        lc.shared_mem_bytes = kernels::fa_smem_bytes(cfg.head_dim) as u32;
+        self.gpu.launch(f, lc, &args)?;
+        if n_split > 1 {
             self.gpu.launch(
-                f,
-                lcfg((self.n_tiles as u32, hk as u32, n_split as u32), 128),
-                &args,
+                &self.k.attn_merge,
+                lcfg(((n * cfg.n_head) as u32, 1, 1), cfg.head_dim as u32),
+                &[
+                    A::P(self.part.ptr),
+                    A::I(n_split as i32),
+                    A::I(cfg.head_dim as i32),
+                    A::P(self.act(out)),
+                ],
             )?;
-            if n_split > 1 {
-                self.gpu.launch(
-                    &self.k.attn_merge,
-                    lcfg(((n * cfg.n_head) as u32, 1, 1), cfg.head_dim as u32),
-                    &[
-                        A::P(self.part.ptr),
-                        A::I(n_split as i32),
-                        A::I(cfg.head_dim as i32),
-                        A::P(self.act(out)),
-                    ],
-                )?;
-            }
         }
         if store_now {
             return Ok(());
