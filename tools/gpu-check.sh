@@ -24,9 +24,9 @@ case "${1:-}" in
 build)
     mkdir -p "$out"
     exe=$(cargo test --release --no-run --test cuda_backend 2>&1 | sed -n 's/.*Executable.*(\(.*\))/\1/p' | tail -1)
-    cargo build --release --bin moa-run --bin moa-perplexity --bin moa-bench
+    cargo build --release --bin moa-run --bin moa-perplexity --bin moa-bench --bin moa-profile
     strip -o "$out/cuda_backend" "$exe"
-    for b in moa-run moa-perplexity moa-bench; do strip -o "$out/$b" "target/release/$b"; done
+    for b in moa-run moa-perplexity moa-bench moa-profile; do strip -o "$out/$b" "target/release/$b"; done
     bash tests/fixtures/llamacpp/make_corpus.sh "$out/corpus.txt"
     du -sh "$out"
     ;;

@@ -221,3 +221,73 @@ impl Drop for DevBuf {
         }
     }
 }
+
+/// Host memory for device-to-host copies: page-locked when the driver grants it (the copy is
+/// then one DMA, without the driver's staging through a bounce buffer), else ordinary memory.
+pub struct HostBuf {
+    ptr: *mut f32,
+    len: usize,
+    pinned: bool,
+    fallback: Vec<f32>,
+}
+
+// SAFETY: the buffer is owned exclusively (like a Vec); the driver only touches it during the
+// copies this struct's owner issues and waits for.
+unsafe impl Send for HostBuf {}
+unsafe impl Sync for HostBuf {}
+
+impl HostBuf {
+    pub fn new(len: usize) -> HostBuf {
+        let bytes = (len * 4).max(4);
+        // SAFETY: plain cuMemHostAlloc (the context is current: allocations before bound it);
+        // the memory is zeroed before use and freed once in drop.
+        match unsafe { drv::malloc_host(bytes, 0) } {
+            Ok(p) => {
+                let ptr = p as *mut f32;
+                // SAFETY: p holds `bytes` bytes.
+                unsafe { std::ptr::write_bytes(ptr, 0, len) };
+                HostBuf {
+                    ptr,
+                    len,
+                    pinned: true,
+                    fallback: Vec::new(),
+                }
+            }
+            Err(_) => {
+                let mut fallback = vec![0f32; len];
+                HostBuf {
+                    ptr: fallback.as_mut_ptr(),
+                    len,
+                    pinned: false,
+                    fallback,
+                }
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for HostBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: ptr holds len initialized f32s (pinned or the fallback Vec's storage).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for HostBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in deref, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for HostBuf {
+    fn drop(&mut self) {
+        if self.pinned {
+            // SAFETY: ptr came from cuMemHostAlloc and is freed once.
+            unsafe {
+                let _ = drv::free_host(self.ptr as *mut std::ffi::c_void);
+            }
+        }
+    }
+}

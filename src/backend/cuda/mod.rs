@@ -76,7 +76,8 @@ pub struct CudaBackend {
     logit_x: DevBuf,
     logits_d: DevBuf,
     argmax_d: DevBuf,
-    logits: Vec<f32>,
+    /// Logit rows copied back (page-locked host memory).
+    logits: device::HostBuf,
     n_logits: usize,
     seq_len: Vec<usize>,
     n_tiles: usize,
@@ -300,7 +301,7 @@ impl CudaBackend {
             logit_x,
             logits_d,
             argmax_d,
-            logits: vec![0.0; max_logits * cfg.n_vocab],
+            logits: device::HostBuf::new(max_logits * cfg.n_vocab),
             n_logits: 0,
             seq_len: vec![0; layout.n_seq],
             n_tiles: 0,
