@@ -228,7 +228,8 @@ pub struct HostBuf {
     ptr: *mut f32,
     len: usize,
     pinned: bool,
-    fallback: Vec<f32>,
+    /// Owns the storage `ptr` points into when pinning failed.
+    _fallback: Vec<f32>,
 }
 
 // SAFETY: the buffer is owned exclusively (like a Vec); the driver only touches it during the
@@ -250,7 +251,7 @@ impl HostBuf {
                     ptr,
                     len,
                     pinned: true,
-                    fallback: Vec::new(),
+                    _fallback: Vec::new(),
                 }
             }
             Err(_) => {
@@ -259,7 +260,7 @@ impl HostBuf {
                     ptr: fallback.as_mut_ptr(),
                     len,
                     pinned: false,
-                    fallback,
+                    _fallback: fallback,
                 }
             }
         }
