@@ -76,8 +76,11 @@ struct KeySpan {
     }
 };
 
-// Combines the splits of each (token, head) row: one block of D threads per row.
-extern "C" __global__ void attn_merge(const float* part, int n_split, int D, float* out) {
+// Combines the splits of each (token, head) row: one block of D threads per row. With `yq`,
+// the output also goes to q8_1 (the input of the output projection: rows of n_head x D values,
+// so each warp's 32 values are one q8_1 block).
+extern "C" __global__ void attn_merge(const float* part, int n_split, int D, float* out, i8* yq,
+                                      float2* yds) {
     const size_t row = blockIdx.x;
     const float* pp = part + row * n_split * (D + 2);
     float M = NEG_INF;
@@ -92,7 +95,10 @@ extern "C" __global__ void attn_merge(const float* part, int n_split, int D, flo
             o += w * pp[z * (D + 2) + threadIdx.x];
         }
     }
-    out[row * D + threadIdx.x] = L > 0.0f ? o / L : 0.0f;
+    const float v = L > 0.0f ? o / L : 0.0f;
+    const size_t i = row * D + threadIdx.x;
+    out[i] = v;
+    if (yq) q8_1_lane(v, yq + (i & ~(size_t)31), yds + (i >> 5), threadIdx.x % WARP);
 }
 
 // ---- tensor-core helpers ----------------------------------------------------------------------

@@ -419,7 +419,8 @@ impl CudaBackend {
         out: ActId,
         batch: &Batch,
         fused_rope: Option<(ActId, ActId)>,
-    ) -> Result<(), BackendError> {
+        q8_out: bool,
+    ) -> Result<bool, BackendError> {
         let model = Arc::clone(&self.model);
         let cfg = &model.config;
         let n = batch.len();
@@ -523,7 +524,14 @@ impl CudaBackend {
         let mut lc = lcfg((self.n_tiles as u32, hk as u32, n_split as u32), 128);
         lc.shared_mem_bytes = kernels::fa_smem_bytes(cfg.head_dim) as u32;
         self.gpu.launch(f, lc, &args)?;
+        // The merge can leave the output in q8_1 for the output projection as well.
+        let quantized = q8_out && n_split > 1;
         if n_split > 1 {
+            let (yq, yds) = if quantized {
+                self.mats.q8_ptrs()
+            } else {
+                (0, 0)
+            };
             self.gpu.launch(
                 &self.k.attn_merge,
                 lcfg(((n * cfg.n_head) as u32, 1, 1), cfg.head_dim as u32),
@@ -532,11 +540,13 @@ impl CudaBackend {
                     A::I(n_split as i32),
                     A::I(cfg.head_dim as i32),
                     A::P(self.act(out)),
+                    A::P(yq),
+                    A::P(yds),
                 ],
             )?;
         }
         if store_now {
-            return Ok(());
+            return Ok(quantized);
         }
         let chunks = n * hk * (cfg.head_dim / 8);
         self.gpu.launch(
@@ -558,7 +568,8 @@ impl CudaBackend {
                 A::P(kc),
                 A::P(vc),
             ],
-        )
+        )?;
+        Ok(quantized)
     }
 
     fn run_op(&mut self, op: &Op, batch: &Batch) -> Result<(), BackendError> {
@@ -626,7 +637,7 @@ impl CudaBackend {
                 v,
                 out,
             } => {
-                self.attention(layer, q, k, v, out, batch, None)?;
+                self.attention(layer, q, k, v, out, batch, None, false)?;
                 self.act_version[out] += 1;
             }
             Op::SwiGlu { gate, up } => {
@@ -807,10 +818,16 @@ impl CudaBackend {
                     ) = (ops.get(i + 1), ops.get(i + 2))
                     {
                         if q2 == q && k2 == k {
-                            self.attention(layer, q, k, v, out, batch, Some((q, k)))?;
+                            let q8 = self.reads_q8(ops.get(i + 3), out, n);
+                            let quantized =
+                                self.attention(layer, q, k, v, out, batch, Some((q, k)), q8)?;
                             self.act_version[q] += 1;
                             self.act_version[k] += 1;
                             self.act_version[out] += 1;
+                            if quantized {
+                                self.mats
+                                    .mark_quantized(self.act(out), self.act_version[out]);
+                            }
                             i += 3;
                             continue;
                         }
