@@ -148,6 +148,17 @@ impl CudaBackend {
                 reason: "the attention kernels exist for head dimensions 64 and 128".into(),
             });
         }
+        let group = cfg.n_head / cfg.n_head_kv.max(1);
+        if group > ATT_RMAX {
+            return Err(BackendError::Unsupported {
+                backend: "cuda",
+                tensor: "attention".into(),
+                ty: format!("{} query heads per KV head", group),
+                reason: format!(
+                    "the decode attention kernel holds at most {ATT_RMAX} query rows per block"
+                ),
+            });
+        }
         let k = Kernels::load(&gpu.ctx, kernels::arch_for(gpu.cc))?;
         let blas = CudaBlas::new(Arc::clone(&gpu.stream))
             .map_err(|e| BackendError::Device(format!("cuBLAS: {e:?}")))?;
