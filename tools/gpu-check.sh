@@ -1,25 +1,36 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks, built where cargo is and run where the GPU is.
 #
-#   bash tools/gpu-check.sh build        # here: stripped release binaries into .devbin/
-#   bash tools/gpu-check.sh run [MODEL]  # on the GPU machine, from the repo root
+#   bash tools/gpu-check.sh build          # here: stripped release binaries into .devbin/
+#   bash tools/gpu-check.sh run [MODEL]    # on the GPU machine, from the repo root: all below
+#   bash tools/gpu-check.sh tests|model [MODEL]|bench|parallel|bandwidth|profile
 #
-# `run` executes, with MOA_REQUIRE_GPU=1 (a missing GPU fails instead of skipping):
-#   1. tests/cuda_backend.rs: every kernel against its CPU reference on fresh random data,
-#      whole synthetic models (dense and random span plans, chunked prefill, decode across ring
-#      wrap-around) against the CPU backend, and the default model GPU vs CPU when MODEL (or
-#      models/SmolLM2-135M-Instruct.Q4_1.gguf) is there;
-#   2. moa-perplexity on the license corpus, GPU and CPU;
-#   3. a synthetic Llama-3-8B-shaped file (Q4_K, Q6_K output, vocab 49152: the shape of the
-#      llama.cpp figures in ../shared/docs/anchors.md) and moa-bench on it, dense and uniform 0.5;
-#   4. moa-bench --parallel 1,4,16 with 16k prompts, dense and uniform 0.5;
-#   5. the decode matvec bandwidth report.
+# With MOA_REQUIRE_GPU=1 (a missing GPU fails instead of skipping):
+#   tests:     tests/cuda_backend.rs: every kernel against its CPU reference on fresh random data,
+#              whole synthetic models (dense and random span plans, chunked prefill, decode across
+#              ring wrap-around, long sequences at head dims 64/128) against the CPU backend;
+#   model:     the default model (MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf) GPU vs CPU
+#              (teacher-forced greedy), moa-perplexity on the license corpus on both, and the
+#              PyTorch autograd comparison of moa-profile's gradients (tests/py/autograd_check.py;
+#              gguf-py from .whl/ when it is not installed);
+#   bench:     a synthetic Llama-3-8B-shaped file (Q4_K, Q6_K output, vocab 49152: the shape of
+#              the llama.cpp figures in ../shared/docs/anchors.md) and moa-bench on it, dense and
+#              uniform 0.5, at the depths of the issue bars;
+#   parallel:  moa-bench --parallel 1,4,16 with 16k prompts, dense and uniform 0.5;
+#   bandwidth: the decode matvec bandwidth report;
+#   profile:   per-kernel times (Nsight Compute) of decode steps, and registers per kernel.
 # The lent GPU machine takes at most 64 MiB per call: carry .devbin/ in one call and the default
-# model (98 MB) split in two parts (`split -b 50000000`) over two consecutive calls, joined there
-# into models/ before `run`.
+# model (98 MB) split in two parts (`split -b 50000000` into .devm1/ and .devm2/) over two
+# consecutive calls; `model` joins them into models/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.devbin
+synth=${TMPDIR:-/tmp}/moa-8b-q4k.gguf
+make_synth() {
+    [ -f "$synth" ] || "$out/moa-bench" synth --shape llama3-8b --type q4_k --n-vocab 49152 --ctx 131072 -o "$synth"
+}
+model=${2:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+export MOA_REQUIRE_GPU=1
 case "${1:-}" in
 build)
     mkdir -p "$out"
@@ -31,33 +42,52 @@ build)
     du -sh "$out"
     ;;
 run)
-    model=${2:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
-    export MOA_REQUIRE_GPU=1
-    echo "== kernel and model tests"
-    "$out/cuda_backend" --test-threads 1 --nocapture 2>&1 | grep -E "test |worst|GPU vs CPU|panicked|result"
-    if [ -f "$model" ]; then
-        echo "== perplexity (GPU, then CPU)"
-        for dev in cuda cpu; do
-            "$out/moa-perplexity" -m "$model" -f "$out/corpus.txt" -c 512 -b 512 --device $dev 2>&1 | grep Final
-        done
+    for step in tests model bench parallel bandwidth; do bash "$0" "$step" "$model"; done
+    ;;
+tests)
+    echo "== kernel and synthetic-model tests"
+    "$out/cuda_backend" --test-threads 1 --nocapture --skip default_model 2>&1 | grep -E "^test |worst|panicked|result"
+    ;;
+model)
+    if [ ! -f "$model" ] && [ -f .devm1/smol.aa ] && [ -f .devm2/smol.ab ]; then
+        mkdir -p "$(dirname "$model")"
+        cat .devm1/smol.aa .devm2/smol.ab >"$model"
     fi
+    sha256sum "$model"
+    echo "== default model GPU vs CPU"
+    "$out/cuda_backend" --test-threads 1 --nocapture default_model 2>&1 | grep -v -E "^\s*$|^running" | tail -12
+    echo "== perplexity (GPU, then CPU)"
+    for dev in cuda cpu; do
+        "$out/moa-perplexity" -m "$model" -f "$out/corpus.txt" -c 512 -b 512 --device $dev 2>&1 | grep Final
+    done
+    echo "== PyTorch autograd vs moa-profile gradients"
+    if ! python3 -c "import gguf" 2>/dev/null && ls .whl/gguf-*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+        export PYTHONPATH=/tmp/site
+    fi
+    "$out/moa-profile" grads -m "$model" --data profiles/smollm2-135m-calib.jsonl --max-tokens 1024 -o /tmp/grads.bin
+    python3 tests/py/autograd_check.py --model "$model" --grads /tmp/grads.bin --device cuda
+    ;;
+bench)
     echo "== synthetic Llama-3-8B shape"
-    synth=${TMPDIR:-/tmp}/moa-8b-q4k.gguf
-    [ -f "$synth" ] || "$out/moa-bench" synth --shape llama3-8b --type q4_k --n-vocab 49152 --ctx 131072 -o "$synth"
+    make_synth
     b=("$out/moa-bench" -m "$synth" --device cuda -r 3)
-    "${b[@]}" --dense -p 512 -n 128 -d 0,4096,16384
-    "${b[@]}" --dense -p 512 -n 128 -d 32768
+    "${b[@]}" --dense -p 512 -n 128 -d 0,4096,16384,32768
     "${b[@]}" --dense -p 0 -n 128 -d 65536
     for d in 32768 65536; do "${b[@]}" --uniform 0.5 -p 512 -n 128 -d $d; done
+    ;;
+parallel)
+    make_synth
     for mode in --dense "--uniform 0.5"; do "$out/moa-bench" -m "$synth" --device cuda $mode -p 16384 -n 128 --parallel 1,4,16; done
+    ;;
+bandwidth)
     echo "== decode matvec bandwidth"
     "$out/cuda_backend" --ignored --nocapture matvec_bandwidth 2>&1 | grep -E "copy|n=1 |n=16"
     ;;
 profile)
     # Per-kernel GPU times of decode steps (Nsight Compute, clocks left alone), on the synthetic
     # 8B file: depth 0 dense, then the decode attention kernels at depth 32768 dense and 0.5.
-    synth=${TMPDIR:-/tmp}/moa-8b-q4k.gguf
-    [ -f "$synth" ] || "$out/moa-bench" synth --shape llama3-8b --type q4_k --n-vocab 49152 --ctx 131072 -o "$synth"
+    make_synth
     cat cuda/common.cuh cuda/quant.cu cuda/ops.cu cuda/attention.cu >/tmp/moa-all.cu
     nvcc -arch=sm_90 -std=c++17 -cubin -Xptxas -v -o /tmp/moa-all.cubin /tmp/moa-all.cu 2>&1 |
         grep -E -A1 "Compiling entry.*(attn_|mmvq_q4_k|mmvq_q6_k|rms|swiglu_q8|rope_kv)" | grep -E "entry|registers" || true
@@ -71,7 +101,7 @@ profile)
     done
     ;;
 *)
-    echo "usage: $0 build | run [MODEL] | profile" >&2
+    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | bench | parallel | bandwidth | profile" >&2
     exit 2
     ;;
 esac
