@@ -19,9 +19,10 @@
 #   parallel:  moa-bench --parallel 1,4,16 with 16k prompts, dense and uniform 0.5;
 #   bandwidth: the decode matvec bandwidth report;
 #   profile:   per-kernel times (Nsight Compute) of decode steps, and registers per kernel.
-# The lent GPU machine takes at most 64 MiB per call: carry .devbin/ in one call and the default
-# model (98 MB) split in two parts (`split -b 50000000` into .devm1/ and .devm2/) over two
-# consecutive calls; `model` joins them into models/.
+# The lent GPU machine takes at most 64 MiB per call: .devbin/ compressed (`tar cJf
+# .devx/devbin.txz .devbin`: about 3 MB) and the default model (98 MB) split in two parts
+# (`split -b 50000000`: the first into .devx/, the second into .devm2/) travel in two
+# consecutive calls (carry .devx, then .devm2); `model` joins them into models/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.devbin
@@ -49,9 +50,10 @@ tests)
     "$out/cuda_backend" --test-threads 1 --nocapture --skip default_model 2>&1 | grep -E "^test |worst|panicked|result"
     ;;
 model)
-    if [ ! -f "$model" ] && [ -f .devm1/smol.aa ] && [ -f .devm2/smol.ab ]; then
+    part1=$(ls .devm1/smol.aa .devx/smol.aa 2>/dev/null | head -1)
+    if [ ! -f "$model" ] && [ -n "$part1" ] && [ -f .devm2/smol.ab ]; then
         mkdir -p "$(dirname "$model")"
-        cat .devm1/smol.aa .devm2/smol.ab >"$model"
+        cat "$part1" .devm2/smol.ab >"$model"
     fi
     sha256sum "$model"
     echo "== default model GPU vs CPU"
