@@ -18,7 +18,9 @@
 
 #define FA_THREADS 128
 #define FA_KEYS 64
+#ifndef FA_STAGES  // set by the host per architecture (kernels.rs: fa_stages)
 #define FA_STAGES 3
+#endif
 #define FA_MIN_PER 128
 
 // The keys one block may need, shared by both kernels: for query tokens t0..t0+nt-1 of one run

@@ -46,7 +46,8 @@ fn kernels_compile_through_nvrtc() {
         eprintln!("skipping: NVRTC is not installed (libnvrtc.so.13 not found)");
         return;
     }
-    for arch in ["sm_90", "sm_80"] {
+    // sm_86 builds the two-stage attention pipeline (consumer parts), the others three.
+    for arch in ["sm_90", "sm_80", "sm_86"] {
         let ptx = cuda::kernels::compile(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         for name in [
             "quantize_q8_1",

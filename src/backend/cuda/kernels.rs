@@ -73,7 +73,10 @@ pub fn compile(arch: &'static str) -> Result<String, BackendError> {
     }
     let opts = CompileOptions {
         arch: Some(arch),
-        options: vec!["-std=c++17".into()],
+        options: vec![
+            "-std=c++17".into(),
+            format!("-DFA_STAGES={}", fa_stages(arch)),
+        ],
         name: Some("moa_kernels.cu".into()),
         ..Default::default()
     };
@@ -88,6 +91,7 @@ fn cache_path(arch: &str) -> Option<PathBuf> {
     let mut h = DefaultHasher::new();
     program_source().hash(&mut h);
     arch.hash(&mut h);
+    fa_stages(arch).hash(&mut h);
     let (mut major, mut minor) = (0, 0);
     // SAFETY: plain version query of a loaded library.
     unsafe {
@@ -119,12 +123,22 @@ pub fn ptx_cached(arch: &'static str) -> Result<String, BackendError> {
     Ok(ptx)
 }
 
+/// Key-tile stages of the attention kernels' cp.async pipeline (`FA_STAGES` in attention.cu,
+/// passed to NVRTC): three where a block may take the 102 KiB this needs at head dimension 128
+/// (the data-centre parts: sm_80, sm_90, sm_100), two elsewhere (about 99 KiB at most per block
+/// on the consumer parts).
+pub fn fa_stages(arch: &str) -> usize {
+    match arch {
+        "sm_80" | "sm_90" | "sm_100" => 3,
+        _ => 2,
+    }
+}
+
 /// Dynamic shared memory of one attention block with head dimension `d` (`FaSmem` in
-/// attention.cu: FA_STAGES x (K + V tile) of FA_KEYS rows of d + 8 halves).
-pub fn fa_smem_bytes(d: usize) -> usize {
-    const FA_STAGES: usize = 3;
+/// attention.cu: stages x (K + V tile) of FA_KEYS rows of d + 8 halves).
+pub fn fa_smem_bytes(d: usize, stages: usize) -> usize {
     const FA_KEYS: usize = 64;
-    FA_STAGES * 2 * FA_KEYS * (d + 8) * 2
+    stages * 2 * FA_KEYS * (d + 8) * 2
 }
 
 /// Every kernel function of the program.
@@ -142,6 +156,8 @@ pub struct Kernels {
     pub attn_pre_d64: CudaFunction,
     pub attn_pre_d128: CudaFunction,
     pub attn_merge: CudaFunction,
+    /// Dynamic shared memory of the attention kernels by head dimension (64, 128).
+    pub fa_smem: [usize; 2],
     pub add_rms_norm_q8: CudaFunction,
     pub swiglu_q8: CudaFunction,
     pub rope_kv: CudaFunction,
@@ -160,11 +176,12 @@ impl Kernels {
                 .map_err(|e| super::device::driver_err(&format!("kernel {name}"), e))
         };
         // The attention kernels take more than the default 48 KiB of dynamic shared memory.
+        let stages = fa_stages(arch);
         let fa = |name: &str, d: usize| {
             let func = f(name)?;
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                fa_smem_bytes(d) as i32,
+                fa_smem_bytes(d, stages) as i32,
             )
             .map_err(|e| super::device::driver_err(&format!("shared memory size of {name}"), e))?;
             Ok::<_, BackendError>(func)
@@ -183,6 +200,7 @@ impl Kernels {
             attn_pre_d64: fa("attn_pre_d64", 64)?,
             attn_pre_d128: fa("attn_pre_d128", 128)?,
             attn_merge: f("attn_merge")?,
+            fa_smem: [fa_smem_bytes(64, stages), fa_smem_bytes(128, stages)],
             add_rms_norm_q8: f("add_rms_norm_q8")?,
             swiglu_q8: f("swiglu_q8")?,
             rope_kv: f("rope_kv")?,

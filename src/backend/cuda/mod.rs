@@ -159,6 +159,13 @@ impl CudaBackend {
                 ),
             });
         }
+        if gpu.cc < (8, 0) {
+            return Err(BackendError::Device(format!(
+                "{} has compute capability {}.{}; the CUDA kernels (tensor-core attention, \
+                 asynchronous copies) need 8.0 or newer",
+                gpu.name, gpu.cc.0, gpu.cc.1
+            )));
+        }
         let k = Kernels::load(&gpu.ctx, kernels::arch_for(gpu.cc))?;
         let blas = CudaBlas::new(Arc::clone(&gpu.stream))
             .map_err(|e| BackendError::Device(format!("cuBLAS: {e:?}")))?;
@@ -533,7 +540,7 @@ impl CudaBackend {
             A::P(self.part.ptr),
         ]);
         let mut lc = lcfg((self.n_tiles as u32, hk as u32, n_split as u32), 128);
-        lc.shared_mem_bytes = kernels::fa_smem_bytes(cfg.head_dim) as u32;
+        lc.shared_mem_bytes = self.k.fa_smem[(cfg.head_dim == 128) as usize] as u32;
         self.gpu.launch(f, lc, &args)?;
         // The merge can leave the output in q8_1 for the output projection as well.
         let quantized = q8_out && n_split > 1;
