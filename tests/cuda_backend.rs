@@ -172,6 +172,61 @@ fn matmul_kernels_match_dequantized_reference() {
     }
 }
 
+/// A random span plan for `c` (rules alpha in [alpha0, alpha0 + alpha_range), beta in steps of
+/// `beta_step`) with the given constants, sized for `n` tokens.
+#[allow(clippy::too_many_arguments)]
+fn random_plan_layout(
+    rng: &mut Rng,
+    c: &moa::model::ModelConfig,
+    n: usize,
+    alpha0: f32,
+    alpha_range: u64,
+    beta_steps: u64,
+    beta_step: f32,
+    (sink, min_span, align): (u32, u32, u32),
+) -> KvLayout {
+    let rules = (0..c.n_layer * c.n_head_kv)
+        .map(|_| Rule {
+            alpha: (rng.next() % alpha_range) as f32 + alpha0,
+            beta: (rng.next() % beta_steps) as f32 * beta_step,
+        })
+        .collect();
+    let mut p = Plan::new(c.n_layer, c.n_head_kv, rules, "test");
+    p.sink = sink;
+    p.min_span = min_span;
+    p.align = align;
+    p.layout(c, 1, n)
+}
+
+/// Worst relative logit difference (per row, against the row's largest CPU logit) between the
+/// CPU and CUDA backends over `toks`: `prompt` tokens in chunks of `chunk`, then one at a time.
+fn gpu_vs_cpu_worst(
+    model: &Arc<Model>,
+    layout: &KvLayout,
+    max_batch: usize,
+    toks: &[u32],
+    prompt: usize,
+    chunk: usize,
+) -> f32 {
+    let opts = BackendOptions {
+        max_batch,
+        threads: 2,
+        layout: layout.clone(),
+    };
+    let mut cpu = CpuBackend::new(Arc::clone(model), opts.clone()).unwrap();
+    let mut gpu = CudaBackend::new(Arc::clone(model), opts).unwrap();
+    let a = common::logits_all(&mut cpu, toks, prompt, chunk);
+    let b = common::logits_all(&mut gpu, toks, prompt, chunk);
+    let mut worst = 0f32;
+    for (ra, rb) in a.iter().zip(&b) {
+        let scale = ra.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+        for (x, y) in ra.iter().zip(rb) {
+            worst = worst.max((x - y).abs() / scale);
+        }
+    }
+    worst
+}
+
 fn gpu_spec(ty: GgmlType, seed: u64) -> SynthSpec {
     let mut s = SynthSpec::tiny(ty, seed);
     s.n_embd = 256;
@@ -208,37 +263,12 @@ fn cuda_backend_matches_cpu_backend() {
             let layout = if case == 0 {
                 KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n)
             } else {
-                let rules = (0..c.n_layer * c.n_head_kv)
-                    .map(|_| Rule {
-                        alpha: (rng.next() % 40) as f32 - 10.0,
-                        beta: (rng.next() % 5) as f32 * 0.2,
-                    })
-                    .collect();
-                let mut p = Plan::new(c.n_layer, c.n_head_kv, rules, "test");
-                p.sink = 4;
-                p.min_span = 8;
-                p.align = 4;
-                p.layout(&c, 1, n)
+                random_plan_layout(&mut rng, &c, n, -10.0, 40, 5, 0.2, (4, 8, 4))
             };
             let toks: Vec<u32> = (0..n)
                 .map(|_| (rng.next() % c.n_vocab as u64) as u32)
                 .collect();
-            let opts = BackendOptions {
-                max_batch: 32,
-                threads: 2,
-                layout: layout.clone(),
-            };
-            let mut cpu = CpuBackend::new(Arc::clone(&model), opts.clone()).unwrap();
-            let mut gpu = CudaBackend::new(Arc::clone(&model), opts).unwrap();
-            let a = common::logits_all(&mut cpu, &toks, prompt, chunk);
-            let b = common::logits_all(&mut gpu, &toks, prompt, chunk);
-            let mut worst = 0f32;
-            for (ra, rb) in a.iter().zip(&b) {
-                let scale = ra.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
-                for (x, y) in ra.iter().zip(rb) {
-                    worst = worst.max((x - y).abs() / scale);
-                }
-            }
+            let worst = gpu_vs_cpu_worst(&model, &layout, 32, &toks, prompt, chunk);
             // Activations differ in format between the backends (q8_K/q8_0 on the CPU, q8_1 or
             // f16 on the GPU); a span or ring error moves logits by far more.
             let tol = if ty == GgmlType::F32 { 2e-3 } else { 3e-2 };
@@ -292,37 +322,12 @@ fn cuda_attention_long_sequences_match_cpu() {
             let layout = if case == 0 {
                 KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n)
             } else {
-                let rules = (0..c.n_layer * c.n_head_kv)
-                    .map(|_| Rule {
-                        alpha: (rng.next() % 400) as f32,
-                        beta: (rng.next() % 3) as f32 * 0.1,
-                    })
-                    .collect();
-                let mut p = Plan::new(c.n_layer, c.n_head_kv, rules, "test");
-                p.sink = 64;
-                p.min_span = 128;
-                p.align = 64;
-                p.layout(&c, 1, n)
+                random_plan_layout(&mut rng, &c, n, 0.0, 400, 3, 0.1, (64, 128, 64))
             };
             let toks: Vec<u32> = (0..n)
                 .map(|_| (rng.next() % c.n_vocab as u64) as u32)
                 .collect();
-            let opts = BackendOptions {
-                max_batch: 256,
-                threads: 2,
-                layout: layout.clone(),
-            };
-            let mut cpu = CpuBackend::new(Arc::clone(&model), opts.clone()).unwrap();
-            let mut gpu = CudaBackend::new(Arc::clone(&model), opts).unwrap();
-            let a = common::logits_all(&mut cpu, &toks, prompt, chunk);
-            let b = common::logits_all(&mut gpu, &toks, prompt, chunk);
-            let mut worst = 0f32;
-            for (ra, rb) in a.iter().zip(&b) {
-                let scale = ra.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
-                for (x, y) in ra.iter().zip(rb) {
-                    worst = worst.max((x - y).abs() / scale);
-                }
-            }
+            let worst = gpu_vs_cpu_worst(&model, &layout, 256, &toks, prompt, chunk);
             let caps: Vec<usize> = (0..c.n_head_kv).map(|h| layout.capacity(0, h)).collect();
             assert!(
                 worst < 2e-3,
