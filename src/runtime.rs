@@ -1,6 +1,6 @@
 //! What every tool does before its real work: find the model file (the `-m` default is the
 //! default model in the local model folder), load it with its tokenizer, and start a backend
-//! with a KV cache for the requested context.
+//! with a KV cache for the requested context, span plan and cache element types (`-ctk`/`-ctv`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
-use crate::backend::{Backend, BackendError, BackendOptions};
-use crate::kv::KvLayout;
+use crate::backend::{Backend, BackendError, BackendOptions, KV_CACHE};
+use crate::kv::{KvError, KvLayout, KvType, KvTypes};
 use crate::moa::{Plan, PlanError, PlanFileError};
 use crate::model::{Model, ModelError};
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -35,6 +35,54 @@ pub enum RuntimeError {
     PlanFile(#[from] PlanFileError),
     #[error("--uniform {0}: the density must be in (0, 1]")]
     BadDensity(f32),
+    #[error("KV cache: {0}")]
+    Kv(#[from] KvError),
+}
+
+/// The KV cache element types (llama.cpp's `-ctk` / `-ctv`; see [`llama_flags`]), shared by the
+/// tools. K and V may differ.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct CacheTypeArgs {
+    /// K cache type (-ctk): f16 or q8_0 (34 bytes per 32 values; CPU backend only for now).
+    #[arg(long = "cache-type-k", value_name = "TYPE", default_value = "f16")]
+    pub cache_type_k: KvType,
+    /// V cache type (-ctv): f16 or q8_0.
+    #[arg(long = "cache-type-v", value_name = "TYPE", default_value = "f16")]
+    pub cache_type_v: KvType,
+}
+
+impl CacheTypeArgs {
+    pub fn types(&self) -> KvTypes {
+        KvTypes {
+            k: self.cache_type_k,
+            v: self.cache_type_v,
+        }
+    }
+}
+
+/// Rewrites llama.cpp's multi-letter short flags, which clap would split into single letters
+/// (`-ctk` as `-c tk`), to their long names: `-ctk` / `-ctv` (also `-ctk=TYPE`) become
+/// `--cache-type-k` / `--cache-type-v`, `-cnv` becomes `--conversation`.
+pub fn llama_flags(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    const MAP: [(&str, &str); 3] = [
+        ("-ctk", "--cache-type-k"),
+        ("-ctv", "--cache-type-v"),
+        ("-cnv", "--conversation"),
+    ];
+    args.into_iter()
+        .map(|a| {
+            let Some(s) = a.to_str() else { return a };
+            for (short, long) in MAP {
+                if s == short {
+                    return long.into();
+                }
+                if let Some(v) = s.strip_prefix(short).and_then(|r| r.strip_prefix('=')) {
+                    return format!("{long}={v}").into();
+                }
+            }
+            a
+        })
+        .collect()
 }
 
 /// Which attention spans a run uses (flags shared by the tools).
@@ -185,25 +233,26 @@ pub fn layout_for(model: &Model, plan: Option<&Plan>, n_seq: usize, n: usize) ->
     }
 }
 
-/// Backend options for `n_seq` sequences of planned length `n` under `plan` (batches of at most
-/// `n_batch` tokens, never more than `n`).
+/// Backend options for `n_seq` sequences of planned length `n` under `plan` with K/V stored as
+/// `types` (batches of at most `n_batch` tokens, never more than `n`).
 fn backend_options(
     model: &Model,
     plan: Option<&Plan>,
+    types: KvTypes,
     n: usize,
     n_seq: usize,
     n_batch: usize,
     threads: usize,
-) -> BackendOptions {
-    BackendOptions {
+) -> Result<BackendOptions, RuntimeError> {
+    Ok(BackendOptions {
         max_batch: n_batch.min(n).max(1),
         threads,
-        layout: layout_for(model, plan, n_seq, n),
-    }
+        layout: layout_for(model, plan, n_seq, n).with_types(types)?,
+    })
 }
 
-/// A CPU backend whose cache follows `plan` (dense when `None`) for sequences of planned length
-/// `n`, which is also the context (positions stay below `n`).
+/// A CPU backend whose f16 cache follows `plan` (dense when `None`) for sequences of planned
+/// length `n`, which is also the context (positions stay below `n`).
 pub fn cpu_backend_with_plan(
     model: &Arc<Model>,
     plan: Option<&Plan>,
@@ -212,9 +261,22 @@ pub fn cpu_backend_with_plan(
     n_batch: usize,
     threads: usize,
 ) -> Result<CpuBackend, RuntimeError> {
+    cpu_backend_with_types(model, plan, KvTypes::default(), n, n_seq, n_batch, threads)
+}
+
+/// [`cpu_backend_with_plan`] with K/V stored as `types`.
+pub fn cpu_backend_with_types(
+    model: &Arc<Model>,
+    plan: Option<&Plan>,
+    types: KvTypes,
+    n: usize,
+    n_seq: usize,
+    n_batch: usize,
+    threads: usize,
+) -> Result<CpuBackend, RuntimeError> {
     Ok(CpuBackend::new(
         Arc::clone(model),
-        backend_options(model, plan, n, n_seq, n_batch, threads),
+        backend_options(model, plan, types, n, n_seq, n_batch, threads)?,
     )?)
 }
 
@@ -229,8 +291,10 @@ pub enum Device {
 }
 
 /// A backend on `device` whose cache follows `plan` (dense when `None`) for sequences of
-/// planned length `n`. `auto` falls back to the CPU only when no GPU is usable (missing driver,
-/// libraries or device), never after a GPU error such as out-of-memory.
+/// planned length `n`, K/V stored as `types`. `auto` falls back to the CPU (with a notice) only
+/// when no GPU is usable (missing driver, libraries or device) or the GPU backend cannot hold
+/// the cache types (q8_0 for now), never after a GPU error such as out-of-memory.
+#[allow(clippy::too_many_arguments)]
 pub fn backend_with_plan(
     model: &Arc<Model>,
     plan: Option<&Plan>,
@@ -239,6 +303,7 @@ pub fn backend_with_plan(
     n_batch: usize,
     threads: usize,
     device: Device,
+    types: KvTypes,
 ) -> Result<Box<dyn Backend>, RuntimeError> {
     let use_gpu = match device {
         Device::Cpu => false,
@@ -251,15 +316,37 @@ pub fn backend_with_plan(
             }
         },
     };
+    let cpu = || -> Result<Box<dyn Backend>, RuntimeError> {
+        Ok(Box::new(cpu_backend_with_types(
+            model, plan, types, n, n_seq, n_batch, threads,
+        )?))
+    };
     if !use_gpu {
-        return Ok(Box::new(cpu_backend_with_plan(
-            model, plan, n, n_seq, n_batch, threads,
-        )?));
+        return cpu();
     }
-    Ok(Box::new(CudaBackend::new(
-        Arc::clone(model),
-        backend_options(model, plan, n, n_seq, n_batch, threads),
-    )?))
+    let opts = backend_options(model, plan, types, n, n_seq, n_batch, threads)?;
+    match CudaBackend::new(Arc::clone(model), opts) {
+        Ok(be) => Ok(Box::new(be)),
+        Err(BackendError::Unsupported { tensor, reason, .. })
+            if device == Device::Auto && tensor == KV_CACHE =>
+        {
+            eprintln!("note: the GPU backend cannot hold a {types} KV cache ({reason}); running on the CPU");
+            cpu()
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The start-up line's KV cache figure: bytes allocated, the dense figure in the same types, and
+/// the types, e.g. `KV cache 12.00 MiB (dense: 24.00 MiB), q8_0`.
+pub fn describe_kv(be: &dyn Backend) -> String {
+    let l = be.kv_layout();
+    format!(
+        "KV cache {} (dense: {}), {}",
+        mib(be.kv_bytes()),
+        mib(l.dense_bytes()),
+        l.types()
+    )
 }
 
 /// Formats a byte count as MiB with two decimals.

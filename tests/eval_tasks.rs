@@ -264,6 +264,7 @@ fn smollm_passkey_dense_finds_uniform_short_window_misses() {
         n_ctx: 2048,
         n_batch: 512,
         threads: moa::runtime::default_threads(),
+        kv_types: Default::default(),
     };
     let f = Filler::repeat(&runner.tokenizer).unwrap();
     let s = passkey::Settings {

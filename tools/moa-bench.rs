@@ -63,6 +63,8 @@ struct Args {
     /// Where to run: auto (the GPU when usable), cpu or cuda.
     #[arg(long, value_enum, default_value = "auto")]
     device: runtime::Device,
+    #[command(flatten)]
+    cache: runtime::CacheTypeArgs,
     /// Parallel mode (llama-batched-bench): for each count S, S sequences each get their own
     /// prompt of the first -p tokens, then generate the first -n tokens in lockstep (one batch of
     /// S tokens per step); reports prompt and aggregate generation t/s and the KV bytes.
@@ -90,7 +92,7 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 fn main() -> Result<()> {
-    let a = Args::parse();
+    let a = Args::parse_from(runtime::llama_flags(std::env::args_os()));
     if let Some(Cmd::Synth(s)) = &a.cmd {
         moa::model::synth::run_synth(s)?;
         return Ok(());
@@ -120,6 +122,7 @@ fn main() -> Result<()> {
         a.batch,
         threads,
         a.device,
+        a.cache.types(),
     )?;
     let attention = runtime::describe_plan(plan.as_ref(), n_ctx);
     let size: u64 = loaded.model.file.tensors.iter().map(|t| t.n_bytes).sum();
@@ -210,14 +213,14 @@ fn main() -> Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "model": path, "model_name": name, "size_bytes": size, "params": params,
                 "backend": be.describe(), "threads": threads, "n_batch": a.batch, "results": rows,
-                "attention": attention, "depth_fills": fills, "kv_bytes": be.kv_bytes(), "kv_bytes_dense": be.kv_layout().dense_bytes(2),
+                "attention": attention, "depth_fills": fills, "kv_bytes": be.kv_bytes(), "kv_bytes_dense": be.kv_layout().dense_bytes(),
+                "cache_type_k": a.cache.cache_type_k.name(), "cache_type_v": a.cache.cache_type_v.name(),
             }))?
         );
     } else {
         eprintln!(
-            "attention: {attention}; KV cache {} (dense: {})",
-            runtime::mib(be.kv_bytes()),
-            runtime::mib(be.kv_layout().dense_bytes(2))
+            "attention: {attention}; {}",
+            runtime::describe_kv(be.as_ref())
         );
         println!("| model | size | params | backend | threads | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
@@ -262,6 +265,7 @@ fn parallel(
             a.batch.max(s),
             threads,
             a.device,
+            a.cache.types(),
         )?;
         let t0 = Instant::now();
         for seq in 0..s {
@@ -287,7 +291,7 @@ fn parallel(
             "sequences": s, "prompt": p, "gen": n,
             "pp_tps": (s * p) as f64 / pp_s, "tg_tps": (s * n) as f64 / tg_s,
             "pp_seconds": pp_s, "tg_seconds": tg_s,
-            "kv_bytes": be.kv_bytes(), "kv_bytes_dense": be.kv_layout().dense_bytes(2),
+            "kv_bytes": be.kv_bytes(), "kv_bytes_dense": be.kv_layout().dense_bytes(),
             "backend": be.describe(),
         }));
     }
@@ -297,10 +301,11 @@ fn parallel(
             serde_json::to_string_pretty(&serde_json::json!({
                 "model": path, "attention": attention, "threads": threads, "n_batch": a.batch,
                 "parallel": rows,
+                "cache_type_k": a.cache.cache_type_k.name(), "cache_type_v": a.cache.cache_type_v.name(),
             }))?
         );
     } else {
-        eprintln!("attention: {attention}");
+        eprintln!("attention: {attention}; KV cache {}", a.cache.types());
         println!("| S | prompt | gen | backend | KV cache | pp t/s | tg t/s (aggregate) |");
         println!("| ---: | ---: | ---: | --- | ---: | ---: | ---: |");
         for r in &rows {

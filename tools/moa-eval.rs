@@ -59,6 +59,8 @@ struct Common {
     configs: Option<String>,
     #[command(flatten)]
     spans: runtime::PlanArgs,
+    #[command(flatten)]
+    cache: runtime::CacheTypeArgs,
     /// Print one JSON object instead of markdown.
     #[arg(long)]
     json: bool,
@@ -182,6 +184,7 @@ fn setup(c: &Common, n_ctx: usize) -> Result<Setup> {
             n_ctx,
             n_batch: c.batch,
             threads: c.threads.unwrap_or_else(runtime::default_threads),
+            kv_types: c.cache.types(),
         },
         configs,
         model_name: path
@@ -337,6 +340,8 @@ fn run_grid(
     j["model"] = s.model_name.clone().into();
     j["settings"] = info.head.clone().into();
     j["seed"] = c.seed.into();
+    j["cache_type_k"] = c.cache.cache_type_k.name().into();
+    j["cache_type_v"] = c.cache.cache_type_v.name().into();
     emit_json(c, &j)?;
     if !c.json {
         println!("{}\n", info.head);
@@ -377,7 +382,7 @@ fn chat_template(s: &Setup, required_by: &str) -> Result<ChatTemplate> {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().cmd {
+    match Cli::parse_from(runtime::llama_flags(std::env::args_os())).cmd {
         Cmd::Passkey(a) => {
             let s = setup(&a.common, a.grid.ctx)?;
             let f = filler(&s.runner, &a.filler)?;
@@ -529,13 +534,16 @@ fn main() -> Result<()> {
             let j = serde_json::json!({
                 "task": "ppl", "model": s.model_name, "file": corpus,
                 "n_tokens": tokens.len(), "results": results,
+                "cache_type_k": a.common.cache.cache_type_k.name(),
+                "cache_type_v": a.common.cache.cache_type_v.name(),
             });
             emit_json(&a.common, &j)?;
             if !a.common.json {
                 println!(
-                    "Model `{}`; corpus `{corpus}` ({} tokens); loss over the second half of each chunk.\n",
+                    "Model `{}`; corpus `{corpus}` ({} tokens); {} KV cache; loss over the second half of each chunk.\n",
                     s.model_name,
-                    tokens.len()
+                    tokens.len(),
+                    a.common.cache.types()
                 );
                 print!("{}", report::ppl_markdown(&results));
             }

@@ -39,10 +39,12 @@ struct Args {
     /// Where to run: auto (the GPU when usable), cpu or cuda.
     #[arg(long, value_enum, default_value = "auto")]
     device: runtime::Device,
+    #[command(flatten)]
+    cache: runtime::CacheTypeArgs,
 }
 
 fn main() -> Result<()> {
-    let a = Args::parse();
+    let a = Args::parse_from(runtime::llama_flags(std::env::args_os()));
     let path = runtime::resolve_model(a.model.as_deref())?;
     let loaded = runtime::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
     let text = std::fs::read_to_string(&a.file)
@@ -63,6 +65,7 @@ fn main() -> Result<()> {
         a.batch,
         threads,
         a.device,
+        a.cache.types(),
     )?;
     let attention = runtime::describe_plan(plan.as_ref(), n_ctx);
     let bos = if tok.add_bos() { tok.bos() } else { None };
@@ -75,9 +78,8 @@ fn main() -> Result<()> {
             loaded.model.config.n_head_kv
         );
         eprintln!(
-            "attention: {attention}; KV cache {} (dense: {})",
-            runtime::mib(be.kv_bytes()),
-            runtime::mib(be.kv_layout().dense_bytes(2))
+            "attention: {attention}; {}",
+            runtime::describe_kv(be.as_ref())
         );
         eprintln!(
             "tokenized {} bytes into {} tokens in {:.1} ms",
@@ -118,7 +120,8 @@ fn main() -> Result<()> {
                 "n_tokens": tokens.len(), "ppl": r.ppl, "err": r.err, "running": r.running,
                 "n_chunks": r.n_chunks, "tokens_scored": r.tokens_scored, "seconds": secs,
                 "kv_bytes": be.kv_bytes(),
-                "kv_bytes_dense": be.kv_layout().dense_bytes(2),
+                "kv_bytes_dense": be.kv_layout().dense_bytes(),
+                "cache_type_k": a.cache.cache_type_k.name(), "cache_type_v": a.cache.cache_type_v.name(),
                 "attention": attention,
             })
         );

@@ -74,6 +74,8 @@ struct Args {
     /// Where to run: auto (the GPU when usable), cpu or cuda.
     #[arg(long, value_enum, default_value = "auto")]
     device: runtime::Device,
+    #[command(flatten)]
+    cache: runtime::CacheTypeArgs,
 }
 
 fn sampler_config(a: &Args) -> SamplerConfig {
@@ -133,15 +135,9 @@ fn generate(
 }
 
 fn main() -> Result<()> {
-    // llama.cpp spells the chat flag `-cnv`, which clap would read as `-c nv`.
-    let argv = std::env::args_os().map(|a| {
-        if a == "-cnv" {
-            "--conversation".into()
-        } else {
-            a
-        }
-    });
-    let a = Args::parse_from(argv);
+    // llama.cpp spells the chat flag `-cnv` (and `-ctk`, `-ctv`), which clap would read as
+    // `-c nv`.
+    let a = Args::parse_from(runtime::llama_flags(std::env::args_os()));
     let path = runtime::resolve_model(a.model.as_deref())?;
     let loaded = runtime::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
     let tok = &loaded.tokenizer;
@@ -159,6 +155,7 @@ fn main() -> Result<()> {
             a.batch,
             threads,
             a.device,
+            a.cache.types(),
         )?;
         print_setup(&a, &path, &loaded, be.as_ref(), plan.as_ref(), n_ctx);
         return chat_loop(&a, &loaded, be.as_mut(), &mut sampler);
@@ -205,6 +202,7 @@ fn main() -> Result<()> {
         a.batch,
         threads,
         a.device,
+        a.cache.types(),
     )?;
     print_setup(&a, &path, &loaded, be.as_ref(), plan.as_ref(), n_plan);
     let mut session = Session::new(be.as_mut(), 0, a.batch);
@@ -238,7 +236,8 @@ fn main() -> Result<()> {
             serde_json::json!({
                 "model": path, "prompt": text, "prompt_ids": ids, "generated_ids": generated,
                 "text": tok.decode(&text_ids), "stopped_on_eog": eog, "timings": t,
-                "kv_bytes": session.backend().kv_bytes(), "kv_bytes_dense": session.backend().kv_layout().dense_bytes(2),
+                "kv_bytes": session.backend().kv_bytes(), "kv_bytes_dense": session.backend().kv_layout().dense_bytes(),
+                "cache_type_k": a.cache.cache_type_k.name(), "cache_type_v": a.cache.cache_type_v.name(),
                 "n_ctx": n_ctx, "n_plan": n_plan, "attention": runtime::describe_plan(plan.as_ref(), n_plan), "threads": threads,
             })
         );
@@ -273,10 +272,9 @@ fn print_setup(
     );
     eprintln!("backend: {}; context {} tokens", be.describe(), n);
     eprintln!(
-        "attention: {}; KV cache {} (dense: {})",
+        "attention: {}; {}",
         runtime::describe_plan(plan, n),
-        runtime::mib(be.kv_bytes()),
-        runtime::mib(be.kv_layout().dense_bytes(2))
+        runtime::describe_kv(be)
     );
 }
 

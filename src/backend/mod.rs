@@ -59,6 +59,10 @@ pub enum BackendError {
     Model(#[from] crate::model::ModelError),
 }
 
+/// The `tensor` an [`BackendError::Unsupported`] names when a backend cannot hold the KV cache
+/// types asked for.
+pub const KV_CACHE: &str = "KV cache";
+
 /// How a backend is set up for a run.
 #[derive(Debug, Clone)]
 pub struct BackendOptions {
@@ -66,7 +70,7 @@ pub struct BackendOptions {
     pub max_batch: usize,
     /// Worker threads (CPU backend).
     pub threads: usize,
-    /// KV cache layout (dense or per-head spans) for all sequences.
+    /// KV cache layout (dense or per-head spans) for all sequences, with its K/V element types.
     pub layout: KvLayout,
 }
 

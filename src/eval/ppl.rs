@@ -51,7 +51,7 @@ pub fn run(
     }
     let t0 = Instant::now();
     let mut be = runner.backend(cfg, n_ctx)?;
-    let (kv_bytes, kv_bytes_dense) = (be.kv_bytes(), be.kv_layout().dense_bytes(2));
+    let (kv_bytes, kv_bytes_dense) = (be.kv_bytes(), be.kv_layout().dense_bytes());
     let tok = &runner.tokenizer;
     let bos = if tok.add_bos() { tok.bos() } else { None };
     let r = perplexity(

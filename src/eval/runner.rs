@@ -15,6 +15,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::generate::Session;
 use crate::graph::BatchBuf;
+use crate::kv::KvTypes;
 use crate::moa::Plan;
 use crate::model::Model;
 use crate::perplexity::nll;
@@ -165,6 +166,8 @@ pub struct Runner {
     pub n_ctx: usize,
     pub n_batch: usize,
     pub threads: usize,
+    /// KV cache element types of every trial's backend.
+    pub kv_types: KvTypes,
 }
 
 /// A greedy answer.
@@ -216,9 +219,10 @@ fn argmax(v: &[f32]) -> u32 {
 impl Runner {
     /// A backend for one sequence of planned length `n`.
     pub fn backend(&self, cfg: &AttnConfig, n: usize) -> Result<CpuBackend, EvalError> {
-        Ok(runtime::cpu_backend_with_plan(
+        Ok(runtime::cpu_backend_with_types(
             &self.model,
             cfg.plan.as_ref(),
+            self.kv_types,
             n,
             1,
             self.n_batch,
@@ -251,7 +255,7 @@ impl Runner {
         let n_plan = self.check_fits(prompt.len(), n_predict)?;
         let t0 = Instant::now();
         let mut be = self.backend(cfg, n_plan)?;
-        let (kv_bytes, kv_bytes_dense) = (be.kv_bytes(), be.kv_layout().dense_bytes(2));
+        let (kv_bytes, kv_bytes_dense) = (be.kv_bytes(), be.kv_layout().dense_bytes());
         let mut s = Session::new(&mut be, 0, self.n_batch);
         let mut next = argmax(s.prompt(prompt)?);
         let mut ids = Vec::new();
@@ -289,7 +293,7 @@ impl Runner {
         let n = self.check_fits(ids.len(), 0)?;
         let t0 = Instant::now();
         let mut be = self.backend(cfg, n)?;
-        let (kv_bytes, kv_bytes_dense) = (be.kv_bytes(), be.kv_layout().dense_bytes(2));
+        let (kv_bytes, kv_bytes_dense) = (be.kv_bytes(), be.kv_layout().dense_bytes());
         let nv = be.n_vocab();
         let n_batch = self.n_batch.min(n).max(1);
         let mut batch = BatchBuf::with_capacity(n_batch);

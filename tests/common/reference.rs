@@ -1,9 +1,12 @@
 //! An independent, deliberately naive forward pass of the llama architecture (f64 arithmetic,
 //! weights dequantized once, every attention score computed densely and then masked), used as
-//! the reference the backends are tested against. K, V and queries are rounded to f16 as the
-//! runtime's cache format (and llama.cpp) does; nothing else is shared with the runtime.
+//! the reference the backends are tested against. K, V and queries are rounded to the cache's
+//! element type as llama.cpp does (f16; or q8_0 blocks per head row through ggml-compat's
+//! reference quantizer, the query then quantized to q8_0 too); nothing else is shared with the
+//! runtime.
 
 use half::f16;
+use moa::kv::{KvType, KvTypes};
 use moa::model::Model;
 
 pub struct RefModel {
@@ -66,9 +69,26 @@ fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
     x.iter().zip(w).map(|(v, g)| v * s * g).collect()
 }
 
-fn round16(x: &mut [f64]) {
-    for v in x {
-        *v = f16::from_f64(*v).to_f64();
+/// Rounds each head row of `x` (`head_dim` values) to what a cache of type `ty` holds.
+fn round_to(ty: KvType, x: &mut [f64], head_dim: usize) {
+    match ty {
+        KvType::F16 => {
+            for v in x {
+                *v = f16::from_f64(*v).to_f64();
+            }
+        }
+        KvType::Q8_0 => {
+            for row in x.chunks_mut(head_dim) {
+                let f: Vec<f32> = row.iter().map(|&v| v as f32).collect();
+                let mut q = vec![0u8; head_dim / 32 * 34];
+                moa::formats::q8::quantize_q8_0(&f, &mut q);
+                let mut d = vec![0f32; head_dim];
+                moa::formats::q8::dequantize_q8_0(&q, &mut d);
+                for (v, r) in row.iter_mut().zip(d) {
+                    *v = r as f64;
+                }
+            }
+        }
     }
 }
 
@@ -131,6 +151,16 @@ impl RefModel {
         tokens: &[u32],
         mask: impl Fn(usize, usize, usize, usize) -> bool,
     ) -> Vec<Vec<f32>> {
+        self.logits_kv(tokens, KvTypes::default(), mask)
+    }
+
+    /// [`RefModel::logits`] with K and V rounded to `kv` (and queries to the K type).
+    pub fn logits_kv(
+        &self,
+        tokens: &[u32],
+        kv: KvTypes,
+        mask: impl Fn(usize, usize, usize, usize) -> bool,
+    ) -> Vec<Vec<f32>> {
         let n = tokens.len();
         let hd = self.head_dim;
         let group = self.n_head / self.n_head_kv;
@@ -151,9 +181,9 @@ impl RefModel {
                 );
                 self.rope(&mut q, i);
                 self.rope(&mut k, i);
-                round16(&mut q);
-                round16(&mut k);
-                round16(&mut v);
+                round_to(kv.k, &mut q, hd);
+                round_to(kv.k, &mut k, hd);
+                round_to(kv.v, &mut v, hd);
                 qs.push(q);
                 ks.push(k);
                 vs.push(v);

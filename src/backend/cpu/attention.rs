@@ -4,9 +4,16 @@
 //! `i` attends to the keys the token-exact mask allows (`j <= i` and `j < sink` or
 //! `i - j < C_h - sink`): the head's cached slots (at most `C_h` of them, whatever the sequence
 //! length) and the run's own keys. Keys outside the mask are skipped, never computed. The run's
-//! K/V rows are rounded to f16 first (so prefill sees exactly what decode will read back from the
-//! cache) and written into the ring after all queries of the run are done, so no query loses a
-//! key that a later token of the same run overwrites.
+//! K/V rows are first stored in the cache's element type (rounded to f16, or quantized to q8_0
+//! blocks), so prefill sees exactly what decode will read back from the cache, and written into
+//! the ring after all queries of the run are done, so no query loses a key that a later token of
+//! the same run overwrites.
+//!
+//! Element types ([`KvType`], K and V independently), as llama.cpp's CPU flash attention does:
+//! with f16 keys the query is rounded to f16 and scored with f32 dot products; with q8_0 keys the
+//! query is quantized once per (token, head) to q8_0 and scored with integer block dot products.
+//! f16 values are accumulated in f32; q8_0 values are dequantized block by block into the f32
+//! accumulator.
 
 use std::sync::Mutex;
 
@@ -15,34 +22,147 @@ use rayon::prelude::*;
 
 use super::matmul::SharedMut;
 use super::simd;
-use crate::kv::{ring_slot, KvLayout};
+use super::{alloc, BackendError};
+use crate::kv::{ring_slot, KvLayout, KvType};
 
-/// One layer's cache: K and V rows of `head_dim` f16 values. Which position a slot holds
-/// follows from the ring placement ([`ring_slot`]): the sinks, then the most recent tokens.
+/// K or V rows in the cache's element type: f16 values, or q8_0 blocks as bytes. Positions are
+/// counted in values (always a multiple of the block size).
+pub enum KvRows {
+    F16(Vec<f16>),
+    Q8_0(Vec<u8>),
+}
+
+impl KvRows {
+    /// Zeroed storage for `n` values of type `ty`.
+    pub fn alloc(ty: KvType, n: usize, what: &str) -> Result<KvRows, BackendError> {
+        Ok(match ty {
+            KvType::F16 => KvRows::F16(alloc(n, f16::ZERO, what)?),
+            KvType::Q8_0 => KvRows::Q8_0(alloc(ty.bytes_for(n), 0u8, what)?),
+        })
+    }
+
+    /// Stores `src` from value `at` on: rounded to f16 (nearest even) or quantized to q8_0
+    /// (ggml's reference quantizer; `src.len()` a whole number of blocks).
+    pub fn store_f32(&mut self, at: usize, src: &[f32]) {
+        match self {
+            KvRows::F16(d) => simd::f32_to_f16(src, &mut d[at..at + src.len()]),
+            KvRows::Q8_0(d) => {
+                let t = KvType::Q8_0;
+                ggml_compat::q8::quantize_q8_0(
+                    src,
+                    &mut d[t.bytes_for(at)..t.bytes_for(at + src.len())],
+                )
+            }
+        }
+    }
+
+    /// A read-only view of all rows.
+    pub fn view(&self) -> Rows<'_> {
+        match self {
+            KvRows::F16(d) => Rows::F16(d),
+            KvRows::Q8_0(d) => Rows::Q8_0(d),
+        }
+    }
+
+    /// Copies `n` values of `src` from value `from` to value `at` (same type).
+    fn copy_from(&mut self, at: usize, src: Rows, from: usize, n: usize) {
+        match (self, src) {
+            (KvRows::F16(d), Rows::F16(s)) => d[at..at + n].copy_from_slice(&s[from..from + n]),
+            (KvRows::Q8_0(d), Rows::Q8_0(s)) => {
+                let b = |v: usize| KvType::Q8_0.bytes_for(v);
+                d[b(at)..b(at + n)].copy_from_slice(&s[b(from)..b(from + n)])
+            }
+            _ => unreachable!("the run's rows have the cache's type"),
+        }
+    }
+}
+
+/// A view of K or V rows; [`Rows::skip`] moves it by a number of values.
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    F16(&'a [f16]),
+    Q8_0(&'a [u8]),
+}
+
+impl<'a> Rows<'a> {
+    /// The rows from value `v` on (`v` a multiple of the block size).
+    fn skip(self, v: usize) -> Rows<'a> {
+        match self {
+            Rows::F16(d) => Rows::F16(&d[v..]),
+            Rows::Q8_0(d) => Rows::Q8_0(&d[KvType::Q8_0.bytes_for(v)..]),
+        }
+    }
+
+    /// Values `a..b` of the view.
+    pub fn range(self, a: usize, b: usize) -> Rows<'a> {
+        match self {
+            Rows::F16(d) => Rows::F16(&d[a..b]),
+            Rows::Q8_0(d) => {
+                let t = KvType::Q8_0;
+                Rows::Q8_0(&d[t.bytes_for(a)..t.bytes_for(b)])
+            }
+        }
+    }
+}
+
+/// One layer's cache: K and V rows of `head_dim` values. Which position a slot holds follows
+/// from the ring placement ([`ring_slot`]): the sinks, then the most recent tokens.
 pub struct LayerKv {
-    pub k: Vec<f16>,
-    pub v: Vec<f16>,
+    pub k: KvRows,
+    pub v: KvRows,
 }
 
 /// Per-thread buffers, allocated once.
 pub struct Scratch {
     scores: Vec<f32>,
+    /// The query in the K type: f16 values, or q8_0 blocks.
     q16: Vec<f16>,
+    q8: Vec<u8>,
     acc: Vec<f32>,
 }
 
 impl Scratch {
-    pub fn new(max_keys: usize, head_dim: usize) -> Scratch {
+    pub fn new(max_keys: usize, head_dim: usize, k_type: KvType) -> Scratch {
+        let (n16, n8) = match k_type {
+            KvType::F16 => (head_dim, 0),
+            KvType::Q8_0 => (0, k_type.bytes_for(head_dim)),
+        };
         Scratch {
             scores: vec![0.0; max_keys],
-            q16: vec![f16::ZERO; head_dim],
+            q16: vec![f16::ZERO; n16],
+            q8: vec![0; n8],
             acc: vec![0.0; head_dim],
         }
     }
 }
 
-/// A run of visible keys: (key rows, value rows, row stride, first row, number of rows).
-type Span<'a> = (&'a [f16], &'a [f16], usize, usize, usize);
+/// A run of visible keys: (key rows, value rows, row stride in values, first row, rows).
+type Span<'a> = (Rows<'a>, Rows<'a>, usize, usize, usize);
+
+/// Scores of the query (`q16` or `q8`, whichever matches the keys' type) against `len` key rows
+/// `stride` values apart from row `start`, into `out`.
+fn score_rows(
+    q16: &[f16],
+    q8: &[u8],
+    k: Rows,
+    stride: usize,
+    start: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    match k.skip(start * stride) {
+        Rows::F16(k) => simd::dot_rows_f16(q16, k, stride, scale, out),
+        Rows::Q8_0(k) => simd::dot_rows_q8_0(q8, k, KvType::Q8_0.bytes_for(stride), scale, out),
+    }
+}
+
+/// `acc += sum_r p[r] * v_row(start + r)` over value rows `stride` values apart.
+fn accumulate_rows(acc: &mut [f32], p: &[f32], v: Rows, stride: usize, start: usize) {
+    match v.skip(start * stride) {
+        Rows::F16(v) => simd::axpy_rows_f16(acc, p, v, stride),
+        Rows::Q8_0(v) => simd::axpy_rows_q8_0(acc, p, v, KvType::Q8_0.bytes_for(stride)),
+    }
+}
 
 /// Queries per parallel task (a tile of one KV head's group).
 const QUERY_TILE: usize = 8;
@@ -58,9 +178,9 @@ pub struct Run<'a> {
     pub n_head: usize,
     /// `n` rows of `n_head * head_dim` (after RoPE).
     pub q: &'a [f32],
-    /// `n` rows of `n_head_kv * head_dim`, already rounded to f16.
-    pub k_new: &'a [f16],
-    pub v_new: &'a [f16],
+    /// `n` rows of `n_head_kv * head_dim`, already in the cache's K and V types.
+    pub k_new: Rows<'a>,
+    pub v_new: Rows<'a>,
     /// `n` rows of `n_head * head_dim`.
     pub out: &'a mut [f32],
 }
@@ -88,6 +208,7 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
     let tiles = n.div_ceil(QUERY_TILE);
     let out_ptr = SharedMut(out.as_mut_ptr());
     let cache: &LayerKv = kv;
+    let k_type = layout.types().k;
 
     // One task per (query head, tile of queries): enough tasks to keep every thread busy even
     // for a single decoded token.
@@ -98,23 +219,32 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
         let cap = layout.capacity(layer, g);
         let off = layout.region_offset(seq, layer, g);
         let filled = layout.filled(layer, g, p0);
-        let kc = &cache.k[off * hd..(off + filled) * hd];
-        let vc = &cache.v[off * hd..(off + filled) * hd];
+        let kc = cache.k.view().range(off * hd, (off + filled) * hd);
+        let vc = cache.v.view().range(off * hd, (off + filled) * hd);
         let slot = rayon::current_thread_index().unwrap_or(0) % scratch.len();
         let mut guard = scratch[slot].lock().unwrap_or_else(|e| e.into_inner());
-        let Scratch { scores, q16, acc } = &mut *guard;
+        let Scratch {
+            scores,
+            q16,
+            q8,
+            acc,
+        } = &mut *guard;
 
         let w = cap - sink;
         for t in tile * QUERY_TILE..((tile + 1) * QUERY_TILE).min(n) {
             let i = p0 + t;
-            simd::f32_to_f16(&q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd], q16);
+            let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+            match k_type {
+                KvType::F16 => simd::f32_to_f16(qh, q16),
+                KvType::Q8_0 => ggml_compat::q8::quantize_q8_0(qh, q8),
+            }
             // The visible keys as at most five runs of rows: cached sinks, the cached ring (two
             // runs when the visible part wraps), the run's own sinks and its recent keys.
             let lo = (i + 1).saturating_sub(w); // oldest visible non-sink position
                                                 // (keys, values, row stride, first row, rows), bases already at head g.
-            let kn = &k_new[g * hd..];
-            let vn = &v_new[g * hd..];
-            let mut spans: [Span; 5] = [(&[], &[], 0, 0, 0); 5];
+            let kn = k_new.skip(g * hd);
+            let vn = v_new.skip(g * hd);
+            let mut spans: [Span; 5] = [(kc, vc, 0, 0, 0); 5];
             let mut ns = 0;
             macro_rules! push {
                 ($span:expr) => {{
@@ -142,13 +272,7 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
 
             let mut c = 0;
             for &(k, _, stride, start, len) in spans {
-                simd::dot_rows_f16(
-                    q16,
-                    &k[start * stride..],
-                    stride,
-                    scale,
-                    &mut scores[c..c + len],
-                );
+                score_rows(q16, q8, k, stride, start, scale, &mut scores[c..c + len]);
                 c += len;
             }
             let m = scores[..c]
@@ -163,7 +287,7 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
             acc.fill(0.0);
             let mut c = 0;
             for &(_, v, stride, start, len) in spans {
-                simd::axpy_rows_f16(acc, &scores[c..c + len], &v[start * stride..], stride);
+                accumulate_rows(acc, &scores[c..c + len], v, stride, start);
                 c += len;
             }
             let inv = 1.0 / sum;
@@ -183,10 +307,8 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
         for g in 0..n_kv {
             let row =
                 layout.region_offset(seq, layer, g) + ring_slot(layout.capacity(layer, g), sink, p);
-            kv.k[row * hd..(row + 1) * hd]
-                .copy_from_slice(&k_new[t * kv_dim + g * hd..t * kv_dim + (g + 1) * hd]);
-            kv.v[row * hd..(row + 1) * hd]
-                .copy_from_slice(&v_new[t * kv_dim + g * hd..t * kv_dim + (g + 1) * hd]);
+            kv.k.copy_from(row * hd, k_new, t * kv_dim + g * hd, hd);
+            kv.v.copy_from(row * hd, v_new, t * kv_dim + g * hd, hd);
         }
     }
 }

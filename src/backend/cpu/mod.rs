@@ -1,7 +1,7 @@
 //! The CPU backend: executes the graph with quantized weights read straight from the memory map,
 //! ggml-compat dot kernels (AVX2 when available) and rayon threads. Every buffer (activations,
-//! quantized activations, KV cache, logits, per-thread attention scratch) is allocated once in
-//! [`CpuBackend::new`]; a forward step allocates nothing.
+//! quantized activations, KV cache in the layout's f16 or q8_0 rows, logits, per-thread
+//! attention scratch) is allocated once in [`CpuBackend::new`]; a forward step allocates nothing.
 
 mod attention;
 mod matmul;
@@ -12,10 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use ggml_compat::dot::{dot_kernel, vec_dot_type, DotFn};
 use ggml_compat::GgmlType;
-use half::f16;
 use rayon::prelude::*;
 
-use self::attention::{LayerKv, Run, Scratch};
+use self::attention::{KvRows, LayerKv, Run, Scratch};
 use self::matmul::{MatJob, MAX_JOBS};
 use super::{validate_batch, Backend, BackendError, BackendOptions};
 use crate::graph::{ActId, Batch, Op};
@@ -50,8 +49,9 @@ pub struct CpuBackend {
     logit_x: Vec<f32>,
     kv: Vec<LayerKv>,
     seq_len: Vec<usize>,
-    k16: Vec<f16>,
-    v16: Vec<f16>,
+    /// The batch's new K and V rows in the cache's types (before they are stored).
+    k_new: KvRows,
+    v_new: KvRows,
     rope_cs: Vec<(f32, f32)>,
     scratch: Vec<Mutex<Scratch>>,
     logits: Vec<f32>,
@@ -140,17 +140,18 @@ impl CpuBackend {
                 _ => {}
             }
         }
+        let types = layout.types();
         let mut kv = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {
-            let rows = layout.rows_per_layer(l);
+            let n = layout.rows_per_layer(l) * cfg.head_dim;
             kv.push(LayerKv {
-                k: alloc(rows * cfg.head_dim, f16::ZERO, "KV cache (K)")?,
-                v: alloc(rows * cfg.head_dim, f16::ZERO, "KV cache (V)")?,
+                k: KvRows::alloc(types.k, n, "KV cache (K)")?,
+                v: KvRows::alloc(types.v, n, "KV cache (V)")?,
             });
         }
         let max_keys = layout.n_ctx + max_batch;
         let scratch = (0..threads)
-            .map(|_| Mutex::new(Scratch::new(max_keys, cfg.head_dim)))
+            .map(|_| Mutex::new(Scratch::new(max_keys, cfg.head_dim, types.k)))
             .collect();
         Ok(CpuBackend {
             pool,
@@ -166,8 +167,8 @@ impl CpuBackend {
             logit_x: alloc(max_logits * cfg.n_embd, 0f32, "logit inputs")?,
             kv,
             seq_len: vec![0; layout.n_seq],
-            k16: alloc(max_batch * cfg.kv_dim(), f16::ZERO, "new keys")?,
-            v16: alloc(max_batch * cfg.kv_dim(), f16::ZERO, "new values")?,
+            k_new: KvRows::alloc(types.k, max_batch * cfg.kv_dim(), "new keys")?,
+            v_new: KvRows::alloc(types.v, max_batch * cfg.kv_dim(), "new values")?,
             rope_cs: alloc(max_batch * cfg.rope.n_rot / 2, (0f32, 0f32), "rope angles")?,
             scratch,
             logits: alloc(max_logits * cfg.n_vocab, 0f32, "logits")?,
@@ -305,8 +306,8 @@ impl CpuBackend {
                 out,
             } => {
                 let kv_dim = cfg.kv_dim();
-                simd::f32_to_f16(&self.acts[k][..n * kv_dim], &mut self.k16[..n * kv_dim]);
-                simd::f32_to_f16(&self.acts[v][..n * kv_dim], &mut self.v16[..n * kv_dim]);
+                self.k_new.store_f32(0, &self.acts[k][..n * kv_dim]);
+                self.v_new.store_f32(0, &self.acts[v][..n * kv_dim]);
                 let q_dim = cfg.q_dim();
                 let mut dst = std::mem::take(&mut self.acts[out]);
                 for (seq, start, len) in batch.runs() {
@@ -318,8 +319,14 @@ impl CpuBackend {
                         n: len,
                         n_head: cfg.n_head,
                         q: &self.acts[q][start * q_dim..(start + len) * q_dim],
-                        k_new: &self.k16[start * kv_dim..(start + len) * kv_dim],
-                        v_new: &self.v16[start * kv_dim..(start + len) * kv_dim],
+                        k_new: self
+                            .k_new
+                            .view()
+                            .range(start * kv_dim, (start + len) * kv_dim),
+                        v_new: self
+                            .v_new
+                            .view()
+                            .range(start * kv_dim, (start + len) * kv_dim),
                         out: &mut dst[start * q_dim..(start + len) * q_dim],
                     };
                     attention::attend_and_store(run, &mut self.kv[layer], &self.scratch);
@@ -447,6 +454,6 @@ impl Backend for CpuBackend {
     }
 
     fn kv_bytes(&self) -> usize {
-        self.layout.bytes(2)
+        self.layout.bytes()
     }
 }

@@ -1,6 +1,7 @@
 //! Vector helpers for the CPU backend's float loops (attention, norms), each with a portable
-//! version and an AVX2+FMA+F16C version chosen once at run time. Quantized dot products live in
-//! ggml-compat; these are the f32/f16 pieces around them.
+//! version and an AVX2+FMA+F16C version chosen once at run time. Quantized weight dot products
+//! live in ggml-compat; these are the f32/f16 pieces around them and the attention kernels over
+//! q8_0 KV rows (ggml's block layout: f16 scale, then 32 int8 quants; 34 bytes).
 
 use half::f16;
 use std::sync::OnceLock;
@@ -9,11 +10,21 @@ use std::sync::OnceLock;
 pub type DotRowsFn = fn(&[f16], &[f16], usize, f32, &mut [f32]);
 /// `acc += sum_r p[r] * rows[r * stride..][..acc.len()]` for `r < p.len()`.
 pub type AxpyRowsFn = fn(&mut [f32], &[f32], &[f16], usize);
+/// [`DotRowsFn`] for q8_0: query blocks, key rows of the same number of blocks `stride` bytes
+/// apart.
+pub type DotRowsQ8Fn = fn(&[u8], &[u8], usize, f32, &mut [f32]);
+/// [`AxpyRowsFn`] for q8_0 value rows `stride` bytes apart.
+pub type AxpyRowsQ8Fn = fn(&mut [f32], &[f32], &[u8], usize);
+
+/// Bytes of a q8_0 block.
+const Q8B: usize = crate::kv::Q8_0_BLOCK_BYTES;
 
 struct Kernels {
     f32_to_f16: fn(&[f32], &mut [f16]),
     dot_rows_f16: DotRowsFn,
     axpy_rows_f16: AxpyRowsFn,
+    dot_rows_q8_0: DotRowsQ8Fn,
+    axpy_rows_q8_0: AxpyRowsQ8Fn,
 }
 
 fn kernels() -> &'static Kernels {
@@ -25,12 +36,16 @@ fn kernels() -> &'static Kernels {
                 f32_to_f16: x86::f32_to_f16,
                 dot_rows_f16: x86::dot_rows_f16,
                 axpy_rows_f16: x86::axpy_rows_f16,
+                dot_rows_q8_0: x86::dot_rows_q8_0,
+                axpy_rows_q8_0: x86::axpy_rows_q8_0,
             };
         }
         Kernels {
             f32_to_f16: portable::f32_to_f16,
             dot_rows_f16: portable::dot_rows_f16,
             axpy_rows_f16: portable::axpy_rows_f16,
+            dot_rows_q8_0: portable::dot_rows_q8_0,
+            axpy_rows_q8_0: portable::axpy_rows_q8_0,
         }
     })
 }
@@ -45,6 +60,20 @@ pub fn dot_rows_f16(q: &[f16], rows: &[f16], stride: usize, scale: f32, out: &mu
 #[inline]
 pub fn axpy_rows_f16(acc: &mut [f32], p: &[f32], rows: &[f16], stride: usize) {
     (kernels().axpy_rows_f16)(acc, p, rows, stride)
+}
+
+/// Scores of a q8_0 query (`q`: whole blocks) against q8_0 key rows `stride` bytes apart:
+/// integer dot products per block, times both blocks' scales and `scale`.
+#[inline]
+pub fn dot_rows_q8_0(q: &[u8], rows: &[u8], stride: usize, scale: f32, out: &mut [f32]) {
+    (kernels().dot_rows_q8_0)(q, rows, stride, scale, out)
+}
+
+/// Weighted sum of q8_0 value rows (`acc.len() / 32` blocks each, `stride` bytes apart) into
+/// `acc`, dequantized block by block.
+#[inline]
+pub fn axpy_rows_q8_0(acc: &mut [f32], p: &[f32], rows: &[u8], stride: usize) {
+    (kernels().axpy_rows_q8_0)(acc, p, rows, stride)
 }
 
 /// Round to f16 (nearest even), as ggml does when it stores K/V or converts a query.
@@ -66,6 +95,39 @@ pub mod portable {
         let d = acc.len();
         for (r, &w) in p.iter().enumerate() {
             axpy_f16(acc, w, &rows[r * stride..r * stride + d]);
+        }
+    }
+
+    fn q8_scale(block: &[u8]) -> f32 {
+        f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32()
+    }
+
+    pub fn dot_rows_q8_0(q: &[u8], rows: &[u8], stride: usize, scale: f32, out: &mut [f32]) {
+        let nb = q.len() / super::Q8B;
+        for (r, o) in out.iter_mut().enumerate() {
+            let row = &rows[r * stride..r * stride + nb * super::Q8B];
+            let mut sum = 0f32;
+            for (qb, kb) in q.chunks_exact(super::Q8B).zip(row.chunks_exact(super::Q8B)) {
+                let isum: i32 = qb[2..]
+                    .iter()
+                    .zip(&kb[2..])
+                    .map(|(&a, &b)| a as i8 as i32 * b as i8 as i32)
+                    .sum();
+                sum += (q8_scale(qb) * scale) * q8_scale(kb) * isum as f32;
+            }
+            *o = sum;
+        }
+    }
+    pub fn axpy_rows_q8_0(acc: &mut [f32], p: &[f32], rows: &[u8], stride: usize) {
+        let nb = acc.len() / 32;
+        for (r, &w) in p.iter().enumerate() {
+            let row = &rows[r * stride..r * stride + nb * super::Q8B];
+            for (a, vb) in acc.chunks_exact_mut(32).zip(row.chunks_exact(super::Q8B)) {
+                let s = w * q8_scale(vb);
+                for (a, &v) in a.iter_mut().zip(&vb[2..]) {
+                    *a += s * v as i8 as f32;
+                }
+            }
         }
     }
 
@@ -123,6 +185,113 @@ mod x86 {
         }
         // SAFETY: as above.
         unsafe { axpy_rows_avx2(acc, p, rows, stride) }
+    }
+
+    const Q8B: usize = super::Q8B;
+
+    pub fn dot_rows_q8_0(q: &[u8], rows: &[u8], stride: usize, scale: f32, out: &mut [f32]) {
+        let nb = q.len() / Q8B;
+        if nb * 32 > MAX_D || q.len() != nb * Q8B {
+            return super::portable::dot_rows_q8_0(q, rows, stride, scale, out);
+        }
+        if let Some(last) = out.len().checked_sub(1) {
+            assert!(last * stride + nb * Q8B <= rows.len(), "rows too short");
+        }
+        // SAFETY: CPU features as above; every row read lies inside `rows` (asserted).
+        unsafe { dot_rows_q8_0_avx2(q, rows, stride, scale, out) }
+    }
+
+    pub fn axpy_rows_q8_0(acc: &mut [f32], p: &[f32], rows: &[u8], stride: usize) {
+        let d = acc.len();
+        if !d.is_multiple_of(32) || d > MAX_D {
+            return super::portable::axpy_rows_q8_0(acc, p, rows, stride);
+        }
+        if let Some(last) = p.len().checked_sub(1) {
+            assert!(last * stride + d / 32 * Q8B <= rows.len(), "rows too short");
+        }
+        // SAFETY: as above.
+        unsafe { axpy_rows_q8_0_avx2(acc, p, rows, stride) }
+    }
+
+    /// The f16 scale at the start of a q8_0 block.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_scale(b: *const u8) -> f32 {
+        // SAFETY: the caller passes a pointer to a whole block (2 readable bytes here).
+        unsafe {
+            let bits = (b as *const u16).read_unaligned();
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_rows_q8_0_avx2(
+        q: &[u8],
+        rows: &[u8],
+        stride: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let nb = q.len() / Q8B;
+        // SAFETY: q holds nb blocks; row r spans r * stride .. r * stride + nb * 34, inside
+        // `rows` as the caller asserted. Quants lie in [-127, 127] (ggml's encoder), so the
+        // sign trick and the saturating 16-bit pair sums of maddubs are exact.
+        unsafe {
+            let mut qv = [_mm256_setzero_si256(); MAX_D / 32];
+            let mut qd = [0f32; MAX_D / 32];
+            for b in 0..nb {
+                let blk = q.as_ptr().add(b * Q8B);
+                qd[b] = q8_scale(blk) * scale;
+                qv[b] = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            }
+            let ones = _mm256_set1_epi16(1);
+            for (r, o) in out.iter_mut().enumerate() {
+                let k = rows.as_ptr().add(r * stride);
+                let mut acc = _mm256_setzero_ps();
+                for b in 0..nb {
+                    let kb = k.add(b * Q8B);
+                    let kq = _mm256_loadu_si256(kb.add(2) as *const __m256i);
+                    let p16 =
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(kq, kq), _mm256_sign_epi8(qv[b], kq));
+                    let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+                    let d = _mm256_set1_ps(q8_scale(kb) * qd[b]);
+                    acc = _mm256_fmadd_ps(d, p, acc);
+                }
+                let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+                *o = _mm_cvtss_f32(s);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn axpy_rows_q8_0_avx2(acc: &mut [f32], p: &[f32], rows: &[u8], stride: usize) {
+        let nc = acc.len() / 8;
+        let nb = acc.len() / 32;
+        // SAFETY: acc holds nc * 8 values; row r spans r * stride .. r * stride + nb * 34,
+        // inside `rows` as the caller asserted.
+        unsafe {
+            let mut av = [_mm256_setzero_ps(); MAX_D / 8];
+            for (c, v) in av[..nc].iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(acc.as_ptr().add(8 * c));
+            }
+            for (r, &w) in p.iter().enumerate() {
+                let v = rows.as_ptr().add(r * stride);
+                for b in 0..nb {
+                    let vb = v.add(b * Q8B);
+                    let s = _mm256_set1_ps(w * q8_scale(vb));
+                    for j in 0..4 {
+                        let x8 = _mm_loadl_epi64(vb.add(2 + 8 * j) as *const __m128i);
+                        let x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x8));
+                        av[4 * b + j] = _mm256_fmadd_ps(s, x, av[4 * b + j]);
+                    }
+                }
+            }
+            for (c, v) in av[..nc].iter().enumerate() {
+                _mm256_storeu_ps(acc.as_mut_ptr().add(8 * c), *v);
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -252,6 +421,53 @@ mod tests {
             portable::axpy_rows_f16(&mut b, &p, &rows, stride);
             for (x, y) in a.iter().zip(&b) {
                 assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "d={d}: {x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_row_kernels_match_portable_and_decoded_rows() {
+        use ggml_compat::q8::{dequantize_q8_0, quantize_q8_0};
+        for (d, stride, n) in [(64, 64, 0), (64, 192, 9), (128, 128, 33), (256, 256, 3)] {
+            let (bs, bd) = (d / 32 * Q8B, stride / 32 * Q8B);
+            let q32 = data(d, 11);
+            let r32 = data(stride * n.max(1), 12);
+            let mut q = vec![0u8; bs];
+            let mut rows = vec![0u8; r32.len() / 32 * Q8B];
+            quantize_q8_0(&q32, &mut q);
+            quantize_q8_0(&r32, &mut rows);
+            let (mut qd, mut rd) = (vec![0f32; d], vec![0f32; r32.len()]);
+            dequantize_q8_0(&q, &mut qd);
+            dequantize_q8_0(&rows, &mut rd);
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            dot_rows_q8_0(&q, &rows, bd, 0.125, &mut a);
+            portable::dot_rows_q8_0(&q, &rows, bd, 0.125, &mut b);
+            for (r, (x, y)) in a.iter().zip(&b).enumerate() {
+                let exact: f32 = qd
+                    .iter()
+                    .zip(&rd[r * stride..])
+                    .map(|(u, v)| u * v)
+                    .sum::<f32>()
+                    * 0.125;
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "d={d}: {x} vs {y}");
+                assert!(
+                    (y - exact).abs() <= 1e-4 * (1.0 + exact.abs()),
+                    "d={d}: {y} vs {exact}"
+                );
+            }
+            let p = data(n, 7);
+            let (mut a, mut b) = (data(d, 8), data(d, 8));
+            let mut exact = data(d, 8);
+            axpy_rows_q8_0(&mut a, &p, &rows, bd);
+            portable::axpy_rows_q8_0(&mut b, &p, &rows, bd);
+            for (r, &w) in p.iter().enumerate() {
+                for (e, v) in exact.iter_mut().zip(&rd[r * stride..r * stride + d]) {
+                    *e += w * v;
+                }
+            }
+            for ((x, y), e) in a.iter().zip(&b).zip(&exact) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "d={d}: {x} vs {y}");
+                assert!((y - e).abs() <= 1e-5 * (1.0 + e.abs()), "d={d}: {y} vs {e}");
             }
         }
     }

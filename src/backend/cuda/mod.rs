@@ -133,6 +133,15 @@ impl CudaBackend {
         opts: BackendOptions,
         ordinal: usize,
     ) -> Result<CudaBackend, BackendError> {
+        let types = opts.layout.types();
+        if types != crate::kv::KvTypes::default() {
+            return Err(BackendError::Unsupported {
+                backend: "cuda",
+                tensor: super::KV_CACHE.into(),
+                ty: types.to_string(),
+                reason: "the CUDA attention kernels read f16 K/V only; run a q8_0 cache with --device cpu".into(),
+            });
+        }
         let gpu = Gpu::open(ordinal)?;
         let cfg = model.config.clone();
         let layout = opts.layout;
@@ -999,6 +1008,6 @@ impl Backend for CudaBackend {
     }
 
     fn kv_bytes(&self) -> usize {
-        self.layout.bytes(2)
+        self.layout.bytes()
     }
 }
