@@ -630,7 +630,10 @@ mod tests {
         let pts = front(&inst, &st, FrontMode::Weighted).unwrap();
         for p in &pts {
             for &(n, d) in &p.report.density {
-                assert!(d <= 0.5 + 1e-9 && d >= 0.45 - 1e-9, "density {d} at {n}");
+                assert!(
+                    (0.45 - 1e-9..=0.5 + 1e-9).contains(&d),
+                    "density {d} at {n}"
+                );
             }
         }
     }
