@@ -50,6 +50,10 @@ struct Args {
     /// At most K distinct rules per layer (the reference uses 2 on MHA models).
     #[arg(long = "max-rules-per-layer", value_name = "K")]
     max_rules: Option<usize>,
+    /// Objective per head: the fraction of the head's own influence dropped (every head counts
+    /// the same) instead of the fraction of all heads' influence.
+    #[arg(long)]
+    per_head: bool,
     /// Rule grid "amin:amax:astep,bstep".
     #[arg(
         long,
@@ -127,6 +131,7 @@ fn main() -> Result<()> {
     settings.lengths = a.lengths.clone();
     settings.lower = a.lower;
     settings.max_distinct = a.max_rules;
+    settings.per_head = a.per_head;
     settings.grid = Grid::parse(&a.grid)?;
     if !(a.time_limit > 0.0 && a.time_limit.is_finite()) {
         bail!("--time-limit must be positive");

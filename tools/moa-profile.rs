@@ -33,6 +33,9 @@ enum Cmd {
     Run(RunArgs),
     /// Summarize a profile file.
     Show(ShowArgs),
+    /// Add profiles of the same model, block and lengths (sums and sample counts): the profile
+    /// of their calibration sets together; merging a profile of a subset weighs it double.
+    Merge(MergeArgs),
     /// Write the loss and dL/d(hidden) at every layer's input for one calibration record (for
     /// the comparison with PyTorch autograd: tests/py/autograd_check.py).
     Grads(GradsArgs),
@@ -106,6 +109,10 @@ struct CalibArgs {
     /// Most tokens of the dense model's greedy answer.
     #[arg(long = "max-new", default_value_t = 128)]
     max_new: usize,
+    /// Task rotation (summarize, recall, compare, fact, facts; repeats weigh a task):
+    /// conversation i of each length gets task i modulo the list.
+    #[arg(long, default_value = calib::DEFAULT_TASKS)]
+    tasks: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Threads (default: all cores).
@@ -143,6 +150,16 @@ struct RunArgs {
 }
 
 #[derive(clap::Args)]
+struct MergeArgs {
+    /// Profile files (two or more).
+    #[arg(num_args = 2.., required = true)]
+    profiles: Vec<PathBuf>,
+    /// Output profile file.
+    #[arg(short = 'o', long = "out")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct ShowArgs {
     /// Profile file.
     profile: PathBuf,
@@ -157,6 +174,7 @@ fn main() {
         Cmd::Calib(a) => cmd_calib(a),
         Cmd::Run(a) => cmd_run(a),
         Cmd::Show(a) => cmd_show(a),
+        Cmd::Merge(a) => cmd_merge(a),
         Cmd::Grads(a) => cmd_grads(a),
     };
     if let Err(e) = r {
@@ -219,7 +237,8 @@ fn cmd_calib(a: CalibArgs) -> Result<()> {
     if cal_docs.is_empty() || (!a.val_lengths.is_empty() && val_docs.is_empty()) {
         bail!("a split has no documents: add sources or change --val-fraction");
     }
-    let b = Builder::new(&loaded.model, &loaded.tokenizer, threads, a.max_new)?;
+    let mut b = Builder::new(&loaded.model, &loaded.tokenizer, threads, a.max_new)?;
+    b.tasks = calib::parse_tasks(&a.tasks)?;
     let t0 = Instant::now();
     let report = |r: &CalibRecord| {
         let resp = r.response[0];
@@ -486,6 +505,27 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         a.out.display(),
         profile
             .header
+            .lengths
+            .iter()
+            .map(|e| format!("{} samples at {}", e.samples, e.length))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+fn cmd_merge(a: MergeArgs) -> Result<()> {
+    let mut p = Profile::load(&a.profiles[0])?;
+    for f in &a.profiles[1..] {
+        let q = Profile::load(f)?;
+        p.merge(&q)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+    }
+    p.save(&a.out)?;
+    eprintln!(
+        "profile {}: {}",
+        a.out.display(),
+        p.header
             .lengths
             .iter()
             .map(|e| format!("{} samples at {}", e.samples, e.length))

@@ -8,8 +8,13 @@
 # NAME (default: the file name without .gguf, lower case) names plans/NAME.json,
 # profiles/NAME.bin and the work folder work/NAME/. Environment knobs (defaults in brackets):
 #   DENSITY [0.5]  LENGTHS (constrained) [2048,4096,8192,16384]  PROFILE_LENGTHS [2048,4096,8192]
-#   VAL_LENGTHS [6144]  PER_LENGTH [4]  MAX_RULES (at most K rules per layer) [none]
-#   THREADS [all cores]
+#   VAL_LENGTHS [6144]  PER_LENGTH [4]  VAL_PER_LENGTH [2]  MAX_RULES (at most K rules per
+#   layer) [none]  THREADS [all cores]  SOURCES (document files or folders, space-separated)
+#   [/usr/share/common-licenses]  TASKS (calibration task rotation, see moa-profile calib --tasks)
+#   [summarize,recall,compare,fact,facts]  WEIGH_TASKS (tasks whose calibration records count
+#   twice in the profile: they are profiled again on their own and the two profiles merged;
+#   e.g. fact,facts) [none]  FRONT (weighted, epsilon: validated front; none: the equal-weights
+#   plan, no validation) [weighted]  PER_HEAD (non-empty: moa-optimize --per-head) [off]
 # Each step is skipped when its output exists (delete it to redo); moa-profile run resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,11 +26,17 @@ LENGTHS=${LENGTHS:-2048,4096,8192,16384}
 PROFILE_LENGTHS=${PROFILE_LENGTHS:-2048,4096,8192}
 VAL_LENGTHS=${VAL_LENGTHS:-6144}
 PER_LENGTH=${PER_LENGTH:-4}
+VAL_PER_LENGTH=${VAL_PER_LENGTH:-2}
+TASKS=${TASKS:-summarize,recall,compare,fact,facts}
+SRC=()
+for s in ${SOURCES:-/usr/share/common-licenses}; do SRC+=(--source "$s"); done
 WORK=work/$NAME
 T=()
 [ -n "${THREADS:-}" ] && T=(-t "$THREADS")
 K=()
 [ -n "${MAX_RULES:-}" ] && K=(--max-rules-per-layer "$MAX_RULES")
+O=()
+[ -n "${PER_HEAD:-}" ] && O=(--per-head)
 
 mkdir -p "$WORK" profiles plans
 cargo build --release --bin moa-profile --bin moa-optimize --bin moa-convert
@@ -33,18 +44,34 @@ B=target/release
 
 echo "== 1. calibration and validation conversations ($WORK/calib.jsonl, $WORK/val.jsonl)"
 if [ ! -s "$WORK/calib.jsonl" ] || [ ! -s "$WORK/val.jsonl" ]; then
-    "$B/moa-profile" calib -m "$MODEL" --lengths "$PROFILE_LENGTHS" --per-length "$PER_LENGTH" \
-        --val-lengths "$VAL_LENGTHS" -o "$WORK/calib.jsonl" --val-out "$WORK/val.jsonl" "${T[@]}"
+    "$B/moa-profile" calib -m "$MODEL" "${SRC[@]}" --lengths "$PROFILE_LENGTHS" \
+        --per-length "$PER_LENGTH" --val-lengths "$VAL_LENGTHS" --val-per-length "$VAL_PER_LENGTH" \
+        --tasks "$TASKS" -o "$WORK/calib.jsonl" --val-out "$WORK/val.jsonl" "${T[@]}"
 fi
 
 echo "== 2. profile (profiles/$NAME.bin)"
-"$B/moa-profile" run -m "$MODEL" --data "$WORK/calib.jsonl" --lengths "$PROFILE_LENGTHS" \
-    -o "profiles/$NAME.bin" "${T[@]}"
+if [ -z "${WEIGH_TASKS:-}" ]; then
+    "$B/moa-profile" run -m "$MODEL" --data "$WORK/calib.jsonl" --lengths "$PROFILE_LENGTHS" \
+        -o "profiles/$NAME.bin" "${T[@]}"
+else
+    "$B/moa-profile" run -m "$MODEL" --data "$WORK/calib.jsonl" --lengths "$PROFILE_LENGTHS" \
+        -o "$WORK/profile-all.bin" "${T[@]}"
+    grep -E "\"task\":\"(${WEIGH_TASKS//,/|})\"" "$WORK/calib.jsonl" > "$WORK/calib-weighed.jsonl"
+    "$B/moa-profile" run -m "$MODEL" --data "$WORK/calib-weighed.jsonl" \
+        --lengths "$PROFILE_LENGTHS" -o "$WORK/profile-weighed.bin" "${T[@]}"
+    "$B/moa-profile" merge "$WORK/profile-all.bin" "$WORK/profile-weighed.bin" -o "profiles/$NAME.bin"
+fi
 
 echo "== 3. optimize and validate (plans/$NAME.json)"
-"$B/moa-optimize" --profile "profiles/$NAME.bin" -m "$MODEL" --density "$DENSITY" \
-    --lengths "$LENGTHS" --front weighted --validate "$WORK/val.jsonl" --validate-baselines \
-    --front-dir "$WORK/front" -o "plans/$NAME.json" "${K[@]}" "${T[@]}"
+if [ "${FRONT:-weighted}" = none ]; then
+    # The equal-weights plan only, no validation runs.
+    "$B/moa-optimize" --profile "profiles/$NAME.bin" -m "$MODEL" --density "$DENSITY" \
+        --lengths "$LENGTHS" --front none -o "plans/$NAME.json" "${K[@]}" "${O[@]}"
+else
+    "$B/moa-optimize" --profile "profiles/$NAME.bin" -m "$MODEL" --density "$DENSITY" \
+        --lengths "$LENGTHS" --front "${FRONT:-weighted}" --validate "$WORK/val.jsonl" \
+        --validate-baselines --front-dir "$WORK/front" -o "plans/$NAME.json" "${K[@]}" "${O[@]}" "${T[@]}"
+fi
 
 echo "== 4. embed ($(dirname "$MODEL")/$NAME-moa.gguf)"
 "$B/moa-convert" embed -m "$MODEL" --plan "plans/$NAME.json" \

@@ -128,6 +128,36 @@ impl Profile {
         Profile { header, sums }
     }
 
+    /// Adds `other`'s sums and sample counts into this profile: the result is the profile of
+    /// both calibration sets together (a record profiled in both counts twice, so merging a
+    /// profile of a subset weighs that subset double). Model, block and lengths must agree.
+    pub fn merge(&mut self, other: &Profile) -> Result<(), String> {
+        let (a, b) = (&self.header, &other.header);
+        if a.model != b.model {
+            return Err(format!(
+                "models differ: {:?} vs {:?}",
+                a.model.name, b.model.name
+            ));
+        }
+        if a.block != b.block {
+            return Err(format!("blocks differ: {} vs {}", a.block, b.block));
+        }
+        let la: Vec<usize> = a.lengths.iter().map(|e| e.length).collect();
+        let lb: Vec<usize> = b.lengths.iter().map(|e| e.length).collect();
+        if la != lb {
+            return Err(format!("lengths differ: {la:?} vs {lb:?}"));
+        }
+        for (li, e) in self.header.lengths.iter_mut().enumerate() {
+            e.samples += other.header.lengths[li].samples;
+            for (x, y) in self.sums[li].iter_mut().zip(&other.sums[li]) {
+                *x += *y;
+            }
+        }
+        self.header.provenance =
+            format!("{} + {}", self.header.provenance, other.header.provenance);
+        Ok(())
+    }
+
     /// Position of `length` in the header, if profiled.
     pub fn length_index(&self, length: usize) -> Option<usize> {
         self.header.lengths.iter().position(|e| e.length == length)
@@ -347,5 +377,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("magic"));
+    }
+
+    #[test]
+    fn merge_adds_sums_and_samples() {
+        let mut a = Profile::new(identity(), 64, &[100, 256], "a");
+        let mut b = Profile::new(identity(), 64, &[100, 256], "b");
+        a.header.lengths[1].samples = 2;
+        b.header.lengths[1].samples = 1;
+        a.head_sums_mut(1, 0, 1)[4] = 3.0;
+        b.head_sums_mut(1, 0, 1)[4] = 1.5;
+        a.merge(&b).unwrap();
+        assert_eq!(a.header.lengths[1].samples, 3);
+        assert_eq!(a.head_sums(1, 0, 1)[4], 4.5);
+        assert_eq!(a.mean(1, 0, 1)[4], 1.5);
+        assert_eq!(a.header.provenance, "a + b");
+        let c = Profile::new(identity(), 64, &[100], "c");
+        assert!(a.merge(&c).unwrap_err().contains("lengths differ"));
+        let d = Profile::new(identity(), 32, &[100, 256], "d");
+        assert!(a.merge(&d).unwrap_err().contains("blocks differ"));
     }
 }

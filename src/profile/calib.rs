@@ -1,6 +1,7 @@
 //! Calibration sets (moa-method.md section 6): conversations built from long documents found
 //! offline (license texts, documentation files), each a user turn holding the documents and a
-//! request that needs all of them (summarize each; recall facts from its start and end), answered
+//! request that needs all of them (summarize each; recall facts from its start and end; recall
+//! the reference number of a note put somewhere into the documents), answered
 //! by the dense model itself (greedy), rendered in the model's chat template. Stored as JSONL,
 //! one [`CalibRecord`] per line: token ids and the response ranges the loss is taken on.
 //!
@@ -66,6 +67,8 @@ pub enum CalibError {
         need: usize,
         have: usize,
     },
+    #[error("unknown calibration task {0:?} (known: summarize, recall, compare, fact, facts)")]
+    UnknownTask(String),
     #[error("the model has no chat template")]
     NoTemplate,
     #[error(transparent)]
@@ -216,7 +219,11 @@ pub fn split_documents(docs: Vec<Document>, val_fraction: f64) -> (Vec<Document>
         .partition(|d| (fnv1a(d.name.as_bytes()) % 1000) as f64 >= val_fraction * 1000.0)
 }
 
-/// The requests; each needs the whole of the documents to answer.
+/// The requests; each needs the whole of the documents to answer. `fact` and `facts` also put
+/// notes with five-digit reference numbers into the documents (`fact`: one note anywhere;
+/// `facts`: notes A, B and C, one in each third, and the request names one of them, `{label}`),
+/// so that the dense model's answer has to recall something from a place the request does not
+/// point to: the long-range retrieval a small model can actually do.
 pub const TASKS: &[(&str, &str)] = &[
     (
         "summarize",
@@ -230,7 +237,61 @@ pub const TASKS: &[(&str, &str)] = &[
         "compare",
         "List the documents above in order. For each, say what it permits, what it requires, and what it says about warranty, quoting a few words where you can.",
     ),
+    (
+        "fact",
+        "What is the reference number in the note of the documents above?",
+    ),
+    ("facts", "What is the reference number in note {label}?"),
 ];
+
+/// The default task rotation of [`Builder::build`] (`moa-profile calib --tasks`).
+pub const DEFAULT_TASKS: &str = "summarize,recall,compare,fact,facts";
+
+/// Indices into [`TASKS`] of comma-separated task names (repeats allowed: they weigh a task).
+pub fn parse_tasks(names: &str) -> Result<Vec<usize>, CalibError> {
+    let mut out = Vec::new();
+    for n in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let i = TASKS
+            .iter()
+            .position(|(t, _)| *t == n)
+            .ok_or_else(|| CalibError::UnknownTask(n.to_string()))?;
+        out.push(i);
+    }
+    if out.is_empty() {
+        return Err(CalibError::UnknownTask(names.to_string()));
+    }
+    Ok(out)
+}
+
+/// Puts `notes` (depth in [0, 1] of `body`, sentence) into `body`, each on its own line after
+/// the first line break at or after its depth (at the end when there is none).
+pub fn insert_notes(body: &str, notes: &[(f64, String)]) -> String {
+    let mut at: Vec<(usize, &str)> = notes
+        .iter()
+        .map(|(d, text)| {
+            let mut p = ((d.clamp(0.0, 1.0) * body.len() as f64) as usize).min(body.len());
+            while !body.is_char_boundary(p) {
+                p += 1;
+            }
+            let p = body[p..].find('\n').map_or(body.len(), |k| p + k + 1);
+            (p, text.as_str())
+        })
+        .collect();
+    at.sort_by_key(|&(p, _)| p);
+    let mut out = String::with_capacity(body.len() + 64 * notes.len());
+    let mut last = 0;
+    for (p, text) in at {
+        out.push_str(&body[last..p]);
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str(text);
+        out.push('\n');
+        last = p;
+    }
+    out.push_str(&body[last..]);
+    out
+}
 
 /// splitmix64.
 struct Rng(u64);
@@ -245,6 +306,14 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// A five-digit number.
+    fn key(&mut self) -> u32 {
+        10_000 + self.below(90_000) as u32
+    }
 }
 
 /// What the builder needs from the model.
@@ -255,6 +324,8 @@ pub struct Builder<'a> {
     pub threads: usize,
     /// Most tokens of the dense model's answer.
     pub max_new: usize,
+    /// Indices into [`TASKS`]: conversation `i` of a length gets `tasks[i % tasks.len()]`.
+    pub tasks: Vec<usize>,
 }
 
 /// A conversation before the answer: the prompt tokens and what went into it.
@@ -278,6 +349,7 @@ impl<'a> Builder<'a> {
             template,
             threads,
             max_new,
+            tasks: parse_tasks(DEFAULT_TASKS)?,
         })
     }
 
@@ -286,15 +358,43 @@ impl<'a> Builder<'a> {
         Ok(self.tokenizer.encode(&text, true, true)?)
     }
 
-    /// A prompt of at most `length - max_new` tokens from `docs`, chosen by `rng`.
+    /// A prompt of at most `length - max_new` tokens from `docs` for the `index`-th task of the
+    /// rotation, chosen by `rng`.
     fn prompt(
         &self,
         docs: &[Document],
         length: usize,
+        index: usize,
         rng: &mut Rng,
     ) -> Result<Prompt, CalibError> {
-        let (task, request) = TASKS[rng.below(TASKS.len())];
-        let overhead = self.render(request)?.len() + self.max_new + 16;
+        let (task, request) = TASKS[self.tasks[index % self.tasks.len()]];
+        // Notes (depth in the body, sentence) and the request naming them.
+        let mut notes: Vec<(f64, String)> = Vec::new();
+        let request = match task {
+            "fact" => {
+                let d = 0.02 + 0.96 * rng.unit();
+                let key = rng.key();
+                notes.push((
+                    d,
+                    format!("Note: the reference number of this part is {key}."),
+                ));
+                request.to_string()
+            }
+            "facts" => {
+                for (k, label) in ["A", "B", "C"].iter().enumerate() {
+                    let d = (k as f64 + 0.05 + 0.9 * rng.unit()) / 3.0;
+                    let key = rng.key();
+                    notes.push((
+                        d,
+                        format!("Note {label}: the reference number of this part is {key}."),
+                    ));
+                }
+                request.replace("{label}", ["A", "B", "C"][rng.below(3)])
+            }
+            _ => request.to_string(),
+        };
+        let request = request.as_str();
+        let overhead = self.render(request)?.len() + self.max_new + 16 + 24 * notes.len();
         if length <= overhead + 64 {
             return Err(CalibError::TooShort { length, overhead });
         }
@@ -334,7 +434,7 @@ impl<'a> Builder<'a> {
         loop {
             let mut ids: Vec<u32> = parts.iter().flat_map(|(_, v)| v.iter().copied()).collect();
             ids.truncate(keep);
-            let body = self.tokenizer.decode(&ids);
+            let body = insert_notes(&self.tokenizer.decode(&ids), &notes);
             let user = format!("{}\n\n{}", body.trim_end(), request);
             let tokens = self.render(&user)?;
             if tokens.len() <= budget {
@@ -401,7 +501,7 @@ impl<'a> Builder<'a> {
         let mut rng = Rng(seed ^ fnv1a(split.as_bytes()) ^ (length as u64).wrapping_mul(0x9e37));
         let mut out = Vec::new();
         for i in 0..count {
-            let p = self.prompt(docs, length, &mut rng)?;
+            let p = self.prompt(docs, length, i, &mut rng)?;
             let answer = self.answer(&p.tokens)?;
             let start = p.tokens.len();
             let mut tokens = p.tokens;
@@ -434,4 +534,36 @@ pub fn write_jsonl(path: &Path, records: &[CalibRecord]) -> Result<(), CalibErro
         path: path.to_path_buf(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_go_on_their_own_lines_at_their_depths() {
+        let body = "one\ntwo\nthree\nfour\n";
+        let notes = vec![(0.9, "N2".to_string()), (0.0, "N1".to_string())];
+        assert_eq!(
+            insert_notes(body, &notes),
+            "one\nN1\ntwo\nthree\nfour\nN2\n"
+        );
+        // No line break after the depth: at the end; multi-byte text is cut on a boundary.
+        assert_eq!(
+            insert_notes("ab\nc\u{e9}d", &[(0.8, "N".into())]),
+            "ab\nc\u{e9}d\nN\n"
+        );
+        assert_eq!(insert_notes("x", &[]), "x");
+    }
+
+    #[test]
+    fn tasks_parse_by_name() {
+        assert_eq!(parse_tasks("fact,summarize,fact").unwrap(), [3, 0, 3]);
+        assert_eq!(parse_tasks(DEFAULT_TASKS).unwrap(), [0, 1, 2, 3, 4]);
+        assert!(matches!(
+            parse_tasks("nope"),
+            Err(CalibError::UnknownTask(_))
+        ));
+        assert!(parse_tasks("").is_err());
+    }
 }

@@ -44,6 +44,11 @@ pub struct Settings {
     pub lengths: Vec<usize>,
     /// At most this many distinct rules per layer.
     pub max_distinct: Option<usize>,
+    /// Charge each head the fraction of its own influence that a candidate drops (divided by
+    /// the number of heads) instead of the fraction of all heads' influence: every head counts
+    /// the same, however large its gradients are (late layers have far smaller |E| than early
+    /// ones here, so the plain objective hardly sees their long-range attention).
+    pub per_head: bool,
     pub grid: Grid,
     pub solve: SolveOptions,
 }
@@ -55,6 +60,7 @@ impl Settings {
             lower: 0.9,
             lengths: vec![2048, 4096, 8192, 16384],
             max_distinct: None,
+            per_head: false,
             grid: Grid::default(),
             solve: SolveOptions::default(),
         }
@@ -187,8 +193,18 @@ impl Instance {
                 .expect("profiled lengths are candidate lengths");
             let mut d = Vec::with_capacity(heads * cands.list.len());
             for b in &hb {
+                let scale = if settings.per_head {
+                    // A head without influence drops nothing whatever its span.
+                    if b.total > 0.0 {
+                        1.0 / (b.total * heads as f64)
+                    } else {
+                        0.0
+                    }
+                } else {
+                    1.0 / total
+                };
                 for c in &cands.list {
-                    d.push(b.dropped(c.spans[k]) / total);
+                    d.push(b.dropped(c.spans[k]) * scale);
                 }
             }
             blocks.push(hb);
@@ -584,6 +600,41 @@ mod tests {
                 eq.report,
                 uni
             );
+        }
+    }
+
+    #[test]
+    fn per_head_objective_weighs_every_head_the_same() {
+        let prof = synthetic_profile(4, 2, &[1024, 2048], 3);
+        let consts = Plan::new(1, 1, vec![], "c");
+        let mut st = Settings::new(0.5);
+        st.lengths = vec![1024, 2048];
+        st.grid = Grid::parse("-1024:2048:512,0.125").unwrap();
+        let plain = Instance::from_profile(&prof, &st, &consts, Some((4, 2))).unwrap();
+        st.per_head = true;
+        let inst = Instance::from_profile(&prof, &st, &consts, Some((4, 2))).unwrap();
+        let nc = inst.cands.list.len();
+        let heads = inst.n_heads();
+        for li in 0..2 {
+            for h in 0..heads {
+                let b = &inst.blocks[li][h];
+                for c in 0..nc {
+                    let d = inst.dropped[li][h * nc + c];
+                    // Each head's share is its own dropped fraction over the number of heads.
+                    assert!(d >= 0.0 && d <= 1.0 / heads as f64 + 1e-12);
+                    let want = plain.dropped[li][h * nc + c] * plain.totals[li] / b.total;
+                    assert!((d * heads as f64 - want).abs() < 1e-9);
+                }
+            }
+        }
+        let pts = front(&inst, &st, FrontMode::Weighted).unwrap();
+        for p in &pts {
+            for &(n, d) in &p.report.density {
+                assert!(
+                    (0.45 - 1e-9..=0.5 + 1e-9).contains(&d),
+                    "density {d} at {n}"
+                );
+            }
         }
     }
 
