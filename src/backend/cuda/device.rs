@@ -140,8 +140,12 @@ impl Gpu {
                 driver_err(&format!("allocating {n} bytes for {what}"), e)
             }
         })?;
+        // On our stream, so it is ordered before every later copy and kernel: cuMemsetD8 (the
+        // "sync" variant) runs on the legacy default stream, which a non-blocking stream does not
+        // wait for, so a late clear could overwrite data uploaded or computed after it.
         // SAFETY: ptr is a fresh allocation of n bytes.
-        unsafe { drv::memset_d8_sync(ptr, 0, n) }.map_err(|e| driver_err("clearing memory", e))?;
+        unsafe { drv::memset_d8_async(ptr, 0, n, self.stream.cu_stream()) }
+            .map_err(|e| driver_err("clearing memory", e))?;
         Ok(DevBuf { ptr, bytes: n })
     }
 
