@@ -292,7 +292,7 @@ pub fn ring_slot(cap: usize, sink: usize, pos: usize) -> usize {
 /// head of capacity `cap` (window `cap - sink`)?
 #[inline]
 pub fn visible(cap: usize, sink: usize, i: usize, j: usize) -> bool {
-    j <= i && (j < sink || i - j < cap - sink)
+    j <= i && (j < sink || i - j < cap.saturating_sub(sink))
 }
 
 #[cfg(test)]

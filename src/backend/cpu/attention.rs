@@ -230,7 +230,8 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
             acc,
         } = &mut *guard;
 
-        let w = cap - sink;
+        // Window slots (none when the whole context fits in the sinks: cap <= sink).
+        let w = cap.saturating_sub(sink);
         for t in tile * QUERY_TILE..((tile + 1) * QUERY_TILE).min(n) {
             let i = p0 + t;
             let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
