@@ -22,7 +22,9 @@
 # The lent GPU machine takes at most 64 MiB per call: .devbin/ compressed (`tar cJf
 # .devx/devbin.txz .devbin`: about 3 MB) and the default model (98 MB) split in two parts
 # (`split -b 50000000`: the first into .devx/, the second into .devm2/) travel in two
-# consecutive calls (carry .devx, then .devm2); `model` joins them into models/.
+# consecutive calls (carry .devx, then .devm2); a carried folder is gone on the next call, so
+# the first call unpacks the binaries (`tar xJf .devx/devbin.txz`) and copies the model part to
+# /tmp; `model` joins the parts into models/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.devbin
@@ -50,7 +52,7 @@ tests)
     "$out/cuda_backend" --test-threads 1 --nocapture --skip default_model 2>&1 | grep -E "^test |worst|panicked|result"
     ;;
 model)
-    part1=$(ls .devm1/smol.aa .devx/smol.aa 2>/dev/null | head -1)
+    part1=$(ls .devm1/smol.aa .devx/smol.aa /tmp/smol.aa 2>/dev/null | head -1 || true)
     if [ ! -f "$model" ] && [ -n "$part1" ] && [ -f .devm2/smol.ab ]; then
         mkdir -p "$(dirname "$model")"
         cat "$part1" .devm2/smol.ab >"$model"
