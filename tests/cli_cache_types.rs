@@ -3,7 +3,7 @@
 //! chosen types and name them; unknown types, head dims that are not whole q8_0 blocks and a
 //! q8_0 cache on the CUDA backend are clear errors.
 
-use std::process::Command;
+mod common;
 
 use moa::formats::GgmlType;
 use moa::model::synth::{write_synthetic, SynthSpec};
@@ -20,14 +20,7 @@ fn model(dir: &std::path::Path, n_embd: usize) -> std::path::PathBuf {
     p
 }
 
-fn run(bin: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use common::run_bin as run;
 
 /// Bytes of K plus V for `rows` rows of head_dim `hd` in the given types.
 fn bytes(rows: u64, hd: u64, k: &str, v: &str) -> u64 {

@@ -2,6 +2,8 @@
 //! download): generation with --json output, greedy determinism, chat errors, prompt longer than
 //! the context, perplexity output format.
 
+mod common;
+
 use std::process::Command;
 
 use moa::formats::GgmlType;
@@ -13,14 +15,7 @@ fn tiny(dir: &std::path::Path) -> std::path::PathBuf {
     p
 }
 
-fn run(bin: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use common::run_bin as run;
 
 #[test]
 fn moa_run_generates_deterministically_with_json() {

@@ -500,18 +500,18 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             s / *n as f64
         );
     }
-    eprintln!(
-        "profile {}: {}",
-        a.out.display(),
-        profile
-            .header
-            .lengths
-            .iter()
-            .map(|e| format!("{} samples at {}", e.samples, e.length))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    eprintln!("profile {}: {}", a.out.display(), samples_line(&profile));
     Ok(())
+}
+
+/// "N samples at L, ..." for every profiled length.
+fn samples_line(p: &Profile) -> String {
+    p.header
+        .lengths
+        .iter()
+        .map(|e| format!("{} samples at {}", e.samples, e.length))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn cmd_merge(a: MergeArgs) -> Result<()> {
@@ -522,16 +522,7 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
     }
     p.save(&a.out)?;
-    eprintln!(
-        "profile {}: {}",
-        a.out.display(),
-        p.header
-            .lengths
-            .iter()
-            .map(|e| format!("{} samples at {}", e.samples, e.length))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    eprintln!("profile {}: {}", a.out.display(), samples_line(&p));
     Ok(())
 }
 

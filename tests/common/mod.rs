@@ -90,3 +90,13 @@ pub fn logits_all(
     }
     out
 }
+
+/// Runs a binary: (success, stdout, stderr).
+pub fn run_bin(bin: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
