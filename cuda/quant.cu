@@ -296,11 +296,12 @@ struct Unit<T_Q6_K> {
 
 // acc[t] += units u, u + WARP, ... (U of them) of a row times token t's q8_1 activations.
 template <int T, int U, int NT>
-__device__ __forceinline__ void mmvq_units(const u8* r, int u, const i8* yq, const float2* yds,
-                                           int K, int nb, int n_tok, float* acc) {
+__device__ __forceinline__ void mmvq_units(const u8* r, int u, int stride, const i8* yq,
+                                           const float2* yds, int K, int nb, int n_tok,
+                                           float* acc) {
     Unit<T> w[U];
 #pragma unroll
-    for (int i = 0; i < U; i++) w[i].load(r, u + i * WARP);
+    for (int i = 0; i < U; i++) w[i].load(r, u + i * stride);
 #pragma unroll
     for (int i = 0; i < U; i++) {
 #pragma unroll
@@ -309,50 +310,78 @@ __device__ __forceinline__ void mmvq_units(const u8* r, int u, const i8* yq, con
     }
 }
 
-// out[t * ldo + row] = W[row] . y[t] for t < n_tok (<= MV_MAXT); one warp per row. Up to three
-// matrices of the same type and width that read the same input run as one launch (q/k/v,
-// gate/up): rows [0, r0) of W0, then r1 rows of W1, then r2 rows of W2.
+// Row `row` of the up to three matrices launched together (q/k/v, gate/up): rows [0, r0) of
+// W0, then r1 rows of W1, then r2 rows of W2. False past the last row.
+struct Rows3 {
+    const u8 *W0, *W1, *W2;
+    int r0, r1, r2;
+    float *o0, *o1, *o2;
+    int ldo0, ldo1, ldo2;
+    __device__ __forceinline__ int total() const { return r0 + r1 + r2; }
+    __device__ __forceinline__ bool pick(int row, const u8** W, float** out, int* ldo,
+                                         int* local) const {
+        if (row < r0) {
+            *W = W0; *out = o0; *ldo = ldo0; *local = row;
+        } else if (row < r0 + r1) {
+            *W = W1; *out = o1; *ldo = ldo1; *local = row - r0;
+        } else if (row < r0 + r1 + r2) {
+            *W = W2; *out = o2; *ldo = ldo2; *local = row - r0 - r1;
+        } else {
+            return false;
+        }
+        return true;
+    }
+};
+
+// out[t * ldo + row] = W[row] . y[t] for t < n_tok (<= MV_MAXT). `wpr` warps (1, 2 or 4) share
+// a row, each taking every wpr-th group of 32 units (more warps in flight where a matrix has few
+// rows); their sums meet in shared memory.
 template <int T, int NT>
-__device__ __forceinline__ void mmvq(const u8* W0, const u8* W1, const u8* W2, int r0, int r1,
-                                     int r2, float* o0, float* o1, float* o2, int ldo0, int ldo1,
-                                     int ldo2, u64 row_bytes, int units, const i8* yq,
-                                     const float2* yds, int K, int n_tok) {
-    int row = blockIdx.x * MV_WARPS + threadIdx.x / WARP;
-    int lane = threadIdx.x % WARP;
+__device__ __forceinline__ void mmvq(const Rows3& m, u64 row_bytes, int units, const i8* yq,
+                                     const float2* yds, int K, int n_tok, int wpr) {
+    __shared__ float red[MV_WARPS][NT];
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int row = blockIdx.x * (MV_WARPS / wpr) + warp / wpr, sub = warp % wpr;
     const u8* W;
     float* out;
-    int ldo;
-    if (row < r0) {
-        W = W0; out = o0; ldo = ldo0;
-    } else if (row < r0 + r1) {
-        row -= r0; W = W1; out = o1; ldo = ldo1;
-    } else if (row < r0 + r1 + r2) {
-        row -= r0 + r1; W = W2; out = o2; ldo = ldo2;
-    } else {
-        return;
-    }
-    const u8* r = W + (u64)row * row_bytes;
+    int ldo, local;
+    bool ok = m.pick(row, &W, &out, &ldo, &local);
     float acc[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t] = 0.0f;
-    int nb = K / 32;
-    // Several units per lane are loaded before any is used, so each lane keeps 2-4 weight loads
-    // in flight (a row of a 4096-wide Q4_K matrix is only 2 units per lane).
-    int u = lane;
-    constexpr int U = NT <= 8 ? 4 : 2;  // fewer units in flight where acc takes registers
-    for (; u + (U - 1) * WARP < units; u += U * WARP)
-        mmvq_units<T, U, NT>(r, u, yq, yds, K, nb, n_tok, acc);
-    if (U == 4 && u + WARP < units) {
-        mmvq_units<T, 2, NT>(r, u, yq, yds, K, nb, n_tok, acc);
-        u += 2 * WARP;
-    }
-    if (u < units) mmvq_units<T, 1, NT>(r, u, yq, yds, K, nb, n_tok, acc);
-#pragma unroll
-    for (int t = 0; t < NT; t++) {
-        if (t < n_tok) {
-            float v = warp_sum(acc[t]);
-            if (lane == 0) out[(size_t)t * ldo + row] = v;
+    if (ok) {
+        const u8* r = W + (u64)local * row_bytes;
+        int nb = K / 32, stride = wpr * WARP;
+        // Several units per lane are loaded before any is used, so each lane keeps 2-4 weight
+        // loads in flight (a row of a 4096-wide Q4_K matrix is only 2 units per lane).
+        int u = sub * WARP + lane;
+        constexpr int U = NT <= 8 ? 4 : 2;  // fewer units in flight where acc takes registers
+        for (; u + (U - 1) * stride < units; u += U * stride)
+            mmvq_units<T, U, NT>(r, u, stride, yq, yds, K, nb, n_tok, acc);
+        if (U == 4 && u + stride < units) {
+            mmvq_units<T, 2, NT>(r, u, stride, yq, yds, K, nb, n_tok, acc);
+            u += 2 * stride;
         }
+        if (u < units) mmvq_units<T, 1, NT>(r, u, stride, yq, yds, K, nb, n_tok, acc);
+    }
+#pragma unroll
+    for (int t = 0; t < NT; t++) acc[t] = warp_sum(acc[t]);
+    if (wpr > 1) {
+        if (lane == 0) {
+#pragma unroll
+            for (int t = 0; t < NT; t++) red[warp][t] = acc[t];
+        }
+        __syncthreads();
+        if (sub == 0) {
+#pragma unroll
+            for (int t = 0; t < NT; t++)
+                for (int w = 1; w < wpr; w++) acc[t] += red[warp + w][t];
+        }
+    }
+    if (ok && sub == 0 && lane == 0) {
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+            if (t < n_tok) out[(size_t)t * ldo + local] = acc[t];
     }
 }
 
@@ -360,9 +389,9 @@ __device__ __forceinline__ void mmvq(const u8* W0, const u8* W1, const u8* W2, i
     extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) name(                        \
         const u8* W0, const u8* W1, const u8* W2, int r0, int r1, int r2, float* o0, float* o1, \
         float* o2, int ldo0, int ldo1, int ldo2, u64 row_bytes, int units, const i8* yq,       \
-        const float2* yds, int K, int n_tok) {                                                 \
-        mmvq<T, NT>(W0, W1, W2, r0, r1, r2, o0, o1, o2, ldo0, ldo1, ldo2, row_bytes, units,    \
-                    yq, yds, K, n_tok);                                                        \
+        const float2* yds, int K, int n_tok, int wpr) {                                        \
+        Rows3 m = {W0, W1, W2, r0, r1, r2, o0, o1, o2, ldo0, ldo1, ldo2};                      \
+        mmvq<T, NT>(m, row_bytes, units, yq, yds, K, n_tok, wpr);                              \
     }
 // One token (the batch-1 decode step), up to 8, up to MV_MAXT.
 #define MMVQ(name, T)           \
@@ -377,6 +406,308 @@ MMVQ(mmvq_q8_0, T_Q8_0)
 MMVQ(mmvq_q4_k, T_Q4_K)
 MMVQ(mmvq_q5_k, T_Q5_K)
 MMVQ(mmvq_q6_k, T_Q6_K)
+
+// ---- small batches on tensor cores (2..16 tokens) ------------------------------------------
+// mmqs_<type>_<8|16>: the same product as mmvq for up to 8 / 16 tokens with int8 tensor-core
+// MMAs (m16n8k16): a block of MQ_WARPS warps owns 16 weight rows, its warps take every
+// MQ_WARPS-th unit of those rows, and each weight is unpacked to int8 once for all tokens
+// (mmvq's dp4a path re-reads every token's activations per weight unit, which starves at 16
+// tokens). Per 32-value block the int32 dots are scaled by the weight's and the activation's
+// scales, exactly as mmvq does, so both paths give the same sums up to float rounding.
+//
+// Fragment layout (PTX m16n8k16 .s8): lane = 4 g + c holds A rows g and g + 8, columns 4c..4c+3
+// of each 16-column half, and B (the activations) columns 4c..4c+3 for token g; the result holds
+// rows g, g + 8 for tokens 2c, 2c + 1.
+
+#define MQ_WARPS 8
+
+__device__ __forceinline__ void mma_s8(int* d, int a0, int a1, int b0) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+        "{%0,%1,%2,%3};"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(b0));
+}
+
+// One unit (NB blocks of 32 values) of one row as lane c's A fragments: q[b][h] = the int8
+// values at columns 16 h + 4c .. + 3 of block b; the block's values are d[b][h] * q + m[b].
+// SPLIT: the two halves of a block have different scales (Q6_K: one per 16 values).
+template <int T>
+struct Frag;
+
+template <>
+struct Frag<T_Q4_0> {
+    static constexpr int NB = 1;
+    static constexpr bool SPLIT = false;
+    int q[1][2];
+    float d[1][2], m[1];
+    __device__ __forceinline__ void load(const u8* row, int u, int c) {
+        const u8* b = row + u * 18;
+        float dd = h2f(*(const u16*)b);
+        int v = ld_i32_a2(b + 2 + 4 * c);
+        q[0][0] = v & 0x0F0F0F0F;
+        q[0][1] = (v >> 4) & 0x0F0F0F0F;
+        d[0][0] = d[0][1] = dd;
+        m[0] = -8.0f * dd;
+    }
+};
+
+template <>
+struct Frag<T_Q4_1> {
+    static constexpr int NB = 1;
+    static constexpr bool SPLIT = false;
+    int q[1][2];
+    float d[1][2], m[1];
+    __device__ __forceinline__ void load(const u8* row, int u, int c) {
+        const u8* b = row + u * 20;
+        u32 dm = *(const u32*)b;
+        d[0][0] = d[0][1] = h2f((u16)(dm & 0xffff));
+        m[0] = h2f((u16)(dm >> 16));
+        int v = ld_i32_a4(b + 4 + 4 * c);
+        q[0][0] = v & 0x0F0F0F0F;
+        q[0][1] = (v >> 4) & 0x0F0F0F0F;
+    }
+};
+
+template <>
+struct Frag<T_Q5_0> {
+    static constexpr int NB = 1;
+    static constexpr bool SPLIT = false;
+    int q[1][2];
+    float d[1][2], m[1];
+    __device__ __forceinline__ void load(const u8* row, int u, int c) {
+        const u8* b = row + u * 22;
+        float dd = h2f(*(const u16*)b);
+        u32 qh = (u32)ld_i32_a2(b + 2);
+        int v = ld_i32_a2(b + 6 + 4 * c);
+        q[0][0] = (v & 0x0F0F0F0F) | spread4((qh >> (4 * c)) & 0xF);
+        q[0][1] = ((v >> 4) & 0x0F0F0F0F) | spread4((qh >> (16 + 4 * c)) & 0xF);
+        d[0][0] = d[0][1] = dd;
+        m[0] = -16.0f * dd;
+    }
+};
+
+template <>
+struct Frag<T_Q5_1> {
+    static constexpr int NB = 1;
+    static constexpr bool SPLIT = false;
+    int q[1][2];
+    float d[1][2], m[1];
+    __device__ __forceinline__ void load(const u8* row, int u, int c) {
+        const u8* b = row + u * 24;
+        u32 dm = *(const u32*)b;
+        d[0][0] = d[0][1] = h2f((u16)(dm & 0xffff));
+        m[0] = h2f((u16)(dm >> 16));
+        u32 qh = *(const u32*)(b + 4);
+        int v = ld_i32_a4(b + 8 + 4 * c);
+        q[0][0] = (v & 0x0F0F0F0F) | spread4((qh >> (4 * c)) & 0xF);
+        q[0][1] = ((v >> 4) & 0x0F0F0F0F) | spread4((qh >> (16 + 4 * c)) & 0xF);
+    }
+};
+
+template <>
+struct Frag<T_Q8_0> {
+    static constexpr int NB = 1;
+    static constexpr bool SPLIT = false;
+    int q[1][2];
+    float d[1][2], m[1];
+    __device__ __forceinline__ void load(const u8* row, int u, int c) {
+        const u8* b = row + u * 34;
+        d[0][0] = d[0][1] = h2f(*(const u16*)b);
+        m[0] = 0.0f;
+        q[0][0] = ld_i32_a2(b + 2 + 4 * c);
+        q[0][1] = ld_i32_a2(b + 18 + 4 * c);
+    }
+};
+
+// Q4_K / Q5_K: unit = sub-block pair p of a super-block (blocks 2p, 2p + 1: the low and high
+// nibbles of the same 32 quant bytes).
+template <bool FIVE>
+struct FragK45 {
+    static constexpr int NB = 2;
+    static constexpr bool SPLIT = false;
+    int q[2][2];
+    float d[2][2], m[2];
+    __device__ __forceinline__ void load(const u8* row, int u, int c) {
+        int sb = u >> 2, p = u & 3;
+        const u8* b = row + sb * (FIVE ? 176 : 144);
+        u32 dd = *(const u32*)b;
+        float d0 = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
+        u32 w[3] = {*(const u32*)(b + 4), *(const u32*)(b + 8), *(const u32*)(b + 12)};
+        int sc0, mm0, sc1, mm1;
+        scale_min_w(2 * p, w, &sc0, &mm0);
+        scale_min_w(2 * p + 1, w, &sc1, &mm1);
+        d[0][0] = d[0][1] = d0 * (float)sc0;
+        d[1][0] = d[1][1] = d0 * (float)sc1;
+        m[0] = -dmin * (float)mm0;
+        m[1] = -dmin * (float)mm1;
+        const u8* qs = b + (FIVE ? 48 : 16) + 32 * p;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int v = ld_i32_a4(qs + 16 * h + 4 * c);
+            int lo = v & 0x0F0F0F0F, hi = (v >> 4) & 0x0F0F0F0F;
+            if (FIVE) {
+                int e = ld_i32_a4(b + 16 + 16 * h + 4 * c);
+                lo |= ((e >> (2 * p)) & 0x01010101) << 4;
+                hi |= ((e >> (2 * p + 1)) & 0x01010101) << 4;
+            }
+            q[0][h] = lo;
+            q[1][h] = hi;
+        }
+    }
+};
+
+template <>
+struct Frag<T_Q4_K> : FragK45<false> {};
+template <>
+struct Frag<T_Q5_K> : FragK45<true> {};
+
+// Q6_K: unit = half hh of a super-block (4 blocks: its four 32-value quarters).
+template <>
+struct Frag<T_Q6_K> {
+    static constexpr int NB = 4;
+    static constexpr bool SPLIT = true;
+    int q[4][2];
+    float d[4][2], m[4];
+    __device__ __forceinline__ void load(const u8* row, int u, int c) {
+        int sb = u >> 1, hh = u & 1;
+        const u8* b = row + sb * 210;
+        const u8* ql = b + 64 * hh;
+        const u8* qh = b + 128 + 32 * hh;
+        const i8* sc = (const i8*)(b + 192) + 8 * hh;
+        float dd = h2f(*(const u16*)(b + 208));
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int l0 = 16 * h + 4 * c;
+            int a = ld_i32_a2(ql + l0), a2 = ld_i32_a2(ql + 32 + l0), e = ld_i32_a2(qh + l0);
+            q[0][h] = (int)__vsubss4((a & 0x0F0F0F0F) | ((e & 0x03030303) << 4), 0x20202020);
+            q[1][h] = (int)__vsubss4((a2 & 0x0F0F0F0F) | (((e >> 2) & 0x03030303) << 4), 0x20202020);
+            q[2][h] = (int)__vsubss4(((a >> 4) & 0x0F0F0F0F) | (((e >> 4) & 0x03030303) << 4), 0x20202020);
+            q[3][h] = (int)__vsubss4(((a2 >> 4) & 0x0F0F0F0F) | (((e >> 6) & 0x03030303) << 4), 0x20202020);
+#pragma unroll
+            for (int j = 0; j < 4; j++) d[j][h] = dd * (float)sc[h + 2 * j];
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) m[j] = 0.0f;
+    }
+};
+
+// acc[i][nt][j] (row g + 8i, token 8 nt + 2c + j) += units u, u + MQ_WARPS, ... (U of them).
+template <int T, int U, int NTL>
+__device__ __forceinline__ void mmqs_units(const u8* r0, const u8* r1, int u, int g, int c,
+                                           const i8* yq, const float2* yds, int K, int nb,
+                                           int n_tok, float (*acc)[NTL][2]) {
+    Frag<T> f[U][2];
+#pragma unroll
+    for (int i = 0; i < U; i++) {
+        f[i][0].load(r0, u + i * MQ_WARPS, c);
+        f[i][1].load(r1, u + i * MQ_WARPS, c);
+    }
+#pragma unroll
+    for (int i = 0; i < U; i++) {
+#pragma unroll
+        for (int b = 0; b < Frag<T>::NB; b++) {
+            int blk = (u + i * MQ_WARPS) * Frag<T>::NB + b;
+#pragma unroll
+            for (int nt = 0; nt < NTL; nt++) {
+                int tk = min(8 * nt + g, n_tok - 1);
+                const i8* y = yq + (size_t)tk * K + blk * 32 + 4 * c;
+                int y0 = *(const int*)y, y1 = *(const int*)(y + 16);
+                int s0[4] = {0, 0, 0, 0}, s1[4] = {0, 0, 0, 0};
+                mma_s8(s0, f[i][0].q[b][0], f[i][1].q[b][0], y0);
+                mma_s8(Frag<T>::SPLIT ? s1 : s0, f[i][0].q[b][1], f[i][1].q[b][1], y1);
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    int t = min(8 * nt + 2 * c + j, n_tok - 1);
+                    float2 ds = yds[(size_t)t * nb + blk];
+#pragma unroll
+                    for (int rr = 0; rr < 2; rr++) {
+                        const Frag<T>& w = f[i][rr];
+                        float v = w.d[b][0] * ds.x * (float)s0[2 * rr + j] + w.m[b] * ds.y;
+                        if (Frag<T>::SPLIT) v += w.d[b][1] * ds.x * (float)s1[2 * rr + j];
+                        acc[rr][nt][j] += v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+template <int T, int NT>
+__device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, const i8* yq,
+                                     const float2* yds, int K, int n_tok) {
+    constexpr int NTL = NT / 8;
+    __shared__ float red[MQ_WARPS][WARP][4 * NTL];
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane >> 2, c = lane & 3;
+    int base = blockIdx.x * 16, last = m.total() - 1;
+    const u8* rp[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const u8* W;
+        float* o;
+        int ldo, local;
+        m.pick(min(base + g + 8 * i, last), &W, &o, &ldo, &local);
+        rp[i] = W + (u64)local * row_bytes;
+    }
+    float acc[2][NTL][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int nt = 0; nt < NTL; nt++) acc[i][nt][0] = acc[i][nt][1] = 0.0f;
+    int nb = K / 32;
+    int u = warp;
+    constexpr int U = Frag<T>::NB == 4 ? 1 : 2;
+    for (; u + (U - 1) * MQ_WARPS < units; u += U * MQ_WARPS)
+        mmqs_units<T, U, NTL>(rp[0], rp[1], u, g, c, yq, yds, K, nb, n_tok, acc);
+    if (U == 2 && u < units) mmqs_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, yds, K, nb, n_tok, acc);
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int nt = 0; nt < NTL; nt++) {
+            red[warp][lane][4 * nt + 2 * i] = acc[i][nt][0];
+            red[warp][lane][4 * nt + 2 * i + 1] = acc[i][nt][1];
+        }
+    __syncthreads();
+    // Warp 0 adds the warps' partial sums and writes rows g, g + 8 for its tokens.
+    if (warp != 0) return;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const u8* W;
+        float* out;
+        int ldo, local;
+        if (!m.pick(base + g + 8 * i, &W, &out, &ldo, &local)) continue;
+#pragma unroll
+        for (int nt = 0; nt < NTL; nt++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                int t = 8 * nt + 2 * c + j;
+                float v = 0.0f;
+#pragma unroll
+                for (int w = 0; w < MQ_WARPS; w++) v += red[w][lane][4 * nt + 2 * i + j];
+                if (t < n_tok) out[(size_t)t * ldo + local] = v;
+            }
+    }
+}
+
+#define MMQS_NT(name, T, NT)                                                                   \
+    extern "C" __global__ void __launch_bounds__(MQ_WARPS * WARP) name(                        \
+        const u8* W0, const u8* W1, const u8* W2, int r0, int r1, int r2, float* o0, float* o1, \
+        float* o2, int ldo0, int ldo1, int ldo2, u64 row_bytes, int units, const i8* yq,       \
+        const float2* yds, int K, int n_tok) {                                                 \
+        Rows3 m = {W0, W1, W2, r0, r1, r2, o0, o1, o2, ldo0, ldo1, ldo2};                      \
+        mmqs<T, NT>(m, row_bytes, units, yq, yds, K, n_tok);                                   \
+    }
+#define MMQS(name, T)         \
+    MMQS_NT(name##_8, T, 8)   \
+    MMQS_NT(name##_16, T, 16)
+MMQS(mmqs_q4_0, T_Q4_0)
+MMQS(mmqs_q4_1, T_Q4_1)
+MMQS(mmqs_q5_0, T_Q5_0)
+MMQS(mmqs_q5_1, T_Q5_1)
+MMQS(mmqs_q8_0, T_Q8_0)
+MMQS(mmqs_q4_k, T_Q4_K)
+MMQS(mmqs_q5_k, T_Q5_K)
+MMQS(mmqs_q6_k, T_Q6_K)
 
 // ---- float weights ---------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 
 use moa::backend::cpu::CpuBackend;
-use moa::backend::cuda::{self, CudaBackend, MatmulHarness, GPU_TYPES};
+use moa::backend::cuda::{self, CudaBackend, DecodeKernels, MatmulHarness, GPU_TYPES};
 use moa::backend::BackendOptions;
 use moa::formats::GgmlType;
 use moa::kv::KvLayout;
@@ -133,47 +133,59 @@ fn matmul_kernels_match_dequantized_reference() {
             }
             for &n in &[1usize, 3, 8, 13, 16, 40] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
-                let got = h.run(ty, rows, cols, &w, &x, n).unwrap();
                 let decode = n <= cuda::MV_MAXT;
                 let quantized_acts =
                     decode && !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
-                let mut max_err = 0f64;
-                let mut scale = 0f64;
-                // (token, row, got, want) of the worst entry and how many exceed the tolerance.
-                let mut worst = (0usize, 0usize, 0f64, 0f64);
-                let mut n_bad = 0usize;
-                for t in 0..n {
-                    let xr = &x[t * cols..(t + 1) * cols];
-                    let xv: Vec<f64> = if quantized_acts {
-                        q8_1_view(xr)
-                    } else if decode {
-                        xr.iter().map(|&v| v as f64).collect()
-                    } else {
-                        f16_view(xr)
-                    };
-                    for r in 0..rows {
-                        let wr = &wd[r * cols..(r + 1) * cols];
-                        let wv: Vec<f64> = if decode {
-                            wr.iter().map(|&v| v as f64).collect()
+                // Quantized decode products: the dp4a kernels (warps per row by shape, and 4)
+                // and the tensor-core kernels, each against the reference.
+                let variants: Vec<(&str, DecodeKernels)> = if quantized_acts {
+                    vec![
+                        ("dp4a", DecodeKernels::dp4a(None)),
+                        ("dp4a wpr=4", DecodeKernels::dp4a(Some(4))),
+                        ("mma", DecodeKernels::mma_from(1)),
+                    ]
+                } else {
+                    vec![("", DecodeKernels::from_env())]
+                };
+                for (kname, dk) in variants {
+                    let got = h.run_with(ty, rows, cols, &w, &x, n, dk).unwrap();
+                    let mut max_err = 0f64;
+                    let mut scale = 0f64;
+                    // (token, row, got, want) of the worst entry and how many exceed the tolerance.
+                    let mut worst = (0usize, 0usize, 0f64, 0f64);
+                    let mut n_bad = 0usize;
+                    for t in 0..n {
+                        let xr = &x[t * cols..(t + 1) * cols];
+                        let xv: Vec<f64> = if quantized_acts {
+                            q8_1_view(xr)
+                        } else if decode {
+                            xr.iter().map(|&v| v as f64).collect()
                         } else {
-                            f16_view(wr)
+                            f16_view(xr)
                         };
-                        let want: f64 = wv.iter().zip(&xv).map(|(a, b)| a * b).sum();
-                        let abs: f64 = wv.iter().zip(&xv).map(|(a, b)| (a * b).abs()).sum();
-                        scale = scale.max(abs);
-                        let g = got[t * rows + r] as f64;
-                        let err = (g - want).abs() / (abs + 1e-6);
-                        n_bad += (err >= 2e-5) as usize;
-                        if err > max_err {
-                            max_err = err;
-                            worst = (t, r, g, want);
+                        for r in 0..rows {
+                            let wr = &wd[r * cols..(r + 1) * cols];
+                            let wv: Vec<f64> = if decode {
+                                wr.iter().map(|&v| v as f64).collect()
+                            } else {
+                                f16_view(wr)
+                            };
+                            let want: f64 = wv.iter().zip(&xv).map(|(a, b)| a * b).sum();
+                            let abs: f64 = wv.iter().zip(&xv).map(|(a, b)| (a * b).abs()).sum();
+                            scale = scale.max(abs);
+                            let g = got[t * rows + r] as f64;
+                            let err = (g - want).abs() / (abs + 1e-6);
+                            n_bad += (err >= 2e-5) as usize;
+                            if err > max_err {
+                                max_err = err;
+                                worst = (t, r, g, want);
+                            }
                         }
                     }
-                }
-                assert!(
+                    assert!(
                     max_err < 2e-5,
-                    "{} {rows}x{cols} n={n}: relative error {max_err:e} (scale {scale}); worst at \
-                     token {} row {}: got {} want {}; {n_bad} of {} entries off",
+                    "{} {kname} {rows}x{cols} n={n}: relative error {max_err:e} (scale {scale}); \
+                     worst at token {} row {}: got {} want {}; {n_bad} of {} entries off",
                     ty.name(),
                     worst.0,
                     worst.1,
@@ -181,6 +193,7 @@ fn matmul_kernels_match_dequantized_reference() {
                     worst.3,
                     n * rows
                 );
+                }
             }
         }
     }
@@ -420,15 +433,29 @@ fn matvec_bandwidth_report() {
             let mut rb = vec![0u8; ty.bytes_for(cols as u64).unwrap() as usize];
             ggml_compat::quantize_row(ty, &row, &mut rb).unwrap();
             for &n in &[1usize, 4, 8, 16] {
-                let s = h.time_matvec(ty, rows, cols, &rb, n, 50).unwrap();
-                let bytes = rows * rb.len();
-                println!(
-                    "matvec {:5} {name:24} n={n}: {:8.1} us  {:6.0} GB/s  ({:.0}% of copy)",
-                    ty.name(),
-                    s * 1e6,
-                    bytes as f64 / s / 1e9,
-                    100.0 * bytes as f64 / s / copy
-                );
+                // The default choice, then the alternatives (float weights have one kernel).
+                let mut variants = vec![("default", DecodeKernels::from_env())];
+                if !cuda::matmul::is_float(ty) && n == 1 {
+                    variants.extend([
+                        ("dp4a wpr=1", DecodeKernels::dp4a(Some(1))),
+                        ("dp4a wpr=2", DecodeKernels::dp4a(Some(2))),
+                        ("dp4a wpr=4", DecodeKernels::dp4a(Some(4))),
+                        ("mma", DecodeKernels::mma_from(1)),
+                    ]);
+                } else if !cuda::matmul::is_float(ty) {
+                    variants.push(("dp4a", DecodeKernels::dp4a(None)));
+                }
+                for (kname, dk) in variants {
+                    let s = h.time_matvec(ty, rows, cols, &rb, n, 50, dk).unwrap();
+                    let bytes = rows * rb.len();
+                    println!(
+                        "matvec {:5} {name:24} n={n} {kname:10}: {:8.1} us  {:6.0} GB/s  ({:.0}% of copy)",
+                        ty.name(),
+                        s * 1e6,
+                        bytes as f64 / s / 1e9,
+                        100.0 * bytes as f64 / s / copy
+                    );
+                }
             }
         }
     }

@@ -94,6 +94,8 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     pub name: String,
     pub cc: (i32, i32),
+    /// Streaming multiprocessors (sizes the launches that must fill the device).
+    pub sms: usize,
 }
 
 impl Gpu {
@@ -107,11 +109,18 @@ impl Gpu {
         let cc = ctx
             .compute_capability()
             .map_err(|e| driver_err("reading the compute capability", e))?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .unwrap_or(132)
+            .max(1) as usize;
         Ok(Gpu {
             ctx,
             stream,
             name,
             cc,
+            sms,
         })
     }
 

@@ -76,6 +76,82 @@ fn units_per_row(ty: GgmlType, cols: usize) -> usize {
     }
 }
 
+/// Work units per row of the tensor-core small-batch kernels (`Frag<T>` in quant.cu): blocks of
+/// 32, sub-block pairs (64 values) for Q4_K/Q5_K, super-block halves (128) for Q6_K.
+fn mmqs_units_per_row(ty: GgmlType, cols: usize) -> usize {
+    match ty {
+        GgmlType::Q4_K | GgmlType::Q5_K => cols / 64,
+        GgmlType::Q6_K => cols / 128,
+        _ => cols / 32,
+    }
+}
+
+/// Weight rows per block of the tensor-core small-batch kernels (`mmqs`).
+const MQ_ROWS: usize = 16;
+/// Threads per block of `mmqs` (MQ_WARPS warps).
+const MQ_THREADS: u32 = 256;
+/// Warps per block of `mmvq` (MV_WARPS).
+const MV_WARPS: usize = 4;
+
+/// Which decode kernel runs a product of `n` tokens, and how (see [`DecodeKernels::choose`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodePath {
+    /// `mmvq` with `wpr` warps per weight row.
+    Dp4a { wpr: usize },
+    /// `mmqs`: int8 tensor-core MMAs, 16 rows per block.
+    Mma,
+}
+
+/// Decode-kernel choices, from the environment once (for measuring the alternatives):
+/// `MOA_MV_WPR` (1, 2 or 4: warps per row of the dp4a kernels; default by shape) and
+/// `MOA_MMQS_MIN` (fewest tokens that take the tensor-core kernels; default 2, 0 = never).
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeKernels {
+    wpr: Option<usize>,
+    mma_min: usize,
+}
+
+impl DecodeKernels {
+    /// Always the dp4a kernels, with `wpr` warps per row (None: by shape).
+    pub fn dp4a(wpr: Option<usize>) -> DecodeKernels {
+        DecodeKernels { wpr, mma_min: 0 }
+    }
+
+    /// The tensor-core kernels from `min` tokens on (1: always).
+    pub fn mma_from(min: usize) -> DecodeKernels {
+        DecodeKernels {
+            wpr: None,
+            mma_min: min,
+        }
+    }
+
+    pub fn from_env() -> DecodeKernels {
+        let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        DecodeKernels {
+            wpr: var("MOA_MV_WPR").filter(|w| [1, 2, 4].contains(w)),
+            mma_min: var("MOA_MMQS_MIN").unwrap_or(2),
+        }
+    }
+
+    /// The kernel for `n` tokens over `rows` rows of `units` mmvq units each on a GPU with
+    /// `sms` multiprocessors. The dp4a kernels take one warp per row, and more (2 or 4, their
+    /// sums meeting in shared memory) where the matrix has too few rows to keep about 64 warps
+    /// per multiprocessor busy and each warp still gets 2+ units per lane.
+    pub fn choose(&self, n: usize, rows: usize, units: usize, sms: usize) -> DecodePath {
+        if self.mma_min > 0 && n >= self.mma_min {
+            return DecodePath::Mma;
+        }
+        let wpr = self.wpr.unwrap_or_else(|| {
+            let mut w = 1;
+            while w < MV_WARPS && rows * w < sms * 64 && units >= 2 * 2 * w * 32 {
+                w *= 2;
+            }
+            w
+        });
+        DecodePath::Dp4a { wpr }
+    }
+}
+
 /// A weight matrix on the device (a pointer into an uploaded tensor) and its kernels.
 pub struct GpuMatrix {
     pub ptr: u64,
@@ -85,7 +161,10 @@ pub struct GpuMatrix {
     pub row_bytes: usize,
     /// Matrix-vector kernels by [`MV_VARIANTS`] (float weights: one kernel, repeated).
     mv: [CudaFunction; 3],
+    /// Tensor-core small-batch kernels for up to 8 and up to 16 tokens (quantized weights).
+    mq: Option<[CudaFunction; 2]>,
     dq: CudaFunction,
+    pub decode: DecodeKernels,
 }
 
 impl GpuMatrix {
@@ -111,12 +190,16 @@ impl GpuMatrix {
         if !cols.is_multiple_of(ty.block_size()) {
             return Ok(None);
         }
-        let mv = if is_float(ty) {
+        let (mv, mq) = if is_float(ty) {
             let f = k.get(&format!("mv_{suffix}"))?;
-            [f.clone(), f.clone(), f]
+            ([f.clone(), f.clone(), f], None)
         } else {
             let f = |nt: usize| k.get(&format!("mmvq_{suffix}_{nt}"));
-            [f(MV_VARIANTS[0])?, f(MV_VARIANTS[1])?, f(MV_VARIANTS[2])?]
+            let g = |nt: usize| k.get(&format!("mmqs_{suffix}_{nt}"));
+            (
+                [f(MV_VARIANTS[0])?, f(MV_VARIANTS[1])?, f(MV_VARIANTS[2])?],
+                Some([g(8)?, g(16)?]),
+            )
         };
         let dq = k.get(&format!("dequant_f16_{suffix}"))?;
         let row_bytes = ty.bytes_for(cols as u64).expect("validated shape") as usize;
@@ -127,7 +210,9 @@ impl GpuMatrix {
             cols,
             row_bytes,
             mv,
+            mq,
             dq,
+            decode: DecodeKernels::from_env(),
         }))
     }
 }
@@ -333,30 +418,59 @@ fn launch_mmvq(
     let (w0, r0, o0, l0) = get(0);
     let (w1, r1, o1, l1) = get(1);
     let (w2, r2, o2, l2) = get(2);
-    gpu.launch(
-        m.mv_for(n),
-        lcfg((blocks(r0 + r1 + r2, 4), 1, 1), 128),
-        &[
-            A::P(w0),
-            A::P(w1),
-            A::P(w2),
-            A::I(r0 as i32),
-            A::I(r1 as i32),
-            A::I(r2 as i32),
-            A::P(o0),
-            A::P(o1),
-            A::P(o2),
-            A::I(l0 as i32),
-            A::I(l1 as i32),
-            A::I(l2 as i32),
-            A::P(m.row_bytes as u64),
-            A::I(units_per_row(m.ty, m.cols) as i32),
-            A::P(s.yq.ptr),
-            A::P(s.yds.ptr),
-            A::I(m.cols as i32),
-            A::I(n as i32),
-        ],
-    )
+    let rows = r0 + r1 + r2;
+    let mut args = vec![
+        A::P(w0),
+        A::P(w1),
+        A::P(w2),
+        A::I(r0 as i32),
+        A::I(r1 as i32),
+        A::I(r2 as i32),
+        A::P(o0),
+        A::P(o1),
+        A::P(o2),
+        A::I(l0 as i32),
+        A::I(l1 as i32),
+        A::I(l2 as i32),
+        A::P(m.row_bytes as u64),
+    ];
+    let units = units_per_row(m.ty, m.cols);
+    let path = match &m.mq {
+        Some(_) => m.decode.choose(n, rows, units, gpu.sms),
+        None => DecodePath::Dp4a { wpr: 1 },
+    };
+    match (path, &m.mq) {
+        (DecodePath::Mma, Some(mq)) => {
+            args.extend([
+                A::I(mmqs_units_per_row(m.ty, m.cols) as i32),
+                A::P(s.yq.ptr),
+                A::P(s.yds.ptr),
+                A::I(m.cols as i32),
+                A::I(n as i32),
+            ]);
+            let f = if n <= 8 { &mq[0] } else { &mq[1] };
+            gpu.launch(f, lcfg((blocks(rows, MQ_ROWS), 1, 1), MQ_THREADS), &args)
+        }
+        _ => {
+            let wpr = match path {
+                DecodePath::Dp4a { wpr } => wpr,
+                DecodePath::Mma => 1,
+            };
+            args.extend([
+                A::I(units as i32),
+                A::P(s.yq.ptr),
+                A::P(s.yds.ptr),
+                A::I(m.cols as i32),
+                A::I(n as i32),
+                A::I(wpr as i32),
+            ]);
+            gpu.launch(
+                m.mv_for(n),
+                lcfg((blocks(rows, MV_WARPS / wpr), 1, 1), (MV_WARPS * 32) as u32),
+                &args,
+            )
+        }
+    }
 }
 
 /// Products of one input with several matrices (`(matrix, out, ldo)` each). Decode-sized
@@ -429,7 +543,8 @@ impl MatmulHarness {
         Ok(MatmulHarness { gpu, k, blas })
     }
 
-    /// `n` rows of `W x` for a weight of `rows x cols` given as ggml bytes.
+    /// `n` rows of `W x` for a weight of `rows x cols` given as ggml bytes (decode kernels as
+    /// the environment chooses).
     pub fn run(
         &self,
         ty: GgmlType,
@@ -439,13 +554,29 @@ impl MatmulHarness {
         x: &[f32],
         n: usize,
     ) -> Result<Vec<f32>, BackendError> {
+        self.run_with(ty, rows, cols, w, x, n, DecodeKernels::from_env())
+    }
+
+    /// [`MatmulHarness::run`] with the decode kernels chosen by `dk`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_with(
+        &self,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        x: &[f32],
+        n: usize,
+        dk: DecodeKernels,
+    ) -> Result<Vec<f32>, BackendError> {
         let wb = self.gpu.alloc(w.len(), "test weight")?;
         self.gpu.upload(&wb, w)?;
         let xb = self.gpu.alloc(x.len() * 4, "test input")?;
         self.gpu.upload(&xb, x)?;
         let ob = self.gpu.alloc(n * rows * 4, "test output")?;
-        let m = GpuMatrix::new(&self.k, wb.ptr, ty, rows, cols)?
+        let mut m = GpuMatrix::new(&self.k, wb.ptr, ty, rows, cols)?
             .ok_or_else(|| BackendError::Device(format!("no GPU kernel for {}", ty.name())))?;
+        m.decode = dk;
         let mut s = MatScratch::new(&self.gpu, n, cols, rows * cols)?;
         let a = MatArgs {
             x: xb.ptr,
@@ -460,8 +591,10 @@ impl MatmulHarness {
         Ok(out)
     }
 
-    /// Mean seconds of one decode product (`n` tokens, activations already quantized) on a
-    /// weight of `rows x cols` filled with `w_bytes` repeated, over `iters` runs after warm-up.
+    /// Mean seconds of one decode product (`n` tokens, activations already quantized, kernels
+    /// chosen by `dk`) on a weight of `rows x cols` filled with `w_bytes` repeated, over `iters`
+    /// runs after warm-up.
+    #[allow(clippy::too_many_arguments)]
     pub fn time_matvec(
         &self,
         ty: GgmlType,
@@ -470,6 +603,7 @@ impl MatmulHarness {
         block_bytes: &[u8],
         n: usize,
         iters: usize,
+        dk: DecodeKernels,
     ) -> Result<f64, BackendError> {
         let row_bytes = ty.bytes_for(cols as u64).expect("shape") as usize;
         let total = rows * row_bytes;
@@ -482,8 +616,9 @@ impl MatmulHarness {
         let xb = self.gpu.alloc(x.len() * 4, "bench input")?;
         self.gpu.upload(&xb, &x)?;
         let ob = self.gpu.alloc(n * rows * 4, "bench output")?;
-        let m = GpuMatrix::new(&self.k, wb.ptr, ty, rows, cols)?
+        let mut m = GpuMatrix::new(&self.k, wb.ptr, ty, rows, cols)?
             .ok_or_else(|| BackendError::Device(format!("no GPU kernel for {}", ty.name())))?;
+        m.decode = dk;
         let mut s = MatScratch::new(&self.gpu, n, cols, 0)?;
         let a = MatArgs {
             x: xb.ptr,

@@ -22,7 +22,9 @@ use cudarc::driver::CudaFunction;
 use self::device::{blocks, cfg_1d, lcfg, A};
 pub use self::device::{probe, CudaUnavailable, DevBuf, Gpu};
 use self::kernels::Kernels;
-pub use self::matmul::{GpuMatrix, MatArgs, MatScratch, MatmulHarness, GPU_TYPES, MV_MAXT};
+pub use self::matmul::{
+    DecodeKernels, GpuMatrix, MatArgs, MatScratch, MatmulHarness, GPU_TYPES, MV_MAXT,
+};
 
 use super::{validate_batch, Backend, BackendError, BackendOptions};
 use crate::backend::cpu::ops::rope_angles;
@@ -291,13 +293,7 @@ impl CudaBackend {
         let logits_d = salloc(max_logits * cfg.n_vocab * 4, "logits")?;
         let argmax_d = salloc(max_logits * 4, "argmax")?;
         gpu.sync()?;
-        let sms = gpu
-            .ctx
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .unwrap_or(132)
-            .max(1) as usize;
+        let sms = gpu.sms;
         let att_target_blocks = std::env::var("MOA_ATT_BLOCKS")
             .ok()
             .and_then(|v| v.parse().ok())
