@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu-check.sh build          # here: stripped release binaries into .devbin/
 #   bash tools/gpu-check.sh run [MODEL]    # on the GPU machine, from the repo root: all below
-#   bash tools/gpu-check.sh tests|model [MODEL]|bench|parallel|bandwidth|profile
+#   bash tools/gpu-check.sh tests|model [MODEL]|bench|parallel|bandwidth|times|profile
 #
 # With MOA_REQUIRE_GPU=1 (a missing GPU fails instead of skipping):
 #   tests:     tests/cuda_backend.rs: every kernel against its CPU reference on fresh random data,
@@ -18,6 +18,7 @@
 #              uniform 0.5, at the depths of the issue bars;
 #   parallel:  moa-bench --parallel 1,4,16 with 16k prompts, dense and uniform 0.5;
 #   bandwidth: the decode matvec bandwidth report;
+#   times:     per-kernel GPU times of decode steps from the built-in timer (MOA_KERNEL_TIMES=1);
 #   profile:   per-kernel times (Nsight Compute) of decode steps, and registers per kernel.
 # The lent GPU machine takes at most 64 MiB per call: .devbin/ compressed (`tar cJf
 # .devx/devbin.txz .devbin`: about 3 MB) and the default model (98 MB) split in two parts
@@ -88,6 +89,16 @@ bandwidth)
     echo "== decode matvec bandwidth"
     "$out/cuda_backend" --ignored --nocapture matvec_bandwidth 2>&1 | grep -E "copy|n=1 |n=16"
     ;;
+times)
+    # Per-kernel GPU time of decode steps with the built-in kernel timer (CUDA events around
+    # every launch, graphs off): depth 0, then depth 32768 dense and uniform 0.5.
+    make_synth
+    export MOA_KERNEL_TIMES=1
+    "$out/moa-bench" -m "$synth" --device cuda --dense -p 0 -n 64 -r 1 2>&1 | head -24
+    for mode in --dense "--uniform 0.5"; do
+        "$out/moa-bench" -m "$synth" --device cuda $mode -p 0 -n 32 -r 1 -d 32768 2>&1 | grep -E "attn|kernel times|ms  " | head -8
+    done
+    ;;
 profile)
     # Per-kernel GPU times of decode steps (Nsight Compute, clocks left alone), on the synthetic
     # 8B file: depth 0 dense, then the decode attention kernels at depth 32768 dense and 0.5.
@@ -105,7 +116,7 @@ profile)
     done
     ;;
 *)
-    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | bench | parallel | bandwidth | profile" >&2
+    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | bench | parallel | bandwidth | times | profile" >&2
     exit 2
     ;;
 esac

@@ -190,6 +190,7 @@ impl Gpu {
         c: LaunchConfig,
         args: &[A],
     ) -> Result<(), BackendError> {
+        let timed = super::timer::enabled().then(|| super::timer::start(&self.stream));
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
@@ -202,7 +203,11 @@ impl Gpu {
         // with pointers to live allocations of the sizes the kernels index.
         unsafe { b.launch(c) }
             .map(|_| ())
-            .map_err(|e| driver_err("launching a kernel", e))
+            .map_err(|e| driver_err("launching a kernel", e))?;
+        if let Some(Some(start)) = timed {
+            super::timer::stop(&self.stream, f, start);
+        }
+        Ok(())
     }
 
     pub fn sync(&self) -> Result<(), BackendError> {

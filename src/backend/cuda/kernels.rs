@@ -170,11 +170,7 @@ impl Kernels {
         let module = ctx
             .load_module(Ptx::from_src(ptx))
             .map_err(|e| super::device::driver_err("loading the kernel module", e))?;
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(|e| super::device::driver_err(&format!("kernel {name}"), e))
-        };
+        let f = |name: &str| load_named(&module, name);
         // The attention kernels take more than the default 48 KiB of dynamic shared memory.
         let stages = fa_stages(arch);
         let fa = |name: &str, d: usize| {
@@ -210,8 +206,15 @@ impl Kernels {
 
     /// A kernel by name (per-type kernels: `mmvq_q4_k`, `dequant_f16_q6_k`, `embed_q4_1`, ...).
     pub fn get(&self, name: &str) -> Result<CudaFunction, BackendError> {
-        self.module
-            .load_function(name)
-            .map_err(|e| super::device::driver_err(&format!("kernel {name}"), e))
+        load_named(&self.module, name)
     }
+}
+
+/// Loads a kernel and records its name for the kernel timer ([`super::timer`]).
+fn load_named(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, BackendError> {
+    let f = module
+        .load_function(name)
+        .map_err(|e| super::device::driver_err(&format!("kernel {name}"), e))?;
+    super::timer::name_kernel(&f, name);
+    Ok(f)
 }

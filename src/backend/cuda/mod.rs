@@ -13,6 +13,7 @@
 pub mod device;
 pub mod kernels;
 pub mod matmul;
+pub mod timer;
 
 use std::sync::Arc;
 
@@ -332,7 +333,9 @@ impl CudaBackend {
             scratch_bytes,
             graphs: Default::default(),
             single_token_runs: false,
-            use_graphs: std::env::var("MOA_CUDA_GRAPHS").map_or(true, |v| v != "0"),
+            // The kernel timer records events around every launch, which a graph would not.
+            use_graphs: std::env::var("MOA_CUDA_GRAPHS").map_or(true, |v| v != "0")
+                && !timer::enabled(),
             att_target_blocks,
             layout,
             gpu,
