@@ -125,20 +125,32 @@ __device__ __forceinline__ void q8_1_lane(float v, i8* yq, float2* yds, int lane
 
 // Per row t: if y: x[t] += y[t]; out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w (sum of squares in
 // f64 as the CPU backend and ggml accumulate it); if yq: out[t] also as q8_1 (width a multiple of
-// 32 then). One block per row.
-extern "C" __global__ void add_rms_norm_q8(float* x, const float* y, const float* w, float eps,
-                                           int width, float* out, i8* yq, float2* yds) {
-    int t = blockIdx.x;
+// 32 then). One block per row; each thread holds its (at most NORM_PER) values in registers and
+// issues all its loads before using any: a loop that stored x between loads would wait for one
+// memory round trip per value, which made this tiny kernel take longer than a matrix product.
+#define NORM_PER 16
+extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_q8(float* x, const float* y,
+        const float* w, float eps, int width, float* out, i8* yq, float2* yds) {
+    int t = blockIdx.x, nt = blockDim.x;
     float* xr = x + (size_t)t * width;
     const float* yr = y ? y + (size_t)t * width : nullptr;
+    float v[NORM_PER], a[NORM_PER], wv[NORM_PER];
+#pragma unroll
+    for (int k = 0; k < NORM_PER; k++) {
+        int i = threadIdx.x + k * nt;
+        v[k] = i < width ? xr[i] : 0.0f;
+        a[k] = yr && i < width ? yr[i] : 0.0f;
+        wv[k] = i < width ? w[i] : 0.0f;
+    }
     double s = 0.0;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        float v = xr[i];
+#pragma unroll
+    for (int k = 0; k < NORM_PER; k++) {
+        int i = threadIdx.x + k * nt;
         if (yr) {
-            v += yr[i];
-            xr[i] = v;
+            v[k] += a[k];
+            if (i < width) xr[i] = v[k];
         }
-        s += (double)(v * v);
+        s += (double)(v[k] * v[k]);
     }
     __shared__ double red[32];
 #pragma unroll
@@ -146,7 +158,7 @@ extern "C" __global__ void add_rms_norm_q8(float* x, const float* y, const float
     if (threadIdx.x % WARP == 0) red[threadIdx.x / WARP] = s;
     __syncthreads();
     if (threadIdx.x < WARP) {
-        s = threadIdx.x < blockDim.x / WARP ? red[threadIdx.x] : 0.0;
+        s = threadIdx.x < nt / WARP ? red[threadIdx.x] : 0.0;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         if (threadIdx.x == 0) red[0] = s;
@@ -154,13 +166,17 @@ extern "C" __global__ void add_rms_norm_q8(float* x, const float* y, const float
     __syncthreads();
     float mean = (float)(red[0] / (double)width);
     float scale = 1.0f / sqrtf(mean + eps);
-    // Each warp takes whole 32-value chunks so the q8_1 blocks can be formed in registers.
-    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    for (int c = warp; c * 32 < width; c += nw) {
-        int i = c * 32 + lane;
-        float v = i < width ? (xr[i] * scale) * w[i] : 0.0f;
-        if (i < width) out[(size_t)t * width + i] = v;
-        if (yq) q8_1_lane(v, yq + (size_t)t * width + c * 32, yds + (size_t)t * (width / 32) + c, lane);
+    // For each k a warp's lanes hold 32 consecutive values (nt is a multiple of 32): one q8_1
+    // block, formed in registers.
+    int lane = threadIdx.x % WARP;
+#pragma unroll
+    for (int k = 0; k < NORM_PER; k++) {
+        int i = threadIdx.x + k * nt;
+        int c = (i - lane) / 32;
+        if (c * 32 >= width) break;
+        float o = (v[k] * scale) * wv[k];
+        if (i < width) out[(size_t)t * width + i] = o;
+        if (yq) q8_1_lane(o, yq + (size_t)t * width + c * 32, yds + (size_t)t * (width / 32) + c, lane);
     }
 }
 

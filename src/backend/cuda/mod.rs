@@ -110,6 +110,15 @@ struct MetaLayout {
     words: usize,
 }
 
+/// Values per thread at most in `add_rms_norm_q8` (NORM_PER in ops.cu).
+const NORM_PER: usize = 16;
+
+/// Threads of the norm kernel for rows of `width`: about 4 values each, a multiple of 32, at
+/// most 1024 (so rows up to 16384 wide).
+fn norm_threads(width: usize) -> u32 {
+    (width.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
 fn meta_layout(max_batch: usize, half_rot: usize) -> MetaLayout {
     let b = max_batch;
     MetaLayout {
@@ -158,6 +167,17 @@ impl CudaBackend {
                 tensor: "attention".into(),
                 ty: format!("head_dim {}", cfg.head_dim),
                 reason: "the attention kernels exist for head dimensions 64 and 128".into(),
+            });
+        }
+        if cfg.n_embd > 1024 * NORM_PER {
+            return Err(BackendError::Unsupported {
+                backend: "cuda",
+                tensor: "norm".into(),
+                ty: format!("embedding width {}", cfg.n_embd),
+                reason: format!(
+                    "the norm kernel holds rows of at most {} values",
+                    1024 * NORM_PER
+                ),
             });
         }
         let group = cfg.n_head / cfg.n_head_kv.max(1);
@@ -745,7 +765,7 @@ impl CudaBackend {
         let wv = self.vectors[w].as_ref().expect("norm prepared").ptr;
         self.gpu.launch(
             &self.k.add_rms_norm_q8,
-            lcfg((n as u32, 1, 1), 256),
+            lcfg((n as u32, 1, 1), norm_threads(width)),
             &[
                 A::P(self.act(x)),
                 A::P(y.map_or(0, |y| self.act(y))),
