@@ -23,12 +23,21 @@
 #endif
 #define FA_MIN_PER 128
 
+// 2^x (PTX ex2.approx: relative error about 2^-22; 2^-inf = 0). The softmax runs in base 2
+// with the scale pre-multiplied by log2(e), and the partial maxima are kept in that domain.
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+
 // The keys one block may need, shared by both kernels: for query tokens t0..t0+nt-1 of one run
 // (positions imin..imax) and KV head g, the sinks [0, min(sink, imax + 1)) followed by the window
 // union [wlo, imax]; key index idx in [0, nk) maps to a position, and a position to its K/V rows
 // (the cache ring below the run's first position p0, the run's f16 staging rows from p0 on).
 struct KeySpan {
-    int cap, sink, win, p0, rs, ns, wlo, nk, ldkv, g;
+    int cap, sink, win, p0, rs, ns, wlo, nk, ldkv, g, imin, imax;
     size_t region;  // first row of this head's region for the sequence
     const u16 *kc, *vc, *knew, *vnew;
 
@@ -43,7 +52,8 @@ struct KeySpan {
         win = cap - sink;
         p0 = tok_p0[t0];
         rs = tok_rs[t0];
-        const int imin = tok_pos[t0], imax = tok_pos[t0 + nt - 1];
+        imin = tok_pos[t0];
+        imax = tok_pos[t0 + nt - 1];
         ns = min(sink, imax + 1);
         wlo = max(sink, imin - win + 1);
         nk = ns + max(0, imax + 1 - wlo);
@@ -61,6 +71,16 @@ struct KeySpan {
     // The token-exact mask: may the query at position i see the key at position j?
     __device__ __forceinline__ bool visible(int i, int j) const {
         return j <= i && (j < sink || i - j < win);
+    }
+
+    // Whether every query of the block (positions imin..imax) sees all n keys from index kb on:
+    // then the tile needs no mask (all tiles but the edges of the causal diagonal and the
+    // windows).
+    __device__ __forceinline__ bool tile_visible(int kb, int n) const {
+        if (pos(kb + n - 1) > imin) return false;      // causal: the newest key
+        if (kb + n <= ns) return true;                  // sinks only
+        const int jlo = kb >= ns ? pos(kb) : wlo;       // the oldest key past the sinks
+        return imax - jlo < win;
     }
 
     // K and V rows (D halves each) of the key at position j.
@@ -92,7 +112,7 @@ extern "C" __global__ void attn_merge(const float* part, int n_split, int D, flo
         for (int z = 0; z < n_split; z++) {
             const float mz = pp[z * (D + 2) + D];
             if (mz == NEG_INF) continue;
-            const float w = expf(mz - M);
+            const float w = ex2(mz - M);
             L += w * pp[z * (D + 2) + D + 1];
             o += w * pp[z * (D + 2) + threadIdx.x];
         }
@@ -184,6 +204,7 @@ __device__ __forceinline__ void attn_fa(
     const int t0 = tl.x, nt = tl.y, g = blockIdx.y, z = blockIdx.z;
     const int R = nt * G;
     const int ldq = n_head * D, ldkv = n_head_kv * D;
+    const float scale2 = scale * 1.4426950408889634f;  // base-2 softmax
 
     // Queries, rounded to f16, staged in shared memory and taken as A fragments.
     for (int idx = tid; idx < ROWS * D; idx += FA_THREADS) {
@@ -277,16 +298,27 @@ __device__ __forceinline__ void attn_fa(
                 mma16816(s[j], qa[kk], *(const u32*)kr, *(const u32*)(kr + 8));
             }
         }
-        // Mask, scale, tile row maxima.
+        // Mask (tiles every query sees whole skip it), scale, tile row maxima.
         float mt[2] = {NEG_INF, NEG_INF};
+        if (ks.tile_visible(kb, nkt) && nkt == FA_KEYS) {
 #pragma unroll
-        for (int j = 0; j < KW / 8; j++) {
+            for (int j = 0; j < KW / 8; j++) {
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int n = kw0 + 8 * j + 2 * cq + (e & 1);
-                const bool vis = n < nkt && ks.visible(qi[e >> 1], ks.pos(kb + n));
-                s[j][e] = vis ? s[j][e] * scale : NEG_INF;
-                mt[e >> 1] = fmaxf(mt[e >> 1], s[j][e]);
+                for (int e = 0; e < 4; e++) {
+                    s[j][e] *= scale2;
+                    mt[e >> 1] = fmaxf(mt[e >> 1], s[j][e]);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < KW / 8; j++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int n = kw0 + 8 * j + 2 * cq + (e & 1);
+                    const bool vis = n < nkt && ks.visible(qi[e >> 1], ks.pos(kb + n));
+                    s[j][e] = vis ? s[j][e] * scale2 : NEG_INF;
+                    mt[e >> 1] = fmaxf(mt[e >> 1], s[j][e]);
+                }
             }
         }
         float alpha[2];
@@ -295,7 +327,7 @@ __device__ __forceinline__ void attn_fa(
             mt[h2] = fmaxf(mt[h2], __shfl_xor_sync(0xffffffffu, mt[h2], 1));
             mt[h2] = fmaxf(mt[h2], __shfl_xor_sync(0xffffffffu, mt[h2], 2));
             const float mnew = fmaxf(m[h2], mt[h2]);
-            alpha[h2] = (m[h2] == NEG_INF) ? 0.0f : expf(m[h2] - mnew);
+            alpha[h2] = (m[h2] == NEG_INF) ? 0.0f : ex2(m[h2] - mnew);
             m[h2] = mnew;
             l[h2] *= alpha[h2];
         }
@@ -314,7 +346,7 @@ __device__ __forceinline__ void attn_fa(
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const float mm = m[e >> 1];
-                p[e] = (s[j][e] == NEG_INF || mm == NEG_INF) ? 0.0f : expf(s[j][e] - mm);
+                p[e] = (s[j][e] == NEG_INF || mm == NEG_INF) ? 0.0f : ex2(s[j][e] - mm);
                 l[e >> 1] += p[e];
             }
             pa[j >> 1][(j & 1) * 2 + 0] = pack_h2(p[0], p[1]);
@@ -396,7 +428,7 @@ __device__ __forceinline__ void attn_fa(
             for (int w = 0; w < WK; w++) {
                 const float* rw = red + (w * 16 + r) * (D + 2);
                 if (rw[D] == NEG_INF) continue;
-                const float f = expf(rw[D] - M);
+                const float f = ex2(rw[D] - M);
                 O += f * rw[d];
                 L += f * rw[D + 1];
             }
