@@ -251,17 +251,32 @@ __device__ __forceinline__ void attn_fa(
             const int kb = k0 + it * FA_KEYS, nkt = min(FA_KEYS, k1 - kb);
             u16* sk = fa_smem + (it % FA_STAGES) * STAGE;
             u16* sv = sk + FA_KEYS * KS;
+            // This thread copies 16-byte part `part8` of keys kk0, kk0 + KSTEP, ...
+            constexpr int KSTEP = FA_THREADS / CPR;
+            const int kk0 = tid / CPR, part8 = tid % CPR;
+            // A whole tile of cached window keys (the common case): consecutive positions, so
+            // consecutive ring slots with at most one wrap per step; one modulo per tile.
+            const bool ring = nkt == FA_KEYS && kb >= ks.ns && ks.win >= FA_KEYS &&
+                              ks.pos(kb + FA_KEYS - 1) < ks.p0;
+            int slot = ring ? ks.sink + (ks.pos(kb + kk0) - ks.sink) % ks.win : 0;
 #pragma unroll
-            for (int e = 0; e < FA_KEYS * CPR / FA_THREADS; e++) {
-                const int c = tid + e * FA_THREADS;
-                const int kk = c / CPR, part8 = c % CPR;
+            for (int e = 0; e < FA_KEYS / KSTEP; e++) {
+                const int kk = kk0 + e * KSTEP;
                 const u16 *kp = knew, *vp = vnew;
                 int bytes = 0;
-                if (kk < nkt) {
+                if (ring) {
+                    if (slot >= ks.cap) slot -= ks.win;
+                    kp = kc + (ks.region + slot) * D;
+                    vp = vc + (ks.region + slot) * D;
+                    slot += KSTEP;
+                    bytes = 16;
+                } else if (kk < nkt) {
                     ks.rows<D>(ks.pos(kb + kk), &kp, &vp);
+                    bytes = 16;
+                }
+                if (bytes) {
                     kp += part8 * 8;
                     vp += part8 * 8;
-                    bytes = 16;
                 }
                 cp_async16(sk + kk * KS + part8 * 8, kp, bytes);
                 cp_async16(sv + kk * KS + part8 * 8, vp, bytes);

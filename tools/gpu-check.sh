@@ -94,7 +94,7 @@ times)
     # every launch, graphs off): depth 0, then depth 32768 dense and uniform 0.5.
     make_synth
     export MOA_KERNEL_TIMES=1
-    "$out/moa-bench" -m "$synth" --device cuda --dense -p 0 -n 64 -r 1 2>&1 | head -24
+    "$out/moa-bench" -m "$synth" --device cuda --dense -p 512 -n 64 -r 1 2>&1 | head -30
     for mode in --dense "--uniform 0.5"; do
         "$out/moa-bench" -m "$synth" --device cuda $mode -p 0 -n 32 -r 1 -d 32768 2>&1 | grep -E "attn|kernel times|ms  " | head -8
     done

@@ -369,6 +369,7 @@ pub fn matmul(
             ],
         )?;
         let (alpha, beta) = (1.0f32, 0.0f32);
+        let timed = super::timer::enabled().then(|| super::timer::start(&gpu.stream));
         // Column-major view: C (rc x n, ldc = ldo) = Wtile^T (rc x K) * X (K x n).
         // SAFETY: the pointers cover rc x K halves, n x K halves and n rows of ldo floats.
         unsafe {
@@ -395,6 +396,9 @@ pub fn matmul(
             )
         }
         .map_err(|e| BackendError::Device(format!("cuBLAS gemm: {e:?}")))?;
+        if let Some(Some(start)) = timed {
+            super::timer::stop_as(&gpu.stream, "cublas_gemm_ex (prefill)", start);
+        }
         r0 += rc;
     }
     Ok(())

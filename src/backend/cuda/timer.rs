@@ -70,11 +70,25 @@ fn timing_flags() -> cudarc::driver::sys::CUevent_flags {
 
 /// Records the end of `f`'s launch; reads finished events now and then.
 pub fn stop(stream: &CudaStream, f: &CudaFunction, start: CudaEvent) {
+    push(stream, key(f), start);
+}
+
+/// Records the end of work that is not one of our kernels (a cuBLAS call), under `name`.
+pub fn stop_as(stream: &CudaStream, name: &'static str, start: CudaEvent) {
+    let k = name.as_ptr() as usize;
+    {
+        let mut s = state().lock().unwrap_or_else(|e| e.into_inner());
+        s.names.entry(k).or_insert_with(|| name.to_string());
+    }
+    push(stream, k, start);
+}
+
+fn push(stream: &CudaStream, k: usize, start: CudaEvent) {
     let Ok(end) = stream.record_event(Some(timing_flags())) else {
         return;
     };
     let mut s = state().lock().unwrap_or_else(|e| e.into_inner());
-    s.pending.push((key(f), start, end));
+    s.pending.push((k, start, end));
     if s.pending.len() >= FLUSH_AT {
         flush(&mut s);
     }
