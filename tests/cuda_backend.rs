@@ -424,6 +424,12 @@ fn matvec_bandwidth_report() {
         GgmlType::Q8_0,
         GgmlType::F16,
     ] {
+        // MOA_BW_TYPES=q4_k,q6_k limits the report to those types.
+        if let Ok(only) = std::env::var("MOA_BW_TYPES") {
+            if !only.split(',').any(|t| t.eq_ignore_ascii_case(ty.name())) {
+                continue;
+            }
+        }
         for &(name, rows, cols) in &[
             ("ffn_up/gate 14336x4096", 14336usize, 4096usize),
             ("ffn_down 4096x14336", 4096, 14336),
