@@ -421,6 +421,29 @@ MMVQ(mmvq_q6_k, T_Q6_K)
 
 #define MQ_WARPS 8
 
+// The activations in fragment order ("mma layout"), so that one 8-byte load per lane gives the
+// B fragments of both 16-column halves for 8 tokens and a warp's load covers 256 contiguous
+// bytes: yq_m[((b * 2 + t / 8) * 4 + c) * 64 + (t % 8) * 8 + j] holds byte j of lane c's share
+// of token t's 32-value block b, where the share is (family 0) columns 4c..4c+3, 16+4c..16+4c+3
+// or (family 1, Q4_K/Q5_K) columns 8c..8c+7; yds_m[b * 16 + t] = (d, d * sum). The columns
+// a lane holds are the same for its weight fragment (Frag<T>::FAM), so the dot products see
+// the same k order on both sides. Tokens n_tok..15 are zero.
+extern "C" __global__ void q8_1_mma_layout(const i8* yq, const float2* yds, int K, int n_tok,
+                                           int fam, i8* yq_m, float2* yds_m) {
+    int nb = K / 32;
+    int gid = blockIdx.x * blockDim.x + threadIdx.x;
+    if (gid >= nb * 64) return;
+    int c = gid & 3, t = (gid >> 2) & 15, b = gid >> 6;
+    int lo = 0, hi = 0;
+    if (t < n_tok) {
+        const i8* src = yq + (size_t)t * K + b * 32;
+        lo = *(const int*)(src + (fam ? 8 * c : 4 * c));
+        hi = *(const int*)(src + (fam ? 8 * c + 4 : 16 + 4 * c));
+    }
+    if (c == 0) yds_m[b * 16 + t] = t < n_tok ? yds[(size_t)t * nb + b] : make_float2(0.0f, 0.0f);
+    *(int2*)(yq_m + (((size_t)b * 2 + t / 8) * 4 + c) * 64 + (t % 8) * 8) = make_int2(lo, hi);
+}
+
 __device__ __forceinline__ void mma_s8(int* d, int a0, int a1, int b0) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
@@ -439,6 +462,7 @@ template <>
 struct Frag<T_Q4_0> {
     static constexpr int NB = 1;
     static constexpr bool SPLIT = false;
+    static constexpr int FAM = 0;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -456,6 +480,7 @@ template <>
 struct Frag<T_Q4_1> {
     static constexpr int NB = 1;
     static constexpr bool SPLIT = false;
+    static constexpr int FAM = 0;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -473,6 +498,7 @@ template <>
 struct Frag<T_Q5_0> {
     static constexpr int NB = 1;
     static constexpr bool SPLIT = false;
+    static constexpr int FAM = 0;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -491,6 +517,7 @@ template <>
 struct Frag<T_Q5_1> {
     static constexpr int NB = 1;
     static constexpr bool SPLIT = false;
+    static constexpr int FAM = 0;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -509,6 +536,7 @@ template <>
 struct Frag<T_Q8_0> {
     static constexpr int NB = 1;
     static constexpr bool SPLIT = false;
+    static constexpr int FAM = 0;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -520,39 +548,47 @@ struct Frag<T_Q8_0> {
     }
 };
 
-// Q4_K / Q5_K: unit = sub-block pair p of a super-block (blocks 2p, 2p + 1: the low and high
-// nibbles of the same 32 quant bytes).
+// Q4_K / Q5_K: unit = one super-block (8 blocks); lane c takes bytes 8c..8c+7 of each sub-block
+// pair's 32 quant bytes (one 8-byte load: the quad reads the pair's 32 bytes at once), i.e.
+// columns 8c..8c+7 of blocks 2p (low nibbles) and 2p + 1 (high); the header (d, dmin and the 12
+// scale bytes) is one 16-byte load per super-block.
 template <bool FIVE>
 struct FragK45 {
-    static constexpr int NB = 2;
+    static constexpr int NB = 8;
     static constexpr bool SPLIT = false;
-    int q[2][2];
-    float d[2][2], m[2];
+    static constexpr int FAM = 1;
+    int q[8][2];
+    float d[8][2], m[8];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
-        int sb = u >> 2, p = u & 3;
-        const u8* b = row + sb * (FIVE ? 176 : 144);
-        u32 dd = *(const u32*)b;
-        float d0 = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
-        u32 w[3] = {*(const u32*)(b + 4), *(const u32*)(b + 8), *(const u32*)(b + 12)};
-        int sc0, mm0, sc1, mm1;
-        scale_min_w(2 * p, w, &sc0, &mm0);
-        scale_min_w(2 * p + 1, w, &sc1, &mm1);
-        d[0][0] = d[0][1] = d0 * (float)sc0;
-        d[1][0] = d[1][1] = d0 * (float)sc1;
-        m[0] = -dmin * (float)mm0;
-        m[1] = -dmin * (float)mm1;
-        const u8* qs = b + (FIVE ? 48 : 16) + 32 * p;
+        const u8* b = row + u * (FIVE ? 176 : 144);
+        int4 hd = *(const int4*)b;
+        float d0 = h2f((u16)(hd.x & 0xffff)), dmin = h2f((u16)((u32)hd.x >> 16));
+        u32 w[3] = {(u32)hd.y, (u32)hd.z, (u32)hd.w};
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            int v = ld_i32_a4(qs + 16 * h + 4 * c);
-            int lo = v & 0x0F0F0F0F, hi = (v >> 4) & 0x0F0F0F0F;
+        for (int j = 0; j < 8; j++) {
+            int sc, mm;
+            scale_min_w(j, w, &sc, &mm);
+            d[j][0] = d[j][1] = d0 * (float)sc;
+            m[j] = -dmin * (float)mm;
+        }
+        int2 e = make_int2(0, 0);
+        if (FIVE) e = *(const int2*)(b + 16 + 8 * c);
+        const u8* qs = b + (FIVE ? 48 : 16) + 8 * c;
+#pragma unroll
+        for (int p = 0; p < 4; p++) {
+            int2 v = *(const int2*)(qs + 32 * p);
+            int l0 = v.x & 0x0F0F0F0F, l1 = v.y & 0x0F0F0F0F;
+            int h0 = (v.x >> 4) & 0x0F0F0F0F, h1 = (v.y >> 4) & 0x0F0F0F0F;
             if (FIVE) {
-                int e = ld_i32_a4(b + 16 + 16 * h + 4 * c);
-                lo |= ((e >> (2 * p)) & 0x01010101) << 4;
-                hi |= ((e >> (2 * p + 1)) & 0x01010101) << 4;
+                l0 |= ((e.x >> (2 * p)) & 0x01010101) << 4;
+                l1 |= ((e.y >> (2 * p)) & 0x01010101) << 4;
+                h0 |= ((e.x >> (2 * p + 1)) & 0x01010101) << 4;
+                h1 |= ((e.y >> (2 * p + 1)) & 0x01010101) << 4;
             }
-            q[0][h] = lo;
-            q[1][h] = hi;
+            q[2 * p][0] = l0;
+            q[2 * p][1] = l1;
+            q[2 * p + 1][0] = h0;
+            q[2 * p + 1][1] = h1;
         }
     }
 };
@@ -567,6 +603,7 @@ template <>
 struct Frag<T_Q6_K> {
     static constexpr int NB = 4;
     static constexpr bool SPLIT = true;
+    static constexpr int FAM = 0;
     int q[4][2];
     float d[4][2], m[4];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -592,11 +629,12 @@ struct Frag<T_Q6_K> {
     }
 };
 
-// acc[i][nt][j] (row g + 8i, token 8 nt + 2c + j) += units u, u + MQ_WARPS, ... (U of them).
+// acc[i][nt][j] (row g + 8i, token 8 nt + 2c + j) += units u, u + MQ_WARPS, ... (U of them),
+// activations in the mma layout (q8_1_mma_layout).
 template <int T, int U, int NTL>
 __device__ __forceinline__ void mmqs_units(const u8* r0, const u8* r1, int u, int g, int c,
-                                           const i8* yq, const float2* yds, int K, int nb,
-                                           int n_tok, float (*acc)[NTL][2]) {
+                                           const i8* yq_m, const float2* yds_m,
+                                           float (*acc)[NTL][2]) {
     Frag<T> f[U][2];
 #pragma unroll
     for (int i = 0; i < U; i++) {
@@ -610,21 +648,19 @@ __device__ __forceinline__ void mmqs_units(const u8* r0, const u8* r1, int u, in
             int blk = (u + i * MQ_WARPS) * Frag<T>::NB + b;
 #pragma unroll
             for (int nt = 0; nt < NTL; nt++) {
-                int tk = min(8 * nt + g, n_tok - 1);
-                const i8* y = yq + (size_t)tk * K + blk * 32 + 4 * c;
-                int y0 = *(const int*)y, y1 = *(const int*)(y + 16);
+                int2 y = *(const int2*)(yq_m + (((size_t)blk * 2 + nt) * 4 + c) * 64 + g * 8);
+                float4 ds = *(const float4*)(yds_m + blk * 16 + 8 * nt + 2 * c);
                 int s0[4] = {0, 0, 0, 0}, s1[4] = {0, 0, 0, 0};
-                mma_s8(s0, f[i][0].q[b][0], f[i][1].q[b][0], y0);
-                mma_s8(Frag<T>::SPLIT ? s1 : s0, f[i][0].q[b][1], f[i][1].q[b][1], y1);
+                mma_s8(s0, f[i][0].q[b][0], f[i][1].q[b][0], y.x);
+                mma_s8(Frag<T>::SPLIT ? s1 : s0, f[i][0].q[b][1], f[i][1].q[b][1], y.y);
 #pragma unroll
                 for (int j = 0; j < 2; j++) {
-                    int t = min(8 * nt + 2 * c + j, n_tok - 1);
-                    float2 ds = yds[(size_t)t * nb + blk];
+                    float da = j ? ds.z : ds.x, sa = j ? ds.w : ds.y;
 #pragma unroll
                     for (int rr = 0; rr < 2; rr++) {
                         const Frag<T>& w = f[i][rr];
-                        float v = w.d[b][0] * ds.x * (float)s0[2 * rr + j] + w.m[b] * ds.y;
-                        if (Frag<T>::SPLIT) v += w.d[b][1] * ds.x * (float)s1[2 * rr + j];
+                        float v = w.d[b][0] * da * (float)s0[2 * rr + j] + w.m[b] * sa;
+                        if (Frag<T>::SPLIT) v += w.d[b][1] * da * (float)s1[2 * rr + j];
                         acc[rr][nt][j] += v;
                     }
                 }
@@ -654,12 +690,11 @@ __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, c
     for (int i = 0; i < 2; i++)
 #pragma unroll
         for (int nt = 0; nt < NTL; nt++) acc[i][nt][0] = acc[i][nt][1] = 0.0f;
-    int nb = K / 32;
     int u = warp;
-    constexpr int U = Frag<T>::NB == 4 ? 1 : 2;
+    constexpr int U = Frag<T>::NB >= 4 ? 1 : 2;
     for (; u + (U - 1) * MQ_WARPS < units; u += U * MQ_WARPS)
-        mmqs_units<T, U, NTL>(rp[0], rp[1], u, g, c, yq, yds, K, nb, n_tok, acc);
-    if (U == 2 && u < units) mmqs_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, yds, K, nb, n_tok, acc);
+        mmqs_units<T, U, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
+    if (U == 2 && u < units) mmqs_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll

@@ -77,13 +77,19 @@ fn units_per_row(ty: GgmlType, cols: usize) -> usize {
 }
 
 /// Work units per row of the tensor-core small-batch kernels (`Frag<T>` in quant.cu): blocks of
-/// 32, sub-block pairs (64 values) for Q4_K/Q5_K, super-block halves (128) for Q6_K.
+/// 32, super-blocks (256 values) for Q4_K/Q5_K, super-block halves (128) for Q6_K.
 fn mmqs_units_per_row(ty: GgmlType, cols: usize) -> usize {
     match ty {
-        GgmlType::Q4_K | GgmlType::Q5_K => cols / 64,
+        GgmlType::Q4_K | GgmlType::Q5_K => cols / 256,
         GgmlType::Q6_K => cols / 128,
         _ => cols / 32,
     }
+}
+
+/// Column family of a type's tensor-core fragments (`Frag<T>::FAM` in quant.cu): which
+/// columns of a 32-value block each lane holds, which the activations' mma layout must follow.
+fn mma_family(ty: GgmlType) -> i32 {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) as i32
 }
 
 /// Weight rows per block of the tensor-core small-batch kernels (`mmqs`).
@@ -137,13 +143,24 @@ impl DecodeKernels {
     /// `sms` multiprocessors. The dp4a kernels take one warp per row, and more (2 or 4, their
     /// sums meeting in shared memory) where the matrix has too few rows to keep about 64 warps
     /// per multiprocessor busy and each warp still gets 2+ units per lane.
-    pub fn choose(&self, n: usize, rows: usize, units: usize, sms: usize) -> DecodePath {
+    pub fn choose(
+        &self,
+        ty: GgmlType,
+        n: usize,
+        rows: usize,
+        units: usize,
+        sms: usize,
+    ) -> DecodePath {
         if self.mma_min > 0 && n >= self.mma_min {
             return DecodePath::Mma;
         }
+        // Measured on an H100 (matvec_bandwidth_report): a second warp per row helps Q4_K's
+        // 4096 x 14336 down projection (57% of copy vs 50%), changes nothing for Q6_K and costs
+        // the legacy types (Q4_1 90% vs 103%), whose rows have twice the units per lane.
+        let split = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K);
         let wpr = self.wpr.unwrap_or_else(|| {
             let mut w = 1;
-            while w < MV_WARPS && rows * w < sms * 64 && units >= 2 * 2 * w * 32 {
+            while split && w < MV_WARPS && rows * w < sms * 64 && units >= 2 * 2 * w * 32 {
                 w *= 2;
             }
             w
@@ -232,6 +249,11 @@ pub struct MatArgs {
 pub struct MatScratch {
     yq: DevBuf,
     yds: DevBuf,
+    /// The q8_1 activations in the tensor-core kernels' fragment order (16 token slots), and
+    /// which input, version and layout family they hold.
+    yq_m: DevBuf,
+    yds_m: DevBuf,
+    mkey: Option<(u64, u64, i32)>,
     x16: DevBuf,
     wdq: DevBuf,
     qkey: Option<(u64, u64)>,
@@ -248,9 +270,16 @@ impl MatScratch {
     ) -> Result<MatScratch, BackendError> {
         let prefill = max_batch > MV_MAXT;
         let mv_rows = max_batch.min(MV_MAXT);
+        let mma_rows = MV_MAXT;
         Ok(MatScratch {
             yq: gpu.alloc(mv_rows * max_cols, "quantized activations")?,
             yds: gpu.alloc(mv_rows * max_cols / 32 * 8, "activation scales")?,
+            yq_m: gpu.alloc(mma_rows * max_cols, "quantized activations (mma layout)")?,
+            yds_m: gpu.alloc(
+                mma_rows * max_cols / 32 * 8,
+                "activation scales (mma layout)",
+            )?,
+            mkey: None,
             x16: gpu.alloc(
                 if prefill { max_batch * max_cols * 2 } else { 0 },
                 "f16 activations",
@@ -268,12 +297,18 @@ impl MatScratch {
     }
 
     pub fn bytes(&self) -> usize {
-        self.yq.bytes + self.yds.bytes + self.x16.bytes + self.wdq.bytes
+        self.yq.bytes
+            + self.yds.bytes
+            + self.yq_m.bytes
+            + self.yds_m.bytes
+            + self.x16.bytes
+            + self.wdq.bytes
     }
 
     /// Forgets which activation the q8_1 buffer holds.
     pub fn invalidate(&mut self) {
         self.qkey = None;
+        self.mkey = None;
     }
 
     /// Device pointers of the q8_1 values and scales (for kernels that quantize as they write).
@@ -339,7 +374,7 @@ pub fn matmul(
             )?;
             s.qkey = Some(key);
         }
-        return launch_mmvq(gpu, s, &[(m, a.out, a.ldo)], a.n);
+        return launch_mmvq(gpu, k, s, &[(m, a.out, a.ldo)], a.n);
     }
     assert_eq!(a.ldx, m.cols, "prefill inputs are dense rows");
     let nx = a.n * m.cols;
@@ -408,7 +443,8 @@ pub fn matmul(
 /// input already in the scratch.
 fn launch_mmvq(
     gpu: &Gpu,
-    s: &MatScratch,
+    k: &Kernels,
+    s: &mut MatScratch,
     t: &[(&GpuMatrix, u64, usize)],
     n: usize,
 ) -> Result<(), BackendError> {
@@ -440,15 +476,34 @@ fn launch_mmvq(
     ];
     let units = units_per_row(m.ty, m.cols);
     let path = match &m.mq {
-        Some(_) => m.decode.choose(n, rows, units, gpu.sms),
+        Some(_) => m.decode.choose(m.ty, n, rows, units, gpu.sms),
         None => DecodePath::Dp4a { wpr: 1 },
     };
     match (path, &m.mq) {
         (DecodePath::Mma, Some(mq)) => {
+            let fam = mma_family(m.ty);
+            let key = s.qkey.map(|(x, v)| (x, v, fam));
+            if key.is_none() || s.mkey != key {
+                let nb = m.cols / 32;
+                gpu.launch(
+                    &k.q8_1_mma_layout,
+                    cfg_1d(nb * 64),
+                    &[
+                        A::P(s.yq.ptr),
+                        A::P(s.yds.ptr),
+                        A::I(m.cols as i32),
+                        A::I(n as i32),
+                        A::I(fam),
+                        A::P(s.yq_m.ptr),
+                        A::P(s.yds_m.ptr),
+                    ],
+                )?;
+                s.mkey = key;
+            }
             args.extend([
                 A::I(mmqs_units_per_row(m.ty, m.cols) as i32),
-                A::P(s.yq.ptr),
-                A::P(s.yds.ptr),
+                A::P(s.yq_m.ptr),
+                A::P(s.yds_m.ptr),
                 A::I(m.cols as i32),
                 A::I(n as i32),
             ]);
@@ -516,7 +571,7 @@ pub fn matmul_multi(
             )?;
             s.qkey = Some(key);
         }
-        return launch_mmvq(gpu, s, targets, n);
+        return launch_mmvq(gpu, k, s, targets, n);
     }
     for &(m, out, ldo) in targets {
         let a = MatArgs {
