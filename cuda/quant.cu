@@ -791,18 +791,19 @@ MVF(mv_bf16, T_BF16)
 // ---- dequantization of 32-value groups ------------------------------------------------------
 // Group g of a row holds values [32 g, 32 g + 32).
 
-template <int T>
-__device__ __forceinline__ void dq32(const u8* row, int g, float* v) {
+// Values [l0, l0 + N) of group g into v[0..N).
+template <int T, int N>
+__device__ __forceinline__ void dq_part(const u8* row, int g, int l0, float* v) {
     if (T == T_F32 || T == T_F16 || T == T_BF16) {
-        for (int l = 0; l < 32; l++) v[l] = ld_float<T>(row, 32 * g + l);
+        for (int l = 0; l < N; l++) v[l] = ld_float<T>(row, 32 * g + l0 + l);
     } else if (T == T_Q4_0 || T == T_Q4_1) {
         const u8* b = row + g * (T == T_Q4_0 ? 18 : 20);
         float d = h2f(*(const u16*)b);
         float m = T == T_Q4_0 ? -8.0f * d : h2f(*(const u16*)(b + 2));
         const u8* qs = b + (T == T_Q4_0 ? 2 : 4);
-        for (int l = 0; l < 16; l++) {
-            v[l] = d * (float)(qs[l] & 15) + m;
-            v[l + 16] = d * (float)(qs[l] >> 4) + m;
+        for (int i = 0; i < N; i++) {
+            int l = l0 + i;
+            v[i] = d * (float)(l < 16 ? qs[l] & 15 : qs[l - 16] >> 4) + m;
         }
     } else if (T == T_Q5_0 || T == T_Q5_1) {
         const u8* b = row + g * (T == T_Q5_0 ? 22 : 24);
@@ -811,14 +812,15 @@ __device__ __forceinline__ void dq32(const u8* row, int g, float* v) {
         const u8* qhp = b + (T == T_Q5_0 ? 2 : 4);
         u32 qh = (u32)qhp[0] | ((u32)qhp[1] << 8) | ((u32)qhp[2] << 16) | ((u32)qhp[3] << 24);
         const u8* qs = qhp + 4;
-        for (int l = 0; l < 16; l++) {
-            v[l] = d * (float)((qs[l] & 15) | (((qh >> l) & 1) << 4)) + m;
-            v[l + 16] = d * (float)((qs[l] >> 4) | (((qh >> (l + 16)) & 1) << 4)) + m;
+        for (int i = 0; i < N; i++) {
+            int l = l0 + i;
+            int q = l < 16 ? qs[l] & 15 : qs[l - 16] >> 4;
+            v[i] = d * (float)(q | (((qh >> l) & 1) << 4)) + m;
         }
     } else if (T == T_Q8_0) {
         const u8* b = row + g * 34;
         float d = h2f(*(const u16*)b);
-        for (int l = 0; l < 32; l++) v[l] = d * (float)((const i8*)(b + 2))[l];
+        for (int i = 0; i < N; i++) v[i] = d * (float)((const i8*)(b + 2))[l0 + i];
     } else if (T == T_Q4_K || T == T_Q5_K) {
         const bool five = T == T_Q5_K;
         int sb = g >> 3, j = g & 7, p = j >> 1, hi = j & 1;
@@ -828,10 +830,11 @@ __device__ __forceinline__ void dq32(const u8* row, int g, float* v) {
         scale_min_k4(j, b + 4, &sc, &m);
         const u8* ql = b + (five ? 48 : 16) + 32 * p;
         const u8* qh = b + 16;
-        for (int l = 0; l < 32; l++) {
+        for (int i = 0; i < N; i++) {
+            int l = l0 + i;
             int q = (ql[l] >> (4 * hi)) & 15;
             if (five) q |= ((qh[l] >> j) & 1) << 4;
-            v[l] = d * (float)sc * (float)q - dmin * (float)m;
+            v[i] = d * (float)sc * (float)q - dmin * (float)m;
         }
     } else if (T == T_Q6_K) {
         int sb = g >> 3, j = g & 7, h = j >> 2, k = j & 3;
@@ -840,26 +843,36 @@ __device__ __forceinline__ void dq32(const u8* row, int g, float* v) {
         const u8* qh = b + 128 + 32 * h;
         const i8* sc = (const i8*)(b + 192) + 8 * h;
         float d = h2f(*(const u16*)(b + 208));
-        for (int l = 0; l < 32; l++) {
+        for (int i = 0; i < N; i++) {
+            int l = l0 + i;
             int q = ((ql[l] >> ((k >> 1) * 4)) & 15) | (((qh[l] >> (2 * k)) & 3) << 4);
-            v[l] = d * (float)sc[l / 16 + 2 * k] * (float)(q - 32);
+            v[i] = d * (float)sc[l / 16 + 2 * k] * (float)(q - 32);
         }
     }
 }
 
-// W (n_rows rows of K values) -> f16 rows, one thread per 32-value group.
+template <int T>
+__device__ __forceinline__ void dq32(const u8* row, int g, float* v) {
+    dq_part<T, 32>(row, g, 0, v);
+}
+
+// W (n_rows rows of K values) -> f16 rows, one thread per 8 values: consecutive threads write
+// consecutive 16-byte pieces of a row (coalesced) and read neighbouring bytes of its blocks.
 template <int T>
 __device__ __forceinline__ void dequant_f16(const u8* W, u64 row_bytes, int K, int n_rows,
                                             u16* out) {
     u64 gid = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    int ng = K / 32;
-    if (gid >= (u64)ng * n_rows) return;
-    int row = (int)(gid / ng), g = (int)(gid % ng);
-    float v[32];
-    dq32<T>(W + (u64)row * row_bytes, g, v);
-    u32* o = (u32*)(out + (u64)row * K + 32 * g);
-#pragma unroll
-    for (int l = 0; l < 16; l++) o[l] = (u32)f2h(v[2 * l]) | ((u32)f2h(v[2 * l + 1]) << 16);
+    int n8 = K / 8;
+    if (gid >= (u64)n8 * n_rows) return;
+    int row = (int)(gid / n8), e = (int)(gid % n8);
+    float v[8];
+    dq_part<T, 8>(W + (u64)row * row_bytes, e >> 2, (e & 3) * 8, v);
+    uint4 o;
+    o.x = (u32)f2h(v[0]) | ((u32)f2h(v[1]) << 16);
+    o.y = (u32)f2h(v[2]) | ((u32)f2h(v[3]) << 16);
+    o.z = (u32)f2h(v[4]) | ((u32)f2h(v[5]) << 16);
+    o.w = (u32)f2h(v[6]) | ((u32)f2h(v[7]) << 16);
+    *(uint4*)(out + (u64)row * K + 8 * e) = o;
 }
 
 // out[t] = row tokens[t] of an embedding table, as f32.

@@ -204,7 +204,8 @@ impl GpuMatrix {
         let Some(suffix) = type_suffix(ty) else {
             return Ok(None);
         };
-        if !cols.is_multiple_of(ty.block_size()) {
+        // The prefill dequantizer writes rows in pieces of 8 values.
+        if !cols.is_multiple_of(ty.block_size()) || !cols.is_multiple_of(8) {
             return Ok(None);
         }
         let (mv, mq) = if is_float(ty) {
@@ -391,10 +392,10 @@ pub fn matmul(
     let mut r0 = 0;
     while r0 < m.rows {
         let rc = chunk.min(m.rows - r0);
-        let groups = rc * m.cols / 32;
+        let pieces = rc * m.cols / 8;
         gpu.launch(
             &m.dq,
-            lcfg((blocks(groups, 128), 1, 1), 128),
+            lcfg((blocks(pieces, 256), 1, 1), 256),
             &[
                 A::P(m.ptr + (r0 * m.row_bytes) as u64),
                 A::P(m.row_bytes as u64),
