@@ -109,8 +109,9 @@ pub enum DecodePath {
 }
 
 /// Decode-kernel choices, from the environment once (for measuring the alternatives):
-/// `MOA_MV_WPR` (1, 2 or 4: warps per row of the dp4a kernels; default by shape) and
-/// `MOA_MMQS_MIN` (fewest tokens that take the tensor-core kernels; default 2, 0 = never).
+/// `MOA_MV_WPR` (1, 2 or 4: warps per row of the dp4a kernels, which then also take every
+/// one-token product; default 1) and `MOA_MMQS_MIN` (fewest tokens that take the tensor-core
+/// kernels; default 2, 0 = never).
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeKernels {
     wpr: Option<usize>,
@@ -118,7 +119,7 @@ pub struct DecodeKernels {
 }
 
 impl DecodeKernels {
-    /// Always the dp4a kernels, with `wpr` warps per row (None: by shape).
+    /// Always the dp4a kernels, with `wpr` warps per row (None: 1).
     pub fn dp4a(wpr: Option<usize>) -> DecodeKernels {
         DecodeKernels { wpr, mma_min: 0 }
     }
@@ -139,32 +140,35 @@ impl DecodeKernels {
         }
     }
 
-    /// The kernel for `n` tokens over `rows` rows of `units` mmvq units each on a GPU with
-    /// `sms` multiprocessors. The dp4a kernels take one warp per row, and more (2 or 4, their
-    /// sums meeting in shared memory) where the matrix has too few rows to keep about 64 warps
-    /// per multiprocessor busy and each warp still gets 2+ units per lane.
+    /// The kernel for `n` tokens over a `rows x cols` matrix of type `ty` on a GPU with `sms`
+    /// multiprocessors: the tensor-core kernels from `mma_min` tokens on, and for one token
+    /// on wide matrices with few rows (Q4_K/Q5_K); else the dp4a kernels.
     pub fn choose(
         &self,
         ty: GgmlType,
         n: usize,
+        cols: usize,
         rows: usize,
-        units: usize,
         sms: usize,
     ) -> DecodePath {
         if self.mma_min > 0 && n >= self.mma_min {
             return DecodePath::Mma;
         }
-        // Measured on an H100 (matvec_bandwidth_report): a second warp per row helps Q4_K's
-        // 4096 x 14336 down projection (57% of copy vs 50%), changes nothing for Q6_K and costs
-        // the legacy types (Q4_1 90% vs 103%), whose rows have twice the units per lane.
-        let split = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K);
-        let wpr = self.wpr.unwrap_or_else(|| {
-            let mut w = 1;
-            while split && w < MV_WARPS && rows * w < sms * 64 && units >= 2 * 2 * w * 32 {
-                w *= 2;
-            }
-            w
-        });
+        // One token, measured on an H100 (matvec_bandwidth_report, % of copy bandwidth): the
+        // dp4a kernel with one warp per row wins on Q4_K's 14336 x 4096 (57 vs 51 for the
+        // tensor-core kernel) and 128256 x 4096 (70 vs 57); on the wide, short 4096 x 14336
+        // down projection the tensor-core kernel wins (66, dp4a 50 with one warp per row, 56
+        // with two); splitting rows over more warps never beats one warp elsewhere (Q4_1 90 vs
+        // 103 on the down projection).
+        let wide_short = cols >= 8192 && rows < sms * 64;
+        if self.wpr.is_none()
+            && self.mma_min > 0
+            && wide_short
+            && matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K)
+        {
+            return DecodePath::Mma;
+        }
+        let wpr = self.wpr.unwrap_or(1);
         DecodePath::Dp4a { wpr }
     }
 }
@@ -477,7 +481,7 @@ fn launch_mmvq(
     ];
     let units = units_per_row(m.ty, m.cols);
     let path = match &m.mq {
-        Some(_) => m.decode.choose(m.ty, n, rows, units, gpu.sms),
+        Some(_) => m.decode.choose(m.ty, n, m.cols, rows, gpu.sms),
         None => DecodePath::Dp4a { wpr: 1 },
     };
     match (path, &m.mq) {
