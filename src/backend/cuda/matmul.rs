@@ -731,3 +731,48 @@ impl MatmulHarness {
         Ok(2.0 * bytes as f64 * iters as f64 / t0.elapsed().as_secs_f64())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_kernel_choice_follows_token_count_and_shape() {
+        let auto = DecodeKernels::mma_from(2);
+        // Several tokens: the tensor-core kernels, whatever the shape.
+        for n in 2..=MV_MAXT {
+            assert_eq!(
+                auto.choose(GgmlType::Q4_1, n, 4096, 14336, 132),
+                DecodePath::Mma
+            );
+        }
+        // One token: dp4a with one warp per row, except wide matrices with few rows in Q4_K/Q5_K.
+        assert_eq!(
+            auto.choose(GgmlType::Q4_K, 1, 4096, 14336, 132),
+            DecodePath::Dp4a { wpr: 1 }
+        );
+        assert_eq!(
+            auto.choose(GgmlType::Q4_K, 1, 14336, 4096, 132),
+            DecodePath::Mma
+        );
+        assert_eq!(
+            auto.choose(GgmlType::Q6_K, 1, 14336, 4096, 132),
+            DecodePath::Dp4a { wpr: 1 }
+        );
+        // Forced dp4a never takes the tensor cores; a warps-per-row override is kept.
+        let d = DecodeKernels::dp4a(Some(4));
+        assert_eq!(
+            d.choose(GgmlType::Q4_K, 16, 14336, 4096, 132),
+            DecodePath::Dp4a { wpr: 4 }
+        );
+        assert_eq!(
+            DecodeKernels::dp4a(None).choose(GgmlType::Q4_K, 1, 14336, 4096, 132),
+            DecodePath::Dp4a { wpr: 1 }
+        );
+        // Units per row of the two kernel families.
+        assert_eq!(units_per_row(GgmlType::Q4_K, 4096), 64);
+        assert_eq!(mmqs_units_per_row(GgmlType::Q4_K, 4096), 16);
+        assert_eq!(mmqs_units_per_row(GgmlType::Q6_K, 4096), 32);
+        assert_eq!(mmqs_units_per_row(GgmlType::Q8_0, 4096), 128);
+    }
+}
