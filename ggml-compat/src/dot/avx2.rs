@@ -334,25 +334,17 @@ macro_rules! against_q8_0 {
         // SAFETY: block i < nb lies within the lengths `check_blocks` asserted; `$quants` reads
         // inside the weight block, the activation reads are bytes 0..34 of block i. The caller
         // is compiled with AVX2, FMA and F16C, which its own caller guarantees.
+        //
+        // One accumulator, block after block, as ggml's x86 kernels sum (so results match them
+        // bit for bit).
         unsafe {
-            let mut acc0 = _mm256_setzero_ps();
-            let mut acc1 = _mm256_setzero_ps();
-            let mut i = 0;
-            while i + 1 < nb {
-                let (x0, y0) = (wp.add(i * $wbytes), ap.add(i * Q8_0_BYTES));
-                let (x1, y1) = (x0.add($wbytes), y0.add(Q8_0_BYTES));
-                let p0 = dot_i8_ps($quants(x0), load32(y0.add(2)));
-                let p1 = dot_i8_ps($quants(x1), load32(y1.add(2)));
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x0, y0)), p0, acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x1, y1)), p1, acc1);
-                i += 2;
-            }
-            if i < nb {
+            let mut acc = _mm256_setzero_ps();
+            for i in 0..nb {
                 let (x0, y0) = (wp.add(i * $wbytes), ap.add(i * Q8_0_BYTES));
                 let p0 = dot_i8_ps($quants(x0), load32(y0.add(2)));
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x0, y0)), p0, acc0);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x0, y0)), p0, acc);
             }
-            hsum_ps(_mm256_add_ps(acc0, acc1))
+            hsum_ps(acc)
         }
     }};
 }
@@ -367,33 +359,22 @@ macro_rules! against_q8_1 {
         // SAFETY: block i < nb lies within the lengths `check_blocks` asserted; `$quants` reads
         // inside the weight block, the activation reads are bytes 0..36 of block i. The caller
         // is compiled with AVX2, FMA and F16C, which its own caller guarantees.
+        //
+        // The order of ggml's x86 kernel (ggml_vec_dot_q4_1_q8_1), so that results match it
+        // bit for bit: one f32 accumulator, `acc = fma(d_w * d_a, block sums, acc)` block after
+        // block, the minimum terms in one scalar chain `mins = fma(m_w, s_a, mins)`, then the
+        // lane sum plus `mins`.
         unsafe {
-            let mut acc0 = _mm256_setzero_ps();
-            let mut acc1 = _mm256_setzero_ps();
-            let mut mins = _mm_setzero_ps();
-            let mut i = 0;
-            while i + 1 < nb {
-                let (x0, y0) = (wp.add(i * $wbytes), ap.add(i * Q8_1_BYTES));
-                let (x1, y1) = (x0.add($wbytes), y0.add(Q8_1_BYTES));
-                let p0 = dot_u8_ps($quants(x0), load32(y0.add(4)));
-                let p1 = dot_u8_ps($quants(x1), load32(y1.add(4)));
-                // Lane 0: d_w * d_a, lane 1: m_w * s_a.
-                let s0 = f16_mul2(x0, y0);
-                let s1 = f16_mul2(x1, y1);
-                acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s1), p1, acc1);
-                mins = _mm_add_ps(mins, _mm_add_ps(s0, s1));
-                i += 2;
-            }
-            if i < nb {
+            let mut acc = _mm256_setzero_ps();
+            let mut mins = 0f32;
+            for i in 0..nb {
                 let (x0, y0) = (wp.add(i * $wbytes), ap.add(i * Q8_1_BYTES));
                 let p0 = dot_u8_ps($quants(x0), load32(y0.add(4)));
+                // Lane 0: d_w * d_a, lane 1: m_w * s_a (not used: ggml fuses it below).
                 let s0 = f16_mul2(x0, y0);
-                acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc0);
-                mins = _mm_add_ps(mins, s0);
+                mins = f16_at(x0.add(2)).mul_add(f16_at(y0.add(2)), mins);
+                acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc);
             }
-            let mins = _mm_cvtss_f32(_mm_movehdup_ps(mins));
-            let acc = _mm256_add_ps(acc0, acc1);
             hsum_ps(acc) + mins
         }
     }};

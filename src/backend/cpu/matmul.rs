@@ -23,7 +23,8 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// Quantizes `n` rows of `width` f32 values into `out` (rows of `act_row_bytes` of type `ty`).
+/// Quantizes `n` rows of `width` f32 values into `out` (rows of `act_row_bytes` of type `ty`),
+/// with the arithmetic of llama.cpp's x86 CPU backend ([`ggml_compat::quantize_row_activations`]).
 pub fn quantize_rows(ty: GgmlType, x: &[f32], width: usize, n: usize, out: &mut [u8]) {
     let rb = ty
         .bytes_for(width as u64)
@@ -31,7 +32,9 @@ pub fn quantize_rows(ty: GgmlType, x: &[f32], width: usize, n: usize, out: &mut 
     out[..n * rb]
         .par_chunks_mut(rb)
         .zip(x[..n * width].par_chunks(width))
-        .for_each(|(dst, src)| ggml_compat::quantize_row(ty, src, dst).expect("sizes checked"));
+        .for_each(|(dst, src)| {
+            ggml_compat::quantize_row_activations(ty, src, dst).expect("sizes checked")
+        });
 }
 
 /// Most matrices one [`matmul`] call takes.

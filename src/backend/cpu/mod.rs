@@ -4,6 +4,7 @@
 //! attention scratch) is allocated once in [`CpuBackend::new`]; a forward step allocates nothing.
 
 mod attention;
+pub mod ggml_attn;
 mod matmul;
 pub mod ops;
 pub mod simd;
@@ -318,6 +319,7 @@ impl CpuBackend {
                         p0: batch.positions[start] as usize,
                         n: len,
                         n_head: cfg.n_head,
+                        n_batch: n,
                         q: &self.acts[q][start * q_dim..(start + len) * q_dim],
                         k_new: self
                             .k_new
