@@ -124,7 +124,11 @@ fn quantize_block_8bit_x86(x: &[f32], qs: &mut [u8]) -> f32 {
     let d = amax / 127.0;
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     for (q, &v) in qs.iter_mut().zip(x) {
-        *q = ((v * id).round_ties_even() as i8) as u8;
+        // Round half to even (as `_mm256_round_ps`): adding and subtracting 1.5 * 2^23 leaves
+        // the nearest integer for |x| < 2^22 (here |x| <= 127); faster than `round_ties_even`,
+        // which is a libm call without SSE4.1.
+        let r = f32::from_bits(0x4b40_0000);
+        *q = (((v * id) + r - r) as i8) as u8;
     }
     d
 }

@@ -16,7 +16,7 @@
 #![allow(unused_unsafe)]
 
 use super::layout::*;
-use super::{check_blocks, DotFn};
+use super::{check_blocks, Dot2Fn, DotFn};
 use crate::{GgmlType, QK, QK_K};
 use std::arch::x86_64::*;
 
@@ -380,6 +380,82 @@ macro_rules! against_q8_1 {
     }};
 }
 
+/// Two rows' dot products with the same activations, each summed exactly as one call of the
+/// single-row kernel (`against_q8_0` / `against_q8_1`); the two independent chains keep the
+/// fused multiply-adds' latency hidden.
+macro_rules! against_q8_0_x2 {
+    ($n:expr, $w0:expr, $w1:expr, $a:expr, $wbytes:expr, $quants:ident) => {{
+        let nb = check_blocks($n, QK, $w0, $wbytes, $a, Q8_0_BYTES);
+        check_blocks($n, QK, $w1, $wbytes, $a, Q8_0_BYTES);
+        let (wp0, wp1, ap) = ($w0.as_ptr(), $w1.as_ptr(), $a.as_ptr());
+        // SAFETY: as in `against_q8_0`, for both weight rows (their lengths checked above).
+        unsafe {
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            for i in 0..nb {
+                let y = ap.add(i * Q8_0_BYTES);
+                let ya = load32(y.add(2));
+                let (x0, x1) = (wp0.add(i * $wbytes), wp1.add(i * $wbytes));
+                let p0 = dot_i8_ps($quants(x0), ya);
+                let p1 = dot_i8_ps($quants(x1), ya);
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x0, y)), p0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x1, y)), p1, acc1);
+            }
+            (hsum_ps(acc0), hsum_ps(acc1))
+        }
+    }};
+}
+
+macro_rules! against_q8_1_x2 {
+    ($n:expr, $w0:expr, $w1:expr, $a:expr, $wbytes:expr, $quants:ident) => {{
+        let nb = check_blocks($n, QK, $w0, $wbytes, $a, Q8_1_BYTES);
+        check_blocks($n, QK, $w1, $wbytes, $a, Q8_1_BYTES);
+        let (wp0, wp1, ap) = ($w0.as_ptr(), $w1.as_ptr(), $a.as_ptr());
+        // SAFETY: as in `against_q8_1`, for both weight rows (their lengths checked above).
+        unsafe {
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let mut mins0 = _mm_setzero_ps();
+            let mut mins1 = _mm_setzero_ps();
+            for i in 0..nb {
+                let y = ap.add(i * Q8_1_BYTES);
+                let ya = load32(y.add(4));
+                let (x0, x1) = (wp0.add(i * $wbytes), wp1.add(i * $wbytes));
+                let p0 = dot_u8_ps($quants(x0), ya);
+                let p1 = dot_u8_ps($quants(x1), ya);
+                // Lanes 0, 1 of v: d_w, m_w; of h: d_a, s_a. Lane 1 of the fma is
+                // fma(m_w, s_a, mins), exactly the scalar chain of the single-row kernel.
+                let (v0, v1, h) = f16_pairs(x0, x1, y);
+                mins0 = _mm_fmadd_ps(v0, h, mins0);
+                mins1 = _mm_fmadd_ps(v1, h, mins1);
+                let d0 = _mm256_broadcastss_ps(_mm_mul_ss(v0, h));
+                let d1 = _mm256_broadcastss_ps(_mm_mul_ss(v1, h));
+                acc0 = _mm256_fmadd_ps(d0, p0, acc0);
+                acc1 = _mm256_fmadd_ps(d1, p1, acc1);
+            }
+            let m0 = _mm_cvtss_f32(_mm_movehdup_ps(mins0));
+            let m1 = _mm_cvtss_f32(_mm_movehdup_ps(mins1));
+            (hsum_ps(acc0) + m0, hsum_ps(acc1) + m1)
+        }
+    }};
+}
+
+/// The f16 pairs at `x0`, `x1` (a weight block's `d, m`) and at `y` (an activation block's
+/// `d, s`), widened: lanes 0 and 1 of each result.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_pairs(x0: *const u8, x1: *const u8, y: *const u8) -> (__m128, __m128, __m128) {
+    // SAFETY: the caller guarantees four readable bytes at each pointer.
+    unsafe {
+        let a = std::ptr::read_unaligned(x0.cast::<u32>());
+        let b = std::ptr::read_unaligned(x1.cast::<u32>());
+        let c = std::ptr::read_unaligned(y.cast::<u32>());
+        let v = _mm256_cvtph_ps(_mm_set_epi32(0, c as i32, b as i32, a as i32));
+        let lo = _mm256_castps256_ps128(v);
+        (lo, _mm_movehl_ps(lo, lo), _mm256_extractf128_ps::<1>(v))
+    }
+}
+
 /// Q4_0 quants: the 16 nibble bytes at 2..18, minus 8.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -446,6 +522,45 @@ unsafe fn q4_1_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_1_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
     against_q8_1!(n, w, a, Q5_1_BYTES, q5_1_quants)
+}
+
+macro_rules! x2_kernels {
+    ($($name:ident => $imp:ident, $mac:ident, $bytes:ident, $quants:ident;)*) => {$(
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $imp(n: usize, w0: &[u8], w1: &[u8], a: &[u8]) -> (f32, f32) {
+            $mac!(n, w0, w1, a, $bytes, $quants)
+        }
+        fn $name(n: usize, w0: &[u8], w1: &[u8], a: &[u8]) -> (f32, f32) {
+            debug_assert!(detected());
+            // SAFETY: handed out only by `kernel2`, after `detected()` confirmed AVX2, FMA and
+            // F16C, the features `$imp` is compiled for.
+            unsafe { $imp(n, w0, w1, a) }
+        }
+    )*};
+}
+
+x2_kernels! {
+    q4_0_x2 => q4_0_x2_impl, against_q8_0_x2, Q4_0_BYTES, q4_0_quants;
+    q5_0_x2 => q5_0_x2_impl, against_q8_0_x2, Q5_0_BYTES, q5_0_quants;
+    q8_0_x2 => q8_0_x2_impl, against_q8_0_x2, Q8_0_BYTES, q8_0_quants;
+    q4_1_x2 => q4_1_x2_impl, against_q8_1_x2, Q4_1_BYTES, q4_1_quants;
+    q5_1_x2 => q5_1_x2_impl, against_q8_1_x2, Q5_1_BYTES, q5_1_quants;
+}
+
+/// The two-row AVX2 kernel for weights of type `ty` (the 32-element block types), or `None`.
+pub(super) fn kernel2(ty: GgmlType) -> Option<Dot2Fn> {
+    if !detected() {
+        return None;
+    }
+    use GgmlType::*;
+    Some(match ty {
+        Q4_0 => q4_0_x2,
+        Q5_0 => q5_0_x2,
+        Q8_0 => q8_0_x2,
+        Q4_1 => q4_1_x2,
+        Q5_1 => q5_1_x2,
+        _ => return None,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
