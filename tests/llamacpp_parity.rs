@@ -68,11 +68,9 @@ fn teacher_forced_top1_agrees_with_llama_cpp() {
         if argmax(row) == want[0] {
             agree += 1;
         }
-        let mut w = 0f32;
         for (&id, l) in want.iter().zip(top_logits.as_array().unwrap()) {
-            w = w.max((row[id as usize] - l.as_f64().unwrap() as f32).abs());
+            worst = worst.max((row[id as usize] - l.as_f64().unwrap() as f32).abs());
         }
-        worst = worst.max(w);
     }
     let n = toks.len();
     let rate = agree as f64 / n as f64;
