@@ -76,6 +76,12 @@ fn run_chunks(be: &mut CpuBackend, seq: u32, toks: &[u32], chunks: &[usize]) -> 
     out
 }
 
+/// Tolerance against the reference for f16 K/V: batches under 64 tokens accumulate values in an
+/// f16 accumulator rounded after every key, as llama.cpp's CPU flash attention does (batches of
+/// 64+ keep f32 queries where the reference rounds them to f16); both differ from the f64
+/// reference by a few f16 ulps of the attention output.
+const F16_TOL: f32 = 1e-3;
+
 fn assert_close(ours: &[Vec<f32>], reference: &[Vec<f32>], tol: f32, what: &str) {
     assert_eq!(ours.len(), reference.len());
     let mut worst = 0f32;
@@ -106,7 +112,12 @@ fn dense_prefill_chunks_and_decode_match_reference() {
             64,
         );
         let ours = run_chunks(&mut be, 0, &toks, chunks);
-        assert_close(&ours, &reference, 2e-4, &format!("dense chunks {chunks:?}"));
+        assert_close(
+            &ours,
+            &reference,
+            F16_TOL,
+            &format!("dense chunks {chunks:?}"),
+        );
     }
 }
 
@@ -140,7 +151,7 @@ fn span_aware_cache_matches_masked_reference_across_ring_wrap() {
         assert_close(
             &ours,
             &reference,
-            2e-4,
+            F16_TOL,
             &format!("spans, chunks {chunks:?}"),
         );
     }
@@ -202,7 +213,7 @@ fn several_sequences_in_one_batch() {
         }
     }
     for s in 0..3 {
-        assert_close(&got[s], &refs[s], 2e-4, &format!("sequence {s}"));
+        assert_close(&got[s], &refs[s], F16_TOL, &format!("sequence {s}"));
     }
 }
 

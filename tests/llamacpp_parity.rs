@@ -41,14 +41,20 @@ fn teacher_forced_top1_agrees_with_llama_cpp() {
     let f = fixture("teacher_forced_smollm.json");
     let toks = ids(&f["ids"]);
     let loaded = moa::runtime::load(&path).unwrap();
-    let mut be = moa::runtime::cpu_backend(&loaded.model, 1024, 1, 1024, 2).unwrap();
-    let mut b = moa::graph::BatchBuf::default();
-    for (p, &t) in toks.iter().enumerate() {
-        b.push(t, p as u32, 0, true);
-    }
-    be.forward(&b.as_batch()).unwrap();
+    // llama.cpp decoded the text in batches of 512 tokens (see the fixture's `method`); the
+    // batch size selects its attention numerics, so feed the same batches.
+    let n_batch = 512;
+    let mut be = moa::runtime::cpu_backend(&loaded.model, 1024, 1, n_batch, 2).unwrap();
     let nv = be.n_vocab();
-    let logits = be.logits();
+    let mut logits = Vec::with_capacity(toks.len() * nv);
+    for (c, chunk) in toks.chunks(n_batch).enumerate() {
+        let mut b = moa::graph::BatchBuf::default();
+        for (j, &t) in chunk.iter().enumerate() {
+            b.push(t, (c * n_batch + j) as u32, 0, true);
+        }
+        be.forward(&b.as_batch()).unwrap();
+        logits.extend_from_slice(be.logits());
+    }
     let (mut agree, mut worst) = (0, 0f32);
     for (p, (top_ids, top_logits)) in f["top5_ids"]
         .as_array()
@@ -69,10 +75,10 @@ fn teacher_forced_top1_agrees_with_llama_cpp() {
     let n = toks.len();
     let rate = agree as f64 / n as f64;
     println!("teacher-forced top-1 agreement with llama.cpp: {agree}/{n} = {:.2}%; max |logit diff| on llama.cpp's top-5: {worst:.4}", rate * 100.0);
-    // This 135M model is numerically chaotic: two valid variants of our own attention (f32 vs
-    // llama.cpp's f16 accumulation) agree on only ~96% of positions, all flips being near-ties.
-    // So every position where llama.cpp's decision is clear (top-1 ahead by >= 0.3) must agree,
-    // and the overall rate must stay at the level measured when this test was written.
+    // This 135M model is numerically chaotic: rounding differences in the last bits flip
+    // near-ties. The CPU backend reproduces the arithmetic of llama.cpp's x86 CPU kernels
+    // (activation quantization, dot-product and attention summation order, RoPE and SiLU
+    // rounding), so its logits equal the fixture's (measured: 548/548, max diff 0).
     let mut decisive = 0;
     let mut decisive_agree = 0;
     for (p, (top_ids, top_logits)) in f["top5_ids"]
@@ -96,10 +102,10 @@ fn teacher_forced_top1_agrees_with_llama_cpp() {
         "a clear llama.cpp decision was not reproduced"
     );
     assert!(
-        rate >= 0.93,
-        "top-1 agreement {rate:.4} fell below the measured 0.945"
+        rate >= 0.99,
+        "top-1 agreement {rate:.4} fell below 0.99 (measured 1.0)"
     );
-    assert!(worst < 1.5, "logits differ by {worst}");
+    assert!(worst < 0.01, "logits differ by {worst}");
 
     // Full logits of the first two positions: after removing a uniform shift (which softmax
     // ignores), the distributions agree closely.
@@ -188,13 +194,14 @@ fn greedy_continuations_agree_with_llama_cpp() {
         "greedy paths, teacher-forced: {agree}/{total} = {:.1}% of llama.cpp's choices reproduced",
         100.0 * agree as f64 / total as f64
     );
+    // Measured: 12/12 prompts and 384/384 choices.
     assert!(
-        full16 * 2 >= cases.len(),
+        full16 + 1 >= cases.len(),
         "only {full16}/{} prompts agree for 16 tokens",
         cases.len()
     );
     assert!(
-        agree as f64 >= 0.93 * total as f64,
+        agree as f64 >= 0.99 * total as f64,
         "only {agree}/{total} greedy choices reproduced"
     );
 }

@@ -105,3 +105,29 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), For
     }
     Ok(())
 }
+
+/// Encodes activations the way ggml's x86 CPU backend does before a quantized dot product
+/// (`quantize_row_q8_0` / `quantize_row_q8_1` of ggml-cpu/arch/x86/quants.c, used whenever
+/// AVX or AVX2 is available): Q8_0 and Q8_1 with [`q8::quantize_q8_0_x86`] /
+/// [`q8::quantize_q8_1_x86`], every other type as [`quantize_row`]. The x86 encoders round some
+/// values differently from the reference ones, so logits computed from them match llama.cpp's
+/// on x86 more closely.
+pub fn quantize_row_activations(
+    ty: GgmlType,
+    src: &[f32],
+    dst: &mut [u8],
+) -> Result<(), FormatError> {
+    match ty {
+        GgmlType::Q8_0 => {
+            check_sizes(ty, src.len(), dst.len())?;
+            q8::quantize_q8_0_x86(src, dst);
+            Ok(())
+        }
+        GgmlType::Q8_1 => {
+            check_sizes(ty, src.len(), dst.len())?;
+            q8::quantize_q8_1_x86(src, dst);
+            Ok(())
+        }
+        _ => quantize_row(ty, src, dst),
+    }
+}

@@ -114,6 +114,47 @@ pub fn quantize_q8_1(src: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// One block as ggml's x86 SIMD quantizers encode it: `d = max / 127` (stored as f16),
+/// `q = round_half_even(x * (127 / max))`. Differs from [`quantize_block_8bit`] in the inverse
+/// scale (`127 / max` rather than `1 / d`, which can differ in the last bit) and in how ties
+/// round; returns the f32 `d`.
+#[inline]
+fn quantize_block_8bit_x86(x: &[f32], qs: &mut [u8]) -> f32 {
+    let amax = max_abs(x);
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    for (q, &v) in qs.iter_mut().zip(x) {
+        // Round half to even (as `_mm256_round_ps`): adding and subtracting 1.5 * 2^23 leaves
+        // the nearest integer for |x| < 2^22 (here |x| <= 127); faster than `round_ties_even`,
+        // which is a libm call without SSE4.1.
+        let r = f32::from_bits(0x4b40_0000);
+        *q = (((v * id) + r - r) as i8) as u8;
+    }
+    d
+}
+
+/// Encodes `src` (whole 32-element blocks) as Q8_0 with the arithmetic of ggml's x86
+/// `quantize_row_q8_0` (AVX/AVX2), which the x86 CPU backend applies to activations.
+pub fn quantize_q8_0_x86(src: &[f32], dst: &mut [u8]) {
+    for (x, blk) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(Q8_0_BYTES)) {
+        let (dh, qs) = blk.split_at_mut(2);
+        let d = quantize_block_8bit_x86(x, qs);
+        write_f16(dh, d);
+    }
+}
+
+/// Encodes `src` (whole 32-element blocks) as Q8_1 with the arithmetic of ggml's x86
+/// `quantize_row_q8_1`: as [`quantize_q8_0_x86`], plus `s = f16(d * sum(q))`.
+pub fn quantize_q8_1_x86(src: &[f32], dst: &mut [u8]) {
+    for (x, blk) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(Q8_1_BYTES)) {
+        let (head, qs) = blk.split_at_mut(4);
+        let d = quantize_block_8bit_x86(x, qs);
+        let sum: i32 = qs.iter().map(|&q| (q as i8) as i32).sum();
+        write_f16(&mut head[0..2], d);
+        write_f16(&mut head[2..4], d * sum as f32);
+    }
+}
+
 /// Decodes Q8_K blocks (`bsums` is ignored).
 pub fn dequantize_q8_k(src: &[u8], dst: &mut [f32]) {
     for (blk, out) in src.chunks_exact(Q8_K_BYTES).zip(dst.chunks_exact_mut(QK_K)) {

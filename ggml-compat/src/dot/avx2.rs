@@ -16,7 +16,7 @@
 #![allow(unused_unsafe)]
 
 use super::layout::*;
-use super::{check_blocks, DotFn};
+use super::{check_blocks, Dot2Fn, DotFn};
 use crate::{GgmlType, QK, QK_K};
 use std::arch::x86_64::*;
 
@@ -334,25 +334,17 @@ macro_rules! against_q8_0 {
         // SAFETY: block i < nb lies within the lengths `check_blocks` asserted; `$quants` reads
         // inside the weight block, the activation reads are bytes 0..34 of block i. The caller
         // is compiled with AVX2, FMA and F16C, which its own caller guarantees.
+        //
+        // One accumulator, block after block, as ggml's x86 kernels sum (so results match them
+        // bit for bit).
         unsafe {
-            let mut acc0 = _mm256_setzero_ps();
-            let mut acc1 = _mm256_setzero_ps();
-            let mut i = 0;
-            while i + 1 < nb {
-                let (x0, y0) = (wp.add(i * $wbytes), ap.add(i * Q8_0_BYTES));
-                let (x1, y1) = (x0.add($wbytes), y0.add(Q8_0_BYTES));
-                let p0 = dot_i8_ps($quants(x0), load32(y0.add(2)));
-                let p1 = dot_i8_ps($quants(x1), load32(y1.add(2)));
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x0, y0)), p0, acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x1, y1)), p1, acc1);
-                i += 2;
-            }
-            if i < nb {
+            let mut acc = _mm256_setzero_ps();
+            for i in 0..nb {
                 let (x0, y0) = (wp.add(i * $wbytes), ap.add(i * Q8_0_BYTES));
                 let p0 = dot_i8_ps($quants(x0), load32(y0.add(2)));
-                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x0, y0)), p0, acc0);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x0, y0)), p0, acc);
             }
-            hsum_ps(_mm256_add_ps(acc0, acc1))
+            hsum_ps(acc)
         }
     }};
 }
@@ -367,36 +359,101 @@ macro_rules! against_q8_1 {
         // SAFETY: block i < nb lies within the lengths `check_blocks` asserted; `$quants` reads
         // inside the weight block, the activation reads are bytes 0..36 of block i. The caller
         // is compiled with AVX2, FMA and F16C, which its own caller guarantees.
+        //
+        // The order of ggml's x86 kernel (ggml_vec_dot_q4_1_q8_1), so that results match it
+        // bit for bit: one f32 accumulator, `acc = fma(d_w * d_a, block sums, acc)` block after
+        // block, the minimum terms in one scalar chain `mins = fma(m_w, s_a, mins)`, then the
+        // lane sum plus `mins`.
         unsafe {
-            let mut acc0 = _mm256_setzero_ps();
-            let mut acc1 = _mm256_setzero_ps();
-            let mut mins = _mm_setzero_ps();
-            let mut i = 0;
-            while i + 1 < nb {
-                let (x0, y0) = (wp.add(i * $wbytes), ap.add(i * Q8_1_BYTES));
-                let (x1, y1) = (x0.add($wbytes), y0.add(Q8_1_BYTES));
-                let p0 = dot_u8_ps($quants(x0), load32(y0.add(4)));
-                let p1 = dot_u8_ps($quants(x1), load32(y1.add(4)));
-                // Lane 0: d_w * d_a, lane 1: m_w * s_a.
-                let s0 = f16_mul2(x0, y0);
-                let s1 = f16_mul2(x1, y1);
-                acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s1), p1, acc1);
-                mins = _mm_add_ps(mins, _mm_add_ps(s0, s1));
-                i += 2;
-            }
-            if i < nb {
+            let mut acc = _mm256_setzero_ps();
+            let mut mins = 0f32;
+            for i in 0..nb {
                 let (x0, y0) = (wp.add(i * $wbytes), ap.add(i * Q8_1_BYTES));
                 let p0 = dot_u8_ps($quants(x0), load32(y0.add(4)));
+                // Lane 0: d_w * d_a, lane 1: m_w * s_a (not used: ggml fuses it below).
                 let s0 = f16_mul2(x0, y0);
-                acc0 = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc0);
-                mins = _mm_add_ps(mins, s0);
+                mins = f16_at(x0.add(2)).mul_add(f16_at(y0.add(2)), mins);
+                acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(s0), p0, acc);
             }
-            let mins = _mm_cvtss_f32(_mm_movehdup_ps(mins));
-            let acc = _mm256_add_ps(acc0, acc1);
             hsum_ps(acc) + mins
         }
     }};
+}
+
+/// Two rows' dot products with the same activations, each summed exactly as one call of the
+/// single-row kernel (`against_q8_0` / `against_q8_1`); the two independent chains keep the
+/// fused multiply-adds' latency hidden.
+macro_rules! against_q8_0_x2 {
+    ($n:expr, $w0:expr, $w1:expr, $a:expr, $wbytes:expr, $quants:ident) => {{
+        let nb = check_blocks($n, QK, $w0, $wbytes, $a, Q8_0_BYTES);
+        check_blocks($n, QK, $w1, $wbytes, $a, Q8_0_BYTES);
+        let (wp0, wp1, ap) = ($w0.as_ptr(), $w1.as_ptr(), $a.as_ptr());
+        // SAFETY: as in `against_q8_0`, for both weight rows (their lengths checked above).
+        unsafe {
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            for i in 0..nb {
+                let y = ap.add(i * Q8_0_BYTES);
+                let ya = load32(y.add(2));
+                let (x0, x1) = (wp0.add(i * $wbytes), wp1.add(i * $wbytes));
+                let p0 = dot_i8_ps($quants(x0), ya);
+                let p1 = dot_i8_ps($quants(x1), ya);
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x0, y)), p0, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_mul(x1, y)), p1, acc1);
+            }
+            (hsum_ps(acc0), hsum_ps(acc1))
+        }
+    }};
+}
+
+macro_rules! against_q8_1_x2 {
+    ($n:expr, $w0:expr, $w1:expr, $a:expr, $wbytes:expr, $quants:ident) => {{
+        let nb = check_blocks($n, QK, $w0, $wbytes, $a, Q8_1_BYTES);
+        check_blocks($n, QK, $w1, $wbytes, $a, Q8_1_BYTES);
+        let (wp0, wp1, ap) = ($w0.as_ptr(), $w1.as_ptr(), $a.as_ptr());
+        // SAFETY: as in `against_q8_1`, for both weight rows (their lengths checked above).
+        unsafe {
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let mut mins0 = _mm_setzero_ps();
+            let mut mins1 = _mm_setzero_ps();
+            for i in 0..nb {
+                let y = ap.add(i * Q8_1_BYTES);
+                let ya = load32(y.add(4));
+                let (x0, x1) = (wp0.add(i * $wbytes), wp1.add(i * $wbytes));
+                let p0 = dot_u8_ps($quants(x0), ya);
+                let p1 = dot_u8_ps($quants(x1), ya);
+                // Lanes 0, 1 of v: d_w, m_w; of h: d_a, s_a. Lane 1 of the fma is
+                // fma(m_w, s_a, mins), exactly the scalar chain of the single-row kernel.
+                let (v0, v1, h) = f16_pairs(x0, x1, y);
+                mins0 = _mm_fmadd_ps(v0, h, mins0);
+                mins1 = _mm_fmadd_ps(v1, h, mins1);
+                let d0 = _mm256_broadcastss_ps(_mm_mul_ss(v0, h));
+                let d1 = _mm256_broadcastss_ps(_mm_mul_ss(v1, h));
+                acc0 = _mm256_fmadd_ps(d0, p0, acc0);
+                acc1 = _mm256_fmadd_ps(d1, p1, acc1);
+            }
+            let m0 = _mm_cvtss_f32(_mm_movehdup_ps(mins0));
+            let m1 = _mm_cvtss_f32(_mm_movehdup_ps(mins1));
+            (hsum_ps(acc0) + m0, hsum_ps(acc1) + m1)
+        }
+    }};
+}
+
+/// The f16 pairs at `x0`, `x1` (a weight block's `d, m`) and at `y` (an activation block's
+/// `d, s`), widened: lanes 0 and 1 of each result.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_pairs(x0: *const u8, x1: *const u8, y: *const u8) -> (__m128, __m128, __m128) {
+    // SAFETY: the caller guarantees four readable bytes at each pointer.
+    unsafe {
+        let a = std::ptr::read_unaligned(x0.cast::<u32>());
+        let b = std::ptr::read_unaligned(x1.cast::<u32>());
+        let c = std::ptr::read_unaligned(y.cast::<u32>());
+        let v = _mm256_cvtph_ps(_mm_set_epi32(0, c as i32, b as i32, a as i32));
+        let lo = _mm256_castps256_ps128(v);
+        (lo, _mm_movehl_ps(lo, lo), _mm256_extractf128_ps::<1>(v))
+    }
 }
 
 /// Q4_0 quants: the 16 nibble bytes at 2..18, minus 8.
@@ -465,6 +522,45 @@ unsafe fn q4_1_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_1_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
     against_q8_1!(n, w, a, Q5_1_BYTES, q5_1_quants)
+}
+
+macro_rules! x2_kernels {
+    ($($name:ident => $imp:ident, $mac:ident, $bytes:ident, $quants:ident;)*) => {$(
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $imp(n: usize, w0: &[u8], w1: &[u8], a: &[u8]) -> (f32, f32) {
+            $mac!(n, w0, w1, a, $bytes, $quants)
+        }
+        fn $name(n: usize, w0: &[u8], w1: &[u8], a: &[u8]) -> (f32, f32) {
+            debug_assert!(detected());
+            // SAFETY: handed out only by `kernel2`, after `detected()` confirmed AVX2, FMA and
+            // F16C, the features `$imp` is compiled for.
+            unsafe { $imp(n, w0, w1, a) }
+        }
+    )*};
+}
+
+x2_kernels! {
+    q4_0_x2 => q4_0_x2_impl, against_q8_0_x2, Q4_0_BYTES, q4_0_quants;
+    q5_0_x2 => q5_0_x2_impl, against_q8_0_x2, Q5_0_BYTES, q5_0_quants;
+    q8_0_x2 => q8_0_x2_impl, against_q8_0_x2, Q8_0_BYTES, q8_0_quants;
+    q4_1_x2 => q4_1_x2_impl, against_q8_1_x2, Q4_1_BYTES, q4_1_quants;
+    q5_1_x2 => q5_1_x2_impl, against_q8_1_x2, Q5_1_BYTES, q5_1_quants;
+}
+
+/// The two-row AVX2 kernel for weights of type `ty` (the 32-element block types), or `None`.
+pub(super) fn kernel2(ty: GgmlType) -> Option<Dot2Fn> {
+    if !detected() {
+        return None;
+    }
+    use GgmlType::*;
+    Some(match ty {
+        Q4_0 => q4_0_x2,
+        Q5_0 => q5_0_x2,
+        Q8_0 => q8_0_x2,
+        Q4_1 => q4_1_x2,
+        Q5_1 => q5_1_x2,
+        _ => return None,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -44,6 +44,22 @@ mod scalar;
 /// (only those are read); the kernel panics otherwise. Use [`vec_dot`] for a checked call.
 pub type DotFn = fn(n: usize, w: &[u8], a: &[u8]) -> f32;
 
+/// Two weight rows against the same activations: `(dot(w0, a), dot(w1, a))`, each exactly as
+/// [`dot_kernel`]'s kernel computes it (two independent chains run faster than one).
+pub type Dot2Fn = fn(n: usize, w0: &[u8], w1: &[u8], a: &[u8]) -> (f32, f32);
+
+/// The two-row kernel for `ty` where one exists (AVX2, 32-element block types).
+pub fn dot2_kernel(ty: GgmlType) -> Option<Dot2Fn> {
+    match kernel_set() {
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx2 => avx2::kernel2(ty),
+        _ => {
+            let _ = ty;
+            None
+        }
+    }
+}
+
 /// Block byte sizes and the offsets shared by the kernels.
 pub(crate) mod layout {
     pub const Q4_0_BYTES: usize = 18;

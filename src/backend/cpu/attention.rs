@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use half::f16;
 use rayon::prelude::*;
 
+use super::ggml_attn;
 use super::matmul::SharedMut;
 use super::simd;
 use super::{alloc, BackendError};
@@ -115,6 +116,13 @@ pub struct LayerKv {
 /// Per-thread buffers, allocated once.
 pub struct Scratch {
     scores: Vec<f32>,
+    /// The tiled path's scores (`LANES` per key), key positions, transposed queries, converted
+    /// key rows and one tile's probabilities.
+    lane_scores: Vec<f32>,
+    kpos: Vec<u32>,
+    qt: Vec<f32>,
+    kbuf: Vec<f32>,
+    ptile: Vec<f32>,
     /// The query in the K type: f16 values, or q8_0 blocks.
     q16: Vec<f16>,
     q8: Vec<u8>,
@@ -129,6 +137,11 @@ impl Scratch {
         };
         Scratch {
             scores: vec![0.0; max_keys],
+            lane_scores: vec![0.0; max_keys * ggml_attn::LANES],
+            kpos: vec![0; max_keys],
+            qt: vec![0.0; head_dim * ggml_attn::LANES],
+            kbuf: vec![0.0; 4 * head_dim],
+            ptile: vec![0.0; ggml_attn::KV_TILE],
             q16: vec![f16::ZERO; n16],
             q8: vec![0; n8],
             acc: vec![0.0; head_dim],
@@ -136,8 +149,9 @@ impl Scratch {
     }
 }
 
-/// A run of visible keys: (key rows, value rows, row stride in values, first row, rows).
-type Span<'a> = (Rows<'a>, Rows<'a>, usize, usize, usize);
+/// A run of visible keys: (key rows, value rows, row stride in values, first row, rows,
+/// position of the first row).
+type Span<'a> = (Rows<'a>, Rows<'a>, usize, usize, usize, usize);
 
 /// Scores of the query (`q16` or `q8`, whichever matches the keys' type) against `len` key rows
 /// `stride` values apart from row `start`, into `out`.
@@ -176,6 +190,10 @@ pub struct Run<'a> {
     pub p0: usize,
     pub n: usize,
     pub n_head: usize,
+    /// Tokens in the whole batch (all runs): batches of at least
+    /// [`ggml_attn::TILED_MIN_BATCH`] take llama.cpp's tiled numerics, smaller ones its per-key
+    /// numerics (f16 K and V only; see [`ggml_attn`]).
+    pub n_batch: usize,
     /// `n` rows of `n_head * head_dim` (after RoPE).
     pub q: &'a [f32],
     /// `n` rows of `n_head_kv * head_dim`, already in the cache's K and V types.
@@ -194,6 +212,7 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
         p0,
         n,
         n_head,
+        n_batch,
         q,
         k_new,
         v_new,
@@ -210,6 +229,10 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
     let cache: &LayerKv = kv;
     let k_type = layout.types().k;
 
+    let types = layout.types();
+    let f16_kv = types.k == KvType::F16 && types.v == KvType::F16;
+    let tiled = f16_kv && n_batch >= ggml_attn::TILED_MIN_BATCH;
+
     // One task per (query head, tile of queries): enough tasks to keep every thread busy even
     // for a single decoded token.
     (0..n_head * tiles).into_par_iter().for_each(|task| {
@@ -223,81 +246,222 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
         let vc = cache.v.view().range(off * hd, (off + filled) * hd);
         let slot = rayon::current_thread_index().unwrap_or(0) % scratch.len();
         let mut guard = scratch[slot].lock().unwrap_or_else(|e| e.into_inner());
-        let Scratch {
-            scores,
-            q16,
-            q8,
-            acc,
-        } = &mut *guard;
+        let sc = &mut *guard;
+        let kn = k_new.skip(g * hd);
+        let vn = v_new.skip(g * hd);
 
         // Window slots (none when the whole context fits in the sinks: cap <= sink).
         let w = cap.saturating_sub(sink);
-        for t in tile * QUERY_TILE..((tile + 1) * QUERY_TILE).min(n) {
+        // The keys query t sees, as at most five runs of rows in position order: cached sinks,
+        // the cached ring (two runs when the visible part wraps), the run's own sinks and its
+        // recent keys. With `new_upto`, the run's own keys are all rows before it instead (the
+        // union over a tile of queries; the caller masks them per query).
+        let spans_of = |t: usize, new_upto: Option<usize>| {
             let i = p0 + t;
-            let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-            match k_type {
-                KvType::F16 => simd::f32_to_f16(qh, q16),
-                KvType::Q8_0 => ggml_compat::q8::quantize_q8_0(qh, q8),
-            }
-            // The visible keys as at most five runs of rows: cached sinks, the cached ring (two
-            // runs when the visible part wraps), the run's own sinks and its recent keys.
             let lo = (i + 1).saturating_sub(w); // oldest visible non-sink position
-                                                // (keys, values, row stride, first row, rows), bases already at head g.
-            let kn = k_new.skip(g * hd);
-            let vn = v_new.skip(g * hd);
-            let mut spans: [Span; 5] = [(kc, vc, 0, 0, 0); 5];
+            let mut spans: [Span; 5] = [(kc, vc, 0, 0, 0, 0); 5];
             let mut ns = 0;
             macro_rules! push {
                 ($span:expr) => {{
-                    let span = $span;
+                    let span: Span = $span;
                     if span.4 > 0 {
                         spans[ns] = span;
                         ns += 1;
                     }
                 }};
             }
-            push!((kc, vc, hd, 0, sink.min(filled)));
+            push!((kc, vc, hd, 0, sink.min(filled), 0));
             let a = sink.max(lo);
             if a < p0 && p0 > sink {
                 let len = p0 - a;
                 let s0 = sink + (a - sink) % w;
                 let first = len.min(cap - s0);
-                push!((kc, vc, hd, s0, first));
-                push!((kc, vc, hd, sink, len - first));
+                push!((kc, vc, hd, s0, first, a));
+                push!((kc, vc, hd, sink, len - first, a + first));
             }
-            let sinks_new = sink.saturating_sub(p0).min(t + 1);
-            push!((kn, vn, kv_dim, 0, sinks_new));
-            let b = sinks_new.max(lo.saturating_sub(p0));
-            push!((kn, vn, kv_dim, b, (t + 1).saturating_sub(b)));
-            let spans = &spans[..ns];
+            if let Some(upto) = new_upto {
+                push!((kn, vn, kv_dim, 0, upto, p0));
+            } else {
+                let sinks_new = sink.saturating_sub(p0).min(t + 1);
+                push!((kn, vn, kv_dim, 0, sinks_new, p0));
+                let b = sinks_new.max(lo.saturating_sub(p0));
+                push!((kn, vn, kv_dim, b, (t + 1).saturating_sub(b), p0 + b));
+            }
+            (spans, ns)
+        };
+        let visible = |i: usize, j: usize| j <= i && (j < sink || j + w > i);
 
-            let mut c = 0;
-            for &(k, _, stride, start, len) in spans {
-                score_rows(q16, q8, k, stride, start, scale, &mut scores[c..c + len]);
-                c += len;
-            }
-            let m = scores[..c]
-                .iter()
-                .copied()
-                .fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for sc in &mut scores[..c] {
-                *sc = (*sc - m).exp();
-                sum += *sc;
-            }
-            acc.fill(0.0);
-            let mut c = 0;
-            for &(_, v, stride, start, len) in spans {
-                accumulate_rows(acc, &scores[c..c + len], v, stride, start);
-                c += len;
-            }
-            let inv = 1.0 / sum;
+        let t0 = tile * QUERY_TILE;
+        let t1 = ((tile + 1) * QUERY_TILE).min(n);
+        let write = |t: usize, acc: &[f32], inv: f32| {
             for (d, &a) in acc.iter().enumerate() {
                 // SAFETY: task (h, tile) writes only head h of the rows t of its tile;
                 // (h, tile) pairs are distinct, so writes never overlap, and the index is
                 // below n * q_dim = out.len().
                 unsafe { *out_ptr.ptr().add(t * q_dim + h * hd + d) = a * inv };
             }
+        };
+
+        if tiled {
+            // llama.cpp's tiled path: score the tile's queries against the union of the keys
+            // they see, then an online softmax over aligned 64-position key tiles per query.
+            let (spans, ns) = spans_of(t0, Some(t1));
+            let spans = &spans[..ns];
+            let nq = t1 - t0;
+            sc.qt.fill(0.0);
+            for l in 0..nq {
+                let qh = &q[(t0 + l) * q_dim + h * hd..(t0 + l) * q_dim + (h + 1) * hd];
+                for (d, &x) in qh.iter().enumerate() {
+                    sc.qt[d * ggml_attn::LANES + l] = x;
+                }
+            }
+            let mut c = 0;
+            for &(k, _, stride, start, len, pos) in spans {
+                let Rows::F16(k) = k.skip(start * stride) else {
+                    unreachable!("tiled attention reads f16 keys")
+                };
+                ggml_attn::score_lanes(
+                    &sc.qt,
+                    hd,
+                    k,
+                    stride,
+                    len,
+                    scale,
+                    &mut sc.kbuf,
+                    &mut sc.lane_scores[c * ggml_attn::LANES..(c + len) * ggml_attn::LANES],
+                );
+                for (r, kp) in sc.kpos[c..c + len].iter_mut().enumerate() {
+                    *kp = (pos + r) as u32;
+                }
+                c += len;
+            }
+            let n_keys = c;
+            for l in 0..nq {
+                let i = p0 + t0 + l;
+                let (mut m, mut s) = (f32::NEG_INFINITY, 0f32);
+                let acc = &mut sc.acc[..hd];
+                acc.fill(0.0);
+                let mut cs = 0;
+                while cs < n_keys {
+                    let kt = sc.kpos[cs] as usize / ggml_attn::KV_TILE;
+                    let mut ce = cs + 1;
+                    while ce < n_keys && sc.kpos[ce] as usize / ggml_attn::KV_TILE == kt {
+                        ce += 1;
+                    }
+                    let score = |c: usize| sc.lane_scores[c * ggml_attn::LANES + l];
+                    let mut tmax = f32::NEG_INFINITY;
+                    for c in cs..ce {
+                        if visible(i, sc.kpos[c] as usize) {
+                            tmax = tmax.max(score(c));
+                        }
+                    }
+                    if tmax == f32::NEG_INFINITY {
+                        cs = ce;
+                        continue;
+                    }
+                    let mnew = m.max(tmax);
+                    if mnew > m {
+                        let ms = (m - mnew).exp();
+                        for a in acc.iter_mut() {
+                            *a *= ms;
+                        }
+                        s *= ms;
+                    }
+                    m = mnew;
+                    let mut slots = [0f32; ggml_attn::KV_TILE];
+                    ggml_attn::exp_lane(
+                        &sc.lane_scores[cs * ggml_attn::LANES + l..],
+                        m,
+                        &mut sc.ptile[..ce - cs],
+                    );
+                    for c in cs..ce {
+                        let j = sc.kpos[c] as usize;
+                        if !visible(i, j) {
+                            sc.ptile[c - cs] = 0.0;
+                        }
+                        slots[j % ggml_attn::KV_TILE] = sc.ptile[c - cs];
+                    }
+                    s = (s as f64 + ggml_attn::tile_sum(&slots)) as f32;
+                    // Values of the tile's keys, span by span, one fused multiply-add per key.
+                    let mut c0 = 0;
+                    for &(_, v, stride, start, len, _) in spans {
+                        let (a, b) = (cs.max(c0), ce.min(c0 + len));
+                        if a < b {
+                            accumulate_rows(
+                                acc,
+                                &sc.ptile[a - cs..b - cs],
+                                v,
+                                stride,
+                                start + (a - c0),
+                            );
+                        }
+                        c0 += len;
+                    }
+                    cs = ce;
+                }
+                let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
+                write(t0 + l, acc, inv);
+            }
+            return;
+        }
+
+        for t in t0..t1 {
+            let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+            match k_type {
+                KvType::F16 => simd::f32_to_f16(qh, &mut sc.q16),
+                KvType::Q8_0 => ggml_compat::q8::quantize_q8_0(qh, &mut sc.q8),
+            }
+            let (spans, ns) = spans_of(t, None);
+            let spans = &spans[..ns];
+            if f16_kv {
+                // llama.cpp's per-key path: online softmax, f16 value accumulator.
+                let (mut m, mut s) = (f32::NEG_INFINITY, 0f32);
+                let acc = &mut sc.acc[..hd];
+                acc.fill(0.0);
+                for &(k, v, stride, start, len, _) in spans {
+                    let (Rows::F16(k), Rows::F16(v)) =
+                        (k.skip(start * stride), v.skip(start * stride))
+                    else {
+                        unreachable!("f16 keys and values")
+                    };
+                    let scores = &mut sc.scores[..len];
+                    ggml_attn::dot_rows_f16_ggml(&sc.q16, k, stride, scale, scores);
+                    ggml_attn::online_f16(scores, v, stride, &mut m, &mut s, acc);
+                }
+                let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
+                write(t, acc, inv);
+                continue;
+            }
+
+            let mut c = 0;
+            for &(k, _, stride, start, len, _) in spans {
+                score_rows(
+                    &sc.q16,
+                    &sc.q8,
+                    k,
+                    stride,
+                    start,
+                    scale,
+                    &mut sc.scores[c..c + len],
+                );
+                c += len;
+            }
+            let m = sc.scores[..c]
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for x in &mut sc.scores[..c] {
+                *x = (*x - m).exp();
+                sum += *x;
+            }
+            sc.acc.fill(0.0);
+            let mut c = 0;
+            for &(_, v, stride, start, len, _) in spans {
+                accumulate_rows(&mut sc.acc, &sc.scores[c..c + len], v, stride, start);
+                c += len;
+            }
+            write(t, &sc.acc, 1.0 / sum);
         }
     });
 

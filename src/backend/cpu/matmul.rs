@@ -3,7 +3,7 @@
 //! (weight row, token), parallel over blocks of weight rows with rayon so each block of weights
 //! is read once from memory for all tokens of the batch.
 
-use ggml_compat::dot::DotFn;
+use ggml_compat::dot::{Dot2Fn, DotFn};
 use ggml_compat::GgmlType;
 use rayon::prelude::*;
 
@@ -23,7 +23,8 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// Quantizes `n` rows of `width` f32 values into `out` (rows of `act_row_bytes` of type `ty`).
+/// Quantizes `n` rows of `width` f32 values into `out` (rows of `act_row_bytes` of type `ty`),
+/// with the arithmetic of llama.cpp's x86 CPU backend ([`ggml_compat::quantize_row_activations`]).
 pub fn quantize_rows(ty: GgmlType, x: &[f32], width: usize, n: usize, out: &mut [u8]) {
     let rb = ty
         .bytes_for(width as u64)
@@ -31,7 +32,9 @@ pub fn quantize_rows(ty: GgmlType, x: &[f32], width: usize, n: usize, out: &mut 
     out[..n * rb]
         .par_chunks_mut(rb)
         .zip(x[..n * width].par_chunks(width))
-        .for_each(|(dst, src)| ggml_compat::quantize_row(ty, src, dst).expect("sizes checked"));
+        .for_each(|(dst, src)| {
+            ggml_compat::quantize_row_activations(ty, src, dst).expect("sizes checked")
+        });
 }
 
 /// Most matrices one [`matmul`] call takes.
@@ -40,6 +43,8 @@ pub const MAX_JOBS: usize = 4;
 /// One weight matrix of a [`matmul`] call and where its products go.
 pub struct MatJob<'a> {
     pub dot: DotFn,
+    /// Two rows at a time with the same results as `dot`, where such a kernel exists.
+    pub dot2: Option<Dot2Fn>,
     /// `rows` rows of `row_bytes`.
     pub w: &'a [u8],
     pub rows: usize,
@@ -93,12 +98,21 @@ pub fn matmul(
         let out = outs[j];
         for t in 0..n {
             let a = &xq[t * act_row_bytes..(t + 1) * act_row_bytes];
-            for r in r0..r1 {
-                let v = (job.dot)(
-                    job.cols,
-                    &job.w[r * job.row_bytes..(r + 1) * job.row_bytes],
-                    a,
-                );
+            let row = |r: usize| &job.w[r * job.row_bytes..(r + 1) * job.row_bytes];
+            let mut r = r0;
+            if let Some(dot2) = job.dot2 {
+                while r + 1 < r1 {
+                    let (v0, v1) = dot2(job.cols, row(r), row(r + 1), a);
+                    // SAFETY: as below, for rows r and r + 1 < r1.
+                    unsafe {
+                        *out.ptr().add(t * job.rows + r) = v0;
+                        *out.ptr().add(t * job.rows + r + 1) = v1;
+                    }
+                    r += 2;
+                }
+            }
+            for r in r..r1 {
+                let v = (job.dot)(job.cols, row(r), a);
                 // SAFETY: each task writes rows r0..r1 of one job's output, for every token;
                 // tasks of a job cover disjoint row ranges and jobs have distinct buffers
                 // (distinct &mut slices), and t * rows + r < n * rows <= out.len() (asserted).

@@ -4,13 +4,14 @@
 //! attention scratch) is allocated once in [`CpuBackend::new`]; a forward step allocates nothing.
 
 mod attention;
+pub mod ggml_attn;
 mod matmul;
 pub mod ops;
 pub mod simd;
 
 use std::sync::{Arc, Mutex};
 
-use ggml_compat::dot::{dot_kernel, vec_dot_type, DotFn};
+use ggml_compat::dot::{dot2_kernel, dot_kernel, vec_dot_type, Dot2Fn, DotFn};
 use ggml_compat::GgmlType;
 use rayon::prelude::*;
 
@@ -25,6 +26,7 @@ use crate::model::Model;
 #[derive(Clone, Copy)]
 struct MatKernel {
     dot: DotFn,
+    dot2: Option<Dot2Fn>,
     act_ty: GgmlType,
 }
 
@@ -129,7 +131,11 @@ impl CpuBackend {
                     let wt = &model.weights.table[w];
                     let act_ty = vec_dot_type(wt.ty).expect("matrix types were validated at load");
                     let dot = dot_kernel(wt.ty).expect("kernel exists for validated types");
-                    kernels[w] = Some(MatKernel { dot, act_ty });
+                    kernels[w] = Some(MatKernel {
+                        dot,
+                        dot2: dot2_kernel(wt.ty),
+                        act_ty,
+                    });
                     qbytes = qbytes.max(
                         act_ty
                             .bytes_for(wt.cols as u64)
@@ -238,6 +244,7 @@ impl CpuBackend {
                 let live = i < ops.len();
                 MatJob {
                     dot: self.kernels[id].expect("kernel prepared").dot,
+                    dot2: self.kernels[id].expect("kernel prepared").dot2,
                     w: if live { model.weight_bytes(id) } else { &[] },
                     rows: if live { wt.rows } else { 0 },
                     row_bytes: wt.row_bytes(),
@@ -318,6 +325,7 @@ impl CpuBackend {
                         p0: batch.positions[start] as usize,
                         n: len,
                         n_head: cfg.n_head,
+                        n_batch: n,
                         q: &self.acts[q][start * q_dim..(start + len) * q_dim],
                         k_new: self
                             .k_new
@@ -367,6 +375,7 @@ impl CpuBackend {
                 let arb = k.act_ty.bytes_for(wt.cols as u64).unwrap() as usize;
                 let mut job = [MatJob {
                     dot: k.dot,
+                    dot2: k.dot2,
                     w: model.weight_bytes(w),
                     rows: wt.rows,
                     row_bytes: wt.row_bytes(),

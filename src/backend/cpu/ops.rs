@@ -34,22 +34,60 @@ pub fn rope_angles(rope: &RopeConfig, pos: u32, cs: &mut [(f32, f32)]) {
     }
 }
 
-/// Rotates adjacent pairs of the first `n_rot` dims of each head (llama.cpp's rope type NORM).
+/// Rotates adjacent pairs of the first `n_rot` dims of each head (llama.cpp's rope type NORM),
+/// rounding as llama.cpp's x86 build does (its compiler fuses one product of each output:
+/// `x0' = fma(x0, cos, -(x1 * sin))`, `x1' = fma(x0, sin, x1 * cos)`; checked against its
+/// tensors).
 pub fn rope_row(x: &mut [f32], head_dim: usize, cs: &[(f32, f32)]) {
+    #[cfg(target_arch = "x86_64")]
+    if ggml_compat::dot::kernel_set() == ggml_compat::dot::KernelSet::Avx2 {
+        // SAFETY: the AVX2 kernel set implies FMA support.
+        return unsafe { rope_row_fma(x, head_dim, cs) };
+    }
+    rope_row_generic(x, head_dim, cs)
+}
+
+#[inline(always)]
+fn rope_row_generic(x: &mut [f32], head_dim: usize, cs: &[(f32, f32)]) {
     for head in x.chunks_exact_mut(head_dim) {
         for (pair, &(c, s)) in head.chunks_exact_mut(2).zip(cs) {
             let (x0, x1) = (pair[0], pair[1]);
-            pair[0] = x0 * c - x1 * s;
-            pair[1] = x0 * s + x1 * c;
+            pair[0] = x0.mul_add(c, -(x1 * s));
+            pair[1] = x0.mul_add(s, x1 * c);
         }
     }
 }
 
-/// `gate = silu(gate) * up`.
+/// [`rope_row_generic`] compiled with FMA instructions for `mul_add`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rope_row_fma(x: &mut [f32], head_dim: usize, cs: &[(f32, f32)]) {
+    rope_row_generic(x, head_dim, cs)
+}
+
+/// `gate = silu(gate) * up`, with SiLU computed as llama.cpp's CPU backend computes it
+/// (`ggml_v_silu`: its own vectorized `expf`, see [`super::ggml_attn::v_silu`]).
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    #[cfg(target_arch = "x86_64")]
+    if ggml_compat::dot::kernel_set() == ggml_compat::dot::KernelSet::Avx2 {
+        // SAFETY: the AVX2 kernel set implies FMA support.
+        return unsafe { swiglu_fma(gate, up) };
     }
+    swiglu_generic(gate, up)
+}
+
+#[inline(always)]
+fn swiglu_generic(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = super::ggml_attn::v_silu(*g) * u;
+    }
+}
+
+/// [`swiglu_generic`] compiled with FMA instructions for `mul_add`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_fma(gate: &mut [f32], up: &[f32]) {
+    swiglu_generic(gate, up)
 }
 
 /// `x += y`.
