@@ -15,6 +15,12 @@
 #   twice in the profile: they are profiled again on their own and the two profiles merged;
 #   e.g. fact,facts) [none]  FRONT (weighted, epsilon: validated front; none: the equal-weights
 #   plan, no validation) [weighted]  PER_HEAD (non-empty: moa-optimize --per-head) [off]
+#   KEY_PER_LENGTH (non-empty: also build a retrieval set, fact/facts conversations per
+#   profiled length with the loss only on the answer's reference-number tokens, `moa-profile
+#   calib --key-loss`, the ones the dense model gets wrong dropped; it is profiled on its own
+#   and merged into the main profile at KEY_SHARE of its influence, `moa-profile merge
+#   --balance`; the front is then validated on the retrieval set's validation conversations)
+#   [none]  KEY_SHARE [1]  KEY_VAL_LENGTHS [2048,6144]  KEY_VAL_PER_LENGTH [4]  KEY_SEED [1]
 # Each step is skipped when its output exists (delete it to redo); moa-profile run resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,8 +55,29 @@ if [ ! -s "$WORK/calib.jsonl" ] || [ ! -s "$WORK/val.jsonl" ]; then
         --tasks "$TASKS" -o "$WORK/calib.jsonl" --val-out "$WORK/val.jsonl" "${T[@]}"
 fi
 
+VAL=$WORK/val.jsonl
+if [ -n "${KEY_PER_LENGTH:-}" ]; then
+    echo "== 1b. retrieval conversations, loss on the key ($WORK/calib-key.jsonl, $WORK/val-key.jsonl)"
+    if [ ! -s "$WORK/calib-key.jsonl" ] || [ ! -s "$WORK/val-key.jsonl" ]; then
+        "$B/moa-profile" calib -m "$MODEL" "${SRC[@]}" --lengths "$PROFILE_LENGTHS" \
+            --per-length "$KEY_PER_LENGTH" --val-lengths "${KEY_VAL_LENGTHS:-2048,6144}" \
+            --val-per-length "${KEY_VAL_PER_LENGTH:-4}" --tasks fact,facts --key-loss \
+            --max-new 32 --seed "${KEY_SEED:-1}" -o "$WORK/calib-key.jsonl" \
+            --val-out "$WORK/val-key.jsonl" "${T[@]}"
+    fi
+    VAL=$WORK/val-key.jsonl
+fi
+
 echo "== 2. profile (profiles/$NAME.bin)"
-if [ -z "${WEIGH_TASKS:-}" ]; then
+if [ -n "${KEY_PER_LENGTH:-}" ]; then
+    # (a finished profile is resumed with nothing left to do)
+    "$B/moa-profile" run -m "$MODEL" --data "$WORK/calib.jsonl" --lengths "$PROFILE_LENGTHS" \
+        -o "$WORK/profile-main.bin" "${T[@]}"
+    "$B/moa-profile" run -m "$MODEL" --data "$WORK/calib-key.jsonl" --lengths "$PROFILE_LENGTHS" \
+        -o "$WORK/profile-key.bin" "${T[@]}"
+    "$B/moa-profile" merge "$WORK/profile-main.bin" "$WORK/profile-key.bin" \
+        --balance "${KEY_SHARE:-1}" -o "profiles/$NAME.bin"
+elif [ -z "${WEIGH_TASKS:-}" ]; then
     "$B/moa-profile" run -m "$MODEL" --data "$WORK/calib.jsonl" --lengths "$PROFILE_LENGTHS" \
         -o "profiles/$NAME.bin" "${T[@]}"
 else
@@ -69,7 +96,7 @@ if [ "${FRONT:-weighted}" = none ]; then
         --lengths "$LENGTHS" --front none -o "plans/$NAME.json" "${K[@]}" "${O[@]}"
 else
     "$B/moa-optimize" --profile "profiles/$NAME.bin" -m "$MODEL" --density "$DENSITY" \
-        --lengths "$LENGTHS" --front "${FRONT:-weighted}" --validate "$WORK/val.jsonl" \
+        --lengths "$LENGTHS" --front "${FRONT:-weighted}" --validate "$VAL" \
         --validate-baselines --front-dir "$WORK/front" -o "plans/$NAME.json" "${K[@]}" "${O[@]}" "${T[@]}"
 fi
 
