@@ -15,9 +15,10 @@
 #   twice in the profile: they are profiled again on their own and the two profiles merged;
 #   e.g. fact,facts) [none]  FRONT (weighted, epsilon: validated front; none: the equal-weights
 #   plan, no validation) [weighted]  PER_HEAD (non-empty: moa-optimize --per-head) [off]
-#   KEY_PER_LENGTH (non-empty: also build a retrieval set, fact/facts conversations per
-#   profiled length with the loss only on the answer's reference-number tokens, `moa-profile
-#   calib --key-loss`, the ones the dense model gets wrong dropped; it is profiled on its own
+#   KEY_PER_LENGTH (non-empty: also build a retrieval set, this many fact/facts conversations
+#   per profiled length, or a comma list with one count per profiled length, with the loss
+#   only on the answer's reference-number tokens, `moa-profile calib --key-loss`, the ones
+#   the dense model gets wrong dropped; it is profiled on its own
 #   and merged into the main profile at KEY_SHARE of its influence, `moa-profile merge
 #   --balance`; the front is then validated on the retrieval set's validation conversations)
 #   [none]  KEY_SHARE [1]  KEY_VAL_LENGTHS [2048,6144]  KEY_VAL_PER_LENGTH [4]  KEY_SEED [1]
@@ -58,12 +59,23 @@ fi
 VAL=$WORK/val.jsonl
 if [ -n "${KEY_PER_LENGTH:-}" ]; then
     echo "== 1b. retrieval conversations, loss on the key ($WORK/calib-key.jsonl, $WORK/val-key.jsonl)"
-    if [ ! -s "$WORK/calib-key.jsonl" ] || [ ! -s "$WORK/val-key.jsonl" ]; then
-        "$B/moa-profile" calib -m "$MODEL" "${SRC[@]}" --lengths "$PROFILE_LENGTHS" \
-            --per-length "$KEY_PER_LENGTH" --val-lengths "${KEY_VAL_LENGTHS:-2048,6144}" \
-            --val-per-length "${KEY_VAL_PER_LENGTH:-4}" --tasks fact,facts --key-loss \
-            --max-new 32 --seed "${KEY_SEED:-1}" -o "$WORK/calib-key.jsonl" \
-            --val-out "$WORK/val-key.jsonl" "${T[@]}"
+    # One calib run per length (KEY_PER_LENGTH: one count, or one per profiled length), each
+    # piece kept as it finishes, then the validation conversations.
+    KC=("$B/moa-profile" calib -m "$MODEL" "${SRC[@]}" --tasks fact,facts --key-loss --max-new 32
+        --seed "${KEY_SEED:-1}" "${T[@]}")
+    IFS=, read -r -a KL <<< "$PROFILE_LENGTHS"
+    IFS=, read -r -a KN <<< "$KEY_PER_LENGTH"
+    if [ ! -s "$WORK/calib-key.jsonl" ]; then
+        for i in "${!KL[@]}"; do
+            piece=$WORK/calib-key-${KL[$i]}.jsonl
+            [ -e "$piece" ] || "${KC[@]}" --lengths "${KL[$i]}" --per-length "${KN[$i]:-${KN[0]}}" \
+                --val-lengths "" -o "$piece"
+        done
+        for l in "${KL[@]}"; do cat "$WORK/calib-key-$l.jsonl"; done > "$WORK/calib-key.jsonl"
+    fi
+    if [ ! -s "$WORK/val-key.jsonl" ]; then
+        "${KC[@]}" --lengths "${KL[0]}" --per-length 0 --val-lengths "${KEY_VAL_LENGTHS:-2048,6144}" \
+            --val-per-length "${KEY_VAL_PER_LENGTH:-4}" -o "$WORK/calib-key-none.jsonl" --val-out "$WORK/val-key.jsonl"
     fi
     VAL=$WORK/val-key.jsonl
 fi
