@@ -722,3 +722,63 @@ fn cli_grads_dumps_captured_gradients() {
         .unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("out of range"));
 }
+
+/// `key_token_range` finds the smallest run of answer tokens whose text spells the key (and
+/// nothing when the answer lacks it); `calib --key-loss` drops the conversations whose answer
+/// misses the asked number (a random tiny model never finds it) and says so.
+#[test]
+fn key_loss_ranges_and_drops() {
+    use moa::profile::calib::key_token_range;
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().join("chat.gguf");
+    let mut spec = SynthSpec::tiny(GgmlType::Q8_0, 10);
+    spec.chat_template = Some(
+        "{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}<|eos|>{% endfor %}{% if add_generation_prompt %}<|bos|>assistant: {% endif %}".into(),
+    );
+    write_synthetic(&spec, &mp).unwrap();
+    let loaded = moa::runtime::load(&mp).unwrap();
+    let tok = &loaded.tokenizer;
+    for (text, key) in [
+        ("The reference number is 48213.", "48213"),
+        ("48213 is the number", "48213"),
+        ("numbers 11111 and then 90817, end", "90817"),
+    ] {
+        let ids = tok.encode(text, false, false).unwrap();
+        let r = key_token_range(tok, &ids, key).expect("key found");
+        assert!(tok.decode(&ids[r.clone()]).contains(key), "{text}");
+        assert!(
+            !tok.decode(&ids[r.start + 1..r.end]).contains(key),
+            "{text}"
+        );
+        assert!(
+            !tok.decode(&ids[r.start..r.end - 1]).contains(key),
+            "{text}"
+        );
+    }
+    let ids = tok.encode("no number here 4821", false, false).unwrap();
+    assert_eq!(key_token_range(tok, &ids, "48213"), None);
+
+    let docs = dir.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    for k in 0..8 {
+        let text: String = (0..400)
+            .map(|i| format!("word{} ", (i * 7 + k * 13) % 97))
+            .collect();
+        std::fs::write(docs.join(format!("doc{k}.txt")), text).unwrap();
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_moa-profile"))
+        .args(["calib", "-m", mp.to_str().unwrap(), "--source"])
+        .arg(&docs)
+        .args(["--lengths", "256", "--per-length", "2", "--val-lengths", ""])
+        .args(["--max-new", "8", "--min-chars", "100", "--tasks", "fact"])
+        .args(["--key-loss", "-t", "1", "-o"])
+        .arg(dir.path().join("k.jsonl"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("length 256: kept 0 of 2"), "{err}");
+    let recs = moa::profile::calib::read_jsonl(&dir.path().join("k.jsonl")).unwrap();
+    assert!(recs.is_empty());
+}

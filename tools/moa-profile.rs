@@ -113,6 +113,10 @@ struct CalibArgs {
     /// conversation i of each length gets task i modulo the list.
     #[arg(long, default_value = calib::DEFAULT_TASKS)]
     tasks: String,
+    /// In `fact` / `facts` conversations take the loss only on the answer tokens that spell the
+    /// asked reference number, and drop those whose answer lacks it (a retrieval-focused set).
+    #[arg(long = "key-loss")]
+    key_loss: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Threads (default: all cores).
@@ -157,6 +161,11 @@ struct MergeArgs {
     /// Output profile file.
     #[arg(short = 'o', long = "out")]
     out: PathBuf,
+    /// Scale every further profile, at each length, to this share of the first profile's
+    /// summed influence before adding it (e.g. 1: a retrieval profile weighs as much as the
+    /// main one, whatever its sample count and loss scale).
+    #[arg(long, value_name = "SHARE")]
+    balance: Option<f64>,
 }
 
 #[derive(clap::Args)]
@@ -239,6 +248,7 @@ fn cmd_calib(a: CalibArgs) -> Result<()> {
     }
     let mut b = Builder::new(&loaded.model, &loaded.tokenizer, threads, a.max_new)?;
     b.tasks = calib::parse_tasks(&a.tasks)?;
+    b.key_loss = a.key_loss;
     let t0 = Instant::now();
     let report = |r: &CalibRecord| {
         let resp = r.response[0];
@@ -254,12 +264,28 @@ fn cmd_calib(a: CalibArgs) -> Result<()> {
     };
     let mut cal = Vec::new();
     for &l in &a.lengths {
-        cal.extend(b.build(&cal_docs, "calib", l, a.per_length, a.seed, report)?);
+        let got = b.build(&cal_docs, "calib", l, a.per_length, a.seed, report)?;
+        if a.key_loss && got.len() < a.per_length {
+            eprintln!(
+                "length {l}: kept {} of {} calibration conversations (the others' answers lack the number)",
+                got.len(),
+                a.per_length
+            );
+        }
+        cal.extend(got);
     }
     calib::write_jsonl(&a.out, &cal)?;
     let mut val = Vec::new();
     for &l in &a.val_lengths {
-        val.extend(b.build(&val_docs, "val", l, a.val_per_length, a.seed, report)?);
+        let got = b.build(&val_docs, "val", l, a.val_per_length, a.seed, report)?;
+        if a.key_loss && got.len() < a.val_per_length {
+            eprintln!(
+                "length {l}: kept {} of {} validation conversations (the others' answers lack the number)",
+                got.len(),
+                a.val_per_length
+            );
+        }
+        val.extend(got);
     }
     if !a.val_lengths.is_empty() {
         calib::write_jsonl(&a.val_out, &val)?;
@@ -518,8 +544,11 @@ fn cmd_merge(a: MergeArgs) -> Result<()> {
     let mut p = Profile::load(&a.profiles[0])?;
     for f in &a.profiles[1..] {
         let q = Profile::load(f)?;
-        p.merge(&q)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        match a.balance {
+            None => p.merge(&q),
+            Some(share) => p.merge_balanced(&q, share),
+        }
+        .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
     }
     p.save(&a.out)?;
     eprintln!("profile {}: {}", a.out.display(), samples_line(&p));

@@ -15,6 +15,13 @@
 #   twice in the profile: they are profiled again on their own and the two profiles merged;
 #   e.g. fact,facts) [none]  FRONT (weighted, epsilon: validated front; none: the equal-weights
 #   plan, no validation) [weighted]  PER_HEAD (non-empty: moa-optimize --per-head) [off]
+#   KEY_PER_LENGTH (non-empty: also build a retrieval set, this many fact/facts conversations
+#   per profiled length, or a comma list with one count per profiled length, with the loss
+#   only on the answer's reference-number tokens, `moa-profile calib --key-loss`, the ones
+#   the dense model gets wrong dropped; it is profiled on its own
+#   and merged into the main profile at KEY_SHARE of its influence, `moa-profile merge
+#   --balance`; the front is then validated on the retrieval set's validation conversations)
+#   [none]  KEY_SHARE [1]  KEY_VAL_LENGTHS [2048,6144]  KEY_VAL_PER_LENGTH [4]  KEY_SEED [1]
 # Each step is skipped when its output exists (delete it to redo); moa-profile run resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,8 +56,40 @@ if [ ! -s "$WORK/calib.jsonl" ] || [ ! -s "$WORK/val.jsonl" ]; then
         --tasks "$TASKS" -o "$WORK/calib.jsonl" --val-out "$WORK/val.jsonl" "${T[@]}"
 fi
 
+VAL=$WORK/val.jsonl
+if [ -n "${KEY_PER_LENGTH:-}" ]; then
+    echo "== 1b. retrieval conversations, loss on the key ($WORK/calib-key.jsonl, $WORK/val-key.jsonl)"
+    # One calib run per length (KEY_PER_LENGTH: one count, or one per profiled length), each
+    # piece kept as it finishes, then the validation conversations.
+    KC=("$B/moa-profile" calib -m "$MODEL" "${SRC[@]}" --tasks fact,facts --key-loss --max-new 32
+        --seed "${KEY_SEED:-1}" "${T[@]}")
+    IFS=, read -r -a KL <<< "$PROFILE_LENGTHS"
+    IFS=, read -r -a KN <<< "$KEY_PER_LENGTH"
+    if [ ! -s "$WORK/calib-key.jsonl" ]; then
+        for i in "${!KL[@]}"; do
+            piece=$WORK/calib-key-${KL[$i]}.jsonl
+            [ -e "$piece" ] || "${KC[@]}" --lengths "${KL[$i]}" --per-length "${KN[$i]:-${KN[0]}}" \
+                --val-lengths "" -o "$piece"
+        done
+        for l in "${KL[@]}"; do cat "$WORK/calib-key-$l.jsonl"; done > "$WORK/calib-key.jsonl"
+    fi
+    if [ ! -s "$WORK/val-key.jsonl" ]; then
+        "${KC[@]}" --lengths "${KL[0]}" --per-length 0 --val-lengths "${KEY_VAL_LENGTHS:-2048,6144}" \
+            --val-per-length "${KEY_VAL_PER_LENGTH:-4}" -o "$WORK/calib-key-none.jsonl" --val-out "$WORK/val-key.jsonl"
+    fi
+    VAL=$WORK/val-key.jsonl
+fi
+
 echo "== 2. profile (profiles/$NAME.bin)"
-if [ -z "${WEIGH_TASKS:-}" ]; then
+if [ -n "${KEY_PER_LENGTH:-}" ]; then
+    # (a finished profile is resumed with nothing left to do)
+    "$B/moa-profile" run -m "$MODEL" --data "$WORK/calib.jsonl" --lengths "$PROFILE_LENGTHS" \
+        -o "$WORK/profile-main.bin" "${T[@]}"
+    "$B/moa-profile" run -m "$MODEL" --data "$WORK/calib-key.jsonl" --lengths "$PROFILE_LENGTHS" \
+        -o "$WORK/profile-key.bin" "${T[@]}"
+    "$B/moa-profile" merge "$WORK/profile-main.bin" "$WORK/profile-key.bin" \
+        --balance "${KEY_SHARE:-1}" -o "profiles/$NAME.bin"
+elif [ -z "${WEIGH_TASKS:-}" ]; then
     "$B/moa-profile" run -m "$MODEL" --data "$WORK/calib.jsonl" --lengths "$PROFILE_LENGTHS" \
         -o "profiles/$NAME.bin" "${T[@]}"
 else
@@ -69,7 +108,7 @@ if [ "${FRONT:-weighted}" = none ]; then
         --lengths "$LENGTHS" --front none -o "plans/$NAME.json" "${K[@]}" "${O[@]}"
 else
     "$B/moa-optimize" --profile "profiles/$NAME.bin" -m "$MODEL" --density "$DENSITY" \
-        --lengths "$LENGTHS" --front "${FRONT:-weighted}" --validate "$WORK/val.jsonl" \
+        --lengths "$LENGTHS" --front "${FRONT:-weighted}" --validate "$VAL" \
         --validate-baselines --front-dir "$WORK/front" -o "plans/$NAME.json" "${K[@]}" "${O[@]}" "${T[@]}"
 fi
 

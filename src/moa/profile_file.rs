@@ -158,6 +158,32 @@ impl Profile {
         Ok(())
     }
 
+    /// Summed influence of all heads at length index `li` (over all samples).
+    pub fn total(&self, li: usize) -> f64 {
+        self.sums[li].iter().map(|&v| v as f64).sum()
+    }
+
+    /// Like [`Profile::merge`], but `other`'s sums are first scaled at every length so that its
+    /// summed influence is `share` times this profile's: a profile of a small, differently
+    /// scaled calibration set (e.g. the loss on a few answer tokens) then weighs `share` times
+    /// this one in the optimizer's per-length objective (the fraction of the total), whatever
+    /// its sample count or loss scale. A length where either total is zero is added unscaled.
+    pub fn merge_balanced(&mut self, other: &Profile, share: f64) -> Result<(), String> {
+        if !(share >= 0.0 && share.is_finite()) {
+            return Err(format!("share {share} must be finite and >= 0"));
+        }
+        let mut o = other.clone();
+        for li in 0..o.sums.len().min(self.sums.len()) {
+            let (a, b) = (self.total(li), o.total(li));
+            if a > 0.0 && b > 0.0 {
+                let f = (share * a / b) as f32;
+                o.sums[li].iter_mut().for_each(|v| *v *= f);
+            }
+        }
+        self.merge(&o)?;
+        Ok(())
+    }
+
     /// Position of `length` in the header, if profiled.
     pub fn length_index(&self, length: usize) -> Option<usize> {
         self.header.lengths.iter().position(|e| e.length == length)
@@ -377,6 +403,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("magic"));
+    }
+
+    #[test]
+    fn merge_balanced_scales_the_other_to_a_share_of_the_total() {
+        let mut a = Profile::new(identity(), 64, &[128, 256], "a");
+        let mut b = Profile::new(identity(), 64, &[128, 256], "b");
+        for li in 0..2 {
+            for (k, v) in a.sums[li].iter_mut().enumerate() {
+                *v = 1.0 + k as f32;
+            }
+            for (k, v) in b.sums[li].iter_mut().enumerate() {
+                *v = 0.01 * (k % 3) as f32;
+            }
+            a.header.lengths[li].samples = 4;
+            b.header.lengths[li].samples = 1;
+        }
+        let (ta, tb) = ([a.total(0), a.total(1)], [b.total(0), b.total(1)]);
+        let mut m = a.clone();
+        m.merge_balanced(&b, 0.5).unwrap();
+        for li in 0..2 {
+            assert_eq!(m.header.lengths[li].samples, 5);
+            // The other's part is half of the first profile's total, its shape unchanged.
+            assert!((m.total(li) - 1.5 * ta[li]).abs() < 1e-3 * ta[li]);
+            for k in 0..m.sums[li].len() {
+                let want = a.sums[li][k] as f64 + 0.5 * ta[li] / tb[li] * b.sums[li][k] as f64;
+                assert!((m.sums[li][k] as f64 - want).abs() < 1e-4 * want.max(1.0));
+            }
+        }
+        assert!(a.clone().merge_balanced(&b, -1.0).is_err());
+        assert!(a.clone().merge_balanced(&b, f64::NAN).is_err());
     }
 
     #[test]

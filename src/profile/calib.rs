@@ -326,6 +326,10 @@ pub struct Builder<'a> {
     pub max_new: usize,
     /// Indices into [`TASKS`]: conversation `i` of a length gets `tasks[i % tasks.len()]`.
     pub tasks: Vec<usize>,
+    /// Key loss: in conversations that ask for a note's reference number (`fact`, `facts`),
+    /// take the loss only on the answer's tokens that spell the number, and drop the
+    /// conversations whose answer does not contain it (the dense model did not retrieve it).
+    pub key_loss: bool,
 }
 
 /// A conversation before the answer: the prompt tokens and what went into it.
@@ -333,6 +337,28 @@ pub struct Prompt {
     pub tokens: Vec<u32>,
     pub task: String,
     pub sources: Vec<String>,
+    /// The reference number the request asks for (`fact`, `facts`).
+    pub key: Option<u32>,
+}
+
+/// The tokens of `answer` that spell `key` (its first occurrence in the decoded text): the
+/// range of answer token indices whose decoded pieces overlap the key's characters.
+pub fn key_token_range(tokenizer: &Tokenizer, answer: &[u32], key: &str) -> Option<Range<usize>> {
+    let text = tokenizer.decode(answer);
+    let at = text.find(key)?;
+    let end = at + key.len();
+    // Decoded length after each token (prefix decoding keeps multi-byte pieces whole).
+    let mut first = None;
+    for i in 0..answer.len() {
+        let len = tokenizer.decode(&answer[..=i]).len();
+        if first.is_none() && len > at {
+            first = Some(i);
+        }
+        if len >= end {
+            return first.map(|f| f..i + 1);
+        }
+    }
+    None
 }
 
 impl<'a> Builder<'a> {
@@ -350,6 +376,7 @@ impl<'a> Builder<'a> {
             threads,
             max_new,
             tasks: parse_tasks(DEFAULT_TASKS)?,
+            key_loss: false,
         })
     }
 
@@ -370,6 +397,7 @@ impl<'a> Builder<'a> {
         let (task, request) = TASKS[self.tasks[index % self.tasks.len()]];
         // Notes (depth in the body, sentence) and the request naming them.
         let mut notes: Vec<(f64, String)> = Vec::new();
+        let mut asked = None;
         let request = match task {
             "fact" => {
                 let d = 0.02 + 0.96 * rng.unit();
@@ -378,18 +406,23 @@ impl<'a> Builder<'a> {
                     d,
                     format!("Note: the reference number of this part is {key}."),
                 ));
+                asked = Some(key);
                 request.to_string()
             }
             "facts" => {
+                let mut keys = [0u32; 3];
                 for (k, label) in ["A", "B", "C"].iter().enumerate() {
                     let d = (k as f64 + 0.05 + 0.9 * rng.unit()) / 3.0;
                     let key = rng.key();
+                    keys[k] = key;
                     notes.push((
                         d,
                         format!("Note {label}: the reference number of this part is {key}."),
                     ));
                 }
-                request.replace("{label}", ["A", "B", "C"][rng.below(3)])
+                let which = rng.below(3);
+                asked = Some(keys[which]);
+                request.replace("{label}", ["A", "B", "C"][which])
             }
             _ => request.to_string(),
         };
@@ -442,6 +475,7 @@ impl<'a> Builder<'a> {
                     tokens,
                     task: task.into(),
                     sources,
+                    key: asked,
                 });
             }
             keep = keep.saturating_sub(tokens.len() - budget + 8);
@@ -482,7 +516,8 @@ impl<'a> Builder<'a> {
         Ok(out)
     }
 
-    /// Builds `count` conversations of at most `length` tokens from `docs`.
+    /// Builds `count` conversations of at most `length` tokens from `docs` (fewer with
+    /// [`Builder::key_loss`]: a conversation whose answer misses the asked number is dropped).
     pub fn build(
         &self,
         docs: &[Document],
@@ -504,6 +539,13 @@ impl<'a> Builder<'a> {
             let p = self.prompt(docs, length, i, &mut rng)?;
             let answer = self.answer(&p.tokens)?;
             let start = p.tokens.len();
+            let mut response = [start, start + answer.len()];
+            if let (true, Some(key)) = (self.key_loss, p.key) {
+                match key_token_range(self.tokenizer, &answer, &key.to_string()) {
+                    Some(r) => response = [start + r.start, start + r.end],
+                    None => continue,
+                }
+            }
             let mut tokens = p.tokens;
             tokens.extend(&answer);
             let rec = CalibRecord {
@@ -513,7 +555,7 @@ impl<'a> Builder<'a> {
                 task: p.task,
                 sources: p.sources,
                 n_tokens: tokens.len(),
-                response: vec![[start, tokens.len()]],
+                response: vec![response],
                 tokens,
             };
             progress(&rec);

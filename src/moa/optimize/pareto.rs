@@ -330,7 +330,8 @@ impl Instance {
         let p = self.problem(settings, weights, caps);
         let s = solver::solve(&p, &settings.solve)?;
         let note = format!(
-            "moa-optimize: {label}; density in [{:.3}, {:.3}] at {:?}; {}; gap {:.3e} ({})",
+            "moa-optimize: {label}{}; density in [{:.3}, {:.3}] at {:?}; {}; gap {:.3e} ({})",
+            if settings.per_head { ", per head" } else { "" },
             settings.lower * settings.density,
             settings.density,
             settings.lengths,
@@ -629,6 +630,7 @@ mod tests {
         }
         let pts = front(&inst, &st, FrontMode::Weighted).unwrap();
         for p in &pts {
+            assert!(p.plan.note.contains(", per head;"), "{}", p.plan.note);
             for &(n, d) in &p.report.density {
                 assert!(
                     (0.45 - 1e-9..=0.5 + 1e-9).contains(&d),
