@@ -426,8 +426,9 @@ MMVQ(mmvq_q6_k, T_Q6_K)
 // bytes: yq_m[((b * 2 + t / 8) * 4 + c) * 64 + (t % 8) * 8 + j] holds byte j of lane c's share
 // of token t's 32-value block b, where the share is (family 0) columns 4c..4c+3, 16+4c..16+4c+3
 // or (family 1, Q4_K/Q5_K) columns 8c..8c+7; yds_m[b * 16 + t] = (d, d * sum). The columns
-// a lane holds are the same for its weight fragment (Frag<T>::FAM), so the dot products see
-// the same k order on both sides. Tokens n_tok..15 are zero.
+// a lane holds are those its weight fragment holds (Frag<T>::load; the host picks the family
+// per type: mma_family in matmul.rs), so the dot products see the same k order on both sides.
+// Tokens n_tok..15 are zero.
 extern "C" __global__ void q8_1_mma_layout(const i8* yq, const float2* yds, int K, int n_tok,
                                            int fam, i8* yq_m, float2* yds_m) {
     int nb = K / 32;
@@ -462,7 +463,6 @@ template <>
 struct Frag<T_Q4_0> {
     static constexpr int NB = 1;
     static constexpr bool SPLIT = false;
-    static constexpr int FAM = 0;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -480,7 +480,6 @@ template <>
 struct Frag<T_Q4_1> {
     static constexpr int NB = 1;
     static constexpr bool SPLIT = false;
-    static constexpr int FAM = 0;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -498,7 +497,6 @@ template <>
 struct Frag<T_Q5_0> {
     static constexpr int NB = 1;
     static constexpr bool SPLIT = false;
-    static constexpr int FAM = 0;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -517,7 +515,6 @@ template <>
 struct Frag<T_Q5_1> {
     static constexpr int NB = 1;
     static constexpr bool SPLIT = false;
-    static constexpr int FAM = 0;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -536,7 +533,6 @@ template <>
 struct Frag<T_Q8_0> {
     static constexpr int NB = 1;
     static constexpr bool SPLIT = false;
-    static constexpr int FAM = 0;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -556,7 +552,6 @@ template <bool FIVE>
 struct FragK45 {
     static constexpr int NB = 8;
     static constexpr bool SPLIT = false;
-    static constexpr int FAM = 1;
     int q[8][2];
     float d[8][2], m[8];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -603,7 +598,6 @@ template <>
 struct Frag<T_Q6_K> {
     static constexpr int NB = 4;
     static constexpr bool SPLIT = true;
-    static constexpr int FAM = 0;
     int q[4][2];
     float d[4][2], m[4];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {

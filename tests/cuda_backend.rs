@@ -148,7 +148,7 @@ fn matmul_kernels_match_dequantized_reference() {
                     vec![("", DecodeKernels::from_env())]
                 };
                 for (kname, dk) in variants {
-                    let got = h.run_with(ty, rows, cols, &w, &x, n, dk).unwrap();
+                    let got = h.run(ty, rows, cols, &w, &x, n, dk).unwrap();
                     let mut max_err = 0f64;
                     let mut scale = 0f64;
                     // (token, row, got, want) of the worst entry and how many exceed the tolerance.

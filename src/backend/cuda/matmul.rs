@@ -86,8 +86,9 @@ fn mmqs_units_per_row(ty: GgmlType, cols: usize) -> usize {
     }
 }
 
-/// Column family of a type's tensor-core fragments (`Frag<T>::FAM` in quant.cu): which
-/// columns of a 32-value block each lane holds, which the activations' mma layout must follow.
+/// Column family of a type's tensor-core fragments (`Frag<T>::load` in quant.cu: family 0 =
+/// columns 4c.., 16+4c.. of a 32-value block per lane, family 1 = columns 8c..8c+7), which the
+/// activations' mma layout must follow.
 fn mma_family(ty: GgmlType) -> i32 {
     matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) as i32
 }
@@ -484,8 +485,8 @@ fn launch_mmvq(
         Some(_) => m.decode.choose(m.ty, n, m.cols, rows, gpu.sms),
         None => DecodePath::Dp4a { wpr: 1 },
     };
-    match (path, &m.mq) {
-        (DecodePath::Mma, Some(mq)) => {
+    match (&m.mq, path) {
+        (Some(mq), DecodePath::Mma) => {
             let fam = mma_family(m.ty);
             let key = s.qkey.map(|(x, v)| (x, v, fam));
             if key.is_none() || s.mkey != key {
@@ -515,11 +516,8 @@ fn launch_mmvq(
             let f = if n <= 8 { &mq[0] } else { &mq[1] };
             gpu.launch(f, lcfg((blocks(rows, MQ_ROWS), 1, 1), MQ_THREADS), &args)
         }
-        _ => {
-            let wpr = match path {
-                DecodePath::Dp4a { wpr } => wpr,
-                DecodePath::Mma => 1,
-            };
+        (None, DecodePath::Mma) => unreachable!("float weights never take the tensor-core path"),
+        (_, DecodePath::Dp4a { wpr }) => {
             args.extend([
                 A::I(units as i32),
                 A::P(s.yq.ptr),
@@ -591,6 +589,16 @@ pub fn matmul_multi(
     Ok(())
 }
 
+/// One product staged by [`MatmulHarness::stage`] (its buffers live as long as it does).
+struct Staged {
+    _w: DevBuf,
+    _x: DevBuf,
+    out: DevBuf,
+    m: GpuMatrix,
+    s: MatScratch,
+    a: MatArgs,
+}
+
 /// A GPU, its kernels and cuBLAS, for running single products (tests, benchmarks).
 pub struct MatmulHarness {
     pub gpu: Gpu,
@@ -607,9 +615,10 @@ impl MatmulHarness {
         Ok(MatmulHarness { gpu, k, blas })
     }
 
-    /// `n` rows of `W x` for a weight of `rows x cols` given as ggml bytes (decode kernels as
-    /// the environment chooses).
-    pub fn run(
+    /// Uploads a weight of `rows x cols` (ggml bytes `w`) and `n` input rows `x`, and makes
+    /// the matrix (decode kernels chosen by `dk`), the scratch and the product's arguments.
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
         &self,
         ty: GgmlType,
         rows: usize,
@@ -617,13 +626,39 @@ impl MatmulHarness {
         w: &[u8],
         x: &[f32],
         n: usize,
-    ) -> Result<Vec<f32>, BackendError> {
-        self.run_with(ty, rows, cols, w, x, n, DecodeKernels::from_env())
+        max_mat: usize,
+        dk: DecodeKernels,
+    ) -> Result<Staged, BackendError> {
+        let wb = self.gpu.alloc(w.len(), "harness weight")?;
+        self.gpu.upload(&wb, w)?;
+        let xb = self.gpu.alloc(x.len() * 4, "harness input")?;
+        self.gpu.upload(&xb, x)?;
+        let ob = self.gpu.alloc(n * rows * 4, "harness output")?;
+        let mut m = GpuMatrix::new(&self.k, wb.ptr, ty, rows, cols)?
+            .ok_or_else(|| BackendError::Device(format!("no GPU kernel for {}", ty.name())))?;
+        m.decode = dk;
+        let s = MatScratch::new(&self.gpu, n, cols, max_mat)?;
+        let a = MatArgs {
+            x: xb.ptr,
+            ldx: cols,
+            n,
+            out: ob.ptr,
+            ldo: rows,
+        };
+        Ok(Staged {
+            _w: wb,
+            _x: xb,
+            out: ob,
+            m,
+            s,
+            a,
+        })
     }
 
-    /// [`MatmulHarness::run`] with the decode kernels chosen by `dk`.
+    /// `n` rows of `W x` for a weight of `rows x cols` given as ggml bytes, with the decode
+    /// kernels chosen by `dk`.
     #[allow(clippy::too_many_arguments)]
-    pub fn run_with(
+    pub fn run(
         &self,
         ty: GgmlType,
         rows: usize,
@@ -633,25 +668,10 @@ impl MatmulHarness {
         n: usize,
         dk: DecodeKernels,
     ) -> Result<Vec<f32>, BackendError> {
-        let wb = self.gpu.alloc(w.len(), "test weight")?;
-        self.gpu.upload(&wb, w)?;
-        let xb = self.gpu.alloc(x.len() * 4, "test input")?;
-        self.gpu.upload(&xb, x)?;
-        let ob = self.gpu.alloc(n * rows * 4, "test output")?;
-        let mut m = GpuMatrix::new(&self.k, wb.ptr, ty, rows, cols)?
-            .ok_or_else(|| BackendError::Device(format!("no GPU kernel for {}", ty.name())))?;
-        m.decode = dk;
-        let mut s = MatScratch::new(&self.gpu, n, cols, rows * cols)?;
-        let a = MatArgs {
-            x: xb.ptr,
-            ldx: cols,
-            n,
-            out: ob.ptr,
-            ldo: rows,
-        };
-        matmul(&self.gpu, &self.k, &self.blas, &mut s, &m, a, 1)?;
+        let mut st = self.stage(ty, rows, cols, w, x, n, rows * cols, dk)?;
+        matmul(&self.gpu, &self.k, &self.blas, &mut st.s, &st.m, st.a, 1)?;
         let mut out = vec![0f32; n * rows];
-        self.gpu.download(&mut out, &ob)?;
+        self.gpu.download(&mut out, &st.out)?;
         Ok(out)
     }
 
@@ -670,34 +690,24 @@ impl MatmulHarness {
         dk: DecodeKernels,
     ) -> Result<f64, BackendError> {
         let row_bytes = ty.bytes_for(cols as u64).expect("shape") as usize;
-        let total = rows * row_bytes;
-        let host: Vec<u8> = block_bytes.iter().copied().cycle().take(total).collect();
-        let wb = self.gpu.alloc(total, "bench weight")?;
-        self.gpu.upload(&wb, &host)?;
+        let host: Vec<u8> = block_bytes
+            .iter()
+            .copied()
+            .cycle()
+            .take(rows * row_bytes)
+            .collect();
         let x: Vec<f32> = (0..n * cols)
             .map(|i| ((i % 17) as f32 - 8.0) * 0.01)
             .collect();
-        let xb = self.gpu.alloc(x.len() * 4, "bench input")?;
-        self.gpu.upload(&xb, &x)?;
-        let ob = self.gpu.alloc(n * rows * 4, "bench output")?;
-        let mut m = GpuMatrix::new(&self.k, wb.ptr, ty, rows, cols)?
-            .ok_or_else(|| BackendError::Device(format!("no GPU kernel for {}", ty.name())))?;
-        m.decode = dk;
-        let mut s = MatScratch::new(&self.gpu, n, cols, 0)?;
-        let a = MatArgs {
-            x: xb.ptr,
-            ldx: cols,
-            n,
-            out: ob.ptr,
-            ldo: rows,
-        };
+        // Bound whole: the staged buffers must outlive the products.
+        let mut st = self.stage(ty, rows, cols, &host, &x, n, 0, dk)?;
         for _ in 0..3 {
-            matmul(&self.gpu, &self.k, &self.blas, &mut s, &m, a, 1)?;
+            matmul(&self.gpu, &self.k, &self.blas, &mut st.s, &st.m, st.a, 1)?;
         }
         self.gpu.sync()?;
         let t0 = Instant::now();
         for _ in 0..iters {
-            matmul(&self.gpu, &self.k, &self.blas, &mut s, &m, a, 1)?;
+            matmul(&self.gpu, &self.k, &self.blas, &mut st.s, &st.m, st.a, 1)?;
         }
         self.gpu.sync()?;
         Ok(t0.elapsed().as_secs_f64() / iters as f64)
