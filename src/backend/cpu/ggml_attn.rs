@@ -487,15 +487,7 @@ mod tests {
     use super::*;
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(2654435761) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x % 20001) as f32 / 5000.0 - 2.0
-            })
-            .collect()
+        crate::backend::cpu::simd::tests::data_in(n, seed, 2.0)
     }
 
     #[test]

@@ -379,19 +379,24 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn data(n: usize, seed: u32) -> Vec<f32> {
+    /// `n` pseudo-random values in [-r, r] (xorshift from `seed`, steps of r / 10000).
+    pub(crate) fn data_in(n: usize, seed: u32, r: f32) -> Vec<f32> {
         let mut x = seed.wrapping_mul(2654435761) | 1;
         (0..n)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 17;
                 x ^= x << 5;
-                (x % 20001) as f32 / 10000.0 - 1.0
+                (x % 20001) as f32 / (10000.0 / r) - r
             })
             .collect()
+    }
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        data_in(n, seed, 1.0)
     }
 
     #[test]
