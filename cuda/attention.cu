@@ -98,29 +98,76 @@ struct KeySpan {
     }
 };
 
-// Combines the splits of each (token, head) row: one block of D threads per row. With `yq`,
-// the output also goes to q8_1 (the input of the output projection: rows of n_head x D values,
-// so each warp's 32 values are one q8_1 block).
-extern "C" __global__ void attn_merge(const float* part, int n_split, int D, float* out, i8* yq,
-                                      float2* yds) {
+// Combines the splits of each (token, head) row: one block of GR x D threads per row. The
+// splits' maxima and weights go through shared memory once; then each group of D threads sums
+// every GR-th split's output (independent, coalesced loads) and group 0 adds the GR sums. Decode
+// steps have few rows and tens of splits (latency bound: GR = 4, `attn_merge_wide`), prefill
+// many rows and few splits (GR = 1, `attn_merge`). With `yq`, the output also goes to q8_1 (the
+// input of the output projection: rows of n_head x D values, so each warp's 32 values are one
+// q8_1 block).
+#define MERGE_GROUPS 4
+#define MERGE_MAX_SPLIT 1024
+template <int GR>
+__device__ __forceinline__ void attn_merge_rows(const float* part, int n_split, int D, float* out,
+                                                i8* yq, float2* yds) {
+    __shared__ float wz[MERGE_MAX_SPLIT];
+    __shared__ float red[2][GR * 8];
+    __shared__ float osum[GR][256];  // D <= 256
     const size_t row = blockIdx.x;
+    const int tid = threadIdx.x, nth = blockDim.x, lane = tid % WARP, warp = tid / WARP;
+    const int nwarp = nth / WARP;
     const float* pp = part + row * n_split * (D + 2);
+    float mx = NEG_INF;
+    for (int z = tid; z < n_split; z += nth) mx = fmaxf(mx, pp[z * (D + 2) + D]);
+    mx = warp_max(mx);
+    if (lane == 0) red[0][warp] = mx;
+    __syncthreads();
     float M = NEG_INF;
-    for (int z = 0; z < n_split; z++) M = fmaxf(M, pp[z * (D + 2) + D]);
-    float L = 0.0f, o = 0.0f;
-    if (M != NEG_INF) {
-        for (int z = 0; z < n_split; z++) {
-            const float mz = pp[z * (D + 2) + D];
-            if (mz == NEG_INF) continue;
-            const float w = ex2(mz - M);
-            L += w * pp[z * (D + 2) + D + 1];
-            o += w * pp[z * (D + 2) + threadIdx.x];
+    for (int w = 0; w < nwarp; w++) M = fmaxf(M, red[0][w]);
+    float ls = 0.0f;
+    for (int z = tid; z < n_split; z += nth) {
+        const float mz = pp[z * (D + 2) + D];
+        const float w = (mz == NEG_INF) ? 0.0f : ex2(mz - M);
+        wz[z] = w;
+        ls += w * pp[z * (D + 2) + D + 1];
+    }
+    ls = warp_sum(ls);
+    if (lane == 0) red[1][warp] = ls;
+    __syncthreads();
+    float L = 0.0f;
+    for (int w = 0; w < nwarp; w++) L += red[1][w];
+    const int grp = tid / D, d = tid % D;
+    float o[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int z = grp;
+    for (; z + 3 * GR < n_split; z += 4 * GR) {
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int zu = z + u * GR;
+            o[u] += wz[zu] * pp[zu * (D + 2) + d];
         }
     }
-    const float v = L > 0.0f ? o / L : 0.0f;
-    const size_t i = row * D + threadIdx.x;
+    for (; z < n_split; z += GR) o[0] += wz[z] * pp[z * (D + 2) + d];
+    float acc = (o[0] + o[1]) + (o[2] + o[3]);
+    if (GR > 1) {
+        if (grp > 0) osum[grp - 1][d] = acc;
+        __syncthreads();
+        if (grp > 0) return;
+        for (int g = 0; g < GR - 1; g++) acc += osum[g][d];
+    }
+    const float v = L > 0.0f ? acc / L : 0.0f;
+    const size_t i = row * D + d;
     out[i] = v;
-    if (yq) q8_1_lane(v, yq + (i & ~(size_t)31), yds + (i >> 5), threadIdx.x % WARP);
+    if (yq) q8_1_lane(v, yq + (i & ~(size_t)31), yds + (i >> 5), lane);
+}
+
+extern "C" __global__ void attn_merge(const float* part, int n_split, int D, float* out, i8* yq,
+                                      float2* yds) {
+    attn_merge_rows<1>(part, n_split, D, out, yq, yds);
+}
+
+extern "C" __global__ void attn_merge_wide(const float* part, int n_split, int D, float* out,
+                                           i8* yq, float2* yds) {
+    attn_merge_rows<MERGE_GROUPS>(part, n_split, D, out, yq, yds);
 }
 
 // ---- tensor-core helpers ----------------------------------------------------------------------

@@ -112,17 +112,6 @@ extern "C" __global__ void argmax_rows(const float* logits, int n_vocab, int* ou
 
 // ---- fused decode ops (fewer launches per layer; each equals the unfused sequence) -------------
 
-// Quantizes one 32-value chunk held one value per lane into q8_1 (as quantize_q8_1).
-__device__ __forceinline__ void q8_1_lane(float v, i8* yq, float2* yds, int lane) {
-    float amax = warp_max(fabsf(v));
-    float d = amax / 127.0f;
-    float id = d != 0.0f ? 1.0f / d : 0.0f;
-    int q = (int)roundf(v * id);
-    yq[lane] = (i8)q;
-    float s = warp_sum((float)q);
-    if (lane == 0) *yds = make_float2(d, d * s);
-}
-
 // Per row t: if y: x[t] += y[t]; out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w (sum of squares in
 // f64 as the CPU backend and ggml accumulate it); if yq: out[t] also as q8_1 (width a multiple of
 // 32 then). One block per row; each thread holds its (at most NORM_PER) values in registers and

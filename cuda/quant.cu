@@ -14,6 +14,20 @@
 
 // ---- q8_1 activations ---------------------------------------------------------------------
 
+// Quantizes one 32-value chunk held one value per lane into q8_1 with the arithmetic of
+// ggml's x86 quantize_row_q8_1, which the CPU backend uses: d = max|v| / 127, q =
+// round-half-even(v * (127 / max|v|)), and d and d * sum(q) rounded to f16 (kept as floats), so
+// both backends form the same integer dots with the same scales.
+__device__ __forceinline__ void q8_1_lane(float v, i8* yq, float2* yds, int lane) {
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.0f;
+    float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    int q = (int)rintf(v * id);
+    yq[lane] = (i8)q;
+    float s = warp_sum((float)q);
+    if (lane == 0) *yds = make_float2(h2f(f2h(d)), h2f(f2h(d * s)));
+}
+
 // x: n_tok rows of K floats (row stride ldx). yq: n_tok rows of K int8. yds: (d, d * sum q).
 extern "C" __global__ void quantize_q8_1(const float* x, int ldx, int K, int n_tok, i8* yq,
                                          float2* yds) {
@@ -22,13 +36,7 @@ extern "C" __global__ void quantize_q8_1(const float* x, int ldx, int K, int n_t
     if (gb >= nb * n_tok) return;
     int t = gb / nb, b = gb % nb, lane = threadIdx.x % WARP;
     float v = x[(size_t)t * ldx + b * 32 + lane];
-    float amax = warp_max(fabsf(v));
-    float d = amax / 127.0f;
-    float id = d != 0.0f ? 1.0f / d : 0.0f;
-    int q = (int)roundf(v * id);
-    yq[(size_t)t * K + b * 32 + lane] = (i8)q;
-    float s = warp_sum((float)q);
-    if (lane == 0) yds[(size_t)t * nb + b] = make_float2(d, d * s);
+    q8_1_lane(v, yq + (size_t)t * K + b * 32, yds + (size_t)t * nb + b, lane);
 }
 
 // ---- one unit of a row times q8_1 activations ----------------------------------------------

@@ -62,6 +62,7 @@ fn kernels_compile_through_nvrtc() {
             "attn_pre_d64",
             "attn_pre_d128",
             "attn_merge",
+            "attn_merge_wide",
             "add_rms_norm_q8",
             "swiglu_q8",
             "rope_kv",
@@ -89,16 +90,56 @@ impl Rng {
     }
 }
 
-/// What the decode kernels see of an activation row: q8_1 blocks (d = amax / 127, round).
-fn q8_1_view(x: &[f32]) -> Vec<f64> {
-    let mut out = Vec::with_capacity(x.len());
-    for b in x.chunks(32) {
-        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend(b.iter().map(|&v| (v * id).round() as f64 * d as f64));
+/// What the decode kernels see of an activation row: its q8_1 blocks as ggml's x86 quantizer
+/// writes them (`d = f16(max / 127)`, ties to even, `s = f16(d * sum q)`): the values `q * d`
+/// and, per 32-value block, how far the stored `s` is from `d * sum q` (the kernels take a
+/// weight block's additive offset times `s`, see [`block_offsets`]).
+fn q8_1_view(x: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let mut q8 = vec![0u8; x.len() / 32 * 36];
+    ggml_compat::q8::quantize_q8_1_x86(x, &mut q8);
+    let (mut vals, mut s_err) = (Vec::with_capacity(x.len()), Vec::new());
+    for blk in q8.chunks_exact(36) {
+        let d = f16_at(blk, 0);
+        let s = f16_at(blk, 2);
+        let qs = blk[4..].iter().map(|&q| q as i8 as f64);
+        let sum: f64 = qs.clone().sum();
+        vals.extend(qs.map(|q| q * d));
+        s_err.push(s - d * sum);
     }
-    out
+    (vals, s_err)
+}
+
+fn f16_at(b: &[u8], at: usize) -> f64 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f64()
+}
+
+/// Per 32 values of a quantized row, the constant the decode kernels add as `offset * s` with
+/// the activation block's `s` instead of folding it into the integer dot: the -8 d / -16 d of
+/// Q4_0 / Q5_0, the min of Q4_1 / Q5_1, -dmin * m of each Q4_K / Q5_K sub-block; zero for the
+/// types without one.
+fn block_offsets(ty: GgmlType, row: &[u8]) -> Vec<f64> {
+    let per = |bytes: usize| row.chunks_exact(bytes);
+    match ty {
+        GgmlType::Q4_0 => per(18).map(|b| -8.0 * f16_at(b, 0)).collect(),
+        GgmlType::Q5_0 => per(22).map(|b| -16.0 * f16_at(b, 0)).collect(),
+        GgmlType::Q4_1 => per(20).map(|b| f16_at(b, 2)).collect(),
+        GgmlType::Q5_1 => per(24).map(|b| f16_at(b, 2)).collect(),
+        GgmlType::Q4_K | GgmlType::Q5_K => per(if ty == GgmlType::Q4_K { 144 } else { 176 })
+            .flat_map(|b| {
+                let dmin = f16_at(b, 2) as f32;
+                let sc = &b[4..16];
+                (0..8).map(move |j| {
+                    let m = if j < 4 {
+                        sc[j + 4] & 63
+                    } else {
+                        (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
+                    };
+                    -((dmin * m as f32) as f64)
+                })
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// What the prefill path sees: f16-rounded values.
@@ -124,6 +165,7 @@ fn matmul_kernels_match_dequantized_reference() {
             {
                 ggml_compat::quantize_row(ty, src, dst).unwrap();
             }
+            let row_bytes = ty.bytes_for(cols as u64).unwrap() as usize;
             let mut wd = vec![0f32; rows * cols];
             for (src, dst) in w
                 .chunks(ty.bytes_for(cols as u64).unwrap() as usize)
@@ -131,11 +173,13 @@ fn matmul_kernels_match_dequantized_reference() {
             {
                 ggml_compat::dequantize_row(ty, src, dst).unwrap();
             }
-            for &n in &[1usize, 3, 8, 13, 16, 40] {
+            for &n in &[1usize, 3, 8, 13, 16, 40, 90] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f()).collect();
-                let decode = n <= cuda::MV_MAXT;
-                let quantized_acts =
-                    decode && !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+                // Quantized weights take the decode kernels (16 tokens per launch) up to
+                // QUANT_PREFILL_MAX tokens, float weights up to MV_MAXT; larger batches cuBLAS.
+                let float = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+                let decode = n <= cuda::MV_MAXT || (!float && n <= cuda::QUANT_PREFILL_MAX);
+                let quantized_acts = decode && !float;
                 // Quantized decode products: the dp4a kernels (warps per row by shape, and 4)
                 // and the tensor-core kernels, each against the reference.
                 let variants: Vec<(&str, DecodeKernels)> = if quantized_acts {
@@ -156,12 +200,12 @@ fn matmul_kernels_match_dequantized_reference() {
                     let mut n_bad = 0usize;
                     for t in 0..n {
                         let xr = &x[t * cols..(t + 1) * cols];
-                        let xv: Vec<f64> = if quantized_acts {
+                        let (xv, s_err): (Vec<f64>, Vec<f64>) = if quantized_acts {
                             q8_1_view(xr)
                         } else if decode {
-                            xr.iter().map(|&v| v as f64).collect()
+                            (xr.iter().map(|&v| v as f64).collect(), Vec::new())
                         } else {
-                            f16_view(xr)
+                            (f16_view(xr), Vec::new())
                         };
                         for r in 0..rows {
                             let wr = &wd[r * cols..(r + 1) * cols];
@@ -170,7 +214,13 @@ fn matmul_kernels_match_dequantized_reference() {
                             } else {
                                 f16_view(wr)
                             };
-                            let want: f64 = wv.iter().zip(&xv).map(|(a, b)| a * b).sum();
+                            let offsets = if s_err.is_empty() {
+                                Vec::new()
+                            } else {
+                                block_offsets(ty, &w[r * row_bytes..(r + 1) * row_bytes])
+                            };
+                            let want: f64 = wv.iter().zip(&xv).map(|(a, b)| a * b).sum::<f64>()
+                                + offsets.iter().zip(&s_err).map(|(o, e)| o * e).sum::<f64>();
                             let abs: f64 = wv.iter().zip(&xv).map(|(a, b)| (a * b).abs()).sum();
                             scale = scale.max(abs);
                             let g = got[t * rows + r] as f64;
@@ -395,7 +445,11 @@ fn cuda_attention_beyond_64k_keys_matches_cpu() {
     let layout = KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n);
     let worst = gpu_vs_cpu_worst(&model, &layout, 512, &toks, n - 8, 512);
     eprintln!("{n} tokens, dense: worst {worst:.2e}");
-    assert!(worst < 2e-3, "worst relative logit difference {worst}");
+    // The CPU reference accumulates values in f16 as llama.cpp's CPU path does, so its
+    // rounding grows with the key count (5.6e-3 measured on an H100 at 66008 keys, 9.6e-4
+    // before the CPU took llama.cpp's arithmetic); losing the keys past 65536 would change the
+    // attention output itself, far more than this.
+    assert!(worst < 1.5e-2, "worst relative logit difference {worst}");
 }
 
 /// Decode matvec bandwidth on Llama-3-8B's largest matrices (run on the GPU machine with

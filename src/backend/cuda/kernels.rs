@@ -158,6 +158,7 @@ pub struct Kernels {
     pub attn_pre_d64: CudaFunction,
     pub attn_pre_d128: CudaFunction,
     pub attn_merge: CudaFunction,
+    pub attn_merge_wide: CudaFunction,
     /// Dynamic shared memory of the attention kernels by head dimension (64, 128).
     pub fa_smem: [usize; 2],
     pub add_rms_norm_q8: CudaFunction,
@@ -199,6 +200,7 @@ impl Kernels {
             attn_pre_d64: fa("attn_pre_d64", 64)?,
             attn_pre_d128: fa("attn_pre_d128", 128)?,
             attn_merge: f("attn_merge")?,
+            attn_merge_wide: f("attn_merge_wide")?,
             fa_smem: [fa_smem_bytes(64, stages), fa_smem_bytes(128, stages)],
             add_rms_norm_q8: f("add_rms_norm_q8")?,
             swiglu_q8: f("swiglu_q8")?,

@@ -112,17 +112,31 @@ pub enum DecodePath {
 /// Decode-kernel choices, from the environment once (for measuring the alternatives):
 /// `MOA_MV_WPR` (1, 2 or 4: warps per row of the dp4a kernels, which then also take every
 /// one-token product; default 1) and `MOA_MMQS_MIN` (fewest tokens that take the tensor-core
-/// kernels; default 2, 0 = never).
+/// kernels; default 2, 0 = never) and `MOA_QPREFILL_MAX` (batches of quantized weights up to
+/// this many tokens also take the decode kernels, 16 tokens at a time, default
+/// [`QUANT_PREFILL_MAX`]).
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeKernels {
     wpr: Option<usize>,
     mma_min: usize,
+    pub quant_prefill_max: usize,
 }
+
+/// Batches of quantized weights up to this many tokens run through the decode kernels on
+/// q8_1 activations, 16 tokens per launch, rather than through f16 tiles and cuBLAS: short
+/// prompts then see the same integer dot products as the CPU backend (and llama.cpp), which
+/// quantize activations at every batch size; longer prompts take cuBLAS, which reads the
+/// weights once for the whole batch.
+pub const QUANT_PREFILL_MAX: usize = 64;
 
 impl DecodeKernels {
     /// Always the dp4a kernels, with `wpr` warps per row (None: 1).
     pub fn dp4a(wpr: Option<usize>) -> DecodeKernels {
-        DecodeKernels { wpr, mma_min: 0 }
+        DecodeKernels {
+            wpr,
+            mma_min: 0,
+            quant_prefill_max: QUANT_PREFILL_MAX,
+        }
     }
 
     /// The tensor-core kernels from `min` tokens on (1: always).
@@ -130,6 +144,7 @@ impl DecodeKernels {
         DecodeKernels {
             wpr: None,
             mma_min: min,
+            quant_prefill_max: QUANT_PREFILL_MAX,
         }
     }
 
@@ -138,6 +153,7 @@ impl DecodeKernels {
         DecodeKernels {
             wpr: var("MOA_MV_WPR").filter(|w| [1, 2, 4].contains(w)),
             mma_min: var("MOA_MMQS_MIN").unwrap_or(2),
+            quant_prefill_max: var("MOA_QPREFILL_MAX").unwrap_or(QUANT_PREFILL_MAX),
         }
     }
 
@@ -382,6 +398,21 @@ pub fn matmul(
         }
         return launch_mmvq(gpu, k, s, &[(m, a.out, a.ldo)], a.n);
     }
+    if a.n <= m.decode.quant_prefill_max && !is_float(m.ty) {
+        let mut t0 = 0;
+        while t0 < a.n {
+            let c = MV_MAXT.min(a.n - t0);
+            let chunk = MatArgs {
+                x: a.x + (t0 * a.ldx * 4) as u64,
+                n: c,
+                out: a.out + (t0 * a.ldo * 4) as u64,
+                ..a
+            };
+            matmul(gpu, k, blas_h, s, m, chunk, x_version)?;
+            t0 += c;
+        }
+        return Ok(());
+    }
     assert_eq!(a.ldx, m.cols, "prefill inputs are dense rows");
     let nx = a.n * m.cols;
     assert!(
@@ -550,6 +581,21 @@ pub fn matmul_multi(
     x_version: u64,
 ) -> Result<(), BackendError> {
     let m0 = targets[0].0;
+    if n > MV_MAXT && n <= m0.decode.quant_prefill_max && !is_float(m0.ty) {
+        // A short prompt: decode-sized chunks, each fused as a decode step would be.
+        let mut t0 = 0;
+        while t0 < n {
+            let c = MV_MAXT.min(n - t0);
+            let shifted: Vec<(&GpuMatrix, u64, usize)> = targets
+                .iter()
+                .map(|&(m, out, ldo)| (m, out + (t0 * ldo * 4) as u64, ldo))
+                .collect();
+            let xc = x + (t0 * ldx * 4) as u64;
+            matmul_multi(gpu, k, blas_h, s, &shifted, xc, ldx, c, x_version)?;
+            t0 += c;
+        }
+        return Ok(());
+    }
     let fusable = n <= MV_MAXT
         && targets.len() <= 3
         && !is_float(m0.ty)

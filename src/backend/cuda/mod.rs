@@ -25,6 +25,7 @@ pub use self::device::{probe, CudaUnavailable, DevBuf, Gpu};
 use self::kernels::Kernels;
 pub use self::matmul::{
     DecodeKernels, GpuMatrix, MatArgs, MatScratch, MatmulHarness, GPU_TYPES, MV_MAXT,
+    QUANT_PREFILL_MAX,
 };
 
 use super::{validate_batch, Backend, BackendError, BackendOptions};
@@ -39,6 +40,10 @@ const TC_ROWS: usize = 64;
 const ATT_RMAX: usize = 16;
 /// Most (token, head, split) partial rows of split attention.
 const PART_ROWS: usize = 65536;
+/// Thread groups of the wide split merge (`MERGE_GROUPS` in attention.cu: D threads each).
+const MERGE_GROUPS: usize = 4;
+/// Most splits the merge takes (`MERGE_MAX_SPLIT`).
+const MERGE_MAX_SPLIT: usize = 1024;
 /// Fewest keys a split takes (`FA_MIN_PER` in attention.cu).
 const ATT_MIN_PER: usize = 128;
 /// Attention blocks to aim for per multiprocessor when splitting long key ranges (two are
@@ -550,6 +555,7 @@ impl CudaBackend {
             .div_ceil(self.n_tiles * hk)
             .min(max_keys.div_ceil(ATT_MIN_PER))
             .max(1);
+        n_split = n_split.min(MERGE_MAX_SPLIT);
         while n_split > 1 && n * cfg.n_head * n_split > PART_ROWS {
             n_split -= 1;
         }
@@ -578,9 +584,18 @@ impl CudaBackend {
             } else {
                 (0, 0)
             };
+            // Few rows with many splits (decode) take a thread group per quarter of the splits.
+            let (merge, groups) = if n_split >= 4 * MERGE_GROUPS {
+                (&self.k.attn_merge_wide, MERGE_GROUPS)
+            } else {
+                (&self.k.attn_merge, 1)
+            };
             self.gpu.launch(
-                &self.k.attn_merge,
-                lcfg(((n * cfg.n_head) as u32, 1, 1), cfg.head_dim as u32),
+                merge,
+                lcfg(
+                    ((n * cfg.n_head) as u32, 1, 1),
+                    (groups * cfg.head_dim) as u32,
+                ),
                 &[
                     A::P(self.part.ptr),
                     A::I(n_split as i32),
