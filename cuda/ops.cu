@@ -114,18 +114,21 @@ extern "C" __global__ void argmax_rows(const float* logits, int n_vocab, int* ou
 
 // Per row t: if y: x[t] += y[t]; out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w (sum of squares in
 // f64 as the CPU backend and ggml accumulate it); if yq: out[t] also as q8_1 (width a multiple of
-// 32 then). One block per row; each thread holds its (at most NORM_PER) values in registers and
+// 32 then). One block per row; each thread holds its (at most PER) values in registers and
 // issues all its loads before using any: a loop that stored x between loads would wait for one
 // memory round trip per value, which made this tiny kernel take longer than a matrix product.
-#define NORM_PER 16
-extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_q8(float* x, const float* y,
-        const float* w, float eps, int width, float* out, i8* yq, float2* yds) {
+// PER values per thread (4, 8 or 16: `add_rms_norm_q8_<PER>`, the host picks the smallest that
+// holds the row): three PER-value arrays stay in registers under the 64-register limit of
+// 1024-thread blocks only for small PER, and a spilled array goes through local memory.
+template <int PER>
+__device__ __forceinline__ void add_rms_norm_q8_row(float* x, const float* y, const float* w,
+        float eps, int width, float* out, i8* yq, float2* yds) {
     int t = blockIdx.x, nt = blockDim.x;
     float* xr = x + (size_t)t * width;
     const float* yr = y ? y + (size_t)t * width : nullptr;
-    float v[NORM_PER], a[NORM_PER], wv[NORM_PER];
+    float v[PER], a[PER], wv[PER];
 #pragma unroll
-    for (int k = 0; k < NORM_PER; k++) {
+    for (int k = 0; k < PER; k++) {
         int i = threadIdx.x + k * nt;
         v[k] = i < width ? xr[i] : 0.0f;
         a[k] = yr && i < width ? yr[i] : 0.0f;
@@ -133,7 +136,7 @@ extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_q8(float* x, con
     }
     double s = 0.0;
 #pragma unroll
-    for (int k = 0; k < NORM_PER; k++) {
+    for (int k = 0; k < PER; k++) {
         int i = threadIdx.x + k * nt;
         if (yr) {
             v[k] += a[k];
@@ -159,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_q8(float* x, con
     // block, formed in registers.
     int lane = threadIdx.x % WARP;
 #pragma unroll
-    for (int k = 0; k < NORM_PER; k++) {
+    for (int k = 0; k < PER; k++) {
         int i = threadIdx.x + k * nt;
         int c = (i - lane) / 32;
         if (c * 32 >= width) break;
@@ -168,6 +171,16 @@ extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_q8(float* x, con
         if (yq) q8_1_lane(o, yq + (size_t)t * width + c * 32, yds + (size_t)t * (width / 32) + c, lane);
     }
 }
+
+#define ADD_RMS_NORM_Q8(PER)                                                                  \
+    extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_q8_##PER(                 \
+        float* x, const float* y, const float* w, float eps, int width, float* out, i8* yq,  \
+        float2* yds) {                                                                        \
+        add_rms_norm_q8_row<PER>(x, y, w, eps, width, out, yq, yds);                          \
+    }
+ADD_RMS_NORM_Q8(4)
+ADD_RMS_NORM_Q8(8)
+ADD_RMS_NORM_Q8(16)
 
 // gate[t] = silu(gate[t]) * up[t], and the result as q8_1 (the input of the down projection).
 // One warp per 32-value chunk.

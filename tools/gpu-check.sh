@@ -105,7 +105,7 @@ profile)
     make_synth
     cat cuda/common.cuh cuda/quant.cu cuda/ops.cu cuda/attention.cu >/tmp/moa-all.cu
     nvcc -arch=sm_90 -std=c++17 -cubin -Xptxas -v -o /tmp/moa-all.cubin /tmp/moa-all.cu 2>&1 |
-        grep -E -A1 "Compiling entry.*(attn_|mmvq_q4_k|mmvq_q6_k|rms|swiglu_q8|rope_kv)" | grep -E "entry|registers" || true
+        grep -E -A3 "Compiling entry.*(attn_|mmvq_q4_k|mmvq_q6_k|rms|swiglu_q8|rope_kv)" | grep -E "entry|registers|spill" || true
     ncu=(ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel)
     export MOA_CUDA_GRAPHS=0
     "${ncu[@]}" "$out/moa-bench" -m "$synth" --device cuda --dense -p 0 -n 4 -r 1 2>&1 |

@@ -161,7 +161,8 @@ pub struct Kernels {
     pub attn_merge_wide: CudaFunction,
     /// Dynamic shared memory of the attention kernels by head dimension (64, 128).
     pub fa_smem: [usize; 2],
-    pub add_rms_norm_q8: CudaFunction,
+    /// `add_rms_norm_q8_<PER>` for PER = 4, 8, 16 values per thread.
+    pub add_rms_norm_q8: [CudaFunction; 3],
     pub swiglu_q8: CudaFunction,
     pub rope_kv: CudaFunction,
     module: Arc<CudaModule>,
@@ -202,7 +203,11 @@ impl Kernels {
             attn_merge: f("attn_merge")?,
             attn_merge_wide: f("attn_merge_wide")?,
             fa_smem: [fa_smem_bytes(64, stages), fa_smem_bytes(128, stages)],
-            add_rms_norm_q8: f("add_rms_norm_q8")?,
+            add_rms_norm_q8: [
+                f("add_rms_norm_q8_4")?,
+                f("add_rms_norm_q8_8")?,
+                f("add_rms_norm_q8_16")?,
+            ],
             swiglu_q8: f("swiglu_q8")?,
             rope_kv: f("rope_kv")?,
             module,

@@ -115,13 +115,17 @@ struct MetaLayout {
     words: usize,
 }
 
-/// Values per thread at most in `add_rms_norm_q8` (NORM_PER in ops.cu).
+/// Values per thread at most in the norm kernels (`add_rms_norm_q8_<PER>` in ops.cu).
 const NORM_PER: usize = 16;
 
-/// Threads of the norm kernel for rows of `width`: about 4 values each, a multiple of 32, at
-/// most 1024 (so rows up to 16384 wide).
-fn norm_threads(width: usize) -> u32 {
-    (width.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32
+/// Threads of the norm kernel for rows of `width` (about 4 values each, a multiple of 32, at
+/// most 1024: rows up to 16384 wide) and which of the kernels (PER = 4, 8, 16 values per
+/// thread) holds the row.
+fn norm_shape(width: usize) -> (u32, usize) {
+    let threads = (width.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024);
+    let per = width.div_ceil(threads);
+    let variant = [4, 8, 16].iter().position(|&p| per <= p).unwrap_or(2);
+    (threads as u32, variant)
 }
 
 fn meta_layout(max_batch: usize, half_rot: usize) -> MetaLayout {
@@ -778,9 +782,10 @@ impl CudaBackend {
         let q8 = width.is_multiple_of(32) && self.reads_q8(next, out, n);
         let (yq, yds) = if q8 { self.mats.q8_ptrs() } else { (0, 0) };
         let wv = self.vectors[w].as_ref().expect("norm prepared").ptr;
+        let (threads, variant) = norm_shape(width);
         self.gpu.launch(
-            &self.k.add_rms_norm_q8,
-            lcfg((n as u32, 1, 1), norm_threads(width)),
+            &self.k.add_rms_norm_q8[variant],
+            lcfg((n as u32, 1, 1), threads),
             &[
                 A::P(self.act(x)),
                 A::P(y.map_or(0, |y| self.act(y))),
@@ -1043,5 +1048,23 @@ impl Backend for CudaBackend {
 
     fn kv_bytes(&self) -> usize {
         self.layout.bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn norm_shape_picks_the_smallest_kernel_that_holds_the_row() {
+        assert_eq!(norm_shape(576), (160, 0));
+        assert_eq!(norm_shape(4096), (1024, 0));
+        assert_eq!(norm_shape(5000), (1024, 1));
+        assert_eq!(norm_shape(8192), (1024, 1));
+        assert_eq!(norm_shape(16384), (1024, 2));
+        for w in (32..=16384).step_by(32) {
+            let (t, v) = norm_shape(w);
+            assert!(t as usize * [4, 8, 16][v] >= w, "width {w}");
+        }
     }
 }
