@@ -110,6 +110,7 @@ struct KeySpan {
 template <int GR>
 __device__ __forceinline__ void attn_merge_rows(const float* part, int n_split, int D, float* out,
                                                 i8* yq, float2* yds) {
+    pdl_trigger();
     __shared__ float wz[MERGE_MAX_SPLIT];
     __shared__ float red[2][GR * 8];
     __shared__ float osum[GR][256];  // D <= 256
@@ -244,6 +245,7 @@ __device__ __forceinline__ void attn_fa(
     constexpr int CPR = D / 8;        // 16-byte chunks per K or V row
     extern __shared__ __align__(16) u16 fa_smem[];
 
+    pdl_trigger();
     const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
     const int wr = warp / WK, wk = warp % WK;
     const int gq = lane >> 2, cq = lane & 3;

@@ -45,6 +45,24 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Programmatic dependent launch (sm_90+; no-ops before): a kernel launched with the
+// programmatic-serialization attribute (the decode products, `Gpu::launch_pdl`) may start while
+// the kernel before it still runs, once every block of that one has called pdl_trigger(); it
+// reads only its weights (never written by any kernel) before pdl_wait(), which returns when the
+// kernel before it has finished and its writes are visible. Every thread of such a kernel calls
+// pdl_wait() before it reads or writes anything else.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // ggml type ids (ggml.h enum ggml_type).
 #define T_F32 0
 #define T_F16 1

@@ -123,6 +123,7 @@ extern "C" __global__ void argmax_rows(const float* logits, int n_vocab, int* ou
 template <int PER>
 __device__ __forceinline__ void add_rms_norm_q8_row(float* x, const float* y, const float* w,
         float eps, int width, float* out, i8* yq, float2* yds) {
+    pdl_trigger();
     int t = blockIdx.x, nt = blockDim.x;
     float* xr = x + (size_t)t * width;
     const float* yr = y ? y + (size_t)t * width : nullptr;
@@ -186,6 +187,7 @@ ADD_RMS_NORM_Q8(16)
 // One warp per 32-value chunk.
 extern "C" __global__ void swiglu_q8(float* gate, const float* up, int width, int n_tok, i8* yq,
                                      float2* yds) {
+    pdl_trigger();
     int nb = width / 32;
     int gb = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     if (gb >= nb * n_tok) return;

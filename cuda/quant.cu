@@ -31,6 +31,7 @@ __device__ __forceinline__ void q8_1_lane(float v, i8* yq, float2* yds, int lane
 // x: n_tok rows of K floats (row stride ldx). yq: n_tok rows of K int8. yds: (d, d * sum q).
 extern "C" __global__ void quantize_q8_1(const float* x, int ldx, int K, int n_tok, i8* yq,
                                          float2* yds) {
+    pdl_trigger();
     int nb = K / 32;
     int gb = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;  // global block index
     if (gb >= nb * n_tok) return;
@@ -310,6 +311,7 @@ __device__ __forceinline__ void mmvq_units(const u8* r, int u, int stride, const
     Unit<T> w[U];
 #pragma unroll
     for (int i = 0; i < U; i++) w[i].load(r, u + i * stride);
+    pdl_wait();  // weights are in flight; the activations come from the kernel before
 #pragma unroll
     for (int i = 0; i < U; i++) {
 #pragma unroll
@@ -353,6 +355,7 @@ __device__ __forceinline__ void mmvq(const Rows3& m, u64 row_bytes, int units, c
     const u8* W;
     float* out;
     int ldo, local;
+    pdl_trigger();
     bool ok = m.pick(row, &W, &out, &ldo, &local);
     float acc[NT];
 #pragma unroll
@@ -372,6 +375,7 @@ __device__ __forceinline__ void mmvq(const Rows3& m, u64 row_bytes, int units, c
         }
         if (u < units) mmvq_units<T, 1, NT>(r, u, stride, yq, yds, K, nb, n_tok, acc);
     }
+    pdl_wait();  // warps without units, too
 #pragma unroll
     for (int t = 0; t < NT; t++) acc[t] = warp_sum(acc[t]);
     if (wpr > 1) {
@@ -439,6 +443,7 @@ MMVQ(mmvq_q6_k, T_Q6_K)
 // Tokens n_tok..15 are zero.
 extern "C" __global__ void q8_1_mma_layout(const i8* yq, const float2* yds, int K, int n_tok,
                                            int fam, i8* yq_m, float2* yds_m) {
+    pdl_trigger();
     int nb = K / 32;
     int gid = blockIdx.x * blockDim.x + threadIdx.x;
     if (gid >= nb * 64) return;
@@ -643,6 +648,7 @@ __device__ __forceinline__ void mmqs_units(const u8* r0, const u8* r1, int u, in
         f[i][0].load(r0, u + i * MQ_WARPS, c);
         f[i][1].load(r1, u + i * MQ_WARPS, c);
     }
+    pdl_wait();  // weights are in flight; the activations come from the kernel before
 #pragma unroll
     for (int i = 0; i < U; i++) {
 #pragma unroll
@@ -677,6 +683,7 @@ __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, c
     constexpr int NTL = NT / 8;
     __shared__ float red[MQ_WARPS][WARP][4 * NTL];
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane >> 2, c = lane & 3;
+    pdl_trigger();
     int base = blockIdx.x * 16, last = m.total() - 1;
     const u8* rp[2];
 #pragma unroll
@@ -697,6 +704,7 @@ __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, c
     for (; u + (U - 1) * MQ_WARPS < units; u += U * MQ_WARPS)
         mmqs_units<T, U, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
     if (U == 2 && u < units) mmqs_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
+    pdl_wait();  // warps without units, too
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll

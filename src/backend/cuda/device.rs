@@ -96,6 +96,9 @@ pub struct Gpu {
     pub cc: (i32, i32),
     /// Streaming multiprocessors (sizes the launches that must fill the device).
     pub sms: usize,
+    /// Whether [`Gpu::launch_pdl`] launches programmatically dependent kernels (sm_90 and
+    /// later, unless `MOA_PDL=0`).
+    pub pdl: bool,
 }
 
 impl Gpu {
@@ -115,12 +118,14 @@ impl Gpu {
             )
             .unwrap_or(132)
             .max(1) as usize;
+        let pdl = cc.0 >= 9 && std::env::var("MOA_PDL").map_or(true, |v| v != "0");
         Ok(Gpu {
             ctx,
             stream,
             name,
             cc,
             sms,
+            pdl,
         })
     }
 
@@ -204,6 +209,73 @@ impl Gpu {
         unsafe { b.launch(c) }
             .map(|_| ())
             .map_err(|e| driver_err("launching a kernel", e))?;
+        if let Some(Some(start)) = timed {
+            super::timer::stop(&self.stream, f, start);
+        }
+        Ok(())
+    }
+
+    /// Launches `f` as a programmatic dependent of the kernel before it on the stream (when
+    /// [`Gpu::pdl`]; else as [`Gpu::launch`]): it may start once every block of that kernel
+    /// has called `pdl_trigger()`, and must call `pdl_wait()` before reading anything but
+    /// constant data (common.cuh). The decode products use it to have their weights in flight
+    /// while the norm or quantization before them finishes.
+    pub fn launch_pdl(
+        &self,
+        f: &CudaFunction,
+        c: LaunchConfig,
+        args: &[A],
+    ) -> Result<(), BackendError> {
+        if !self.pdl {
+            return self.launch(f, c, args);
+        }
+        let timed = super::timer::enabled().then(|| super::timer::start(&self.stream));
+        // Each argument in its own 8-byte slot; the driver reads as many bytes as the kernel's
+        // parameter takes (little-endian, so a 4-byte value sits at the slot's start).
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                A::P(v) => v,
+                A::I(v) => v as u32 as u64,
+                A::F(v) => v.to_bits() as u64,
+            })
+            .collect();
+        let mut params: Vec<*mut std::ffi::c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut std::ffi::c_void)
+            .collect();
+        // SAFETY: a zeroed attribute is valid plain data; id and value are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: c.grid_dim.0,
+            gridDimY: c.grid_dim.1,
+            gridDimZ: c.grid_dim.2,
+            blockDimX: c.block_dim.0,
+            blockDimY: c.block_dim.1,
+            blockDimZ: c.block_dim.2,
+            sharedMemBytes: c.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("binding the context", e))?;
+        // SAFETY: `params` points at one slot per kernel parameter, in order, matching the
+        // kernel's signature (the callers' argument lists are those of `launch`); the slots
+        // outlive the call, which copies them.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &cfg,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(|e| driver_err("launching a kernel", e))?;
         if let Some(Some(start)) = timed {
             super::timer::stop(&self.stream, f, start);
         }

@@ -126,12 +126,16 @@ pub fn ptx_cached(arch: &'static str) -> Result<String, BackendError> {
 /// Key-tile stages of the attention kernels' cp.async pipeline (`FA_STAGES` in attention.cu,
 /// passed to NVRTC): three where a block may take the 102 KiB this needs at head dimension 128
 /// (the data-centre parts: sm_80, sm_90, sm_100), two elsewhere (about 99 KiB at most per block
-/// on the consumer parts).
+/// on the consumer parts). `MOA_FA_STAGES` (2 to 4) overrides it, for measuring.
 pub fn fa_stages(arch: &str) -> usize {
-    match arch {
+    let forced = std::env::var("MOA_FA_STAGES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|s| (2..=4).contains(s));
+    forced.unwrap_or(match arch {
         "sm_80" | "sm_90" | "sm_100" => 3,
         _ => 2,
-    }
+    })
 }
 
 /// Dynamic shared memory of one attention block with head dimension `d` (`FaSmem` in

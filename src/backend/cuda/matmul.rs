@@ -545,7 +545,7 @@ fn launch_mmvq(
                 A::I(n as i32),
             ]);
             let f = if n <= 8 { &mq[0] } else { &mq[1] };
-            gpu.launch(f, lcfg((blocks(rows, MQ_ROWS), 1, 1), MQ_THREADS), &args)
+            gpu.launch_pdl(f, lcfg((blocks(rows, MQ_ROWS), 1, 1), MQ_THREADS), &args)
         }
         (None, DecodePath::Mma) => unreachable!("float weights never take the tensor-core path"),
         (_, DecodePath::Dp4a { wpr }) => {
@@ -557,7 +557,7 @@ fn launch_mmvq(
                 A::I(n as i32),
                 A::I(wpr as i32),
             ]);
-            gpu.launch(
+            gpu.launch_pdl(
                 m.mv_for(n),
                 lcfg((blocks(rows, MV_WARPS / wpr), 1, 1), (MV_WARPS * 32) as u32),
                 &args,
