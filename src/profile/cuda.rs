@@ -910,7 +910,9 @@ impl CudaProfiler {
     ) -> Result<SampleOutput, BackendError> {
         let c = &self.cfg;
         let n = tokens.len();
-        let widest = c.n_ff.max(c.n_embd).max(c.q_dim()).max(c.n_vocab);
+        // Kernels index rows with 32-bit ints (the loss rows are chunked, so the vocabulary
+        // does not count here).
+        let widest = c.n_ff.max(c.n_embd).max(c.q_dim()).max(32 * c.n_head);
         if n.checked_mul(widest).is_none_or(|v| v > i32::MAX as usize) {
             return Err(BackendError::Device(format!(
                 "{n} tokens are too many for the GPU profiler's 32-bit sizes"
