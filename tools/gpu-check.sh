@@ -11,8 +11,8 @@
 #              ring wrap-around, long sequences at head dims 64/128) against the CPU backend;
 #   model:     the default model (MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf) GPU vs CPU
 #              (teacher-forced greedy), moa-perplexity on the license corpus on both, and the
-#              PyTorch autograd comparison of moa-profile's gradients (tests/py/autograd_check.py;
-#              gguf-py from .whl/ when it is not installed);
+#              PyTorch autograd comparison of moa-profile's gradients, CPU and GPU profiler
+#              (tests/py/autograd_check.py; gguf-py from .whl/ when it is not installed);
 #   gprofile:  the GPU profiler (moa-profile --device cuda): tests/cuda_profile.rs (GPU vs CPU
 #              profiler on tiny random models: loss, per-layer gradients, influence blocks), then
 #              `moa-profile run` on the default model with profiles/smollm2-135m-calib.jsonl at
@@ -81,8 +81,11 @@ model)
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
         export PYTHONPATH=/tmp/site
     fi
-    "$out/moa-profile" grads -m "$model" --data profiles/smollm2-135m-calib.jsonl --max-tokens 1024 -o /tmp/grads.bin
-    python3 tests/py/autograd_check.py --model "$model" --grads /tmp/grads.bin --device cuda
+    for dev in cpu cuda; do
+        echo "-- moa-profile grads --device $dev"
+        "$out/moa-profile" grads -m "$model" --data profiles/smollm2-135m-calib.jsonl --max-tokens 1024 --device $dev -o /tmp/grads.bin
+        python3 tests/py/autograd_check.py --model "$model" --grads /tmp/grads.bin --device cuda
+    done
     ;;
 gprofile)
     echo "== GPU profiler vs CPU profiler on tiny random models"

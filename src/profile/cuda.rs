@@ -290,6 +290,19 @@ impl CudaProfiler {
                 })
                 .sum::<usize>();
         let weight_bytes = total_floats * 4;
+        let (free, total) = gpu.mem_info();
+        if free > 0 && weight_bytes > free {
+            return Err(BackendError::DeviceOutOfMemory {
+                what: format!(
+                    "the GPU profiler's f32 weights ({}; --device cpu profiles on the CPU)",
+                    gib(weight_bytes)
+                ),
+                bytes: weight_bytes,
+                free,
+                total,
+            }
+            .into());
+        }
         let up = |v: &[f32], name: &str| -> Result<DevBuf, BackendError> {
             let what = format!(
                 "f32 weight {name} (the GPU profiler keeps every weight dequantized to f32, {} \

@@ -42,7 +42,8 @@ pub enum SampleError {
     BadRange { start: usize, end: usize, n: usize },
     #[error("the sample has no response tokens to take the loss on")]
     NoTargets,
-    #[error("GPU: {0}")]
+    /// A GPU error (its message names the GPU).
+    #[error("{0}")]
     Device(String),
 }
 
