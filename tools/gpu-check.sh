@@ -17,7 +17,8 @@
 #              profiler on tiny random models: loss, per-layer gradients, influence blocks), then
 #              `moa-profile run` on the default model with profiles/smollm2-135m-calib.jsonl at
 #              1024,2048,4096,8192 (GPROFILE_PER samples per length, default 2) on the GPU and on
-#              the CPU, per-sample times of both, and `moa-profile diff` of the two profiles;
+#              the CPU, per-sample times of both, `moa-profile diff` of the two profiles, and the
+#              per-kernel GPU times of one sample at 8192 (MOA_KERNEL_TIMES=1);
 #   bench:     a synthetic Llama-3-8B-shaped file (Q4_K, Q6_K output, vocab 49152: the shape of
 #              the llama.cpp figures in ../shared/docs/anchors.md) and moa-bench on it, dense and
 #              uniform 0.5, at the depths of the issue bars;
@@ -110,7 +111,11 @@ gprofile)
         awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "total %.1f s (model load included)\n", b - a }'
     done
     echo "== GPU profile vs CPU profile"
-    "$out/moa-profile" diff /tmp/gprofile-cuda.bin /tmp/gprofile-cpu.bin --tol 1e-3
+    "$out/moa-profile" diff /tmp/gprofile-cuda.bin /tmp/gprofile-cpu.bin --tol 1e-3 || true
+    echo "== per-kernel GPU times of one sample at 8192 (MOA_KERNEL_TIMES=1)"
+    rm -f /tmp/gprofile-times.bin
+    MOA_KERNEL_TIMES=1 "$out/moa-profile" run -m "$model" --data "$data" --lengths 8192 --per-length 1 \
+        --device cuda -o /tmp/gprofile-times.bin 2>&1 | grep -E -A16 "^kernel times"
     ;;
 bench)
     echo "== synthetic Llama-3-8B shape"

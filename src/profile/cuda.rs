@@ -13,6 +13,8 @@
 //!   added per profile block and KV group on the host (f64). Hence the block size must divide 64
 //!   or be a multiple of it.
 //! - Buffers for the activations are sized for the longest sample seen so far and reused.
+//! - `MOA_KERNEL_TIMES=1` times every kernel and cuBLAS call ([`timer`]); the table goes to
+//!   stderr when the tool exits.
 //!
 //! Nothing here panics without a GPU: [`CudaProfiler::new`] reports why it cannot run, and
 //! [`super::profiler_for`] falls back to the CPU when asked for `auto`.
@@ -30,7 +32,7 @@ use super::influence::SampleInfluence;
 use super::linalg::RopeTable;
 use super::{sample_targets, SampleError, SampleProfiler, SampleResult};
 use crate::backend::cuda::device::{blocks, driver_err, lcfg, DevBuf, Gpu, A};
-use crate::backend::cuda::kernels;
+use crate::backend::cuda::{kernels, timer};
 use crate::backend::BackendError;
 use crate::moa::profile_file::packed_index;
 use crate::model::{Model, ModelConfig, ModelError};
@@ -480,9 +482,10 @@ impl CudaProfiler {
             }
         };
         let f32t = blas_sys::cudaDataType_t::CUDA_R_32F;
+        let timed = timer::enabled().then(|| timer::start(&self.gpu.stream));
         // SAFETY: callers pass device pointers covering the operands' shapes with these leading
         // dimensions; the handle is bound to our stream.
-        unsafe {
+        let r = unsafe {
             blas::gemm_ex(
                 *self.blas.handle(),
                 op(ta),
@@ -505,7 +508,11 @@ impl CudaProfiler {
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| BackendError::Device(format!("cuBLAS sgemm: {e:?}")))
+        .map_err(|e| BackendError::Device(format!("cuBLAS sgemm: {e:?}")));
+        if let Some(Some(start)) = timed {
+            timer::stop_as(&self.gpu.stream, "cublas_sgemm (profiler, f32)", start);
+        }
+        r
     }
 
     /// Row-major `y (m x out) (+)= x (m x inp) w^T` for a weight of `out` rows of `inp` (as
