@@ -177,17 +177,19 @@ struct LossWork {
 
 /// The profiler on one GPU.
 pub struct CudaProfiler {
-    gpu: Gpu,
-    blas: CudaBlas,
+    // Device buffers first: fields drop in order, and the buffers must go while the context
+    // (held by `gpu` and `blas`) still lives.
+    w: Weights,
+    loss_work: LossWork,
+    work: Mutex<Option<Work>>,
     f: Fns,
+    blas: CudaBlas,
+    gpu: Gpu,
     cfg: ModelConfig,
     block: usize,
     fine: usize,
     smem: [usize; 3],
     half_rot: usize,
-    w: Weights,
-    loss_work: LossWork,
-    work: Mutex<Option<Work>>,
     weight_bytes: usize,
 }
 
