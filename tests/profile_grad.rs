@@ -688,7 +688,8 @@ fn cli_grads_dumps_captured_gradients() {
     let o = Command::new(env!("CARGO_BIN_EXE_moa-profile"))
         .args(["grads", "-m", mp.to_str().unwrap(), "--data"])
         .arg(&data)
-        .args(["--max-tokens", "50", "-o"])
+        // The CPU's gradients, compared exactly below.
+        .args(["--max-tokens", "50", "--device", "cpu", "-o"])
         .arg(&out)
         .output()
         .unwrap();

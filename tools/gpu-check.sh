@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu-check.sh build          # here: stripped release binaries into .devbin/
 #   bash tools/gpu-check.sh run [MODEL]    # on the GPU machine, from the repo root: all below
-#   bash tools/gpu-check.sh tests|model [MODEL]|bench|parallel|bandwidth|times|profile
+#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|bench|parallel|bandwidth|times|profile
 #
 # With MOA_REQUIRE_GPU=1 (a missing GPU fails instead of skipping):
 #   tests:     tests/cuda_backend.rs: every kernel against its CPU reference on fresh random data,
@@ -11,8 +11,14 @@
 #              ring wrap-around, long sequences at head dims 64/128) against the CPU backend;
 #   model:     the default model (MODEL or models/SmolLM2-135M-Instruct.Q4_1.gguf) GPU vs CPU
 #              (teacher-forced greedy), moa-perplexity on the license corpus on both, and the
-#              PyTorch autograd comparison of moa-profile's gradients (tests/py/autograd_check.py;
-#              gguf-py from .whl/ when it is not installed);
+#              PyTorch autograd comparison of moa-profile's gradients, CPU and GPU profiler
+#              (tests/py/autograd_check.py; gguf-py from .whl/ when it is not installed);
+#   gprofile:  the GPU profiler (moa-profile --device cuda): tests/cuda_profile.rs (GPU vs CPU
+#              profiler on tiny random models: loss, per-layer gradients, influence blocks), then
+#              `moa-profile run` on the default model with profiles/smollm2-135m-calib.jsonl at
+#              1024,2048,4096,8192 (GPROFILE_PER samples per length, default 2) on the GPU and on
+#              the CPU, per-sample times of both, `moa-profile diff` of the two profiles, and the
+#              per-kernel GPU times of one sample at 8192 (MOA_KERNEL_TIMES=1);
 #   bench:     a synthetic Llama-3-8B-shaped file (Q4_K, Q6_K output, vocab 49152: the shape of
 #              the llama.cpp figures in ../shared/docs/anchors.md) and moa-bench on it, dense and
 #              uniform 0.5, at the depths of the issue bars;
@@ -34,30 +40,36 @@ make_synth() {
     [ -f "$synth" ] || "$out/moa-bench" synth --shape llama3-8b --type q4_k --n-vocab 49152 --ctx 131072 -o "$synth"
 }
 model=${2:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+# The default model from its two carried parts (see above) when it is not there yet.
+ensure_model() {
+    part1=$(ls .devm1/smol.aa .devx/smol.aa /tmp/smol.aa 2>/dev/null | head -1 || true)
+    if [ ! -f "$model" ] && [ -n "$part1" ] && [ -f .devm2/smol.ab ]; then
+        mkdir -p "$(dirname "$model")"
+        cat "$part1" .devm2/smol.ab >"$model"
+    fi
+}
 export MOA_REQUIRE_GPU=1
 case "${1:-}" in
 build)
     mkdir -p "$out"
     exe=$(cargo test --release --no-run --test cuda_backend 2>&1 | sed -n 's/.*Executable.*(\(.*\))/\1/p' | tail -1)
+    pexe=$(cargo test --release --no-run --test cuda_profile 2>&1 | sed -n 's/.*Executable.*(\(.*\))/\1/p' | tail -1)
     cargo build --release --bin moa-run --bin moa-perplexity --bin moa-bench --bin moa-profile
     strip -o "$out/cuda_backend" "$exe"
+    strip -o "$out/cuda_profile" "$pexe"
     for b in moa-run moa-perplexity moa-bench moa-profile; do strip -o "$out/$b" "target/release/$b"; done
     bash tests/fixtures/llamacpp/make_corpus.sh "$out/corpus.txt"
     du -sh "$out"
     ;;
 run)
-    for step in tests model bench parallel bandwidth; do bash "$0" "$step" "$model"; done
+    for step in tests model gprofile bench parallel bandwidth; do bash "$0" "$step" "$model"; done
     ;;
 tests)
     echo "== kernel and synthetic-model tests"
     "$out/cuda_backend" --test-threads 1 --nocapture --skip default_model 2>&1 | grep -E "^test |worst|panicked|result"
     ;;
 model)
-    part1=$(ls .devm1/smol.aa .devx/smol.aa /tmp/smol.aa 2>/dev/null | head -1 || true)
-    if [ ! -f "$model" ] && [ -n "$part1" ] && [ -f .devm2/smol.ab ]; then
-        mkdir -p "$(dirname "$model")"
-        cat "$part1" .devm2/smol.ab >"$model"
-    fi
+    ensure_model
     sha256sum "$model"
     echo "== default model GPU vs CPU"
     "$out/cuda_backend" --test-threads 1 --nocapture default_model 2>&1 | grep -v -E "^\s*$|^running" | tail -12
@@ -70,8 +82,40 @@ model)
         python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
         export PYTHONPATH=/tmp/site
     fi
-    "$out/moa-profile" grads -m "$model" --data profiles/smollm2-135m-calib.jsonl --max-tokens 1024 -o /tmp/grads.bin
-    python3 tests/py/autograd_check.py --model "$model" --grads /tmp/grads.bin --device cuda
+    for dev in cpu cuda; do
+        echo "-- moa-profile grads --device $dev"
+        "$out/moa-profile" grads -m "$model" --data profiles/smollm2-135m-calib.jsonl --max-tokens 1024 --device $dev -o /tmp/grads.bin
+        python3 tests/py/autograd_check.py --model "$model" --grads /tmp/grads.bin --device cuda
+    done
+    ;;
+gprofile)
+    echo "== GPU profiler vs CPU profiler on tiny random models"
+    "$out/cuda_profile" --test-threads 1 --nocapture 2>&1 | grep -E "^test |: loss|^worst|panicked|result" ||
+        echo "cuda_profile FAILED (continuing with the default model)"
+    if command -v nvcc >/dev/null; then
+        echo "== registers and spills of the profiler's attention kernels (sm_90)"
+        cat cuda/common.cuh cuda/profile.cu >/tmp/moa-prof.cu
+        nvcc -arch=sm_90 -std=c++17 -cubin -Xptxas -v -o /tmp/moa-prof.cubin /tmp/moa-prof.cu 2>&1 |
+            grep -E -A2 "Compiling entry.*prof_attn" | grep -E "entry|registers|spill" || true
+    fi
+    ensure_model
+    data=profiles/smollm2-135m-calib.jsonl
+    per=${GPROFILE_PER:-2}
+    for dev in cuda cpu; do
+        echo "== moa-profile run --device $dev, $per samples at each of 1024,2048,4096,8192"
+        rm -f "/tmp/gprofile-$dev.bin"
+        t0=$(date +%s.%N)
+        "$out/moa-profile" run -m "$model" --data "$data" --lengths 1024,2048,4096,8192 \
+            --per-length "$per" --device "$dev" -o "/tmp/gprofile-$dev.bin" 2>&1 |
+            grep -E "^model|^length|^profile|error|note"
+        awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "total %.1f s (model load included)\n", b - a }'
+    done
+    echo "== GPU profile vs CPU profile"
+    "$out/moa-profile" diff /tmp/gprofile-cuda.bin /tmp/gprofile-cpu.bin --tol 1e-3 || true
+    echo "== per-kernel GPU times of one sample at 8192 (MOA_KERNEL_TIMES=1)"
+    rm -f /tmp/gprofile-times.bin
+    MOA_KERNEL_TIMES=1 "$out/moa-profile" run -m "$model" --data "$data" --lengths 8192 --per-length 1 \
+        --device cuda -o /tmp/gprofile-times.bin 2>&1 | grep -E -A16 "^kernel times"
     ;;
 bench)
     echo "== synthetic Llama-3-8B shape"
@@ -116,7 +160,7 @@ profile)
     done
     ;;
 *)
-    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | bench | parallel | bandwidth | times | profile" >&2
+    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | gprofile [MODEL] | bench | parallel | bandwidth | times | profile" >&2
     exit 2
     ;;
 esac

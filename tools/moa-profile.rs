@@ -1,7 +1,8 @@
 //! moa-profile: the offline profiling of attention influence (moa-method.md sections 5-6).
 //! `calib` builds calibration and validation conversations answered by the dense model; `run`
-//! profiles a calibration file into a profile file for moa-optimize (progress, ETA, resumable);
-//! `show` summarizes a profile file.
+//! profiles a calibration file into a profile file for moa-optimize (progress, ETA, resumable;
+//! on the GPU with `--device cuda`, the default `auto` when one is usable); `show` summarizes a
+//! profile file; `diff` compares two profiles of the same shape (e.g. GPU vs CPU).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -14,8 +15,8 @@ use clap::{Parser, Subcommand};
 use moa::moa::profile_file::{blocks_per_side, packed_index, Profile};
 use moa::profile::calib::{self, Builder, CalibRecord};
 use moa::profile::run::{self, RunConfig, RunEvent};
-use moa::profile::{model_identity, Profiler};
-use moa::runtime;
+use moa::profile::{model_identity, profiler_for};
+use moa::runtime::{self, Device};
 
 #[derive(Parser)]
 #[command(name = "moa-profile", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MOA_GIT_REV"), ")"))]
@@ -39,6 +40,19 @@ enum Cmd {
     /// Write the loss and dL/d(hidden) at every layer's input for one calibration record (for
     /// the comparison with PyTorch autograd: tests/py/autograd_check.py).
     Grads(GradsArgs),
+    /// Compare two profiles of the same model, block and lengths: per length, the largest
+    /// difference of a block's mean |E| relative to the largest block of its head.
+    Diff(DiffArgs),
+}
+
+#[derive(clap::Args)]
+struct DiffArgs {
+    /// Profile files.
+    a: PathBuf,
+    b: PathBuf,
+    /// Fail (exit status 1) when a length's largest relative difference exceeds this.
+    #[arg(long)]
+    tol: Option<f64>,
 }
 
 #[derive(clap::Args)]
@@ -58,6 +72,9 @@ struct GradsArgs {
     /// Output: one JSON header line, then per layer n x n_embd f32 little-endian values.
     #[arg(short = 'o', long)]
     out: PathBuf,
+    /// Where to compute: cuda (GPU), cpu, or auto (the GPU when one is usable).
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
 }
 
 fn parse_lengths(s: &str) -> Result<Vec<usize>, String> {
@@ -148,6 +165,10 @@ struct RunArgs {
     block: usize,
     #[arg(short = 't', long = "threads")]
     threads: Option<usize>,
+    /// Where to compute: cuda (GPU), cpu, or auto (the GPU when one is usable, else the CPU
+    /// with a notice).
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
     /// Profile file; an existing one from the same model, data and lengths is resumed.
     #[arg(short = 'o', long = "out")]
     out: PathBuf,
@@ -185,6 +206,7 @@ fn main() {
         Cmd::Show(a) => cmd_show(a),
         Cmd::Merge(a) => cmd_merge(a),
         Cmd::Grads(a) => cmd_grads(a),
+        Cmd::Diff(a) => cmd_diff(a),
     };
     if let Err(e) = r {
         // The chain of causes, skipping a cause its message already quotes.
@@ -376,10 +398,10 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             );
         }
     }
-    let profiler = Profiler::new(&model, a.block)?;
+    let profiler = profiler_for(&model, a.block, a.device)?;
     let identity = model_identity(&model);
     eprintln!(
-        "model {} ({} layers, {} query / {} KV heads), weights dequantized in {:.1} s; data {} ({} records); {} threads",
+        "model {} ({} layers, {} query / {} KV heads), weights dequantized in {:.1} s; data {} ({} records); {}",
         path.display(),
         model.config.n_layer,
         model.config.n_head,
@@ -387,7 +409,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         t_load.elapsed().as_secs_f64(),
         a.data.display(),
         records.len(),
-        rayon::current_num_threads()
+        profiler.describe()
     );
     let cfg = RunConfig {
         lengths: a.lengths.clone(),
@@ -436,7 +458,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     });
     let mut per_length: Vec<(usize, usize, f64)> = Vec::new();
     let cfgm = &model.config;
-    let result = run::run(&profiler, &identity, &records, &cfg, |e| {
+    let result = run::run(&*profiler, &identity, &records, &cfg, |e| {
         let mut p = prog.lock().unwrap();
         match e {
             RunEvent::Start { done, total } => {
@@ -643,7 +665,7 @@ fn cmd_grads(a: GradsArgs) -> Result<()> {
         .map(|r| r.start.saturating_sub(start).max(1)..r.end.saturating_sub(start).min(n))
         .filter(|r| r.start < r.end)
         .collect();
-    let prof = moa::profile::Profiler::new(&loaded.model, 64)?;
+    let prof = profiler_for(&loaded.model, 64, a.device)?;
     let mut cap = moa::profile::backward::Captured::default();
     let res = prof.profile_sample(tokens, &response, n.div_ceil(64) * 64, Some(&mut cap))?;
     let c = &loaded.model.config;
@@ -669,5 +691,78 @@ fn cmd_grads(a: GradsArgs) -> Result<()> {
         cap.d_hidden.len(),
         a.out.display()
     );
+    Ok(())
+}
+
+fn cmd_diff(a: DiffArgs) -> Result<()> {
+    let pa = Profile::load(&a.a)?;
+    let pb = Profile::load(&a.b)?;
+    let (ha, hb) = (&pa.header, &pb.header);
+    if ha.model != hb.model {
+        bail!(
+            "the profiles are of different models ({:?} and {:?})",
+            ha.model.name,
+            hb.model.name
+        );
+    }
+    if ha.block != hb.block {
+        bail!("the profiles have blocks {} and {}", ha.block, hb.block);
+    }
+    let la: Vec<usize> = ha.lengths.iter().map(|e| e.length).collect();
+    let lb: Vec<usize> = hb.lengths.iter().map(|e| e.length).collect();
+    if la != lb {
+        bail!("the profiles have lengths {la:?} and {lb:?}");
+    }
+    let mut worst_all = 0f64;
+    for (li, e) in ha.lengths.iter().enumerate() {
+        let nb = blocks_per_side(e.length, ha.block);
+        // (relative difference, layer, head, query block, key block)
+        let mut worst = (0f64, 0, 0, 0, 0);
+        let mut sum_rel = 0f64;
+        let mut heads = 0usize;
+        for l in 0..ha.model.n_layer {
+            for g in 0..ha.model.n_head_kv {
+                let (ma, mb) = (pa.mean(li, l, g), pb.mean(li, l, g));
+                let scale = ma
+                    .iter()
+                    .chain(&mb)
+                    .fold(0f64, |m, &v| m.max((v as f64).abs()))
+                    .max(1e-30);
+                let mut head_worst = 0f64;
+                for qb in 0..nb {
+                    for kb in 0..=qb {
+                        let i = packed_index(qb, kb);
+                        let d = (ma[i] as f64 - mb[i] as f64).abs() / scale;
+                        head_worst = head_worst.max(d);
+                        if d > worst.0 {
+                            worst = (d, l, g, qb, kb);
+                        }
+                    }
+                }
+                sum_rel += head_worst;
+                heads += 1;
+            }
+        }
+        println!(
+            "length {:>6}: samples {} / {}; largest block difference {:.2e} of its head's largest block \
+             (layer {}, KV head {}, block ({}, {})); mean over heads {:.2e}",
+            e.length,
+            e.samples,
+            hb.lengths[li].samples,
+            worst.0,
+            worst.1,
+            worst.2,
+            worst.3,
+            worst.4,
+            sum_rel / heads.max(1) as f64
+        );
+        worst_all = worst_all.max(worst.0);
+    }
+    if let Some(tol) = a.tol {
+        if worst_all > tol {
+            bail!("largest relative block difference {worst_all:.2e} exceeds --tol {tol:.2e}");
+        }
+        println!("within --tol {tol:.2e}");
+    }
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::calib::{fnv1a, CalibRecord};
-use super::{Profiler, SampleError};
+use super::{SampleError, SampleProfiler};
 use crate::moa::profile_file::{ModelIdentity, Profile, ProfileError};
 
 #[derive(Debug, thiserror::Error)]
@@ -141,8 +141,8 @@ fn open(cfg: &RunConfig, identity: &ModelIdentity, block: usize) -> Result<Profi
 }
 
 /// Runs (or resumes) the profile; returns it as saved.
-pub fn run(
-    profiler: &Profiler,
+pub fn run<P: SampleProfiler + ?Sized>(
+    profiler: &P,
     identity: &ModelIdentity,
     records: &[CalibRecord],
     cfg: &RunConfig,
@@ -186,7 +186,7 @@ pub fn run(
             });
         }
     }
-    let mut profile = open(cfg, identity, profiler.block)?;
+    let mut profile = open(cfg, identity, profiler.block())?;
     let total: usize = plans.iter().map(Vec::len).sum();
     let mut done: usize = profile
         .header

@@ -25,6 +25,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("quant.cu", include_str!("../../../cuda/quant.cu")),
     ("ops.cu", include_str!("../../../cuda/ops.cu")),
     ("attention.cu", include_str!("../../../cuda/attention.cu")),
+    ("profile.cu", include_str!("../../../cuda/profile.cu")),
 ];
 
 /// The whole program as one translation unit (no include paths needed).
@@ -170,12 +171,19 @@ pub struct Kernels {
     module: Arc<CudaModule>,
 }
 
+/// The compiled program (from the disk cache or NVRTC) loaded into `ctx`.
+pub fn load_module(
+    ctx: &Arc<CudaContext>,
+    arch: &'static str,
+) -> Result<Arc<CudaModule>, BackendError> {
+    let ptx = ptx_cached(arch)?;
+    ctx.load_module(Ptx::from_src(ptx))
+        .map_err(|e| super::device::driver_err("loading the kernel module", e))
+}
+
 impl Kernels {
     pub fn load(ctx: &Arc<CudaContext>, arch: &'static str) -> Result<Kernels, BackendError> {
-        let ptx = ptx_cached(arch)?;
-        let module = ctx
-            .load_module(Ptx::from_src(ptx))
-            .map_err(|e| super::device::driver_err("loading the kernel module", e))?;
+        let module = load_module(ctx, arch)?;
         let f = |name: &str| load_named(&module, name);
         // The attention kernels take more than the default 48 KiB of dynamic shared memory.
         let stages = fa_stages();
@@ -223,7 +231,7 @@ impl Kernels {
 }
 
 /// Loads a kernel and records its name for the kernel timer ([`super::timer`]).
-fn load_named(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, BackendError> {
+pub fn load_named(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, BackendError> {
     let f = module
         .load_function(name)
         .map_err(|e| super::device::driver_err(&format!("kernel {name}"), e))?;
