@@ -1,6 +1,7 @@
 //! What every tool does before its real work: find the model file (the `-m` default is the
 //! default model in the local model folder), load it with its tokenizer, and start a backend
-//! with a KV cache for the requested context, span plan and cache element types (`-ctk`/`-ctv`).
+//! on the requested device (`--device`: CPU, GPU, or the GPU when usable) with a KV cache for
+//! the requested context, span plan and cache element types (`-ctk`/`-ctv`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
