@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu-check.sh build          # here: stripped release binaries into .devbin/
 #   bash tools/gpu-check.sh run [MODEL]    # on the GPU machine, from the repo root: all below
-#   bash tools/gpu-check.sh tests|model [MODEL]|bench|parallel|bandwidth|times|profile
+#   bash tools/gpu-check.sh tests|model [MODEL]|eval [MODEL]|bench|parallel|bandwidth|times|profile
 #
 # With MOA_REQUIRE_GPU=1 (a missing GPU fails instead of skipping):
 #   tests:     tests/cuda_backend.rs: every kernel against its CPU reference on fresh random data,
@@ -13,6 +13,10 @@
 #              (teacher-forced greedy), moa-perplexity on the license corpus on both, and the
 #              PyTorch autograd comparison of moa-profile's gradients (tests/py/autograd_check.py;
 #              gguf-py from .whl/ when it is not installed);
+#   eval:      moa-eval's pass key on the GPU for dense, uniform 0.5, the model's embedded plan
+#              (when it has one) and every plans/*.json: the 21 cells of docs/results.md (lengths
+#              1k..7k, depths 0.1/0.5/0.9, seed 42) with 5 trials each, JSON into $OUT/eval/ (or
+#              target/gpu-eval/); then a GPU-vs-CPU sanity run (dense, 4 cells) on both devices;
 #   bench:     a synthetic Llama-3-8B-shaped file (Q4_K, Q6_K output, vocab 49152: the shape of
 #              the llama.cpp figures in ../shared/docs/anchors.md) and moa-bench on it, dense and
 #              uniform 0.5, at the depths of the issue bars;
@@ -35,29 +39,33 @@ make_synth() {
 }
 model=${2:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 export MOA_REQUIRE_GPU=1
+# The default model from its two carried parts (see above) unless it is there.
+join_model() {
+    part1=$(ls .devm1/smol.aa .devx/smol.aa /tmp/smol.aa 2>/dev/null | head -1 || true)
+    if [ ! -f "$model" ] && [ -n "$part1" ] && [ -f .devm2/smol.ab ]; then
+        mkdir -p "$(dirname "$model")"
+        cat "$part1" .devm2/smol.ab >"$model"
+    fi
+}
 case "${1:-}" in
 build)
     mkdir -p "$out"
     exe=$(cargo test --release --no-run --test cuda_backend 2>&1 | sed -n 's/.*Executable.*(\(.*\))/\1/p' | tail -1)
-    cargo build --release --bin moa-run --bin moa-perplexity --bin moa-bench --bin moa-profile
+    cargo build --release --bin moa-run --bin moa-perplexity --bin moa-bench --bin moa-profile --bin moa-eval
     strip -o "$out/cuda_backend" "$exe"
-    for b in moa-run moa-perplexity moa-bench moa-profile; do strip -o "$out/$b" "target/release/$b"; done
+    for b in moa-run moa-perplexity moa-bench moa-profile moa-eval; do strip -o "$out/$b" "target/release/$b"; done
     bash tests/fixtures/llamacpp/make_corpus.sh "$out/corpus.txt"
     du -sh "$out"
     ;;
 run)
-    for step in tests model bench parallel bandwidth; do bash "$0" "$step" "$model"; done
+    for step in tests model eval bench parallel bandwidth; do bash "$0" "$step" "$model"; done
     ;;
 tests)
     echo "== kernel and synthetic-model tests"
     "$out/cuda_backend" --test-threads 1 --nocapture --skip default_model 2>&1 | grep -E "^test |worst|panicked|result"
     ;;
 model)
-    part1=$(ls .devm1/smol.aa .devx/smol.aa /tmp/smol.aa 2>/dev/null | head -1 || true)
-    if [ ! -f "$model" ] && [ -n "$part1" ] && [ -f .devm2/smol.ab ]; then
-        mkdir -p "$(dirname "$model")"
-        cat "$part1" .devm2/smol.ab >"$model"
-    fi
+    join_model
     sha256sum "$model"
     echo "== default model GPU vs CPU"
     "$out/cuda_backend" --test-threads 1 --nocapture default_model 2>&1 | grep -v -E "^\s*$|^running" | tail -12
@@ -72,6 +80,35 @@ model)
     fi
     "$out/moa-profile" grads -m "$model" --data profiles/smollm2-135m-calib.jsonl --max-tokens 1024 -o /tmp/grads.bin
     python3 tests/py/autograd_check.py --model "$model" --grads /tmp/grads.bin --device cuda
+    ;;
+eval)
+    join_model
+    dir=${OUT:-target/gpu-eval}/eval
+    mkdir -p "$dir"
+    configs=dense,uniform:0.5
+    # An embedded plan is a set of moa.* keys in the GGUF header (the first few MB).
+    if head -c 16000000 "$model" | grep -qa 'moa\.alpha'; then configs="$configs,embedded"; fi
+    for p in plans/*.json; do [ -f "$p" ] && configs="$configs,plan:$p"; done
+    pk=(passkey -m "$model" --lengths 1k,2k,3k,4k,5k,6k,7k --depths 0.1,0.5,0.9)
+    echo "== moa-eval pass key on the GPU: $configs, 5 trials per cell"
+    t0=$(date +%s)
+    "$out/moa-eval" "${pk[@]}" --device cuda --configs "$configs" --trials 5 -q \
+        --json-file "$dir/passkey-gpu-5trials.json" --png "$dir/passkey-gpu-5trials.png"
+    echo "($(($(date +%s) - t0)) s; JSON in $dir/passkey-gpu-5trials.json)"
+    echo "== GPU vs CPU sanity: dense, lengths 1k and 4k, depths 0.1 and 0.9, 1 trial"
+    for dev in cuda cpu; do
+        t0=$(date +%s)
+        "$out/moa-eval" passkey -m "$model" --lengths 1k,4k --depths 0.1,0.9 --configs dense \
+            --device $dev -q --json-file "$dir/sanity-$dev.json"
+        echo "($dev: $(($(date +%s) - t0)) s)"
+    done
+    python3 - "$dir/sanity-cuda.json" "$dir/sanity-cpu.json" <<'PY' || true
+import json, sys
+g, c = (json.load(open(p)) for p in sys.argv[1:3])
+print("backends:", g["backend"], "|", c["backend"], "| GPU backend stats:", g["backend_stats"])
+for a, b in zip(g["trials"], c["trials"]):
+    print(f"len {a['length']:>5} depth {a['depth']:<4} key {a['expected']}  gpu {a['answer']!r} ({a['score']:.0f})  cpu {b['answer']!r} ({b['score']:.0f})")
+PY
     ;;
 bench)
     echo "== synthetic Llama-3-8B shape"
@@ -116,7 +153,7 @@ profile)
     done
     ;;
 *)
-    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | bench | parallel | bandwidth | times | profile" >&2
+    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | eval [MODEL] | bench | parallel | bandwidth | times | profile" >&2
     exit 2
     ;;
 esac
