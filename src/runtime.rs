@@ -1,6 +1,7 @@
 //! What every tool does before its real work: find the model file (the `-m` default is the
 //! default model in the local model folder), load it with its tokenizer, and start a backend
-//! with a KV cache for the requested context, span plan and cache element types (`-ctk`/`-ctv`).
+//! on the requested device (`--device`: CPU, GPU, or the GPU when usable) with a KV cache for
+//! the requested context, span plan and cache element types (`-ctk`/`-ctv`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::Instant;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
-use crate::backend::{Backend, BackendError, BackendOptions, KV_CACHE};
+use crate::backend::{Backend, BackendError, BackendOptions};
 use crate::kv::{KvError, KvLayout, KvType, KvTypes};
 use crate::moa::{Plan, PlanError, PlanFileError};
 use crate::model::{Model, ModelError};
@@ -37,6 +38,8 @@ pub enum RuntimeError {
     BadDensity(f32),
     #[error("KV cache: {0}")]
     Kv(#[from] KvError),
+    #[error("--device cuda: no usable GPU ({0}); use --device cpu, or --device auto to fall back to the CPU")]
+    NoGpu(crate::backend::cuda::CudaUnavailable),
 }
 
 /// The KV cache element types (llama.cpp's `-ctk` / `-ctv`; see [`llama_flags`]), shared by the
@@ -290,6 +293,59 @@ pub enum Device {
     Cuda,
 }
 
+impl Device {
+    /// The flag's spelling: `auto`, `cpu`, `cuda`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Auto => "auto",
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+/// The device a run with K/V stored as `types` goes to: `cpu` stays; `cuda` when the CUDA backend
+/// can hold the cache types and a GPU is usable, else an error saying why; `auto` is `cuda` when
+/// it would be, else `cpu` with a notice on stderr saying why.
+pub fn resolve_device(device: Device, types: KvTypes) -> Result<Device, RuntimeError> {
+    use crate::backend::cuda::{check_kv_types, probe};
+    match device {
+        Device::Cpu => Ok(Device::Cpu),
+        // The cache types first: that error needs no GPU to be found.
+        Device::Cuda => {
+            check_kv_types(types)?;
+            probe().map_err(RuntimeError::NoGpu)?;
+            Ok(Device::Cuda)
+        }
+        Device::Auto => {
+            if let Err(e) = probe() {
+                eprintln!("note: no usable GPU ({e}); running on the CPU");
+                return Ok(Device::Cpu);
+            }
+            match check_kv_types(types) {
+                Ok(()) => Ok(Device::Cuda),
+                Err(BackendError::Unsupported { reason, .. }) => {
+                    eprintln!("note: the GPU backend cannot hold a {types} KV cache ({reason}); running on the CPU");
+                    Ok(Device::Cpu)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+/// A backend on `device` (resolved first with [`resolve_device`]) set up with `opts`.
+pub fn backend_with_options(
+    model: &Arc<Model>,
+    opts: BackendOptions,
+    device: Device,
+) -> Result<Box<dyn Backend>, RuntimeError> {
+    Ok(match resolve_device(device, opts.layout.types())? {
+        Device::Cuda => Box::new(CudaBackend::new(Arc::clone(model), opts)?),
+        _ => Box::new(CpuBackend::new(Arc::clone(model), opts)?),
+    })
+}
+
 /// A backend on `device` whose cache follows `plan` (dense when `None`) for sequences of
 /// planned length `n`, K/V stored as `types`. `auto` falls back to the CPU (with a notice) only
 /// when no GPU is usable (missing driver, libraries or device) or the GPU backend cannot hold
@@ -305,36 +361,8 @@ pub fn backend_with_plan(
     device: Device,
     types: KvTypes,
 ) -> Result<Box<dyn Backend>, RuntimeError> {
-    let use_gpu = match device {
-        Device::Cpu => false,
-        Device::Cuda => true,
-        Device::Auto => match crate::backend::cuda::probe() {
-            Ok(()) => true,
-            Err(e) => {
-                eprintln!("note: no usable GPU ({e}); running on the CPU");
-                false
-            }
-        },
-    };
-    let cpu = || -> Result<Box<dyn Backend>, RuntimeError> {
-        Ok(Box::new(cpu_backend_with_types(
-            model, plan, types, n, n_seq, n_batch, threads,
-        )?))
-    };
-    if !use_gpu {
-        return cpu();
-    }
     let opts = backend_options(model, plan, types, n, n_seq, n_batch, threads)?;
-    match CudaBackend::new(Arc::clone(model), opts) {
-        Ok(be) => Ok(Box::new(be)),
-        Err(BackendError::Unsupported { tensor, reason, .. })
-            if device == Device::Auto && tensor == KV_CACHE =>
-        {
-            eprintln!("note: the GPU backend cannot hold a {types} KV cache ({reason}); running on the CPU");
-            cpu()
-        }
-        Err(e) => Err(e.into()),
-    }
+    backend_with_options(model, opts, device)
 }
 
 /// The start-up line's KV cache figure: bytes allocated, the dense figure in the same types, and

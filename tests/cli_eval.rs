@@ -252,3 +252,88 @@ fn impossible_requests_are_clear_errors() {
         assert!(!err.contains("panicked"), "{a:?}: {err}");
     }
 }
+
+/// `--device`: the reports name the device; `--device cpu` makes a fresh CPU backend per trial
+/// and a cell's result does not depend on which other cells and configurations ran before it;
+/// without a GPU, `auto` falls back to the CPU with a notice (same report) and `cuda` is a clear
+/// error (with a GPU, tests/cuda_backend.rs runs the GPU path).
+#[test]
+fn device_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(dir.path());
+    let grid = |device: &str, lengths: &str, depths: &str, configs: &str| {
+        let (ok, out, err) = eval(&[
+            "passkey",
+            "-m",
+            &m,
+            "-t",
+            "2",
+            "--lengths",
+            lengths,
+            "--depths",
+            depths,
+            "--configs",
+            configs,
+            "--trials",
+            "2",
+            "-n",
+            "4",
+            "--json",
+            "--device",
+            device,
+        ]);
+        assert!(ok, "--device {device}: {err}");
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        (j, err)
+    };
+    // Everything a trial reports but its time.
+    let key = |t: &serde_json::Value| {
+        let mut t = t.clone();
+        t.as_object_mut().unwrap().remove("seconds");
+        t
+    };
+    let (j, _) = grid("cpu", "256,384", "0,1", "dense,uniform:0.5");
+    assert_eq!(j["device"], "cpu");
+    assert!(j["backend"].as_str().unwrap().starts_with("cpu ("), "{j}");
+    let trials = j["trials"].as_array().unwrap();
+    assert_eq!(trials.len(), 2 * 2 * 2 * 2);
+    assert_eq!(j["backend_stats"]["made"], trials.len());
+    assert_eq!(j["backend_stats"]["replanned"], 0);
+    let (alone, _) = grid("cpu", "384", "1", "uniform:0.5");
+    let alone = alone["trials"].as_array().unwrap();
+    let in_grid: Vec<_> = trials
+        .iter()
+        .filter(|t| t["length"] == 384 && t["depth"] == 1.0 && t["config"] == "uniform 0.5")
+        .map(key)
+        .collect();
+    assert_eq!(in_grid, alone.iter().map(key).collect::<Vec<_>>());
+
+    if moa::backend::cuda::probe().is_ok() {
+        return;
+    }
+    let (auto, err) = grid("auto", "256,384", "0,1", "dense,uniform:0.5");
+    assert!(err.contains("note: no usable GPU"), "{err}");
+    assert_eq!(auto["device"], "cpu");
+    assert_eq!(
+        auto["trials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(key)
+            .collect::<Vec<_>>(),
+        trials.iter().map(key).collect::<Vec<_>>()
+    );
+    for sub in ["passkey", "ppl"] {
+        let mut a = vec![sub, "-m", &m, "--device", "cuda", "-q"];
+        if sub == "ppl" {
+            a.extend(["-f", concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")]);
+        }
+        let (ok, _, err) = eval(&a);
+        assert!(!ok, "{a:?} should fail without a GPU");
+        assert!(
+            err.contains("--device cuda: no usable GPU") && err.contains("--device cpu"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

@@ -6,7 +6,8 @@
 //!   (1..8 tokens, q8_1 activations) and prefill (f16 tiles + cuBLAS) products against the f64
 //!   product of the dequantized weight with the activations as the kernel sees them; and whole
 //!   models (every op, dense and random span plans, prefill in chunks and decode across ring
-//!   wrap-around) against the CPU backend.
+//!   wrap-around) against the CPU backend; a backend re-planned for other plans and lengths
+//!   against a fresh one, and moa-eval's runner on the GPU (one backend for every trial).
 
 mod common;
 
@@ -652,4 +653,151 @@ fn default_model_greedy_matches_cpu() {
     );
     assert_eq!(decisive_agree, decisive);
     assert!(agree * 100 >= total * 95, "{agree}/{total}");
+}
+
+/// `Backend::replan`: one CUDA backend re-planned through span plans and dense caches of other
+/// lengths (growing and shrinking the cache, the same layout twice) gives the logits of a fresh
+/// backend made for each layout, prefill in chunks then decode steps (graphs captured again).
+#[test]
+fn cuda_replan_matches_fresh_backend() {
+    if !gpu_or_skip("cuda_replan_matches_fresh_backend") {
+        return;
+    }
+    use moa::backend::Backend;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    write_synthetic(&gpu_spec(GgmlType::Q8_0, 11), &path).unwrap();
+    let model = Arc::new(Model::load(&path).unwrap());
+    let c = model.config.clone();
+    let mut rng = Rng(5);
+    let dense = |n| KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n);
+    let layouts = [
+        random_plan_layout(&mut rng, &c, 90, -10.0, 40, 5, 0.2, (4, 8, 4)),
+        dense(160),
+        random_plan_layout(&mut rng, &c, 300, -10.0, 40, 5, 0.2, (4, 8, 4)),
+        random_plan_layout(&mut rng, &c, 70, -10.0, 40, 5, 0.2, (4, 8, 4)),
+        dense(160),
+        dense(160),
+    ];
+    let opts = |layout: &KvLayout| BackendOptions {
+        max_batch: 32,
+        threads: 2,
+        layout: layout.clone(),
+    };
+    let mut reused = CudaBackend::new(Arc::clone(&model), opts(&layouts[0])).unwrap();
+    for (i, layout) in layouts.iter().enumerate() {
+        assert!(reused.replan(layout).unwrap(), "layout {i}");
+        assert_eq!(reused.kv_layout(), layout);
+        assert_eq!(reused.seq_len(0), 0);
+        let n = layout.n_ctx;
+        let toks: Vec<u32> = (0..n)
+            .map(|_| (rng.next() % c.n_vocab as u64) as u32)
+            .collect();
+        let prompt = n - 8;
+        let a = common::logits_all(&mut reused, &toks, prompt, 32);
+        let mut fresh = CudaBackend::new(Arc::clone(&model), opts(layout)).unwrap();
+        let b = common::logits_all(&mut fresh, &toks, prompt, 32);
+        let mut worst = 0f32;
+        for (ra, rb) in a.iter().zip(&b) {
+            let scale = rb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+            for (x, y) in ra.iter().zip(rb) {
+                worst = worst.max((x - y).abs() / scale);
+            }
+        }
+        eprintln!("layout {i} (n {n}): worst relative difference re-planned vs fresh {worst:.2e}");
+        // The same kernels on the same data: equal unless a buffer or table is stale.
+        assert!(worst < 1e-5, "layout {i}: {worst}");
+    }
+    // Another cache type is not a re-plan: nothing changes.
+    let q8 = dense(64)
+        .with_types(moa::kv::KvTypes {
+            k: moa::kv::KvType::Q8_0,
+            v: moa::kv::KvType::Q8_0,
+        })
+        .unwrap();
+    assert!(!reused.replan(&q8).unwrap());
+    assert_eq!(reused.kv_layout(), &layouts[5]);
+}
+
+/// moa-eval's runner on the GPU: the pass key over lengths, depths, trials and two
+/// configurations, interleaved as moa-eval runs them, makes one backend and re-plans it for
+/// every other trial; each trial's answer equals that of a runner made for it alone, and the
+/// prompts and cache sizes equal the CPU runner's (answers may differ on near-ties: printed).
+#[test]
+fn eval_runner_reuses_one_gpu_backend() {
+    if !gpu_or_skip("eval_runner_reuses_one_gpu_backend") {
+        return;
+    }
+    use moa::eval::filler::Filler;
+    use moa::eval::passkey;
+    use moa::eval::runner::{AttnSpec, Runner};
+    use moa::runtime::Device;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    write_synthetic(&gpu_spec(GgmlType::Q8_0, 5), &path).unwrap();
+    let runner = |device| {
+        let l = moa::runtime::load(&path).unwrap();
+        Runner::new(
+            l.model,
+            l.tokenizer,
+            1024,
+            512,
+            2,
+            Default::default(),
+            device,
+        )
+        .unwrap()
+    };
+    let gpu = runner(Device::Cuda);
+    assert_eq!(gpu.device(), Device::Cuda);
+    let configs: Vec<_> = [AttnSpec::Dense, AttnSpec::Uniform(0.5)]
+        .iter()
+        .map(|s| s.resolve(&gpu.model).unwrap())
+        .collect();
+    let f = Filler::repeat(&gpu.tokenizer).unwrap();
+    let s = passkey::Settings {
+        filler: &f,
+        chat: None,
+        n_predict: 6,
+        seed: 42,
+    };
+    let mut cells = Vec::new();
+    for l in [256, 512, 384] {
+        for d in [0.0, 1.0] {
+            for i in 0..2 {
+                for c in &configs {
+                    cells.push((c, l, d, i));
+                }
+            }
+        }
+    }
+    let trials: Vec<_> = cells
+        .iter()
+        .map(|&(c, l, d, i)| passkey::trial(&gpu, c, &s, l, d, i).unwrap())
+        .collect();
+    let st = gpu.backend_stats();
+    assert_eq!((st.made, st.replanned), (1, cells.len() - 1), "{st:?}");
+    assert!(gpu.backend_description().unwrap().starts_with("cuda"));
+    let cpu = runner(Device::Cpu);
+    let mut same_as_cpu = 0;
+    for (&(c, l, d, i), t) in cells.iter().zip(&trials) {
+        let alone = passkey::trial(&runner(Device::Cuda), c, &s, l, d, i).unwrap();
+        assert_eq!(
+            (&t.answer, t.kv_bytes, t.n_plan),
+            (&alone.answer, alone.kv_bytes, alone.n_plan),
+            "{} len {l} depth {d} trial {i}",
+            c.label
+        );
+        let on_cpu = passkey::trial(&cpu, c, &s, l, d, i).unwrap();
+        assert_eq!(
+            (&t.expected, t.prompt_tokens, t.kv_bytes),
+            (&on_cpu.expected, on_cpu.prompt_tokens, on_cpu.kv_bytes)
+        );
+        same_as_cpu += (t.answer == on_cpu.answer) as usize;
+    }
+    eprintln!(
+        "{} trials on one GPU backend ({:.3} s making and re-planning it); answers equal to the CPU's in {same_as_cpu}",
+        cells.len(),
+        st.setup_seconds
+    );
 }

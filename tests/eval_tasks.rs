@@ -258,14 +258,16 @@ fn smollm_passkey_dense_finds_uniform_short_window_misses() {
     let l = moa::runtime::load(&path).unwrap();
     let dense = AttnSpec::Dense.resolve(&l.model).unwrap();
     let uniform = AttnSpec::Uniform(0.25).resolve(&l.model).unwrap();
-    let runner = Runner {
-        model: l.model,
-        tokenizer: l.tokenizer,
-        n_ctx: 2048,
-        n_batch: 512,
-        threads: moa::runtime::default_threads(),
-        kv_types: Default::default(),
-    };
+    let runner = Runner::new(
+        l.model,
+        l.tokenizer,
+        2048,
+        512,
+        moa::runtime::default_threads(),
+        Default::default(),
+        moa::runtime::Device::Cpu,
+    )
+    .unwrap();
     let f = Filler::repeat(&runner.tokenizer).unwrap();
     let s = passkey::Settings {
         filler: &f,

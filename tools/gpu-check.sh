@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu-check.sh build          # here: stripped release binaries into .devbin/
 #   bash tools/gpu-check.sh run [MODEL]    # on the GPU machine, from the repo root: all below
-#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|bench|parallel|bandwidth|times|profile
+#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|eval [MODEL]|bench|parallel|bandwidth|times|profile
 #
 # With MOA_REQUIRE_GPU=1 (a missing GPU fails instead of skipping):
 #   tests:     tests/cuda_backend.rs: every kernel against its CPU reference on fresh random data,
@@ -19,6 +19,10 @@
 #              1024,2048,4096,8192 (GPROFILE_PER samples per length, default 2) on the GPU and on
 #              the CPU, per-sample times of both, `moa-profile diff` of the two profiles, and the
 #              per-kernel GPU times of one sample at 8192 (MOA_KERNEL_TIMES=1);
+#   eval:      moa-eval's pass key on the GPU for dense, uniform 0.5, the model's embedded plan
+#              (when it has one) and every plans/*.json: the 21 cells of docs/results.md (lengths
+#              1k..7k, depths 0.1/0.5/0.9, seed 42) with 5 trials each, JSON into $OUT/eval/ (or
+#              target/gpu-eval/); then a GPU-vs-CPU sanity run (dense, 4 cells) on both devices;
 #   bench:     a synthetic Llama-3-8B-shaped file (Q4_K, Q6_K output, vocab 49152: the shape of
 #              the llama.cpp figures in ../shared/docs/anchors.md) and moa-bench on it, dense and
 #              uniform 0.5, at the depths of the issue bars;
@@ -54,15 +58,15 @@ build)
     mkdir -p "$out"
     exe=$(cargo test --release --no-run --test cuda_backend 2>&1 | sed -n 's/.*Executable.*(\(.*\))/\1/p' | tail -1)
     pexe=$(cargo test --release --no-run --test cuda_profile 2>&1 | sed -n 's/.*Executable.*(\(.*\))/\1/p' | tail -1)
-    cargo build --release --bin moa-run --bin moa-perplexity --bin moa-bench --bin moa-profile
+    cargo build --release --bin moa-run --bin moa-perplexity --bin moa-bench --bin moa-profile --bin moa-eval
     strip -o "$out/cuda_backend" "$exe"
     strip -o "$out/cuda_profile" "$pexe"
-    for b in moa-run moa-perplexity moa-bench moa-profile; do strip -o "$out/$b" "target/release/$b"; done
+    for b in moa-run moa-perplexity moa-bench moa-profile moa-eval; do strip -o "$out/$b" "target/release/$b"; done
     bash tests/fixtures/llamacpp/make_corpus.sh "$out/corpus.txt"
     du -sh "$out"
     ;;
 run)
-    for step in tests model gprofile bench parallel bandwidth; do bash "$0" "$step" "$model"; done
+    for step in tests model gprofile eval bench parallel bandwidth; do bash "$0" "$step" "$model"; done
     ;;
 tests)
     echo "== kernel and synthetic-model tests"
@@ -117,6 +121,35 @@ gprofile)
     MOA_KERNEL_TIMES=1 "$out/moa-profile" run -m "$model" --data "$data" --lengths 8192 --per-length 1 \
         --device cuda -o /tmp/gprofile-times.bin 2>&1 | grep -E -A16 "^kernel times"
     ;;
+eval)
+    ensure_model
+    dir=${OUT:-target/gpu-eval}/eval
+    mkdir -p "$dir"
+    configs=dense,uniform:0.5
+    # An embedded plan is a set of moa.* keys in the GGUF header (the first few MB).
+    if head -c 16000000 "$model" | grep -qa 'moa\.alpha'; then configs="$configs,embedded"; fi
+    for p in plans/*.json; do [ -f "$p" ] && configs="$configs,plan:$p"; done
+    pk=(passkey -m "$model" --lengths 1k,2k,3k,4k,5k,6k,7k --depths 0.1,0.5,0.9)
+    echo "== moa-eval pass key on the GPU: $configs, 5 trials per cell"
+    t0=$(date +%s)
+    "$out/moa-eval" "${pk[@]}" --device cuda --configs "$configs" --trials 5 -q \
+        --json-file "$dir/passkey-gpu-5trials.json" --png "$dir/passkey-gpu-5trials.png"
+    echo "($(($(date +%s) - t0)) s; JSON in $dir/passkey-gpu-5trials.json)"
+    echo "== GPU vs CPU sanity: dense, lengths 1k and 4k, depths 0.1 and 0.9, 1 trial"
+    for dev in cuda cpu; do
+        t0=$(date +%s)
+        "$out/moa-eval" passkey -m "$model" --lengths 1k,4k --depths 0.1,0.9 --configs dense \
+            --device $dev -q --json-file "$dir/sanity-$dev.json"
+        echo "($dev: $(($(date +%s) - t0)) s)"
+    done
+    python3 - "$dir/sanity-cuda.json" "$dir/sanity-cpu.json" <<'PY' || true
+import json, sys
+g, c = (json.load(open(p)) for p in sys.argv[1:3])
+print("backends:", g["backend"], "|", c["backend"], "| GPU backend stats:", g["backend_stats"])
+for a, b in zip(g["trials"], c["trials"]):
+    print(f"len {a['length']:>5} depth {a['depth']:<4} key {a['expected']}  gpu {a['answer']!r} ({a['score']:.0f})  cpu {b['answer']!r} ({b['score']:.0f})")
+PY
+    ;;
 bench)
     echo "== synthetic Llama-3-8B shape"
     make_synth
@@ -160,7 +193,7 @@ profile)
     done
     ;;
 *)
-    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | gprofile [MODEL] | bench | parallel | bandwidth | times | profile" >&2
+    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | gprofile [MODEL] | eval [MODEL] | bench | parallel | bandwidth | times | profile" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,8 @@
 //! moa-eval: long-context evaluation under span plans: pass key, LongEval lines, long-range
 //! copy and perplexity, for one attention configuration (`--dense`, `--plan`, `--uniform`, or
-//! the model's embedded plan) or several on the same prompts (`--configs`). Markdown tables on
-//! stdout (or `--json`), a heatmap by length x depth with `--png`, progress with ETA on stderr.
+//! the model's embedded plan) or several on the same prompts (`--configs`), on the CPU or the GPU
+//! (`--device`; the reports say which). Markdown tables on stdout (or `--json`), a heatmap by
+//! length x depth with `--png`, progress with ETA on stderr.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -47,6 +48,9 @@ struct Common {
     /// Threads (default: all cores).
     #[arg(short = 't', long = "threads")]
     threads: Option<usize>,
+    /// Where to run: auto (the GPU when usable, else the CPU with a notice), cpu or cuda.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: runtime::Device,
     /// Tokens per forward batch.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     batch: usize,
@@ -178,14 +182,15 @@ fn setup(c: &Common, n_ctx: usize) -> Result<Setup> {
         bail!("--batch-size must be at least 1");
     }
     Ok(Setup {
-        runner: Runner {
-            model: loaded.model,
-            tokenizer: loaded.tokenizer,
+        runner: Runner::new(
+            loaded.model,
+            loaded.tokenizer,
             n_ctx,
-            n_batch: c.batch,
-            threads: c.threads.unwrap_or_else(runtime::default_threads),
-            kv_types: c.cache.types(),
-        },
+            c.batch,
+            c.threads.unwrap_or_else(runtime::default_threads),
+            c.cache.types(),
+            c.device,
+        )?,
         configs,
         model_name: path
             .file_name()
@@ -342,12 +347,30 @@ fn run_grid(
     j["seed"] = c.seed.into();
     j["cache_type_k"] = c.cache.cache_type_k.name().into();
     j["cache_type_v"] = c.cache.cache_type_v.name().into();
+    device_json(&s.runner, &mut j);
     emit_json(c, &j)?;
     if !c.json {
-        println!("{}\n", info.head);
+        println!("{} {}\n", info.head, ran_on(&s.runner));
         print!("{}", grid.markdown());
     }
     Ok(())
+}
+
+/// The report's device fields: `device` (cpu or cuda), `backend` (the backend's description)
+/// and how trials got their backends (`backend_stats`: made, re-planned, seconds).
+fn device_json(r: &Runner, j: &mut serde_json::Value) {
+    j["device"] = r.device().name().into();
+    j["backend"] = r.backend_description().into();
+    j["backend_stats"] = serde_json::to_value(r.backend_stats()).unwrap_or_default();
+}
+
+/// The markdown's device sentence, e.g. `Ran on cuda (NVIDIA H100 80GB HBM3 (sm_90)).`
+fn ran_on(r: &Runner) -> String {
+    format!(
+        "Ran on {}.",
+        r.backend_description()
+            .unwrap_or_else(|| r.device().name().to_string())
+    )
 }
 
 /// The JSON report: on stdout with `--json`, into `--json-file` (written atomically).
@@ -531,19 +554,21 @@ fn main() -> Result<()> {
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let j = serde_json::json!({
+            let mut j = serde_json::json!({
                 "task": "ppl", "model": s.model_name, "file": corpus,
                 "n_tokens": tokens.len(), "results": results,
                 "cache_type_k": a.common.cache.cache_type_k.name(),
                 "cache_type_v": a.common.cache.cache_type_v.name(),
             });
+            device_json(&s.runner, &mut j);
             emit_json(&a.common, &j)?;
             if !a.common.json {
                 println!(
-                    "Model `{}`; corpus `{corpus}` ({} tokens); {} KV cache; loss over the second half of each chunk.\n",
+                    "Model `{}`; corpus `{corpus}` ({} tokens); {} KV cache; loss over the second half of each chunk. {}\n",
                     s.model_name,
                     tokens.len(),
-                    a.common.cache.types()
+                    a.common.cache.types(),
+                    ran_on(&s.runner)
                 );
                 print!("{}", report::ppl_markdown(&results));
             }

@@ -95,6 +95,15 @@ pub trait Backend {
     fn kv_layout(&self) -> &KvLayout;
     /// Bytes allocated for the KV cache.
     fn kv_bytes(&self) -> usize;
+    /// Re-plans the KV cache for `layout` (another span plan or planned length, for a model of
+    /// the same shape with the same cache types) and empties every sequence, keeping the weights
+    /// and the other buffers. `Ok(false)`, with nothing changed, when this backend cannot (make a
+    /// new one instead): the default, and for a layout of another shape or other types.
+    /// Evaluations use it to run many sequences of different lengths and plans on one backend.
+    fn replan(&mut self, layout: &KvLayout) -> Result<bool, BackendError> {
+        let _ = layout;
+        Ok(false)
+    }
 }
 
 /// Checks the parts of a batch every backend needs checked, against the current sequence lengths.

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use super::runner::{AttnConfig, Runner};
 use super::EvalError;
-use crate::backend::Backend;
 use crate::perplexity::perplexity;
 
 /// One perplexity measurement.
@@ -50,30 +49,31 @@ pub fn run(
         return Err(EvalError::invalid("--chunks", "must be at least 1"));
     }
     let t0 = Instant::now();
-    let mut be = runner.backend(cfg, n_ctx)?;
-    let (kv_bytes, kv_bytes_dense) = (be.kv_bytes(), be.kv_layout().dense_bytes());
-    let tok = &runner.tokenizer;
-    let bos = if tok.add_bos() { tok.bos() } else { None };
-    let r = perplexity(
-        &mut be,
-        tokens,
-        n_ctx,
-        runner.n_batch.min(n_ctx),
-        bos,
-        chunks,
-        on_chunk,
-    )?;
-    Ok(PplResult {
-        config: cfg.label.clone(),
-        n_ctx,
-        n_chunks: r.n_chunks,
-        tokens_scored: r.tokens_scored,
-        ppl: r.ppl,
-        err: r.err,
-        running: r.running,
-        density: cfg.density_at(n_ctx),
-        kv_bytes,
-        kv_bytes_dense,
-        seconds: t0.elapsed().as_secs_f64(),
+    runner.with_backend(cfg, n_ctx, |be| {
+        let (kv_bytes, kv_bytes_dense) = (be.kv_bytes(), be.kv_layout().dense_bytes());
+        let tok = &runner.tokenizer;
+        let bos = if tok.add_bos() { tok.bos() } else { None };
+        let r = perplexity(
+            be,
+            tokens,
+            n_ctx,
+            runner.n_batch.min(n_ctx),
+            bos,
+            chunks,
+            on_chunk,
+        )?;
+        Ok(PplResult {
+            config: cfg.label.clone(),
+            n_ctx,
+            n_chunks: r.n_chunks,
+            tokens_scored: r.tokens_scored,
+            ppl: r.ppl,
+            err: r.err,
+            running: r.running,
+            density: cfg.density_at(n_ctx),
+            kv_bytes,
+            kv_bytes_dense,
+            seconds: t0.elapsed().as_secs_f64(),
+        })
     })
 }

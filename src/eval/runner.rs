@@ -1,25 +1,31 @@
 //! Running a task's prompt on the model under one attention configuration: greedy answers and
-//! teacher-forced losses, each on a fresh CPU backend whose KV cache is sized for the sequence's
-//! planned length (prompt + tokens to generate, as `moa-run` plans it).
+//! teacher-forced losses, each on a backend whose KV cache is planned for the sequence's planned
+//! length (prompt + tokens to generate, as `moa-run` plans it), on the device `--device` chose.
+//!
+//! A span plan's capacities depend on the planned length, so every trial needs its own cache
+//! layout. The runner keeps the last trial's backend and re-plans it for the next
+//! ([`Backend::replan`]): on the GPU the weights, buffers and kernels stay, only the cache
+//! grows when a longer length needs it. A backend that cannot re-plan (the CPU's, cheap to make)
+//! is made anew for each trial.
 //!
 //! An [`AttnConfig`] is one column of a comparison: dense, the model's embedded plan, a plan
 //! file, or the uniform baseline at a density. `moa-eval --configs dense,uniform:0.5,...` runs
 //! several on the same prompts.
 
+use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::EvalError;
-use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendOptions};
 use crate::generate::Session;
 use crate::graph::BatchBuf;
 use crate::kv::KvTypes;
 use crate::moa::Plan;
 use crate::model::Model;
 use crate::perplexity::nll;
-use crate::runtime::{self, PlanArgs};
+use crate::runtime::{self, Device, PlanArgs, RuntimeError};
 use crate::tokenizer::Tokenizer;
 
 /// What attention a configuration asks for, before it is resolved against a model.
@@ -158,7 +164,7 @@ impl AttnConfig {
     }
 }
 
-/// The model, tokenizer and run settings shared by every trial.
+/// The model, tokenizer and run settings shared by every trial, and the backend they run on.
 pub struct Runner {
     pub model: Arc<Model>,
     pub tokenizer: Tokenizer,
@@ -168,6 +174,24 @@ pub struct Runner {
     pub threads: usize,
     /// KV cache element types of every trial's backend.
     pub kv_types: KvTypes,
+    /// `cpu` or `cuda` (`auto` is resolved when the runner is made).
+    device: Device,
+    /// The last trial's backend, kept for the next one to re-plan.
+    spare: RefCell<Option<Box<dyn Backend>>>,
+    stats: Cell<BackendStats>,
+    /// [`Backend::describe`] of the last backend made.
+    described: RefCell<Option<String>>,
+}
+
+/// How the trials got their backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct BackendStats {
+    /// Backends made (weights set up, buffers allocated).
+    pub made: usize,
+    /// Trials that re-planned the previous trial's backend instead.
+    pub replanned: usize,
+    /// Seconds spent making and re-planning backends, in all.
+    pub setup_seconds: f64,
 }
 
 /// A greedy answer.
@@ -217,17 +241,94 @@ fn argmax(v: &[f32]) -> u32 {
 }
 
 impl Runner {
-    /// A backend for one sequence of planned length `n`.
-    pub fn backend(&self, cfg: &AttnConfig, n: usize) -> Result<CpuBackend, EvalError> {
-        Ok(runtime::cpu_backend_with_types(
-            &self.model,
-            cfg.plan.as_ref(),
-            self.kv_types,
-            n,
-            1,
-            self.n_batch,
-            self.threads,
-        )?)
+    /// A runner on `device`; `auto` is resolved here (the GPU when usable, else the CPU with a
+    /// notice), and `cuda` without a usable GPU is an error.
+    pub fn new(
+        model: Arc<Model>,
+        tokenizer: Tokenizer,
+        n_ctx: usize,
+        n_batch: usize,
+        threads: usize,
+        kv_types: KvTypes,
+        device: Device,
+    ) -> Result<Runner, EvalError> {
+        if n_batch == 0 {
+            return Err(EvalError::invalid("batch size", "must be at least 1"));
+        }
+        Ok(Runner {
+            model,
+            tokenizer,
+            n_ctx,
+            n_batch,
+            threads,
+            kv_types,
+            device: runtime::resolve_device(device, kv_types)?,
+            spare: RefCell::new(None),
+            stats: Cell::new(BackendStats::default()),
+            described: RefCell::new(None),
+        })
+    }
+
+    /// The device trials run on: `cpu` or `cuda`.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The backend's own description (`cuda (NVIDIA H100 ...)`, `cpu (avx2, 2 threads)`) once
+    /// a trial has made one.
+    pub fn backend_description(&self) -> Option<String> {
+        self.described.borrow().clone()
+    }
+
+    /// How the trials so far got their backends.
+    pub fn backend_stats(&self) -> BackendStats {
+        self.stats.get()
+    }
+
+    /// Runs `f` on a backend holding one empty sequence of planned length `n` under `cfg`: the
+    /// previous trial's backend re-planned when it can be, else a new one. Batches may hold up
+    /// to `n_batch` tokens (at most `n_ctx`) whatever `n` is, so the backend can be re-planned
+    /// for any length up to `n_ctx`.
+    pub fn with_backend<R>(
+        &self,
+        cfg: &AttnConfig,
+        n: usize,
+        f: impl FnOnce(&mut dyn Backend) -> Result<R, EvalError>,
+    ) -> Result<R, EvalError> {
+        let t0 = Instant::now();
+        let layout = runtime::layout_for(&self.model, cfg.plan.as_ref(), 1, n)
+            .with_types(self.kv_types)
+            .map_err(RuntimeError::from)?;
+        let mut stats = self.stats.get();
+        let mut spare = self.spare.borrow_mut().take();
+        let replanned = match spare.as_mut() {
+            Some(be) => be.replan(&layout)?,
+            None => false,
+        };
+        let mut be = match spare {
+            Some(be) if replanned => {
+                stats.replanned += 1;
+                be
+            }
+            spare => {
+                // The old backend goes before the new one is made (its memory with it).
+                drop(spare);
+                let opts = BackendOptions {
+                    max_batch: self.n_batch.min(self.n_ctx.max(n)).max(1),
+                    threads: self.threads,
+                    layout,
+                };
+                let be = runtime::backend_with_options(&self.model, opts, self.device)?;
+                *self.described.borrow_mut() = Some(be.describe());
+                stats.made += 1;
+                be
+            }
+        };
+        stats.setup_seconds += t0.elapsed().as_secs_f64();
+        self.stats.set(stats);
+        let r = f(be.as_mut())?;
+        *self.spare.borrow_mut() = Some(be);
+        Ok(r)
     }
 
     fn check_fits(&self, prompt: usize, n_predict: usize) -> Result<usize, EvalError> {
@@ -254,25 +355,26 @@ impl Runner {
     ) -> Result<Answer, EvalError> {
         let n_plan = self.check_fits(prompt.len(), n_predict)?;
         let t0 = Instant::now();
-        let mut be = self.backend(cfg, n_plan)?;
-        let (kv_bytes, kv_bytes_dense) = (be.kv_bytes(), be.kv_layout().dense_bytes());
-        let mut s = Session::new(&mut be, 0, self.n_batch);
-        let mut next = argmax(s.prompt(prompt)?);
-        let mut ids = Vec::new();
-        while ids.len() < n_predict && !self.tokenizer.is_eog(next) {
-            ids.push(next);
-            if ids.len() == n_predict || s.remaining() == 0 {
-                break;
+        self.with_backend(cfg, n_plan, |be| {
+            let (kv_bytes, kv_bytes_dense) = (be.kv_bytes(), be.kv_layout().dense_bytes());
+            let mut s = Session::new(be, 0, self.n_batch);
+            let mut next = argmax(s.prompt(prompt)?);
+            let mut ids = Vec::new();
+            while ids.len() < n_predict && !self.tokenizer.is_eog(next) {
+                ids.push(next);
+                if ids.len() == n_predict || s.remaining() == 0 {
+                    break;
+                }
+                next = argmax(s.step(next)?);
             }
-            next = argmax(s.step(next)?);
-        }
-        Ok(Answer {
-            text: self.tokenizer.decode(&ids),
-            ids,
-            n_plan,
-            kv_bytes,
-            kv_bytes_dense,
-            seconds: t0.elapsed().as_secs_f64(),
+            Ok(Answer {
+                text: self.tokenizer.decode(&ids),
+                ids,
+                n_plan,
+                kv_bytes,
+                kv_bytes_dense,
+                seconds: t0.elapsed().as_secs_f64(),
+            })
         })
     }
 
@@ -292,36 +394,37 @@ impl Runner {
         }
         let n = self.check_fits(ids.len(), 0)?;
         let t0 = Instant::now();
-        let mut be = self.backend(cfg, n)?;
-        let (kv_bytes, kv_bytes_dense) = (be.kv_bytes(), be.kv_layout().dense_bytes());
-        let nv = be.n_vocab();
-        let n_batch = self.n_batch.min(n).max(1);
-        let mut batch = BatchBuf::with_capacity(n_batch);
-        let (mut nlls, mut top1) = (Vec::new(), Vec::new());
-        let mut pos = 0;
-        // Position p's logits predict token p + 1; positions from - 1 .. len - 2 are needed.
-        let wants = |p: usize| p + 1 >= from && p + 1 < ids.len();
-        while pos < ids.len() {
-            let k = n_batch.min(ids.len() - pos);
-            batch.clear();
-            for (p, &id) in ids.iter().enumerate().skip(pos).take(k) {
-                batch.push(id, p as u32, 0, wants(p));
+        self.with_backend(cfg, n, |be| {
+            let (kv_bytes, kv_bytes_dense) = (be.kv_bytes(), be.kv_layout().dense_bytes());
+            let nv = be.n_vocab();
+            let n_batch = self.n_batch.min(n).max(1);
+            let mut batch = BatchBuf::with_capacity(n_batch);
+            let (mut nlls, mut top1) = (Vec::new(), Vec::new());
+            let mut pos = 0;
+            // Position p's logits predict token p + 1; positions from - 1 .. len - 2 are needed.
+            let wants = |p: usize| p + 1 >= from && p + 1 < ids.len();
+            while pos < ids.len() {
+                let k = n_batch.min(ids.len() - pos);
+                batch.clear();
+                for (p, &id) in ids.iter().enumerate().skip(pos).take(k) {
+                    batch.push(id, p as u32, 0, wants(p));
+                }
+                be.forward(&batch.as_batch())?;
+                let logits = be.logits();
+                for (row, p) in (pos..pos + k).filter(|&p| wants(p)).enumerate() {
+                    let l = &logits[row * nv..(row + 1) * nv];
+                    nlls.push(nll(l, ids[p + 1]));
+                    top1.push(argmax(l) == ids[p + 1]);
+                }
+                pos += k;
             }
-            be.forward(&batch.as_batch())?;
-            let logits = be.logits();
-            for (row, p) in (pos..pos + k).filter(|&p| wants(p)).enumerate() {
-                let l = &logits[row * nv..(row + 1) * nv];
-                nlls.push(nll(l, ids[p + 1]));
-                top1.push(argmax(l) == ids[p + 1]);
-            }
-            pos += k;
-        }
-        Ok(Scored {
-            nll: nlls,
-            top1,
-            kv_bytes,
-            kv_bytes_dense,
-            seconds: t0.elapsed().as_secs_f64(),
+            Ok(Scored {
+                nll: nlls,
+                top1,
+                kv_bytes,
+                kv_bytes_dense,
+                seconds: t0.elapsed().as_secs_f64(),
+            })
         })
     }
 }

@@ -144,6 +144,35 @@ fn meta_layout(max_batch: usize, half_rot: usize) -> MetaLayout {
     }
 }
 
+/// Each (layer, KV head)'s capacity and region offset (first sequence), as the kernels read them.
+fn head_tables(layout: &KvLayout) -> (Vec<i32>, Vec<i32>) {
+    let hk = layout.n_head_kv;
+    let nh = layout.n_layer * hk;
+    let caps = (0..nh)
+        .map(|i| layout.capacity(i / hk, i % hk) as i32)
+        .collect();
+    let offs = (0..nh)
+        .map(|i| layout.region_offset(0, i / hk, i % hk) as i32)
+        .collect();
+    (caps, offs)
+}
+
+/// Whether the CUDA backend can hold a KV cache of these element types (f16 K and V only, for
+/// now); checked before any GPU is touched.
+pub fn check_kv_types(types: crate::kv::KvTypes) -> Result<(), BackendError> {
+    if types != crate::kv::KvTypes::default() {
+        return Err(BackendError::Unsupported {
+            backend: "cuda",
+            tensor: super::KV_CACHE.into(),
+            ty: types.to_string(),
+            reason:
+                "the CUDA attention kernels read f16 K/V only; run a q8_0 cache with --device cpu"
+                    .into(),
+        });
+    }
+    Ok(())
+}
+
 impl CudaBackend {
     pub fn new(model: Arc<Model>, opts: BackendOptions) -> Result<CudaBackend, BackendError> {
         Self::on_device(model, opts, 0)
@@ -154,15 +183,7 @@ impl CudaBackend {
         opts: BackendOptions,
         ordinal: usize,
     ) -> Result<CudaBackend, BackendError> {
-        let types = opts.layout.types();
-        if types != crate::kv::KvTypes::default() {
-            return Err(BackendError::Unsupported {
-                backend: "cuda",
-                tensor: super::KV_CACHE.into(),
-                ty: types.to_string(),
-                reason: "the CUDA attention kernels read f16 K/V only; run a q8_0 cache with --device cpu".into(),
-            });
-        }
+        check_kv_types(opts.layout.types())?;
         let gpu = Gpu::open(ordinal)?;
         let cfg = model.config.clone();
         let layout = opts.layout;
@@ -306,12 +327,7 @@ impl CudaBackend {
             ));
         }
         let nh = cfg.n_layer * cfg.n_head_kv;
-        let caps_h: Vec<i32> = (0..nh)
-            .map(|i| layout.capacity(i / cfg.n_head_kv, i % cfg.n_head_kv) as i32)
-            .collect();
-        let offs_h: Vec<i32> = (0..nh)
-            .map(|i| layout.region_offset(0, i / cfg.n_head_kv, i % cfg.n_head_kv) as i32)
-            .collect();
+        let (caps_h, offs_h) = head_tables(&layout);
         let caps = salloc(nh * 4, "head capacities")?;
         let offs = salloc(nh * 4, "head offsets")?;
         gpu.upload(&caps, &caps_h)?;
@@ -1048,6 +1064,40 @@ impl Backend for CudaBackend {
 
     fn kv_bytes(&self) -> usize {
         self.layout.bytes()
+    }
+
+    /// Layers whose cache buffers are too small for `layout` get new ones, one layer at a time
+    /// (the new buffer before the old is freed, so running out of memory leaves buffers that
+    /// still hold the old layout); then the head tables are uploaded and the captured decode
+    /// graphs dropped (they hold the old buffers and splits). Weights and scratch stay on the
+    /// device. The same layout again only empties the sequences (graphs kept).
+    fn replan(&mut self, layout: &KvLayout) -> Result<bool, BackendError> {
+        let cfg = &self.model.config;
+        if (layout.n_layer, layout.n_head_kv, layout.head_dim)
+            != (cfg.n_layer, cfg.n_head_kv, cfg.head_dim)
+            || layout.types() != self.layout.types()
+        {
+            return Ok(false);
+        }
+        if *layout != self.layout {
+            for l in 0..cfg.n_layer {
+                let bytes = layout.rows_per_layer(l) * cfg.head_dim * 2;
+                if bytes > self.kv[l].0.bytes {
+                    let k = self.gpu.alloc(bytes, &format!("KV cache (K, layer {l})"))?;
+                    let v = self.gpu.alloc(bytes, &format!("KV cache (V, layer {l})"))?;
+                    self.kv[l] = (k, v);
+                }
+            }
+            let (caps, offs) = head_tables(layout);
+            self.gpu.upload(&self.caps, &caps)?;
+            self.gpu.upload(&self.offs, &offs)?;
+            self.gpu.sync()?;
+            self.graphs.clear();
+            self.layout = layout.clone();
+        }
+        self.seq_len = vec![0; layout.n_seq];
+        self.n_logits = 0;
+        Ok(true)
     }
 }
 
