@@ -74,10 +74,7 @@ pub fn compile(arch: &'static str) -> Result<String, BackendError> {
     }
     let opts = CompileOptions {
         arch: Some(arch),
-        options: vec![
-            "-std=c++17".into(),
-            format!("-DFA_STAGES={}", fa_stages()),
-        ],
+        options: vec!["-std=c++17".into(), format!("-DFA_STAGES={}", fa_stages())],
         name: Some("moa_kernels.cu".into()),
         ..Default::default()
     };
