@@ -13,6 +13,7 @@ mod common;
 
 use std::sync::Arc;
 
+use common::{gpu_or_skip, require};
 use moa::backend::cpu::CpuBackend;
 use moa::backend::cuda::{self, CudaBackend, DecodeKernels, MatmulHarness, GPU_TYPES};
 use moa::backend::BackendOptions;
@@ -21,21 +22,6 @@ use moa::kv::KvLayout;
 use moa::moa::{Plan, Rule};
 use moa::model::synth::{write_synthetic, SynthSpec};
 use moa::model::Model;
-
-fn require(var: &str) -> bool {
-    std::env::var(var).is_ok_and(|v| v == "1")
-}
-
-fn gpu_or_skip(test: &str) -> bool {
-    match cuda::probe() {
-        Ok(()) => true,
-        Err(e) if require("MOA_REQUIRE_GPU") => panic!("MOA_REQUIRE_GPU=1 but no GPU: {e}"),
-        Err(e) => {
-            eprintln!("skipping {test}: no usable GPU ({e})");
-            false
-        }
-    }
-}
 
 #[test]
 fn kernels_compile_through_nvrtc() {

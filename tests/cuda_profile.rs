@@ -7,16 +7,19 @@
 //!   64 and 128, samples shorter than their length bucket, partial tiles, several (also
 //!   overlapping) response ranges, tied and untied output, and block sizes 16, 64 and 128: the
 //!   loss agrees within 1e-5 relative, dL/d(hidden) and dL/dO of every layer within 1e-4
-//!   (sum of |difference| over sum of |CPU value|), and every influence block within 1e-3 of
-//!   the largest block of its (layer, KV head).
+//!   (sum of |difference| over sum of |CPU value|), and every influence block within 5e-2 of
+//!   the largest block of its (layer, KV head), their mean within 5e-3 (see the check for why).
 //!
 //! The kernels themselves compile through NVRTC in tests/cuda_backend.rs (`kernels_compile`).
 
 // One-range response lists are what they say.
 #![allow(clippy::single_range_in_vec_init)]
 
+mod common;
+
 use std::ops::Range;
 
+use common::gpu_or_skip;
 use moa::backend::cuda;
 use moa::formats::GgmlType;
 use moa::model::synth::{write_synthetic, SynthSpec};
@@ -24,21 +27,6 @@ use moa::model::Model;
 use moa::profile::cuda::{CudaProfileError, CudaProfiler};
 use moa::profile::{profiler_for, Captured, Profiler, SampleError, SampleProfiler};
 use moa::runtime::Device;
-
-fn require(var: &str) -> bool {
-    std::env::var(var).is_ok_and(|v| v == "1")
-}
-
-fn gpu_or_skip(test: &str) -> bool {
-    match cuda::probe() {
-        Ok(()) => true,
-        Err(e) if require("MOA_REQUIRE_GPU") => panic!("MOA_REQUIRE_GPU=1 but no GPU: {e}"),
-        Err(e) => {
-            eprintln!("skipping {test}: no usable GPU ({e})");
-            false
-        }
-    }
-}
 
 fn model(spec: &SynthSpec) -> (tempfile::TempDir, Model) {
     let dir = tempfile::tempdir().unwrap();

@@ -100,3 +100,22 @@ pub fn run_bin(bin: &str, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into(),
     )
 }
+
+/// Whether the environment variable `var` is `1` (`MOA_REQUIRE_GPU`, `MOA_REQUIRE_NVRTC`: turn
+/// a skip into a failure on machines that must have the thing).
+pub fn require(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+/// Whether a GPU test can run here; prints why it skips otherwise (a failure with
+/// `MOA_REQUIRE_GPU=1`).
+pub fn gpu_or_skip(test: &str) -> bool {
+    match moa::backend::cuda::probe() {
+        Ok(()) => true,
+        Err(e) if require("MOA_REQUIRE_GPU") => panic!("MOA_REQUIRE_GPU=1 but no GPU: {e}"),
+        Err(e) => {
+            eprintln!("skipping {test}: no usable GPU ({e})");
+            false
+        }
+    }
+}
