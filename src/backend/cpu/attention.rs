@@ -143,7 +143,7 @@ impl Scratch {
             lane_scores: vec![0.0; max_keys * ggml_attn::LANES],
             kpos: vec![0; max_keys],
             qt: vec![0.0; head_dim * ggml_attn::LANES],
-            kbuf: vec![0.0; 4 * head_dim],
+            kbuf: vec![0.0; ggml_attn::KBUF_ROWS * head_dim],
             ptile: vec![0.0; ggml_attn::KV_TILE * ggml_attn::LANES],
             slots: vec![0.0; ggml_attn::KV_TILE * ggml_attn::LANES],
             q16: vec![f16::ZERO; n16],

@@ -26,6 +26,8 @@ pub const TILED_MIN_BATCH: usize = 64;
 pub const KV_TILE: usize = 64;
 /// Query rows scored together by [`score_lanes`].
 pub const LANES: usize = 8;
+/// Key rows [`score_lanes`] converts at a time (its scratch holds this many rows).
+pub const KBUF_ROWS: usize = 8;
 
 /// ggml's vectorized `expf` (`ggml_v_expf`, AVX-512 form) for one lane: a polynomial in the
 /// reduced argument, scaled by `2^n` with one rounding. Within about 1.5 ulp of `expf`, not
@@ -146,7 +148,7 @@ pub fn score_lanes(
 ) {
     if n > 0 {
         assert!((n - 1) * stride + hd <= rows.len() && qt.len() >= hd * LANES);
-        assert!(out.len() >= n * LANES && kbuf.len() >= 4 * hd);
+        assert!(out.len() >= n * LANES && kbuf.len() >= KBUF_ROWS * hd);
     }
     (kernels().score_lanes)(qt, hd, rows, stride, n, scale, kbuf, out)
 }
@@ -329,6 +331,8 @@ mod x86 {
 
     /// Head dimensions up to this many values use the kernels below.
     const MAX_D: usize = 256;
+    /// Keys scored together by `score_lanes`.
+    const KEY_BLOCK: usize = KBUF_ROWS;
 
     #[allow(clippy::too_many_arguments)]
     pub fn score_lanes(
@@ -361,54 +365,72 @@ mod x86 {
         kbuf: &mut [f32],
         out: &mut [f32],
     ) {
+        let mut r = 0;
         // SAFETY: row r reads rows[r * stride .. r * stride + hd] (in bounds, asserted by the
-        // caller), kbuf holds 4 * hd, qt hd * 8 and out n * 8 values (asserted).
+        // caller), kbuf holds KEY_BLOCK * hd, qt hd * 8 and out n * 8 values (asserted).
         unsafe {
-            let sv = _mm256_set1_ps(scale);
-            let qp = qt.as_ptr();
-            let kp = kbuf.as_mut_ptr();
-            let mut r = 0;
-            while r < n {
-                let g = (n - r).min(4);
-                for k in 0..g {
-                    let src = rows.as_ptr().add((r + k) * stride);
-                    for c in (0..hd).step_by(8) {
-                        let v = _mm256_cvtph_ps(_mm_loadu_si128(src.add(c) as *const __m128i));
-                        _mm256_storeu_ps(kp.add(k * hd + c), v);
-                    }
+            // The common head dimension as a constant (HD = 64): the key buffer's rows are
+            // then immediate offsets from one pointer.
+            let whole = n - n % KEY_BLOCK;
+            if hd == 64 {
+                while r < whole {
+                    r += score_keys::<KEY_BLOCK, 64>(qt, hd, rows, stride, r, scale, kbuf, out);
                 }
-                if g == 4 {
-                    let (mut a0, mut a1, mut a2, mut a3) = (
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                    );
-                    for d in 0..hd {
-                        let q = _mm256_loadu_ps(qp.add(d * LANES));
-                        a0 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(&*kp.add(d)), a0);
-                        a1 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(&*kp.add(hd + d)), a1);
-                        a2 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(&*kp.add(2 * hd + d)), a2);
-                        a3 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(&*kp.add(3 * hd + d)), a3);
-                    }
-                    let o = out.as_mut_ptr().add(r * LANES);
-                    _mm256_storeu_ps(o, _mm256_mul_ps(a0, sv));
-                    _mm256_storeu_ps(o.add(8), _mm256_mul_ps(a1, sv));
-                    _mm256_storeu_ps(o.add(16), _mm256_mul_ps(a2, sv));
-                    _mm256_storeu_ps(o.add(24), _mm256_mul_ps(a3, sv));
-                } else {
-                    for k in 0..g {
-                        let mut a = _mm256_setzero_ps();
-                        for d in 0..hd {
-                            let q = _mm256_loadu_ps(qp.add(d * LANES));
-                            a = _mm256_fmadd_ps(q, _mm256_broadcast_ss(&*kp.add(k * hd + d)), a);
-                        }
-                        let o = out.as_mut_ptr().add((r + k) * LANES);
-                        _mm256_storeu_ps(o, _mm256_mul_ps(a, sv));
-                    }
-                }
-                r += g;
             }
+            while r < n {
+                r += match n - r {
+                    KEY_BLOCK.. => {
+                        score_keys::<KEY_BLOCK, 0>(qt, hd, rows, stride, r, scale, kbuf, out)
+                    }
+                    4.. => score_keys::<4, 0>(qt, hd, rows, stride, r, scale, kbuf, out),
+                    _ => score_keys::<1, 0>(qt, hd, rows, stride, r, scale, kbuf, out),
+                };
+            }
+        }
+    }
+
+    /// Scores of keys `r..r + K` for all lanes: the keys converted to f32 in `kbuf`, then `K`
+    /// independent chains of fused multiply-adds over the head dimension (enough chains to
+    /// hide the latency of each). Returns `K`. `HD`, when not 0, is `hd` known at compile
+    /// time.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn score_keys<const K: usize, const HD: usize>(
+        qt: &[f32],
+        hd: usize,
+        rows: &[f16],
+        stride: usize,
+        r: usize,
+        scale: f32,
+        kbuf: &mut [f32],
+        out: &mut [f32],
+    ) -> usize {
+        let hd = if HD == 0 { hd } else { HD };
+        // SAFETY: the caller guarantees rows r..r + K, kbuf (K * hd), qt and out in bounds.
+        unsafe {
+            let kp = kbuf.as_mut_ptr();
+            for k in 0..K {
+                let src = rows.as_ptr().add((r + k) * stride);
+                for c in (0..hd).step_by(8) {
+                    let v = _mm256_cvtph_ps(_mm_loadu_si128(src.add(c) as *const __m128i));
+                    _mm256_storeu_ps(kp.add(k * hd + c), v);
+                }
+            }
+            let qp = qt.as_ptr();
+            let mut a = [_mm256_setzero_ps(); K];
+            for d in 0..hd {
+                let q = _mm256_loadu_ps(qp.add(d * LANES));
+                for (k, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(q, _mm256_broadcast_ss(&*kp.add(k * hd + d)), *a);
+                }
+            }
+            let sv = _mm256_set1_ps(scale);
+            let o = out.as_mut_ptr().add(r * LANES);
+            for (k, a) in a.iter().enumerate() {
+                _mm256_storeu_ps(o.add(k * LANES), _mm256_mul_ps(*a, sv));
+            }
+            K
         }
     }
 
@@ -509,14 +531,20 @@ mod tests {
 
     #[test]
     fn kernels_match_portable_bit_for_bit() {
-        for (hd, stride, n) in [(64, 192, 11), (128, 128, 5), (64, 64, 4), (24, 24, 3)] {
+        for (hd, stride, n) in [
+            (64, 192, 11),
+            (128, 128, 5),
+            (64, 64, 4),
+            (24, 24, 3),
+            (64, 64, 21),
+        ] {
             let rows: Vec<f16> = data(stride * n, 3)
                 .iter()
                 .map(|&x| f16::from_f32(x))
                 .collect();
             let q32 = data(hd * LANES, 4);
             let (mut a, mut b) = (vec![0f32; n * LANES], vec![0f32; n * LANES]);
-            let mut kbuf = vec![0f32; 4 * hd];
+            let mut kbuf = vec![0f32; KBUF_ROWS * hd];
             score_lanes(&q32, hd, &rows, stride, n, 0.125, &mut kbuf, &mut a);
             portable::score_lanes(&q32, hd, &rows, stride, n, 0.125, &mut kbuf, &mut b);
             assert_eq!(a, b, "score_lanes hd={hd}");

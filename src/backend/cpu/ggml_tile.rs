@@ -8,8 +8,9 @@
 //!   `v_expf(score - max)` (0 for keys it does not see) and the tile's sum ([`tile_sum`]) added
 //!   to its running sum in f64. A query that sees none of the tile's keys is left untouched.
 //! - [`accumulate_lanes`]: `acc_l += p[r][l] * v_r` for the queries that saw the tile, key after
-//!   key in order, one fused multiply-add per value on x86 (as ggml's `ggml_vec_mad_f32`); the
-//!   portable fallback multiplies and adds like [`super::simd::axpy_rows_f16`]'s.
+//!   key in order, one fused multiply-add per value on x86 (as ggml's `ggml_vec_mad_f32`; in
+//!   AVX-512 registers where the CPU has them, the same operation per value); the portable
+//!   fallback multiplies and adds like [`super::simd::axpy_rows_f16`]'s.
 //!
 //! Scores and weights are lane-major: the value for key `r` and query `l` is at `r * LANES + l`.
 
@@ -141,6 +142,18 @@ fn raise_max(m: &mut f32, s: &mut f32, acc: &mut [f32], tmax: f32) {
 /// Lanes of `lanes`, lowest first.
 fn lane_list(lanes: Lanes) -> impl Iterator<Item = usize> {
     (0..LANES).filter(move |l| lanes & (1 << l) != 0)
+}
+
+/// The lanes of `lanes` in order, and how many there are.
+#[cfg(target_arch = "x86_64")]
+fn lane_array(lanes: Lanes) -> ([usize; LANES], usize) {
+    let mut list = [0usize; LANES];
+    let mut k = 0;
+    for l in lane_list(lanes) {
+        list[k] = l;
+        k += 1;
+    }
+    (list, k)
 }
 
 pub mod portable {
@@ -388,12 +401,11 @@ mod x86 {
         stride: usize,
         n: usize,
     ) {
-        let mut list = [0usize; LANES];
-        let mut k = 0;
-        for l in lane_list(lanes) {
-            list[k] = l;
-            k += 1;
+        if hd.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F detected; the bounds are the caller's.
+            return unsafe { avx512::accumulate_lanes(acc, hd, lanes, p, v, stride, n) };
         }
+        let (list, k) = lane_array(lanes);
         for group in list[..k].chunks(BLOCK) {
             let mut d = 0;
             // SAFETY (all blocks): each lane's accumulator spans l * hd .. (l + 1) * hd within
@@ -463,6 +475,103 @@ mod x86 {
             for (q, aq) in a.iter().enumerate() {
                 for (c, x) in aq.iter().enumerate() {
                     _mm256_storeu_ps(ap.add(group[q] * hd + d0 + 8 * c), *x);
+                }
+            }
+        }
+    }
+}
+
+/// [`x86`]'s value accumulation on 16-value registers where the CPU has AVX-512 (the same
+/// fused multiply-add per value, so the same results).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// Queries accumulated together, and 16-value registers per query and pass.
+    const BLOCK: usize = 4;
+    const WIDE: usize = 4;
+
+    /// `hd` a multiple of 16; see [`super::accumulate_lanes`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn accumulate_lanes(
+        acc: &mut [f32],
+        hd: usize,
+        lanes: Lanes,
+        p: &[f32],
+        v: &[f16],
+        stride: usize,
+        n: usize,
+    ) {
+        let (list, k) = lane_array(lanes);
+        for group in list[..k].chunks(BLOCK) {
+            let mut d = 0;
+            // SAFETY (all blocks): as in `x86::accumulate_lanes`.
+            while d + 16 * WIDE <= hd {
+                unsafe {
+                    match group.len() {
+                        4 => block::<4, WIDE>(acc, hd, group, p, v, stride, n, d),
+                        3 => block::<3, WIDE>(acc, hd, group, p, v, stride, n, d),
+                        2 => block::<2, WIDE>(acc, hd, group, p, v, stride, n, d),
+                        _ => block::<1, WIDE>(acc, hd, group, p, v, stride, n, d),
+                    }
+                }
+                d += 16 * WIDE;
+            }
+            while d < hd {
+                unsafe {
+                    match group.len() {
+                        4 => block::<4, 1>(acc, hd, group, p, v, stride, n, d),
+                        3 => block::<3, 1>(acc, hd, group, p, v, stride, n, d),
+                        2 => block::<2, 1>(acc, hd, group, p, v, stride, n, d),
+                        _ => block::<1, 1>(acc, hd, group, p, v, stride, n, d),
+                    }
+                }
+                d += 16;
+            }
+        }
+    }
+
+    /// Values `d0..d0 + 16 * C` of the `Q` queries `group` over keys `0..n`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const Q: usize, const C: usize>(
+        acc: &mut [f32],
+        hd: usize,
+        group: &[usize],
+        p: &[f32],
+        v: &[f16],
+        stride: usize,
+        n: usize,
+        d0: usize,
+    ) {
+        // SAFETY: the caller guarantees the bounds described in `accumulate_lanes`.
+        unsafe {
+            let ap = acc.as_mut_ptr();
+            let lane: [usize; Q] = std::array::from_fn(|q| group[q]);
+            let mut a = [[_mm512_setzero_ps(); C]; Q];
+            for (q, aq) in a.iter_mut().enumerate() {
+                for (c, x) in aq.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(ap.add(lane[q] * hd + d0 + 16 * c));
+                }
+            }
+            for r in 0..n {
+                let row = v.as_ptr().add(r * stride + d0);
+                let x: [__m512; C] = std::array::from_fn(|c| {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * c) as *const __m256i))
+                });
+                let pr = p.as_ptr().add(r * LANES);
+                for (q, aq) in a.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*pr.add(lane[q]));
+                    for (c, x) in x.iter().enumerate() {
+                        aq[c] = _mm512_fmadd_ps(w, *x, aq[c]);
+                    }
+                }
+            }
+            for (q, aq) in a.iter().enumerate() {
+                for (c, x) in aq.iter().enumerate() {
+                    _mm512_storeu_ps(ap.add(lane[q] * hd + d0 + 16 * c), *x);
                 }
             }
         }
@@ -594,7 +703,7 @@ mod tests {
 
     #[test]
     fn lanes_blocking_covers_odd_head_dims() {
-        for hd in [8, 24, 40, 64, 72] {
+        for hd in [8, 24, 40, 48, 64, 72, 80, 128] {
             let n = 9;
             let p = data(n * LANES, 3, 1.0);
             let vals: Vec<f16> = data(n * hd, 4, 2.0)
