@@ -26,8 +26,8 @@ pub const TILED_MIN_BATCH: usize = 64;
 pub const KV_TILE: usize = 64;
 /// Query rows scored together by [`score_lanes`].
 pub const LANES: usize = 8;
-/// Key rows [`score_lanes`] converts at a time (its scratch holds this many rows).
-pub const KBUF_ROWS: usize = 8;
+/// [`score_lanes`]' scratch holds this many rows of the head dimension.
+pub const KBUF_ROWS: usize = 32;
 
 /// ggml's vectorized `expf` (`ggml_v_expf`, AVX-512 form) for one lane: a polynomial in the
 /// reduced argument, scaled by `2^n` with one rounding. Within about 1.5 ulp of `expf`, not
@@ -331,8 +331,8 @@ mod x86 {
 
     /// Head dimensions up to this many values use the kernels below.
     const MAX_D: usize = 256;
-    /// Keys scored together by `score_lanes`.
-    const KEY_BLOCK: usize = KBUF_ROWS;
+    /// Keys scored together by `score_lanes_avx2`.
+    const KEY_BLOCK: usize = 8;
 
     #[allow(clippy::too_many_arguments)]
     pub fn score_lanes(
@@ -348,11 +348,17 @@ mod x86 {
         if !hd.is_multiple_of(8) || hd > MAX_D {
             return portable::score_lanes(qt, hd, rows, stride, n, scale, kbuf, out);
         }
+        let mut done = 0;
+        if hd.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F detected; lengths asserted by the caller.
+            done = unsafe { avx512::score_lanes(qt, hd, rows, stride, n, scale, kbuf, out) };
+        }
         // SAFETY: the CPU features were detected (kernel set AVX2 = avx2+fma+f16c); the
         // lengths were asserted by the caller (`score_lanes`).
-        unsafe { score_lanes_avx2(qt, hd, rows, stride, n, scale, kbuf, out) }
+        unsafe { score_lanes_avx2(qt, hd, rows, stride, done, n, scale, kbuf, out) }
     }
 
+    /// Keys `r0..n` of [`score_lanes`].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn score_lanes_avx2(
@@ -360,18 +366,19 @@ mod x86 {
         hd: usize,
         rows: &[f16],
         stride: usize,
+        r0: usize,
         n: usize,
         scale: f32,
         kbuf: &mut [f32],
         out: &mut [f32],
     ) {
-        let mut r = 0;
+        let mut r = r0;
         // SAFETY: row r reads rows[r * stride .. r * stride + hd] (in bounds, asserted by the
         // caller), kbuf holds KEY_BLOCK * hd, qt hd * 8 and out n * 8 values (asserted).
         unsafe {
             // The common head dimension as a constant (HD = 64): the key buffer's rows are
             // then immediate offsets from one pointer.
-            let whole = n - n % KEY_BLOCK;
+            let whole = n - (n - r) % KEY_BLOCK;
             if hd == 64 {
                 while r < whole {
                     r += score_keys::<KEY_BLOCK, 64>(qt, hd, rows, stride, r, scale, kbuf, out);
@@ -431,6 +438,106 @@ mod x86 {
                 _mm256_storeu_ps(o.add(k * LANES), _mm256_mul_ps(*a, sv));
             }
             K
+        }
+    }
+
+    /// [`score_lanes`] in AVX-512 registers: a register holds two keys' scores for the eight
+    /// queries (lanes `2l` and `2l + 1`: query `l` against keys `r` and `r + 1`), the same FMA
+    /// chain per score as the AVX2 kernel.
+    mod avx512 {
+        use super::*;
+
+        /// Key pairs scored together.
+        const PAIRS: usize = 8;
+
+        /// Scores keys `0..n - n % 2` into `out` and returns how many; `scratch` holds the
+        /// queries duplicated lane by lane (`16 * hd`) and the converted key pairs (`16 * hd`).
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn score_lanes(
+            qt: &[f32],
+            hd: usize,
+            rows: &[f16],
+            stride: usize,
+            n: usize,
+            scale: f32,
+            scratch: &mut [f32],
+            out: &mut [f32],
+        ) -> usize {
+            let (q2, kb) = scratch.split_at_mut(2 * LANES * hd);
+            for (d, q) in qt[..hd * LANES].chunks_exact(LANES).enumerate() {
+                for (l, &x) in q.iter().enumerate() {
+                    q2[d * 2 * LANES + 2 * l] = x;
+                    q2[d * 2 * LANES + 2 * l + 1] = x;
+                }
+            }
+            let mut r = 0;
+            // SAFETY: keys r..r + 2P are in bounds (r + 2P <= n, rows asserted by the caller);
+            // kb holds 2 * PAIRS * hd values, out n * LANES.
+            unsafe {
+                while r + 2 * PAIRS <= n {
+                    score_pairs::<PAIRS>(q2, hd, rows, stride, r, scale, kb, out);
+                    r += 2 * PAIRS;
+                }
+                while r + 2 <= n {
+                    score_pairs::<1>(q2, hd, rows, stride, r, scale, kb, out);
+                    r += 2;
+                }
+            }
+            r
+        }
+
+        /// Keys `r..r + 2P`, as pairs `(r + 2m, r + 2m + 1)`: each pair's rows interleaved
+        /// value by value in `kb`, so one 64-bit broadcast gives a register of both keys'
+        /// value `d`.
+        #[allow(clippy::too_many_arguments)]
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn score_pairs<const P: usize>(
+            q2: &[f32],
+            hd: usize,
+            rows: &[f16],
+            stride: usize,
+            r: usize,
+            scale: f32,
+            kb: &mut [f32],
+            out: &mut [f32],
+        ) {
+            // SAFETY: the caller guarantees the bounds given in `score_lanes`.
+            unsafe {
+                let kp = kb.as_mut_ptr();
+                let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+                let hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+                for m in 0..P {
+                    let a = rows.as_ptr().add((r + 2 * m) * stride);
+                    let b = a.add(stride);
+                    for c in (0..hd).step_by(16) {
+                        let ka = _mm512_cvtph_ps(_mm256_loadu_si256(a.add(c) as *const __m256i));
+                        let kb = _mm512_cvtph_ps(_mm256_loadu_si256(b.add(c) as *const __m256i));
+                        let dst = kp.add(m * 2 * hd + 2 * c);
+                        _mm512_storeu_ps(dst, _mm512_permutex2var_ps(ka, lo, kb));
+                        _mm512_storeu_ps(dst.add(16), _mm512_permutex2var_ps(ka, hi, kb));
+                    }
+                }
+                let qp = q2.as_ptr();
+                let mut acc = [_mm512_setzero_ps(); P];
+                for d in 0..hd {
+                    let q = _mm512_loadu_ps(qp.add(d * 2 * LANES));
+                    for (m, a) in acc.iter_mut().enumerate() {
+                        let pair = (kp.add(m * 2 * hd + 2 * d) as *const i64).read_unaligned();
+                        let k = _mm512_castsi512_ps(_mm512_set1_epi64(pair));
+                        *a = _mm512_fmadd_ps(q, k, *a);
+                    }
+                }
+                // Lanes (l, key) back to key-major order: key r + 2m's eight lanes, then
+                // key r + 2m + 1's.
+                let split = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+                let sv = _mm512_set1_ps(scale);
+                for (m, a) in acc.iter().enumerate() {
+                    let s = _mm512_permutexvar_ps(split, _mm512_mul_ps(*a, sv));
+                    _mm512_storeu_ps(out.as_mut_ptr().add((r + 2 * m) * LANES), s);
+                }
+            }
         }
     }
 
@@ -537,6 +644,8 @@ mod tests {
             (64, 64, 4),
             (24, 24, 3),
             (64, 64, 21),
+            (64, 64, 40),
+            (48, 96, 19),
         ] {
             let rows: Vec<f16> = data(stride * n, 3)
                 .iter()
