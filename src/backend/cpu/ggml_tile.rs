@@ -30,6 +30,14 @@ pub struct LaneMask {
 }
 
 impl LaneMask {
+    /// Whether every query sees every key of `kpos` (ascending, not empty).
+    #[inline(always)]
+    pub fn sees_all(&self, kpos: &[u32]) -> bool {
+        let (j0, j1) = (kpos[0] as usize, kpos[kpos.len() - 1] as usize);
+        let last = self.first + self.n_queries - 1;
+        j1 <= self.first && (j1 < self.sink || j0 + self.window > last)
+    }
+
     /// Whether query `l` sees key position `j`.
     #[inline(always)]
     pub fn visible(&self, l: usize, j: usize) -> bool {
@@ -336,13 +344,25 @@ mod x86 {
         // SAFETY (loads and stores below): scores and p hold n * LANES values (asserted).
         let score = |c: usize| unsafe { _mm256_loadu_ps(scores.as_ptr().add(c * LANES)) };
 
+        // Most tiles lie wholly inside every query's span: no mask to apply then.
+        let all = n > 0 && mask.sees_all(kpos);
         let mut tmax = _mm256_set1_ps(f32::NEG_INFINITY);
-        for (c, &j) in kpos.iter().enumerate() {
-            let seen = visible8(ipos, j, &mask);
-            tmax = _mm256_blendv_ps(tmax, _mm256_max_ps(tmax, score(c)), seen);
+        if all {
+            for c in 0..n {
+                tmax = _mm256_max_ps(tmax, score(c));
+            }
+        } else {
+            for (c, &j) in kpos.iter().enumerate() {
+                let seen = visible8(ipos, j, &mask);
+                tmax = _mm256_blendv_ps(tmax, _mm256_max_ps(tmax, score(c)), seen);
+            }
         }
-        let any = _mm256_cmp_ps::<_CMP_NEQ_OQ>(tmax, _mm256_set1_ps(f32::NEG_INFINITY));
-        let lanes = _mm256_movemask_ps(any) as Lanes;
+        let lanes = if all {
+            (1 << mask.n_queries) - 1
+        } else {
+            let any = _mm256_cmp_ps::<_CMP_NEQ_OQ>(tmax, _mm256_set1_ps(f32::NEG_INFINITY));
+            _mm256_movemask_ps(any) as Lanes
+        };
         if lanes == 0 {
             return 0;
         }
@@ -357,8 +377,10 @@ mod x86 {
         // SAFETY: state.m holds LANES values.
         let m = unsafe { _mm256_loadu_ps(state.m.as_ptr()) };
         for (c, &j) in kpos.iter().enumerate() {
-            let seen = visible8(ipos, j, &mask);
-            let w = _mm256_and_ps(v_expf8(_mm256_sub_ps(score(c), m)), seen);
+            let mut w = v_expf8(_mm256_sub_ps(score(c), m));
+            if !all {
+                w = _mm256_and_ps(w, visible8(ipos, j, &mask));
+            }
             // SAFETY: as above.
             unsafe { _mm256_storeu_ps(p.as_mut_ptr().add(c * LANES), w) };
         }
@@ -644,6 +666,9 @@ mod tests {
             ((64..100).collect(), mask(120, 8, 4, 40)),
             ((193..200).collect(), mask(190, 7, 0, 8)),
             ((0..64).collect(), mask(300, 8, 4, 16)),
+            ((64..128).collect(), mask(200, 8, 4, 1 << 20)),
+            ((64..128).collect(), mask(127, 3, 4, 1 << 20)),
+            ((0..4).collect(), mask(500, 8, 4, 20)),
         ]
     }
 
