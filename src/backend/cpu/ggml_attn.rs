@@ -12,6 +12,8 @@
 //!   tiles of 64 positions with an online softmax per tile: the tile's maximum, a rescale of the
 //!   accumulator by libm `expf(M_old - M_new)`, the tile's exponentials by [`v_expf`] and their
 //!   sum as [`tile_sum`] forms it; values accumulated in f32 with one fused multiply-add per key.
+//!   [`score_lanes`] scores eight queries at once, and [`super::ggml_tile`] runs each tile's
+//!   softmax and value accumulation for the eight at once, every query's arithmetic unchanged.
 //! - **per key** (smaller batches; decode): the query rounded to f16; scores summed as
 //!   `ggml_vec_dot_f16` sums them ([`dot_rows_f16_ggml`]); a per-key online softmax with libm
 //!   `expf`; values accumulated into an f16 accumulator rounded after every key

@@ -677,6 +677,8 @@ mod tests {
         let hd = 64;
         for (case, (kpos, mask)) in cases().into_iter().enumerate() {
             let n = kpos.len();
+            let every = (0..mask.n_queries).all(|l| kpos.iter().all(|&j| mask.visible(l, j as _)));
+            assert_eq!(mask.sees_all(&kpos), every, "case {case}");
             let scores = data(n * LANES, 7 + case as u32, 6.0);
             let vals: Vec<f16> = data(n * 96, 9, 2.0)
                 .iter()
