@@ -21,6 +21,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::ggml_attn;
+use super::ggml_tile;
 use super::matmul::SharedMut;
 use super::simd;
 use super::{alloc, BackendError};
@@ -117,15 +118,17 @@ pub struct LayerKv {
 pub struct Scratch {
     scores: Vec<f32>,
     /// The tiled path's scores (`LANES` per key), key positions, transposed queries, converted
-    /// key rows and one tile's probabilities.
+    /// key rows, one tile's weights (`LANES` per key) and the tile sum's slots.
     lane_scores: Vec<f32>,
     kpos: Vec<u32>,
     qt: Vec<f32>,
     kbuf: Vec<f32>,
     ptile: Vec<f32>,
+    slots: Vec<f32>,
     /// The query in the K type: f16 values, or q8_0 blocks.
     q16: Vec<f16>,
     q8: Vec<u8>,
+    /// Output accumulators: one query's, or `LANES` queries' on the tiled path.
     acc: Vec<f32>,
 }
 
@@ -140,11 +143,12 @@ impl Scratch {
             lane_scores: vec![0.0; max_keys * ggml_attn::LANES],
             kpos: vec![0; max_keys],
             qt: vec![0.0; head_dim * ggml_attn::LANES],
-            kbuf: vec![0.0; 4 * head_dim],
-            ptile: vec![0.0; ggml_attn::KV_TILE],
+            kbuf: vec![0.0; ggml_attn::KBUF_ROWS * head_dim],
+            ptile: vec![0.0; ggml_attn::KV_TILE * ggml_attn::LANES],
+            slots: vec![0.0; ggml_attn::KV_TILE * ggml_attn::LANES],
             q16: vec![f16::ZERO; n16],
             q8: vec![0; n8],
-            acc: vec![0.0; head_dim],
+            acc: vec![0.0; head_dim * ggml_attn::LANES],
         }
     }
 }
@@ -176,6 +180,16 @@ fn accumulate_rows(acc: &mut [f32], p: &[f32], v: Rows, stride: usize, start: us
         Rows::F16(v) => simd::axpy_rows_f16(acc, p, v, stride),
         Rows::Q8_0(v) => simd::axpy_rows_q8_0(acc, p, v, KvType::Q8_0.bytes_for(stride)),
     }
+}
+
+/// The end of the key tile starting at `kpos[cs]`: keys up to the next one in another aligned
+/// tile of [`ggml_attn::KV_TILE`] positions (`kpos` ascends).
+fn key_tile_end(kpos: &[u32], cs: usize) -> usize {
+    let tile = kpos[cs] as usize / ggml_attn::KV_TILE;
+    let limit = (cs + ggml_attn::KV_TILE).min(kpos.len());
+    (cs + 1..limit)
+        .find(|&c| kpos[c] as usize / ggml_attn::KV_TILE != tile)
+        .unwrap_or(limit)
 }
 
 /// Queries per parallel task (a tile of one KV head's group).
@@ -289,7 +303,6 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
             }
             (spans, ns)
         };
-        let visible = |i: usize, j: usize| j <= i && (j < sink || j + w > i);
 
         let t0 = tile * QUERY_TILE;
         let t1 = ((tile + 1) * QUERY_TILE).min(n);
@@ -304,7 +317,8 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
 
         if tiled {
             // llama.cpp's tiled path: score the tile's queries against the union of the keys
-            // they see, then an online softmax over aligned 64-position key tiles per query.
+            // they see, then each query's online softmax over aligned 64-position key tiles,
+            // all queries of the tile at once (see ggml_tile).
             let (spans, ns) = spans_of(t0, Some(t1));
             let spans = &spans[..ns];
             let nq = t1 - t0;
@@ -336,71 +350,53 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
                 c += len;
             }
             let n_keys = c;
-            for l in 0..nq {
-                let i = p0 + t0 + l;
-                let (mut m, mut s) = (f32::NEG_INFINITY, 0f32);
-                let acc = &mut sc.acc[..hd];
-                acc.fill(0.0);
-                let mut cs = 0;
-                while cs < n_keys {
-                    let kt = sc.kpos[cs] as usize / ggml_attn::KV_TILE;
-                    let mut ce = cs + 1;
-                    while ce < n_keys && sc.kpos[ce] as usize / ggml_attn::KV_TILE == kt {
-                        ce += 1;
+            let mask = ggml_tile::LaneMask {
+                first: p0 + t0,
+                n_queries: nq,
+                sink,
+                window: w,
+            };
+            let mut state = ggml_tile::LaneState::new();
+            let acc = &mut sc.acc[..ggml_attn::LANES * hd];
+            acc.fill(0.0);
+            let mut cs = 0;
+            while cs < n_keys {
+                let ce = key_tile_end(&sc.kpos[..n_keys], cs);
+                let lanes = ggml_tile::tile_weights(
+                    &sc.lane_scores[cs * ggml_attn::LANES..ce * ggml_attn::LANES],
+                    &sc.kpos[cs..ce],
+                    mask,
+                    &mut state,
+                    acc,
+                    &mut sc.ptile,
+                    &mut sc.slots,
+                );
+                // Values of the tile's keys, span by span, for the queries that saw the tile.
+                let mut c0 = 0;
+                for &(_, v, stride, start, len, _) in spans {
+                    let (a, b) = (cs.max(c0), ce.min(c0 + len));
+                    if a < b && lanes != 0 {
+                        let Rows::F16(v) = v.skip((start + a - c0) * stride) else {
+                            unreachable!("tiled attention reads f16 values")
+                        };
+                        ggml_tile::accumulate_lanes(
+                            acc,
+                            hd,
+                            lanes,
+                            &sc.ptile[(a - cs) * ggml_attn::LANES..],
+                            v,
+                            stride,
+                            b - a,
+                        );
                     }
-                    let score = |c: usize| sc.lane_scores[c * ggml_attn::LANES + l];
-                    let mut tmax = f32::NEG_INFINITY;
-                    for c in cs..ce {
-                        if visible(i, sc.kpos[c] as usize) {
-                            tmax = tmax.max(score(c));
-                        }
-                    }
-                    if tmax == f32::NEG_INFINITY {
-                        cs = ce;
-                        continue;
-                    }
-                    let mnew = m.max(tmax);
-                    if mnew > m {
-                        let ms = (m - mnew).exp();
-                        for a in acc.iter_mut() {
-                            *a *= ms;
-                        }
-                        s *= ms;
-                    }
-                    m = mnew;
-                    let mut slots = [0f32; ggml_attn::KV_TILE];
-                    ggml_attn::exp_lane(
-                        &sc.lane_scores[cs * ggml_attn::LANES + l..],
-                        m,
-                        &mut sc.ptile[..ce - cs],
-                    );
-                    for c in cs..ce {
-                        let j = sc.kpos[c] as usize;
-                        if !visible(i, j) {
-                            sc.ptile[c - cs] = 0.0;
-                        }
-                        slots[j % ggml_attn::KV_TILE] = sc.ptile[c - cs];
-                    }
-                    s = (s as f64 + ggml_attn::tile_sum(&slots)) as f32;
-                    // Values of the tile's keys, span by span, one fused multiply-add per key.
-                    let mut c0 = 0;
-                    for &(_, v, stride, start, len, _) in spans {
-                        let (a, b) = (cs.max(c0), ce.min(c0 + len));
-                        if a < b {
-                            accumulate_rows(
-                                acc,
-                                &sc.ptile[a - cs..b - cs],
-                                v,
-                                stride,
-                                start + (a - c0),
-                            );
-                        }
-                        c0 += len;
-                    }
-                    cs = ce;
+                    c0 += len;
                 }
+                cs = ce;
+            }
+            for l in 0..nq {
+                let s = state.s[l];
                 let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
-                write(t0 + l, acc, inv);
+                write(t0 + l, &acc[l * hd..(l + 1) * hd], inv);
             }
             return;
         }
@@ -455,13 +451,14 @@ pub fn attend_and_store(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>]) 
                 *x = (*x - m).exp();
                 sum += *x;
             }
-            sc.acc.fill(0.0);
+            let acc = &mut sc.acc[..hd];
+            acc.fill(0.0);
             let mut c = 0;
             for &(_, v, stride, start, len, _) in spans {
-                accumulate_rows(&mut sc.acc, &sc.scores[c..c + len], v, stride, start);
+                accumulate_rows(acc, &sc.scores[c..c + len], v, stride, start);
                 c += len;
             }
-            write(t, &sc.acc, 1.0 / sum);
+            write(t, acc, 1.0 / sum);
         }
     });
 

@@ -12,6 +12,8 @@
 //!   tiles of 64 positions with an online softmax per tile: the tile's maximum, a rescale of the
 //!   accumulator by libm `expf(M_old - M_new)`, the tile's exponentials by [`v_expf`] and their
 //!   sum as [`tile_sum`] forms it; values accumulated in f32 with one fused multiply-add per key.
+//!   [`score_lanes`] scores eight queries at once, and [`super::ggml_tile`] runs each tile's
+//!   softmax and value accumulation for the eight at once, every query's arithmetic unchanged.
 //! - **per key** (smaller batches; decode): the query rounded to f16; scores summed as
 //!   `ggml_vec_dot_f16` sums them ([`dot_rows_f16_ggml`]); a per-key online softmax with libm
 //!   `expf`; values accumulated into an f16 accumulator rounded after every key
@@ -26,6 +28,8 @@ pub const TILED_MIN_BATCH: usize = 64;
 pub const KV_TILE: usize = 64;
 /// Query rows scored together by [`score_lanes`].
 pub const LANES: usize = 8;
+/// [`score_lanes`]' scratch holds this many rows of the head dimension.
+pub const KBUF_ROWS: usize = 32;
 
 /// ggml's vectorized `expf` (`ggml_v_expf`, AVX-512 form) for one lane: a polynomial in the
 /// reduced argument, scaled by `2^n` with one rounding. Within about 1.5 ulp of `expf`, not
@@ -146,7 +150,7 @@ pub fn score_lanes(
 ) {
     if n > 0 {
         assert!((n - 1) * stride + hd <= rows.len() && qt.len() >= hd * LANES);
-        assert!(out.len() >= n * LANES && kbuf.len() >= 4 * hd);
+        assert!(out.len() >= n * LANES && kbuf.len() >= KBUF_ROWS * hd);
     }
     (kernels().score_lanes)(qt, hd, rows, stride, n, scale, kbuf, out)
 }
@@ -329,6 +333,8 @@ mod x86 {
 
     /// Head dimensions up to this many values use the kernels below.
     const MAX_D: usize = 256;
+    /// Keys scored together by `score_lanes_avx2`.
+    const KEY_BLOCK: usize = 8;
 
     #[allow(clippy::too_many_arguments)]
     pub fn score_lanes(
@@ -344,11 +350,17 @@ mod x86 {
         if !hd.is_multiple_of(8) || hd > MAX_D {
             return portable::score_lanes(qt, hd, rows, stride, n, scale, kbuf, out);
         }
+        let mut done = 0;
+        if hd.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F detected; lengths asserted by the caller.
+            done = unsafe { avx512::score_lanes(qt, hd, rows, stride, n, scale, kbuf, out) };
+        }
         // SAFETY: the CPU features were detected (kernel set AVX2 = avx2+fma+f16c); the
         // lengths were asserted by the caller (`score_lanes`).
-        unsafe { score_lanes_avx2(qt, hd, rows, stride, n, scale, kbuf, out) }
+        unsafe { score_lanes_avx2(qt, hd, rows, stride, done, n, scale, kbuf, out) }
     }
 
+    /// Keys `r0..n` of [`score_lanes`].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn score_lanes_avx2(
@@ -356,58 +368,177 @@ mod x86 {
         hd: usize,
         rows: &[f16],
         stride: usize,
+        r0: usize,
         n: usize,
         scale: f32,
         kbuf: &mut [f32],
         out: &mut [f32],
     ) {
+        let mut r = r0;
         // SAFETY: row r reads rows[r * stride .. r * stride + hd] (in bounds, asserted by the
-        // caller), kbuf holds 4 * hd, qt hd * 8 and out n * 8 values (asserted).
+        // caller), kbuf holds KEY_BLOCK * hd, qt hd * 8 and out n * 8 values (asserted).
         unsafe {
-            let sv = _mm256_set1_ps(scale);
-            let qp = qt.as_ptr();
-            let kp = kbuf.as_mut_ptr();
-            let mut r = 0;
+            // The common head dimension as a constant (HD = 64): the key buffer's rows are
+            // then immediate offsets from one pointer.
+            let whole = n - (n - r) % KEY_BLOCK;
+            if hd == 64 {
+                while r < whole {
+                    r += score_keys::<KEY_BLOCK, 64>(qt, hd, rows, stride, r, scale, kbuf, out);
+                }
+            }
             while r < n {
-                let g = (n - r).min(4);
-                for k in 0..g {
-                    let src = rows.as_ptr().add((r + k) * stride);
-                    for c in (0..hd).step_by(8) {
-                        let v = _mm256_cvtph_ps(_mm_loadu_si128(src.add(c) as *const __m128i));
-                        _mm256_storeu_ps(kp.add(k * hd + c), v);
+                r += match n - r {
+                    KEY_BLOCK.. => {
+                        score_keys::<KEY_BLOCK, 0>(qt, hd, rows, stride, r, scale, kbuf, out)
+                    }
+                    4.. => score_keys::<4, 0>(qt, hd, rows, stride, r, scale, kbuf, out),
+                    _ => score_keys::<1, 0>(qt, hd, rows, stride, r, scale, kbuf, out),
+                };
+            }
+        }
+    }
+
+    /// Scores of keys `r..r + K` for all lanes: the keys converted to f32 in `kbuf`, then `K`
+    /// independent chains of fused multiply-adds over the head dimension (enough chains to
+    /// hide the latency of each). Returns `K`. `HD`, when not 0, is `hd` known at compile
+    /// time.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn score_keys<const K: usize, const HD: usize>(
+        qt: &[f32],
+        hd: usize,
+        rows: &[f16],
+        stride: usize,
+        r: usize,
+        scale: f32,
+        kbuf: &mut [f32],
+        out: &mut [f32],
+    ) -> usize {
+        let hd = if HD == 0 { hd } else { HD };
+        // SAFETY: the caller guarantees rows r..r + K, kbuf (K * hd), qt and out in bounds.
+        unsafe {
+            let kp = kbuf.as_mut_ptr();
+            for k in 0..K {
+                let src = rows.as_ptr().add((r + k) * stride);
+                for c in (0..hd).step_by(8) {
+                    let v = _mm256_cvtph_ps(_mm_loadu_si128(src.add(c) as *const __m128i));
+                    _mm256_storeu_ps(kp.add(k * hd + c), v);
+                }
+            }
+            let qp = qt.as_ptr();
+            let mut a = [_mm256_setzero_ps(); K];
+            for d in 0..hd {
+                let q = _mm256_loadu_ps(qp.add(d * LANES));
+                for (k, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(q, _mm256_broadcast_ss(&*kp.add(k * hd + d)), *a);
+                }
+            }
+            let sv = _mm256_set1_ps(scale);
+            let o = out.as_mut_ptr().add(r * LANES);
+            for (k, a) in a.iter().enumerate() {
+                _mm256_storeu_ps(o.add(k * LANES), _mm256_mul_ps(*a, sv));
+            }
+            K
+        }
+    }
+
+    /// [`score_lanes`] in AVX-512 registers: a register holds two keys' scores for the eight
+    /// queries (lanes `2l` and `2l + 1`: query `l` against keys `r` and `r + 1`), the same FMA
+    /// chain per score as the AVX2 kernel.
+    mod avx512 {
+        use super::*;
+
+        /// Key pairs scored together.
+        const PAIRS: usize = 8;
+
+        /// Scores keys `0..n - n % 2` into `out` and returns how many; `scratch` holds the
+        /// queries duplicated lane by lane (`16 * hd`) and the converted key pairs (`16 * hd`).
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn score_lanes(
+            qt: &[f32],
+            hd: usize,
+            rows: &[f16],
+            stride: usize,
+            n: usize,
+            scale: f32,
+            scratch: &mut [f32],
+            out: &mut [f32],
+        ) -> usize {
+            let (q2, kb) = scratch.split_at_mut(2 * LANES * hd);
+            for (d, q) in qt[..hd * LANES].chunks_exact(LANES).enumerate() {
+                for (l, &x) in q.iter().enumerate() {
+                    q2[d * 2 * LANES + 2 * l] = x;
+                    q2[d * 2 * LANES + 2 * l + 1] = x;
+                }
+            }
+            let mut r = 0;
+            // SAFETY: keys r..r + 2P are in bounds (r + 2P <= n, rows asserted by the caller);
+            // kb holds 2 * PAIRS * hd values, out n * LANES.
+            unsafe {
+                while r + 2 * PAIRS <= n {
+                    score_pairs::<PAIRS>(q2, hd, rows, stride, r, scale, kb, out);
+                    r += 2 * PAIRS;
+                }
+                while r + 2 <= n {
+                    score_pairs::<1>(q2, hd, rows, stride, r, scale, kb, out);
+                    r += 2;
+                }
+            }
+            r
+        }
+
+        /// Keys `r..r + 2P`, as pairs `(r + 2m, r + 2m + 1)`: each pair's rows interleaved
+        /// value by value in `kb`, so one 64-bit broadcast gives a register of both keys'
+        /// value `d`.
+        #[allow(clippy::too_many_arguments)]
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn score_pairs<const P: usize>(
+            q2: &[f32],
+            hd: usize,
+            rows: &[f16],
+            stride: usize,
+            r: usize,
+            scale: f32,
+            kb: &mut [f32],
+            out: &mut [f32],
+        ) {
+            // SAFETY: the caller guarantees the bounds given in `score_lanes`.
+            unsafe {
+                let kp = kb.as_mut_ptr();
+                let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+                let hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+                for m in 0..P {
+                    let a = rows.as_ptr().add((r + 2 * m) * stride);
+                    let b = a.add(stride);
+                    for c in (0..hd).step_by(16) {
+                        let ka = _mm512_cvtph_ps(_mm256_loadu_si256(a.add(c) as *const __m256i));
+                        let kb = _mm512_cvtph_ps(_mm256_loadu_si256(b.add(c) as *const __m256i));
+                        let dst = kp.add(m * 2 * hd + 2 * c);
+                        _mm512_storeu_ps(dst, _mm512_permutex2var_ps(ka, lo, kb));
+                        _mm512_storeu_ps(dst.add(16), _mm512_permutex2var_ps(ka, hi, kb));
                     }
                 }
-                if g == 4 {
-                    let (mut a0, mut a1, mut a2, mut a3) = (
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                        _mm256_setzero_ps(),
-                    );
-                    for d in 0..hd {
-                        let q = _mm256_loadu_ps(qp.add(d * LANES));
-                        a0 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(&*kp.add(d)), a0);
-                        a1 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(&*kp.add(hd + d)), a1);
-                        a2 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(&*kp.add(2 * hd + d)), a2);
-                        a3 = _mm256_fmadd_ps(q, _mm256_broadcast_ss(&*kp.add(3 * hd + d)), a3);
-                    }
-                    let o = out.as_mut_ptr().add(r * LANES);
-                    _mm256_storeu_ps(o, _mm256_mul_ps(a0, sv));
-                    _mm256_storeu_ps(o.add(8), _mm256_mul_ps(a1, sv));
-                    _mm256_storeu_ps(o.add(16), _mm256_mul_ps(a2, sv));
-                    _mm256_storeu_ps(o.add(24), _mm256_mul_ps(a3, sv));
-                } else {
-                    for k in 0..g {
-                        let mut a = _mm256_setzero_ps();
-                        for d in 0..hd {
-                            let q = _mm256_loadu_ps(qp.add(d * LANES));
-                            a = _mm256_fmadd_ps(q, _mm256_broadcast_ss(&*kp.add(k * hd + d)), a);
-                        }
-                        let o = out.as_mut_ptr().add((r + k) * LANES);
-                        _mm256_storeu_ps(o, _mm256_mul_ps(a, sv));
+                let qp = q2.as_ptr();
+                let mut acc = [_mm512_setzero_ps(); P];
+                for d in 0..hd {
+                    let q = _mm512_loadu_ps(qp.add(d * 2 * LANES));
+                    for (m, a) in acc.iter_mut().enumerate() {
+                        let pair = (kp.add(m * 2 * hd + 2 * d) as *const i64).read_unaligned();
+                        let k = _mm512_castsi512_ps(_mm512_set1_epi64(pair));
+                        *a = _mm512_fmadd_ps(q, k, *a);
                     }
                 }
-                r += g;
+                // Lanes (l, key) back to key-major order: key r + 2m's eight lanes, then
+                // key r + 2m + 1's.
+                let split = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+                let sv = _mm512_set1_ps(scale);
+                for (m, a) in acc.iter().enumerate() {
+                    let s = _mm512_permutexvar_ps(split, _mm512_mul_ps(*a, sv));
+                    _mm512_storeu_ps(out.as_mut_ptr().add((r + 2 * m) * LANES), s);
+                }
             }
         }
     }
@@ -509,14 +640,22 @@ mod tests {
 
     #[test]
     fn kernels_match_portable_bit_for_bit() {
-        for (hd, stride, n) in [(64, 192, 11), (128, 128, 5), (64, 64, 4), (24, 24, 3)] {
+        for (hd, stride, n) in [
+            (64, 192, 11),
+            (128, 128, 5),
+            (64, 64, 4),
+            (24, 24, 3),
+            (64, 64, 21),
+            (64, 64, 40),
+            (48, 96, 19),
+        ] {
             let rows: Vec<f16> = data(stride * n, 3)
                 .iter()
                 .map(|&x| f16::from_f32(x))
                 .collect();
             let q32 = data(hd * LANES, 4);
             let (mut a, mut b) = (vec![0f32; n * LANES], vec![0f32; n * LANES]);
-            let mut kbuf = vec![0f32; 4 * hd];
+            let mut kbuf = vec![0f32; KBUF_ROWS * hd];
             score_lanes(&q32, hd, &rows, stride, n, 0.125, &mut kbuf, &mut a);
             portable::score_lanes(&q32, hd, &rows, stride, n, 0.125, &mut kbuf, &mut b);
             assert_eq!(a, b, "score_lanes hd={hd}");

@@ -5,6 +5,7 @@
 
 mod attention;
 pub mod ggml_attn;
+pub mod ggml_tile;
 mod matmul;
 pub mod ops;
 pub mod simd;
