@@ -399,19 +399,9 @@ pub fn matmul(
         return launch_mmvq(gpu, k, s, &[(m, a.out, a.ldo)], a.n);
     }
     if a.n <= m.decode.quant_prefill_max && !is_float(m.ty) {
-        let mut t0 = 0;
-        while t0 < a.n {
-            let c = MV_MAXT.min(a.n - t0);
-            let chunk = MatArgs {
-                x: a.x + (t0 * a.ldx * 4) as u64,
-                n: c,
-                out: a.out + (t0 * a.ldo * 4) as u64,
-                ..a
-            };
-            matmul(gpu, k, blas_h, s, m, chunk, x_version)?;
-            t0 += c;
-        }
-        return Ok(());
+        // A short prompt: decode-sized chunks (matmul_multi owns the chunking).
+        let target = [(m, a.out, a.ldo)];
+        return matmul_multi(gpu, k, blas_h, s, &target, a.x, a.ldx, a.n, x_version);
     }
     assert_eq!(a.ldx, m.cols, "prefill inputs are dense rows");
     let nx = a.n * m.cols;
