@@ -18,16 +18,7 @@
 
 // ---- element-wise and row-wise ops ------------------------------------------------------------
 
-// x[t] = embd[tok[t]] (rows of width floats).
-extern "C" __global__ void prof_embed(const float* embd, const int* tok, int n, int width,
-                                      float* x) {
-    long long gid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (gid >= (long long)n * width) return;
-    int t = (int)(gid / width), i = (int)(gid % width);
-    x[gid] = embd[(size_t)tok[t] * width + i];
-}
-
-// dst[r] = src[rows[r]] for r < n.
+// dst[r] = src[rows[r]] for r < n (also the embedding rows: rows = token ids).
 extern "C" __global__ void prof_gather(const float* src, const int* rows, int n, int width,
                                        float* dst) {
     long long gid = (long long)blockIdx.x * blockDim.x + threadIdx.x;

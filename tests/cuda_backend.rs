@@ -58,7 +58,6 @@ fn kernels_compile_through_nvrtc() {
             "kv_store",
             "argmax_rows",
             // The profiler's kernels (cuda/profile.cu; tests/cuda_profile.rs runs them).
-            "prof_embed",
             "prof_gather",
             "prof_scatter_add",
             "prof_add",

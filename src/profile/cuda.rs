@@ -110,7 +110,6 @@ impl Weights {
 }
 
 struct Fns {
-    embed: CudaFunction,
     gather: CudaFunction,
     scatter_add: CudaFunction,
     add: CudaFunction,
@@ -245,7 +244,6 @@ impl CudaProfiler {
         let get = |name: &str| kernels::load_named(&module, name);
         let d = c.head_dim;
         let f = Fns {
-            embed: get("prof_embed")?,
             gather: get("prof_gather")?,
             scatter_add: get("prof_scatter_add")?,
             add: get("prof_add")?,
@@ -685,8 +683,9 @@ impl CudaProfiler {
     fn forward(&self, wk: &Work, n: usize) -> Result<(), BackendError> {
         let c = &self.cfg;
         let e = c.n_embd;
+        // Embedding rows: a gather with the token ids as rows.
         self.launch(
-            &self.f.embed,
+            &self.f.gather,
             Self::cfg1(n * e),
             &[
                 A::P(self.w.embd.ptr),

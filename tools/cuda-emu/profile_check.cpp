@@ -189,7 +189,7 @@ int ops_test() {
     // embedding rows, residual add, SwiGLU and its backward
     std::vector<float> emb = rnd(7 * 5), xe(3 * 5, NAN);
     std::vector<int> toks = {6, 0, 6};
-    launch({1, 1, 1}, 256, 0, [&] { prof_embed(emb.data(), toks.data(), 3, 5, xe.data()); });
+    launch({1, 1, 1}, 256, 0, [&] { prof_gather(emb.data(), toks.data(), 3, 5, xe.data()); });
     std::vector<double> rxe(3 * 5);
     for (int t = 0; t < 3; t++) for (int i = 0; i < 5; i++) rxe[t * 5 + i] = emb[toks[t] * 5 + i] + 0.25;
     std::vector<float> quarter(3 * 5, 0.25f);
