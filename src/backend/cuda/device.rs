@@ -195,20 +195,31 @@ impl Gpu {
         c: LaunchConfig,
         args: &[A],
     ) -> Result<(), BackendError> {
+        self.timed(f, || {
+            let mut b = self.stream.launch_builder(f);
+            for a in args {
+                match a {
+                    A::P(v) => b.arg(v),
+                    A::I(v) => b.arg(v),
+                    A::F(v) => b.arg(v),
+                };
+            }
+            // SAFETY: callers pass argument lists that match the kernels' signatures in
+            // cuda/*.cu, with pointers to live allocations of the sizes the kernels index.
+            unsafe { b.launch(c) }
+                .map(|_| ())
+                .map_err(|e| driver_err("launching a kernel", e))
+        })
+    }
+
+    /// Runs `launch` (one launch of `f`) between the kernel timer's events when it is on.
+    fn timed(
+        &self,
+        f: &CudaFunction,
+        launch: impl FnOnce() -> Result<(), BackendError>,
+    ) -> Result<(), BackendError> {
         let timed = super::timer::enabled().then(|| super::timer::start(&self.stream));
-        let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                A::P(v) => b.arg(v),
-                A::I(v) => b.arg(v),
-                A::F(v) => b.arg(v),
-            };
-        }
-        // SAFETY: callers pass argument lists that match the kernels' signatures in cuda/*.cu,
-        // with pointers to live allocations of the sizes the kernels index.
-        unsafe { b.launch(c) }
-            .map(|_| ())
-            .map_err(|e| driver_err("launching a kernel", e))?;
+        launch()?;
         if let Some(Some(start)) = timed {
             super::timer::stop(&self.stream, f, start);
         }
@@ -229,7 +240,6 @@ impl Gpu {
         if !self.pdl {
             return self.launch(f, c, args);
         }
-        let timed = super::timer::enabled().then(|| super::timer::start(&self.stream));
         // Each argument in its own 8-byte slot; the driver reads as many bytes as the kernel's
         // parameter takes (little-endian, so a 4-byte value sits at the slot's start).
         let mut slots: Vec<u64> = args
@@ -260,26 +270,24 @@ impl Gpu {
             attrs: &mut attr,
             numAttrs: 1,
         };
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| driver_err("binding the context", e))?;
-        // SAFETY: `params` points at one slot per kernel parameter, in order, matching the
-        // kernel's signature (the callers' argument lists are those of `launch`); the slots
-        // outlive the call, which copies them.
-        unsafe {
-            sys::cuLaunchKernelEx(
-                &cfg,
-                f.cu_function(),
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        }
-        .result()
-        .map_err(|e| driver_err("launching a kernel", e))?;
-        if let Some(Some(start)) = timed {
-            super::timer::stop(&self.stream, f, start);
-        }
-        Ok(())
+        self.timed(f, || {
+            self.ctx
+                .bind_to_thread()
+                .map_err(|e| driver_err("binding the context", e))?;
+            // SAFETY: `params` points at one slot per kernel parameter, in order, matching the
+            // kernel's signature (the callers' argument lists are those of `launch`); the slots
+            // outlive the call, which copies them.
+            unsafe {
+                sys::cuLaunchKernelEx(
+                    &cfg,
+                    f.cu_function(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()
+            .map_err(|e| driver_err("launching a kernel", e))
+        })
     }
 
     pub fn sync(&self) -> Result<(), BackendError> {
