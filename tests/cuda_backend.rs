@@ -745,6 +745,7 @@ fn eval_runner_reuses_one_gpu_backend() {
         chat: None,
         n_predict: 6,
         seed: 42,
+        key_loss: false,
     };
     let mut cells = Vec::new();
     for l in [256, 512, 384] {

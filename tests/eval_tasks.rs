@@ -274,6 +274,7 @@ fn smollm_passkey_dense_finds_uniform_short_window_misses() {
         chat: None,
         n_predict: 8,
         seed: 42,
+        key_loss: true,
     };
     let d = passkey::trial(&runner, &dense, &s, 1024, 0.5, 0).unwrap();
     let u = passkey::trial(&runner, &uniform, &s, 1024, 0.5, 0).unwrap();
@@ -294,4 +295,19 @@ fn smollm_passkey_dense_finds_uniform_short_window_misses() {
         u.kv_bytes,
         d.kv_bytes
     );
+    // The key's own loss: low where the key is found, higher where the window hides it.
+    let (dl, ul) = (d.loss.unwrap(), u.loss.unwrap());
+    assert!(
+        dl < 1.0 && ul > dl + 0.5,
+        "key loss dense {dl}, uniform {ul}"
+    );
+    // The loss is that of the key's tokens after the prompt: check it by hand for dense.
+    let p = passkey::generate(&runner.tokenizer, &f, None, 1024, 0.5, d.seed).unwrap();
+    let mut ids = p.ids.clone();
+    let key = passkey::key_tokens(&runner.tokenizer, &p.key).unwrap();
+    assert_eq!(runner.tokenizer.decode(&key), format!(" {}", p.key));
+    ids.extend(&key);
+    let r = runner.teacher_forced(&dense, &ids, p.ids.len()).unwrap();
+    assert_eq!(r.nll.len(), key.len());
+    assert!((r.nll.iter().sum::<f64>() / key.len() as f64 - dl).abs() < 1e-12);
 }

@@ -110,6 +110,10 @@ struct PasskeyArgs {
     /// Wrap the prompt in the model's chat template.
     #[arg(long)]
     chat: bool,
+    /// Also report the mean loss of the key's tokens after the prompt (a second,
+    /// teacher-forced pass per trial).
+    #[arg(long = "key-loss")]
+    key_loss: bool,
 }
 
 #[derive(clap::Args)]
@@ -419,6 +423,7 @@ fn main() -> Result<()> {
                 chat: tmpl.as_ref(),
                 n_predict: a.n_predict,
                 seed: a.common.seed,
+                key_loss: a.key_loss,
             };
             let head = format!(
                 "Model `{}`; filler `{}`{}; greedy answer of up to {} tokens, right when it contains the key; seed {}.",

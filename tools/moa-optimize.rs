@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use moa::moa::optimize::{
-    front, validate, FrontMode, FrontPoint, Grid, Instance, PlanReport, Settings,
+    front, validate, Balance, FrontMode, FrontPoint, Grid, Instance, PlanReport, Settings,
 };
 use moa::moa::profile_file::Profile;
 use moa::moa::Plan;
@@ -52,8 +52,20 @@ struct Args {
     max_rules: Option<usize>,
     /// Objective per head: the fraction of the head's own influence dropped (every head counts
     /// the same) instead of the fraction of all heads' influence.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "balance")]
     per_head: bool,
+    /// Weigh heads against each other: `head:P` or `layer:P` divides each head's influence by
+    /// its head's (or its layer's) total to the power P (0 = as profiled, `head:1` =
+    /// --per-head, `layer:1` = every layer counts the same); `none`.
+    #[arg(long, value_name = "UNIT:P")]
+    balance: Option<Balance>,
+    /// Measured importance per KV head (`moa-profile ablate` JSON) multiplying each head's
+    /// influence (after --balance).
+    #[arg(long, value_name = "FILE")]
+    head_weights: Option<PathBuf>,
+    /// With --head-weights: the weight every head keeps, as a fraction of the largest.
+    #[arg(long, default_value_t = 0.02)]
+    head_weight_floor: f64,
     /// Rule grid "amin:amax:astep,bstep".
     #[arg(
         long,
@@ -131,8 +143,31 @@ fn main() -> Result<()> {
     settings.lengths = a.lengths.clone();
     settings.lower = a.lower;
     settings.max_distinct = a.max_rules;
-    settings.per_head = a.per_head;
+    settings.balance = match (a.per_head, a.balance) {
+        (true, _) => Balance::per_head(),
+        (false, Some(b)) => b,
+        (false, None) => Balance::default(),
+    };
     settings.grid = Grid::parse(&a.grid)?;
+    if let Some(f) = &a.head_weights {
+        let h = moa::profile::ablate::HeadAblation::load(f)?;
+        if !(a.head_weight_floor >= 0.0 && a.head_weight_floor.is_finite()) {
+            bail!("--head-weight-floor must be finite and >= 0");
+        }
+        if (h.n_layer, h.n_head_kv)
+            != (profile.header.model.n_layer, profile.header.model.n_head_kv)
+        {
+            bail!(
+                "{}: {} layers x {} KV heads, the profile has {} x {}",
+                f.display(),
+                h.n_layer,
+                h.n_head_kv,
+                profile.header.model.n_layer,
+                profile.header.model.n_head_kv
+            );
+        }
+        settings.head_weights = Some((h.delta, a.head_weight_floor));
+    }
     if !(a.time_limit > 0.0 && a.time_limit.is_finite()) {
         bail!("--time-limit must be positive");
     }
@@ -249,6 +284,8 @@ fn main() -> Result<()> {
             "profiled_lengths": inst.profiled,
             "density": a.density, "lower": a.lower, "lengths": settings.lengths,
             "max_rules_per_layer": a.max_rules,
+            "balance": settings.balance.to_string(),
+            "head_weights": a.head_weights.as_ref().map(|p| p.display().to_string()),
             "candidates": inst.cands.list.len(),
             "build_seconds": build_s,
             "points": points.iter().zip(&losses).map(|(p, l)| point_json(p, *l)).collect::<Vec<_>>(),

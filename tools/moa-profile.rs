@@ -43,6 +43,44 @@ enum Cmd {
     /// Compare two profiles of the same model, block and lengths: per length, the largest
     /// difference of a block's mean |E| relative to the largest block of its head.
     Diff(DiffArgs),
+    /// Measure each KV head's long-range importance: the response-token loss change when the
+    /// head keeps only its sink and a local window (for moa-optimize --head-weights).
+    Ablate(AblateArgs),
+}
+
+#[derive(clap::Args)]
+struct AblateArgs {
+    #[arg(short = 'm', long = "model")]
+    model: Option<PathBuf>,
+    /// Calibration or validation JSONL files (moa-profile calib records, or
+    /// {"tokens":[..],"response_mask":[..]}), comma-separated or repeated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    data: Vec<PathBuf>,
+    /// Use at most this many conversations of each file.
+    #[arg(long)]
+    max_per_file: Option<usize>,
+    /// Skip conversations longer than this many tokens.
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// The short rule "ALPHA:BETA" an ablated head gets (span = ALPHA + BETA * N, sink
+    /// included).
+    #[arg(long, default_value = "256:0")]
+    short: String,
+    /// What the other heads keep: dense (the loss one head's short rule costs) or short (the
+    /// loss one dense head recovers among short ones).
+    #[arg(long, value_enum, default_value = "dense")]
+    base: moa::profile::ablate::AblateBase,
+    /// Tokens per forward batch.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
+    batch: usize,
+    #[arg(short = 't', long = "threads")]
+    threads: Option<usize>,
+    /// Where to compute: cuda (GPU), cpu, or auto.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// Output JSON.
+    #[arg(short = 'o', long = "out")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -136,6 +174,10 @@ struct CalibArgs {
     key_loss: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where the dense model answers: cpu, cuda (GPU) or auto. The GPU's answers can differ
+    /// from the CPU's in a few tokens (its attention rounds differently).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
     /// Threads (default: all cores).
     #[arg(short = 't', long = "threads")]
     threads: Option<usize>,
@@ -207,6 +249,7 @@ fn main() {
         Cmd::Merge(a) => cmd_merge(a),
         Cmd::Grads(a) => cmd_grads(a),
         Cmd::Diff(a) => cmd_diff(a),
+        Cmd::Ablate(a) => cmd_ablate(a),
     };
     if let Err(e) = r {
         // The chain of causes, skipping a cause its message already quotes.
@@ -271,6 +314,7 @@ fn cmd_calib(a: CalibArgs) -> Result<()> {
     let mut b = Builder::new(&loaded.model, &loaded.tokenizer, threads, a.max_new)?;
     b.tasks = calib::parse_tasks(&a.tasks)?;
     b.key_loss = a.key_loss;
+    b.device = a.device;
     let t0 = Instant::now();
     let report = |r: &CalibRecord| {
         let resp = r.response[0];
@@ -764,5 +808,105 @@ fn cmd_diff(a: DiffArgs) -> Result<()> {
         }
         println!("within --tol {tol:.2e}");
     }
+    Ok(())
+}
+
+fn parse_rule(s: &str) -> Result<moa::moa::plan::Rule> {
+    let (a, b) = s
+        .split_once(':')
+        .with_context(|| format!("rule {s:?}: expected ALPHA:BETA"))?;
+    let alpha: f32 = a
+        .trim()
+        .parse()
+        .with_context(|| format!("rule {s:?}: alpha"))?;
+    let beta: f32 = b
+        .trim()
+        .parse()
+        .with_context(|| format!("rule {s:?}: beta"))?;
+    if !alpha.is_finite() || !(0.0..=1.0).contains(&beta) {
+        bail!("rule {s:?}: alpha must be finite and beta in [0, 1]");
+    }
+    Ok(moa::moa::plan::Rule { alpha, beta })
+}
+
+fn cmd_ablate(a: AblateArgs) -> Result<()> {
+    use moa::eval::runner::Runner;
+    use moa::moa::optimize::validate;
+    use moa::profile::ablate;
+    let short = parse_rule(&a.short)?;
+    if a.batch == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let path = runtime::resolve_model(a.model.as_deref())?;
+    let loaded = runtime::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
+    let mut samples = Vec::new();
+    for f in &a.data {
+        let mut v = validate::load(f)?;
+        if let Some(m) = a.max_tokens {
+            v.retain(|s| s.tokens.len() <= m);
+        }
+        if let Some(k) = a.max_per_file {
+            v.truncate(k);
+        }
+        samples.extend(v);
+    }
+    if samples.is_empty() {
+        bail!("no conversation left to score (check --data, --max-tokens)");
+    }
+    let n_ctx = samples
+        .iter()
+        .map(|s| s.tokens.len())
+        .max()
+        .unwrap_or(2)
+        .max(2);
+    let runner = Runner::new(
+        loaded.model,
+        loaded.tokenizer,
+        n_ctx,
+        a.batch,
+        a.threads.unwrap_or_else(runtime::default_threads),
+        moa::kv::KvTypes::default(),
+        a.device,
+    )?;
+    let tokens: usize = samples.iter().map(|s| s.tokens.len()).sum();
+    eprintln!(
+        "ablate: {} conversations ({tokens} tokens), short rule {}:{}, base {:?}, device {:?}",
+        samples.len(),
+        short.alpha,
+        short.beta,
+        a.base,
+        runner.device()
+    );
+    let t0 = std::time::Instant::now();
+    let r = ablate::ablate(&runner, &samples, short, a.base, |done, total| {
+        let s = t0.elapsed().as_secs_f64();
+        eprint!(
+            "\r  pass {done}/{total}  {}  eta {}   ",
+            fmt_dur(s),
+            fmt_dur(s / done as f64 * (total - done) as f64)
+        );
+    })?;
+    eprintln!();
+    r.save(&a.out)?;
+    let per_layer: Vec<String> = r
+        .delta
+        .chunks(r.n_head_kv)
+        .enumerate()
+        .map(|(l, d)| {
+            let v: Vec<String> = d.iter().map(|x| format!("{x:+.4}")).collect();
+            format!("  layer {l:>2}: {}", v.join(" "))
+        })
+        .collect();
+    println!(
+        "base loss {:.5} over {} scored tokens; loss change per KV head:\n{}",
+        r.base_loss,
+        r.tokens_scored,
+        per_layer.join("\n")
+    );
+    eprintln!(
+        "wrote {} ({})",
+        a.out.display(),
+        fmt_dur(t0.elapsed().as_secs_f64())
+    );
     Ok(())
 }

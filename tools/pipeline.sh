@@ -15,6 +15,7 @@
 #   twice in the profile: they are profiled again on their own and the two profiles merged;
 #   e.g. fact,facts) [none]  FRONT (weighted, epsilon: validated front; none: the equal-weights
 #   plan, no validation) [weighted]  PER_HEAD (non-empty: moa-optimize --per-head) [off]
+#   BALANCE (moa-optimize --balance, e.g. layer:0.5) [none]
 #   KEY_PER_LENGTH (non-empty: also build a retrieval set, this many fact/facts conversations
 #   per profiled length, or a comma list with one count per profiled length, with the loss
 #   only on the answer's reference-number tokens, `moa-profile calib --key-loss`, the ones
@@ -44,6 +45,7 @@ K=()
 [ -n "${MAX_RULES:-}" ] && K=(--max-rules-per-layer "$MAX_RULES")
 O=()
 [ -n "${PER_HEAD:-}" ] && O=(--per-head)
+[ -n "${BALANCE:-}" ] && O+=(--balance "$BALANCE")
 
 mkdir -p "$WORK" profiles plans
 cargo build --release --bin moa-profile --bin moa-optimize --bin moa-convert

@@ -101,6 +101,14 @@ pub struct Settings<'a> {
     pub chat: Option<&'a ChatTemplate>,
     pub n_predict: usize,
     pub seed: u64,
+    /// Also score the key itself: the mean loss of its tokens (` 71432` after the prompt),
+    /// teacher-forced in a second pass (a continuous measure next to the all-or-nothing answer).
+    pub key_loss: bool,
+}
+
+/// The tokens of the right answer after the prompt: the key with its leading space.
+pub fn key_tokens(tok: &Tokenizer, key: &str) -> Result<Vec<u32>, EvalError> {
+    Ok(tok.encode(&format!(" {key}"), false, false)?)
 }
 
 /// Generates and runs one trial.
@@ -116,6 +124,14 @@ pub fn trial(
     let p = generate(&runner.tokenizer, s.filler, s.chat, length, depth, seed)?;
     let a = runner.greedy(cfg, &p.ids, s.n_predict)?;
     let ok = score(&a.text, &p.key);
+    let loss = if s.key_loss {
+        let mut ids = p.ids.clone();
+        ids.extend(key_tokens(&runner.tokenizer, &p.key)?);
+        let r = runner.teacher_forced(cfg, &ids, p.ids.len())?;
+        Some(r.mean_nll(0..r.nll.len()))
+    } else {
+        None
+    };
     Ok(Trial {
         config: cfg.label.clone(),
         length,
@@ -125,7 +141,7 @@ pub fn trial(
         prompt_tokens: p.ids.len(),
         target_pos: p.needle_pos,
         score: if ok { 1.0 } else { 0.0 },
-        loss: None,
+        loss,
         baseline_loss: None,
         expected: p.key,
         answer: a.text,

@@ -164,9 +164,13 @@ impl Grid {
             );
         }
         if self.trials.iter().any(|t| t.loss.is_some()) {
+            let what = match self.task.as_str() {
+                "passkey" => "the key's tokens after the prompt",
+                _ => "the repeated passage",
+            };
             let _ = writeln!(
                 s,
-                "\nMean loss on the repeated passage (nats per token; lower is better), by length:\n"
+                "\nMean loss on {what} (nats per token; lower is better), by length:\n"
             );
             let _ = writeln!(s, "| config | {} | all |", head.join(" | "));
             let _ = writeln!(s, "|---|{}---:|", "---:|".repeat(self.lengths.len()));
@@ -193,13 +197,15 @@ impl Grid {
                 )
             };
             let f = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
-            let cells: Vec<String> = self.lengths.iter().map(|&l| f(base(Some(l)))).collect();
-            let _ = writeln!(
-                s,
-                "| (first occurrence: nothing to copy) | {} | {} |",
-                cells.join(" | "),
-                f(base(None))
-            );
+            if base(None).is_some() {
+                let cells: Vec<String> = self.lengths.iter().map(|&l| f(base(Some(l)))).collect();
+                let _ = writeln!(
+                    s,
+                    "| (first occurrence: nothing to copy) | {} | {} |",
+                    cells.join(" | "),
+                    f(base(None))
+                );
+            }
         }
         for c in &self.configs {
             let _ = writeln!(

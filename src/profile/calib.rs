@@ -330,6 +330,8 @@ pub struct Builder<'a> {
     /// take the loss only on the answer's tokens that spell the number, and drop the
     /// conversations whose answer does not contain it (the dense model did not retrieve it).
     pub key_loss: bool,
+    /// Where the dense model answers (the CPU unless set).
+    pub device: crate::runtime::Device,
 }
 
 /// A conversation before the answer: the prompt tokens and what went into it.
@@ -377,6 +379,7 @@ impl<'a> Builder<'a> {
             max_new,
             tasks: parse_tasks(DEFAULT_TASKS)?,
             key_loss: false,
+            device: crate::runtime::Device::Cpu,
         })
     }
 
@@ -490,9 +493,18 @@ impl<'a> Builder<'a> {
     pub fn answer(&self, prompt: &[u32]) -> Result<Vec<u32>, CalibError> {
         let gen = |e: &dyn std::fmt::Display| CalibError::Generate(e.to_string());
         let n_ctx = prompt.len() + self.max_new;
-        let mut be = crate::runtime::cpu_backend(self.model, n_ctx, 1, 512, self.threads)
-            .map_err(|e| gen(&e))?;
-        let mut s = Session::new(&mut be, 0, 512);
+        let mut be = crate::runtime::backend_with_plan(
+            self.model,
+            None,
+            n_ctx,
+            1,
+            512,
+            self.threads,
+            self.device,
+            crate::kv::KvTypes::default(),
+        )
+        .map_err(|e| gen(&e))?;
+        let mut s = Session::new(be.as_mut(), 0, 512);
         let mut logits = s.prompt(prompt).map_err(|e| gen(&e))?.to_vec();
         let mut out = Vec::new();
         while out.len() < self.max_new {

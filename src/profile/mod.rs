@@ -6,8 +6,10 @@
 //! calibration file ([`run`]). Everything is f32 on dequantized weights ([`dense`]) with the
 //! matrix products of [`linalg`], parallel on the rayon pool. [`cuda`] is the same computation on
 //! a GPU; [`SampleProfiler`] is what both offer the driver, and [`profiler_for`] picks one for
-//! `--device`.
+//! `--device`. [`ablate`] measures instead of estimating: the loss change when one head loses its
+//! long-range keys.
 
+pub mod ablate;
 pub mod attention;
 pub mod backward;
 pub mod calib;

@@ -10,6 +10,7 @@
 use crate::moa::plan::{Plan, Rule};
 use crate::moa::profile_file::{packed_index, ModelIdentity, Profile, ProfileError};
 
+use super::balance::{apply_head_weights, Balance};
 use super::candidates::{CandidateError, Candidates, Grid};
 use super::cost::{CostError, HeadBlocks};
 use super::solver::{self, Coef, Problem, Row, Solution, SolveError, SolveOptions};
@@ -44,11 +45,11 @@ pub struct Settings {
     pub lengths: Vec<usize>,
     /// At most this many distinct rules per layer.
     pub max_distinct: Option<usize>,
-    /// Charge each head the fraction of its own influence that a candidate drops (divided by
-    /// the number of heads) instead of the fraction of all heads' influence: every head counts
-    /// the same, however large its gradients are (late layers have far smaller |E| than early
-    /// ones here, so the plain objective hardly sees their long-range attention).
-    pub per_head: bool,
+    /// How the heads' influence is weighed against each other (default: as profiled).
+    pub balance: Balance,
+    /// Measured importance per KV head (layer-major) multiplying its influence, with the floor
+    /// (a fraction of the largest) every head keeps; see [`super::balance::apply_head_weights`].
+    pub head_weights: Option<(Vec<f64>, f64)>,
     pub grid: Grid,
     pub solve: SolveOptions,
 }
@@ -60,7 +61,8 @@ impl Settings {
             lower: 0.9,
             lengths: vec![2048, 4096, 8192, 16384],
             max_distinct: None,
-            per_head: false,
+            balance: Balance::default(),
+            head_weights: None,
             grid: Grid::default(),
             solve: SolveOptions::default(),
         }
@@ -191,18 +193,18 @@ impl Instance {
             let k = cands
                 .length_index(n)
                 .expect("profiled lengths are candidate lengths");
+            let mut scales = settings.balance.scales(&hb, m.n_head_kv);
+            if let Some((w, floor)) = &settings.head_weights {
+                if w.len() != heads {
+                    return Err(OptimizeError::Settings(format!(
+                        "{} head weights for {heads} KV heads",
+                        w.len()
+                    )));
+                }
+                apply_head_weights(&mut scales, &hb, w, *floor);
+            }
             let mut d = Vec::with_capacity(heads * cands.list.len());
-            for b in &hb {
-                let scale = if settings.per_head {
-                    // A head without influence drops nothing whatever its span.
-                    if b.total > 0.0 {
-                        1.0 / (b.total * heads as f64)
-                    } else {
-                        0.0
-                    }
-                } else {
-                    1.0 / total
-                };
+            for (b, &scale) in hb.iter().zip(&scales) {
                 for c in &cands.list {
                     d.push(b.dropped(c.spans[k]) * scale);
                 }
@@ -331,7 +333,12 @@ impl Instance {
         let s = solver::solve(&p, &settings.solve)?;
         let note = format!(
             "moa-optimize: {label}{}; density in [{:.3}, {:.3}] at {:?}; {}; gap {:.3e} ({})",
-            if settings.per_head { ", per head" } else { "" },
+            settings.balance.label()
+                + if settings.head_weights.is_some() {
+                    ", head weights"
+                } else {
+                    ""
+                },
             settings.lower * settings.density,
             settings.density,
             settings.lengths,
@@ -612,7 +619,7 @@ mod tests {
         st.lengths = vec![1024, 2048];
         st.grid = Grid::parse("-1024:2048:512,0.125").unwrap();
         let plain = Instance::from_profile(&prof, &st, &consts, Some((4, 2))).unwrap();
-        st.per_head = true;
+        st.balance = Balance::per_head();
         let inst = Instance::from_profile(&prof, &st, &consts, Some((4, 2))).unwrap();
         let nc = inst.cands.list.len();
         let heads = inst.n_heads();

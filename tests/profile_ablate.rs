@@ -1,0 +1,200 @@
+//! Head ablation (`moa::profile::ablate`, `moa-profile ablate`) against independent loss
+//! computations, and its use by `moa-optimize --head-weights` on a synthetic profile.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use moa::eval::runner::Runner;
+use moa::formats::GgmlType;
+use moa::moa::optimize::pareto::synthetic_profile;
+use moa::moa::optimize::validate::{plan_loss, Sample};
+use moa::moa::{Plan, Rule};
+use moa::model::synth::{write_synthetic, SynthSpec};
+use moa::model::Model;
+use moa::profile::ablate::{ablate, AblateBase, HeadAblation};
+use moa::runtime::Device;
+use moa::tokenizer::Tokenizer;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn sample(n: usize, seed: usize) -> Sample {
+    let tokens: Vec<u32> = (0..n)
+        .map(|i| ((i * 37 + seed * 101 + 11) % 290) as u32)
+        .collect();
+    let scored: Vec<bool> = (0..n).map(|i| i >= n / 2).collect();
+    Sample { tokens, scored }
+}
+
+/// The plan with `fill` everywhere and `other` at head `h`.
+fn plan_with(fill: Rule, other: Rule, h: usize) -> Plan {
+    let mut rules = vec![fill; 4];
+    rules[h] = other;
+    Plan::new(2, 2, rules, "t")
+}
+
+#[test]
+fn ablation_matches_plan_losses_computed_separately() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_synthetic(&SynthSpec::tiny(GgmlType::F32, 3), &path).unwrap();
+    let model = Arc::new(Model::load(&path).unwrap());
+    let tok = Tokenizer::from_gguf(&model.file).unwrap();
+    let runner = Runner::new(
+        model.clone(),
+        tok,
+        700,
+        64,
+        2,
+        Default::default(),
+        Device::Cpu,
+    )
+    .unwrap();
+    // 600 and 450 tokens: the short rule (span 128, the plan's minimum) drops far keys.
+    let samples = vec![sample(600, 1), sample(450, 2)];
+    let short = Rule {
+        alpha: 0.0,
+        beta: 0.0,
+    };
+    let full = Rule {
+        alpha: 0.0,
+        beta: 1.0,
+    };
+    let dense = ablate(&runner, &samples, short, AblateBase::Dense, |_, _| {}).unwrap();
+    assert_eq!(
+        (dense.n_layer, dense.n_head_kv, dense.delta.len()),
+        (2, 2, 4)
+    );
+    let base = plan_loss(&model, None, &samples, 64, 2).unwrap();
+    assert!(
+        (dense.base_loss - base).abs() < 1e-9,
+        "{} vs {base}",
+        dense.base_loss
+    );
+    for h in 0..4 {
+        let l = plan_loss(&model, Some(&plan_with(full, short, h)), &samples, 64, 2).unwrap();
+        assert!((dense.delta[h] - (l - base)).abs() < 1e-9, "head {h}");
+    }
+    assert!(
+        dense.delta.iter().any(|d| d.abs() > 1e-5),
+        "{:?}",
+        dense.delta
+    );
+    // The other base: what one dense head recovers among short ones.
+    let rec = ablate(&runner, &samples, short, AblateBase::Short, |_, _| {}).unwrap();
+    let all_short = Plan::new(2, 2, vec![short; 4], "t");
+    let base = plan_loss(&model, Some(&all_short), &samples, 64, 2).unwrap();
+    assert!((rec.base_loss - base).abs() < 1e-9);
+    for h in 0..4 {
+        let l = plan_loss(&model, Some(&plan_with(short, full, h)), &samples, 64, 2).unwrap();
+        assert!((rec.delta[h] - (base - l)).abs() < 1e-9, "head {h}");
+    }
+    // Conversations within the short span: nothing to ablate, every change exactly 0.
+    let within = ablate(
+        &runner,
+        &[sample(120, 3)],
+        short,
+        AblateBase::Dense,
+        |_, _| {},
+    )
+    .unwrap();
+    assert!(within.delta.iter().all(|&d| d == 0.0), "{:?}", within.delta);
+    // Round trip through the file, and a file of the wrong shape is an error.
+    let f = dir.path().join("a.json");
+    dense.save(&f).unwrap();
+    assert_eq!(HeadAblation::load(&f).unwrap(), dense);
+    let mut bad = dense.clone();
+    bad.delta.pop();
+    std::fs::write(&f, serde_json::to_string(&bad).unwrap()).unwrap();
+    let e = HeadAblation::load(&f).unwrap_err().to_string();
+    assert!(e.contains("3 values for 2 layers x 2 KV heads"), "{e}");
+}
+
+#[test]
+fn head_weights_steer_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let prof = dir.path().join("p.bin");
+    synthetic_profile(4, 2, &[1024, 2048], 3)
+        .save(&prof)
+        .unwrap();
+    let run = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "--profile",
+            s(&prof),
+            "--lengths",
+            "1024,2048,4096",
+            "--grid",
+            "-1024:2048:512,0.125",
+            "--balance",
+            "head:1",
+            "-o",
+            s(out),
+        ];
+        args.extend(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_moa-optimize"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        (o.status.success(), stderr)
+    };
+    // Only heads 5 and 6 matter (layer 2 KV head 1, layer 3 KV head 0), the rest nearly not.
+    for favoured in [[5usize, 6], [0, 7]] {
+        let mut delta = vec![0.0; 8];
+        for &h in &favoured {
+            delta[h] = 1.0;
+        }
+        let a = HeadAblation {
+            model: "synthetic".into(),
+            n_layer: 4,
+            n_head_kv: 2,
+            alpha: 256.0,
+            beta: 0.0,
+            base: AblateBase::Dense,
+            samples: 1,
+            tokens_scored: 1,
+            base_loss: 1.0,
+            delta,
+        };
+        let w = dir.path().join("w.json");
+        a.save(&w).unwrap();
+        let out = dir.path().join("plan.json");
+        let (ok, stderr) = run(
+            &["--head-weights", s(&w), "--head-weight-floor", "0.001"],
+            &out,
+        );
+        assert!(ok, "{stderr}");
+        let plan = Plan::load_json(&out).unwrap();
+        assert!(plan.note.contains("head weights"), "{}", plan.note);
+        for n in [1024, 2048, 4096] {
+            let d = plan.density_at(n);
+            assert!(
+                (0.45 - 1e-9..=0.5 + 1e-9).contains(&d),
+                "density {d} at {n}"
+            );
+            let spans = plan.spans(n);
+            for &h in &favoured {
+                assert_eq!(spans[h], n, "favoured head {h} at {n}: {spans:?}");
+            }
+        }
+    }
+    // A weights file for another shape is refused by name.
+    let a = HeadAblation {
+        model: "x".into(),
+        n_layer: 3,
+        n_head_kv: 2,
+        alpha: 256.0,
+        beta: 0.0,
+        base: AblateBase::Dense,
+        samples: 1,
+        tokens_scored: 1,
+        base_loss: 1.0,
+        delta: vec![0.0; 6],
+    };
+    let w = dir.path().join("w3.json");
+    a.save(&w).unwrap();
+    let (ok, stderr) = run(&["--head-weights", s(&w)], &dir.path().join("x.json"));
+    assert!(!ok && stderr.contains("3 layers x 2 KV heads"), "{stderr}");
+}
