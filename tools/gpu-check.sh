@@ -58,10 +58,10 @@ build)
     mkdir -p "$out"
     exe=$(cargo test --release --no-run --test cuda_backend 2>&1 | sed -n 's/.*Executable.*(\(.*\))/\1/p' | tail -1)
     pexe=$(cargo test --release --no-run --test cuda_profile 2>&1 | sed -n 's/.*Executable.*(\(.*\))/\1/p' | tail -1)
-    cargo build --release --bin moa-run --bin moa-perplexity --bin moa-bench --bin moa-profile --bin moa-eval
+    cargo build --release --bin moa-run --bin moa-perplexity --bin moa-bench --bin moa-profile --bin moa-eval --bin moa-optimize
     strip -o "$out/cuda_backend" "$exe"
     strip -o "$out/cuda_profile" "$pexe"
-    for b in moa-run moa-perplexity moa-bench moa-profile moa-eval; do strip -o "$out/$b" "target/release/$b"; done
+    for b in moa-run moa-perplexity moa-bench moa-profile moa-eval moa-optimize; do strip -o "$out/$b" "target/release/$b"; done
     bash tests/fixtures/llamacpp/make_corpus.sh "$out/corpus.txt"
     du -sh "$out"
     ;;

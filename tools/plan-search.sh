@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Plan search on a GPU: candidate plans for the default model from several objectives, chosen
+# by the key loss of pass-key prompts of a validation seed (not the reported seed 42), then the
+# chosen ones evaluated on the reported pass-key grid. Run from the repo root on the GPU machine
+# after `tools/gpu-check.sh build` (binaries in .devbin/); outputs under $OUT/search (or
+# target/plan-search).
+#
+#   bash tools/plan-search.sh data [MODEL]    # retrieval calibration set, its profile, head ablations
+#   bash tools/plan-search.sh plans [MODEL]   # candidate plans (moa-optimize variants)
+#   bash tools/plan-search.sh validate [MODEL] # key loss + pass key on the validation seed
+#   bash tools/plan-search.sh final [MODEL] PLAN... # the reported grid (seed 42, 5 trials)
+#
+# Environment: DOCS (document folders for the retrieval set) [/usr/share/common-licenses
+# /usr/share/vim/vim90/doc], KEY_PER_LENGTH [12], VAL_SEED [7], VAL_TRIALS [1], ABL_MAX [16].
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=.devbin
+[ -x "$bin/moa-optimize" ] || bin=target/release
+model=${2:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+dir=${OUT:-target/plan-search}/search
+work=${WORK:-/tmp/plan-search}
+mkdir -p "$dir" "$work/cand"
+main_profile=profiles/smollm2-135m.bin
+lens=1024,2048,4096,8192,16384
+case "${1:-}" in
+data)
+    src=()
+    for d in ${DOCS:-/usr/share/common-licenses /usr/share/vim/vim90/doc}; do src+=(--source "$d"); done
+    t0=$(date +%s)
+    echo "== retrieval calibration set on the GPU (fact/facts, key loss), seed 11"
+    [ -s "$work/key.jsonl" ] || "$bin/moa-profile" calib -m "$model" "${src[@]}" --device cuda \
+        --tasks fact,facts --key-loss --lengths 1024,2048,4096,8192 \
+        --per-length "${KEY_PER_LENGTH:-12}" --val-lengths "" --seed 11 \
+        -o "$work/key.jsonl" --val-out "$work/key-val.jsonl" 2>&1 | tail -3
+    echo "($(($(date +%s) - t0)) s) records per length:"
+    python3 -c "
+import json,collections,sys
+c=collections.Counter(json.loads(l)['length'] for l in open(sys.argv[1]))
+print(dict(sorted(c.items())))" "$work/key.jsonl"
+    cp "$work/key.jsonl" "$dir/"
+    echo "== its profile on the GPU"
+    t0=$(date +%s)
+    "$bin/moa-profile" run -m "$model" --data "$work/key.jsonl" --lengths 1024,2048,4096,8192 \
+        --device cuda -o "$work/key.bin" 2>&1 | grep -E "^profile|error" || true
+    echo "($(($(date +%s) - t0)) s)"
+    cp "$work/key.bin" "$dir/"
+    for base in dense short; do
+        echo "== head ablation, base $base (short rule 256:0)"
+        t0=$(date +%s)
+        "$bin/moa-profile" ablate -m "$model" --data "$work/key.jsonl",profiles/smollm2-135m-calib-key.jsonl \
+            --max-tokens 4200 --max-per-file "${ABL_MAX:-16}" --base $base -b 4096 --device cuda \
+            -o "$dir/ablate-$base.json" 2>&1 | tr '\r' '\n' | grep -v "^  pass" | tail -34
+        echo "($(($(date +%s) - t0)) s)"
+    done
+    ;;
+plans)
+    opt() { # name, extra args
+        local name=$1
+        shift
+        "$bin/moa-optimize" --density 0.5 --lengths $lens --front none -o "$work/cand/$name.json" "$@" >/dev/null
+    }
+    for s in 1 4; do
+        "$bin/moa-profile" merge "$main_profile" "$work/key.bin" --balance $s -o "$work/mk$s.bin" >/dev/null
+    done
+    cp plans/smollm2-135m.json "$work/cand/shipped.json"
+    for p in main:$main_profile key:$work/key.bin mk1:$work/mk1.bin mk4:$work/mk4.bin; do
+        n=${p%%:*}
+        f=${p#*:}
+        opt "$n" --profile "$f"
+        opt "$n-head1" --profile "$f" --balance head:1
+        opt "$n-layer1" --profile "$f" --balance layer:1
+        for base in dense short; do
+            opt "$n-h1-abl$base" --profile "$f" --balance head:1 --head-weights "$dir/ablate-$base.json"
+            opt "$n-h1-abl$base-f10" --profile "$f" --balance head:1 --head-weights "$dir/ablate-$base.json" --head-weight-floor 0.1
+        done
+    done
+    ls "$work/cand" | wc -l
+    cp -r "$work/cand" "$dir/"
+    ;;
+validate)
+    configs=dense,uniform:0.5
+    for p in "$work"/cand/*.json; do configs="$configs,plan:$p"; done
+    t0=$(date +%s)
+    "$bin/moa-eval" passkey -m "$model" --lengths 1k,2k,3k,4k,5k,6k,7k --depths 0.1,0.5,0.9 \
+        --device cuda --configs "$configs" --trials "${VAL_TRIALS:-1}" --seed "${VAL_SEED:-7}" \
+        --key-loss -q --json-file "$dir/validate.json" >/dev/null
+    echo "($(($(date +%s) - t0)) s)"
+    python3 - "$dir/validate.json" <<'PY'
+import json, sys, collections
+r = json.load(open(sys.argv[1]))
+acc, loss = collections.defaultdict(list), collections.defaultdict(list)
+for t in r["trials"]:
+    acc[t["config"]].append(t["score"]); loss[t["config"]].append(t["loss"])
+rows = sorted(acc, key=lambda c: sum(loss[c]) / len(loss[c]))
+for c in rows:
+    print(f"{c:<32} key loss {sum(loss[c])/len(loss[c]):7.4f}  pass key {100*sum(acc[c])/len(acc[c]):5.1f}%")
+PY
+    ;;
+final)
+    shift 2
+    configs=dense
+    for p in "$@"; do configs="$configs,plan:$p"; done
+    t0=$(date +%s)
+    "$bin/moa-eval" passkey -m "$model" --lengths 1k,2k,3k,4k,5k,6k,7k --depths 0.1,0.5,0.9 \
+        --device cuda --configs "$configs" --trials 5 --key-loss -q --json-file "$dir/final.json"
+    echo "($(($(date +%s) - t0)) s)"
+    ;;
+*)
+    echo "usage: $0 data|plans|validate [MODEL] | final MODEL PLAN..." >&2
+    exit 2
+    ;;
+esac
