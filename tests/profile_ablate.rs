@@ -12,7 +12,7 @@ use moa::moa::optimize::validate::{plan_loss, Sample};
 use moa::moa::{Plan, Rule};
 use moa::model::synth::{write_synthetic, SynthSpec};
 use moa::model::Model;
-use moa::profile::ablate::{ablate, AblateBase, HeadAblation};
+use moa::profile::ablate::{ablate, AblateBase, Base, HeadAblation};
 use moa::runtime::Device;
 use moa::tokenizer::Tokenizer;
 
@@ -62,7 +62,7 @@ fn ablation_matches_plan_losses_computed_separately() {
         alpha: 0.0,
         beta: 1.0,
     };
-    let dense = ablate(&runner, &samples, short, AblateBase::Dense, |_, _| {}).unwrap();
+    let dense = ablate(&runner, &samples, &[short], Base::Dense, |_, _| {}).unwrap();
     assert_eq!(
         (dense.n_layer, dense.n_head_kv, dense.delta.len()),
         (2, 2, 4)
@@ -83,7 +83,7 @@ fn ablation_matches_plan_losses_computed_separately() {
         dense.delta
     );
     // The other base: what one dense head recovers among short ones.
-    let rec = ablate(&runner, &samples, short, AblateBase::Short, |_, _| {}).unwrap();
+    let rec = ablate(&runner, &samples, &[short], Base::Short, |_, _| {}).unwrap();
     let all_short = Plan::new(2, 2, vec![short; 4], "t");
     let base = plan_loss(&model, Some(&all_short), &samples, 64, 2).unwrap();
     assert!((rec.base_loss - base).abs() < 1e-9);
@@ -153,6 +153,9 @@ fn head_weights_steer_the_plan() {
             alpha: 256.0,
             beta: 0.0,
             base: AblateBase::Dense,
+            base_rules: vec![],
+            rules: vec![],
+            table: vec![],
             samples: 1,
             tokens_scored: 1,
             base_loss: 1.0,
@@ -188,6 +191,9 @@ fn head_weights_steer_the_plan() {
         alpha: 256.0,
         beta: 0.0,
         base: AblateBase::Dense,
+        base_rules: vec![],
+        rules: vec![],
+        table: vec![],
         samples: 1,
         tokens_scored: 1,
         base_loss: 1.0,

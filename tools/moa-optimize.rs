@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use moa::moa::optimize::{
-    front, validate, Balance, FrontMode, FrontPoint, Grid, Instance, PlanReport, Settings,
+    front, validate, Balance, FrontMode, FrontPoint, Grid, HeadWeights, Instance, MeasuredCosts,
+    PlanReport, Settings,
 };
 use moa::moa::profile_file::Profile;
 use moa::moa::Plan;
@@ -66,6 +67,15 @@ struct Args {
     /// With --head-weights: the weight every head keeps, as a fraction of the largest.
     #[arg(long, default_value_t = 0.02)]
     head_weight_floor: f64,
+    /// With --head-weights: calibrate instead of multiply: each head's profiled influence is
+    /// scaled so that what the ablation's short rule drops costs the measured loss change.
+    #[arg(long)]
+    head_weight_calibrate: bool,
+    /// Measured cost table (`moa-profile ablate --rules` JSON): the loss change of each head
+    /// under each rule replaces the profile's dropped influence; the --grid must hold only
+    /// measured rules (e.g. 0:0:1,0.125 with the rules 0:0.125,...,0:1 measured).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["head_weights", "balance", "per_head"])]
+    measured: Option<PathBuf>,
     /// Rule grid "amin:amax:astep,bstep".
     #[arg(
         long,
@@ -136,6 +146,26 @@ fn point_json(p: &FrontPoint, loss: Option<f64>) -> serde_json::Value {
     })
 }
 
+/// A `moa-profile ablate` file whose shape is the profile's.
+fn load_ablation(
+    f: &std::path::Path,
+    profile: &Profile,
+) -> Result<moa::profile::ablate::HeadAblation> {
+    let h = moa::profile::ablate::HeadAblation::load(f)?;
+    let m = &profile.header.model;
+    if (h.n_layer, h.n_head_kv) != (m.n_layer, m.n_head_kv) {
+        bail!(
+            "{}: {} layers x {} KV heads, the profile has {} x {}",
+            f.display(),
+            h.n_layer,
+            h.n_head_kv,
+            m.n_layer,
+            m.n_head_kv
+        );
+    }
+    Ok(h)
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     let profile = Profile::load(&a.profile)?;
@@ -149,24 +179,32 @@ fn main() -> Result<()> {
         (false, None) => Balance::default(),
     };
     settings.grid = Grid::parse(&a.grid)?;
+    if let Some(f) = &a.measured {
+        let h = load_ablation(f, &profile)?;
+        if h.rules.is_empty() {
+            bail!(
+                "{}: no cost table (measure with moa-profile ablate --rules)",
+                f.display()
+            );
+        }
+        settings.measured = Some(MeasuredCosts {
+            rules: h.rules,
+            table: h.table,
+        });
+    }
     if let Some(f) = &a.head_weights {
-        let h = moa::profile::ablate::HeadAblation::load(f)?;
+        let h = load_ablation(f, &profile)?;
         if !(a.head_weight_floor >= 0.0 && a.head_weight_floor.is_finite()) {
             bail!("--head-weight-floor must be finite and >= 0");
         }
-        if (h.n_layer, h.n_head_kv)
-            != (profile.header.model.n_layer, profile.header.model.n_head_kv)
-        {
-            bail!(
-                "{}: {} layers x {} KV heads, the profile has {} x {}",
-                f.display(),
-                h.n_layer,
-                h.n_head_kv,
-                profile.header.model.n_layer,
-                profile.header.model.n_head_kv
-            );
-        }
-        settings.head_weights = Some((h.delta, a.head_weight_floor));
+        settings.head_weights = Some(HeadWeights {
+            calibrate: a.head_weight_calibrate.then_some(moa::moa::Rule {
+                alpha: h.alpha,
+                beta: h.beta,
+            }),
+            weights: h.delta,
+            floor: a.head_weight_floor,
+        });
     }
     if !(a.time_limit > 0.0 && a.time_limit.is_finite()) {
         bail!("--time-limit must be positive");
@@ -286,6 +324,7 @@ fn main() -> Result<()> {
             "max_rules_per_layer": a.max_rules,
             "balance": settings.balance.to_string(),
             "head_weights": a.head_weights.as_ref().map(|p| p.display().to_string()),
+            "measured": a.measured.as_ref().map(|p| p.display().to_string()),
             "candidates": inst.cands.list.len(),
             "build_seconds": build_s,
             "points": points.iter().zip(&losses).map(|(p, l)| point_json(p, *l)).collect::<Vec<_>>(),

@@ -66,10 +66,17 @@ struct AblateArgs {
     /// included).
     #[arg(long, default_value = "256:0")]
     short: String,
-    /// What the other heads keep: dense (the loss one head's short rule costs) or short (the
-    /// loss one dense head recovers among short ones).
+    /// Rules to measure, "ALPHA:BETA" comma-separated: each head gets each in turn (a cost
+    /// table for moa-optimize --measured). Default: the --short rule alone.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    rules: Vec<String>,
+    /// What the other heads keep: dense (the loss one head's short rule costs), short (the
+    /// loss one dense head recovers among short ones) or plan (--base-plan's rules).
     #[arg(long, value_enum, default_value = "dense")]
     base: moa::profile::ablate::AblateBase,
+    /// With --base plan: the plan file (JSON, or a GGUF with an embedded plan).
+    #[arg(long, value_name = "FILE")]
+    base_plan: Option<PathBuf>,
     /// Tokens per forward batch.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     batch: usize,
@@ -832,8 +839,15 @@ fn parse_rule(s: &str) -> Result<moa::moa::plan::Rule> {
 fn cmd_ablate(a: AblateArgs) -> Result<()> {
     use moa::eval::runner::Runner;
     use moa::moa::optimize::validate;
-    use moa::profile::ablate;
-    let short = parse_rule(&a.short)?;
+    use moa::profile::ablate::{self, AblateBase, Base};
+    let rules: Vec<moa::moa::plan::Rule> = if a.rules.is_empty() {
+        vec![parse_rule(&a.short)?]
+    } else {
+        a.rules
+            .iter()
+            .map(|r| parse_rule(r))
+            .collect::<Result<_>>()?
+    };
     if a.batch == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -868,17 +882,38 @@ fn cmd_ablate(a: AblateArgs) -> Result<()> {
         moa::kv::KvTypes::default(),
         a.device,
     )?;
+    let base_plan = match (a.base, &a.base_plan) {
+        (AblateBase::Plan, Some(f)) => Some(
+            runtime::PlanArgs {
+                plan: Some(f.clone()),
+                ..Default::default()
+            }
+            .resolve(&runner.model)?
+            .with_context(|| format!("{}: no plan", f.display()))?,
+        ),
+        (AblateBase::Plan, None) => bail!("--base plan needs --base-plan FILE"),
+        (_, Some(_)) => bail!("--base-plan goes with --base plan"),
+        _ => None,
+    };
+    let base = match (a.base, &base_plan) {
+        (AblateBase::Dense, _) => Base::Dense,
+        (AblateBase::Short, _) => Base::Short,
+        (AblateBase::Plan, p) => Base::Plan(p.as_ref().expect("checked above")),
+    };
     let tokens: usize = samples.iter().map(|s| s.tokens.len()).sum();
+    let listed: Vec<String> = rules
+        .iter()
+        .map(|r| format!("{}:{}", r.alpha, r.beta))
+        .collect();
     eprintln!(
-        "ablate: {} conversations ({tokens} tokens), short rule {}:{}, base {:?}, device {:?}",
+        "ablate: {} conversations ({tokens} tokens), rules {}, base {:?}, device {:?}",
         samples.len(),
-        short.alpha,
-        short.beta,
+        listed.join(","),
         a.base,
         runner.device()
     );
     let t0 = std::time::Instant::now();
-    let r = ablate::ablate(&runner, &samples, short, a.base, |done, total| {
+    let r = ablate::ablate(&runner, &samples, &rules, base, |done, total| {
         let s = t0.elapsed().as_secs_f64();
         eprint!(
             "\r  pass {done}/{total}  {}  eta {}   ",
@@ -898,7 +933,7 @@ fn cmd_ablate(a: AblateArgs) -> Result<()> {
         })
         .collect();
     println!(
-        "base loss {:.5} over {} scored tokens; loss change per KV head:\n{}",
+        "base loss {:.5} over {} scored tokens; loss change per KV head (first rule):\n{}",
         r.base_loss,
         r.tokens_scored,
         per_layer.join("\n")

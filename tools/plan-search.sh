@@ -7,11 +7,14 @@
 #
 #   bash tools/plan-search.sh data [MODEL]    # retrieval calibration set, its profile, head ablations
 #   bash tools/plan-search.sh plans [MODEL]   # candidate plans (moa-optimize variants)
+#   bash tools/plan-search.sh measure [MODEL] [PLAN...] # measured cost tables (base dense, then
+#                                             # the plan made from it, then each PLAN) and their plans
 #   bash tools/plan-search.sh validate [MODEL] # key loss + pass key on the validation seed
 #   bash tools/plan-search.sh final [MODEL] PLAN... # the reported grid (seed 42, 5 trials)
 #
 # Environment: DOCS (document folders for the retrieval set) [/usr/share/common-licenses
-# /usr/share/vim/vim90/doc], KEY_PER_LENGTH [12], VAL_SEED [7], VAL_TRIALS [1], ABL_MAX [16].
+# /usr/share/vim/vim90/doc], KEY_PER_LENGTH [12], VAL_SEED [7], VAL_TRIALS [1], ABL_MAX [16],
+# CANDS (glob of candidate names to validate) [*], FINAL_TRIALS [5].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.devbin
@@ -77,9 +80,34 @@ plans)
     ls "$work/cand" | wc -l
     cp -r "$work/cand" "$dir/"
     ;;
+measure)
+    # Cost tables: every KV head moved to each rule of the grid 0:0:1,0.25 inside a base
+    # configuration, loss change on the retrieval set (+ the committed one); the solver's plan
+    # from each table becomes the next base once.
+    rules=0:0.25,0:0.5,0:0.75,0:1
+    grid=0:0:1,0.25
+    data="$work/key.jsonl,profiles/smollm2-135m-calib-key.jsonl"
+    table() { # out, ablate args...
+        local out=$1
+        shift
+        t0=$(date +%s)
+        "$bin/moa-profile" ablate -m "$model" --data "$data" --max-tokens 4200 --rules "$rules" \
+            -b 4096 --device cuda -o "$dir/$out.json" "$@" 2>&1 | grep -E "^ablate|^base loss|error" || true
+        echo "($out: $(($(date +%s) - t0)) s)"
+        "$bin/moa-optimize" --profile "$main_profile" --density 0.5 --lengths $lens --front none \
+            --measured "$dir/$out.json" --grid $grid -o "$work/cand/meas-$out.json" | grep -E "dropped|density" | head -3 || true
+    }
+    table dense --base dense
+    table it1 --base plan --base-plan "$work/cand/meas-dense.json"
+    shift 2 || true
+    for p in "$@"; do
+        table "from-$(basename "$p" .json)" --base plan --base-plan "$p"
+    done
+    cp "$work"/cand/meas-*.json "$dir/"
+    ;;
 validate)
     configs=dense,uniform:0.5
-    for p in "$work"/cand/*.json; do configs="$configs,plan:$p"; done
+    for p in "$work"/cand/${CANDS:-*}.json; do configs="$configs,plan:$p"; done
     t0=$(date +%s)
     "$bin/moa-eval" passkey -m "$model" --lengths 1k,2k,3k,4k,5k,6k,7k --depths 0.1,0.5,0.9 \
         --device cuda --configs "$configs" --trials "${VAL_TRIALS:-1}" --seed "${VAL_SEED:-7}" \
@@ -94,6 +122,11 @@ for t in r["trials"]:
 rows = sorted(acc, key=lambda c: sum(loss[c]) / len(loss[c]))
 for c in rows:
     print(f"{c:<32} key loss {sum(loss[c])/len(loss[c]):7.4f}  pass key {100*sum(acc[c])/len(acc[c]):5.1f}%")
+# The plans to take to the reported grid: the 3 lowest key losses and the best pass key.
+plans = [c[5:] for c in rows if c.startswith("plan ")]
+best = max(plans, key=lambda c: sum(acc["plan " + c]))
+pick = plans[:3] + ([best] if best not in plans[:3] else [])
+open(sys.argv[1] + ".pick", "w").write(" ".join(pick))
 PY
     ;;
 final)
@@ -102,7 +135,7 @@ final)
     for p in "$@"; do configs="$configs,plan:$p"; done
     t0=$(date +%s)
     "$bin/moa-eval" passkey -m "$model" --lengths 1k,2k,3k,4k,5k,6k,7k --depths 0.1,0.5,0.9 \
-        --device cuda --configs "$configs" --trials 5 --key-loss -q --json-file "$dir/final.json"
+        --device cuda --configs "$configs" --trials "${FINAL_TRIALS:-5}" -q --json-file "$dir/final.json"
     echo "($(($(date +%s) - t0)) s)"
     ;;
 *)

@@ -27,24 +27,46 @@ pub enum AblateBase {
     /// Every other head has the short rule too, the ablated head is dense: the loss this head
     /// recovers (reported as `base loss - loss`, so larger is more important in both modes).
     Short,
+    /// Every other head keeps its rule of a given plan: the loss change of moving one head to
+    /// another rule inside that plan (a measured cost table for `moa-optimize --measured`).
+    Plan,
 }
 
-/// The result: one importance per KV head (layer-major), with what produced it.
+/// The result: per KV head (layer-major) the loss change of each measured rule, with what
+/// produced it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HeadAblation {
     pub model: String,
     pub n_layer: usize,
     pub n_head_kv: usize,
-    /// The short rule (tokens, fraction of the length).
+    /// The first measured rule (tokens, fraction of the length).
     pub alpha: f32,
     pub beta: f32,
     pub base: AblateBase,
+    /// With base `plan`: the plan's rules (layer-major).
+    #[serde(default)]
+    pub base_rules: Vec<Rule>,
     pub samples: usize,
     pub tokens_scored: usize,
     /// Mean response-token loss of the base configuration.
     pub base_loss: f64,
-    /// Loss change per head, layer-major (`dense`: loss - base; `short`: base - loss).
+    /// Loss change per head for the first rule, layer-major (`dense` / `plan`: loss - base;
+    /// `short`: base - loss).
     pub delta: Vec<f64>,
+    /// Every measured rule.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Loss change per head and rule, head-major (`table[h * rules.len() + r]`).
+    #[serde(default)]
+    pub table: Vec<f64>,
+}
+
+/// The configuration the heads are ablated from.
+#[derive(Debug, Clone, Copy)]
+pub enum Base<'a> {
+    Dense,
+    Short,
+    Plan(&'a Plan),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,8 +104,16 @@ impl HeadAblation {
                 a.n_head_kv
             )));
         }
-        if let Some(v) = a.delta.iter().find(|v| !v.is_finite()) {
+        if let Some(v) = a.delta.iter().chain(&a.table).find(|v| !v.is_finite()) {
             return Err(bad(format!("loss change {v} is not finite")));
+        }
+        if a.table.len() != a.rules.len() * a.delta.len() {
+            return Err(bad(format!(
+                "table of {} values for {} rules x {} heads",
+                a.table.len(),
+                a.rules.len(),
+                a.delta.len()
+            )));
         }
         Ok(a)
     }
@@ -114,57 +144,102 @@ pub fn mean_loss(
     Ok((sum / count as f64, count))
 }
 
-/// Ablates every KV head in turn; `progress(done, total)` after each pass.
+/// Ablates every KV head in turn with each of `rules` (`Base::Short` takes one rule);
+/// `progress(done, total)` after each pass.
 pub fn ablate(
     runner: &Runner,
     samples: &[Sample],
-    short: Rule,
-    base: AblateBase,
+    rules: &[Rule],
+    base: Base,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<HeadAblation, AblateError> {
     let c = &runner.model.config;
     let (n_layer, n_kv) = (c.n_layer, c.n_head_kv);
+    let heads = n_layer * n_kv;
     let full = Rule {
         alpha: 0.0,
         beta: 1.0,
     };
-    let (fill, other) = match base {
-        AblateBase::Dense => (full, short),
-        AblateBase::Short => (short, full),
-    };
-    let plan_with = |head: Option<usize>| -> Plan {
-        let mut rules = vec![fill; n_layer * n_kv];
-        if let Some(h) = head {
-            rules[h] = other;
+    if rules.is_empty() {
+        return Err(AblateError::Data("no rule to measure".into()));
+    }
+    let base_rules: Vec<Rule> = match base {
+        Base::Dense => vec![full; heads],
+        Base::Short if rules.len() == 1 => vec![rules[0]; heads],
+        Base::Short => {
+            return Err(AblateError::Data(
+                "base short measures one rule (the short one)".into(),
+            ))
         }
-        Plan::new(n_layer, n_kv, rules, "head ablation")
+        Base::Plan(p) => {
+            p.validate(c).map_err(|e| {
+                AblateError::Data(format!("the base plan does not fit the model: {e}"))
+            })?;
+            p.rules.clone()
+        }
     };
-    let total = n_layer * n_kv + 1;
+    let consts = match base {
+        Base::Plan(p) => p.clone(),
+        _ => Plan::new(n_layer, n_kv, vec![], "head ablation"),
+    };
+    let plan_of = |rules: Vec<Rule>| -> Plan {
+        let mut p = consts.clone();
+        p.rules = rules;
+        p.source = "head ablation".into();
+        p
+    };
+    // The rule the ablated head gets for each measured rule (`short`: dense among short ones).
+    let other = |r: Rule| if matches!(base, Base::Short) { full } else { r };
+    let total = 1 + heads * rules.len();
     let base_plan = match base {
-        AblateBase::Dense => None,
-        AblateBase::Short => Some(plan_with(None)),
+        Base::Dense => None,
+        _ => Some(plan_of(base_rules.clone())),
     };
     let (base_loss, tokens) = mean_loss(runner, base_plan.as_ref(), samples)?;
-    progress(1, total);
-    let mut delta = Vec::with_capacity(n_layer * n_kv);
-    for h in 0..n_layer * n_kv {
-        let (loss, _) = mean_loss(runner, Some(&plan_with(Some(h))), samples)?;
-        delta.push(match base {
-            AblateBase::Dense => loss - base_loss,
-            AblateBase::Short => base_loss - loss,
-        });
-        progress(h + 2, total);
+    let mut done = 1;
+    progress(done, total);
+    let mut table = Vec::with_capacity(heads * rules.len());
+    for h in 0..heads {
+        for &r in rules {
+            let r = other(r);
+            let d = if r == base_rules[h] {
+                0.0 // the base itself
+            } else {
+                let mut v = base_rules.clone();
+                v[h] = r;
+                let (loss, _) = mean_loss(runner, Some(&plan_of(v)), samples)?;
+                match base {
+                    Base::Short => base_loss - loss,
+                    _ => loss - base_loss,
+                }
+            };
+            table.push(d);
+            done += 1;
+            progress(done, total);
+        }
     }
+    let n_rules = rules.len();
     Ok(HeadAblation {
         model: super::model_identity(&runner.model).name,
         n_layer,
         n_head_kv: n_kv,
-        alpha: short.alpha,
-        beta: short.beta,
-        base,
+        alpha: rules[0].alpha,
+        beta: rules[0].beta,
+        base: match base {
+            Base::Dense => AblateBase::Dense,
+            Base::Short => AblateBase::Short,
+            Base::Plan(_) => AblateBase::Plan,
+        },
+        base_rules: if matches!(base, Base::Plan(_)) {
+            base_rules
+        } else {
+            Vec::new()
+        },
         samples: samples.len(),
         tokens_scored: tokens,
         base_loss,
-        delta,
+        delta: (0..heads).map(|h| table[h * n_rules]).collect(),
+        rules: rules.to_vec(),
+        table,
     })
 }

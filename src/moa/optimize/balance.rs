@@ -10,6 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::cost::HeadBlocks;
+use crate::moa::plan::{Plan, Rule};
 
 /// The unit whose total influence is equalized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,22 +19,59 @@ pub enum BalanceUnit {
     Layer,
 }
 
-/// Multiplies each head's factor by a measured importance (e.g. the loss change of
-/// [`crate::profile::ablate`]): `max(w, 0) + floor * max_h w`, then normalizes again so that
-/// dropping everything costs 1. `weights` is layer-major like `scales`.
-pub fn apply_head_weights(scales: &mut [f64], heads: &[HeadBlocks], weights: &[f64], floor: f64) {
-    debug_assert_eq!(scales.len(), weights.len());
-    let top = weights.iter().cloned().fold(0.0f64, f64::max);
-    for (s, w) in scales.iter_mut().zip(weights) {
-        *s *= w.max(0.0) + floor * top;
+/// Measured importance per KV head (layer-major), e.g. the loss changes of
+/// [`crate::profile::ablate`], and how it enters the objective.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadWeights {
+    pub weights: Vec<f64>,
+    /// Every head keeps `floor * max_h w` on top of `max(w, 0)`.
+    pub floor: f64,
+    /// `None`: the weight multiplies the head's balanced factor. `Some(rule)`: calibrate
+    /// instead: the head's factor is set so that the influence the rule's span drops (what the
+    /// ablation removed) costs exactly the head's weight; the profile then only says how that
+    /// cost spreads over the distances.
+    pub calibrate: Option<Rule>,
+}
+
+impl HeadWeights {
+    fn effective(&self) -> Vec<f64> {
+        let top = self.weights.iter().cloned().fold(0.0f64, f64::max);
+        self.weights
+            .iter()
+            .map(|w| w.max(0.0) + self.floor * top)
+            .collect()
     }
-    let z: f64 = heads
-        .iter()
-        .zip(scales.iter())
-        .map(|(b, w)| b.total * w)
-        .sum();
-    if z > 0.0 {
-        scales.iter_mut().for_each(|w| *w /= z);
+
+    /// Applies the weights to `scales` (one per head, from [`Balance::scales`]) and normalizes
+    /// again so that dropping everything costs 1.
+    /// `consts` gives the span formula's constants (sink, minimum, alignment).
+    pub fn apply(&self, scales: &mut [f64], heads: &[HeadBlocks], consts: &Plan) {
+        debug_assert_eq!(scales.len(), self.weights.len());
+        let w = self.effective();
+        for (h, s) in scales.iter_mut().enumerate() {
+            match self.calibrate {
+                None => *s *= w[h],
+                Some(rule) => {
+                    let d = heads[h].dropped(consts.span_of(rule, heads[h].length()));
+                    *s = if d > 0.0 {
+                        w[h] / d
+                    } else if heads[h].total > 0.0 {
+                        // The profile sees nothing beyond the span: the whole head carries it.
+                        w[h] / heads[h].total
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+        let z: f64 = heads
+            .iter()
+            .zip(scales.iter())
+            .map(|(b, w)| b.total * w)
+            .sum();
+        if z > 0.0 {
+            scales.iter_mut().for_each(|w| *w /= z);
+        }
     }
 }
 
@@ -201,7 +239,12 @@ mod tests {
         let heads: Vec<HeadBlocks> = [1.0, 1.0, 2.0, 4.0].map(head).into();
         let mut s = Balance::per_head().scales(&heads, 2);
         // Head 1 measured twice as important as head 0, heads 2-3 not at all (or negative).
-        apply_head_weights(&mut s, &heads, &[0.5, 1.0, 0.0, -0.3], 0.1);
+        let hw = HeadWeights {
+            weights: vec![0.5, 1.0, 0.0, -0.3],
+            floor: 0.1,
+            calibrate: None,
+        };
+        hw.apply(&mut s, &heads, &Plan::new(0, 0, vec![], "c"));
         let shares: Vec<f64> = heads.iter().zip(&s).map(|(b, w)| b.total * w).collect();
         assert!((shares.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         // Weights 0.6, 1.1, 0.1, 0.1 on equal shares.
@@ -209,6 +252,46 @@ mod tests {
         for (a, b) in shares.iter().zip(want) {
             assert!((a - b).abs() < 1e-12, "{shares:?}");
         }
+    }
+
+    #[test]
+    fn calibrated_weights_charge_the_ablated_span_its_measured_cost() {
+        // Two heads of 256 tokens in blocks of 64: all influence on the diagonal tiles (head 0)
+        // or half of it at distance 3 (head 1).
+        let mut a = vec![0.0f32; 10];
+        let mut b = vec![0.0f32; 10];
+        for qb in 0..4 {
+            a[qb * (qb + 1) / 2 + qb] = 1.0;
+            b[qb * (qb + 1) / 2 + qb] = 1.0;
+        }
+        b[6] = 4.0; // query block 3, key block 0 (the sink's block: kept whole)
+        b[7] = 4.0; // query block 3, key block 1
+        let heads = vec![
+            HeadBlocks::new(&a, 256, 64, 4).unwrap(),
+            HeadBlocks::new(&b, 256, 64, 4).unwrap(),
+        ];
+        // Span 128: the rule 128:0 with sink 4, minimum 64, alignment 64.
+        let mut consts = Plan::new(0, 0, vec![], "c");
+        (consts.sink, consts.min_span, consts.align) = (4, 64, 64);
+        let rule = Rule {
+            alpha: 128.0,
+            beta: 0.0,
+        };
+        assert_eq!(consts.span_of(rule, 256), 128);
+        let d1 = heads[1].dropped(128);
+        assert!(d1 > 0.0);
+        let mut s = Balance::default().scales(&heads, 2);
+        let hw = HeadWeights {
+            weights: vec![0.0, 2.0],
+            floor: 0.0,
+            calibrate: Some(rule),
+        };
+        hw.apply(&mut s, &heads, &consts);
+        // Head 0 weighs nothing; head 1's dropped influence at the span is its whole cost.
+        assert_eq!(s[0], 0.0);
+        let z = heads[1].total * s[1];
+        assert!((z - 1.0).abs() < 1e-12);
+        assert!((d1 * s[1] - d1 / heads[1].total).abs() < 1e-12);
     }
 
     #[test]

@@ -10,9 +10,10 @@
 use crate::moa::plan::{Plan, Rule};
 use crate::moa::profile_file::{packed_index, ModelIdentity, Profile, ProfileError};
 
-use super::balance::{apply_head_weights, Balance};
+use super::balance::{Balance, HeadWeights};
 use super::candidates::{CandidateError, Candidates, Grid};
 use super::cost::{CostError, HeadBlocks};
+use super::measured::MeasuredCosts;
 use super::solver::{self, Coef, Problem, Row, Solution, SolveError, SolveOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,9 +48,10 @@ pub struct Settings {
     pub max_distinct: Option<usize>,
     /// How the heads' influence is weighed against each other (default: as profiled).
     pub balance: Balance,
-    /// Measured importance per KV head (layer-major) multiplying its influence, with the floor
-    /// (a fraction of the largest) every head keeps; see [`super::balance::apply_head_weights`].
-    pub head_weights: Option<(Vec<f64>, f64)>,
+    /// Measured importance per KV head; see [`HeadWeights`].
+    pub head_weights: Option<HeadWeights>,
+    /// Measured loss changes per head and rule replacing the profile's dropped influence.
+    pub measured: Option<MeasuredCosts>,
     pub grid: Grid,
     pub solve: SolveOptions,
 }
@@ -63,9 +65,23 @@ impl Settings {
             max_distinct: None,
             balance: Balance::default(),
             head_weights: None,
+            measured: None,
             grid: Grid::default(),
             solve: SolveOptions::default(),
         }
+    }
+
+    /// For plan notes: how the objective departs from the plain profiled influence.
+    pub fn objective_label(&self) -> String {
+        if self.measured.is_some() {
+            return ", measured costs".into();
+        }
+        let w = match &self.head_weights {
+            Some(h) if h.calibrate.is_some() => ", head weights (calibrated)",
+            Some(_) => ", head weights",
+            None => "",
+        };
+        self.balance.label() + w
     }
 
     fn check(&self) -> Result<(), OptimizeError> {
@@ -194,21 +210,27 @@ impl Instance {
                 .length_index(n)
                 .expect("profiled lengths are candidate lengths");
             let mut scales = settings.balance.scales(&hb, m.n_head_kv);
-            if let Some((w, floor)) = &settings.head_weights {
-                if w.len() != heads {
+            if let Some(hw) = &settings.head_weights {
+                if hw.weights.len() != heads {
                     return Err(OptimizeError::Settings(format!(
                         "{} head weights for {heads} KV heads",
-                        w.len()
+                        hw.weights.len()
                     )));
                 }
-                apply_head_weights(&mut scales, &hb, w, *floor);
+                hw.apply(&mut scales, &hb, consts);
             }
-            let mut d = Vec::with_capacity(heads * cands.list.len());
-            for (b, &scale) in hb.iter().zip(&scales) {
-                for c in &cands.list {
-                    d.push(b.dropped(c.spans[k]) * scale);
+            let d = match &settings.measured {
+                Some(m) => m.costs(&cands, heads)?,
+                None => {
+                    let mut d = Vec::with_capacity(heads * cands.list.len());
+                    for (b, &scale) in hb.iter().zip(&scales) {
+                        for c in &cands.list {
+                            d.push(b.dropped(c.spans[k]) * scale);
+                        }
+                    }
+                    d
                 }
-            }
+            };
             blocks.push(hb);
             totals.push(total);
             dropped.push(d);
@@ -333,12 +355,7 @@ impl Instance {
         let s = solver::solve(&p, &settings.solve)?;
         let note = format!(
             "moa-optimize: {label}{}; density in [{:.3}, {:.3}] at {:?}; {}; gap {:.3e} ({})",
-            settings.balance.label()
-                + if settings.head_weights.is_some() {
-                    ", head weights"
-                } else {
-                    ""
-                },
+            settings.objective_label(),
             settings.lower * settings.density,
             settings.density,
             settings.lengths,
