@@ -56,6 +56,17 @@ print(dict(sorted(c.items())))" "$work/key.jsonl"
         echo "($(($(date +%s) - t0)) s)"
     done
     ;;
+keyset)
+    # Another retrieval set (seed KEY_SEED, KEY_PER_LENGTH per length at 1k/2k/4k) for the
+    # measured tables: $work/key-$KEY_SEED.jsonl, used by `measure` with the first one.
+    src=()
+    for d in ${DOCS:-/usr/share/common-licenses /usr/share/vim/vim90/doc}; do src+=(--source "$d"); done
+    seed=${KEY_SEED:-12}
+    "$bin/moa-profile" calib -m "$model" "${src[@]}" --device cuda --tasks fact,facts --key-loss \
+        --lengths 1024,2048,4096 --per-length "${KEY_PER_LENGTH:-24}" --val-lengths "" --seed "$seed" \
+        -o "$work/key-$seed.jsonl" --val-out "$work/key-$seed-val.jsonl" 2>&1 | grep -E "kept|wrote" || true
+    cp "$work/key-$seed.jsonl" "$dir/"
+    ;;
 plans)
     opt() { # name, extra args
         local name=$1
@@ -87,18 +98,22 @@ measure)
     rules=0:0.25,0:0.5,0:0.75,0:1
     grid=0:0:1,0.25
     data="$work/key.jsonl,profiles/smollm2-135m-calib-key.jsonl"
+    for f in "$work"/key-[0-9]*.jsonl; do case $f in *-val.jsonl) ;; *) [ -f "$f" ] && data="$data,$f" ;; esac; done
     table() { # out, ablate args...
         local out=$1
         shift
         t0=$(date +%s)
-        "$bin/moa-profile" ablate -m "$model" --data "$data" --max-tokens 4200 --rules "$rules" \
-            -b 4096 --device cuda -o "$dir/$out.json" "$@" 2>&1 | grep -E "^ablate|^base loss|error" || true
+        mkdir -p "$work/tables"
+        [ -s "$work/tables/$out.json" ] || "$bin/moa-profile" ablate -m "$model" --data "$data" \
+            --max-tokens 4200 --rules "$rules" -b 4096 --device cuda -o "$work/tables/$out.json" "$@" 2>&1 |
+            grep -E "^ablate|^base loss|error" || true
+        cp "$work/tables/$out.json" "$dir/"
         echo "($out: $(($(date +%s) - t0)) s)"
         "$bin/moa-optimize" --profile "$main_profile" --density 0.5 --lengths $lens --front none \
-            --measured "$dir/$out.json" --grid $grid -o "$work/cand/meas-$out.json" | grep -E "dropped|density" | head -3 || true
+            --measured "$work/tables/$out.json" --grid $grid -o "$work/cand/meas-$out.json" | grep -E "optimal" || true
     }
     table dense --base dense
-    table it1 --base plan --base-plan "$work/cand/meas-dense.json"
+    [ -n "${SKIP_IT1:-}" ] || table it1 --base plan --base-plan "$work/cand/meas-dense.json"
     shift 2 || true
     for p in "$@"; do
         table "from-$(basename "$p" .json)" --base plan --base-plan "$p"
