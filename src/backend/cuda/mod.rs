@@ -202,6 +202,73 @@ fn alloc_layer_kv(
     ))
 }
 
+/// Runs the cache-append kernel of a q8_0 cache (`kv_quant_q8_0`) on `x`: `n_tok` rows of
+/// `n_head_kv x head_dim` floats, positions `0..n_tok` of one sequence stored into a cache of one
+/// region of `n_tok` rows per head. Returns the staging blocks and the cache bytes (tests: both
+/// against the CPU quantizer).
+pub fn quantize_kv_q8_0(
+    gpu: &Gpu,
+    k: &Kernels,
+    x: &[f32],
+    n_head_kv: usize,
+    head_dim: usize,
+) -> Result<(Vec<u8>, Vec<u8>), BackendError> {
+    let row = n_head_kv * head_dim;
+    if head_dim == 0 || !head_dim.is_multiple_of(32) || x.is_empty() || x.len() % row != 0 {
+        return Err(BackendError::Device(format!(
+            "quantize_kv_q8_0: {} values are not whole rows of {n_head_kv} x {head_dim} (a \
+             multiple of 32)",
+            x.len()
+        )));
+    }
+    let n_tok = x.len() / row;
+    let bytes = KvType::Q8_0.bytes_for(x.len());
+    let pos: Vec<i32> = (0..n_tok as i32).collect();
+    let seq = vec![0i32; n_tok];
+    let caps = vec![n_tok as i32; n_head_kv];
+    let offs: Vec<i32> = (0..n_head_kv).map(|h| (h * n_tok) as i32).collect();
+    let xb = gpu.alloc(x.len() * 4, "harness rows")?;
+    gpu.upload(&xb, x)?;
+    let ints = |v: &[i32], what: &str| -> Result<DevBuf, BackendError> {
+        let b = gpu.alloc(v.len() * 4, what)?;
+        gpu.upload(&b, v)?;
+        Ok(b)
+    };
+    let (pb, sb, cb, ob) = (
+        ints(&pos, "harness positions")?,
+        ints(&seq, "harness sequences")?,
+        ints(&caps, "harness capacities")?,
+        ints(&offs, "harness offsets")?,
+    );
+    let stage = gpu.alloc(bytes, "harness staging")?;
+    let cache = gpu.alloc(bytes, "harness cache")?;
+    gpu.launch(
+        &k.kv_quant_q8_0,
+        lcfg((blocks(x.len() / 32, 8), 1, 1), 256),
+        &[
+            A::P(xb.ptr),
+            A::I(n_tok as i32),
+            A::I(n_head_kv as i32),
+            A::I(head_dim as i32),
+            A::P(stage.ptr),
+            A::I(1),
+            A::P(pb.ptr),
+            A::P(sb.ptr),
+            A::P(cb.ptr),
+            A::P(ob.ptr),
+            A::I((n_head_kv * n_tok) as i32),
+            A::I(0),
+            A::P(cache.ptr),
+        ],
+    )?;
+    let mut staged = vec![0u8; bytes];
+    let mut stored = vec![0u8; bytes];
+    gpu.download(&mut staged, &stage)?;
+    gpu.download(&mut stored, &cache)?;
+    gpu.sync()?;
+    Ok((staged, stored))
+}
+
 impl CudaBackend {
     pub fn new(model: Arc<Model>, opts: BackendOptions) -> Result<CudaBackend, BackendError> {
         Self::on_device(model, opts, 0)
