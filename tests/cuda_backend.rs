@@ -37,6 +37,9 @@ fn kernels_compile_through_nvrtc() {
     // sm_86 builds the two-stage attention pipeline (consumer parts), the others three.
     for arch in ["sm_90", "sm_80", "sm_86"] {
         let ptx = cuda::kernels::compile(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        if let Ok(dir) = std::env::var("MOA_DUMP_PTX") {
+            std::fs::write(format!("{dir}/{arch}.ptx"), &ptx).unwrap();
+        }
         for name in [
             "quantize_q8_1",
             "mmvq_q4_k_1",
