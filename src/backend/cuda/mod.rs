@@ -214,7 +214,8 @@ pub fn quantize_kv_q8_0(
     head_dim: usize,
 ) -> Result<(Vec<u8>, Vec<u8>), BackendError> {
     let row = n_head_kv * head_dim;
-    if head_dim == 0 || !head_dim.is_multiple_of(32) || x.is_empty() || !x.len().is_multiple_of(row) {
+    if head_dim == 0 || !head_dim.is_multiple_of(32) || x.is_empty() || !x.len().is_multiple_of(row)
+    {
         return Err(BackendError::Device(format!(
             "quantize_kv_q8_0: {} values are not whole rows of {n_head_kv} x {head_dim} (a \
              multiple of 32)",
