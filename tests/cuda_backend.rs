@@ -750,7 +750,8 @@ fn default_model_greedy_matches_cpu() {
 
 /// `Backend::replan`: one CUDA backend re-planned through span plans and dense caches of other
 /// lengths (growing and shrinking the cache, the same layout twice) gives the logits of a fresh
-/// backend made for each layout, prefill in chunks then decode steps (graphs captured again).
+/// backend made for each layout, prefill in chunks then decode steps (graphs captured again);
+/// with an f16 and with a q8_0 K/V cache.
 #[test]
 fn cuda_replan_matches_fresh_backend() {
     if !gpu_or_skip("cuda_replan_matches_fresh_backend") {
@@ -762,54 +763,84 @@ fn cuda_replan_matches_fresh_backend() {
     write_synthetic(&gpu_spec(GgmlType::Q8_0, 11), &path).unwrap();
     let model = Arc::new(Model::load(&path).unwrap());
     let c = model.config.clone();
-    let mut rng = Rng(5);
-    let dense = |n| KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n);
-    let layouts = [
-        random_plan_layout(&mut rng, &c, 90, -10.0, 40, 5, 0.2, (4, 8, 4)),
-        dense(160),
-        random_plan_layout(&mut rng, &c, 300, -10.0, 40, 5, 0.2, (4, 8, 4)),
-        random_plan_layout(&mut rng, &c, 70, -10.0, 40, 5, 0.2, (4, 8, 4)),
-        dense(160),
-        dense(160),
-    ];
-    let opts = |layout: &KvLayout| BackendOptions {
-        max_batch: 32,
-        threads: 2,
-        layout: layout.clone(),
-    };
-    let mut reused = CudaBackend::new(Arc::clone(&model), opts(&layouts[0])).unwrap();
-    for (i, layout) in layouts.iter().enumerate() {
-        assert!(reused.replan(layout).unwrap(), "layout {i}");
-        assert_eq!(reused.kv_layout(), layout);
-        assert_eq!(reused.seq_len(0), 0);
-        let n = layout.n_ctx;
-        let toks: Vec<u32> = (0..n)
-            .map(|_| (rng.next() % c.n_vocab as u64) as u32)
-            .collect();
-        let prompt = n - 8;
-        let a = common::logits_all(&mut reused, &toks, prompt, 32);
-        let mut fresh = CudaBackend::new(Arc::clone(&model), opts(layout)).unwrap();
-        let b = common::logits_all(&mut fresh, &toks, prompt, 32);
-        let mut worst = 0f32;
-        for (ra, rb) in a.iter().zip(&b) {
-            let scale = rb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
-            for (x, y) in ra.iter().zip(rb) {
-                worst = worst.max((x - y).abs() / scale);
+    for (types, other) in [(KV_TYPES[0], KV_TYPES[1]), (KV_TYPES[1], KV_TYPES[0])] {
+        let mut rng = Rng(5);
+        let typed = |l: KvLayout| l.with_types(types).unwrap();
+        let dense = |n| typed(KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n));
+        let layouts = [
+            typed(random_plan_layout(
+                &mut rng,
+                &c,
+                90,
+                -10.0,
+                40,
+                5,
+                0.2,
+                (4, 8, 4),
+            )),
+            dense(160),
+            typed(random_plan_layout(
+                &mut rng,
+                &c,
+                300,
+                -10.0,
+                40,
+                5,
+                0.2,
+                (4, 8, 4),
+            )),
+            typed(random_plan_layout(
+                &mut rng,
+                &c,
+                70,
+                -10.0,
+                40,
+                5,
+                0.2,
+                (4, 8, 4),
+            )),
+            dense(160),
+            dense(160),
+        ];
+        let opts = |layout: &KvLayout| BackendOptions {
+            max_batch: 32,
+            threads: 2,
+            layout: layout.clone(),
+        };
+        let mut reused = CudaBackend::new(Arc::clone(&model), opts(&layouts[0])).unwrap();
+        for (i, layout) in layouts.iter().enumerate() {
+            assert!(reused.replan(layout).unwrap(), "KV {types} layout {i}");
+            assert_eq!(reused.kv_layout(), layout);
+            assert_eq!(reused.seq_len(0), 0);
+            let n = layout.n_ctx;
+            let toks: Vec<u32> = (0..n)
+                .map(|_| (rng.next() % c.n_vocab as u64) as u32)
+                .collect();
+            let prompt = n - 8;
+            let a = common::logits_all(&mut reused, &toks, prompt, 32);
+            let mut fresh = CudaBackend::new(Arc::clone(&model), opts(layout)).unwrap();
+            let b = common::logits_all(&mut fresh, &toks, prompt, 32);
+            let mut worst = 0f32;
+            for (ra, rb) in a.iter().zip(&b) {
+                let scale = rb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+                for (x, y) in ra.iter().zip(rb) {
+                    worst = worst.max((x - y).abs() / scale);
+                }
             }
+            eprintln!(
+                "KV {types} layout {i} (n {n}): worst relative difference re-planned vs fresh \
+                 {worst:.2e}"
+            );
+            // The same kernels on the same data: equal unless a buffer or table is stale.
+            assert!(worst < 1e-5, "KV {types} layout {i}: {worst}");
         }
-        eprintln!("layout {i} (n {n}): worst relative difference re-planned vs fresh {worst:.2e}");
-        // The same kernels on the same data: equal unless a buffer or table is stale.
-        assert!(worst < 1e-5, "layout {i}: {worst}");
+        // Another cache type is not a re-plan: nothing changes.
+        let o = KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, 64)
+            .with_types(other)
+            .unwrap();
+        assert!(!reused.replan(&o).unwrap());
+        assert_eq!(reused.kv_layout(), &layouts[5]);
     }
-    // Another cache type is not a re-plan: nothing changes.
-    let q8 = dense(64)
-        .with_types(moa::kv::KvTypes {
-            k: moa::kv::KvType::Q8_0,
-            v: moa::kv::KvType::Q8_0,
-        })
-        .unwrap();
-    assert!(!reused.replan(&q8).unwrap());
-    assert_eq!(reused.kv_layout(), &layouts[5]);
 }
 
 /// moa-eval's runner on the GPU: the pass key over lengths, depths, trials and two
