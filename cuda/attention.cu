@@ -293,13 +293,14 @@ __device__ __forceinline__ void fa_load_part(u8* dst, const KeySpan& ks, int kb,
     }
 }
 
-// Converts a landed q8_0 tile (FA_KEYS rows of RB bytes) into f16 rows of D + 8 halves: value
-// d * q (exact in f32) rounded to f16. One unit = 8 values of a row (a quarter of a block).
-template <int D>
-__device__ __forceinline__ void fa_q8_to_f16(const u8* src, u16* dst, int tid) {
+// Converts rows r0 .. r0 + ROWS - 1 of a landed q8_0 tile (rows of RB bytes) into f16 rows of
+// D + 8 halves, by NT threads (this one: tid): value d * q (exact in f32) rounded to f16. One
+// unit = 8 values of a row (a quarter of a block).
+template <int D, int ROWS, int NT>
+__device__ __forceinline__ void fa_q8_to_f16(const u8* src, u16* dst, int r0, int tid) {
     constexpr int RB = D / 32 * 34, KS = D + 8, UPR = D / 8;
-    for (int u = tid; u < FA_KEYS * UPR; u += FA_THREADS) {
-        const int kk = u / UPR, e = u % UPR;
+    for (int u = tid; u < ROWS * UPR; u += NT) {
+        const int kk = r0 + u / UPR, e = u % UPR;
         const u8* blk = src + kk * RB + (e >> 2) * 34;
         const float d = h2f(*(const u16*)blk);
         const u16* qs = (const u16*)(blk + 2 + (e & 3) * 8);  // 2-byte aligned only
@@ -455,23 +456,29 @@ __device__ __forceinline__ void attn_fa(
         const int kb = k0 + it * FA_KEYS, nkt = min(FA_KEYS, k1 - kb);
         const u16* sk = fa_smem + (it % FA_STAGES) * STAGE;
         const u16* sv = sk + FA_KEYS * KS;
+        const int kw0 = wk * KW;  // this warp's first key in the tile
         if constexpr (KQ || VQ) {
-            // q8_0 parts to f16 (the conversion buffers were last read before the barrier
-            // above; the stage read here is refilled only after the next one).
+            // q8_0 parts to f16. The stage read here is refilled only after the next barrier.
+            // Prefill (one warp along the keys): the whole tile by the block, then a barrier
+            // (the conversion buffers were last read before the barrier above). Decode: each
+            // warp converts the KW keys it alone reads, so a warp barrier is enough.
             const u8* st = smem8 + (it % FA_STAGES) * SM::STAGE;
             sk = (const u16*)st;
             sv = (const u16*)(st + SM::KPART);
-            if constexpr (KQ) {
-                fa_q8_to_f16<D>(st, conv_k, tid);
-                sk = conv_k;
+            if constexpr (KQ) sk = conv_k;
+            if constexpr (VQ) sv = conv_v;
+            if constexpr (WK == 1) {
+                if constexpr (KQ) fa_q8_to_f16<D, FA_KEYS, FA_THREADS>(st, conv_k, 0, tid);
+                if constexpr (VQ) {
+                    fa_q8_to_f16<D, FA_KEYS, FA_THREADS>(st + SM::KPART, conv_v, 0, tid);
+                }
+                __syncthreads();
+            } else if (kw0 < nkt) {  // warp-uniform
+                if constexpr (KQ) fa_q8_to_f16<D, KW, WARP>(st, conv_k, kw0, lane);
+                if constexpr (VQ) fa_q8_to_f16<D, KW, WARP>(st + SM::KPART, conv_v, kw0, lane);
+                __syncwarp();
             }
-            if constexpr (VQ) {
-                fa_q8_to_f16<D>(st + SM::KPART, conv_v, tid);
-                sv = conv_v;
-            }
-            __syncthreads();
         }
-        const int kw0 = wk * KW;  // this warp's first key in the tile
         if (kw0 >= nkt) continue;  // warp-uniform: nothing of this warp's in a short last tile
 
         // S = Q K^T for this warp's 16 rows x KW keys.

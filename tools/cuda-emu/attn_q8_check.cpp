@@ -26,6 +26,7 @@ inline float h2f(u16 h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
 inline u16 f2h(float v) { _Float16 f = (_Float16)v; u16 h; memcpy(&h, &f, 2); return h; }
 inline u32 pack_h2(float lo, float hi) { return (u32)f2h(lo) | ((u32)f2h(hi) << 16); }
 inline void pdl_trigger() {}
+inline void __syncwarp() { g_warps[threadIdx.x / 32].bar->arrive_and_wait(); }
 inline float ex2(float x) { return exp2f(x); }
 inline void cp_async16(void* dst, const void* src, int bytes) {
     if (bytes) memcpy(dst, src, 16); else memset(dst, 0, 16);

@@ -121,7 +121,7 @@ static int check_case(int cap, int sink, int p0, int nt, int n_split, int hk, in
                     else fa_load_part<D, false>(stage, ks, kb, nkt, ring, s0, c16.data(), s16.data(), tid);
                 }
                 if (q8)
-                    for (int tid = 0; tid < FA_THREADS; tid++) fa_q8_to_f16<D>(stage, conv, tid);
+                    for (int tid = 0; tid < FA_THREADS; tid++) fa_q8_to_f16<D, FA_KEYS, FA_THREADS>(stage, conv, 0, tid);
                 else
                     memcpy(conv, stage, FA_KEYS * KS * 2);
                 for (int kk = 0; kk < FA_KEYS; kk++) {
