@@ -221,29 +221,122 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// Shared memory of one block (bytes): FA_STAGES x (K tile + V tile), rows padded to D + 8
-// halves so fragment loads are conflict-free. The host passes the same figure at launch.
-template <int D>
+// Shared memory of one block (bytes): FA_STAGES x (K tile + V tile), then (q8_0 caches only)
+// the f16 tiles the q8_0 ones are converted into. An f16 tile holds FA_KEYS rows padded to D + 8
+// halves so fragment loads are conflict-free; a q8_0 tile holds the rows' blocks as they are
+// stored (RB = D / 32 x 34 bytes per row), so a q8_0 cache moves 0.53x the bytes of f16. The
+// host passes the same figure at launch (kernels.rs: fa_smem_bytes).
+template <int D, bool KQ, bool VQ>
 struct FaSmem {
     static constexpr int KS = D + 8;
-    static constexpr int STAGE = 2 * FA_KEYS * KS;  // halves
-    static constexpr int BYTES = FA_STAGES * STAGE * 2;
+    static constexpr int RB = D / 32 * 34;
+    static constexpr int TILE16 = FA_KEYS * KS * 2;
+    static constexpr int TILE8 = FA_KEYS * RB;
+    static constexpr int KPART = KQ ? TILE8 : TILE16;
+    static constexpr int VPART = VQ ? TILE8 : TILE16;
+    static constexpr int STAGE = KPART + VPART;
+    static constexpr int CONV = (KQ ? TILE16 : 0) + (VQ ? TILE16 : 0);
+    static constexpr int BYTES = FA_STAGES * STAGE + CONV;
 };
 
+// `N`-byte asynchronous copy global -> shared (N = 4, 8 or 16; both addresses N-aligned);
+// `bytes` 0 zero-fills the destination.
+template <int N>
+__device__ __forceinline__ void cp_async_n(void* dst, const void* src, int bytes) {
+    if constexpr (N == 16) {
+        cp_async16(dst, src, bytes);
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;" ::"r"(smem_addr(dst)),
+                     "l"(src), "n"(N), "r"(bytes)
+                     : "memory");
+    }
+}
+
+// Starts the copy of the K or the V rows of one key tile (keys kb .. kb + nkt - 1 of the span;
+// rows up to FA_KEYS zero-filled) into `dst`: f16 rows (`Q` false; padded to D + 8 halves) or
+// q8_0 rows (`Q`; RB bytes each, 17 copies of D / 16 bytes, the largest size a row's alignment
+// allows: RB = 68 or 136). Cached keys come from `cache` (row = region + slot), the run's own
+// keys from `stage` (token rows of n_head_kv head rows, as the cache stores them). `ring`: the
+// whole tile is consecutive window keys of the cache, from slot s0 with at most one wrap.
+template <int D, bool Q>
+__device__ __forceinline__ void fa_load_part(u8* dst, const KeySpan& ks, int kb, int nkt,
+                                             bool ring, int s0, const u8* cache, const u8* stage,
+                                             int tid) {
+    constexpr int RB = Q ? D / 32 * 34 : 2 * D;  // bytes of a row in global memory
+    constexpr int CH = Q ? D / 16 : 16;          // bytes per copy
+    constexpr int NCH = RB / CH;                 // copies per row
+    constexpr int DS = Q ? RB : 2 * (D + 8);     // bytes of a row in shared memory
+    const size_t ld_stage = (size_t)(ks.ldkv / D) * RB;
+    for (int idx = tid; idx < FA_KEYS * NCH; idx += FA_THREADS) {
+        const int kk = idx / NCH, c = idx % NCH;
+        const u8* src = cache;
+        int bytes = 0;
+        if (kk < nkt) {
+            if (ring) {
+                int slot = s0 + kk;
+                if (slot >= ks.cap) slot -= ks.win;
+                src = cache + (ks.region + slot) * RB;
+            } else {
+                const int j = ks.pos(kb + kk);
+                if (j < ks.p0) {
+                    const int slot =
+                        (j < ks.sink || ks.cap <= ks.sink) ? j : ks.sink + (j - ks.sink) % ks.win;
+                    src = cache + (ks.region + slot) * RB;
+                } else {
+                    src = stage + (size_t)(ks.rs + (j - ks.p0)) * ld_stage + (size_t)ks.g * RB;
+                }
+            }
+            src += c * CH;
+            bytes = CH;
+        }
+        cp_async_n<CH>(dst + kk * DS + c * CH, src, bytes);
+    }
+}
+
+// Converts rows r0 .. r0 + ROWS - 1 of a landed q8_0 tile (rows of RB bytes) into f16 rows of
+// D + 8 halves, by NT threads (this one: tid): value d * q (exact in f32) rounded to f16. One
+// unit = 8 values of a row (a quarter of a block).
+template <int D, int ROWS, int NT>
+__device__ __forceinline__ void fa_q8_to_f16(const u8* src, u16* dst, int r0, int tid) {
+    constexpr int RB = D / 32 * 34, KS = D + 8, UPR = D / 8;
+    for (int u = tid; u < ROWS * UPR; u += NT) {
+        const int kk = r0 + u / UPR, e = u % UPR;
+        const u8* blk = src + kk * RB + (e >> 2) * 34;
+        const float d = h2f(*(const u16*)blk);
+        const u16* qs = (const u16*)(blk + 2 + (e & 3) * 8);  // 2-byte aligned only
+        u32 w[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const u32 two = qs[i];
+            const float a = d * (float)(int)(i8)(two & 0xffu);
+            const float b = d * (float)(int)(i8)(two >> 8);
+            w[i] = pack_h2(a, b);
+        }
+        *(uint4*)(dst + kk * KS + 8 * e) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}
+
 // WK: warps splitting each key tile (4: decode, 16 rows per block; 1: prefill, 64 rows).
-template <int D, int WK>
+// KQ / VQ: the K / V cache and staging rows are q8_0 blocks (else f16); kc, vc, knew, vnew then
+// point at bytes, whatever their declared type.
+template <int D, int WK, bool KQ, bool VQ>
 __device__ __forceinline__ void attn_fa(
     const float* q, const u16* knew, const u16* vnew, const u16* kc, const u16* vc,
     const int* tok_pos, const int* tok_seq, const int* tok_p0, const int* tok_rs,
     const int2* tiles, int G, int n_head, int n_head_kv, const int* caps, const int* offs,
     int rows_per_seq, int sink, int n_split, float scale, float* out, float* part) {
-    constexpr int KS = FaSmem<D>::KS;
-    constexpr int STAGE = FaSmem<D>::STAGE;
+    using SM = FaSmem<D, KQ, VQ>;
+    constexpr int KS = SM::KS;
+    constexpr int STAGE = SM::STAGE / 2;  // halves (all-f16 path)
     constexpr int WR = 4 / WK;        // warps along the rows
     constexpr int ROWS = 16 * WR;     // query rows per block
     constexpr int KW = FA_KEYS / WK;  // keys per warp per tile
     constexpr int CPR = D / 8;        // 16-byte chunks per K or V row
     extern __shared__ __align__(16) u16 fa_smem[];
+    u8* const smem8 = (u8*)fa_smem;
+    // q8_0 tiles are converted here (K first, then V) before the tensor-core code reads them.
+    u16* const conv_k = (u16*)(smem8 + FA_STAGES * SM::STAGE);
+    u16* const conv_v = (u16*)(smem8 + FA_STAGES * SM::STAGE + (KQ ? SM::TILE16 : 0));
 
     pdl_trigger();
     const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
@@ -296,6 +389,21 @@ __device__ __forceinline__ void attn_fa(
     // Starts the copy of key tile `it` into its stage (one commit group per call, empty past
     // the end so the group count stays uniform). Keys past the split's end are zero-filled.
     auto issue = [&](int it) {
+        if constexpr (KQ || VQ) {
+            if (it < n_kt) {
+                const int kb = k0 + it * FA_KEYS, nkt = min(FA_KEYS, k1 - kb);
+                u8* st = smem8 + (it % FA_STAGES) * SM::STAGE;
+                const bool ring = nkt == FA_KEYS && kb >= ks.ns && ks.win >= FA_KEYS &&
+                                  ks.pos(kb + FA_KEYS - 1) < ks.p0;
+                const int s0 = ring ? ks.sink + (ks.pos(kb) - ks.sink) % ks.win : 0;
+                fa_load_part<D, KQ>(st, ks, kb, nkt, ring, s0, (const u8*)kc, (const u8*)knew,
+                                    tid);
+                fa_load_part<D, VQ>(st + SM::KPART, ks, kb, nkt, ring, s0, (const u8*)vc,
+                                    (const u8*)vnew, tid);
+            }
+            cp_async_commit();
+            return;
+        }
         if (it < n_kt) {
             const int kb = k0 + it * FA_KEYS, nkt = min(FA_KEYS, k1 - kb);
             u16* sk = fa_smem + (it % FA_STAGES) * STAGE;
@@ -346,10 +454,32 @@ __device__ __forceinline__ void attn_fa(
         __syncthreads();                 // ... everyone's; and tile it - 1 is fully consumed
         issue(it + FA_STAGES - 1);       // into the stage tile it - 1 used
         const int kb = k0 + it * FA_KEYS, nkt = min(FA_KEYS, k1 - kb);
-        const int kw0 = wk * KW;  // this warp's first key in the tile
-        if (kw0 >= nkt) continue;  // warp-uniform: nothing of this warp's in a short last tile
         const u16* sk = fa_smem + (it % FA_STAGES) * STAGE;
         const u16* sv = sk + FA_KEYS * KS;
+        const int kw0 = wk * KW;  // this warp's first key in the tile
+        if constexpr (KQ || VQ) {
+            // q8_0 parts to f16. The stage read here is refilled only after the next barrier.
+            // Prefill (one warp along the keys): the whole tile by the block, then a barrier
+            // (the conversion buffers were last read before the barrier above). Decode: each
+            // warp converts the KW keys it alone reads, so a warp barrier is enough.
+            const u8* st = smem8 + (it % FA_STAGES) * SM::STAGE;
+            sk = (const u16*)st;
+            sv = (const u16*)(st + SM::KPART);
+            if constexpr (KQ) sk = conv_k;
+            if constexpr (VQ) sv = conv_v;
+            if constexpr (WK == 1) {
+                if constexpr (KQ) fa_q8_to_f16<D, FA_KEYS, FA_THREADS>(st, conv_k, 0, tid);
+                if constexpr (VQ) {
+                    fa_q8_to_f16<D, FA_KEYS, FA_THREADS>(st + SM::KPART, conv_v, 0, tid);
+                }
+                __syncthreads();
+            } else if (kw0 < nkt) {  // warp-uniform
+                if constexpr (KQ) fa_q8_to_f16<D, KW, WARP>(st, conv_k, kw0, lane);
+                if constexpr (VQ) fa_q8_to_f16<D, KW, WARP>(st + SM::KPART, conv_v, kw0, lane);
+                __syncwarp();
+            }
+        }
+        if (kw0 >= nkt) continue;  // warp-uniform: nothing of this warp's in a short last tile
 
         // S = Q K^T for this warp's 16 rows x KW keys.
         float s[KW / 8][4];
@@ -511,17 +641,23 @@ __device__ __forceinline__ void attn_fa(
     }
 }
 
-#define ATTN_FA(name, D, WK)                                                                   \
+#define ATTN_FA(name, D, WK, KQ, VQ)                                                           \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) name(                             \
         const float* q, const u16* knew, const u16* vnew, const u16* kc, const u16* vc,        \
         const int* tok_pos, const int* tok_seq, const int* tok_p0, const int* tok_rs,          \
         const int2* tiles, int G, int n_head, int n_head_kv, const int* caps, const int* offs, \
         int rows_per_seq, int sink, int n_split, float scale, float* out, float* part) {       \
-        attn_fa<D, WK>(q, knew, vnew, kc, vc, tok_pos, tok_seq, tok_p0, tok_rs, tiles, G,      \
-                       n_head, n_head_kv, caps, offs, rows_per_seq, sink, n_split, scale, out, \
-                       part);                                                                  \
+        attn_fa<D, WK, KQ, VQ>(q, knew, vnew, kc, vc, tok_pos, tok_seq, tok_p0, tok_rs, tiles, \
+                               G, n_head, n_head_kv, caps, offs, rows_per_seq, sink, n_split,  \
+                               scale, out, part);                                              \
     }
-ATTN_FA(attn_dec_d64, 64, 4)
-ATTN_FA(attn_dec_d128, 128, 4)
-ATTN_FA(attn_pre_d64, 64, 1)
-ATTN_FA(attn_pre_d128, 128, 1)
+// f16 K and V; then q8_0 caches: _k8v8 both, _k8v16 K only, _k16v8 V only.
+#define ATTN_FA_TYPES(name, D, WK)              \
+    ATTN_FA(name, D, WK, false, false)          \
+    ATTN_FA(name##_k8v8, D, WK, true, true)     \
+    ATTN_FA(name##_k8v16, D, WK, true, false)   \
+    ATTN_FA(name##_k16v8, D, WK, false, true)
+ATTN_FA_TYPES(attn_dec_d64, 64, 4)
+ATTN_FA_TYPES(attn_dec_d128, 128, 4)
+ATTN_FA_TYPES(attn_pre_d64, 64, 1)
+ATTN_FA_TYPES(attn_pre_d128, 128, 1)

@@ -201,7 +201,8 @@ extern "C" __global__ void swiglu_q8(float* gate, const float* up, int width, in
 
 // RoPE on q and k (in place), k and v rounded to f16 into the staging rows, and, when `store`
 // (every run of the batch is one token, so no key a query of the batch needs is displaced),
-// also into the layer's cache ring. One thread per (token, head pair slot).
+// also into the layer's cache ring: bit 0 K, bit 1 V (a q8_0 cache is stored by kv_quant_q8_0
+// instead). One thread per (token, head pair slot).
 extern "C" __global__ void rope_kv(float* q, float* k, const float* v, int n_tok, int n_head,
                                    int n_head_kv, int head_dim, int half_rot, const float2* cs,
                                    u16* k16, u16* v16, int store, const int* tok_pos,
@@ -246,9 +247,63 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* v, int n_tok
     }
     u32 packed = (u32)f2h(x0) | ((u32)f2h(x1) << 16);
     *(u32*)((is_k ? k16 : v16) + off) = packed;
-    if (store) {
+    if (store & (is_k ? 1 : 2)) {
         int slot = ring_slot(caps[h], sink, tok_pos[t]);
         size_t row = (size_t)tok_seq[t] * rows_per_seq + offs[h] + slot;
         *(u32*)((is_k ? kc : vc) + row * head_dim + 2 * i) = packed;
     }
+}
+
+// ---- q8_0 K/V cache ------------------------------------------------------------------------
+// A q8_0 cache row of head_dim values is head_dim / 32 blocks of 34 bytes (f16 scale d, 32
+// int8), the staging rows the same per (token, KV head), as src/kv lays them out.
+
+// Quantizes n_tok rows of n_head_kv x head_dim floats (K after RoPE, or V) to q8_0 staging
+// blocks, as ggml's reference quantizer (ggml-compat q8::quantize_q8_0) does: d = amax / 127,
+// q = round(x * (1 / d)) with ties away from zero (0 when d is 0), d stored as f16. With `store`
+// (every run one token long) the blocks also go to the layer's cache ring. One warp per block.
+extern "C" __global__ void kv_quant_q8_0(const float* x, int n_tok, int n_head_kv, int head_dim,
+                                         u8* stage, int store, const int* tok_pos,
+                                         const int* tok_seq, const int* caps, const int* offs,
+                                         int rows_per_seq, int sink, u8* cache) {
+    const int bph = head_dim / 32;  // blocks per head row
+    const int nb = n_tok * n_head_kv * bph;
+    const int gb = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    if (gb >= nb) return;  // warp-uniform
+    const int lane = threadIdx.x % WARP;
+    const float v = x[(size_t)gb * 32 + lane];
+    const float amax = warp_max(fabsf(v));
+    const float d = __fdiv_rn(amax, 127.0f);
+    const float id = d != 0.0f ? __fdiv_rn(1.0f, d) : 0.0f;
+    const float r = fminf(fmaxf(roundf(__fmul_rn(v, id)), -128.0f), 127.0f);
+    const u8 q = (u8)(i8)(int)r;
+    const u16 dh = f2h(d);
+    u8* sb = stage + (size_t)gb * 34;
+    sb[2 + lane] = q;
+    if (lane == 0) *(u16*)sb = dh;
+    if (store) {
+        const int t = gb / (n_head_kv * bph), h = (gb / bph) % n_head_kv, b = gb % bph;
+        const int slot = ring_slot(caps[h], sink, tok_pos[t]);
+        const size_t row = (size_t)tok_seq[t] * rows_per_seq + offs[h] + slot;
+        u8* cb = cache + (row * bph + b) * 34;
+        cb[2 + lane] = q;
+        if (lane == 0) *(u16*)cb = dh;
+    }
+}
+
+// Copies the batch's staged K or V rows (row_words 32-bit words per (token, KV head): f16 or
+// q8_0) into one layer's cache ring, the newest token of a run winning each slot (as kv_store).
+extern "C" __global__ void kv_store_rows(const u32* stage, int row_words, int n_tok, int n_head_kv,
+                                         const int* tok_pos, const int* tok_seq,
+                                         const int* tok_last, const int* caps, const int* offs,
+                                         int rows_per_seq, int sink, u32* cache) {
+    const int gid = blockIdx.x * blockDim.x + threadIdx.x;
+    if (gid >= n_tok * n_head_kv * row_words) return;
+    const int t = gid / (n_head_kv * row_words), r = gid % (n_head_kv * row_words);
+    const int h = r / row_words, w = r % row_words;
+    const int pos = tok_pos[t], cap = caps[h];
+    if (pos >= sink && cap > sink && tok_last[t] - pos >= cap - sink) return;
+    const int slot = ring_slot(cap, sink, pos);
+    const size_t row = (size_t)tok_seq[t] * rows_per_seq + offs[h] + slot;
+    cache[row * row_words + w] = stage[((size_t)t * n_head_kv + h) * row_words + w];
 }

@@ -46,7 +46,7 @@ pub enum RuntimeError {
 /// tools. K and V may differ.
 #[derive(Debug, Clone, Copy, Default, clap::Args)]
 pub struct CacheTypeArgs {
-    /// K cache type (-ctk): f16 or q8_0 (34 bytes per 32 values; CPU backend only for now).
+    /// K cache type (-ctk): f16 or q8_0 (34 bytes per 32 values).
     #[arg(long = "cache-type-k", value_name = "TYPE", default_value = "f16")]
     pub cache_type_k: KvType,
     /// V cache type (-ctv): f16 or q8_0.

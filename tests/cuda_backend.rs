@@ -6,7 +6,8 @@
 //!   (1..8 tokens, q8_1 activations) and prefill (f16 tiles + cuBLAS) products against the f64
 //!   product of the dequantized weight with the activations as the kernel sees them; and whole
 //!   models (every op, dense and random span plans, prefill in chunks and decode across ring
-//!   wrap-around) against the CPU backend; a backend re-planned for other plans and lengths
+//!   wrap-around) against the CPU backend, for each K/V cache type pair (f16, q8_0, mixed: the
+//!   same cache bytes on both sides); a backend re-planned for other plans and lengths
 //!   against a fresh one, and moa-eval's runner on the GPU (one backend for every trial).
 
 mod common;
@@ -18,7 +19,7 @@ use moa::backend::cpu::CpuBackend;
 use moa::backend::cuda::{self, CudaBackend, DecodeKernels, MatmulHarness, GPU_TYPES};
 use moa::backend::BackendOptions;
 use moa::formats::GgmlType;
-use moa::kv::KvLayout;
+use moa::kv::{KvLayout, KvType, KvTypes};
 use moa::moa::{Plan, Rule};
 use moa::model::synth::{write_synthetic, SynthSpec};
 use moa::model::Model;
@@ -36,6 +37,9 @@ fn kernels_compile_through_nvrtc() {
     // sm_86 builds the two-stage attention pipeline (consumer parts), the others three.
     for arch in ["sm_90", "sm_80", "sm_86"] {
         let ptx = cuda::kernels::compile(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        if let Ok(dir) = std::env::var("MOA_DUMP_PTX") {
+            std::fs::write(format!("{dir}/{arch}.ptx"), &ptx).unwrap();
+        }
         for name in [
             "quantize_q8_1",
             "mmvq_q4_k_1",
@@ -48,6 +52,12 @@ fn kernels_compile_through_nvrtc() {
             "attn_dec_d128",
             "attn_pre_d64",
             "attn_pre_d128",
+            "attn_dec_d64_k8v8",
+            "attn_dec_d128_k8v16",
+            "attn_pre_d64_k16v8",
+            "attn_pre_d128_k8v8",
+            "kv_quant_q8_0",
+            "kv_store_rows",
             "attn_merge",
             "attn_merge_wide",
             "add_rms_norm_q8_4",
@@ -298,6 +308,12 @@ fn gpu_vs_cpu_worst(
     };
     let mut cpu = CpuBackend::new(Arc::clone(model), opts.clone()).unwrap();
     let mut gpu = CudaBackend::new(Arc::clone(model), opts).unwrap();
+    // The cache takes exactly the layout's bytes in its types, as on the CPU.
+    {
+        use moa::backend::Backend;
+        assert_eq!(gpu.kv_alloc_bytes(), layout.bytes(), "{}", layout.types());
+        assert_eq!(gpu.kv_bytes(), cpu.kv_bytes());
+    }
     let a = common::logits_all(&mut cpu, toks, prompt, chunk);
     let b = common::logits_all(&mut gpu, toks, prompt, chunk);
     let mut worst = 0f32;
@@ -317,6 +333,47 @@ fn gpu_spec(ty: GgmlType, seed: u64) -> SynthSpec {
     s.n_head_kv = 2;
     s.n_ff = 512;
     s
+}
+
+/// The K/V cache type pairs the attention tests run: f16 (llama.cpp's default), q8_0 for both,
+/// and each mixed pair.
+const KV_TYPES: [KvTypes; 4] = [
+    KvTypes {
+        k: KvType::F16,
+        v: KvType::F16,
+    },
+    KvTypes {
+        k: KvType::Q8_0,
+        v: KvType::Q8_0,
+    },
+    KvTypes {
+        k: KvType::Q8_0,
+        v: KvType::F16,
+    },
+    KvTypes {
+        k: KvType::F16,
+        v: KvType::Q8_0,
+    },
+];
+
+/// Extra logit difference (relative to the row's largest logit) allowed when K is q8_0: both
+/// backends read the same q8_0 cache blocks, but the CPU scores them with the query quantized to
+/// q8_0 too (as llama.cpp's CPU flash attention does) while the GPU keeps the query in f16.
+/// Estimate: a q8_0 rounding error is uniform within half a step of `amax / 127`, so its RMS is
+/// about `2.5 / 127 / sqrt(12)` = 0.6% of the RMS of a 32-value block (amax about 2.5 RMS); each
+/// score moves by about 0.6% of the scores' spread, as much as the K cache's own quantization
+/// moves it. Measured on the CPU with the synthetic models of these tests (1200 tokens, dense),
+/// the f16-vs-q8_0-K logit difference, which holds the K and the Q quantization together, is at
+/// most 5.2e-3 (F32 weights; 6.1e-3 with V q8_0 as well), so the Q term alone is below that:
+/// the allowance is twice the largest of these. q8_0 V adds only the f16 rounding of `d * q` in
+/// shared memory (2^-12 relative) on the GPU, within the f16 bound. A span or ring error moves
+/// logits by tens of percent.
+fn q8_allowance(types: KvTypes) -> f32 {
+    if types.k == KvType::Q8_0 {
+        1e-2
+    } else {
+        0.0
+    }
 }
 
 #[test]
@@ -351,16 +408,19 @@ fn cuda_backend_matches_cpu_backend() {
             let toks: Vec<u32> = (0..n)
                 .map(|_| (rng.next() % c.n_vocab as u64) as u32)
                 .collect();
-            let worst = gpu_vs_cpu_worst(&model, &layout, 32, &toks, prompt, chunk);
-            // Activations differ in format between the backends (q8_K/q8_0 on the CPU, q8_1 or
-            // f16 on the GPU); a span or ring error moves logits by far more.
-            let tol = if ty == GgmlType::F32 { 2e-3 } else { 3e-2 };
-            assert!(
-                worst < tol,
-                "{} case {case} (n {n}, prompt {prompt}, chunk {chunk}): worst relative logit difference {worst}",
-                ty.name()
-            );
-            eprintln!("{} case {case}: worst {worst:.2e}", ty.name());
+            for types in KV_TYPES {
+                let layout = layout.clone().with_types(types).unwrap();
+                let worst = gpu_vs_cpu_worst(&model, &layout, 32, &toks, prompt, chunk);
+                // Activations differ in format between the backends (q8_K/q8_0 on the CPU, q8_1
+                // or f16 on the GPU); a span or ring error moves logits by far more.
+                let tol = if ty == GgmlType::F32 { 2e-3 } else { 3e-2 } + q8_allowance(types);
+                assert!(
+                    worst < tol,
+                    "{} KV {types} case {case} (n {n}, prompt {prompt}, chunk {chunk}): worst relative logit difference {worst}",
+                    ty.name()
+                );
+                eprintln!("{} KV {types} case {case}: worst {worst:.2e}", ty.name());
+            }
         }
     }
 }
@@ -410,14 +470,19 @@ fn cuda_attention_long_sequences_match_cpu() {
             let toks: Vec<u32> = (0..n)
                 .map(|_| (rng.next() % c.n_vocab as u64) as u32)
                 .collect();
-            let worst = gpu_vs_cpu_worst(&model, &layout, 256, &toks, prompt, chunk);
             let caps: Vec<usize> = (0..c.n_head_kv).map(|h| layout.capacity(0, h)).collect();
-            assert!(
-                worst < 2e-3,
-                "hd {hd} heads {nh}/{nkv} case {case} (n {n}, prompt {prompt}, chunk {chunk}, \
-                 capacities {caps:?}): worst relative logit difference {worst}"
-            );
-            eprintln!("hd {hd} heads {nh}/{nkv} case {case} caps {caps:?}: worst {worst:.2e}");
+            for types in KV_TYPES {
+                let layout = layout.clone().with_types(types).unwrap();
+                let worst = gpu_vs_cpu_worst(&model, &layout, 256, &toks, prompt, chunk);
+                assert!(
+                    worst < 2e-3 + q8_allowance(types),
+                    "hd {hd} heads {nh}/{nkv} KV {types} case {case} (n {n}, prompt {prompt}, \
+                     chunk {chunk}, capacities {caps:?}): worst relative logit difference {worst}"
+                );
+                eprintln!(
+                    "hd {hd} heads {nh}/{nkv} KV {types} case {case} caps {caps:?}: worst {worst:.2e}"
+                );
+            }
         }
     }
 }
@@ -448,14 +513,57 @@ fn cuda_attention_beyond_64k_keys_matches_cpu() {
     let toks: Vec<u32> = (0..n)
         .map(|_| (rng.next() % c.n_vocab as u64) as u32)
         .collect();
-    let layout = KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n);
-    let worst = gpu_vs_cpu_worst(&model, &layout, 512, &toks, n - 8, 512);
-    eprintln!("{n} tokens, dense: worst {worst:.2e}");
-    // The CPU reference accumulates values in f16 as llama.cpp's CPU path does, so its
-    // rounding grows with the key count (5.6e-3 measured on an H100 at 66008 keys, 9.6e-4
-    // before the CPU took llama.cpp's arithmetic); losing the keys past 65536 would change the
-    // attention output itself, far more than this.
-    assert!(worst < 1.5e-2, "worst relative logit difference {worst}");
+    for types in [KV_TYPES[0], KV_TYPES[1]] {
+        let layout = KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n)
+            .with_types(types)
+            .unwrap();
+        let worst = gpu_vs_cpu_worst(&model, &layout, 512, &toks, n - 8, 512);
+        eprintln!("{n} tokens, dense, KV {types}: worst {worst:.2e}");
+        // The CPU reference accumulates f16 values in f16 as llama.cpp's CPU path does, so its
+        // rounding grows with the key count (5.6e-3 measured on an H100 at 66008 keys, 9.6e-4
+        // before the CPU took llama.cpp's arithmetic; its q8_0 path accumulates in f32); losing
+        // the keys past 65536 would change the attention output itself, far more than this.
+        assert!(
+            worst < 1.5e-2 + q8_allowance(types),
+            "KV {types}: worst relative logit difference {worst}"
+        );
+    }
+}
+
+/// The q8_0 cache-append kernel writes the bytes of the CPU backend's quantizer (ggml's reference
+/// `quantize_row_q8_0`: `d = amax / 127`, ties away from zero) into the staging rows and the
+/// cache ring, on random rows, rows with exact ties (x * (1 / d) = k + 0.5) and zero blocks.
+#[test]
+fn kv_quant_q8_0_matches_cpu_quantizer() {
+    if !gpu_or_skip("kv_quant_q8_0_matches_cpu_quantizer") {
+        return;
+    }
+    let h = MatmulHarness::new().unwrap();
+    let mut rng = Rng(99);
+    for (hk, hd, n_tok) in [(2usize, 64usize, 37usize), (1, 128, 5), (8, 128, 64)] {
+        let mut x: Vec<f32> = (0..n_tok * hk * hd)
+            .map(|i| rng.f() * [1.0, 0.01, 300.0][i / 32 % 3])
+            .collect();
+        // Block 1: amax 127 so d = 1 and the quants are x itself: ties round away from zero.
+        for (i, v) in x[32..64].iter_mut().enumerate() {
+            *v = [127.0, -0.5, 0.5, 1.5, -2.5, 126.5, -126.5, 3.0][i % 8];
+        }
+        x[64..96].fill(0.0);
+        let (staged, stored) = cuda::quantize_kv_q8_0(&h.gpu, &h.k, &x, hk, hd).unwrap();
+        let mut want = vec![0u8; KvType::Q8_0.bytes_for(x.len())];
+        ggml_compat::q8::quantize_q8_0(&x, &mut want);
+        let diff = staged.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(diff, 0, "hk {hk} hd {hd}: {diff} staged bytes differ");
+        // Cache: head g's region holds rows 0..n_tok at slots equal to their positions.
+        let rb = KvType::Q8_0.bytes_for(hd);
+        for t in 0..n_tok {
+            for g in 0..hk {
+                let src = &want[(t * hk + g) * rb..(t * hk + g + 1) * rb];
+                let dst = &stored[(g * n_tok + t) * rb..(g * n_tok + t + 1) * rb];
+                assert_eq!(src, dst, "hk {hk} hd {hd}: token {t} head {g} stored row");
+            }
+        }
+    }
 }
 
 /// Decode matvec bandwidth on Llama-3-8B's largest matrices (run on the GPU machine with
@@ -642,7 +750,8 @@ fn default_model_greedy_matches_cpu() {
 
 /// `Backend::replan`: one CUDA backend re-planned through span plans and dense caches of other
 /// lengths (growing and shrinking the cache, the same layout twice) gives the logits of a fresh
-/// backend made for each layout, prefill in chunks then decode steps (graphs captured again).
+/// backend made for each layout, prefill in chunks then decode steps (graphs captured again);
+/// with an f16 and with a q8_0 K/V cache.
 #[test]
 fn cuda_replan_matches_fresh_backend() {
     if !gpu_or_skip("cuda_replan_matches_fresh_backend") {
@@ -654,54 +763,84 @@ fn cuda_replan_matches_fresh_backend() {
     write_synthetic(&gpu_spec(GgmlType::Q8_0, 11), &path).unwrap();
     let model = Arc::new(Model::load(&path).unwrap());
     let c = model.config.clone();
-    let mut rng = Rng(5);
-    let dense = |n| KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n);
-    let layouts = [
-        random_plan_layout(&mut rng, &c, 90, -10.0, 40, 5, 0.2, (4, 8, 4)),
-        dense(160),
-        random_plan_layout(&mut rng, &c, 300, -10.0, 40, 5, 0.2, (4, 8, 4)),
-        random_plan_layout(&mut rng, &c, 70, -10.0, 40, 5, 0.2, (4, 8, 4)),
-        dense(160),
-        dense(160),
-    ];
-    let opts = |layout: &KvLayout| BackendOptions {
-        max_batch: 32,
-        threads: 2,
-        layout: layout.clone(),
-    };
-    let mut reused = CudaBackend::new(Arc::clone(&model), opts(&layouts[0])).unwrap();
-    for (i, layout) in layouts.iter().enumerate() {
-        assert!(reused.replan(layout).unwrap(), "layout {i}");
-        assert_eq!(reused.kv_layout(), layout);
-        assert_eq!(reused.seq_len(0), 0);
-        let n = layout.n_ctx;
-        let toks: Vec<u32> = (0..n)
-            .map(|_| (rng.next() % c.n_vocab as u64) as u32)
-            .collect();
-        let prompt = n - 8;
-        let a = common::logits_all(&mut reused, &toks, prompt, 32);
-        let mut fresh = CudaBackend::new(Arc::clone(&model), opts(layout)).unwrap();
-        let b = common::logits_all(&mut fresh, &toks, prompt, 32);
-        let mut worst = 0f32;
-        for (ra, rb) in a.iter().zip(&b) {
-            let scale = rb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
-            for (x, y) in ra.iter().zip(rb) {
-                worst = worst.max((x - y).abs() / scale);
+    for (types, other) in [(KV_TYPES[0], KV_TYPES[1]), (KV_TYPES[1], KV_TYPES[0])] {
+        let mut rng = Rng(5);
+        let typed = |l: KvLayout| l.with_types(types).unwrap();
+        let dense = |n| typed(KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n));
+        let layouts = [
+            typed(random_plan_layout(
+                &mut rng,
+                &c,
+                90,
+                -10.0,
+                40,
+                5,
+                0.2,
+                (4, 8, 4),
+            )),
+            dense(160),
+            typed(random_plan_layout(
+                &mut rng,
+                &c,
+                300,
+                -10.0,
+                40,
+                5,
+                0.2,
+                (4, 8, 4),
+            )),
+            typed(random_plan_layout(
+                &mut rng,
+                &c,
+                70,
+                -10.0,
+                40,
+                5,
+                0.2,
+                (4, 8, 4),
+            )),
+            dense(160),
+            dense(160),
+        ];
+        let opts = |layout: &KvLayout| BackendOptions {
+            max_batch: 32,
+            threads: 2,
+            layout: layout.clone(),
+        };
+        let mut reused = CudaBackend::new(Arc::clone(&model), opts(&layouts[0])).unwrap();
+        for (i, layout) in layouts.iter().enumerate() {
+            assert!(reused.replan(layout).unwrap(), "KV {types} layout {i}");
+            assert_eq!(reused.kv_layout(), layout);
+            assert_eq!(reused.seq_len(0), 0);
+            let n = layout.n_ctx;
+            let toks: Vec<u32> = (0..n)
+                .map(|_| (rng.next() % c.n_vocab as u64) as u32)
+                .collect();
+            let prompt = n - 8;
+            let a = common::logits_all(&mut reused, &toks, prompt, 32);
+            let mut fresh = CudaBackend::new(Arc::clone(&model), opts(layout)).unwrap();
+            let b = common::logits_all(&mut fresh, &toks, prompt, 32);
+            let mut worst = 0f32;
+            for (ra, rb) in a.iter().zip(&b) {
+                let scale = rb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+                for (x, y) in ra.iter().zip(rb) {
+                    worst = worst.max((x - y).abs() / scale);
+                }
             }
+            eprintln!(
+                "KV {types} layout {i} (n {n}): worst relative difference re-planned vs fresh \
+                 {worst:.2e}"
+            );
+            // The same kernels on the same data: equal unless a buffer or table is stale.
+            assert!(worst < 1e-5, "KV {types} layout {i}: {worst}");
         }
-        eprintln!("layout {i} (n {n}): worst relative difference re-planned vs fresh {worst:.2e}");
-        // The same kernels on the same data: equal unless a buffer or table is stale.
-        assert!(worst < 1e-5, "layout {i}: {worst}");
+        // Another cache type is not a re-plan: nothing changes.
+        let o = KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, 64)
+            .with_types(other)
+            .unwrap();
+        assert!(!reused.replan(&o).unwrap());
+        assert_eq!(reused.kv_layout(), &layouts[5]);
     }
-    // Another cache type is not a re-plan: nothing changes.
-    let q8 = dense(64)
-        .with_types(moa::kv::KvTypes {
-            k: moa::kv::KvType::Q8_0,
-            v: moa::kv::KvType::Q8_0,
-        })
-        .unwrap();
-    assert!(!reused.replan(&q8).unwrap());
-    assert_eq!(reused.kv_layout(), &layouts[5]);
 }
 
 /// moa-eval's runner on the GPU: the pass key over lengths, depths, trials and two

@@ -25,7 +25,7 @@
 #              target/gpu-eval/); then a GPU-vs-CPU sanity run (dense, 4 cells) on both devices;
 #   bench:     a synthetic Llama-3-8B-shaped file (Q4_K, Q6_K output, vocab 49152: the shape of
 #              the llama.cpp figures in ../shared/docs/anchors.md) and moa-bench on it, dense and
-#              uniform 0.5, at the depths of the issue bars;
+#              uniform 0.5, at the depths of the issue bars; then with a q8_0 K/V cache;
 #   parallel:  moa-bench --parallel 1,4,16 with 16k prompts, dense and uniform 0.5;
 #   bandwidth: the decode matvec bandwidth report;
 #   times:     per-kernel GPU times of decode steps from the built-in timer (MOA_KERNEL_TIMES=1);
@@ -157,6 +157,11 @@ bench)
     "${b[@]}" --dense -p 512 -n 128 -d 0,4096,16384,32768
     "${b[@]}" --dense -p 0 -n 128 -d 65536
     for d in 32768 65536; do "${b[@]}" --uniform 0.5 -p 512 -n 128 -d $d; done
+    echo "== q8_0 K/V cache (-ctk q8_0 -ctv q8_0), the same shapes"
+    q8=(-ctk q8_0 -ctv q8_0)
+    "${b[@]}" "${q8[@]}" --dense -p 512 -n 128 -d 0,32768
+    "${b[@]}" "${q8[@]}" --dense -p 0 -n 128 -d 65536
+    "${b[@]}" "${q8[@]}" --uniform 0.5 -p 512 -n 128 -d 65536
     ;;
 parallel)
     make_synth

@@ -18,6 +18,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
 
 use crate::backend::BackendError;
+use crate::kv::{KvType, KvTypes};
 
 /// The kernel sources, in the order they are concatenated.
 pub const SOURCES: &[(&str, &str)] = &[
@@ -134,11 +135,65 @@ pub fn fa_stages() -> usize {
     forced.unwrap_or(2)
 }
 
-/// Dynamic shared memory of one attention block with head dimension `d` (`FaSmem` in
-/// attention.cu: stages x (K + V tile) of FA_KEYS rows of d + 8 halves).
-pub fn fa_smem_bytes(d: usize, stages: usize) -> usize {
+/// Dynamic shared memory of one attention block with head dimension `d` and cache types `types`
+/// (`FaSmem` in attention.cu): stages x (K tile + V tile), an f16 tile being FA_KEYS rows of
+/// d + 8 halves and a q8_0 tile FA_KEYS rows of d / 32 blocks of 34 bytes, then one f16 tile
+/// for each q8_0 part (the converted tile the tensor cores read).
+pub fn fa_smem_bytes(d: usize, stages: usize, types: KvTypes) -> usize {
     const FA_KEYS: usize = 64;
-    stages * 2 * FA_KEYS * (d + 8) * 2
+    let tile16 = FA_KEYS * (d + 8) * 2;
+    let part = |t: KvType| match t {
+        KvType::F16 => tile16,
+        KvType::Q8_0 => FA_KEYS * t.bytes_for(d),
+    };
+    let conv = |t: KvType| if t == KvType::Q8_0 { tile16 } else { 0 };
+    stages * (part(types.k) + part(types.v)) + conv(types.k) + conv(types.v)
+}
+
+/// The attention kernels' cache type combinations, in [`Kernels::attn`] order.
+pub const ATTN_TYPES: [KvTypes; 4] = [
+    KvTypes {
+        k: KvType::F16,
+        v: KvType::F16,
+    },
+    KvTypes {
+        k: KvType::Q8_0,
+        v: KvType::Q8_0,
+    },
+    KvTypes {
+        k: KvType::Q8_0,
+        v: KvType::F16,
+    },
+    KvTypes {
+        k: KvType::F16,
+        v: KvType::Q8_0,
+    },
+];
+
+/// Index of `types` in [`ATTN_TYPES`].
+pub fn attn_types_index(types: KvTypes) -> usize {
+    ATTN_TYPES
+        .iter()
+        .position(|&t| t == types)
+        .expect("every K/V type pair has attention kernels")
+}
+
+/// Name of the attention kernel for prefill or decode, head dimension `d` and cache `types`
+/// (attention.cu: `attn_dec_d64`, `attn_pre_d128_k8v8`, ...).
+pub fn attn_kernel_name(prefill: bool, d: usize, types: KvTypes) -> String {
+    let base = format!("attn_{}_d{d}", if prefill { "pre" } else { "dec" });
+    let suffix = |t: KvType| if t == KvType::Q8_0 { "8" } else { "16" };
+    if types == KvTypes::default() {
+        base
+    } else {
+        format!("{base}_k{}v{}", suffix(types.k), suffix(types.v))
+    }
+}
+
+/// One attention kernel with its dynamic shared memory.
+pub struct AttnKernel {
+    pub func: CudaFunction,
+    pub smem: usize,
 }
 
 /// Every kernel function of the program.
@@ -153,18 +208,19 @@ pub struct Kernels {
     pub gather_rows: CudaFunction,
     pub kv_store: CudaFunction,
     pub argmax_rows: CudaFunction,
-    pub attn_dec_d64: CudaFunction,
-    pub attn_dec_d128: CudaFunction,
-    pub attn_pre_d64: CudaFunction,
-    pub attn_pre_d128: CudaFunction,
+    /// Span attention by [`ATTN_TYPES`] index, then prefill (`attn_pre_*`) or decode
+    /// (`attn_dec_*`), then head dimension 64 or 128.
+    pub attn: Vec<[[AttnKernel; 2]; 2]>,
     pub attn_merge: CudaFunction,
     pub attn_merge_wide: CudaFunction,
-    /// Dynamic shared memory of the attention kernels by head dimension (64, 128).
-    pub fa_smem: [usize; 2],
     /// `add_rms_norm_q8_<PER>` for PER = 4, 8, 16 values per thread.
     pub add_rms_norm_q8: [CudaFunction; 3],
     pub swiglu_q8: CudaFunction,
     pub rope_kv: CudaFunction,
+    /// q8_0 caches: quantize staged K/V rows (and store them when decoding), and the
+    /// type-generic store of staged rows.
+    pub kv_quant_q8_0: CudaFunction,
+    pub kv_store_rows: CudaFunction,
     module: Arc<CudaModule>,
 }
 
@@ -184,15 +240,24 @@ impl Kernels {
         let f = |name: &str| load_named(&module, name);
         // The attention kernels take more than the default 48 KiB of dynamic shared memory.
         let stages = fa_stages();
-        let fa = |name: &str, d: usize| {
-            let func = f(name)?;
+        let fa = |prefill: bool, d: usize, types: KvTypes| {
+            let name = attn_kernel_name(prefill, d, types);
+            let smem = fa_smem_bytes(d, stages, types);
+            let func = f(&name)?;
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                fa_smem_bytes(d, stages) as i32,
+                smem as i32,
             )
             .map_err(|e| super::device::driver_err(&format!("shared memory size of {name}"), e))?;
-            Ok::<_, BackendError>(func)
+            Ok::<_, BackendError>(AttnKernel { func, smem })
         };
+        let mut attn = Vec::with_capacity(ATTN_TYPES.len());
+        for types in ATTN_TYPES {
+            attn.push([
+                [fa(true, 64, types)?, fa(true, 128, types)?],
+                [fa(false, 64, types)?, fa(false, 128, types)?],
+            ]);
+        }
         Ok(Kernels {
             quantize_q8_1: f("quantize_q8_1")?,
             q8_1_mma_layout: f("q8_1_mma_layout")?,
@@ -203,13 +268,9 @@ impl Kernels {
             gather_rows: f("gather_rows")?,
             kv_store: f("kv_store")?,
             argmax_rows: f("argmax_rows")?,
-            attn_dec_d64: fa("attn_dec_d64", 64)?,
-            attn_dec_d128: fa("attn_dec_d128", 128)?,
-            attn_pre_d64: fa("attn_pre_d64", 64)?,
-            attn_pre_d128: fa("attn_pre_d128", 128)?,
+            attn,
             attn_merge: f("attn_merge")?,
             attn_merge_wide: f("attn_merge_wide")?,
-            fa_smem: [fa_smem_bytes(64, stages), fa_smem_bytes(128, stages)],
             add_rms_norm_q8: [
                 f("add_rms_norm_q8_4")?,
                 f("add_rms_norm_q8_8")?,
@@ -217,6 +278,8 @@ impl Kernels {
             ],
             swiglu_q8: f("swiglu_q8")?,
             rope_kv: f("rope_kv")?,
+            kv_quant_q8_0: f("kv_quant_q8_0")?,
+            kv_store_rows: f("kv_store_rows")?,
             module,
         })
     }
@@ -234,4 +297,12 @@ pub fn load_named(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction, 
         .map_err(|e| super::device::driver_err(&format!("kernel {name}"), e))?;
     super::timer::name_kernel(&f, name);
     Ok(f)
+}
+
+impl Kernels {
+    /// The attention kernel for prefill (`attn_pre_*`) or decode (`attn_dec_*`), head dimension
+    /// `d` (64 or 128) and cache `types`.
+    pub fn attn_kernel(&self, prefill: bool, d: usize, types: KvTypes) -> &AttnKernel {
+        &self.attn[attn_types_index(types)][usize::from(!prefill)][usize::from(d == 128)]
+    }
 }

@@ -6,7 +6,9 @@
 //!   quantized once to q8_1, or `mv_*` for float weights); larger batches dequantize the weight
 //!   in row chunks to an f16 scratch tile and multiply with cuBLAS (f32 accumulation).
 //! - Attention: the span-aware kernel of `cuda/attention.cu` over per-head KV regions of the
-//!   [`KvLayout`] (dense is the layout with one region of `n_ctx` per head), f16 K/V.
+//!   [`KvLayout`] (dense is the layout with one region of `n_ctx` per head), K and V each f16
+//!   or q8_0 (ggml blocks, quantized on the device as ggml's reference quantizer does; the
+//!   kernels copy the raw blocks into shared memory and convert them to f16 there).
 //! - Every buffer is allocated in [`CudaBackend::new`]; a forward step uploads the batch's
 //!   metadata in one copy and downloads only the requested logits.
 
@@ -31,7 +33,7 @@ pub use self::matmul::{
 use super::{validate_batch, Backend, BackendError, BackendOptions};
 use crate::backend::cpu::ops::rope_angles;
 use crate::graph::{ActId, Batch, Op};
-use crate::kv::KvLayout;
+use crate::kv::{KvLayout, KvType, KvTypes};
 use crate::model::Model;
 
 /// Query rows per prefill attention block (`attn_pre_*` in attention.cu: 4 warps x 16 rows).
@@ -71,6 +73,9 @@ pub struct CudaBackend {
     mats: MatScratch,
     k16: DevBuf,
     v16: DevBuf,
+    /// The batch's K / V rows as q8_0 blocks (allocated for a q8_0 cache type only).
+    k8: DevBuf,
+    v8: DevBuf,
     kv: Vec<(DevBuf, DevBuf)>,
     caps: DevBuf,
     offs: DevBuf,
@@ -157,20 +162,112 @@ fn head_tables(layout: &KvLayout) -> (Vec<i32>, Vec<i32>) {
     (caps, offs)
 }
 
-/// Whether the CUDA backend can hold a KV cache of these element types (f16 K and V only, for
-/// now); checked before any GPU is touched.
-pub fn check_kv_types(types: crate::kv::KvTypes) -> Result<(), BackendError> {
-    if types != crate::kv::KvTypes::default() {
-        return Err(BackendError::Unsupported {
-            backend: "cuda",
-            tensor: super::KV_CACHE.into(),
-            ty: types.to_string(),
-            reason:
-                "the CUDA attention kernels read f16 K/V only; run a q8_0 cache with --device cpu"
-                    .into(),
-        });
+/// Whether the CUDA backend can hold a KV cache of these element types (every [`KvType`], K and
+/// V independently: f16 and q8_0); checked before any GPU is touched.
+pub fn check_kv_types(types: KvTypes) -> Result<(), BackendError> {
+    for ty in [types.k, types.v] {
+        if !KvType::ALL.contains(&ty) {
+            return Err(BackendError::Unsupported {
+                backend: "cuda",
+                tensor: super::KV_CACHE.into(),
+                ty: types.to_string(),
+                reason: "the CUDA attention kernels read f16 or q8_0 K/V".into(),
+            });
+        }
     }
     Ok(())
+}
+
+/// Bytes of one layer's K (or V) cache buffer holding `rows` rows of `head_dim` values of `ty`.
+fn kv_buffer_bytes(rows: usize, head_dim: usize, ty: KvType) -> usize {
+    rows * ty.bytes_for(head_dim)
+}
+
+/// Allocates one layer's K and V cache buffers for `layout`.
+fn alloc_layer_kv(
+    gpu: &Gpu,
+    layout: &KvLayout,
+    l: usize,
+) -> Result<(DevBuf, DevBuf), BackendError> {
+    let (rows, hd, types) = (layout.rows_per_layer(l), layout.head_dim, layout.types());
+    Ok((
+        gpu.alloc(
+            kv_buffer_bytes(rows, hd, types.k),
+            &format!("KV cache (K, layer {l})"),
+        )?,
+        gpu.alloc(
+            kv_buffer_bytes(rows, hd, types.v),
+            &format!("KV cache (V, layer {l})"),
+        )?,
+    ))
+}
+
+/// Runs the cache-append kernel of a q8_0 cache (`kv_quant_q8_0`) on `x`: `n_tok` rows of
+/// `n_head_kv x head_dim` floats, positions `0..n_tok` of one sequence stored into a cache of one
+/// region of `n_tok` rows per head. Returns the staging blocks and the cache bytes (tests: both
+/// against the CPU quantizer).
+pub fn quantize_kv_q8_0(
+    gpu: &Gpu,
+    k: &Kernels,
+    x: &[f32],
+    n_head_kv: usize,
+    head_dim: usize,
+) -> Result<(Vec<u8>, Vec<u8>), BackendError> {
+    let row = n_head_kv * head_dim;
+    if head_dim == 0 || !head_dim.is_multiple_of(32) || x.is_empty() || !x.len().is_multiple_of(row)
+    {
+        return Err(BackendError::Device(format!(
+            "quantize_kv_q8_0: {} values are not whole rows of {n_head_kv} x {head_dim} (a \
+             multiple of 32)",
+            x.len()
+        )));
+    }
+    let n_tok = x.len() / row;
+    let bytes = KvType::Q8_0.bytes_for(x.len());
+    let pos: Vec<i32> = (0..n_tok as i32).collect();
+    let seq = vec![0i32; n_tok];
+    let caps = vec![n_tok as i32; n_head_kv];
+    let offs: Vec<i32> = (0..n_head_kv).map(|h| (h * n_tok) as i32).collect();
+    let xb = gpu.alloc(x.len() * 4, "harness rows")?;
+    gpu.upload(&xb, x)?;
+    let ints = |v: &[i32], what: &str| -> Result<DevBuf, BackendError> {
+        let b = gpu.alloc(v.len() * 4, what)?;
+        gpu.upload(&b, v)?;
+        Ok(b)
+    };
+    let (pb, sb, cb, ob) = (
+        ints(&pos, "harness positions")?,
+        ints(&seq, "harness sequences")?,
+        ints(&caps, "harness capacities")?,
+        ints(&offs, "harness offsets")?,
+    );
+    let stage = gpu.alloc(bytes, "harness staging")?;
+    let cache = gpu.alloc(bytes, "harness cache")?;
+    gpu.launch(
+        &k.kv_quant_q8_0,
+        lcfg((blocks(x.len() / 32, 8), 1, 1), 256),
+        &[
+            A::P(xb.ptr),
+            A::I(n_tok as i32),
+            A::I(n_head_kv as i32),
+            A::I(head_dim as i32),
+            A::P(stage.ptr),
+            A::I(1),
+            A::P(pb.ptr),
+            A::P(sb.ptr),
+            A::P(cb.ptr),
+            A::P(ob.ptr),
+            A::I((n_head_kv * n_tok) as i32),
+            A::I(0),
+            A::P(cache.ptr),
+        ],
+    )?;
+    let mut staged = vec![0u8; bytes];
+    let mut stored = vec![0u8; bytes];
+    gpu.download(&mut staged, &stage)?;
+    gpu.download(&mut stored, &cache)?;
+    gpu.sync()?;
+    Ok((staged, stored))
 }
 
 impl CudaBackend {
@@ -318,13 +415,17 @@ impl CudaBackend {
         let kv_dim = cfg.kv_dim();
         let k16 = salloc(max_batch * kv_dim * 2, "new keys")?;
         let v16 = salloc(max_batch * kv_dim * 2, "new values")?;
+        // q8_0 staging rows only for a q8_0 part (a 1-byte placeholder otherwise).
+        let q8_stage = |ty: KvType| match ty {
+            KvType::Q8_0 => max_batch * ty.bytes_for(kv_dim),
+            KvType::F16 => 0,
+        };
+        let types = layout.types();
+        let k8 = salloc(q8_stage(types.k), "new keys (q8_0)")?;
+        let v8 = salloc(q8_stage(types.v), "new values (q8_0)")?;
         let mut kv = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {
-            let bytes = layout.rows_per_layer(l) * cfg.head_dim * 2;
-            kv.push((
-                gpu.alloc(bytes, &format!("KV cache (K, layer {l})"))?,
-                gpu.alloc(bytes, &format!("KV cache (V, layer {l})"))?,
-            ));
+            kv.push(alloc_layer_kv(&gpu, &layout, l)?);
         }
         let nh = cfg.n_layer * cfg.n_head_kv;
         let (caps_h, offs_h) = head_tables(&layout);
@@ -360,6 +461,8 @@ impl CudaBackend {
             mats,
             k16,
             v16,
+            k8,
+            v8,
             kv,
             caps,
             offs,
@@ -401,6 +504,22 @@ impl CudaBackend {
     /// Bytes of scratch buffers (activations, staging, logits).
     pub fn scratch_bytes(&self) -> usize {
         self.scratch_bytes
+    }
+
+    /// Bytes of the K and V cache buffers as allocated (equal to [`KvLayout::bytes`] for a
+    /// fresh backend; a re-planned one keeps buffers that were large enough).
+    pub fn kv_alloc_bytes(&self) -> usize {
+        self.kv.iter().map(|(k, v)| k.bytes + v.bytes).sum()
+    }
+
+    /// One layer's raw K and V cache bytes (tests: the stored rows against the CPU's).
+    pub fn download_kv(&self, layer: usize) -> Result<(Vec<u8>, Vec<u8>), BackendError> {
+        let (kb, vb) = &self.kv[layer];
+        let mut k = vec![0u8; kb.bytes];
+        let mut v = vec![0u8; vb.bytes];
+        self.gpu.download(&mut k, kb)?;
+        self.gpu.download(&mut v, vb)?;
+        Ok((k, v))
     }
 
     fn meta_ptr(&self, word: usize) -> u64 {
@@ -506,6 +625,14 @@ impl CudaBackend {
         // With every run one token long, the new keys can go straight into the ring: the slot a
         // token takes held a key no query of this batch can see.
         let store_now = fused_rope.is_some() && self.single_token_runs;
+        let types = self.layout.types();
+        let (kq8, vq8) = (types.k == KvType::Q8_0, types.v == KvType::Q8_0);
+        // rope_kv stores the f16 parts when decoding (bit 0 K, bit 1 V); kv_quant_q8_0 the others.
+        let store_f16 = if store_now {
+            i32::from(!kq8) | (i32::from(!vq8) << 1)
+        } else {
+            0
+        };
         if let Some((qx, kxr)) = fused_rope {
             let half = cfg.rope.n_rot / 2;
             self.gpu.launch(
@@ -523,7 +650,7 @@ impl CudaBackend {
                     A::P(self.meta_ptr(ml.cs)),
                     A::P(self.k16.ptr),
                     A::P(self.v16.ptr),
-                    A::I(store_now as i32),
+                    A::I(store_f16),
                     A::P(self.meta_ptr(ml.pos)),
                     A::P(self.meta_ptr(ml.seq)),
                     A::P(self.caps.at(head_off)),
@@ -535,7 +662,10 @@ impl CudaBackend {
                 ],
             )?;
         } else {
-            for (src, dst) in [(kx, self.k16.ptr), (vx, self.v16.ptr)] {
+            for (src, dst, q8) in [(kx, self.k16.ptr, kq8), (vx, self.v16.ptr, vq8)] {
+                if q8 {
+                    continue;
+                }
                 self.gpu.launch(
                     &self.k.to_f16,
                     cfg_1d(kvn),
@@ -543,11 +673,41 @@ impl CudaBackend {
                 )?;
             }
         }
+        // q8_0 parts: the new rows (K after RoPE) quantized into their staging blocks, and into
+        // the ring when decoding.
+        for (src, stage, cache, q8) in [(kx, self.k8.ptr, kc, kq8), (vx, self.v8.ptr, vc, vq8)] {
+            if !q8 {
+                continue;
+            }
+            self.gpu.launch(
+                &self.k.kv_quant_q8_0,
+                lcfg((blocks(kvn / 32, 8), 1, 1), 256),
+                &[
+                    A::P(self.act(src)),
+                    A::I(n as i32),
+                    A::I(hk as i32),
+                    A::I(cfg.head_dim as i32),
+                    A::P(stage),
+                    A::I(store_now as i32),
+                    A::P(self.meta_ptr(ml.pos)),
+                    A::P(self.meta_ptr(ml.seq)),
+                    A::P(self.caps.at(head_off)),
+                    A::P(self.offs.at(head_off)),
+                    A::I(rows_per_seq as i32),
+                    A::I(self.layout.sink as i32),
+                    A::P(cache),
+                ],
+            )?;
+        }
+        let (knew, vnew) = (
+            if kq8 { self.k8.ptr } else { self.k16.ptr },
+            if vq8 { self.v8.ptr } else { self.v16.ptr },
+        );
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
         let mut args = vec![
             A::P(self.act(q)),
-            A::P(self.k16.ptr),
-            A::P(self.v16.ptr),
+            A::P(knew),
+            A::P(vnew),
             A::P(kc),
             A::P(vc),
             A::P(self.meta_ptr(ml.pos)),
@@ -581,12 +741,7 @@ impl CudaBackend {
         }
         // Prefill: each warp owns 16 of 64 query rows; decode: the warps split the keys of up
         // to 16 rows.
-        let f = match (n > MV_MAXT, cfg.head_dim) {
-            (true, 64) => &self.k.attn_pre_d64,
-            (true, _) => &self.k.attn_pre_d128,
-            (false, 64) => &self.k.attn_dec_d64,
-            (false, _) => &self.k.attn_dec_d128,
-        };
+        let f = self.k.attn_kernel(n > MV_MAXT, cfg.head_dim, types);
         args.extend([
             A::I(n_split as i32),
             A::F(scale),
@@ -594,8 +749,8 @@ impl CudaBackend {
             A::P(self.part.ptr),
         ]);
         let mut lc = lcfg((self.n_tiles as u32, hk as u32, n_split as u32), 128);
-        lc.shared_mem_bytes = self.k.fa_smem[(cfg.head_dim == 128) as usize] as u32;
-        self.gpu.launch(f, lc, &args)?;
+        lc.shared_mem_bytes = f.smem as u32;
+        self.gpu.launch(&f.func, lc, &args)?;
         // The merge can leave the output in q8_1 for the output projection as well.
         let quantized = q8_out && n_split > 1;
         if n_split > 1 {
@@ -629,6 +784,10 @@ impl CudaBackend {
         if store_now {
             return Ok(quantized);
         }
+        if kq8 || vq8 {
+            self.store_rows(layer, n, [(knew, types.k), (vnew, types.v)])?;
+            return Ok(quantized);
+        }
         let chunks = n * hk * (cfg.head_dim / 8);
         self.gpu.launch(
             &self.k.kv_store,
@@ -651,6 +810,44 @@ impl CudaBackend {
             ],
         )?;
         Ok(quantized)
+    }
+
+    /// Copies the batch's staged K and V rows (`(staging buffer, type)` each) into layer
+    /// `layer`'s cache ring, one launch per part (kv_store_rows: any row format).
+    fn store_rows(
+        &self,
+        layer: usize,
+        n: usize,
+        parts: [(u64, KvType); 2],
+    ) -> Result<(), BackendError> {
+        let cfg = &self.model.config;
+        let ml = meta_layout(self.max_batch, cfg.rope.n_rot / 2);
+        let hk = cfg.n_head_kv;
+        let head_off = layer * hk * 4;
+        let rows_per_seq = self.layout.rows_per_layer(layer) / self.layout.n_seq;
+        let caches = [self.kv[layer].0.ptr, self.kv[layer].1.ptr];
+        for ((stage, ty), cache) in parts.into_iter().zip(caches) {
+            let row_words = ty.bytes_for(cfg.head_dim) / 4;
+            self.gpu.launch(
+                &self.k.kv_store_rows,
+                cfg_1d(n * hk * row_words),
+                &[
+                    A::P(stage),
+                    A::I(row_words as i32),
+                    A::I(n as i32),
+                    A::I(hk as i32),
+                    A::P(self.meta_ptr(ml.pos)),
+                    A::P(self.meta_ptr(ml.seq)),
+                    A::P(self.meta_ptr(ml.last)),
+                    A::P(self.caps.at(head_off)),
+                    A::P(self.offs.at(head_off)),
+                    A::I(rows_per_seq as i32),
+                    A::I(self.layout.sink as i32),
+                    A::P(cache),
+                ],
+            )?;
+        }
+        Ok(())
     }
 
     fn run_op(&mut self, op: &Op, batch: &Batch) -> Result<(), BackendError> {
@@ -1080,12 +1277,13 @@ impl Backend for CudaBackend {
             return Ok(false);
         }
         if *layout != self.layout {
+            let (hd, types) = (cfg.head_dim, layout.types());
             for l in 0..cfg.n_layer {
-                let bytes = layout.rows_per_layer(l) * cfg.head_dim * 2;
-                if bytes > self.kv[l].0.bytes {
-                    let k = self.gpu.alloc(bytes, &format!("KV cache (K, layer {l})"))?;
-                    let v = self.gpu.alloc(bytes, &format!("KV cache (V, layer {l})"))?;
-                    self.kv[l] = (k, v);
+                let rows = layout.rows_per_layer(l);
+                if kv_buffer_bytes(rows, hd, types.k) > self.kv[l].0.bytes
+                    || kv_buffer_bytes(rows, hd, types.v) > self.kv[l].1.bytes
+                {
+                    self.kv[l] = alloc_layer_kv(&self.gpu, layout, l)?;
                 }
             }
             let (caps, offs) = head_tables(layout);
