@@ -92,15 +92,42 @@ fn ablation_matches_plan_losses_computed_separately() {
         assert!((rec.delta[h] - (base - l)).abs() < 1e-9, "head {h}");
     }
     // Conversations within the short span: nothing to ablate, every change exactly 0.
-    let within = ablate(
-        &runner,
-        &[sample(120, 3)],
-        short,
-        AblateBase::Dense,
-        |_, _| {},
-    )
-    .unwrap();
+    let within = ablate(&runner, &[sample(120, 3)], &[short], Base::Dense, |_, _| {}).unwrap();
     assert!(within.delta.iter().all(|&d| d == 0.0), "{:?}", within.delta);
+    // A cost table inside a plan: every head moved to each rule, the rest keeping the plan's.
+    let base_plan = plan_with(
+        Rule {
+            alpha: 0.0,
+            beta: 0.5,
+        },
+        full,
+        2,
+    );
+    let rules = [short, full];
+    let t = ablate(&runner, &samples, &rules, Base::Plan(&base_plan), |_, _| {}).unwrap();
+    assert_eq!(
+        (t.base, t.table.len(), t.rules.len()),
+        (AblateBase::Plan, 8, 2)
+    );
+    assert_eq!(t.base_rules, base_plan.rules);
+    let base = plan_loss(&model, Some(&base_plan), &samples, 64, 2).unwrap();
+    assert!((t.base_loss - base).abs() < 1e-9);
+    for h in 0..4 {
+        for (r, &rule) in rules.iter().enumerate() {
+            let got = t.table[h * 2 + r];
+            if rule == base_plan.rules[h] {
+                assert_eq!(got, 0.0, "head {h} keeps its own rule");
+                continue;
+            }
+            let mut p = base_plan.clone();
+            p.rules[h] = rule;
+            let l = plan_loss(&model, Some(&p), &samples, 64, 2).unwrap();
+            assert!((got - (l - base)).abs() < 1e-9, "head {h} rule {r}");
+        }
+        assert_eq!(t.delta[h], t.table[h * 2]);
+    }
+    // The short base measures one rule only.
+    assert!(ablate(&runner, &samples, &rules, Base::Short, |_, _| {}).is_err());
     // Round trip through the file, and a file of the wrong shape is an error.
     let f = dir.path().join("a.json");
     dense.save(&f).unwrap();
@@ -110,6 +137,85 @@ fn ablation_matches_plan_losses_computed_separately() {
     std::fs::write(&f, serde_json::to_string(&bad).unwrap()).unwrap();
     let e = HeadAblation::load(&f).unwrap_err().to_string();
     assert!(e.contains("3 values for 2 layers x 2 KV heads"), "{e}");
+    let mut bad = t.clone();
+    bad.table.pop();
+    std::fs::write(&f, serde_json::to_string(&bad).unwrap()).unwrap();
+    let e = HeadAblation::load(&f).unwrap_err().to_string();
+    assert!(e.contains("table of 7 values for 2 rules x 4 heads"), "{e}");
+}
+
+#[test]
+fn measured_costs_make_the_plan() {
+    // A table over the rules of the grid 0:0:1,0.25 (beta 0.25 .. 1) for 4 x 2 heads where
+    // heads 1 and 6 lose much below full span and the others nothing: at density 0.5 those two
+    // get full span and the plan stays in the band.
+    let dir = tempfile::tempdir().unwrap();
+    let prof = dir.path().join("p.bin");
+    synthetic_profile(4, 2, &[1024, 2048], 3)
+        .save(&prof)
+        .unwrap();
+    let rules: Vec<Rule> = [0.25f32, 0.5, 0.75, 1.0]
+        .iter()
+        .map(|&beta| Rule { alpha: 0.0, beta })
+        .collect();
+    let mut table = vec![0.0; 8 * 4];
+    for h in [1usize, 6] {
+        table[h * 4..h * 4 + 4].copy_from_slice(&[3.0, 2.0, 1.0, 0.0]);
+    }
+    let a = HeadAblation {
+        model: "synthetic".into(),
+        n_layer: 4,
+        n_head_kv: 2,
+        alpha: 0.0,
+        beta: 0.25,
+        base: AblateBase::Dense,
+        base_rules: vec![],
+        samples: 1,
+        tokens_scored: 1,
+        base_loss: 1.0,
+        delta: (0..8).map(|h| table[h * 4]).collect(),
+        rules,
+        table,
+    };
+    let w = dir.path().join("t.json");
+    a.save(&w).unwrap();
+    let out = dir.path().join("plan.json");
+    let run = |grid: &str| {
+        Command::new(env!("CARGO_BIN_EXE_moa-optimize"))
+            .args([
+                "--profile",
+                s(&prof),
+                "--lengths",
+                "1024,2048,4096",
+                "--measured",
+                s(&w),
+                "--grid",
+                grid,
+                "-o",
+                s(&out),
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = run("0:0:1,0.25");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan = Plan::load_json(&out).unwrap();
+    assert!(plan.note.contains("measured costs"), "{}", plan.note);
+    for n in [1024, 2048, 4096] {
+        let d = plan.density_at(n);
+        assert!(
+            (0.45 - 1e-9..=0.5 + 1e-9).contains(&d),
+            "density {d} at {n}"
+        );
+        let spans = plan.spans(n);
+        for h in [1, 6] {
+            assert_eq!(spans[h], n, "head {h} at {n}: {spans:?}");
+        }
+    }
+    // A grid with rules that were not measured is refused by name.
+    let o = run("-1024:2048:512,0.125");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("was not measured"), "{e}");
 }
 
 #[test]
