@@ -212,6 +212,43 @@ fn measured_costs_make_the_plan() {
             assert_eq!(spans[h], n, "head {h} at {n}: {spans:?}");
         }
     }
+    // Averaging a table with itself changes nothing.
+    let once = Plan::load_json(&out).unwrap().rules;
+    let both = format!("{},{}", s(&w), s(&w));
+    let o = Command::new(env!("CARGO_BIN_EXE_moa-optimize"))
+        .args([
+            "--profile",
+            s(&prof),
+            "--lengths",
+            "1024,2048,4096",
+            "--measured",
+            &both,
+        ])
+        .args(["--grid", "0:0:1,0.25", "-o", s(&out)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(Plan::load_json(&out).unwrap().rules, once);
+    // Tables of other rules cannot be averaged.
+    let mut other = a.clone();
+    other.rules[0].beta = 0.3;
+    let w2 = dir.path().join("t2.json");
+    other.save(&w2).unwrap();
+    let mixed = format!("{},{}", s(&w), s(&w2));
+    let o = Command::new(env!("CARGO_BIN_EXE_moa-optimize"))
+        .args([
+            "--profile",
+            s(&prof),
+            "--lengths",
+            "1024,2048,4096",
+            "--measured",
+            &mixed,
+        ])
+        .args(["--grid", "0:0:1,0.25", "-o", s(&out)])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("must share them"), "{e}");
     // A grid with rules that were not measured is refused by name.
     let o = run("-1024:2048:512,0.125");
     let e = String::from_utf8_lossy(&o.stderr);

@@ -73,9 +73,16 @@ struct Args {
     head_weight_calibrate: bool,
     /// Measured cost table (`moa-profile ablate --rules` JSON): the loss change of each head
     /// under each rule replaces the profile's dropped influence; the --grid must hold only
-    /// measured rules (e.g. 0:0:1,0.125 with the rules 0:0.125,...,0:1 measured).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["head_weights", "balance", "per_head"])]
-    measured: Option<PathBuf>,
+    /// measured rules (e.g. 0:0:1,0.125 with the rules 0:0.125,...,0:1 measured). Several
+    /// files (comma-separated, the same rules; e.g. tables measured inside different plans) are
+    /// averaged.
+    #[arg(
+        long,
+        value_name = "FILE",
+        value_delimiter = ',',
+        conflicts_with_all = ["head_weights", "balance", "per_head"]
+    )]
+    measured: Vec<PathBuf>,
     /// Rule grid "amin:amax:astep,bstep".
     #[arg(
         long,
@@ -179,7 +186,7 @@ fn main() -> Result<()> {
         (false, None) => Balance::default(),
     };
     settings.grid = Grid::parse(&a.grid)?;
-    if let Some(f) = &a.measured {
+    for f in &a.measured {
         let h = load_ablation(f, &profile)?;
         if h.rules.is_empty() {
             bail!(
@@ -187,10 +194,26 @@ fn main() -> Result<()> {
                 f.display()
             );
         }
-        settings.measured = Some(MeasuredCosts {
-            rules: h.rules,
-            table: h.table,
-        });
+        let k = a.measured.len() as f64;
+        match &mut settings.measured {
+            None => {
+                settings.measured = Some(MeasuredCosts {
+                    rules: h.rules,
+                    table: h.table.iter().map(|v| v / k).collect(),
+                })
+            }
+            Some(m) if m.rules == h.rules => {
+                m.table
+                    .iter_mut()
+                    .zip(&h.table)
+                    .for_each(|(s, v)| *s += v / k);
+            }
+            Some(_) => bail!(
+                "{}: measured other rules than {} (tables to average must share them)",
+                f.display(),
+                a.measured[0].display()
+            ),
+        }
     }
     if let Some(f) = &a.head_weights {
         let h = load_ablation(f, &profile)?;
@@ -324,7 +347,7 @@ fn main() -> Result<()> {
             "max_rules_per_layer": a.max_rules,
             "balance": settings.balance.to_string(),
             "head_weights": a.head_weights.as_ref().map(|p| p.display().to_string()),
-            "measured": a.measured.as_ref().map(|p| p.display().to_string()),
+            "measured": a.measured.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
             "candidates": inst.cands.list.len(),
             "build_seconds": build_s,
             "points": points.iter().zip(&losses).map(|(p, l)| point_json(p, *l)).collect::<Vec<_>>(),
