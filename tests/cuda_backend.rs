@@ -336,25 +336,8 @@ fn gpu_spec(ty: GgmlType, seed: u64) -> SynthSpec {
 }
 
 /// The K/V cache type pairs the attention tests run: f16 (llama.cpp's default), q8_0 for both,
-/// and each mixed pair.
-const KV_TYPES: [KvTypes; 4] = [
-    KvTypes {
-        k: KvType::F16,
-        v: KvType::F16,
-    },
-    KvTypes {
-        k: KvType::Q8_0,
-        v: KvType::Q8_0,
-    },
-    KvTypes {
-        k: KvType::Q8_0,
-        v: KvType::F16,
-    },
-    KvTypes {
-        k: KvType::F16,
-        v: KvType::Q8_0,
-    },
-];
+/// and each mixed pair (every combination the attention kernels are built for).
+const KV_TYPES: [KvTypes; 4] = moa::backend::cuda::kernels::ATTN_TYPES;
 
 /// Extra logit difference (relative to the row's largest logit) allowed when K is q8_0: both
 /// backends read the same q8_0 cache blocks, but the CPU scores them with the query quantized to

@@ -20,6 +20,25 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A hand-made ablation result of `n_layer x n_head_kv` heads (`rules` / `table` may be empty).
+fn ablation(n_layer: usize, n_head_kv: usize, delta: Vec<f64>) -> HeadAblation {
+    HeadAblation {
+        model: "synthetic".into(),
+        n_layer,
+        n_head_kv,
+        alpha: 256.0,
+        beta: 0.0,
+        base: AblateBase::Dense,
+        base_rules: vec![],
+        samples: 1,
+        tokens_scored: 1,
+        base_loss: 1.0,
+        delta,
+        rules: vec![],
+        table: vec![],
+    }
+}
+
 fn sample(n: usize, seed: usize) -> Sample {
     let tokens: Vec<u32> = (0..n)
         .map(|i| ((i * 37 + seed * 101 + 11) % 290) as u32)
@@ -163,20 +182,12 @@ fn measured_costs_make_the_plan() {
         table[h * 4..h * 4 + 4].copy_from_slice(&[3.0, 2.0, 1.0, 0.0]);
     }
     let a = HeadAblation {
-        model: "synthetic".into(),
-        n_layer: 4,
-        n_head_kv: 2,
         alpha: 0.0,
         beta: 0.25,
-        base: AblateBase::Dense,
-        base_rules: vec![],
-        samples: 1,
-        tokens_scored: 1,
-        base_loss: 1.0,
-        delta: (0..8).map(|h| table[h * 4]).collect(),
         rules,
-        table,
+        ..ablation(4, 2, (0..8).map(|h| table[h * 4]).collect())
     };
+    let a = HeadAblation { table, ..a };
     let w = dir.path().join("t.json");
     a.save(&w).unwrap();
     let out = dir.path().join("plan.json");
@@ -289,21 +300,7 @@ fn head_weights_steer_the_plan() {
         for &h in &favoured {
             delta[h] = 1.0;
         }
-        let a = HeadAblation {
-            model: "synthetic".into(),
-            n_layer: 4,
-            n_head_kv: 2,
-            alpha: 256.0,
-            beta: 0.0,
-            base: AblateBase::Dense,
-            base_rules: vec![],
-            rules: vec![],
-            table: vec![],
-            samples: 1,
-            tokens_scored: 1,
-            base_loss: 1.0,
-            delta,
-        };
+        let a = ablation(4, 2, delta);
         let w = dir.path().join("w.json");
         a.save(&w).unwrap();
         let out = dir.path().join("plan.json");
@@ -327,21 +324,7 @@ fn head_weights_steer_the_plan() {
         }
     }
     // A weights file for another shape is refused by name.
-    let a = HeadAblation {
-        model: "x".into(),
-        n_layer: 3,
-        n_head_kv: 2,
-        alpha: 256.0,
-        beta: 0.0,
-        base: AblateBase::Dense,
-        base_rules: vec![],
-        rules: vec![],
-        table: vec![],
-        samples: 1,
-        tokens_scored: 1,
-        base_loss: 1.0,
-        delta: vec![0.0; 6],
-    };
+    let a = ablation(3, 2, vec![0.0; 6]);
     let w = dir.path().join("w3.json");
     a.save(&w).unwrap();
     let (ok, stderr) = run(&["--head-weights", s(&w)], &dir.path().join("x.json"));
