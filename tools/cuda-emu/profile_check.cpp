@@ -3,7 +3,8 @@
 // gradient, RoPE and its inverse, gather / scatter-add with a repeated row, embedding rows,
 // residual add, SwiGLU and its backward) and attention
 // (forward O and log-sum-exp; backward dQ, dK, dV and the |E| influence sums per fine block) for
-// GQA and MHA, head dimensions 64 and 128, partial tiles and fine blocks of 1 to 64 tokens.
+// GQA and MHA, head dimensions 64 and 128, partial tiles and fine blocks of 1 to 64 tokens, and
+// the same buffers reused by shorter samples after a longer one, laid out as the host code does.
 // Exit status 1 when a check fails.
 #include "emu.h"
 #include "profile_emu.cu"
@@ -28,18 +29,62 @@ static double worst_rel(const std::vector<float>& a, const std::vector<double>& 
     return w;
 }
 
+// Device buffers of the GPU profiler (src/profile/cuda.rs `Work`) for samples of up to `cap`
+// tokens and two layers, reused from sample to sample: a shorter sample finds the rows and cells
+// of the longer one before it there (NaN only before the first). Per-layer regions start at
+// offsets computed from the current sample's length, as the host code does.
+struct Shared {
+    int cap, layers = 2;
+    std::vector<float> q, k, v, dout, o, lse, dsum, dq, dk, dv, infl;
+    Shared(int cap, int H, int Hkv, int D, int fb) : cap(cap) {
+        int nf = (cap + fb - 1) / fb;
+        size_t qn = (size_t)cap * H * D, kvn = (size_t)cap * Hkv * D, cells = (size_t)nf * (nf + 1) / 2;
+        for (auto* b : {&q, &dout, &dq}) b->assign(qn, NAN);
+        for (auto* b : {&k, &v, &dk, &dv}) b->assign(kvn, NAN);
+        o.assign(layers * qn, NAN);
+        lse.assign((size_t)layers * H * cap, NAN);
+        dsum.assign((size_t)H * cap, NAN);
+        infl.assign(layers * H * cells, NAN);
+    }
+};
+
+// The kernels on random inputs against f64 references. With `sh`, inputs and outputs live in its
+// buffers (layer `layer`'s regions for the checkpoints and influence) instead of fresh ones.
 template <int D>
-int attn_test(int n, int H, int Hkv, int fb, float sc) {
-    printf("attention n=%d H=%d Hkv=%d D=%d fb=%d\n", n, H, Hkv, D, fb);
+int attn_test(int n, int H, int Hkv, int fb, float sc, Shared* sh = nullptr, int layer = 0) {
+    printf("attention n=%d H=%d Hkv=%d D=%d fb=%d%s\n", n, H, Hkv, D, fb,
+           sh ? " (reused buffers)" : "");
     int qw = H * D, kvw = Hkv * D, gs = H / Hkv;
     auto q = rnd((size_t)n * qw, sc), k = rnd((size_t)n * kvw, sc), v = rnd((size_t)n * kvw), dout = rnd((size_t)n * qw);
     float scale = 1.0f / std::sqrt((float)D);
     int nqt = (n + 63) / 64;
-    std::vector<float> o((size_t)n * qw, NAN), lse((size_t)H * n, NAN);
+    int nf = (n + fb - 1) / fb;
+    long long cells = (long long)nf * (nf + 1) / 2;
+    // Device pointers: fresh vectors, or the shared buffers (inputs copied to their first rows).
+    std::vector<float> o((size_t)n * qw, NAN), lse((size_t)H * n, NAN), dsum((size_t)H * n, NAN);
+    std::vector<float> dq((size_t)n * qw, NAN), dk((size_t)n * kvw, NAN), dv((size_t)n * kvw, NAN), infl((size_t)H * cells, NAN);
+    float *pq = q.data(), *pk = k.data(), *pv = v.data(), *pdo = dout.data(), *po = o.data(), *plse = lse.data(),
+          *pdsum = dsum.data(), *pdq = dq.data(), *pdk = dk.data(), *pdv = dv.data(), *pinf = infl.data();
+    if (sh) {
+        std::copy(q.begin(), q.end(), sh->q.begin());
+        std::copy(k.begin(), k.end(), sh->k.begin());
+        std::copy(v.begin(), v.end(), sh->v.begin());
+        std::copy(dout.begin(), dout.end(), sh->dout.begin());
+        pq = sh->q.data(), pk = sh->k.data(), pv = sh->v.data(), pdo = sh->dout.data();
+        po = sh->o.data() + (size_t)layer * n * qw, plse = sh->lse.data() + (size_t)layer * H * n;
+        pdsum = sh->dsum.data(), pdq = sh->dq.data(), pdk = sh->dk.data(), pdv = sh->dv.data();
+        pinf = sh->infl.data() + (size_t)layer * H * cells;
+    }
+    // Copies a device region back into the vector the checks read.
+    auto back = [&](std::vector<float>& dst, const float* src) {
+        if (sh) std::copy(src, src + dst.size(), dst.begin());
+    };
     size_t row = 64 * (D + 1), p = 64 * 65;
     launch({(unsigned)nqt, (unsigned)H, 1}, 256, (2 * row + p) * 4, [&] {
-        pa_fwd<D>(q.data(), k.data(), v.data(), n, H, Hkv, scale, o.data(), lse.data());
+        pa_fwd<D>(pq, pk, pv, n, H, Hkv, scale, po, plse);
     });
+    back(o, po);
+    back(lse, plse);
     // reference
     std::vector<double> P((size_t)H * n * n, 0), ro((size_t)n * qw, 0), rlse((size_t)H * n);
     for (int h = 0; h < H; h++) {
@@ -67,21 +112,21 @@ int attn_test(int n, int H, int Hkv, int fb, float sc) {
     bad += worst_rel(o, ro, "O") > 1e-5;
     bad += worst_rel(lse, rlse, "lse") > 1e-5;
     // backward
-    std::vector<float> dsum((size_t)H * n, NAN);
     launch({(unsigned)((n * H * 32 + 255) / 256), 1, 1}, 256, 0, [&] {
-        prof_attn_dsum(dout.data(), o.data(), n, H, D, dsum.data());
+        prof_attn_dsum(pdo, po, n, H, D, pdsum);
     });
-    int nf = (n + fb - 1) / fb;
-    long long cells = (long long)nf * (nf + 1) / 2;
     int nsub = 64 / fb;
-    std::vector<float> dq((size_t)n * qw, NAN), infl((size_t)H * cells, NAN);
     launch({(unsigned)nqt, (unsigned)H, 1}, 256, (3 * row + p + 128 + nsub * nsub) * 4, [&] {
-        pa_bwd_q<D>(q.data(), k.data(), v.data(), dout.data(), lse.data(), dsum.data(), n, H, Hkv, scale, fb, cells, dq.data(), infl.data());
+        pa_bwd_q<D>(pq, pk, pv, pdo, plse, pdsum, n, H, Hkv, scale, fb, cells, pdq, pinf);
     });
-    std::vector<float> dk((size_t)n * kvw, NAN), dv((size_t)n * kvw, NAN);
     launch({(unsigned)nqt, (unsigned)Hkv, 1}, 256, (4 * row + p + 128) * 4, [&] {
-        pa_bwd_kv<D>(q.data(), k.data(), v.data(), dout.data(), lse.data(), dsum.data(), n, H, Hkv, scale, dk.data(), dv.data());
+        pa_bwd_kv<D>(pq, pk, pv, pdo, plse, pdsum, n, H, Hkv, scale, pdk, pdv);
     });
+    back(dsum, pdsum);
+    back(dq, pdq);
+    back(dk, pdk);
+    back(dv, pdv);
+    back(infl, pinf);
     std::vector<double> rdsum((size_t)H * n, 0), rdq((size_t)n * qw, 0), rdk((size_t)n * kvw, 0), rdv((size_t)n * kvw, 0), rinf((size_t)H * cells, 0);
     for (int h = 0; h < H; h++) {
         int g = h / gs;
@@ -221,6 +266,14 @@ int main() {
     bad += attn_test<128>(130, 2, 1, 64, 1.0f);
     bad += attn_test<64>(70, 1, 1, 1, 2.0f);
     bad += attn_test<64>(64, 2, 1, 32, 1.0f);
+    // One profiler's buffers across samples (src/profile/cuda.rs keeps them for the longest
+    // sample so far): a long sample, then shorter ones with partial tiles, both layers each, on
+    // the same buffers; every result must match its reference as on fresh buffers.
+    for (int fb : {64, 16}) {
+        Shared sh(256, 4, 2, 64, fb);
+        for (int n : {200, 90, 37})
+            for (int layer : {1, 0}) bad += attn_test<64>(n, 4, 2, fb, 2.0f, &sh, layer);
+    }
     printf(bad ? "FAILED %d checks\n" : "all ok\n", bad);
     return bad != 0;
 }
