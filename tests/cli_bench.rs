@@ -69,3 +69,51 @@ fn parallel_mode_reports_one_row_per_sequence_count() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+#[test]
+fn span_plans_are_planned_for_each_depth() {
+    // With a span plan, each depth runs on a cache planned for its own length (as a run at that
+    // context would): a list of depths reports what each depth alone reports.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_synthetic(&SynthSpec::tiny(GgmlType::Q8_0, 5), &path).unwrap();
+    let m = path.to_str().unwrap();
+    let run = |depths: &str| {
+        let out = bench(&[
+            "-m",
+            m,
+            "--uniform",
+            "0.5",
+            "-p",
+            "0",
+            "-n",
+            "4",
+            "-d",
+            depths,
+            "-r",
+            "1",
+            "--json",
+            "--device",
+            "cpu",
+            "-t",
+            "1",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["results"].as_array().unwrap().clone()
+    };
+    let both = run("900,300");
+    assert_eq!(both.len(), 2);
+    for (row, d) in both.iter().zip([900u64, 300]) {
+        assert_eq!(row["depth"], d);
+        assert_eq!(row["planned_n"], d + 5);
+        let alone = run(&d.to_string());
+        assert_eq!(row["kv_bytes"], alone[0]["kv_bytes"], "depth {d}");
+    }
+    let kv = |r: &serde_json::Value| r["kv_bytes"].as_u64().unwrap();
+    assert!(kv(&both[1]) < kv(&both[0]), "{both:?}");
+}

@@ -112,18 +112,31 @@ fn main() -> Result<()> {
         .copied()
         .max()
         .unwrap_or(0);
-    let n_ctx = max_d + max_t + 1;
+    // A span plan's spans follow the planned length N: each depth gets a cache planned for its own
+    // N = d + (longest test) + 1, as a run at that context would (one backend re-planned in place
+    // where the backend can; dense caches are planned once for the deepest test).
+    let n_ctx_at = |d: usize| d + max_t + 1;
+    let n_ctx = n_ctx_at(max_d);
     let plan = a.spans.resolve(&loaded.model)?;
-    let mut be = runtime::backend_with_plan(
-        &loaded.model,
-        plan.as_ref(),
-        n_ctx,
-        1,
-        a.batch,
-        threads,
-        a.device,
-        a.cache.types(),
-    )?;
+    let make = |n: usize| {
+        runtime::backend_with_plan(
+            &loaded.model,
+            plan.as_ref(),
+            n,
+            1,
+            a.batch,
+            threads,
+            a.device,
+            a.cache.types(),
+        )
+    };
+    let per_depth = plan.is_some() && a.depth.len() > 1;
+    let first_n = if per_depth {
+        n_ctx_at(a.depth[0])
+    } else {
+        n_ctx
+    };
+    let mut be = make(first_n)?;
     let attention = runtime::describe_plan(plan.as_ref(), n_ctx);
     let size: u64 = loaded.model.file.tensors.iter().map(|t| t.n_bytes).sum();
     let params: u64 = loaded
@@ -160,6 +173,22 @@ fn main() -> Result<()> {
         .collect();
     let mut fills = Vec::new();
     for &d in &a.depth {
+        let planned = if per_depth { n_ctx_at(d) } else { n_ctx };
+        if per_depth && be.kv_layout().n_ctx != planned {
+            let layout = runtime::layout_for(&loaded.model, plan.as_ref(), 1, planned)
+                .with_types(a.cache.types())?;
+            if !be.replan(&layout)? {
+                drop(be);
+                be = make(planned)?;
+            }
+        }
+        if per_depth && !a.json {
+            eprintln!(
+                "depth {d}: attention: {}; {}",
+                runtime::describe_plan(plan.as_ref(), planned),
+                runtime::describe_kv(be.as_ref())
+            );
+        }
         // Fill the cache to depth d once; every repetition rewinds to it.
         be.clear(0);
         let t0 = Instant::now();
@@ -204,7 +233,8 @@ fn main() -> Result<()> {
             } else {
                 format!("{kind}{n}")
             };
-            rows.push(serde_json::json!({"test": test, "n": n, "depth": d, "kind": kind, "tps_mean": mean, "tps_sd": sd, "samples": samples}));
+            rows.push(serde_json::json!({"test": test, "n": n, "depth": d, "kind": kind, "tps_mean": mean, "tps_sd": sd, "samples": samples,
+                "planned_n": planned, "kv_bytes": be.kv_bytes()}));
         }
     }
     if a.json {
