@@ -5,6 +5,7 @@
 
 mod attention;
 pub mod ggml_attn;
+mod ggml_decode;
 pub mod ggml_tile;
 mod matmul;
 pub mod ops;
