@@ -87,6 +87,33 @@ pub fn online_heads(
     }
 }
 
+/// Whether the AVX-512 kernels below may run (x86 with AVX-512F, and ggml-compat not forced to
+/// its portable kernels).
+#[cfg(target_arch = "x86_64")]
+fn avx512_kernels() -> bool {
+    ggml_compat::dot::kernel_set() == ggml_compat::dot::KernelSet::Avx2
+        && std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// Calls `x86::$f::<C, H>(args)` for the shapes the AVX-512 kernels are built for: head dim 64
+/// (C = 4 vectors of 16) or 128 (C = 8), H = 1..4 query heads per block; `false` for others.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_shape {
+    ($hd:expr, $hb:expr, $m:ident :: $f:ident ($($arg:expr),*)) => {
+        match ($hd, $hb) {
+            (64, 1) => $m::$f::<4, 1>($($arg),*),
+            (64, 2) => $m::$f::<4, 2>($($arg),*),
+            (64, 3) => $m::$f::<4, 3>($($arg),*),
+            (64, 4) => $m::$f::<4, 4>($($arg),*),
+            (128, 1) => $m::$f::<8, 1>($($arg),*),
+            (128, 2) => $m::$f::<8, 2>($($arg),*),
+            (128, 3) => $m::$f::<8, 3>($($arg),*),
+            (128, 4) => $m::$f::<8, 4>($($arg),*),
+            _ => false,
+        }
+    };
+}
+
 /// Pass 1: `scores[j * CHUNK + r]` = the score of head `j` against key row `r`, summed as
 /// [`ggml_attn::dot_rows_f16_ggml`] sums it.
 #[allow(clippy::too_many_arguments)]
@@ -101,29 +128,10 @@ fn score(
     scores: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if ggml_compat::dot::kernel_set() == ggml_compat::dot::KernelSet::Avx2
-        && std::arch::is_x86_feature_detected!("avx512f")
-    {
+    if avx512_kernels() {
         // SAFETY: AVX-512F detected; n rows of hd values stride apart (asserted by
         // online_heads), hb queries of hd values, hb rows of CHUNK >= n scores.
-        let done = unsafe {
-            macro_rules! go {
-                ($c:literal, $h:literal) => {
-                    x86::score::<$c, $h>(q16, k, stride, n, scale, scores)
-                };
-            }
-            match (hd, hb) {
-                (64, 1) => go!(4, 1),
-                (64, 2) => go!(4, 2),
-                (64, 3) => go!(4, 3),
-                (64, 4) => go!(4, 4),
-                (128, 1) => go!(8, 1),
-                (128, 2) => go!(8, 2),
-                (128, 3) => go!(8, 3),
-                (128, 4) => go!(8, 4),
-                _ => false,
-            }
-        };
+        let done = unsafe { by_shape!(hd, hb, x86::score(q16, k, stride, n, scale, scores)) };
         if done {
             return;
         }
@@ -215,30 +223,11 @@ fn accumulate(
     acc: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if ggml_compat::dot::kernel_set() == ggml_compat::dot::KernelSet::Avx2
-        && std::arch::is_x86_feature_detected!("avx512f")
-    {
+    if avx512_kernels() {
         // SAFETY: AVX-512F detected; the rows, weights and accumulators are in bounds
         // (asserted by online_heads: n rows of stride values, hb weights per row, hb * hd
         // accumulators).
-        let done = unsafe {
-            macro_rules! go {
-                ($c:literal, $h:literal) => {
-                    x86::accumulate::<$c, $h>(v, stride, n, ms, vs, acc)
-                };
-            }
-            match (hd, hb) {
-                (64, 1) => go!(4, 1),
-                (64, 2) => go!(4, 2),
-                (64, 3) => go!(4, 3),
-                (64, 4) => go!(4, 4),
-                (128, 1) => go!(8, 1),
-                (128, 2) => go!(8, 2),
-                (128, 3) => go!(8, 3),
-                (128, 4) => go!(8, 4),
-                _ => false,
-            }
-        };
+        let done = unsafe { by_shape!(hd, hb, x86::accumulate(v, stride, n, ms, vs, acc)) };
         if done {
             return;
         }
