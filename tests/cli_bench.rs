@@ -1,5 +1,6 @@
-//! moa-bench's parallel mode (llama-batched-bench): S sequences with their own prompts, lockstep
-//! decode; the KV cache grows with S and the JSON carries one row per count.
+//! moa-bench end to end: the parallel mode (llama-batched-bench: S sequences with their own
+//! prompts, lockstep decode; one JSON row per count, the KV cache growing with S) and span plans
+//! planned for each depth's own length.
 
 use std::process::Command;
 
@@ -13,13 +14,24 @@ fn bench(args: &[&str]) -> std::process::Output {
         .expect("moa-bench runs")
 }
 
+/// moa-bench with `args` that must succeed; its JSON output.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let out = bench(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn parallel_mode_reports_one_row_per_sequence_count() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_synthetic(&SynthSpec::tiny(GgmlType::Q8_0, 3), &path).unwrap();
     let m = path.to_str().unwrap();
-    let out = bench(&[
+    let v = bench_json(&[
         "-m",
         m,
         "--parallel",
@@ -34,12 +46,6 @@ fn parallel_mode_reports_one_row_per_sequence_count() {
         "-t",
         "1",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = v["parallel"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["sequences"], 1);
@@ -79,7 +85,7 @@ fn span_plans_are_planned_for_each_depth() {
     write_synthetic(&SynthSpec::tiny(GgmlType::Q8_0, 5), &path).unwrap();
     let m = path.to_str().unwrap();
     let run = |depths: &str| {
-        let out = bench(&[
+        let v = bench_json(&[
             "-m",
             m,
             "--uniform",
@@ -98,12 +104,6 @@ fn span_plans_are_planned_for_each_depth() {
             "-t",
             "1",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["results"].as_array().unwrap().clone()
     };
     let both = run("900,300");

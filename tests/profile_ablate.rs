@@ -191,24 +191,15 @@ fn measured_costs_make_the_plan() {
     let w = dir.path().join("t.json");
     a.save(&w).unwrap();
     let out = dir.path().join("plan.json");
-    let run = |grid: &str| {
+    // moa-optimize with the measured tables `tables` (comma-separated) on `grid`.
+    let run = |tables: &str, grid: &str| {
         Command::new(env!("CARGO_BIN_EXE_moa-optimize"))
-            .args([
-                "--profile",
-                s(&prof),
-                "--lengths",
-                "1024,2048,4096",
-                "--measured",
-                s(&w),
-                "--grid",
-                grid,
-                "-o",
-                s(&out),
-            ])
+            .args(["--profile", s(&prof), "--lengths", "1024,2048,4096"])
+            .args(["--measured", tables, "--grid", grid, "-o", s(&out)])
             .output()
             .unwrap()
     };
-    let o = run("0:0:1,0.25");
+    let o = run(s(&w), "0:0:1,0.25");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let plan = Plan::load_json(&out).unwrap();
     assert!(plan.note.contains("measured costs"), "{}", plan.note);
@@ -226,18 +217,7 @@ fn measured_costs_make_the_plan() {
     // Averaging a table with itself changes nothing.
     let once = Plan::load_json(&out).unwrap().rules;
     let both = format!("{},{}", s(&w), s(&w));
-    let o = Command::new(env!("CARGO_BIN_EXE_moa-optimize"))
-        .args([
-            "--profile",
-            s(&prof),
-            "--lengths",
-            "1024,2048,4096",
-            "--measured",
-            &both,
-        ])
-        .args(["--grid", "0:0:1,0.25", "-o", s(&out)])
-        .output()
-        .unwrap();
+    let o = run(&both, "0:0:1,0.25");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(Plan::load_json(&out).unwrap().rules, once);
     // Tables of other rules cannot be averaged.
@@ -246,22 +226,11 @@ fn measured_costs_make_the_plan() {
     let w2 = dir.path().join("t2.json");
     other.save(&w2).unwrap();
     let mixed = format!("{},{}", s(&w), s(&w2));
-    let o = Command::new(env!("CARGO_BIN_EXE_moa-optimize"))
-        .args([
-            "--profile",
-            s(&prof),
-            "--lengths",
-            "1024,2048,4096",
-            "--measured",
-            &mixed,
-        ])
-        .args(["--grid", "0:0:1,0.25", "-o", s(&out)])
-        .output()
-        .unwrap();
+    let o = run(&mixed, "0:0:1,0.25");
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("must share them"), "{e}");
     // A grid with rules that were not measured is refused by name.
-    let o = run("-1024:2048:512,0.125");
+    let o = run(s(&w), "-1024:2048:512,0.125");
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("was not measured"), "{e}");
 }
