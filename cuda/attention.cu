@@ -110,6 +110,7 @@ struct KeySpan {
 template <int GR>
 __device__ __forceinline__ void attn_merge_rows(const float* part, int n_split, int D, float* out,
                                                 i8* yq, float2* yds) {
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
     pdl_trigger();
     __shared__ float wz[MERGE_MAX_SPLIT];
     __shared__ float red[2][GR * 8];
@@ -198,28 +199,6 @@ __device__ __forceinline__ u32 pack_h2(float lo, float hi) {
     return r;
 }
 
-
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-// 16 bytes global -> shared, asynchronously; `bytes` < 16 zero-fills the rest (0: all zeros).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(bytes)
-                 : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 
 // Shared memory of one block (bytes): FA_STAGES x (K tile + V tile), then (q8_0 caches only)
 // the f16 tiles the q8_0 ones are converted into. An f16 tile holds FA_KEYS rows padded to D + 8
@@ -338,6 +317,7 @@ __device__ __forceinline__ void attn_fa(
     u16* const conv_k = (u16*)(smem8 + FA_STAGES * SM::STAGE);
     u16* const conv_v = (u16*)(smem8 + FA_STAGES * SM::STAGE + (KQ ? SM::TILE16 : 0));
 
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
     pdl_trigger();
     const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
     const int wr = warp / WK, wk = warp % WK;

@@ -123,6 +123,7 @@ extern "C" __global__ void argmax_rows(const float* logits, int n_vocab, int* ou
 template <int PER>
 __device__ __forceinline__ void add_rms_norm_q8_row(float* x, const float* y, const float* w,
         float eps, int width, float* out, i8* yq, float2* yds) {
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
     pdl_trigger();
     int t = blockIdx.x, nt = blockDim.x;
     float* xr = x + (size_t)t * width;
@@ -187,6 +188,7 @@ ADD_RMS_NORM_Q8(16)
 // One warp per 32-value chunk.
 extern "C" __global__ void swiglu_q8(float* gate, const float* up, int width, int n_tok, i8* yq,
                                      float2* yds) {
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
     pdl_trigger();
     int nb = width / 32;
     int gb = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
@@ -208,6 +210,8 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* v, int n_tok
                                    u16* k16, u16* v16, int store, const int* tok_pos,
                                    const int* tok_seq, const int* caps, const int* offs,
                                    int rows_per_seq, int sink, u16* kc, u16* vc) {
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
+    pdl_trigger();
     int hp = head_dim / 2;
     int per_tok = (n_head + 2 * n_head_kv) * hp;
     int gid = blockIdx.x * blockDim.x + threadIdx.x;

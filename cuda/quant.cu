@@ -31,6 +31,7 @@ __device__ __forceinline__ void q8_1_lane(float v, i8* yq, float2* yds, int lane
 // x: n_tok rows of K floats (row stride ldx). yq: n_tok rows of K int8. yds: (d, d * sum q).
 extern "C" __global__ void quantize_q8_1(const float* x, int ldx, int K, int n_tok, i8* yq,
                                          float2* yds) {
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
     pdl_trigger();
     int nb = K / 32;
     int gb = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;  // global block index
@@ -189,15 +190,17 @@ struct Unit<T_Q8_0> {
 };
 
 // 6-bit scale and min j (0..7) of a K-quant super-block from its 12 scale bytes held in three
-// words (ggml's get_scale_min_k4).
+// words (ggml's get_scale_min_k4), with shifts of the words (no byte indexing, which would put
+// the words in local memory when j is not a constant).
 __device__ __forceinline__ void scale_min_w(int j, const u32* w, int* sc, int* m) {
-    const u8* q = (const u8*)w;
+    int s = 8 * (j & 3);
+    u32 a = w[0] >> s, b = w[1] >> s, c = w[2] >> s;
     if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
+        *sc = (int)(a & 63);
+        *m = (int)(b & 63);
     } else {
-        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+        *sc = (int)((c & 0xF) | (((a >> 6) & 3) << 4));
+        *m = (int)(((c >> 4) & 0xF) | (((b >> 6) & 3) << 4));
     }
 }
 
@@ -419,6 +422,75 @@ MMVQ(mmvq_q4_k, T_Q4_K)
 MMVQ(mmvq_q5_k, T_Q5_K)
 MMVQ(mmvq_q6_k, T_Q6_K)
 
+// ---- one token, weights streamed through shared memory -----------------------------------
+// mmvs_<type>: the one-token product of mmvq with each block's tile of `R` consecutive rows
+// (of the up to three matrices) copied whole into shared memory by cp.async in 16-byte pieces
+// before any of it is used: every byte of the tile is in flight at once and each warp-wide copy
+// moves 512 contiguous bytes, whatever the type's block size or alignment (Q6_K's 210-byte
+// blocks). Then one warp per row reads its units (Unit<T>, as mmvq) from shared memory. Rows
+// must start 16-byte aligned and row_bytes be a multiple of 16 (the host checks, else mmvq).
+template <int T>
+__device__ __forceinline__ void mmvs(const Rows3& m, u64 row_bytes, int units, const i8* yq,
+                                     const float2* yds, int R) {
+    extern __shared__ int4 mvs_tile[];
+    int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
+    int row0 = blockIdx.x * R, cpr = (int)(row_bytes / 16);
+    pdl_trigger();
+    for (int i = 0; i < R; i++) {
+        const u8* W;
+        float* out;
+        int ldo, local;
+        if (!m.pick(row0 + i, &W, &out, &ldo, &local)) break;
+        const int4* src = (const int4*)(W + (u64)local * row_bytes);
+        int4* dst = mvs_tile + (size_t)i * cpr;
+        for (int c = tid; c < cpr; c += MV_WARPS * WARP) cp_async16(dst + c, src + c, 16);
+    }
+    cp_async_commit();
+    pdl_wait();  // the weights are in flight; the activations come from the kernel before
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int i = warp; i < R; i += MV_WARPS) {
+        const u8* W;
+        float* out;
+        int ldo, local;
+        if (!m.pick(row0 + i, &W, &out, &ldo, &local)) break;
+        const u8* r = (const u8*)(mvs_tile + (size_t)i * cpr);
+        float acc = 0.0f;
+        int u = lane;
+        for (; u + WARP < units; u += 2 * WARP) {
+            Unit<T> a, b;
+            a.load(r, u);
+            b.load(r, u + WARP);
+            acc += a.dot(yq, yds);
+            acc += b.dot(yq, yds);
+        }
+        if (u < units) {
+            Unit<T> a;
+            a.load(r, u);
+            acc += a.dot(yq, yds);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) out[local] = acc;
+    }
+}
+
+#define MMVS(name, T)                                                                          \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) name(                        \
+        const u8* W0, const u8* W1, const u8* W2, int r0, int r1, int r2, float* o0, float* o1, \
+        float* o2, int ldo0, int ldo1, int ldo2, u64 row_bytes, int units, const i8* yq,       \
+        const float2* yds, int R) {                                                            \
+        Rows3 m = {W0, W1, W2, r0, r1, r2, o0, o1, o2, ldo0, ldo1, ldo2};                      \
+        mmvs<T>(m, row_bytes, units, yq, yds, R);                                              \
+    }
+MMVS(mmvs_q4_0, T_Q4_0)
+MMVS(mmvs_q4_1, T_Q4_1)
+MMVS(mmvs_q5_0, T_Q5_0)
+MMVS(mmvs_q5_1, T_Q5_1)
+MMVS(mmvs_q8_0, T_Q8_0)
+MMVS(mmvs_q4_k, T_Q4_K)
+MMVS(mmvs_q5_k, T_Q5_K)
+MMVS(mmvs_q6_k, T_Q6_K)
+
 // ---- small batches on tensor cores (2..16 tokens) ------------------------------------------
 // mmqs_<type>_<8|16>: the same product as mmvq for up to 8 / 16 tokens with int8 tensor-core
 // MMAs (m16n8k16): a block of MQ_WARPS warps owns 16 weight rows, its warps take every
@@ -443,6 +515,7 @@ MMVQ(mmvq_q6_k, T_Q6_K)
 // Tokens n_tok..15 are zero.
 extern "C" __global__ void q8_1_mma_layout(const i8* yq, const float2* yds, int K, int n_tok,
                                            int fam, i8* yq_m, float2* yds_m) {
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
     pdl_trigger();
     int nb = K / 32;
     int gid = blockIdx.x * blockDim.x + threadIdx.x;

@@ -203,6 +203,9 @@ fn matmul_kernels_match_dequantized_reference() {
                         ("dp4a", DecodeKernels::dp4a(None)),
                         ("dp4a wpr=4", DecodeKernels::dp4a(Some(4))),
                         ("mma", DecodeKernels::mma_from(1)),
+                        // One token streamed: default tiles, and one row per tile.
+                        ("stream", DecodeKernels::stream(cuda::matmul::MV_TILE)),
+                        ("stream 1 row", DecodeKernels::stream(1)),
                     ]
                 } else {
                     vec![("", DecodeKernels::from_env())]
@@ -598,6 +601,9 @@ fn matvec_bandwidth_report() {
                         ("dp4a wpr=2", DecodeKernels::dp4a(Some(2))),
                         ("dp4a wpr=4", DecodeKernels::dp4a(Some(4))),
                         ("mma", DecodeKernels::mma_from(1)),
+                        ("stream 8K", DecodeKernels::stream(8 << 10)),
+                        ("stream 16K", DecodeKernels::stream(16 << 10)),
+                        ("stream 32K", DecodeKernels::stream(32 << 10)),
                     ]);
                 } else if !cuda::matmul::is_float(ty) {
                     variants.push(("dp4a", DecodeKernels::dp4a(None)));

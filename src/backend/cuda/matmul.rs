@@ -3,7 +3,8 @@
 //! - Up to [`MV_MAXT`] tokens (decode): `mmvq_<type>` with the activations quantized once to
 //!   q8_1 (reused by every matrix that reads the same activation), or `mv_<type>` with f32
 //!   activations for float weights. One warp per weight row; the weights are read once for all
-//!   tokens.
+//!   tokens. One token takes `mmvs_<type>` where the rows allow: tiles of whole rows streamed
+//!   into shared memory first (see [`DecodePath::Stream`]); 2..16 tokens the tensor-core `mmqs`.
 //! - More tokens (prefill): the weight is dequantized in row chunks to an f16 scratch tile
 //!   (bounded, so no dequantized copy of any matrix is kept) and multiplied with cuBLAS
 //!   (f16 x f16, f32 accumulation and output).
@@ -97,8 +98,16 @@ fn mma_family(ty: GgmlType) -> i32 {
 const MQ_ROWS: usize = 16;
 /// Threads per block of `mmqs` (MQ_WARPS warps).
 const MQ_THREADS: u32 = 256;
-/// Warps per block of `mmvq` (MV_WARPS).
+/// Warps per block of `mmvq` and `mmvs` (MV_WARPS).
 const MV_WARPS: usize = 4;
+/// Default bytes of weight rows per `mmvs` block (`MOA_MV_TILE`). Measured on an H100 (one
+/// token, % of copy bandwidth on 14336x4096 / 4096x14336 / 128256x4096): Q6_K 67 / 61 / 82 with
+/// 8 KiB tiles, 64 / 61 / 79 with 16 KiB, 51-76 with 32 KiB (dp4a: 53 / 53 / 58).
+pub const MV_TILE: usize = 8 << 10;
+/// Most shared memory an `mmvs` block may take (its tile).
+const MV_TILE_MAX: usize = 96 << 10;
+/// Most rows per `mmvs` tile.
+const MV_TILE_ROWS: usize = 16;
 
 /// Which decode kernel runs a product of `n` tokens, and how (see [`DecodeKernels::choose`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +116,10 @@ pub enum DecodePath {
     Dp4a { wpr: usize },
     /// `mmqs`: int8 tensor-core MMAs, 16 rows per block.
     Mma,
+    /// `mmvs` (one token): each block copies a tile of `rows` whole weight rows into shared
+    /// memory with 16-byte asynchronous copies, all in flight at once, then one warp per row
+    /// computes from there. Needs 16-byte aligned rows (else the dp4a kernel runs).
+    Stream { rows: usize },
 }
 
 /// Decode-kernel choices, from the environment once (for measuring the alternatives):
@@ -114,12 +127,26 @@ pub enum DecodePath {
 /// one-token product; default 1) and `MOA_MMQS_MIN` (fewest tokens that take the tensor-core
 /// kernels; default 2, 0 = never) and `MOA_QPREFILL_MAX` (batches of quantized weights up to
 /// this many tokens also take the decode kernels, 16 tokens at a time, default
-/// [`QUANT_PREFILL_MAX`]).
+/// [`QUANT_PREFILL_MAX`]) and `MOA_MV_TILE` (bytes of weight rows per block of the streamed
+/// one-token kernel, default [`MV_TILE`] for the types of [`streams`]; set, every quantized
+/// type streams with that tile; 0 = never stream).
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeKernels {
     wpr: Option<usize>,
     mma_min: usize,
     pub quant_prefill_max: usize,
+    /// Target tile bytes of `mmvs` (0: off).
+    stream_tile: usize,
+    /// Stream every quantized type; else only those measured faster streamed ([`streams`]).
+    stream_all: bool,
+}
+
+/// Types whose one-token products stream by default: Q6_K (the output matrix of Q4_K_M files;
+/// tg128 of the 8B shape on an H100: Q4_K through the dp4a / tensor-core kernels 351.5 t/s,
+/// streamed 349.2, so Q4_K keeps them; Q6_K's 210-byte blocks only allow 2-byte loads from
+/// global memory, which streaming avoids: 74 vs 101 us on the 49152-row output).
+fn streams(ty: GgmlType) -> bool {
+    ty == GgmlType::Q6_K
 }
 
 /// Batches of quantized weights up to this many tokens run through the decode kernels on
@@ -136,6 +163,20 @@ impl DecodeKernels {
             wpr,
             mma_min: 0,
             quant_prefill_max: QUANT_PREFILL_MAX,
+            stream_tile: 0,
+            stream_all: false,
+        }
+    }
+
+    /// One token always through the streamed kernel with tiles of about `tile` bytes (several
+    /// tokens: the tensor-core kernels).
+    pub fn stream(tile: usize) -> DecodeKernels {
+        DecodeKernels {
+            wpr: None,
+            mma_min: 2,
+            quant_prefill_max: QUANT_PREFILL_MAX,
+            stream_tile: tile,
+            stream_all: true,
         }
     }
 
@@ -145,6 +186,8 @@ impl DecodeKernels {
             wpr: None,
             mma_min: min,
             quant_prefill_max: QUANT_PREFILL_MAX,
+            stream_tile: 0,
+            stream_all: false,
         }
     }
 
@@ -154,7 +197,29 @@ impl DecodeKernels {
             wpr: var("MOA_MV_WPR").filter(|w| [1, 2, 4].contains(w)),
             mma_min: var("MOA_MMQS_MIN").unwrap_or(2),
             quant_prefill_max: var("MOA_QPREFILL_MAX").unwrap_or(QUANT_PREFILL_MAX),
+            // A warps-per-row override measures the dp4a kernels: no streaming then.
+            stream_tile: var("MOA_MV_TILE").unwrap_or(if var("MOA_MV_WPR").is_some() {
+                0
+            } else {
+                MV_TILE
+            }),
+            // An explicit tile size streams every type.
+            stream_all: var("MOA_MV_TILE").is_some(),
         }
+    }
+
+    /// Rows per tile of the streamed one-token kernel for rows of `row_bytes` bytes, or None
+    /// when it does not apply (turned off, rows not a multiple of 16 bytes, a row larger than
+    /// the most shared memory a block may take).
+    pub fn stream_rows(&self, row_bytes: usize) -> Option<usize> {
+        if self.stream_tile == 0 || !row_bytes.is_multiple_of(16) || row_bytes > MV_TILE_MAX {
+            return None;
+        }
+        Some(
+            (self.stream_tile / row_bytes)
+                .clamp(1, MV_TILE_ROWS)
+                .min(MV_TILE_MAX / row_bytes),
+        )
     }
 
     /// The kernel for `n` tokens over a `rows x cols` matrix of type `ty` on a GPU with `sms`
@@ -170,6 +235,12 @@ impl DecodeKernels {
     ) -> DecodePath {
         if self.mma_min > 0 && n >= self.mma_min {
             return DecodePath::Mma;
+        }
+        if n == 1 && (self.stream_all || streams(ty)) {
+            let row_bytes = ty.bytes_for(cols as u64).unwrap_or(1) as usize;
+            if let Some(rows) = self.stream_rows(row_bytes) {
+                return DecodePath::Stream { rows };
+            }
         }
         // One token, measured on an H100 (matvec_bandwidth_report, % of copy bandwidth): the
         // dp4a kernel with one warp per row wins on Q4_K's 14336 x 4096 (57 vs 51 for the
@@ -199,8 +270,9 @@ pub struct GpuMatrix {
     pub row_bytes: usize,
     /// Matrix-vector kernels by [`MV_VARIANTS`] (float weights: one kernel, repeated).
     mv: [CudaFunction; 3],
-    /// Tensor-core small-batch kernels for up to 8 and up to 16 tokens (quantized weights).
-    mq: Option<[CudaFunction; 2]>,
+    /// Tensor-core small-batch kernels for up to 8 and up to 16 tokens, and the streamed
+    /// one-token kernel (quantized weights).
+    mq: Option<[CudaFunction; 3]>,
     dq: CudaFunction,
     pub decode: DecodeKernels,
 }
@@ -235,9 +307,15 @@ impl GpuMatrix {
         } else {
             let f = |nt: usize| k.get(&format!("mmvq_{suffix}_{nt}"));
             let g = |nt: usize| k.get(&format!("mmqs_{suffix}_{nt}"));
+            let st = k.get(&format!("mmvs_{suffix}"))?;
+            st.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                MV_TILE_MAX as i32,
+            )
+            .map_err(|e| super::device::driver_err(&format!("shared memory size of mmvs_{suffix}"), e))?;
             (
                 [f(MV_VARIANTS[0])?, f(MV_VARIANTS[1])?, f(MV_VARIANTS[2])?],
-                Some([g(8)?, g(16)?]),
+                Some([g(8)?, g(16)?, st]),
             )
         };
         let dq = k.get(&format!("dequant_f16_{suffix}"))?;
@@ -382,7 +460,7 @@ pub fn matmul(
         let key = (a.x, x_version);
         if s.qkey != Some(key) {
             let nb = a.n * m.cols / 32;
-            gpu.launch(
+            gpu.launch_pdl(
                 &k.quantize_q8_1,
                 lcfg((blocks(nb, 8), 1, 1), 256),
                 &[
@@ -502,17 +580,23 @@ fn launch_mmvq(
         A::P(m.row_bytes as u64),
     ];
     let units = units_per_row(m.ty, m.cols);
-    let path = match &m.mq {
+    let mut path = match &m.mq {
         Some(_) => m.decode.choose(m.ty, n, m.cols, rows, gpu.sms),
         None => DecodePath::Dp4a { wpr: 1 },
     };
+    if matches!(path, DecodePath::Stream { .. }) && t.iter().any(|&(mm, _, _)| mm.ptr % 16 != 0) {
+        // Rows that do not start 16-byte aligned cannot be copied in 16-byte pieces.
+        let mut d = m.decode;
+        d.stream_tile = 0;
+        path = d.choose(m.ty, n, m.cols, rows, gpu.sms);
+    }
     match (&m.mq, path) {
         (Some(mq), DecodePath::Mma) => {
             let fam = mma_family(m.ty);
             let key = s.qkey.map(|(x, v)| (x, v, fam));
             if key.is_none() || s.mkey != key {
                 let nb = m.cols / 32;
-                gpu.launch(
+                gpu.launch_pdl(
                     &k.q8_1_mma_layout,
                     cfg_1d(nb * 64),
                     &[
@@ -537,7 +621,20 @@ fn launch_mmvq(
             let f = if n <= 8 { &mq[0] } else { &mq[1] };
             gpu.launch_pdl(f, lcfg((blocks(rows, MQ_ROWS), 1, 1), MQ_THREADS), &args)
         }
-        (None, DecodePath::Mma) => unreachable!("float weights never take the tensor-core path"),
+        (Some(mq), DecodePath::Stream { rows: tile }) => {
+            args.extend([
+                A::I(units as i32),
+                A::P(s.yq.ptr),
+                A::P(s.yds.ptr),
+                A::I(tile as i32),
+            ]);
+            let mut c = lcfg((blocks(rows, tile), 1, 1), (MV_WARPS * 32) as u32);
+            c.shared_mem_bytes = (tile * m.row_bytes) as u32;
+            gpu.launch_pdl(&mq[2], c, &args)
+        }
+        (None, DecodePath::Mma | DecodePath::Stream { .. }) => {
+            unreachable!("float weights never take the quantized kernels")
+        }
         (_, DecodePath::Dp4a { wpr }) => {
             args.extend([
                 A::I(units as i32),
@@ -596,7 +693,7 @@ pub fn matmul_multi(
         let key = (x, x_version);
         if s.qkey != Some(key) {
             let nb = n * m0.cols / 32;
-            gpu.launch(
+            gpu.launch_pdl(
                 &k.quantize_q8_1,
                 lcfg((blocks(nb, 8), 1, 1), 256),
                 &[
@@ -784,6 +881,42 @@ mod tests {
 
     #[test]
     fn decode_kernel_choice_follows_token_count_and_shape() {
+        // Streaming: one token, tiles of whole rows near the target size, at most 16 rows.
+        let st = DecodeKernels::stream(MV_TILE);
+        let q4k_row = 4096 / 256 * 144;
+        assert_eq!(
+            st.choose(GgmlType::Q4_K, 1, 4096, 14336, 132),
+            DecodePath::Stream {
+                rows: MV_TILE / q4k_row
+            }
+        );
+        assert_eq!(
+            st.choose(GgmlType::Q6_K, 1, 14336, 4096, 132),
+            DecodePath::Stream { rows: 1 }
+        );
+        assert_eq!(
+            st.choose(GgmlType::Q4_K, 2, 4096, 14336, 132),
+            DecodePath::Mma
+        );
+        assert_eq!(st.stream_rows(144), Some(16));
+        // Rows that are not a multiple of 16 bytes (Q4_1 at width 576: 360) never stream.
+        assert_eq!(st.stream_rows(360), None);
+        assert_eq!(
+            st.choose(GgmlType::Q4_1, 1, 576, 100, 132),
+            DecodePath::Dp4a { wpr: 1 }
+        );
+        assert_eq!(st.stream_rows(MV_TILE_MAX + 16), None);
+        // By default only Q6_K streams (at one token).
+        let mut def = DecodeKernels::mma_from(2);
+        def.stream_tile = MV_TILE;
+        assert_eq!(
+            def.choose(GgmlType::Q6_K, 1, 4096, 49152, 132),
+            DecodePath::Stream { rows: 2 }
+        );
+        assert_eq!(
+            def.choose(GgmlType::Q4_K, 1, 4096, 14336, 132),
+            DecodePath::Dp4a { wpr: 1 }
+        );
         let auto = DecodeKernels::mma_from(2);
         // Several tokens: the tensor-core kernels, whatever the shape.
         for n in 2..=MV_MAXT {

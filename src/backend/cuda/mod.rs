@@ -134,7 +134,10 @@ fn norm_shape(width: usize) -> (u32, usize) {
 }
 
 fn meta_layout(max_batch: usize, half_rot: usize) -> MetaLayout {
-    let b = max_batch;
+    // An even section length keeps every section 8-byte aligned: the kernels read the cos/sin
+    // pairs (and the tile table) as 8-byte float2 / int2 (a batch of one token misaligned them:
+    // `moa-bench -p 0` failed with CUDA_ERROR_MISALIGNED_ADDRESS in rope_kv).
+    let b = max_batch.next_multiple_of(2);
     MetaLayout {
         tokens: 0,
         pos: b,
@@ -635,7 +638,7 @@ impl CudaBackend {
         };
         if let Some((qx, kxr)) = fused_rope {
             let half = cfg.rope.n_rot / 2;
-            self.gpu.launch(
+            self.gpu.launch_pdl(
                 &self.k.rope_kv,
                 cfg_1d(n * (cfg.n_head + 2 * hk) * (cfg.head_dim / 2)),
                 &[
@@ -750,7 +753,7 @@ impl CudaBackend {
         ]);
         let mut lc = lcfg((self.n_tiles as u32, hk as u32, n_split as u32), 128);
         lc.shared_mem_bytes = f.smem as u32;
-        self.gpu.launch(&f.func, lc, &args)?;
+        self.gpu.launch_pdl(&f.func, lc, &args)?;
         // The merge can leave the output in q8_1 for the output projection as well.
         let quantized = q8_out && n_split > 1;
         if n_split > 1 {
@@ -765,7 +768,7 @@ impl CudaBackend {
             } else {
                 (&self.k.attn_merge, 1)
             };
-            self.gpu.launch(
+            self.gpu.launch_pdl(
                 merge,
                 lcfg(
                     ((n * cfg.n_head) as u32, 1, 1),
@@ -996,7 +999,7 @@ impl CudaBackend {
         let (yq, yds) = if q8 { self.mats.q8_ptrs() } else { (0, 0) };
         let wv = self.vectors[w].as_ref().expect("norm prepared").ptr;
         let (threads, variant) = norm_shape(width);
-        self.gpu.launch(
+        self.gpu.launch_pdl(
             &self.k.add_rms_norm_q8[variant],
             lcfg((n as u32, 1, 1), threads),
             &[
@@ -1117,7 +1120,7 @@ impl CudaBackend {
                 Op::SwiGlu { gate, up } if self.reads_q8(ops.get(i + 1), gate, n) => {
                     let width = self.model.graph.acts[gate].width;
                     let (yq, yds) = self.mats.q8_ptrs();
-                    self.gpu.launch(
+                    self.gpu.launch_pdl(
                         &self.k.swiglu_q8,
                         lcfg((blocks(n * width / 32, 8), 1, 1), 256),
                         &[
@@ -1302,6 +1305,19 @@ impl Backend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meta_sections_are_8_byte_aligned_for_any_batch() {
+        for b in 1..40 {
+            let ml = meta_layout(b, 3);
+            for off in [
+                ml.tokens, ml.pos, ml.seq, ml.p0, ml.rs, ml.lrows, ml.last, ml.tiles, ml.cs,
+            ] {
+                assert_eq!(off % 2, 0, "batch {b}: section at word {off}");
+            }
+            assert!(ml.words >= ml.cs + 2 * b * 3);
+        }
+    }
 
     #[test]
     fn norm_shape_picks_the_smallest_kernel_that_holds_the_row() {
