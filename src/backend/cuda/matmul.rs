@@ -242,19 +242,20 @@ impl DecodeKernels {
                 return DecodePath::Stream { rows };
             }
         }
-        // One token, measured on an H100 (matvec_bandwidth_report, % of copy bandwidth): the
-        // dp4a kernel with one warp per row wins on Q4_K's 14336 x 4096 (57 vs 51 for the
-        // tensor-core kernel) and 128256 x 4096 (70 vs 57); on the wide, short 4096 x 14336
-        // down projection the tensor-core kernel wins (66, dp4a 50 with one warp per row, 56
-        // with two); splitting rows over more warps never beats one warp elsewhere (Q4_1 90 vs
-        // 103 on the down projection).
+        // One token, measured on an H100 (matvec_bandwidth_report, % of copy bandwidth, with
+        // the K-quant scales in registers): the dp4a kernel with one warp per row wins on Q4_K's
+        // 14336 x 4096 (75 vs 64 for the tensor-core kernel) and 128256 x 4096 (80 vs 70); on
+        // the wide, short 4096 x 14336 down projection two warps per row do (73; tensor cores
+        // 71, which also need the activations rearranged by one more launch; one warp 61).
+        // Splitting rows over more warps never beats one warp elsewhere (Q4_1 90 vs 103 on the
+        // down projection).
         let wide_short = cols >= 8192 && rows < sms * 64;
         if self.wpr.is_none()
             && self.mma_min > 0
             && wide_short
             && matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K)
         {
-            return DecodePath::Mma;
+            return DecodePath::Dp4a { wpr: 2 };
         }
         let wpr = self.wpr.unwrap_or(1);
         DecodePath::Dp4a { wpr }
@@ -925,14 +926,14 @@ mod tests {
                 DecodePath::Mma
             );
         }
-        // One token: dp4a with one warp per row, except wide matrices with few rows in Q4_K/Q5_K.
+        // One token: dp4a with one warp per row, two on wide matrices with few rows in Q4_K/Q5_K.
         assert_eq!(
             auto.choose(GgmlType::Q4_K, 1, 4096, 14336, 132),
             DecodePath::Dp4a { wpr: 1 }
         );
         assert_eq!(
             auto.choose(GgmlType::Q4_K, 1, 14336, 4096, 132),
-            DecodePath::Mma
+            DecodePath::Dp4a { wpr: 2 }
         );
         assert_eq!(
             auto.choose(GgmlType::Q6_K, 1, 14336, 4096, 132),
