@@ -882,73 +882,60 @@ mod tests {
 
     #[test]
     fn decode_kernel_choice_follows_token_count_and_shape() {
-        // Streaming: one token, tiles of whole rows near the target size, at most 16 rows.
+        use DecodePath::{Dp4a, Mma, Stream};
         let st = DecodeKernels::stream(MV_TILE);
-        let q4k_row = 4096 / 256 * 144;
-        assert_eq!(
-            st.choose(GgmlType::Q4_K, 1, 4096, 14336, 132),
-            DecodePath::Stream {
-                rows: MV_TILE / q4k_row
-            }
-        );
-        assert_eq!(
-            st.choose(GgmlType::Q6_K, 1, 14336, 4096, 132),
-            DecodePath::Stream { rows: 1 }
-        );
-        assert_eq!(
-            st.choose(GgmlType::Q4_K, 2, 4096, 14336, 132),
-            DecodePath::Mma
-        );
-        assert_eq!(st.stream_rows(144), Some(16));
-        // Rows that are not a multiple of 16 bytes (Q4_1 at width 576: 360) never stream.
-        assert_eq!(st.stream_rows(360), None);
-        assert_eq!(
-            st.choose(GgmlType::Q4_1, 1, 576, 100, 132),
-            DecodePath::Dp4a { wpr: 1 }
-        );
-        assert_eq!(st.stream_rows(MV_TILE_MAX + 16), None);
-        // By default only Q6_K streams (at one token).
-        let mut def = DecodeKernels::mma_from(2);
-        def.stream_tile = MV_TILE;
-        assert_eq!(
-            def.choose(GgmlType::Q6_K, 1, 4096, 49152, 132),
-            DecodePath::Stream { rows: 2 }
-        );
-        assert_eq!(
-            def.choose(GgmlType::Q4_K, 1, 4096, 14336, 132),
-            DecodePath::Dp4a { wpr: 1 }
-        );
         let auto = DecodeKernels::mma_from(2);
+        let mut def = auto;
+        def.stream_tile = MV_TILE;
+        let forced = DecodeKernels::dp4a(Some(4));
+        let q4k_row = 4096 / 256 * 144;
+        // (kernels, type, tokens, cols, rows, expected path)
+        let cases = [
+            // Streaming everything: one token in tiles of whole rows near the target size
+            // (at least one row); several tokens on the tensor cores.
+            (
+                st,
+                GgmlType::Q4_K,
+                1,
+                4096,
+                14336,
+                Stream {
+                    rows: MV_TILE / q4k_row,
+                },
+            ),
+            (st, GgmlType::Q6_K, 1, 14336, 4096, Stream { rows: 1 }),
+            (st, GgmlType::Q4_K, 2, 4096, 14336, Mma),
+            // Rows that are not a multiple of 16 bytes (Q4_1 at width 576: 360) never stream.
+            (st, GgmlType::Q4_1, 1, 576, 100, Dp4a { wpr: 1 }),
+            // By default only Q6_K streams (at one token).
+            (def, GgmlType::Q6_K, 1, 4096, 49152, Stream { rows: 2 }),
+            (def, GgmlType::Q4_K, 1, 4096, 14336, Dp4a { wpr: 1 }),
+            // Without streaming, one token: dp4a with one warp per row, two on wide matrices
+            // with few rows in Q4_K/Q5_K.
+            (auto, GgmlType::Q4_K, 1, 4096, 14336, Dp4a { wpr: 1 }),
+            (auto, GgmlType::Q4_K, 1, 14336, 4096, Dp4a { wpr: 2 }),
+            (auto, GgmlType::Q6_K, 1, 14336, 4096, Dp4a { wpr: 1 }),
+            // Forced dp4a never takes the tensor cores; a warps-per-row override is kept.
+            (forced, GgmlType::Q4_K, 16, 14336, 4096, Dp4a { wpr: 4 }),
+            (
+                DecodeKernels::dp4a(None),
+                GgmlType::Q4_K,
+                1,
+                14336,
+                4096,
+                Dp4a { wpr: 1 },
+            ),
+        ];
+        for (i, &(dk, ty, n, cols, rows, want)) in cases.iter().enumerate() {
+            assert_eq!(dk.choose(ty, n, cols, rows, 132), want, "case {i}");
+        }
         // Several tokens: the tensor-core kernels, whatever the shape.
         for n in 2..=MV_MAXT {
-            assert_eq!(
-                auto.choose(GgmlType::Q4_1, n, 4096, 14336, 132),
-                DecodePath::Mma
-            );
+            assert_eq!(auto.choose(GgmlType::Q4_1, n, 4096, 14336, 132), Mma);
         }
-        // One token: dp4a with one warp per row, two on wide matrices with few rows in Q4_K/Q5_K.
-        assert_eq!(
-            auto.choose(GgmlType::Q4_K, 1, 4096, 14336, 132),
-            DecodePath::Dp4a { wpr: 1 }
-        );
-        assert_eq!(
-            auto.choose(GgmlType::Q4_K, 1, 14336, 4096, 132),
-            DecodePath::Dp4a { wpr: 2 }
-        );
-        assert_eq!(
-            auto.choose(GgmlType::Q6_K, 1, 14336, 4096, 132),
-            DecodePath::Dp4a { wpr: 1 }
-        );
-        // Forced dp4a never takes the tensor cores; a warps-per-row override is kept.
-        let d = DecodeKernels::dp4a(Some(4));
-        assert_eq!(
-            d.choose(GgmlType::Q4_K, 16, 14336, 4096, 132),
-            DecodePath::Dp4a { wpr: 4 }
-        );
-        assert_eq!(
-            DecodeKernels::dp4a(None).choose(GgmlType::Q4_K, 1, 14336, 4096, 132),
-            DecodePath::Dp4a { wpr: 1 }
-        );
+        assert_eq!(st.stream_rows(144), Some(16));
+        assert_eq!(st.stream_rows(360), None);
+        assert_eq!(st.stream_rows(MV_TILE_MAX + 16), None);
         // Units per row of the two kernel families.
         assert_eq!(units_per_row(GgmlType::Q4_K, 4096), 64);
         assert_eq!(mmqs_units_per_row(GgmlType::Q4_K, 4096), 16);
