@@ -60,6 +60,8 @@ fn kernels_compile_through_nvrtc() {
             "kv_store_rows",
             "attn_merge",
             "attn_merge_wide",
+            "attn_exact_d64",
+            "attn_exact_d128",
             "add_rms_norm_q8_4",
             "add_rms_norm_q8_8",
             "add_rms_norm_q8_16",
