@@ -551,6 +551,205 @@ fn kv_quant_q8_0_matches_cpu_quantizer() {
     }
 }
 
+/// Inputs of one exact-attention case (owned; [`ExactCase::case`] lends them out).
+struct ExactCase {
+    label: String,
+    layout: KvLayout,
+    layer: usize,
+    seq: usize,
+    p0: usize,
+    n: usize,
+    n_head: usize,
+    n_batch: usize,
+    q: Vec<f32>,
+    k_new: Vec<half::f16>,
+    v_new: Vec<half::f16>,
+    k_cache: Vec<half::f16>,
+    v_cache: Vec<half::f16>,
+}
+
+impl ExactCase {
+    fn case(&self) -> moa::backend::cpu::AttnCase<'_> {
+        moa::backend::cpu::AttnCase {
+            layout: &self.layout,
+            layer: self.layer,
+            seq: self.seq,
+            p0: self.p0,
+            n: self.n,
+            n_head: self.n_head,
+            n_batch: self.n_batch,
+            q: &self.q,
+            k_new: &self.k_new,
+            v_new: &self.v_new,
+            k_cache: &self.k_cache,
+            v_cache: &self.v_cache,
+        }
+    }
+}
+
+/// The exact-attention cases: head dims 64 and 128; GQA groups of 1, 3 and 4; a dense layout
+/// and span layouts (sinks + rings far shorter than the position, so the visible window wraps
+/// around the ring; heads of different capacities; layer 1 of 2 and sequence 1 of 2, so the
+/// region tables are offset); decode (one row, first token and deep), multi-row runs in the
+/// per-key regime (batches below 64 tokens), a few rows of a 64-token batch (tiled regime, as
+/// when several sequences prefill together) and whole tiled prefills from position 0 and after
+/// cached keys (runs longer than the ring: queries see the run's own keys only).
+fn exact_cases() -> Vec<ExactCase> {
+    let mut rng = Rng(4242);
+    let mut cases = Vec::new();
+    let n_ctx = 400;
+    for &(hd, n_head, n_kv) in &[(64usize, 4usize, 1usize), (64, 6, 2), (128, 4, 1), (128, 2, 2)] {
+        for &(sink, caps) in &[(0usize, [n_ctx, n_ctx]), (4, [37, 300]), (16, [200, 81])] {
+            let caps: Vec<usize> = (0..2 * n_kv).map(|i| caps[i % 2]).collect();
+            let layout = KvLayout::with_capacities(2, 2, n_kv, hd, n_ctx, sink, caps).unwrap();
+            for &(p0, n, n_batch) in &[
+                (0usize, 1usize, 1usize),
+                (250, 1, 1),
+                (100, 9, 9),
+                (311, 3, 16),
+                (200, 5, 64),
+                (0, 70, 70),
+                (130, 80, 80),
+            ] {
+                for amp in [2.0f32, 6.0] {
+                    if amp > 2.0 && n > 9 {
+                        continue;
+                    }
+                    let mut data = |len: usize, a: f32| -> Vec<f32> {
+                        (0..len).map(|_| rng.f() * a).collect()
+                    };
+                    let h16 = |v: Vec<f32>| -> Vec<half::f16> {
+                        v.into_iter().map(half::f16::from_f32).collect()
+                    };
+                    let rows = layout.rows_per_layer(1) * hd;
+                    cases.push(ExactCase {
+                        label: format!(
+                            "hd {hd} heads {n_head}/{n_kv} sink {sink} caps {:?} p0 {p0} n {n} \
+                             batch {n_batch} amp {amp}",
+                            (0..n_kv).map(|h| layout.capacity(1, h)).collect::<Vec<_>>()
+                        ),
+                        layer: 1,
+                        seq: 1,
+                        p0,
+                        n,
+                        n_head,
+                        n_batch,
+                        q: data(n * n_head * hd, amp),
+                        k_new: h16(data(n * n_kv * hd, amp)),
+                        v_new: h16(data(n * n_kv * hd, 1.0)),
+                        k_cache: h16(data(rows, amp)),
+                        v_cache: h16(data(rows, 1.0)),
+                        layout: layout.clone(),
+                    });
+                }
+            }
+        }
+    }
+    cases
+}
+
+/// The exact attention kernel (cuda/attention_exact.cu) against the CPU backend's attention on
+/// the same inputs ([`exact_cases`]): every output bit-identical. Both sides run the same
+/// operations in the same order (f16 rounding points, dot-product sums, glibc's expf ported to
+/// the device, ggml_v_expf); the CPU's arithmetic is its x86 FMA kernels', so a CPU without FMA
+/// (portable kernels: separate multiply and add in the tiled value sums) only prints the count.
+#[test]
+fn exact_attention_kernel_matches_cpu_bitwise() {
+    if !gpu_or_skip("exact_attention_kernel_matches_cpu_bitwise") {
+        return;
+    }
+    let fma_cpu = ggml_compat::dot::kernel_set() == ggml_compat::dot::KernelSet::Avx2;
+    let h = MatmulHarness::new().unwrap();
+    let (mut values, mut differ, mut worst) = (0usize, 0usize, 0f32);
+    for ec in exact_cases() {
+        let case = ec.case();
+        let want = moa::backend::cpu::attention_reference(&case);
+        let got = cuda::exact_attention_harness(&h.gpu, &h.k, &case).unwrap();
+        assert!(want.iter().all(|x| x.is_finite()), "{}", ec.label);
+        let mut d = 0;
+        for (a, b) in want.iter().zip(&got) {
+            if a.to_bits() != b.to_bits() {
+                d += 1;
+                worst = worst.max((a - b).abs() / a.abs().max(1e-30));
+            }
+        }
+        eprintln!("{}: {d} of {} values differ", ec.label, want.len());
+        values += want.len();
+        differ += d;
+        if fma_cpu {
+            assert_eq!(d, 0, "{}: {d} values differ (worst relative {worst:.2e})", ec.label);
+        }
+    }
+    eprintln!(
+        "exact attention vs CPU: {differ} of {values} values differ (worst relative {worst:.2e})"
+    );
+}
+
+/// Writes [`exact_cases`] with the CPU backend's outputs into `$MOA_EXACT_DUMP` (no GPU
+/// needed) for the emulator check `tools/cuda-emu/attn_exact_check.sh`, which runs the exact
+/// kernel on the CPU under emulation and compares bit for bit. Per case, little-endian:
+/// i32 hd, n_head, n_kv, n, n_batch, p0, seq, sink, rows_per_seq, rows (of the layer buffer),
+/// then i32 caps[n_kv], offs[n_kv] (sequence 0), then f32 q, u16 k_new, v_new, k_cache,
+/// v_cache, f32 expected output.
+#[test]
+#[ignore]
+fn exact_attention_cases_dump() {
+    let Some(dir) = std::env::var_os("MOA_EXACT_DUMP") else {
+        eprintln!("skipping: MOA_EXACT_DUMP is not set");
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    for (i, ec) in exact_cases().iter().enumerate() {
+        let case = ec.case();
+        let want = moa::backend::cpu::attention_reference(&case);
+        let l = &ec.layout;
+        let (hd, n_kv) = (l.head_dim, l.n_head_kv);
+        let rows = l.rows_per_layer(ec.layer);
+        let mut b: Vec<u8> = Vec::new();
+        let mut ints = |v: &[usize]| {
+            for &x in v {
+                b.extend_from_slice(&(x as i32).to_le_bytes());
+            }
+        };
+        ints(&[
+            hd,
+            ec.n_head,
+            n_kv,
+            ec.n,
+            ec.n_batch,
+            ec.p0,
+            ec.seq,
+            l.sink,
+            rows / l.n_seq,
+            rows,
+        ]);
+        ints(&(0..n_kv).map(|h| l.capacity(ec.layer, h)).collect::<Vec<_>>());
+        ints(
+            &(0..n_kv)
+                .map(|h| l.region_offset(0, ec.layer, h))
+                .collect::<Vec<_>>(),
+        );
+        for x in &ec.q {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+        for v in [&ec.k_new, &ec.v_new] {
+            for x in v.iter() {
+                b.extend_from_slice(&x.to_bits().to_le_bytes());
+            }
+        }
+        for v in [&ec.k_cache, &ec.v_cache] {
+            for x in &v[..rows * hd] {
+                b.extend_from_slice(&x.to_bits().to_le_bytes());
+            }
+        }
+        for x in &want {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+        std::fs::write(dir.join(format!("case{i:03}.bin")), b).unwrap();
+        std::fs::write(dir.join(format!("case{i:03}.txt")), &ec.label).unwrap();
+    }
+}
+
 /// Decode matvec bandwidth on Llama-3-8B's largest matrices (run on the GPU machine with
 /// `--ignored --nocapture`); the figures go to the README.
 #[test]
