@@ -17,9 +17,9 @@
 //     f16(fma(v, vs, acc)) and S = fma(S, ms, vs);
 //   - tiled (`tiled` 1): f32 query; each score one fused multiply-add chain over the head
 //     dimension times the scale; keys in aligned tiles of 64 positions: the tile's maximum, the
-//     rescale of acc and S by expf(M_old - M_new) (f32), the weights ggml_v_expf(x - M), their
-//     sum as ggml_vec_soft_max_f32 forms it (16-slot groups by position, each reduced by
-//     halving, added in f64 to S) and acc = fma(w, v, acc) key by key.
+//     rescale of acc and S by expf(M_old - M_new) (f32), the weights ggml_v_expf(x - M)
+//     (common.cuh), their sum as ggml_vec_soft_max_f32 forms it (16-slot groups by position,
+//     each reduced by halving, added in f64 to S) and acc = fma(w, v, acc) key by key.
 // Both end with out = acc * (1 / S) (0 for S = 0). `expf` is glibc's (ex_expf below: its
 // algorithm and table, with the fused multiply-adds GCC forms in the FMA build the x86-64
 // dispatcher picks; equal to this machine's glibc 2.36 expf on every float input), not CUDA's.
@@ -68,29 +68,6 @@ __device__ __forceinline__ float ex_expf(float x) {
     y = __fma_rn(z, r2, y);
     y = __dmul_rn(y, s);
     return __double2float_rn(y);
-}
-
-// 2^k for a normal exponent k.
-__device__ __forceinline__ float ex_pow2(int k) { return __uint_as_float((u32)(k + 127) << 23); }
-
-// ggml_v_expf (ggml_attn.rs: v_expf): polynomial in the reduced argument, scaled by 2^n.
-__device__ __forceinline__ float ex_v_expf(float x) {
-    const float r = __uint_as_float(0x4b400000u);  // 0x1.8p23
-    const float z = __fmaf_rn(x, __uint_as_float(0x3fb8aa3bu), r);
-    const float n = __fsub_rn(z, r);
-    const float b = __fmaf_rn(-n, __uint_as_float(0x35bfbe8eu),
-                              __fmaf_rn(-n, __uint_as_float(0x3f317200u), x));
-    const float u = __fmul_rn(b, b);
-    float j = __fmaf_rn(__uint_as_float(0x3c072010u), b, __uint_as_float(0x3d2b9f17u));
-    j = __fmaf_rn(j, u, __fmaf_rn(__uint_as_float(0x3e2aaf33u), b, __uint_as_float(0x3efffedbu)));
-    j = __fmaf_rn(j, u, __fmaf_rn(__uint_as_float(0x3f7ffff6u), b, 1.0f));
-    if (n != n) return n;
-    if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : __uint_as_float(0x7f800000u);
-    // j * 2^n rounded once (AVX-512 scalef), via two steps outside the normal exponents.
-    const int e = (int)n;
-    if (e < -126) return __fmul_rn(__fmul_rn(j, ex_pow2(e + 100)), ex_pow2(-100));
-    if (e > 127) return __fmul_rn(__fmul_rn(j, ex_pow2(e - 100)), ex_pow2(100));
-    return __fmul_rn(j, ex_pow2(e));
 }
 
 // Round to f16 and back (nearest even).
@@ -162,6 +139,9 @@ __device__ __forceinline__ void attn_exact(const float* q, const u16* knew, cons
 #pragma unroll
     for (int e = 0; e < PER; e++) acc[e] = 0.0f;
     float m = NEG_INF, s = 0.0f;
+    // Keys a query of the tiled regime does not see are skipped, where the CPU adds fma(0, v,
+    // acc) for the other queries of its 8-query tile: the same value (up to the sign of a zero
+    // accumulator, which no key of a visible score leaves).
     const u16 *kr, *vr;
     if (!tiled) {
         for (int c0 = 0; c0 < nk; c0 += WARP) {
@@ -216,7 +196,7 @@ __device__ __forceinline__ void attn_exact(const float* q, const u16* knew, cons
             }
             m = mnew;
             for (int c = lane; c < n; c += WARP) {
-                const float w = ex_v_expf(__fsub_rn(sc[c], m));
+                const float w = ggml_v_expf(__fsub_rn(sc[c], m));
                 wk[c] = w;
                 slot[ks.pos(c0 + c) % EX_TILE] = w;
             }

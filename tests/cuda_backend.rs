@@ -598,7 +598,12 @@ fn exact_cases() -> Vec<ExactCase> {
     let mut rng = Rng(4242);
     let mut cases = Vec::new();
     let n_ctx = 400;
-    for &(hd, n_head, n_kv) in &[(64usize, 4usize, 1usize), (64, 6, 2), (128, 4, 1), (128, 2, 2)] {
+    for &(hd, n_head, n_kv) in &[
+        (64usize, 4usize, 1usize),
+        (64, 6, 2),
+        (128, 4, 1),
+        (128, 2, 2),
+    ] {
         for &(sink, caps) in &[(0usize, [n_ctx, n_ctx]), (4, [37, 300]), (16, [200, 81])] {
             let caps: Vec<usize> = (0..2 * n_kv).map(|i| caps[i % 2]).collect();
             let layout = KvLayout::with_capacities(2, 2, n_kv, hd, n_ctx, sink, caps).unwrap();
@@ -677,7 +682,11 @@ fn exact_attention_kernel_matches_cpu_bitwise() {
         values += want.len();
         differ += d;
         if fma_cpu {
-            assert_eq!(d, 0, "{}: {d} values differ (worst relative {worst:.2e})", ec.label);
+            assert_eq!(
+                d, 0,
+                "{}: {d} values differ (worst relative {worst:.2e})",
+                ec.label
+            );
         }
     }
     eprintln!(
@@ -723,7 +732,11 @@ fn exact_attention_cases_dump() {
             rows / l.n_seq,
             rows,
         ]);
-        ints(&(0..n_kv).map(|h| l.capacity(ec.layer, h)).collect::<Vec<_>>());
+        ints(
+            &(0..n_kv)
+                .map(|h| l.capacity(ec.layer, h))
+                .collect::<Vec<_>>(),
+        );
         ints(
             &(0..n_kv)
                 .map(|h| l.region_offset(0, ec.layer, h))
@@ -748,6 +761,34 @@ fn exact_attention_cases_dump() {
         std::fs::write(dir.join(format!("case{i:03}.bin")), b).unwrap();
         std::fs::write(dir.join(format!("case{i:03}.txt")), &ec.label).unwrap();
     }
+    // The row ops the exact path also needs bit-equal (ops.cu rope_pair, silu_mul): i32 n, then
+    // f32 x[2n], cs[2n] (cos, sin pairs), the CPU's rotated x[2n], gate[n], up[n], and the CPU's
+    // silu(gate) * up[n].
+    let mut rng = Rng(31337);
+    let n = 1 << 16;
+    let x: Vec<f32> = (0..2 * n).map(|i| rng.f() * [1.0, 40.0][i % 2]).collect();
+    let cs: Vec<(f32, f32)> = (0..n)
+        .map(|i| {
+            let t = rng.f() * 1000.0 + i as f32;
+            (t.cos(), t.sin())
+        })
+        .collect();
+    let mut rot = x.clone();
+    moa::backend::cpu::ops::rope_row(&mut rot, 2 * n, &cs);
+    let gate: Vec<f32> = (0..n)
+        .map(|i| rng.f() * [1.0, 10.0, 100.0][i % 3])
+        .collect();
+    let up: Vec<f32> = (0..n).map(|_| rng.f() * 4.0).collect();
+    let mut act = gate.clone();
+    moa::backend::cpu::ops::swiglu(&mut act, &up);
+    let mut b: Vec<u8> = (n as i32).to_le_bytes().to_vec();
+    let cs_flat: Vec<f32> = cs.iter().flat_map(|&(c, s)| [c, s]).collect();
+    for v in [&x, &cs_flat, &rot, &gate, &up, &act] {
+        for x in v.iter() {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    std::fs::write(dir.join("ops.raw"), b).unwrap();
 }
 
 /// Decode matvec bandwidth on Llama-3-8B's largest matrices (run on the GPU machine with
@@ -855,8 +896,13 @@ fn top2_margin(v: &[f32]) -> f32 {
 /// The default model on the GPU against the CPU backend on the llama.cpp fixture prompts: the
 /// CPU's greedy 32-token continuation is fed to the GPU (teacher forcing); the GPU's top-1 must
 /// equal the CPU's at every position where the CPU's top-2 margin is at least 0.5 and at 95% of
-/// all positions (near-ties may flip: the backends quantize activations differently in
-/// prefill). Free-running agreement is printed. The model comes from tools/fetch-models.sh.
+/// all positions (near-ties may flip: the fast attention kernels round differently). Then the
+/// same with exact attention (`CudaBackend::set_exact_attention`, cuda/attention_exact.cu): the
+/// attention output then has the CPU's bits, and so, as every other op of the default model
+/// already does (q8_1 activations, integer dots), the logits; every logit row must be
+/// bit-identical and the free-running 32 tokens equal on every prompt. Free-running agreement and
+/// the logit differences are printed for both modes. The model comes from
+/// tools/fetch-models.sh.
 #[test]
 fn default_model_greedy_matches_cpu() {
     if !gpu_or_skip("default_model_greedy_matches_cpu") {
@@ -875,7 +921,12 @@ fn default_model_greedy_matches_cpu() {
     let model = Arc::new(Model::load(&path).unwrap());
     let c = model.config.clone();
     let cases = fixture["cases"].as_array().unwrap();
-    let (mut free_equal, mut agree, mut total, mut decisive, mut decisive_agree) = (0, 0, 0, 0, 0);
+    // Per mode (fast, exact): free-running prompts equal, teacher-forced top-1 agreements,
+    // decisive positions and their agreements, logit rows bit-identical, largest logit difference.
+    let mut free_equal = [0usize; 2];
+    let (mut agree, mut decisive_agree, mut rows_equal) = ([0usize; 2], [0usize; 2], [0usize; 2]);
+    let mut worst = [0f32; 2];
+    let (mut total, mut decisive) = (0, 0);
     for case in cases {
         let ids: Vec<u32> = case["prompt_ids"]
             .as_array()
@@ -889,47 +940,79 @@ fn default_model_greedy_matches_cpu() {
             threads: 8,
             layout: KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n),
         };
-        // CPU greedy path and its margins.
+        // CPU greedy path, its logits and margins.
         let mut cpu = CpuBackend::new(Arc::clone(&model), opts.clone()).unwrap();
         let mut s = moa::generate::Session::new(&mut cpu, 0, 512);
         let mut logits = s.prompt(&ids).unwrap().to_vec();
-        let (mut path, mut margins) = (Vec::new(), Vec::new());
+        let (mut path, mut margins, mut cpu_logits) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..32 {
             let t = argmax(&logits);
             path.push(t);
             margins.push(top2_margin(&logits));
-            logits = s.step(t).unwrap().to_vec();
+            let next = s.step(t).unwrap().to_vec();
+            cpu_logits.push(std::mem::replace(&mut logits, next));
         }
-        // GPU along the CPU's path, and free-running.
-        let mut gpu = CudaBackend::new(Arc::clone(&model), opts.clone()).unwrap();
-        let mut s = moa::generate::Session::new(&mut gpu, 0, 512);
-        let mut logits = s.prompt(&ids).unwrap().to_vec();
-        for (k, &t) in path.iter().enumerate() {
-            let g = argmax(&logits);
-            total += 1;
-            agree += (g == t) as usize;
-            if margins[k] >= 0.5 {
-                decisive += 1;
-                decisive_agree += (g == t) as usize;
+        total += path.len();
+        decisive += margins.iter().filter(|&&m| m >= 0.5).count();
+        for (mode, exact) in [false, true].into_iter().enumerate() {
+            // GPU along the CPU's path, and free-running.
+            let mut gpu = CudaBackend::new(Arc::clone(&model), opts.clone()).unwrap();
+            gpu.set_exact_attention(exact);
+            assert_eq!(gpu.exact_attention(), exact);
+            let mut s = moa::generate::Session::new(&mut gpu, 0, 512);
+            let mut logits = s.prompt(&ids).unwrap().to_vec();
+            for (k, &t) in path.iter().enumerate() {
+                let g = argmax(&logits);
+                agree[mode] += (g == t) as usize;
+                if margins[k] >= 0.5 {
+                    decisive_agree[mode] += (g == t) as usize;
+                }
+                let want = &cpu_logits[k];
+                rows_equal[mode] +=
+                    want.iter()
+                        .zip(&logits)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()) as usize;
+                for (a, b) in want.iter().zip(&logits) {
+                    worst[mode] = worst[mode].max((a - b).abs());
+                }
+                logits = s.step(t).unwrap().to_vec();
             }
-            logits = s.step(t).unwrap().to_vec();
+            let mut gpu = CudaBackend::new(Arc::clone(&model), opts.clone()).unwrap();
+            gpu.set_exact_attention(exact);
+            let mut s = moa::generate::Session::new(&mut gpu, 0, 512);
+            let mut tok = argmax(s.prompt(&ids).unwrap());
+            let mut free = vec![tok];
+            for _ in 0..31 {
+                tok = argmax(s.step(tok).unwrap());
+                free.push(tok);
+            }
+            free_equal[mode] += (free == path) as usize;
         }
-        let mut gpu = CudaBackend::new(Arc::clone(&model), opts).unwrap();
-        let mut s = moa::generate::Session::new(&mut gpu, 0, 512);
-        let mut tok = argmax(s.prompt(&ids).unwrap());
-        let mut free = vec![tok];
-        for _ in 0..31 {
-            tok = argmax(s.step(tok).unwrap());
-            free.push(tok);
-        }
-        free_equal += (free == path) as usize;
     }
-    eprintln!(
-        "GPU vs CPU: teacher-forced top-1 {agree}/{total}, at margin >= 0.5 {decisive_agree}/{decisive}; free-running 32 tokens equal on {free_equal}/{} prompts",
-        cases.len()
+    for (mode, name) in ["fast", "exact"].iter().enumerate() {
+        eprintln!(
+            "GPU ({name} attention) vs CPU: teacher-forced top-1 {}/{total}, at margin >= 0.5 \
+             {}/{decisive}; logit rows bit-identical {}/{total} (largest difference {:.3e}); \
+             free-running 32 tokens equal on {}/{} prompts",
+            agree[mode],
+            decisive_agree[mode],
+            rows_equal[mode],
+            worst[mode],
+            free_equal[mode],
+            cases.len()
+        );
+    }
+    assert_eq!(decisive_agree[0], decisive);
+    assert!(agree[0] * 100 >= total * 95, "{}/{total}", agree[0]);
+    assert_eq!(
+        rows_equal[1], total,
+        "exact attention: logit rows not bit-identical"
     );
-    assert_eq!(decisive_agree, decisive);
-    assert!(agree * 100 >= total * 95, "{agree}/{total}");
+    assert_eq!(
+        free_equal[1],
+        cases.len(),
+        "exact attention: free-running prompts"
+    );
 }
 
 /// `Backend::replan`: one CUDA backend re-planned through span plans and dense caches of other

@@ -5,7 +5,9 @@
 // kernel runs here under emu.h (a thread per CUDA thread, warp barriers) with the CUDA
 // round-to-nearest intrinsics as plain IEEE operations (compiled without FMA contraction,
 // fma/fmaf from libm) and f16 conversions through _Float16. Every output must have the CPU's
-// bits. Usage: attn_exact_check DIR (the files case*.bin).
+// bits. The same for the row ops the exact path needs bit-equal as well (ops.cu: rope_pair and
+// silu_mul with common.cuh's ggml_v_expf, against the CPU's rope_row and swiglu on random rows,
+// file ops.raw). Usage: attn_exact_check DIR.
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
@@ -90,5 +92,23 @@ int main(int argc, char** argv) {
     }
     printf("exact attention under emulation vs the CPU backend: %zu cases (%zu tiled), %zu of %zu values differ\n",
            files.size(), tiled_cases, differ, total);
-    return differ == 0 && !files.empty() ? 0 : 1;
+    // Row ops.
+    std::ifstream in(std::string(argv[1]) + "/ops.raw", std::ios::binary);
+    std::vector<char> b((std::istreambuf_iterator<char>(in)), {});
+    size_t at = 0;
+    const int n = take<int>(b, at, 1)[0];
+    auto x = take<float>(b, at, 2 * n), cs = take<float>(b, at, 2 * n), rot = take<float>(b, at, 2 * n);
+    auto gate = take<float>(b, at, n), up = take<float>(b, at, n), act = take<float>(b, at, n);
+    size_t rope_d = 0, silu_d = 0;
+    for (int i = 0; i < n; i++) {
+        float y0, y1;
+        rope_pair(x[2 * i], x[2 * i + 1], float2{cs[2 * i], cs[2 * i + 1]}, &y0, &y1);
+        rope_d += memcmp(&y0, &rot[2 * i], 4) != 0;
+        rope_d += memcmp(&y1, &rot[2 * i + 1], 4) != 0;
+        const float v = silu_mul(gate[i], up[i]);
+        silu_d += memcmp(&v, &act[i], 4) != 0;
+    }
+    printf("rope_pair vs rope_row: %zu of %d values differ; silu_mul vs swiglu: %zu of %d differ\n",
+           rope_d, 2 * n, silu_d, n);
+    return differ == 0 && !files.empty() && n > 0 && rope_d == 0 && silu_d == 0 ? 0 : 1;
 }

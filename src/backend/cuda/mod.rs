@@ -286,7 +286,11 @@ pub fn exact_attention_harness(
     let layout = case.layout;
     let (hd, hk, n) = (layout.head_dim, layout.n_head_kv, case.n);
     let g = case.n_head / hk;
-    let bad = |what: &str| Err(BackendError::Device(format!("exact_attention_harness: {what}")));
+    let bad = |what: &str| {
+        Err(BackendError::Device(format!(
+            "exact_attention_harness: {what}"
+        )))
+    };
     if hd != 64 && hd != 128 {
         return bad("head_dim must be 64 or 128");
     }
