@@ -697,6 +697,94 @@ fn exact_attention_kernel_matches_cpu_bitwise() {
     );
 }
 
+/// Exact attention inside the backend (synthetic quantized models; dense and span layouts whose
+/// rings wrap; prompts in chunks of 5 tokens, the per-key regime, and of 64, the tiled one; then
+/// decode steps replayed as CUDA graphs): logits against the CPU backend's, with the fast
+/// kernels for comparison. Exact mode leaves only the differences of the other ops (none where
+/// they are bit-equal); a wrong region, mask or argument would move logits by far more than the
+/// bound. Also: a q8_0 cache keeps the fast kernels.
+#[test]
+fn exact_attention_backend_matches_cpu() {
+    if !gpu_or_skip("exact_attention_backend_matches_cpu") {
+        return;
+    }
+    use moa::backend::Backend;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(2024);
+    for (ti, &ty) in [GgmlType::Q8_0, GgmlType::Q4_K].iter().enumerate() {
+        let path = dir.path().join(format!("e{ti}.gguf"));
+        write_synthetic(&gpu_spec(ty, 21 + ti as u64), &path).unwrap();
+        let model = Arc::new(Model::load(&path).unwrap());
+        let c = model.config.clone();
+        for (case, chunk) in [5usize, 64, 5, 64].into_iter().enumerate() {
+            let n = 150 + (rng.next() % 60) as usize;
+            let prompt = 100 + (rng.next() % 40) as usize;
+            let layout = if case < 2 {
+                KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n)
+            } else {
+                random_plan_layout(&mut rng, &c, n, -10.0, 40, 5, 0.2, (4, 8, 4))
+            };
+            let toks: Vec<u32> = (0..n)
+                .map(|_| (rng.next() % c.n_vocab as u64) as u32)
+                .collect();
+            let opts = BackendOptions {
+                max_batch: 64,
+                threads: 2,
+                layout: layout.clone(),
+            };
+            let mut cpu = CpuBackend::new(Arc::clone(&model), opts.clone()).unwrap();
+            let want = common::logits_all(&mut cpu, &toks, prompt, chunk);
+            let mut worst = [0f32; 2];
+            let mut rows_equal = 0;
+            for (mode, exact) in [false, true].into_iter().enumerate() {
+                let mut gpu = CudaBackend::new(Arc::clone(&model), opts.clone()).unwrap();
+                gpu.set_exact_attention(exact);
+                let got = common::logits_all(&mut gpu, &toks, prompt, chunk);
+                for (ra, rb) in want.iter().zip(&got) {
+                    let scale = ra.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+                    for (x, y) in ra.iter().zip(rb) {
+                        worst[mode] = worst[mode].max((x - y).abs() / scale);
+                    }
+                    if exact {
+                        rows_equal +=
+                            ra.iter().zip(rb).all(|(x, y)| x.to_bits() == y.to_bits()) as usize;
+                    }
+                }
+            }
+            let caps: Vec<usize> = (0..c.n_head_kv).map(|h| layout.capacity(0, h)).collect();
+            eprintln!(
+                "{} case {case} (n {n}, prompt {prompt}, chunk {chunk}, layer 0 capacities \
+                 {caps:?}): worst relative logit difference fast {:.2e}, exact {:.2e}; exact \
+                 rows bit-identical {rows_equal}/{n}",
+                ty.name(),
+                worst[0],
+                worst[1]
+            );
+            assert!(
+                worst[1] < 3e-2,
+                "{} case {case}: exact attention, worst relative logit difference {}",
+                ty.name(),
+                worst[1]
+            );
+        }
+        let q8 = KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, 64)
+            .with_types(KV_TYPES[1])
+            .unwrap();
+        let opts = BackendOptions {
+            max_batch: 8,
+            threads: 2,
+            layout: q8,
+        };
+        let mut gpu = CudaBackend::new(Arc::clone(&model), opts).unwrap();
+        gpu.set_exact_attention(true);
+        assert!(
+            !gpu.exact_attention(),
+            "a q8_0 cache keeps the fast kernels"
+        );
+        assert!(gpu.kv_bytes() > 0);
+    }
+}
+
 /// Writes [`exact_cases`] with the CPU backend's outputs into `$MOA_EXACT_DUMP` (no GPU
 /// needed) for the emulator check `tools/cuda-emu/attn_exact_check.sh`, which runs the exact
 /// kernel on the CPU under emulation and compares bit for bit. Per case, little-endian:
