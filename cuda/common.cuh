@@ -103,3 +103,28 @@ __device__ __forceinline__ void cp_async_wait() {
 #define T_Q5_K 13
 #define T_Q6_K 14
 #define T_BF16 30
+
+// 2^k for a normal exponent k.
+__device__ __forceinline__ float pow2i(int k) { return __uint_as_float((u32)(k + 127) << 23); }
+
+// ggml_v_expf (src/backend/cpu/ggml_attn.rs: v_expf), llama.cpp's vectorized expf as the CPU
+// backend computes it: a polynomial in the reduced argument, scaled by 2^n with one rounding.
+// Every operation is an explicit round-to-nearest intrinsic (NVRTC would contract a * b + c).
+__device__ __forceinline__ float ggml_v_expf(float x) {
+    const float r = __uint_as_float(0x4b400000u);  // 0x1.8p23
+    const float z = __fmaf_rn(x, __uint_as_float(0x3fb8aa3bu), r);
+    const float n = __fsub_rn(z, r);
+    const float b = __fmaf_rn(-n, __uint_as_float(0x35bfbe8eu),
+                              __fmaf_rn(-n, __uint_as_float(0x3f317200u), x));
+    const float u = __fmul_rn(b, b);
+    float j = __fmaf_rn(__uint_as_float(0x3c072010u), b, __uint_as_float(0x3d2b9f17u));
+    j = __fmaf_rn(j, u, __fmaf_rn(__uint_as_float(0x3e2aaf33u), b, __uint_as_float(0x3efffedbu)));
+    j = __fmaf_rn(j, u, __fmaf_rn(__uint_as_float(0x3f7ffff6u), b, 1.0f));
+    if (n != n) return n;
+    if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : __uint_as_float(0x7f800000u);
+    // j * 2^n rounded once (AVX-512 scalef), via two steps outside the normal exponents.
+    const int e = (int)n;
+    if (e < -126) return __fmul_rn(__fmul_rn(j, pow2i(e + 100)), pow2i(-100));
+    if (e > 127) return __fmul_rn(__fmul_rn(j, pow2i(e - 100)), pow2i(100));
+    return __fmul_rn(j, pow2i(e));
+}

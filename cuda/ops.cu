@@ -1,6 +1,20 @@
 // Row-wise float ops of the forward step (the CUDA twins of src/backend/cpu/ops.rs), the KV
 // cache store, f32 -> f16 conversion, row gathers and greedy argmax.
 
+// One RoPE pair (x0, x1) rotated by (cos, sin) = c, rounded as the CPU backend rounds it
+// (src/backend/cpu/ops.rs rope_row, llama.cpp's x86 build: x0' = fma(x0, cos, -(x1 * sin)),
+// x1' = fma(x0, sin, x1 * cos)); explicit intrinsics, so no contraction NVRTC picks changes it.
+__device__ __forceinline__ void rope_pair(float x0, float x1, float2 c, float* y0, float* y1) {
+    *y0 = __fmaf_rn(x0, c.x, -__fmul_rn(x1, c.y));
+    *y1 = __fmaf_rn(x0, c.y, __fmul_rn(x1, c.x));
+}
+
+// silu(g) * u as the CPU backend computes it (ops.rs swiglu: llama.cpp's ggml_v_silu, that is
+// g / (1 + ggml_v_expf(0 - g)), then the product).
+__device__ __forceinline__ float silu_mul(float g, float u) {
+    return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, ggml_v_expf(__fsub_rn(0.0f, g)))), u);
+}
+
 // Rotates adjacent pairs of the first n_rot dims of every head; cs: n_tok x (n_rot/2) (cos, sin)
 // computed on the host exactly as the CPU backend computes them.
 extern "C" __global__ void rope(float* x, int n_tok, int n_heads, int head_dim, int half_rot,
@@ -11,16 +25,14 @@ extern "C" __global__ void rope(float* x, int n_tok, int n_heads, int head_dim, 
     int t = gid / per_tok, r = gid % per_tok, h = r / half_rot, i = r % half_rot;
     float2 c = cs[t * half_rot + i];
     float* p = x + (size_t)t * n_heads * head_dim + h * head_dim + 2 * i;
-    float x0 = p[0], x1 = p[1];
-    p[0] = x0 * c.x - x1 * c.y;
-    p[1] = x0 * c.y + x1 * c.x;
+    rope_pair(p[0], p[1], c, &p[0], &p[1]);
 }
 
 extern "C" __global__ void swiglu(float* gate, const float* up, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float g = gate[i];
-    gate[i] = g / (1.0f + expf(-g)) * up[i];
+    gate[i] = silu_mul(g, up[i]);
 }
 
 extern "C" __global__ void add(float* x, const float* y, int n) {
@@ -196,7 +208,7 @@ extern "C" __global__ void swiglu_q8(float* gate, const float* up, int width, in
     int t = gb / nb, b = gb % nb, lane = threadIdx.x % WARP;
     size_t i = (size_t)t * width + b * 32 + lane;
     float g = gate[i];
-    float v = g / (1.0f + expf(-g)) * up[i];
+    float v = silu_mul(g, up[i]);
     gate[i] = v;
     q8_1_lane(v, yq + (size_t)t * width + b * 32, yds + (size_t)t * nb + b, lane);
 }
@@ -222,9 +234,7 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* v, int n_tok
         if (i < half_rot) {
             float2 c = cs[t * half_rot + i];
             float* p = q + (size_t)t * n_head * head_dim + h * head_dim + 2 * i;
-            float x0 = p[0], x1 = p[1];
-            p[0] = x0 * c.x - x1 * c.y;
-            p[1] = x0 * c.y + x1 * c.x;
+            rope_pair(p[0], p[1], c, &p[0], &p[1]);
         }
         return;
     }
@@ -239,7 +249,8 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* v, int n_tok
         x1 = p[1];
         if (i < half_rot) {
             float2 c = cs[t * half_rot + i];
-            float y0 = x0 * c.x - x1 * c.y, y1 = x0 * c.y + x1 * c.x;
+            float y0, y1;
+            rope_pair(x0, x1, c, &y0, &y1);
             x0 = y0;
             x1 = y1;
             p[0] = x0;

@@ -4,6 +4,7 @@
 //! attention scratch) is allocated once in [`CpuBackend::new`]; a forward step allocates nothing.
 
 mod attention;
+pub use attention::{attention_reference, AttnCase};
 pub mod ggml_attn;
 mod ggml_decode;
 pub mod ggml_tile;

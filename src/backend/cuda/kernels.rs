@@ -26,6 +26,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("quant.cu", include_str!("../../../cuda/quant.cu")),
     ("ops.cu", include_str!("../../../cuda/ops.cu")),
     ("attention.cu", include_str!("../../../cuda/attention.cu")),
+    (
+        "attention_exact.cu",
+        include_str!("../../../cuda/attention_exact.cu"),
+    ),
     ("profile.cu", include_str!("../../../cuda/profile.cu")),
 ];
 
@@ -213,6 +217,9 @@ pub struct Kernels {
     pub attn: Vec<[[AttnKernel; 2]; 2]>,
     pub attn_merge: CudaFunction,
     pub attn_merge_wide: CudaFunction,
+    /// Exact attention (attention_exact.cu: the CPU backend's arithmetic, f16 K/V) for head
+    /// dimension 64 and 128.
+    pub attn_exact: [CudaFunction; 2],
     /// `add_rms_norm_q8_<PER>` for PER = 4, 8, 16 values per thread.
     pub add_rms_norm_q8: [CudaFunction; 3],
     pub swiglu_q8: CudaFunction,
@@ -271,6 +278,7 @@ impl Kernels {
             attn,
             attn_merge: f("attn_merge")?,
             attn_merge_wide: f("attn_merge_wide")?,
+            attn_exact: [f("attn_exact_d64")?, f("attn_exact_d128")?],
             add_rms_norm_q8: [
                 f("add_rms_norm_q8_4")?,
                 f("add_rms_norm_q8_8")?,

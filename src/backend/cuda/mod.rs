@@ -104,6 +104,10 @@ pub struct CudaBackend {
     use_graphs: bool,
     /// Attention blocks to aim for when splitting key ranges.
     att_target_blocks: usize,
+    /// Exact attention (`cuda/attention_exact.cu`): the CPU backend's attention arithmetic, bit
+    /// for bit, instead of the tensor-core kernels (f16 K/V caches; a q8_0 part keeps the fast
+    /// kernels). `MOA_EXACT_ATTN=1` at creation, or [`CudaBackend::set_exact_attention`].
+    exact_attn: bool,
 }
 
 /// Offsets (in u32 words) of the metadata sections.
@@ -271,6 +275,114 @@ pub fn quantize_kv_q8_0(
     gpu.download(&mut stored, &cache)?;
     gpu.sync()?;
     Ok((staged, stored))
+}
+
+/// Runs the exact attention kernel (`attn_exact_d*`, cuda/attention_exact.cu) on `case`, with
+/// the layout's capacities, region offsets and sinks as a forward step passes them (tests:
+/// against [`crate::backend::cpu::attention_reference`], bit for bit). Returns `n` rows of
+/// `n_head * head_dim`.
+pub fn exact_attention_harness(
+    gpu: &Gpu,
+    k: &Kernels,
+    case: &crate::backend::cpu::AttnCase,
+) -> Result<Vec<f32>, BackendError> {
+    let layout = case.layout;
+    let (hd, hk, n) = (layout.head_dim, layout.n_head_kv, case.n);
+    let g = case.n_head / hk;
+    let bad = |what: &str| {
+        Err(BackendError::Device(format!(
+            "exact_attention_harness: {what}"
+        )))
+    };
+    if hd != 64 && hd != 128 {
+        return bad("head_dim must be 64 or 128");
+    }
+    if layout.types() != KvTypes::default() {
+        return bad("the exact kernel reads f16 K/V");
+    }
+    if n == 0 || case.q.len() != n * case.n_head * hd || case.k_new.len() != n * hk * hd {
+        return bad("q / k_new are not n rows");
+    }
+    let rows = layout.rows_per_layer(case.layer) * hd;
+    let ints = |v: &[i32], what: &str| -> Result<DevBuf, BackendError> {
+        let b = gpu.alloc(v.len() * 4, what)?;
+        gpu.upload(&b, v)?;
+        Ok(b)
+    };
+    let pos: Vec<i32> = (0..n).map(|t| (case.p0 + t) as i32).collect();
+    let caps: Vec<i32> = (0..hk)
+        .map(|h| layout.capacity(case.layer, h) as i32)
+        .collect();
+    let offs: Vec<i32> = (0..hk)
+        .map(|h| layout.region_offset(0, case.layer, h) as i32)
+        .collect();
+    let (pb, sb, p0b, rsb, cb, ob) = (
+        ints(&pos, "harness positions")?,
+        ints(&vec![case.seq as i32; n], "harness sequences")?,
+        ints(&vec![case.p0 as i32; n], "harness run starts")?,
+        ints(&vec![0; n], "harness run rows")?,
+        ints(&caps, "harness capacities")?,
+        ints(&offs, "harness offsets")?,
+    );
+    let f16s = |v: &[half::f16], what: &str| -> Result<DevBuf, BackendError> {
+        let b = gpu.alloc(v.len() * 2, what)?;
+        gpu.upload(&b, v)?;
+        Ok(b)
+    };
+    let qb = gpu.alloc(case.q.len() * 4, "harness queries")?;
+    gpu.upload(&qb, case.q)?;
+    let (knb, vnb) = (
+        f16s(case.k_new, "harness new keys")?,
+        f16s(case.v_new, "harness new values")?,
+    );
+    let (kcb, vcb) = (
+        f16s(&case.k_cache[..rows], "harness K cache")?,
+        f16s(&case.v_cache[..rows], "harness V cache")?,
+    );
+    let out = gpu.alloc(case.q.len() * 4, "harness output")?;
+    let tiled = case.n_batch >= crate::backend::cpu::ggml_attn::TILED_MIN_BATCH;
+    gpu.launch(
+        &k.attn_exact[usize::from(hd == 128)],
+        lcfg((n as u32, case.n_head as u32, 1), 32),
+        &[
+            A::P(qb.ptr),
+            A::P(knb.ptr),
+            A::P(vnb.ptr),
+            A::P(kcb.ptr),
+            A::P(vcb.ptr),
+            A::P(pb.ptr),
+            A::P(sb.ptr),
+            A::P(p0b.ptr),
+            A::P(rsb.ptr),
+            A::I(g as i32),
+            A::I(case.n_head as i32),
+            A::I(hk as i32),
+            A::P(cb.ptr),
+            A::P(ob.ptr),
+            A::I(layout.rows_per_layer(case.layer) as i32 / layout.n_seq as i32),
+            A::I(layout.sink as i32),
+            A::I(i32::from(tiled)),
+            A::F(1.0 / (hd as f32).sqrt()),
+            A::P(out.ptr),
+        ],
+    )?;
+    let mut o = vec![0f32; case.q.len()];
+    gpu.download(&mut o, &out)?;
+    Ok(o)
+}
+
+/// Whether `MOA_EXACT_ATTN=1` asks for exact attention (read once per backend, when it is
+/// made). With a q8_0 K or V cache the request is noted on stderr and the fast kernels run (the
+/// exact kernel reads f16 rows; the CPU scores q8_0 keys with a q8_0 query, another arithmetic).
+fn exact_attn_from_env(types: KvTypes) -> bool {
+    let on = std::env::var("MOA_EXACT_ATTN").is_ok_and(|v| v == "1");
+    if on && types != KvTypes::default() {
+        eprintln!(
+            "MOA_EXACT_ATTN=1: the exact attention kernel reads f16 K/V only; the {types} cache \
+             uses the fast kernels"
+        );
+    }
+    on
 }
 
 impl CudaBackend {
@@ -488,10 +600,26 @@ impl CudaBackend {
             use_graphs: std::env::var("MOA_CUDA_GRAPHS").map_or(true, |v| v != "0")
                 && !timer::enabled(),
             att_target_blocks,
+            exact_attn: exact_attn_from_env(layout.types()),
             layout,
             gpu,
             model,
         })
+    }
+
+    /// Turns exact attention on or off (see [`exact_attn_from_env`]); captured decode graphs are
+    /// dropped so the next steps capture the chosen kernels. With a q8_0 K or V cache the fast
+    /// kernels run either way ([`CudaBackend::exact_attention`] then says false).
+    pub fn set_exact_attention(&mut self, on: bool) {
+        if on != self.exact_attn {
+            self.graphs.clear();
+        }
+        self.exact_attn = on;
+    }
+
+    /// Whether attention runs the exact kernels (requested and the cache is f16 K/V).
+    pub fn exact_attention(&self) -> bool {
+        self.exact_attn && self.layout.types() == KvTypes::default()
     }
 
     /// Device name and compute capability.
@@ -707,6 +835,40 @@ impl CudaBackend {
             if vq8 { self.v8.ptr } else { self.v16.ptr },
         );
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+        if self.exact_attn && !kq8 && !vq8 {
+            // One warp per (token, query head); the regime follows the batch size as on the CPU.
+            // Grid and arguments depend on the batch shape only, so decode graphs capture it.
+            let tiled = n >= crate::backend::cpu::ggml_attn::TILED_MIN_BATCH;
+            self.gpu.launch(
+                &self.k.attn_exact[usize::from(cfg.head_dim == 128)],
+                lcfg((n as u32, cfg.n_head as u32, 1), 32),
+                &[
+                    A::P(self.act(q)),
+                    A::P(knew),
+                    A::P(vnew),
+                    A::P(kc),
+                    A::P(vc),
+                    A::P(self.meta_ptr(ml.pos)),
+                    A::P(self.meta_ptr(ml.seq)),
+                    A::P(self.meta_ptr(ml.p0)),
+                    A::P(self.meta_ptr(ml.rs)),
+                    A::I(g as i32),
+                    A::I(cfg.n_head as i32),
+                    A::I(hk as i32),
+                    A::P(self.caps.at(head_off)),
+                    A::P(self.offs.at(head_off)),
+                    A::I(rows_per_seq as i32),
+                    A::I(self.layout.sink as i32),
+                    A::I(i32::from(tiled)),
+                    A::F(scale),
+                    A::P(self.act(out)),
+                ],
+            )?;
+            if !store_now {
+                self.store_f16_rows(layer, n)?;
+            }
+            return Ok(false);
+        }
         let mut args = vec![
             A::P(self.act(q)),
             A::P(knew),
@@ -791,6 +953,19 @@ impl CudaBackend {
             self.store_rows(layer, n, [(knew, types.k), (vnew, types.v)])?;
             return Ok(quantized);
         }
+        self.store_f16_rows(layer, n)?;
+        Ok(quantized)
+    }
+
+    /// Copies the batch's f16 staging rows of K and V (`k16`, `v16`) into layer `layer`'s cache
+    /// ring (`kv_store`).
+    fn store_f16_rows(&self, layer: usize, n: usize) -> Result<(), BackendError> {
+        let cfg = &self.model.config;
+        let ml = meta_layout(self.max_batch, cfg.rope.n_rot / 2);
+        let hk = cfg.n_head_kv;
+        let head_off = layer * hk * 4;
+        let rows_per_seq = self.layout.rows_per_layer(layer) / self.layout.n_seq;
+        let (kc, vc) = (self.kv[layer].0.ptr, self.kv[layer].1.ptr);
         let chunks = n * hk * (cfg.head_dim / 8);
         self.gpu.launch(
             &self.k.kv_store,
@@ -812,7 +987,7 @@ impl CudaBackend {
                 A::P(vc),
             ],
         )?;
-        Ok(quantized)
+        Ok(())
     }
 
     /// Copies the batch's staged K and V rows (`(staging buffer, type)` each) into layer
