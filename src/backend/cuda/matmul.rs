@@ -245,17 +245,18 @@ impl DecodeKernels {
         // One token, measured on an H100 (matvec_bandwidth_report, % of copy bandwidth, with
         // the K-quant scales in registers): the dp4a kernel with one warp per row wins on Q4_K's
         // 14336 x 4096 (75 vs 64 for the tensor-core kernel) and 128256 x 4096 (80 vs 70); on
-        // the wide, short 4096 x 14336 down projection two warps per row do (73; tensor cores
-        // 71, which also need the activations rearranged by one more launch; one warp 61).
-        // Splitting rows over more warps never beats one warp elsewhere (Q4_1 90 vs 103 on the
-        // down projection).
+        // the wide, short 4096 x 14336 down projection the tensor-core kernel (71) is the
+        // measured default of the whole step (358.9 t/s); dp4a with two warps per row reads
+        // faster alone (73, and would save the activation re-layout launch) but has not been
+        // measured in the step yet. Splitting rows over more warps never beats one warp
+        // elsewhere (Q4_1 90 vs 103 on the down projection).
         let wide_short = cols >= 8192 && rows < sms * 64;
         if self.wpr.is_none()
             && self.mma_min > 0
             && wide_short
             && matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K)
         {
-            return DecodePath::Dp4a { wpr: 2 };
+            return DecodePath::Mma;
         }
         let wpr = self.wpr.unwrap_or(1);
         DecodePath::Dp4a { wpr }
@@ -910,10 +911,10 @@ mod tests {
             // By default only Q6_K streams (at one token).
             (def, GgmlType::Q6_K, 1, 4096, 49152, Stream { rows: 2 }),
             (def, GgmlType::Q4_K, 1, 4096, 14336, Dp4a { wpr: 1 }),
-            // Without streaming, one token: dp4a with one warp per row, two on wide matrices
-            // with few rows in Q4_K/Q5_K.
+            // Without streaming, one token: dp4a with one warp per row, the tensor cores on wide
+            // matrices with few rows in Q4_K/Q5_K.
             (auto, GgmlType::Q4_K, 1, 4096, 14336, Dp4a { wpr: 1 }),
-            (auto, GgmlType::Q4_K, 1, 14336, 4096, Dp4a { wpr: 2 }),
+            (auto, GgmlType::Q4_K, 1, 14336, 4096, Mma),
             (auto, GgmlType::Q6_K, 1, 14336, 4096, Dp4a { wpr: 1 }),
             // Forced dp4a never takes the tensor cores; a warps-per-row override is kept.
             (forced, GgmlType::Q4_K, 16, 14336, 4096, Dp4a { wpr: 4 }),
