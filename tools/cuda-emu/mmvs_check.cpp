@@ -1,0 +1,150 @@
+// CPU check of the streamed one-token matvec (mmvs in cuda/quant.cu; tools/cuda-emu/mmvs_check.sh):
+// the kernel runs under emu.h (one OS thread per CUDA thread, barriers, shuffles, cp.async as a
+// plain 16-byte copy that refuses misaligned addresses) on random weight bytes (valid f16
+// scales), random q8_1 activations, one to three matrices per launch and tiles of 1 to 16 rows
+// (rows not a multiple of the tile, tiles across matrix boundaries); every output must equal the
+// row's units summed serially with the same Unit<T> code, to float rounding, and nothing else
+// may be written.
+#include "emu.h"
+#include <cstdint>
+#include <algorithm>
+struct int4 { int x, y, z, w; };
+struct int2 { int x, y; };
+inline int2 make_int2(int a, int b) { return {a, b}; }
+inline float2 make_float2(float a, float b) { return {a, b}; }
+inline float h2f(u16 h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
+inline u16 f2h(float v) { _Float16 f = (_Float16)v; u16 h; memcpy(&h, &f, 2); return h; }
+inline int ld_i32_a2(const u8* p) { int v; memcpy(&v, p, 4); return v; }
+inline int ld_i32_a4(const u8* p) {
+    if ((uintptr_t)p % 4) { fprintf(stderr, "misaligned 4-byte load\n"); exit(1); }
+    return *(const int*)p;
+}
+inline int __dp4a(int a, int b, int c) {
+    for (int i = 0; i < 4; i++) c += (int)(i8)(a >> (8 * i)) * (int)(i8)(b >> (8 * i));
+    return c;
+}
+inline unsigned __vsubss4(unsigned a, unsigned b) {
+    unsigned r = 0;
+    for (int i = 0; i < 4; i++) {
+        int v = (int)(i8)(a >> (8 * i)) - (int)(i8)(b >> (8 * i));
+        v = std::clamp(v, -128, 127);
+        r |= (unsigned)(u8)(i8)v << (8 * i);
+    }
+    return r;
+}
+inline void pdl_wait() {}
+inline void pdl_trigger() {}
+inline void cp_async16(void* dst, const void* src, int) {
+    if ((uintptr_t)src % 16 || (uintptr_t)dst % 16) { fprintf(stderr, "misaligned cp.async\n"); exit(1); }
+    memcpy(dst, src, 16);
+}
+inline void cp_async_commit() {}
+template <int N> inline void cp_async_wait() {}
+#define MV_WARPS 4
+#define T_Q4_0 2
+#define T_Q4_1 3
+#define T_Q5_0 6
+#define T_Q5_1 7
+#define T_Q8_0 8
+#define T_Q4_K 12
+#define T_Q5_K 13
+#define T_Q6_K 14
+#include "mmvs_extract.cuh"
+
+static uint64_t rs = 88172645463325252ull;
+static uint64_t rnd() { rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17; return rs; }
+static float rf() { return (rnd() >> 40) / float(1 << 24) * 2 - 1; }
+
+struct Ty { int t; const char* name; int block, bytes; std::vector<int> f16_at; };
+
+template <int T>
+static int run(const Ty& ty, int K, const int rows[3], int R) {
+    int units = (T == T_Q4_K || T == T_Q5_K || T == T_Q6_K) ? K / 64 : K / 32;
+    size_t row_bytes = (size_t)K / ty.block * ty.bytes;
+    if (row_bytes % 16) { fprintf(stderr, "%s K=%d: rows not a multiple of 16 bytes\n", ty.name, K); exit(1); }
+    // Weights: random bytes, each block's f16 scales set to small normal values.
+    std::vector<std::vector<int4>> W(3);
+    for (int m = 0; m < 3; m++) {
+        W[m].resize((rows[m] * row_bytes) / 16 + 1);
+        u8* b = (u8*)W[m].data();
+        for (size_t i = 0; i < rows[m] * row_bytes; i++) b[i] = (u8)rnd();
+        for (size_t o = 0; o < rows[m] * row_bytes; o += ty.bytes)
+            for (int at : ty.f16_at) { u16 h = f2h(rf() * 0.01f); memcpy(b + o + at, &h, 2); }
+    }
+    std::vector<int4> yqv(K / 16);
+    i8* yq = (i8*)yqv.data();
+    for (int i = 0; i < K; i++) yq[i] = (i8)rnd();
+    std::vector<float2> yds(K / 32);
+    for (auto& d : yds) d = {rf() * 0.1f, rf()};
+    const float SENT = 12345.0f;
+    int ldo[3] = {rows[0] + 3, rows[1] + 1, rows[2] + 2};
+    std::vector<float> out[3];
+    for (int m = 0; m < 3; m++) out[m].assign(ldo[m], SENT);
+    Rows3 rr = {(const u8*)W[0].data(), (const u8*)W[1].data(), (const u8*)W[2].data(), rows[0], rows[1], rows[2],
+                out[0].data(), out[1].data(), out[2].data(), ldo[0], ldo[1], ldo[2]};
+    int total = rows[0] + rows[1] + rows[2];
+    unsigned grid = (total + R - 1) / R;
+    launch({grid, 1, 1}, MV_WARPS * WARP, (size_t)R * row_bytes,
+           [&] { mmvs<T>(rr, row_bytes, units, yq, yds.data(), R); });
+    int bad = 0;
+    double worst = 0;
+    for (int m = 0; m < 3; m++)
+        for (int r = 0; r < ldo[m]; r++) {
+            float got = out[m][r];
+            if (r >= rows[m]) {
+                if (got != SENT) { bad++; fprintf(stderr, "  %s: wrote past matrix %d's rows (row %d)\n", ty.name, m, r); }
+                continue;
+            }
+            const u8* row = (const u8*)W[m].data() + r * row_bytes;
+            double want = 0, scale = 0;
+            for (int u = 0; u < units; u++) {
+                Unit<T> w;
+                w.load(row, u);
+                double v = w.dot(yq, yds.data());
+                want += v;
+                scale += std::fabs(v);
+            }
+            double err = std::fabs(got - want) / (scale + 1e-30);
+            worst = std::max(worst, err);
+            if (!(err < 1e-5)) {
+                if (bad < 5) fprintf(stderr, "  %s K=%d R=%d matrix %d row %d: got %g want %g\n", ty.name, K, R, m, r, got, want);
+                bad++;
+            }
+        }
+    printf("%-5s K=%-5d rows %d/%d/%d tile %2d rows: %s (worst relative %.1e)\n", ty.name, K, rows[0], rows[1], rows[2], R,
+           bad ? "FAILED" : "ok", worst);
+    return bad;
+}
+
+int main() {
+    std::vector<Ty> types = {
+        {T_Q4_0, "q4_0", 32, 18, {0}}, {T_Q4_1, "q4_1", 32, 20, {0, 2}}, {T_Q5_0, "q5_0", 32, 22, {0}},
+        {T_Q5_1, "q5_1", 32, 24, {0, 2}}, {T_Q8_0, "q8_0", 32, 34, {0}}, {T_Q4_K, "q4_k", 256, 144, {0, 2}},
+        {T_Q5_K, "q5_k", 256, 176, {0, 2}}, {T_Q6_K, "q6_k", 256, 210, {208}},
+    };
+    int bad = 0;
+    const int shapes[][4] = {{7, 0, 0, 1}, {9, 0, 0, 2}, {10, 3, 4, 3}, {13, 5, 0, 4}, {37, 0, 0, 16}, {11, 6, 6, 5}};
+    for (auto& ty : types)
+        for (int K : {2048, 4096}) {
+            if (ty.t == T_Q6_K && K % 2048) continue;
+            for (auto& s : shapes) {
+                int rows[3] = {s[0], s[1], s[2]};
+                switch (ty.t) {
+                case T_Q4_0: bad += run<T_Q4_0>(ty, K, rows, s[3]); break;
+                case T_Q4_1: bad += run<T_Q4_1>(ty, K, rows, s[3]); break;
+                case T_Q5_0: bad += run<T_Q5_0>(ty, K, rows, s[3]); break;
+                case T_Q5_1: bad += run<T_Q5_1>(ty, K, rows, s[3]); break;
+                case T_Q8_0: bad += run<T_Q8_0>(ty, K, rows, s[3]); break;
+                case T_Q4_K: bad += run<T_Q4_K>(ty, K, rows, s[3]); break;
+                case T_Q5_K: bad += run<T_Q5_K>(ty, K, rows, s[3]); break;
+                case T_Q6_K: bad += run<T_Q6_K>(ty, K, rows, s[3]); break;
+                }
+            }
+        }
+    // A wide row (one-row tiles, all four warps on it, more units than threads).
+    int wide[3] = {3, 2, 0};
+    bad += run<T_Q6_K>(types[7], 14336, wide, 1);
+    bad += run<T_Q4_K>(types[5], 14336, wide, 1);
+    printf(bad ? "mmvs under emulation: %d wrong outputs\n" : "mmvs under emulation: every output equals the serial sum\n", bad);
+    return bad ? 1 : 0;
+}
