@@ -14,7 +14,9 @@
 #
 # Environment: DOCS (document folders for the retrieval set) [/usr/share/common-licenses
 # /usr/share/vim/vim90/doc], KEY_PER_LENGTH [12], VAL_SEED [7], VAL_TRIALS [1], ABL_MAX [16],
-# CANDS (glob of candidate names to validate) [*], FINAL_TRIALS [5].
+# CANDS (glob of candidate names to validate) [*], FINAL_TRIALS [5], RULES and GRID (the measured
+# tables' rules and the solver grid that must hold only them) [0:0.25,..,0:1 and 0:0:1,0.25; the
+# finer tables: RULES=0:0.125,0:0.25,...,0:1 GRID=0:0:1,0.125].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.devbin
@@ -92,11 +94,11 @@ plans)
     cp -r "$work/cand" "$dir/"
     ;;
 measure)
-    # Cost tables: every KV head moved to each rule of the grid 0:0:1,0.25 inside a base
+    # Cost tables: every KV head moved to each rule of the grid (GRID) inside a base
     # configuration, loss change on the retrieval set (+ the committed one); the solver's plan
     # from each table becomes the next base once.
-    rules=0:0.25,0:0.5,0:0.75,0:1
-    grid=0:0:1,0.25
+    rules=${RULES:-0:0.25,0:0.5,0:0.75,0:1}
+    grid=${GRID:-0:0:1,0.25}
     data="$work/key.jsonl,profiles/smollm2-135m-calib-key.jsonl"
     for f in "$work"/key-[0-9]*.jsonl; do case $f in *-val.jsonl) ;; *) [ -f "$f" ] && data="$data,$f" ;; esac; done
     table() { # out, ablate args...
