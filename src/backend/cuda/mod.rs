@@ -835,40 +835,8 @@ impl CudaBackend {
             if vq8 { self.v8.ptr } else { self.v16.ptr },
         );
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-        if self.exact_attn && !kq8 && !vq8 {
-            // One warp per (token, query head); the regime follows the batch size as on the CPU.
-            // Grid and arguments depend on the batch shape only, so decode graphs capture it.
-            let tiled = n >= crate::backend::cpu::ggml_attn::TILED_MIN_BATCH;
-            self.gpu.launch(
-                &self.k.attn_exact[usize::from(cfg.head_dim == 128)],
-                lcfg((n as u32, cfg.n_head as u32, 1), 32),
-                &[
-                    A::P(self.act(q)),
-                    A::P(knew),
-                    A::P(vnew),
-                    A::P(kc),
-                    A::P(vc),
-                    A::P(self.meta_ptr(ml.pos)),
-                    A::P(self.meta_ptr(ml.seq)),
-                    A::P(self.meta_ptr(ml.p0)),
-                    A::P(self.meta_ptr(ml.rs)),
-                    A::I(g as i32),
-                    A::I(cfg.n_head as i32),
-                    A::I(hk as i32),
-                    A::P(self.caps.at(head_off)),
-                    A::P(self.offs.at(head_off)),
-                    A::I(rows_per_seq as i32),
-                    A::I(self.layout.sink as i32),
-                    A::I(i32::from(tiled)),
-                    A::F(scale),
-                    A::P(self.act(out)),
-                ],
-            )?;
-            if !store_now {
-                self.store_f16_rows(layer, n)?;
-            }
-            return Ok(false);
-        }
+        // Both attention kernels take the queries, new rows, caches and per-token metadata,
+        // then (the fast one after its tile table) the head tables.
         let mut args = vec![
             A::P(self.act(q)),
             A::P(knew),
@@ -879,7 +847,8 @@ impl CudaBackend {
             A::P(self.meta_ptr(ml.seq)),
             A::P(self.meta_ptr(ml.p0)),
             A::P(self.meta_ptr(ml.rs)),
-            A::P(self.meta_ptr(ml.tiles)),
+        ];
+        let heads = [
             A::I(g as i32),
             A::I(cfg.n_head as i32),
             A::I(hk as i32),
@@ -888,6 +857,24 @@ impl CudaBackend {
             A::I(rows_per_seq as i32),
             A::I(self.layout.sink as i32),
         ];
+        if self.exact_attn && !kq8 && !vq8 {
+            // One warp per (token, query head); the regime follows the batch size as on the CPU.
+            // Grid and arguments depend on the batch shape only, so decode graphs capture it.
+            let tiled = n >= crate::backend::cpu::ggml_attn::TILED_MIN_BATCH;
+            args.extend(heads);
+            args.extend([A::I(i32::from(tiled)), A::F(scale), A::P(self.act(out))]);
+            self.gpu.launch(
+                &self.k.attn_exact[usize::from(cfg.head_dim == 128)],
+                lcfg((n as u32, cfg.n_head as u32, 1), 32),
+                &args,
+            )?;
+            if !store_now {
+                self.store_f16_rows(layer, n)?;
+            }
+            return Ok(false);
+        }
+        args.push(A::P(self.meta_ptr(ml.tiles)));
+        args.extend(heads);
         // Splits depend only on the layout and the batch shape (not on positions), so a decode
         // step's launches are the same every step and can be replayed as a CUDA graph.
         let max_keys = (0..hk)
