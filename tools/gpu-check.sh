@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu-check.sh build          # here: stripped release binaries into .devbin/
 #   bash tools/gpu-check.sh run [MODEL]    # on the GPU machine, from the repo root: all below
-#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|eval [MODEL]|bench|parallel|bandwidth|times|profile
+#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|eval [MODEL]|bench|parallel|variants|bandwidth|times|profile
 #
 # With MOA_REQUIRE_GPU=1 (a missing GPU fails instead of skipping):
 #   tests:     tests/cuda_backend.rs: every kernel against its CPU reference on fresh random data,
@@ -27,6 +27,8 @@
 #              the llama.cpp figures in ../shared/docs/anchors.md) and moa-bench on it, dense and
 #              uniform 0.5, at the depths of the issue bars; then with a q8_0 K/V cache;
 #   parallel:  moa-bench --parallel 1,4,16 with 16k prompts, dense and uniform 0.5;
+#   variants:  tg128 of the 8B shape under each decode kernel-choice variable (MOA_WIDE_WPR,
+#              MOA_PDL, MOA_MV_TILE), and uniform 0.5 at depth 32768;
 #   bandwidth: the decode matvec bandwidth report;
 #   times:     per-kernel GPU times of decode steps from the built-in timer (MOA_KERNEL_TIMES=1);
 #   profile:   per-kernel times (Nsight Compute) of decode steps, and registers per kernel.
@@ -167,6 +169,17 @@ parallel)
     make_synth
     for mode in --dense "--uniform 0.5"; do "$out/moa-bench" -m "$synth" --device cuda $mode -p 16384 -n 128 --parallel 1,4,16; done
     ;;
+variants)
+    # One-token decode with the kernel-choice variables (tg128 at depth 0, dense): the default,
+    # the down projection on dp4a, no programmatic dependent launch, every type streamed, nothing
+    # streamed; then uniform 0.5 at depth 32768.
+    make_synth
+    for e in DEFAULT=1 MOA_WIDE_WPR=2 MOA_PDL=0 MOA_MV_TILE=8192 MOA_MV_TILE=0; do
+        echo "-- $e"
+        env "$e" "$out/moa-bench" -m "$synth" --device cuda --dense -p 0 -n 128 -r 3 2>&1 | grep -E "tg|rror"
+    done
+    "$out/moa-bench" -m "$synth" --device cuda --uniform 0.5 -p 0 -n 128 -d 32768 -r 2 2>&1 | grep -E "tg|rror"
+    ;;
 bandwidth)
     echo "== decode matvec bandwidth"
     "$out/cuda_backend" --ignored --nocapture matvec_bandwidth 2>&1 | grep -E "copy|n=1 |n=16"
@@ -198,7 +211,7 @@ profile)
     done
     ;;
 *)
-    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | gprofile [MODEL] | eval [MODEL] | bench | parallel | bandwidth | times | profile" >&2
+    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | gprofile [MODEL] | eval [MODEL] | bench | parallel | variants | bandwidth | times | profile" >&2
     exit 2
     ;;
 esac

@@ -129,7 +129,9 @@ pub enum DecodePath {
 /// this many tokens also take the decode kernels, 16 tokens at a time, default
 /// [`QUANT_PREFILL_MAX`]) and `MOA_MV_TILE` (bytes of weight rows per block of the streamed
 /// one-token kernel, default [`MV_TILE`] for the types of [`streams`]; set, every quantized
-/// type streams with that tile; 0 = never stream).
+/// type streams with that tile; 0 = never stream) and `MOA_WIDE_WPR` (1, 2 or 4: one-token
+/// Q4_K/Q5_K down projections on the dp4a kernel with that many warps per row instead of the
+/// tensor cores).
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeKernels {
     wpr: Option<usize>,
@@ -139,6 +141,9 @@ pub struct DecodeKernels {
     stream_tile: usize,
     /// Stream every quantized type; else only those measured faster streamed ([`streams`]).
     stream_all: bool,
+    /// Warps per row of the dp4a kernel on wide Q4_K/Q5_K matrices with few rows (the down
+    /// projection) at one token; 0: the tensor-core kernel there (`MOA_WIDE_WPR`).
+    wide_wpr: usize,
 }
 
 /// Types whose one-token products stream by default: Q6_K (the output matrix of Q4_K_M files;
@@ -165,6 +170,7 @@ impl DecodeKernels {
             quant_prefill_max: QUANT_PREFILL_MAX,
             stream_tile: 0,
             stream_all: false,
+            wide_wpr: 0,
         }
     }
 
@@ -177,6 +183,7 @@ impl DecodeKernels {
             quant_prefill_max: QUANT_PREFILL_MAX,
             stream_tile: tile,
             stream_all: true,
+            wide_wpr: 0,
         }
     }
 
@@ -188,6 +195,7 @@ impl DecodeKernels {
             quant_prefill_max: QUANT_PREFILL_MAX,
             stream_tile: 0,
             stream_all: false,
+            wide_wpr: 0,
         }
     }
 
@@ -205,6 +213,9 @@ impl DecodeKernels {
             }),
             // An explicit tile size streams every type.
             stream_all: var("MOA_MV_TILE").is_some(),
+            wide_wpr: var("MOA_WIDE_WPR")
+                .filter(|w| [1, 2, 4].contains(w))
+                .unwrap_or(0),
         }
     }
 
@@ -248,7 +259,7 @@ impl DecodeKernels {
         // the wide, short 4096 x 14336 down projection the tensor-core kernel (71) is the
         // measured default of the whole step (358.9 t/s); dp4a with two warps per row reads
         // faster alone (73, and would save the activation re-layout launch) but has not been
-        // measured in the step yet. Splitting rows over more warps never beats one warp
+        // measured in the step yet (`MOA_WIDE_WPR=2` takes it). Splitting rows over more warps never beats one warp
         // elsewhere (Q4_1 90 vs 103 on the down projection).
         let wide_short = cols >= 8192 && rows < sms * 64;
         if self.wpr.is_none()
@@ -256,6 +267,9 @@ impl DecodeKernels {
             && wide_short
             && matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K)
         {
+            if self.wide_wpr > 0 {
+                return DecodePath::Dp4a { wpr: self.wide_wpr };
+            }
             return DecodePath::Mma;
         }
         let wpr = self.wpr.unwrap_or(1);
@@ -889,6 +903,8 @@ mod tests {
         let mut def = auto;
         def.stream_tile = MV_TILE;
         let forced = DecodeKernels::dp4a(Some(4));
+        let mut wide2 = auto;
+        wide2.wide_wpr = 2;
         let q4k_row = 4096 / 256 * 144;
         // (kernels, type, tokens, cols, rows, expected path)
         let cases = [
@@ -915,6 +931,7 @@ mod tests {
             // matrices with few rows in Q4_K/Q5_K.
             (auto, GgmlType::Q4_K, 1, 4096, 14336, Dp4a { wpr: 1 }),
             (auto, GgmlType::Q4_K, 1, 14336, 4096, Mma),
+            (wide2, GgmlType::Q4_K, 1, 14336, 4096, Dp4a { wpr: 2 }),
             (auto, GgmlType::Q6_K, 1, 14336, 4096, Dp4a { wpr: 1 }),
             // Forced dp4a never takes the tensor cores; a warps-per-row override is kept.
             (forced, GgmlType::Q4_K, 16, 14336, 4096, Dp4a { wpr: 4 }),
