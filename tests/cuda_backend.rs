@@ -557,40 +557,10 @@ fn kv_quant_q8_0_matches_cpu_quantizer() {
     }
 }
 
-/// Inputs of one exact-attention case (owned; [`ExactCase::case`] lends them out).
+/// One exact-attention case and its label.
 struct ExactCase {
     label: String,
-    layout: KvLayout,
-    layer: usize,
-    seq: usize,
-    p0: usize,
-    n: usize,
-    n_head: usize,
-    n_batch: usize,
-    q: Vec<f32>,
-    k_new: Vec<half::f16>,
-    v_new: Vec<half::f16>,
-    k_cache: Vec<half::f16>,
-    v_cache: Vec<half::f16>,
-}
-
-impl ExactCase {
-    fn case(&self) -> moa::backend::cpu::AttnCase<'_> {
-        moa::backend::cpu::AttnCase {
-            layout: &self.layout,
-            layer: self.layer,
-            seq: self.seq,
-            p0: self.p0,
-            n: self.n,
-            n_head: self.n_head,
-            n_batch: self.n_batch,
-            q: &self.q,
-            k_new: &self.k_new,
-            v_new: &self.v_new,
-            k_cache: &self.k_cache,
-            v_cache: &self.v_cache,
-        }
-    }
+    case: moa::backend::cpu::AttnCase,
 }
 
 /// The exact-attention cases: head dims 64 and 128; GQA groups of 1, 3 and 4; a dense layout
@@ -639,18 +609,20 @@ fn exact_cases() -> Vec<ExactCase> {
                              batch {n_batch} amp {amp}",
                             (0..n_kv).map(|h| layout.capacity(1, h)).collect::<Vec<_>>()
                         ),
-                        layer: 1,
-                        seq: 1,
-                        p0,
-                        n,
-                        n_head,
-                        n_batch,
-                        q: data(n * n_head * hd, amp),
-                        k_new: h16(data(n * n_kv * hd, amp)),
-                        v_new: h16(data(n * n_kv * hd, 1.0)),
-                        k_cache: h16(data(rows, amp)),
-                        v_cache: h16(data(rows, 1.0)),
-                        layout: layout.clone(),
+                        case: moa::backend::cpu::AttnCase {
+                            layer: 1,
+                            seq: 1,
+                            p0,
+                            n,
+                            n_head,
+                            n_batch,
+                            q: data(n * n_head * hd, amp),
+                            k_new: h16(data(n * n_kv * hd, amp)),
+                            v_new: h16(data(n * n_kv * hd, 1.0)),
+                            k_cache: h16(data(rows, amp)),
+                            v_cache: h16(data(rows, 1.0)),
+                            layout: layout.clone(),
+                        },
                     });
                 }
             }
@@ -673,9 +645,9 @@ fn exact_attention_kernel_matches_cpu_bitwise() {
     let h = MatmulHarness::new().unwrap();
     let (mut values, mut differ, mut worst) = (0usize, 0usize, 0f32);
     for ec in exact_cases() {
-        let case = ec.case();
-        let want = moa::backend::cpu::attention_reference(&case);
-        let got = cuda::exact_attention_harness(&h.gpu, &h.k, &case).unwrap();
+        let case = &ec.case;
+        let want = moa::backend::cpu::attention_reference(case);
+        let got = cuda::exact_attention_harness(&h.gpu, &h.k, case).unwrap();
         assert!(want.iter().all(|x| x.is_finite()), "{}", ec.label);
         let mut d = 0;
         for (a, b) in want.iter().zip(&got) {
@@ -803,11 +775,11 @@ fn exact_attention_cases_dump() {
     };
     let dir = std::path::PathBuf::from(dir);
     for (i, ec) in exact_cases().iter().enumerate() {
-        let case = ec.case();
-        let want = moa::backend::cpu::attention_reference(&case);
-        let l = &ec.layout;
+        let case = &ec.case;
+        let want = moa::backend::cpu::attention_reference(case);
+        let l = &case.layout;
         let (hd, n_kv) = (l.head_dim, l.n_head_kv);
-        let rows = l.rows_per_layer(ec.layer);
+        let rows = l.rows_per_layer(case.layer);
         let mut b: Vec<u8> = Vec::new();
         let mut ints = |v: &[usize]| {
             for &x in v {
@@ -816,35 +788,35 @@ fn exact_attention_cases_dump() {
         };
         ints(&[
             hd,
-            ec.n_head,
+            case.n_head,
             n_kv,
-            ec.n,
-            ec.n_batch,
-            ec.p0,
-            ec.seq,
+            case.n,
+            case.n_batch,
+            case.p0,
+            case.seq,
             l.sink,
             rows / l.n_seq,
             rows,
         ]);
         ints(
             &(0..n_kv)
-                .map(|h| l.capacity(ec.layer, h))
+                .map(|h| l.capacity(case.layer, h))
                 .collect::<Vec<_>>(),
         );
         ints(
             &(0..n_kv)
-                .map(|h| l.region_offset(0, ec.layer, h))
+                .map(|h| l.region_offset(0, case.layer, h))
                 .collect::<Vec<_>>(),
         );
-        for x in &ec.q {
+        for x in &case.q {
             b.extend_from_slice(&x.to_le_bytes());
         }
-        for v in [&ec.k_new, &ec.v_new] {
+        for v in [&case.k_new, &case.v_new] {
             for x in v.iter() {
                 b.extend_from_slice(&x.to_bits().to_le_bytes());
             }
         }
-        for v in [&ec.k_cache, &ec.v_cache] {
+        for v in [&case.k_cache, &case.v_cache] {
             for x in &v[..rows * hd] {
                 b.extend_from_slice(&x.to_bits().to_le_bytes());
             }

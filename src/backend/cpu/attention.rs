@@ -597,9 +597,9 @@ fn attend_and_store_with(run: Run, kv: &mut LayerKv, scratch: &[Mutex<Scratch>],
 /// CUDA backend's exact attention, `cuda::exact_attention_harness`, in tests/cuda_backend.rs):
 /// a run of `n` tokens of sequence `seq` at positions `p0..p0 + n` in a batch of `n_batch`
 /// tokens (which picks llama.cpp's regime, as in [`Run::n_batch`]).
-pub struct AttnCase<'a> {
+pub struct AttnCase {
     /// f16 K/V; its layer `layer` is the cache read.
-    pub layout: &'a KvLayout,
+    pub layout: KvLayout,
     pub layer: usize,
     pub seq: usize,
     pub p0: usize,
@@ -607,19 +607,19 @@ pub struct AttnCase<'a> {
     pub n_head: usize,
     pub n_batch: usize,
     /// `n` rows of `n_head * head_dim`.
-    pub q: &'a [f32],
+    pub q: Vec<f32>,
     /// `n` rows of `n_head_kv * head_dim` each: the run's own keys and values.
-    pub k_new: &'a [f16],
-    pub v_new: &'a [f16],
+    pub k_new: Vec<f16>,
+    pub v_new: Vec<f16>,
     /// The layer's whole K and V cache buffers (`rows_per_layer(layer) * head_dim` each).
-    pub k_cache: &'a [f16],
-    pub v_cache: &'a [f16],
+    pub k_cache: Vec<f16>,
+    pub v_cache: Vec<f16>,
 }
 
 /// The CPU backend's attention output for `case` (`n` rows of `n_head * head_dim`), computed
 /// as a forward step computes it (the given cache buffers are copied, not changed).
 pub fn attention_reference(case: &AttnCase) -> Vec<f32> {
-    let layout = case.layout;
+    let layout = &case.layout;
     assert_eq!(layout.types(), crate::kv::KvTypes::default(), "f16 K/V");
     let hd = layout.head_dim;
     let rows = layout.rows_per_layer(case.layer) * hd;
@@ -641,9 +641,9 @@ pub fn attention_reference(case: &AttnCase) -> Vec<f32> {
         n: case.n,
         n_head: case.n_head,
         n_batch: case.n_batch,
-        q: case.q,
-        k_new: Rows::F16(case.k_new),
-        v_new: Rows::F16(case.v_new),
+        q: &case.q,
+        k_new: Rows::F16(&case.k_new),
+        v_new: Rows::F16(&case.v_new),
         out: &mut out,
     };
     attend_and_store(run, &mut kv, &scratch);

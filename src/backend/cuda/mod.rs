@@ -286,7 +286,7 @@ pub fn exact_attention_harness(
     k: &Kernels,
     case: &crate::backend::cpu::AttnCase,
 ) -> Result<Vec<f32>, BackendError> {
-    let layout = case.layout;
+    let layout = &case.layout;
     let (hd, hk, n) = (layout.head_dim, layout.n_head_kv, case.n);
     let g = case.n_head / hk;
     let bad = |what: &str| {
@@ -330,10 +330,10 @@ pub fn exact_attention_harness(
         Ok(b)
     };
     let qb = gpu.alloc(case.q.len() * 4, "harness queries")?;
-    gpu.upload(&qb, case.q)?;
+    gpu.upload(&qb, &case.q)?;
     let (knb, vnb) = (
-        f16s(case.k_new, "harness new keys")?,
-        f16s(case.v_new, "harness new values")?,
+        f16s(&case.k_new, "harness new keys")?,
+        f16s(&case.v_new, "harness new values")?,
     );
     let (kcb, vcb) = (
         f16s(&case.k_cache[..rows], "harness K cache")?,
