@@ -40,16 +40,7 @@ inline void cp_async16(void* dst, const void* src, int) {
 }
 inline void cp_async_commit() {}
 template <int N> inline void cp_async_wait() {}
-#define MV_WARPS 4
-#define T_Q4_0 2
-#define T_Q4_1 3
-#define T_Q5_0 6
-#define T_Q5_1 7
-#define T_Q8_0 8
-#define T_Q4_K 12
-#define T_Q5_K 13
-#define T_Q6_K 14
-#include "mmvs_extract.cuh"
+#include "mmvs_extract.cuh"  // with the T_* type ids and MV_WARPS of the kernel sources
 
 static uint64_t rs = 88172645463325252ull;
 static uint64_t rnd() { rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17; return rs; }
