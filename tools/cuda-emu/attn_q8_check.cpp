@@ -22,10 +22,10 @@ inline uint4 make_uint4(u32 a, u32 b, u32 c, u32 d) { return {a, b, c, d}; }
 #define FA_KEYS 64
 #define FA_STAGES 2
 #define FA_MIN_PER 128
-inline float h2f(u16 h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
-inline u16 f2h(float v) { _Float16 f = (_Float16)v; u16 h; memcpy(&h, &f, 2); return h; }
+#include "emu_data.h"
 inline u32 pack_h2(float lo, float hi) { return (u32)f2h(lo) | ((u32)f2h(hi) << 16); }
 inline void pdl_trigger() {}
+inline void pdl_wait() {}
 inline void __syncwarp() { g_warps[threadIdx.x / 32].bar->arrive_and_wait(); }
 inline float ex2(float x) { return exp2f(x); }
 inline void cp_async16(void* dst, const void* src, int bytes) {
@@ -71,20 +71,7 @@ inline void ldsm_x2_trans(u32& b0, u32& b1, const u16* p) {
 }
 #include "attn_extract.cuh"
 
-static uint64_t rs = 88172645463325252ull;
-static uint64_t rnd() { rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17; return rs; }
-static float rf() { return (rnd() >> 40) / float(1 << 24) * 2 - 1; }
 
-static void quant_row(const float* x, int D, u8* out) {
-    for (int b = 0; b < D / 32; b++) {
-        float amax = 0;
-        for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(x[b * 32 + i]));
-        float d = amax / 127, id = d ? 1 / d : 0;
-        u16 dh = f2h(d);
-        memcpy(out + b * 34, &dh, 2);
-        for (int i = 0; i < 32; i++) out[b * 34 + 2 + i] = (u8)(i8)std::lround(x[b * 32 + i] * id);
-    }
-}
 static u16 deq16(const u8* row, int i) {
     const u8* blk = row + i / 32 * 34;
     u16 dh; memcpy(&dh, blk, 2);

@@ -25,8 +25,7 @@ using std::max;
 using std::min;
 struct uint4 { u32 x, y, z, w; };
 inline uint4 make_uint4(u32 a, u32 b, u32 c, u32 d) { return {a, b, c, d}; }
-inline float h2f(u16 h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
-inline u16 f2h(float v) { _Float16 f = (_Float16)v; u16 h; memcpy(&h, &f, 2); return h; }
+#include "emu_data.h"
 inline u32 pack_h2(float lo, float hi) { return (u32)f2h(lo) | ((u32)f2h(hi) << 16); }
 inline void cp_async16(void* dst, const void* src, int bytes) {
     if (bytes) memcpy(dst, src, 16); else memset(dst, 0, 16);
@@ -37,9 +36,6 @@ template <int N> inline void cp_async_n(void* dst, const void* src, int bytes) {
 }
 #include "kvq8_extract.cuh"
 
-static uint64_t rs = 88172645463325252ull;
-static uint64_t rnd() { rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17; return rs; }
-static float rf() { return (rnd() >> 40) / float(1 << 24) * 2 - 1; }
 
 // Row of key position j (head g) as floats: deterministic in (j, g).
 static void row_values(int j, int g, int D, float* out) {
@@ -47,16 +43,6 @@ static void row_values(int j, int g, int D, float* out) {
     rs = 0x9E3779B97F4A7C15ull * (j + 1) + g * 7919 + 1;
     for (int i = 0; i < D; i++) out[i] = rf() * (1 + (i / 32) % 3);
     rs = s;
-}
-static void quant_row(const float* x, int D, u8* out) {
-    for (int b = 0; b < D / 32; b++) {
-        float amax = 0;
-        for (int i = 0; i < 32; i++) amax = std::max(amax, std::fabs(x[b * 32 + i]));
-        float d = amax / 127, id = d ? 1 / d : 0;
-        u16 dh = f2h(d);
-        memcpy(out + b * 34, &dh, 2);
-        for (int i = 0; i < 32; i++) out[b * 34 + 2 + i] = (u8)(i8)std::lround(x[b * 32 + i] * id);
-    }
 }
 static float deq(const u8* row, int i) {
     const u8* blk = row + i / 32 * 34;

@@ -12,8 +12,7 @@ struct int4 { int x, y, z, w; };
 struct int2 { int x, y; };
 inline int2 make_int2(int a, int b) { return {a, b}; }
 inline float2 make_float2(float a, float b) { return {a, b}; }
-inline float h2f(u16 h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
-inline u16 f2h(float v) { _Float16 f = (_Float16)v; u16 h; memcpy(&h, &f, 2); return h; }
+#include "emu_data.h"
 inline int ld_i32_a2(const u8* p) { int v; memcpy(&v, p, 4); return v; }
 inline int ld_i32_a4(const u8* p) {
     if ((uintptr_t)p % 4) { fprintf(stderr, "misaligned 4-byte load\n"); exit(1); }
@@ -42,9 +41,6 @@ inline void cp_async_commit() {}
 template <int N> inline void cp_async_wait() {}
 #include "mmvs_extract.cuh"  // with the T_* type ids and MV_WARPS of the kernel sources
 
-static uint64_t rs = 88172645463325252ull;
-static uint64_t rnd() { rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17; return rs; }
-static float rf() { return (rnd() >> 40) / float(1 << 24) * 2 - 1; }
 
 struct Ty { int t; const char* name; int block, bytes; std::vector<int> f16_at; };
 
