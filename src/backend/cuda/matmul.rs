@@ -201,18 +201,15 @@ impl DecodeKernels {
 
     pub fn from_env() -> DecodeKernels {
         let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        let (wpr_var, tile) = (var("MOA_MV_WPR"), var("MOA_MV_TILE"));
         DecodeKernels {
-            wpr: var("MOA_MV_WPR").filter(|w| [1, 2, 4].contains(w)),
+            wpr: wpr_var.filter(|w| [1, 2, 4].contains(w)),
             mma_min: var("MOA_MMQS_MIN").unwrap_or(2),
             quant_prefill_max: var("MOA_QPREFILL_MAX").unwrap_or(QUANT_PREFILL_MAX),
             // A warps-per-row override measures the dp4a kernels: no streaming then.
-            stream_tile: var("MOA_MV_TILE").unwrap_or(if var("MOA_MV_WPR").is_some() {
-                0
-            } else {
-                MV_TILE
-            }),
+            stream_tile: tile.unwrap_or(if wpr_var.is_some() { 0 } else { MV_TILE }),
             // An explicit tile size streams every type.
-            stream_all: var("MOA_MV_TILE").is_some(),
+            stream_all: tile.is_some(),
             wide_wpr: var("MOA_WIDE_WPR")
                 .filter(|w| [1, 2, 4].contains(w))
                 .unwrap_or(0),
