@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu-check.sh build          # here: stripped release binaries into .devbin/
 #   bash tools/gpu-check.sh run [MODEL]    # on the GPU machine, from the repo root: all below
-#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|eval [MODEL]|bench|parallel|variants|bandwidth|times|profile
+#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|eval [MODEL]|bench|parallel|variants|skips|bandwidth|times|profile
 #
 # With MOA_REQUIRE_GPU=1 (a missing GPU fails instead of skipping):
 #   tests:     tests/cuda_backend.rs: every kernel against its CPU reference on fresh random data,
@@ -29,6 +29,8 @@
 #   parallel:  moa-bench --parallel 1,4,16 with 16k prompts, dense and uniform 0.5;
 #   variants:  tg128 of the 8B shape under each decode kernel-choice variable (MOA_WIDE_WPR,
 #              MOA_PDL, MOA_MV_TILE), and uniform 0.5 at depth 32768;
+#   skips:     tg128 at depth 0 with launches of the small kernels left out (MOA_SKIP_KERNELS):
+#              what fusing them could gain;
 #   bandwidth: the decode matvec bandwidth report;
 #   times:     per-kernel GPU times of decode steps from the built-in timer (MOA_KERNEL_TIMES=1);
 #   profile:   per-kernel times (Nsight Compute) of decode steps, and registers per kernel.
@@ -179,6 +181,16 @@ variants)
         env "$e" "$out/moa-bench" -m "$synth" --device cuda --dense -p 0 -n 128 -r 3 2>&1 | grep -E "tg|rror"
     done
     "$out/moa-bench" -m "$synth" --device cuda --uniform 0.5 -p 0 -n 128 -d 32768 -r 2 2>&1 | grep -E "tg|rror"
+    ;;
+skips)
+    # What fusing the small kernels could gain: tg128 at depth 0 with launches of some kernels
+    # left out (MOA_SKIP_KERNELS; the outputs are wrong then, only the time counts).
+    make_synth
+    for e in "" "add_rms_norm_q8*" "rope_kv" "quantize_q8_1" "swiglu_q8" "q8_1_mma_layout" \
+        "attn_dec*,attn_merge*" "add_rms_norm_q8*,rope_kv,quantize_q8_1,swiglu_q8,q8_1_mma_layout,attn_dec*,attn_merge*"; do
+        echo "-- skip: ${e:-nothing}"
+        MOA_SKIP_KERNELS="$e" "$out/moa-bench" -m "$synth" --device cuda --dense -p 0 -n 128 -r 3 2>&1 | grep -E "tg|rror"
+    done
     ;;
 bandwidth)
     echo "== decode matvec bandwidth"

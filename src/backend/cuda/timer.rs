@@ -4,6 +4,9 @@
 //! step's kernels launch one by one, and a kernel's time includes the gap before it when the
 //! GPU waits for the host: small kernels read high, large ones are accurate. For exact figures
 //! use Nsight Compute (`tools/gpu-check.sh profile`).
+//!
+//! Also here, for measuring what fusing kernels could gain: `MOA_SKIP_KERNELS=name,prefix*,...`
+//! leaves out every launch of the kernels named (results are then wrong; timing only).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -47,13 +50,45 @@ pub fn enabled() -> bool {
     *E.get_or_init(|| std::env::var("MOA_KERNEL_TIMES").is_ok_and(|v| v == "1"))
 }
 
+/// The kernel names (or `prefix*`) of `MOA_SKIP_KERNELS`.
+fn skip_list() -> &'static [String] {
+    static L: OnceLock<Vec<String>> = OnceLock::new();
+    L.get_or_init(|| {
+        std::env::var("MOA_SKIP_KERNELS")
+            .map(|v| {
+                v.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// Whether `MOA_SKIP_KERNELS` leaves out launches of `f` (a diagnostic: the step's results are
+/// wrong then, its time tells what removing those kernels would gain).
+pub fn skipped(f: &CudaFunction) -> bool {
+    let list = skip_list();
+    if list.is_empty() {
+        return false;
+    }
+    let s = state().lock().unwrap_or_else(|e| e.into_inner());
+    let Some(name) = s.names.get(&key(f)) else {
+        return false;
+    };
+    list.iter().any(|p| match p.strip_suffix('*') {
+        Some(pre) => name.starts_with(pre),
+        None => name == p,
+    })
+}
+
 fn key(f: &CudaFunction) -> usize {
     f.cu_function() as usize
 }
 
 /// Remembers a kernel's name (called when kernels are loaded).
 pub fn name_kernel(f: &CudaFunction, name: &str) {
-    if enabled() {
+    if enabled() || !skip_list().is_empty() {
         let mut s = state().lock().unwrap_or_else(|e| e.into_inner());
         s.names.insert(key(f), name.to_string());
     }
