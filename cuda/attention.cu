@@ -303,7 +303,8 @@ __device__ __forceinline__ void attn_fa(
     const float* q, const u16* knew, const u16* vnew, const u16* kc, const u16* vc,
     const int* tok_pos, const int* tok_seq, const int* tok_p0, const int* tok_rs,
     const int2* tiles, int G, int n_head, int n_head_kv, const int* caps, const int* offs,
-    int rows_per_seq, int sink, int n_split, float scale, float* out, float* part) {
+    int rows_per_seq, int sink, int n_split, float scale, float* out, float* part, i8* yq,
+    float2* yds) {
     using SM = FaSmem<D, KQ, VQ>;
     constexpr int KS = SM::KS;
     constexpr int STAGE = SM::STAGE / 2;  // halves (all-f16 path)
@@ -609,7 +610,12 @@ __device__ __forceinline__ void attn_fa(
         }
         const int t = t0 + r / G, h = g * G + r % G;
         if (n_split == 1) {
-            out[(size_t)t * ldq + h * D + d] = L > 0.0f ? O / L : 0.0f;
+            // A warp holds 32 consecutive values of one row: one q8_1 block of the output, for
+            // the output projection when it reads q8_1 (yq set).
+            const size_t i = (size_t)t * ldq + h * D + d;
+            const float v = L > 0.0f ? O / L : 0.0f;
+            out[i] = v;
+            if (yq) q8_1_lane(v, yq + (i & ~(size_t)31), yds + (i >> 5), lane);
         } else {
             float* pp = part + (((size_t)t * n_head + h) * n_split + z) * (D + 2);
             pp[d] = O;
@@ -626,10 +632,11 @@ __device__ __forceinline__ void attn_fa(
         const float* q, const u16* knew, const u16* vnew, const u16* kc, const u16* vc,        \
         const int* tok_pos, const int* tok_seq, const int* tok_p0, const int* tok_rs,          \
         const int2* tiles, int G, int n_head, int n_head_kv, const int* caps, const int* offs, \
-        int rows_per_seq, int sink, int n_split, float scale, float* out, float* part) {       \
+        int rows_per_seq, int sink, int n_split, float scale, float* out, float* part, i8* yq,  \
+        float2* yds) {                                                                         \
         attn_fa<D, WK, KQ, VQ>(q, knew, vnew, kc, vc, tok_pos, tok_seq, tok_p0, tok_rs, tiles, \
                                G, n_head, n_head_kv, caps, offs, rows_per_seq, sink, n_split,  \
-                               scale, out, part);                                              \
+                               scale, out, part, yq, yds);                                     \
     }
 // f16 K and V; then q8_0 caches: _k8v8 both, _k8v16 K only, _k16v8 V only.
 #define ATTN_FA_TYPES(name, D, WK)              \

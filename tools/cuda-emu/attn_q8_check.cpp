@@ -84,7 +84,8 @@ template <int D, int WK, bool KQ, bool VQ>
 static void run(const Case& c, const std::vector<float>& q, const std::vector<u8>* k8, const std::vector<u16>* k16,
                 const std::vector<int>& pos, const std::vector<int>& seq, const std::vector<int>& p0v,
                 const std::vector<int>& rsv, const std::vector<int2>& tiles, const std::vector<int>& caps,
-                const std::vector<int>& offs, int rows_per_seq, std::vector<float>& out, std::vector<float>& part) {
+                const std::vector<int>& offs, int rows_per_seq, std::vector<float>& out, std::vector<float>& part,
+                i8* yq = nullptr, float2* yds = nullptr) {
     // k8/k16: [0] cache K, [1] cache V, [2] staged K, [3] staged V.
     auto P = [&](int i, bool q8) -> const u16* { return q8 ? (const u16*)k8[i].data() : k16[i].data(); };
     const int n_head = c.G * c.hk;
@@ -93,7 +94,7 @@ static void run(const Case& c, const std::vector<float>& q, const std::vector<u8
         attn_fa<D, WK, KQ, VQ>(q.data(), P(2, KQ), P(3, VQ), P(0, KQ), P(1, VQ), pos.data(), seq.data(),
                                p0v.data(), rsv.data(), tiles.data(), c.G, n_head, c.hk, caps.data(),
                                offs.data(), rows_per_seq, c.sink, c.n_split, 1.0f / sqrtf((float)D),
-                               out.data(), part.data());
+                               out.data(), part.data(), yq, yds);
     });
 }
 
@@ -174,6 +175,33 @@ static int check(const Case& c) {
     run<D, WK, true, false>(c, q, k8.data(), k16.data(), pos, seq, p0v, rsv, tiles, caps, offs, rows_per_seq, out[2], part[2]);
     run<D, WK, false, true>(c, q, k8.data(), k16.data(), pos, seq, p0v, rsv, tiles, caps, offs, rows_per_seq, out[3], part[3]);
     int bad = 0;
+    // The decode kernel unsplit also leaves its output in q8_1 (for the output projection): the
+    // f16 variant again with yq/yds, against the q8_1 quantization of its float output.
+    if (WK == 4 && c.n_split == 1) {
+        std::vector<i8> yq(on, 99);
+        std::vector<float2> yds(on / 32, float2{-1.0f, -1.0f});
+        std::vector<float> o2(on, -7.0f), p2(pn, -7.0f);
+        run<D, WK, false, false>(c, q, k8.data(), k16.data(), pos, seq, p0v, rsv, tiles, caps, offs, rows_per_seq, o2, p2,
+                                 yq.data(), yds.data());
+        size_t qbad = memcmp(o2.data(), out[0].data(), on * 4) != 0;
+        for (size_t b = (size_t)rs0 * n_head * D / 32; b < on / 32; b++) {
+            float amax = 0;
+            for (int e = 0; e < 32; e++) amax = std::max(amax, std::fabs(out[0][b * 32 + e]));
+            const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+            int sum = 0;
+            for (int e = 0; e < 32; e++) {
+                const int qv = (int)rintf(out[0][b * 32 + e] * id);
+                sum += qv;
+                qbad += yq[b * 32 + e] != qv;
+            }
+            const float d = amax / 127.0f;
+            qbad += yds[b].x != h2f(f2h(d)) || yds[b].y != h2f(f2h(d * (float)sum));
+        }
+        if (qbad) {
+            fprintf(stderr, "D %d G %d hk %d: q8_1 output differs in %zu places\n", D, G, hk, qbad);
+            bad++;
+        }
+    }
     for (int v = 1; v < 4; v++) {
         if (memcmp(out[v].data(), out[0].data(), on * 4) || memcmp(part[v].data(), part[0].data(), pn * 4)) {
             size_t diff = 0;

@@ -21,6 +21,7 @@ struct Warp { std::unique_ptr<std::barrier<>> bar; double buf[32]; };
 std::vector<Warp> g_warps;
 float* emu_dyn_smem;
 struct float2 { float x, y; };
+inline float2 make_float2(float a, float b) { return {a, b}; }
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;

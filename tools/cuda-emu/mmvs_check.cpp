@@ -11,7 +11,6 @@
 struct int4 { int x, y, z, w; };
 struct int2 { int x, y; };
 inline int2 make_int2(int a, int b) { return {a, b}; }
-inline float2 make_float2(float a, float b) { return {a, b}; }
 #include "emu_data.h"
 inline int ld_i32_a2(const u8* p) { int v; memcpy(&v, p, 4); return v; }
 inline int ld_i32_a4(const u8* p) {

@@ -893,24 +893,29 @@ impl CudaBackend {
         }
         // Prefill: each warp owns 16 of 64 query rows; decode: the warps split the keys of up
         // to 16 rows.
-        let f = self.k.attn_kernel(n > MV_MAXT, cfg.head_dim, types);
+        let prefill = n > MV_MAXT;
+        let f = self.k.attn_kernel(prefill, cfg.head_dim, types);
+        // The output in q8_1 for the output projection as well: from the merge when split,
+        // else from the decode kernel itself.
+        let quantized = q8_out && (n_split > 1 || !prefill);
+        let (yq, yds) = if quantized {
+            self.mats.q8_ptrs()
+        } else {
+            (0, 0)
+        };
+        let (kq, kds) = if n_split == 1 { (yq, yds) } else { (0, 0) };
         args.extend([
             A::I(n_split as i32),
             A::F(scale),
             A::P(self.act(out)),
             A::P(self.part.ptr),
+            A::P(kq),
+            A::P(kds),
         ]);
         let mut lc = lcfg((self.n_tiles as u32, hk as u32, n_split as u32), 128);
         lc.shared_mem_bytes = f.smem as u32;
         self.gpu.launch_pdl(&f.func, lc, &args)?;
-        // The merge can leave the output in q8_1 for the output projection as well.
-        let quantized = q8_out && n_split > 1;
         if n_split > 1 {
-            let (yq, yds) = if quantized {
-                self.mats.q8_ptrs()
-            } else {
-                (0, 0)
-            };
             // Few rows with many splits (decode) take a thread group per quarter of the splits.
             let (merge, groups) = if n_split >= 4 * MERGE_GROUPS {
                 (&self.k.attn_merge_wide, MERGE_GROUPS)
