@@ -416,6 +416,80 @@ fn cuda_backend_matches_cpu_backend() {
     }
 }
 
+/// The decode products with the next op in their epilogue (q/k/v with RoPE and the K/V rows,
+/// gate/up with SwiGLU and q8_1) give the same logits, bit for bit, as the separate kernels:
+/// dense and span-plan caches (rings wrapping), every K/V type pair, several weight types.
+#[test]
+fn fused_epilogues_equal_separate_kernels() {
+    if !gpu_or_skip("fused_epilogues_equal_separate_kernels") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(91);
+    for (ti, &ty) in [
+        GgmlType::Q4_K,
+        GgmlType::Q8_0,
+        GgmlType::Q5_K,
+        GgmlType::Q4_1,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = dir.path().join(format!("f{ti}.gguf"));
+        write_synthetic(&gpu_spec(ty, 40 + ti as u64), &path).unwrap();
+        let model = Arc::new(Model::load(&path).unwrap());
+        let c = model.config.clone();
+        let n = 90;
+        let toks: Vec<u32> = (0..n)
+            .map(|_| (rng.next() % c.n_vocab as u64) as u32)
+            .collect();
+        for plan in [false, true] {
+            let layout = if plan {
+                random_plan_layout(&mut rng, &c, n, -10.0, 40, 5, 0.2, (4, 8, 4))
+            } else {
+                KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n)
+            };
+            for types in KV_TYPES {
+                let opts = BackendOptions {
+                    max_batch: 16,
+                    threads: 2,
+                    layout: layout.clone().with_types(types).unwrap(),
+                };
+                let mut runs = Vec::new();
+                for fused in [true, false] {
+                    let mut gpu = CudaBackend::new(Arc::clone(&model), opts.clone()).unwrap();
+                    gpu.set_fused_epilogues(fused);
+                    let logits = common::logits_all(&mut gpu, &toks, 7, 7);
+                    let (q, g) = gpu.fused_launches();
+                    if fused {
+                        assert!(
+                            q > 0 && g > 0,
+                            "{} {types}: fused kernels never ran ({q}, {g})",
+                            ty.name()
+                        );
+                    } else {
+                        assert_eq!((q, g), (0, 0));
+                    }
+                    runs.push(logits);
+                }
+                let differ = runs[0]
+                    .iter()
+                    .flatten()
+                    .zip(runs[1].iter().flatten())
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                assert_eq!(
+                    differ,
+                    0,
+                    "{} plan {plan} KV {types}: fused and separate kernels differ in {differ} logits",
+                    ty.name()
+                );
+                eprintln!("{} plan {plan} KV {types}: fused == separate", ty.name());
+            }
+        }
+    }
+}
+
 /// The attention kernels at the shapes real models have (head dims 64 and 128, GQA groups of
 /// 1, 4 and 8 query heads) over long sequences: prefill in chunks of several sizes then decode
 /// steps, dense and with span plans whose rings wrap many times, so key ranges are split over
