@@ -177,10 +177,9 @@ variants)
     # projection on dp4a, no programmatic dependent launch, every type streamed, nothing
     # streamed; then uniform 0.5 at depth 32768.
     make_synth
-    for e in DEFAULT=1 MOA_GLU=0 MOA_QKV=0 "MOA_GLU=0 MOA_QKV=0" MOA_WIDE_WPR=2 MOA_PDL=0 MOA_MV_TILE=8192 MOA_MV_TILE=0; do
+    for e in DEFAULT=1 MOA_GLU=0 MOA_QKV=0 MOA_WIDE_WPR=2 MOA_PDL=0 MOA_MV_TILE=8192 MOA_MV_TILE=0; do
         echo "-- $e"
-        # shellcheck disable=SC2086 # one or more assignments
-        env $e "$out/moa-bench" -m "$synth" --device cuda --dense -p 0 -n 128 -r 3 2>&1 | grep -E "tg|rror"
+        env "$e" "$out/moa-bench" -m "$synth" --device cuda --dense -p 0 -n 128 -r 3 2>&1 | grep -E "tg|rror"
     done
     "$out/moa-bench" -m "$synth" --device cuda --uniform 0.5 -p 0 -n 128 -d 32768 -r 2 2>&1 | grep -E "tg|rror"
     ;;

@@ -144,6 +144,12 @@ pub struct DecodeKernels {
     /// Warps per row of the dp4a kernel on wide Q4_K/Q5_K matrices with few rows (the down
     /// projection) at one token; 0: the tensor-core kernel there (`MOA_WIDE_WPR`).
     wide_wpr: usize,
+    /// The gate/up product with SwiGLU and q8_1 in its epilogue ([`glu_mmvq`]; `MOA_GLU=0`
+    /// turns it off).
+    pub glu: bool,
+    /// The q/k/v product with RoPE and the K/V store in its epilogue ([`qkv_rope_mmvq`];
+    /// `MOA_QKV=0` turns it off).
+    pub qkv: bool,
 }
 
 /// Types whose one-token products stream by default: Q6_K (the output matrix of Q4_K_M files;
@@ -171,6 +177,8 @@ impl DecodeKernels {
             stream_tile: 0,
             stream_all: false,
             wide_wpr: 0,
+            glu: true,
+            qkv: true,
         }
     }
 
@@ -184,6 +192,8 @@ impl DecodeKernels {
             stream_tile: tile,
             stream_all: true,
             wide_wpr: 0,
+            glu: true,
+            qkv: true,
         }
     }
 
@@ -196,6 +206,8 @@ impl DecodeKernels {
             stream_tile: 0,
             stream_all: false,
             wide_wpr: 0,
+            glu: true,
+            qkv: true,
         }
     }
 
@@ -213,6 +225,8 @@ impl DecodeKernels {
             wide_wpr: var("MOA_WIDE_WPR")
                 .filter(|w| [1, 2, 4].contains(w))
                 .unwrap_or(0),
+            glu: var("MOA_GLU") != Some(0),
+            qkv: var("MOA_QKV") != Some(0),
         }
     }
 
@@ -420,10 +434,7 @@ impl MatScratch {
             )?,
             qkey: None,
             yq2: gpu.alloc(mv_rows * max_cols, "quantized activations (second buffer)")?,
-            yds2: gpu.alloc(
-                mv_rows * max_cols / 32 * 8,
-                "activation scales (second buffer)",
-            )?,
+            yds2: gpu.alloc(mv_rows * max_cols / 32 * 8, "activation scales (second buffer)")?,
             glu_cnt: gpu.alloc(max_cols.div_ceil(32) * 4, "SwiGLU chunk counters")?,
         })
     }
@@ -778,7 +789,7 @@ fn ensure_q8(
 /// One token through the gate and up matrices with `gate = silu(gate) * up` and its q8_1 copy
 /// (the down projection's input) formed in the same launch (`mmvq_<type>_glu`). Returns false,
 /// launching nothing, where that kernel does not apply (other than one token, unlike matrices,
-/// float weights, rows not a multiple of 32, a decode path other than dp4a); the
+/// float weights, rows not a multiple of 32, a decode path other than dp4a, `MOA_GLU=0`); the
 /// caller then runs the product and SwiGLU apart. On success the q8_1 buffer holds `og` (the
 /// caller marks its version).
 #[allow(clippy::too_many_arguments)]
@@ -799,12 +810,10 @@ pub fn glu_mmvq(
     };
     let f_rows = gate.rows;
     let same = up.ty == gate.ty && up.cols == gate.cols && up.rows == f_rows;
-    if !same || !f_rows.is_multiple_of(32) || gate.cols > s.yq2.bytes {
+    if !gate.decode.glu || !same || !f_rows.is_multiple_of(32) || gate.cols > s.yq2.bytes {
         return Ok(false);
     }
-    let DecodePath::Dp4a { wpr } = gate
-        .decode
-        .choose(gate.ty, 1, gate.cols, 2 * f_rows, gpu.sms)
+    let DecodePath::Dp4a { wpr } = gate.decode.choose(gate.ty, 1, gate.cols, 2 * f_rows, gpu.sms)
     else {
         return Ok(false);
     };
@@ -814,10 +823,7 @@ pub fn glu_mmvq(
     ensure_q8(gpu, k, s, x, ldx, gate.cols, 1, x_version)?;
     gpu.launch_pdl(
         f,
-        lcfg(
-            (blocks(2 * f_rows, MV_WARPS / wpr), 1, 1),
-            (MV_WARPS * 32) as u32,
-        ),
+        lcfg((blocks(2 * f_rows, MV_WARPS / wpr), 1, 1), (MV_WARPS * 32) as u32),
         &[
             A::P(gate.ptr),
             A::P(up.ptr),
@@ -865,7 +871,7 @@ pub struct RopeKvArgs {
 /// One token through the q, k and v matrices with RoPE on q and k and the f16 K/V rows
 /// (staging and, by `r.store`, the cache ring) done in the same launch (`mmvq_<type>_qkv`).
 /// Returns false, launching nothing, where it does not apply (matrices unlike, float weights,
-/// a path other than dp4a with 1 or 2 warps per row, odd head dims).
+/// a path other than dp4a with 1 or 2 warps per row, odd head dims, `MOA_QKV=0`).
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_rope_mmvq(
     gpu: &Gpu,
@@ -883,7 +889,7 @@ pub fn qkv_rope_mmvq(
     };
     let same = t.iter().all(|(mm, _)| mm.ty == m.ty && mm.cols == m.cols);
     let rows: usize = t.iter().map(|(mm, _)| mm.rows).sum();
-    if !same || !r.head_dim.is_multiple_of(2) {
+    if !m.decode.qkv || !same || !r.head_dim.is_multiple_of(2) {
         return Ok(false);
     }
     let wpr = match m.decode.choose(m.ty, 1, m.cols, rows, gpu.sms) {

@@ -108,13 +108,6 @@ pub struct CudaBackend {
     /// for bit, instead of the tensor-core kernels (f16 K/V caches; a q8_0 part keeps the fast
     /// kernels). `MOA_EXACT_ATTN=1` at creation, or [`CudaBackend::set_exact_attention`].
     exact_attn: bool,
-    /// Products with the next op in their epilogue at one-token steps: q/k/v with RoPE and the
-    /// K/V rows, gate/up with SwiGLU (`MOA_QKV=0`, `MOA_GLU=0` turn them off).
-    fuse_qkv: bool,
-    fuse_glu: bool,
-    /// How many fused q/k/v and gate/up launches were issued (captured graphs replay them
-    /// uncounted).
-    fused_issued: (u64, u64),
 }
 
 /// Offsets (in u32 words) of the metadata sections.
@@ -619,9 +612,6 @@ impl CudaBackend {
                 && !timer::enabled(),
             att_target_blocks,
             exact_attn: exact_attn_from_env(layout.types()),
-            fuse_qkv: std::env::var("MOA_QKV").map_or(true, |v| v != "0"),
-            fuse_glu: std::env::var("MOA_GLU").map_or(true, |v| v != "0"),
-            fused_issued: (0, 0),
             layout,
             gpu,
             model,
@@ -636,21 +626,6 @@ impl CudaBackend {
             self.graphs.clear();
         }
         self.exact_attn = on;
-    }
-
-    /// Turns the product epilogues (q/k/v with RoPE and the K/V rows, gate/up with SwiGLU) on or
-    /// off; they give the same bits as the separate kernels.
-    pub fn set_fused_epilogues(&mut self, on: bool) {
-        if (on, on) != (self.fuse_qkv, self.fuse_glu) {
-            self.graphs.clear();
-        }
-        self.fuse_qkv = on;
-        self.fuse_glu = on;
-    }
-
-    /// How many fused q/k/v and gate/up launches were issued (graph replays not counted).
-    pub fn fused_launches(&self) -> (u64, u64) {
-        self.fused_issued
     }
 
     /// Whether attention runs the exact kernels (requested and the cache is f16 K/V).
@@ -1234,16 +1209,8 @@ impl CudaBackend {
     ) -> Result<bool, BackendError> {
         let (
             Some(&Op::MatMul { w: wq, x, out: q }),
-            Some(&Op::MatMul {
-                w: wk,
-                x: x2,
-                out: k,
-            }),
-            Some(&Op::MatMul {
-                w: wv,
-                x: x3,
-                out: v,
-            }),
+            Some(&Op::MatMul { w: wk, x: x2, out: k }),
+            Some(&Op::MatMul { w: wv, x: x3, out: v }),
             Some(&Op::Rope { x: rq, .. }),
             Some(&Op::Rope { x: rk, .. }),
             Some(&Op::Attention {
@@ -1309,7 +1276,6 @@ impl CudaBackend {
         if !done {
             return Ok(false);
         }
-        self.fused_issued.0 += 1;
         // The products, then RoPE on q and k.
         self.act_version[q] += 2;
         self.act_version[k] += 2;
@@ -1328,20 +1294,13 @@ impl CudaBackend {
     /// product reading the result as q8_1: what [`matmul::glu_mmvq`] does in one launch (it may
     /// still decline).
     fn glu_fused(&self, ops: &[Op], i: usize) -> bool {
-        if !self.fuse_glu {
-            return false;
-        }
         match (ops.get(i), ops.get(i + 1), ops.get(i + 2)) {
             (
                 Some(&Op::MatMul { x, out: g, .. }),
                 Some(&Op::MatMul { x: x2, out: u, .. }),
                 Some(&Op::SwiGlu { gate, up }),
             ) => {
-                x2 == x
-                    && gate == g
-                    && up == u
-                    && g != x
-                    && u != x
+                x2 == x && gate == g && up == u && g != x && u != x
                     && self.reads_q8(ops.get(i + 3), g, 1)
             }
             _ => false,
@@ -1428,10 +1387,7 @@ impl CudaBackend {
                     i += 1;
                 }
                 Op::MatMul { w, x, out } if n == 1 && self.glu_fused(ops, i) => {
-                    let Some(&Op::MatMul {
-                        w: w2, out: out2, ..
-                    }) = ops.get(i + 1)
-                    else {
+                    let Some(&Op::MatMul { w: w2, out: out2, .. }) = ops.get(i + 1) else {
                         unreachable!("glu_fused checked the up product")
                     };
                     let (gate, up) = (
@@ -1451,7 +1407,6 @@ impl CudaBackend {
                         self.act_version[x],
                     )?;
                     if done {
-                        self.fused_issued.1 += 1;
                         // The product into both, then SwiGLU into the gate buffer.
                         self.act_version[out] += 2;
                         self.act_version[out2] += 1;
@@ -1462,11 +1417,7 @@ impl CudaBackend {
                         i += self.run_products(ops, i, n)?;
                     }
                 }
-                Op::MatMul { .. }
-                    if n == 1 && self.fuse_qkv && self.qkv_rope_fused(ops, i, batch)? =>
-                {
-                    i += 6
-                }
+                Op::MatMul { .. } if n == 1 && self.qkv_rope_fused(ops, i, batch)? => i += 6,
                 Op::MatMul { .. } => i += self.run_products(ops, i, n)?,
                 Op::Rope { x: q, .. } => {
                     if let (
