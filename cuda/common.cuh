@@ -134,17 +134,3 @@ __device__ __forceinline__ float ggml_v_expf(float x) {
 __device__ __forceinline__ float silu_mul(float g, float u) {
     return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, ggml_v_expf(__fsub_rn(0.0f, g)))), u);
 }
-
-// One RoPE pair (x0, x1) rotated by (cos, sin) = c, rounded as the CPU backend rounds it
-// (src/backend/cpu/ops.rs rope_row, llama.cpp's x86 build: x0' = fma(x0, cos, -(x1 * sin)),
-// x1' = fma(x0, sin, x1 * cos)); explicit intrinsics, so no contraction NVRTC picks changes it.
-__device__ __forceinline__ void rope_pair(float x0, float x1, float2 c, float* y0, float* y1) {
-    *y0 = __fmaf_rn(x0, c.x, -__fmul_rn(x1, c.y));
-    *y1 = __fmaf_rn(x0, c.y, __fmul_rn(x1, c.x));
-}
-
-// Slot of position `pos` in a head region of capacity `cap` with `sink` kept tokens (the ring of
-// src/kv: sinks first, then the most recent tokens).
-__device__ __forceinline__ int ring_slot(int cap, int sink, int pos) {
-    return (pos < sink || cap <= sink) ? pos : sink + (pos - sink) % (cap - sink);
-}

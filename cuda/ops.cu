@@ -1,6 +1,15 @@
 // Row-wise float ops of the forward step (the CUDA twins of src/backend/cpu/ops.rs), the KV
 // cache store, f32 -> f16 conversion, row gathers and greedy argmax.
 
+// One RoPE pair (x0, x1) rotated by (cos, sin) = c, rounded as the CPU backend rounds it
+// (src/backend/cpu/ops.rs rope_row, llama.cpp's x86 build: x0' = fma(x0, cos, -(x1 * sin)),
+// x1' = fma(x0, sin, x1 * cos)); explicit intrinsics, so no contraction NVRTC picks changes it.
+__device__ __forceinline__ void rope_pair(float x0, float x1, float2 c, float* y0, float* y1) {
+    *y0 = __fmaf_rn(x0, c.x, -__fmul_rn(x1, c.y));
+    *y1 = __fmaf_rn(x0, c.y, __fmul_rn(x1, c.x));
+}
+
+
 // Rotates adjacent pairs of the first n_rot dims of every head; cs: n_tok x (n_rot/2) (cos, sin)
 // computed on the host exactly as the CPU backend computes them.
 extern "C" __global__ void rope(float* x, int n_tok, int n_heads, int head_dim, int half_rot,
@@ -38,6 +47,12 @@ extern "C" __global__ void gather_rows(const float* src, const int* rows, int n,
     if (gid >= n * width) return;
     int r = gid / width, i = gid % width;
     dst[gid] = src[(size_t)rows[r] * width + i];
+}
+
+// Slot of position `pos` in a head region of capacity `cap` with `sink` kept tokens (the ring of
+// src/kv: sinks first, then the most recent tokens).
+__device__ __forceinline__ int ring_slot(int cap, int sink, int pos) {
+    return (pos < sink || cap <= sink) ? pos : sink + (pos - sink) % (cap - sink);
 }
 
 // Writes the batch's f16 K and V rows (tok_last: the last position of each token's run) (n_tok x n_head_kv x head_dim) into one layer's cache.

@@ -467,69 +467,6 @@ MMVQ_GLU(mmvq_q4_k_glu, T_Q4_K)
 MMVQ_GLU(mmvq_q5_k_glu, T_Q5_K)
 MMVQ_GLU(mmvq_q6_k_glu, T_Q6_K)
 
-// ---- q/k/v with RoPE and the K/V store in the epilogue ---------------------------------------
-// mmvq_<type>_qkv: the one-token q/k/v product (W0 = q, W1 = k, W2 = v) as mmvq_<type>_1, then
-// what rope_kv (ops.cu) does for one token: RoPE on the q and k rows, k and v rounded to f16
-// into the staging rows and, by `store` (bit 0 K, bit 1 V), into the layer's cache ring. A RoPE
-// pair is two adjacent rows, in the same block (2 or 4 rows per block: wpr 2 or 1; the host
-// checks). Saves the rope_kv launch of the decode step.
-template <int T>
-__device__ __forceinline__ void mmvq_qkv(const Rows3& m, u64 row_bytes, int units, const i8* yq,
-                                         const float2* yds, int K, int wpr, int head_dim,
-                                         int half_rot, const float2* cs, u16* k16, u16* v16,
-                                         int store, const int* tok_pos, const int* tok_seq,
-                                         const int* caps, const int* offs, int rows_per_seq,
-                                         int sink, u16* kc, u16* vc) {
-    mmvq<T, 1>(m, row_bytes, units, yq, yds, K, 1, wpr);
-    __syncthreads();  // the block's sums, written by mmvq, are visible to its threads
-    const int rpb = MV_WARPS / wpr;
-    if (threadIdx.x >= rpb / 2) return;
-    const int gr = blockIdx.x * rpb + 2 * threadIdx.x;
-    const u8* W;
-    float* out;
-    int ldo, local;
-    if (!m.pick(gr, &W, &out, &ldo, &local)) return;
-    const int sec = gr < m.r0 ? 0 : (gr < m.r0 + m.r1 ? 1 : 2);  // q, k, v
-    const int h = local / head_dim, i = (local % head_dim) / 2;
-    float x0 = out[local], x1 = out[local + 1];
-    if (sec < 2 && i < half_rot) {
-        float y0, y1;
-        rope_pair(x0, x1, cs[i], &y0, &y1);
-        x0 = y0;
-        x1 = y1;
-        out[local] = x0;
-        out[local + 1] = x1;
-    }
-    if (sec == 0) return;
-    const u32 packed = (u32)f2h(x0) | ((u32)f2h(x1) << 16);
-    *(u32*)((sec == 1 ? k16 : v16) + local) = packed;
-    if (store & sec) {
-        const int slot = ring_slot(caps[h], sink, tok_pos[0]);
-        const size_t row = (size_t)tok_seq[0] * rows_per_seq + offs[h] + slot;
-        *(u32*)((sec == 1 ? kc : vc) + row * head_dim + 2 * i) = packed;
-    }
-}
-
-#define MMVQ_QKV(name, T)                                                                      \
-    extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) name(                        \
-        const u8* W0, const u8* W1, const u8* W2, int r0, int r1, int r2, float* o0, float* o1, \
-        float* o2, u64 row_bytes, int units, const i8* yq, const float2* yds, int K, int wpr,   \
-        int head_dim, int half_rot, const float2* cs, u16* k16, u16* v16, int store,           \
-        const int* tok_pos, const int* tok_seq, const int* caps, const int* offs,              \
-        int rows_per_seq, int sink, u16* kc, u16* vc) {                                        \
-        Rows3 m = {W0, W1, W2, r0, r1, r2, o0, o1, o2, 0, 0, 0};                               \
-        mmvq_qkv<T>(m, row_bytes, units, yq, yds, K, wpr, head_dim, half_rot, cs, k16, v16,    \
-                    store, tok_pos, tok_seq, caps, offs, rows_per_seq, sink, kc, vc);          \
-    }
-MMVQ_QKV(mmvq_q4_0_qkv, T_Q4_0)
-MMVQ_QKV(mmvq_q4_1_qkv, T_Q4_1)
-MMVQ_QKV(mmvq_q5_0_qkv, T_Q5_0)
-MMVQ_QKV(mmvq_q5_1_qkv, T_Q5_1)
-MMVQ_QKV(mmvq_q8_0_qkv, T_Q8_0)
-MMVQ_QKV(mmvq_q4_k_qkv, T_Q4_K)
-MMVQ_QKV(mmvq_q5_k_qkv, T_Q5_K)
-MMVQ_QKV(mmvq_q6_k_qkv, T_Q6_K)
-
 // ---- one token, weights streamed through shared memory -----------------------------------
 // mmvs_<type>: the one-token product of mmvq with each block's tile of `R` consecutive rows
 // (of the up to three matrices) copied whole into shared memory by cp.async in 16-byte pieces

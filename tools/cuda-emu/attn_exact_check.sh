@@ -15,6 +15,7 @@ mkdir "$tmp/cases"
     exact_attention_cases_dump -- --ignored --quiet)
 {
     sed -n '/^\/\/ 2^k for a normal exponent k./,$p' ../../cuda/common.cuh
+    sed -n '/^__device__ __forceinline__ void rope_pair/,/^}/p' ../../cuda/ops.cu
     sed -n '/^struct KeySpan {/,/^};/p' ../../cuda/attention.cu
     sed -n '/^#define EX_TILE/,/^#define ATTN_EXACT(/p' ../../cuda/attention_exact.cu |
         grep -v '^#define ATTN_EXACT('

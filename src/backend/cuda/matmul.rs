@@ -147,9 +147,6 @@ pub struct DecodeKernels {
     /// The gate/up product with SwiGLU and q8_1 in its epilogue ([`glu_mmvq`]; `MOA_GLU=0`
     /// turns it off).
     pub glu: bool,
-    /// The q/k/v product with RoPE and the K/V store in its epilogue ([`qkv_rope_mmvq`];
-    /// `MOA_QKV=0` turns it off).
-    pub qkv: bool,
 }
 
 /// Types whose one-token products stream by default: Q6_K (the output matrix of Q4_K_M files;
@@ -178,7 +175,6 @@ impl DecodeKernels {
             stream_all: false,
             wide_wpr: 0,
             glu: true,
-            qkv: true,
         }
     }
 
@@ -193,7 +189,6 @@ impl DecodeKernels {
             stream_all: true,
             wide_wpr: 0,
             glu: true,
-            qkv: true,
         }
     }
 
@@ -207,7 +202,6 @@ impl DecodeKernels {
             stream_all: false,
             wide_wpr: 0,
             glu: true,
-            qkv: true,
         }
     }
 
@@ -226,7 +220,6 @@ impl DecodeKernels {
                 .filter(|w| [1, 2, 4].contains(w))
                 .unwrap_or(0),
             glu: var("MOA_GLU") != Some(0),
-            qkv: var("MOA_QKV") != Some(0),
         }
     }
 
@@ -300,10 +293,8 @@ pub struct GpuMatrix {
     /// Tensor-core small-batch kernels for up to 8 and up to 16 tokens, and the streamed
     /// one-token kernel (quantized weights).
     mq: Option<[CudaFunction; 3]>,
-    /// The one-token gate/up kernel with SwiGLU in its epilogue, and the q/k/v one with RoPE
-    /// and the K/V store in it (quantized weights).
+    /// The one-token gate/up kernel with SwiGLU in its epilogue (quantized weights).
     glu: Option<CudaFunction>,
-    qkv: Option<CudaFunction>,
     dq: CudaFunction,
     pub decode: DecodeKernels,
 }
@@ -332,9 +323,9 @@ impl GpuMatrix {
         if !cols.is_multiple_of(ty.block_size()) || !cols.is_multiple_of(8) {
             return Ok(None);
         }
-        let (mv, mq, glu, qkv) = if is_float(ty) {
+        let (mv, mq, glu) = if is_float(ty) {
             let f = k.get(&format!("mv_{suffix}"))?;
-            ([f.clone(), f.clone(), f], None, None, None)
+            ([f.clone(), f.clone(), f], None, None)
         } else {
             let f = |nt: usize| k.get(&format!("mmvq_{suffix}_{nt}"));
             let g = |nt: usize| k.get(&format!("mmqs_{suffix}_{nt}"));
@@ -348,7 +339,6 @@ impl GpuMatrix {
                 [f(MV_VARIANTS[0])?, f(MV_VARIANTS[1])?, f(MV_VARIANTS[2])?],
                 Some([g(8)?, g(16)?, st]),
                 Some(k.get(&format!("mmvq_{suffix}_glu"))?),
-                Some(k.get(&format!("mmvq_{suffix}_qkv"))?),
             )
         };
         let dq = k.get(&format!("dequant_f16_{suffix}"))?;
@@ -362,7 +352,6 @@ impl GpuMatrix {
             mv,
             mq,
             glu,
-            qkv,
             dq,
             decode: DecodeKernels::from_env(),
         }))
@@ -845,93 +834,6 @@ pub fn glu_mmvq(
     std::mem::swap(&mut s.yq, &mut s.yq2);
     std::mem::swap(&mut s.yds, &mut s.yds2);
     s.invalidate();
-    Ok(true)
-}
-
-/// What the q/k/v product's epilogue needs to do rope_kv's work (ops.cu): the head shape, the
-/// step's (cos, sin) table, the f16 staging rows, which parts go into the cache ring, and the
-/// ring's tables (device pointers).
-pub struct RopeKvArgs {
-    pub head_dim: usize,
-    pub half_rot: usize,
-    pub cs: u64,
-    pub k16: u64,
-    pub v16: u64,
-    pub store: i32,
-    pub pos: u64,
-    pub seq: u64,
-    pub caps: u64,
-    pub offs: u64,
-    pub rows_per_seq: usize,
-    pub sink: usize,
-    pub kc: u64,
-    pub vc: u64,
-}
-
-/// One token through the q, k and v matrices with RoPE on q and k and the f16 K/V rows
-/// (staging and, by `r.store`, the cache ring) done in the same launch (`mmvq_<type>_qkv`).
-/// Returns false, launching nothing, where it does not apply (matrices unlike, float weights,
-/// a path other than dp4a with 1 or 2 warps per row, odd head dims, `MOA_QKV=0`).
-#[allow(clippy::too_many_arguments)]
-pub fn qkv_rope_mmvq(
-    gpu: &Gpu,
-    k: &Kernels,
-    s: &mut MatScratch,
-    t: [(&GpuMatrix, u64); 3],
-    x: u64,
-    ldx: usize,
-    x_version: u64,
-    r: &RopeKvArgs,
-) -> Result<bool, BackendError> {
-    let m = t[0].0;
-    let Some(f) = &m.qkv else {
-        return Ok(false);
-    };
-    let same = t.iter().all(|(mm, _)| mm.ty == m.ty && mm.cols == m.cols);
-    let rows: usize = t.iter().map(|(mm, _)| mm.rows).sum();
-    if !m.decode.qkv || !same || !r.head_dim.is_multiple_of(2) {
-        return Ok(false);
-    }
-    let wpr = match m.decode.choose(m.ty, 1, m.cols, rows, gpu.sms) {
-        DecodePath::Dp4a { wpr } if wpr <= 2 => wpr,
-        _ => return Ok(false),
-    };
-    ensure_q8(gpu, k, s, x, ldx, m.cols, 1, x_version)?;
-    gpu.launch_pdl(
-        f,
-        lcfg((blocks(rows, MV_WARPS / wpr), 1, 1), (MV_WARPS * 32) as u32),
-        &[
-            A::P(t[0].0.ptr),
-            A::P(t[1].0.ptr),
-            A::P(t[2].0.ptr),
-            A::I(t[0].0.rows as i32),
-            A::I(t[1].0.rows as i32),
-            A::I(t[2].0.rows as i32),
-            A::P(t[0].1),
-            A::P(t[1].1),
-            A::P(t[2].1),
-            A::P(m.row_bytes as u64),
-            A::I(units_per_row(m.ty, m.cols) as i32),
-            A::P(s.yq.ptr),
-            A::P(s.yds.ptr),
-            A::I(m.cols as i32),
-            A::I(wpr as i32),
-            A::I(r.head_dim as i32),
-            A::I(r.half_rot as i32),
-            A::P(r.cs),
-            A::P(r.k16),
-            A::P(r.v16),
-            A::I(r.store),
-            A::P(r.pos),
-            A::P(r.seq),
-            A::P(r.caps),
-            A::P(r.offs),
-            A::I(r.rows_per_seq as i32),
-            A::I(r.sink as i32),
-            A::P(r.kc),
-            A::P(r.vc),
-        ],
-    )?;
     Ok(true)
 }
 

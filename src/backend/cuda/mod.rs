@@ -130,17 +130,6 @@ const NORM_PER: usize = 16;
 /// Threads of the norm kernel for rows of `width` (about 4 values each, a multiple of 32, at
 /// most 1024: rows up to 16384 wide) and which of the kernels (PER = 4, 8, 16 values per
 /// thread) holds the row.
-/// Where a layer's RoPE on q and k (and the f16 K/V rows) happen relative to its attention.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum RopeAt {
-    /// Rope ops ran before; attention converts K and V to f16 staging rows.
-    Apart,
-    /// Attention launches rope_kv on these q and k activations first.
-    Here(ActId, ActId),
-    /// The q/k/v product did rope_kv's work in its epilogue (one token).
-    Product,
-}
-
 fn norm_shape(width: usize) -> (u32, usize) {
     let threads = (width.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024);
     let per = width.div_ceil(threads);
@@ -741,17 +730,6 @@ impl CudaBackend {
         self.gpu.upload(&self.meta, &self.meta_host[..words])
     }
 
-    /// Which f16 parts of the new K/V rows the RoPE step also stores into the cache ring (bit 0
-    /// K, bit 1 V) when `store_now` (every run one token: no key a query of the batch needs is
-    /// displaced); q8_0 parts are stored by kv_quant_q8_0.
-    fn rope_store_bits(&self, store_now: bool) -> i32 {
-        let types = self.layout.types();
-        if !store_now {
-            return 0;
-        }
-        i32::from(types.k != KvType::Q8_0) | (i32::from(types.v != KvType::Q8_0) << 1)
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &mut self,
@@ -761,7 +739,7 @@ impl CudaBackend {
         vx: ActId,
         out: ActId,
         batch: &Batch,
-        rope: RopeAt,
+        fused_rope: Option<(ActId, ActId)>,
         q8_out: bool,
     ) -> Result<bool, BackendError> {
         let model = Arc::clone(&self.model);
@@ -777,11 +755,16 @@ impl CudaBackend {
         let (kc, vc) = (self.kv[layer].0.ptr, self.kv[layer].1.ptr);
         // With every run one token long, the new keys can go straight into the ring: the slot a
         // token takes held a key no query of this batch can see.
-        let store_now = rope != RopeAt::Apart && self.single_token_runs;
+        let store_now = fused_rope.is_some() && self.single_token_runs;
         let types = self.layout.types();
         let (kq8, vq8) = (types.k == KvType::Q8_0, types.v == KvType::Q8_0);
-        let store_f16 = self.rope_store_bits(store_now);
-        if let RopeAt::Here(qx, kxr) = rope {
+        // rope_kv stores the f16 parts when decoding (bit 0 K, bit 1 V); kv_quant_q8_0 the others.
+        let store_f16 = if store_now {
+            i32::from(!kq8) | (i32::from(!vq8) << 1)
+        } else {
+            0
+        };
+        if let Some((qx, kxr)) = fused_rope {
             let half = cfg.rope.n_rot / 2;
             self.gpu.launch_pdl(
                 &self.k.rope_kv,
@@ -809,7 +792,7 @@ impl CudaBackend {
                     A::P(vc),
                 ],
             )?;
-        } else if rope == RopeAt::Apart {
+        } else {
             for (src, dst, q8) in [(kx, self.k16.ptr, kq8), (vx, self.v16.ptr, vq8)] {
                 if q8 {
                     continue;
@@ -1102,7 +1085,7 @@ impl CudaBackend {
                 v,
                 out,
             } => {
-                self.attention(layer, q, k, v, out, batch, RopeAt::Apart, false)?;
+                self.attention(layer, q, k, v, out, batch, None, false)?;
                 self.act_version[out] += 1;
             }
             Op::SwiGlu { gate, up } => {
@@ -1196,98 +1179,6 @@ impl CudaBackend {
             self.act_version[out] += 1;
         }
         Ok(k)
-    }
-
-    /// Runs ops `i..i + 6` when they are the q, k and v products of one input, RoPE on q and k,
-    /// and their attention, with RoPE and the K/V rows in the product's epilogue
-    /// ([`matmul::qkv_rope_mmvq`]); false (nothing run) when they are not or it declines.
-    fn qkv_rope_fused(
-        &mut self,
-        ops: &[Op],
-        i: usize,
-        batch: &Batch,
-    ) -> Result<bool, BackendError> {
-        let (
-            Some(&Op::MatMul { w: wq, x, out: q }),
-            Some(&Op::MatMul { w: wk, x: x2, out: k }),
-            Some(&Op::MatMul { w: wv, x: x3, out: v }),
-            Some(&Op::Rope { x: rq, .. }),
-            Some(&Op::Rope { x: rk, .. }),
-            Some(&Op::Attention {
-                layer,
-                q: aq,
-                k: ak,
-                v: av,
-                out,
-            }),
-        ) = (
-            ops.get(i),
-            ops.get(i + 1),
-            ops.get(i + 2),
-            ops.get(i + 3),
-            ops.get(i + 4),
-            ops.get(i + 5),
-        )
-        else {
-            return Ok(false);
-        };
-        let ids = [q, k, v];
-        if x2 != x || x3 != x || ids.contains(&x) || (rq, rk) != (q, k) || (aq, ak, av) != (q, k, v)
-        {
-            return Ok(false);
-        }
-        let model = Arc::clone(&self.model);
-        let cfg = &model.config;
-        let ml = meta_layout(self.max_batch, cfg.rope.n_rot / 2);
-        let head_off = layer * cfg.n_head_kv * 4;
-        let store_now = self.single_token_runs;
-        let r = matmul::RopeKvArgs {
-            head_dim: cfg.head_dim,
-            half_rot: cfg.rope.n_rot / 2,
-            cs: self.meta_ptr(ml.cs),
-            k16: self.k16.ptr,
-            v16: self.v16.ptr,
-            store: self.rope_store_bits(store_now),
-            pos: self.meta_ptr(ml.pos),
-            seq: self.meta_ptr(ml.seq),
-            caps: self.caps.at(head_off),
-            offs: self.offs.at(head_off),
-            rows_per_seq: self.layout.rows_per_layer(layer) / self.layout.n_seq,
-            sink: self.layout.sink,
-            kc: self.kv[layer].0.ptr,
-            vc: self.kv[layer].1.ptr,
-        };
-        let mat = |w: usize| self.matrices[w].as_ref().expect("matrix prepared");
-        let t = [
-            (mat(wq), self.acts[q].ptr),
-            (mat(wk), self.acts[k].ptr),
-            (mat(wv), self.acts[v].ptr),
-        ];
-        let done = matmul::qkv_rope_mmvq(
-            &self.gpu,
-            &self.k,
-            &mut self.mats,
-            t,
-            self.acts[x].ptr,
-            model.graph.acts[x].width,
-            self.act_version[x],
-            &r,
-        )?;
-        if !done {
-            return Ok(false);
-        }
-        // The products, then RoPE on q and k.
-        self.act_version[q] += 2;
-        self.act_version[k] += 2;
-        self.act_version[v] += 1;
-        let q8 = self.reads_q8(ops.get(i + 6), out, 1);
-        let quantized = self.attention(layer, q, k, v, out, batch, RopeAt::Product, q8)?;
-        self.act_version[out] += 1;
-        if quantized {
-            self.mats
-                .mark_quantized(self.act(out), self.act_version[out]);
-        }
-        Ok(true)
     }
 
     /// Whether ops `i..` are gate and up products of one input, SwiGLU of the two, and a decode
@@ -1417,7 +1308,6 @@ impl CudaBackend {
                         i += self.run_products(ops, i, n)?;
                     }
                 }
-                Op::MatMul { .. } if n == 1 && self.qkv_rope_fused(ops, i, batch)? => i += 6,
                 Op::MatMul { .. } => i += self.run_products(ops, i, n)?,
                 Op::Rope { x: q, .. } => {
                     if let (
@@ -1434,7 +1324,7 @@ impl CudaBackend {
                         if q2 == q && k2 == k {
                             let q8 = self.reads_q8(ops.get(i + 3), out, n);
                             let quantized =
-                                self.attention(layer, q, k, v, out, batch, RopeAt::Here(q, k), q8)?;
+                                self.attention(layer, q, k, v, out, batch, Some((q, k)), q8)?;
                             self.act_version[q] += 1;
                             self.act_version[k] += 1;
                             self.act_version[out] += 1;
