@@ -128,9 +128,3 @@ __device__ __forceinline__ float ggml_v_expf(float x) {
     if (e > 127) return __fmul_rn(__fmul_rn(j, pow2i(e - 100)), pow2i(100));
     return __fmul_rn(j, pow2i(e));
 }
-
-// silu(g) * u as the CPU backend computes it (ops.rs swiglu: llama.cpp's ggml_v_silu, that is
-// g / (1 + ggml_v_expf(0 - g)), then the product).
-__device__ __forceinline__ float silu_mul(float g, float u) {
-    return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, ggml_v_expf(__fsub_rn(0.0f, g)))), u);
-}

@@ -9,6 +9,11 @@ __device__ __forceinline__ void rope_pair(float x0, float x1, float2 c, float* y
     *y1 = __fmaf_rn(x0, c.y, __fmul_rn(x1, c.x));
 }
 
+// silu(g) * u as the CPU backend computes it (ops.rs swiglu: llama.cpp's ggml_v_silu, that is
+// g / (1 + ggml_v_expf(0 - g)), then the product).
+__device__ __forceinline__ float silu_mul(float g, float u) {
+    return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, ggml_v_expf(__fsub_rn(0.0f, g)))), u);
+}
 
 // Rotates adjacent pairs of the first n_rot dims of every head; cs: n_tok x (n_rot/2) (cos, sin)
 // computed on the host exactly as the CPU backend computes them.

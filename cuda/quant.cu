@@ -422,51 +422,6 @@ MMVQ(mmvq_q4_k, T_Q4_K)
 MMVQ(mmvq_q5_k, T_Q5_K)
 MMVQ(mmvq_q6_k, T_Q6_K)
 
-// ---- gate/up with SwiGLU and q8_1 in the epilogue ------------------------------------------
-// mmvq_<type>_glu: the one-token product of the gate (W0, F rows) and up (W1, F rows) matrices
-// as mmvq_<type>_1, then gate = silu(gate) * up and its q8_1 blocks (the down projection's
-// input, into gq/gds: not yq, which other blocks may still be reading). The 64 rows behind a
-// 32-value chunk of the result span 64 / rows-per-block blocks; each block counts itself in its
-// chunk's counter once its sums are written, and the chunk's last block forms the chunk and
-// sets the counter back to zero for the next launch. Saves the swiglu_q8 launch of the step.
-// Needs F % 32 == 0 (the host checks).
-template <int T>
-__device__ __forceinline__ void mmvq_glu(const Rows3& m, u64 row_bytes, int units, const i8* yq,
-                                         const float2* yds, int K, int wpr, i8* gq, float2* gds,
-                                         unsigned* cnt) {
-    __shared__ bool last;
-    mmvq<T, 1>(m, row_bytes, units, yq, yds, K, 1, wpr);
-    const int rpb = MV_WARPS / wpr, row0 = blockIdx.x * rpb;
-    const int chunk = (row0 < m.r0 ? row0 : row0 - m.r0) / 32;
-    __threadfence();  // this block's sums before its count
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&cnt[chunk], 1u) == (unsigned)(64 / rpb - 1);
-    __syncthreads();
-    if (!last || threadIdx.x >= WARP) return;
-    __threadfence();  // the other blocks' sums, seen through L2 (__ldcg)
-    const int lane = threadIdx.x, i = chunk * 32 + lane;
-    const float v = silu_mul(__ldcg(m.o0 + i), __ldcg(m.o1 + i));
-    m.o0[i] = v;
-    q8_1_lane(v, gq + chunk * 32, gds + chunk, lane);
-    if (lane == 0) cnt[chunk] = 0;
-}
-
-#define MMVQ_GLU(name, T)                                                                     \
-    extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) name(                       \
-        const u8* W0, const u8* W1, int F, float* o0, float* o1, u64 row_bytes, int units,    \
-        const i8* yq, const float2* yds, int K, int wpr, i8* gq, float2* gds, unsigned* cnt) { \
-        Rows3 m = {W0, W1, W1, F, F, 0, o0, o1, o1, 0, 0, 0};                                 \
-        mmvq_glu<T>(m, row_bytes, units, yq, yds, K, wpr, gq, gds, cnt);                      \
-    }
-MMVQ_GLU(mmvq_q4_0_glu, T_Q4_0)
-MMVQ_GLU(mmvq_q4_1_glu, T_Q4_1)
-MMVQ_GLU(mmvq_q5_0_glu, T_Q5_0)
-MMVQ_GLU(mmvq_q5_1_glu, T_Q5_1)
-MMVQ_GLU(mmvq_q8_0_glu, T_Q8_0)
-MMVQ_GLU(mmvq_q4_k_glu, T_Q4_K)
-MMVQ_GLU(mmvq_q5_k_glu, T_Q5_K)
-MMVQ_GLU(mmvq_q6_k_glu, T_Q6_K)
-
 // ---- one token, weights streamed through shared memory -----------------------------------
 // mmvs_<type>: the one-token product of mmvq with each block's tile of `R` consecutive rows
 // (of the up to three matrices) copied whole into shared memory by cp.async in 16-byte pieces

@@ -27,8 +27,8 @@
 #              the llama.cpp figures in ../shared/docs/anchors.md) and moa-bench on it, dense and
 #              uniform 0.5, at the depths of the issue bars; then with a q8_0 K/V cache;
 #   parallel:  moa-bench --parallel 1,4,16 with 16k prompts, dense and uniform 0.5;
-#   variants:  tg128 of the 8B shape under each decode kernel-choice variable (MOA_GLU,
-#              MOA_WIDE_WPR, MOA_PDL, MOA_MV_TILE), and uniform 0.5 at depth 32768;
+#   variants:  tg128 of the 8B shape under each decode kernel-choice variable (MOA_WIDE_WPR,
+#              MOA_PDL, MOA_MV_TILE), and uniform 0.5 at depth 32768;
 #   skips:     tg128 at depth 0 with launches of the small kernels left out (MOA_SKIP_KERNELS):
 #              what fusing them could gain;
 #   bandwidth: the decode matvec bandwidth report;
@@ -173,10 +173,10 @@ parallel)
     ;;
 variants)
     # One-token decode with the kernel-choice variables (tg128 at depth 0, dense): the default,
-    # SwiGLU apart from the gate/up product, the down projection on dp4a, no programmatic dependent launch, every type streamed, nothing
+    # the down projection on dp4a, no programmatic dependent launch, every type streamed, nothing
     # streamed; then uniform 0.5 at depth 32768.
     make_synth
-    for e in DEFAULT=1 MOA_GLU=0 MOA_WIDE_WPR=2 MOA_PDL=0 MOA_MV_TILE=8192 MOA_MV_TILE=0; do
+    for e in DEFAULT=1 MOA_WIDE_WPR=2 MOA_PDL=0 MOA_MV_TILE=8192 MOA_MV_TILE=0; do
         echo "-- $e"
         env "$e" "$out/moa-bench" -m "$synth" --device cuda --dense -p 0 -n 128 -r 3 2>&1 | grep -E "tg|rror"
     done

@@ -16,6 +16,7 @@ mkdir "$tmp/cases"
 {
     sed -n '/^\/\/ 2^k for a normal exponent k./,$p' ../../cuda/common.cuh
     sed -n '/^__device__ __forceinline__ void rope_pair/,/^}/p' ../../cuda/ops.cu
+    sed -n '/^__device__ __forceinline__ float silu_mul/,/^}/p' ../../cuda/ops.cu
     sed -n '/^struct KeySpan {/,/^};/p' ../../cuda/attention.cu
     sed -n '/^#define EX_TILE/,/^#define ATTN_EXACT(/p' ../../cuda/attention_exact.cu |
         grep -v '^#define ATTN_EXACT('

@@ -144,9 +144,6 @@ pub struct DecodeKernels {
     /// Warps per row of the dp4a kernel on wide Q4_K/Q5_K matrices with few rows (the down
     /// projection) at one token; 0: the tensor-core kernel there (`MOA_WIDE_WPR`).
     wide_wpr: usize,
-    /// The gate/up product with SwiGLU and q8_1 in its epilogue ([`glu_mmvq`]; `MOA_GLU=0`
-    /// turns it off).
-    pub glu: bool,
 }
 
 /// Types whose one-token products stream by default: Q6_K (the output matrix of Q4_K_M files;
@@ -174,7 +171,6 @@ impl DecodeKernels {
             stream_tile: 0,
             stream_all: false,
             wide_wpr: 0,
-            glu: true,
         }
     }
 
@@ -188,7 +184,6 @@ impl DecodeKernels {
             stream_tile: tile,
             stream_all: true,
             wide_wpr: 0,
-            glu: true,
         }
     }
 
@@ -201,7 +196,6 @@ impl DecodeKernels {
             stream_tile: 0,
             stream_all: false,
             wide_wpr: 0,
-            glu: true,
         }
     }
 
@@ -219,7 +213,6 @@ impl DecodeKernels {
             wide_wpr: var("MOA_WIDE_WPR")
                 .filter(|w| [1, 2, 4].contains(w))
                 .unwrap_or(0),
-            glu: var("MOA_GLU") != Some(0),
         }
     }
 
@@ -293,8 +286,6 @@ pub struct GpuMatrix {
     /// Tensor-core small-batch kernels for up to 8 and up to 16 tokens, and the streamed
     /// one-token kernel (quantized weights).
     mq: Option<[CudaFunction; 3]>,
-    /// The one-token gate/up kernel with SwiGLU in its epilogue (quantized weights).
-    glu: Option<CudaFunction>,
     dq: CudaFunction,
     pub decode: DecodeKernels,
 }
@@ -323,9 +314,9 @@ impl GpuMatrix {
         if !cols.is_multiple_of(ty.block_size()) || !cols.is_multiple_of(8) {
             return Ok(None);
         }
-        let (mv, mq, glu) = if is_float(ty) {
+        let (mv, mq) = if is_float(ty) {
             let f = k.get(&format!("mv_{suffix}"))?;
-            ([f.clone(), f.clone(), f], None, None)
+            ([f.clone(), f.clone(), f], None)
         } else {
             let f = |nt: usize| k.get(&format!("mmvq_{suffix}_{nt}"));
             let g = |nt: usize| k.get(&format!("mmqs_{suffix}_{nt}"));
@@ -338,7 +329,6 @@ impl GpuMatrix {
             (
                 [f(MV_VARIANTS[0])?, f(MV_VARIANTS[1])?, f(MV_VARIANTS[2])?],
                 Some([g(8)?, g(16)?, st]),
-                Some(k.get(&format!("mmvq_{suffix}_glu"))?),
             )
         };
         let dq = k.get(&format!("dequant_f16_{suffix}"))?;
@@ -351,7 +341,6 @@ impl GpuMatrix {
             row_bytes,
             mv,
             mq,
-            glu,
             dq,
             decode: DecodeKernels::from_env(),
         }))
@@ -381,11 +370,6 @@ pub struct MatScratch {
     x16: DevBuf,
     wdq: DevBuf,
     qkey: Option<(u64, u64)>,
-    /// A second one-token q8_1 buffer, which [`glu_mmvq`] fills while its own input is read
-    /// from the first (then the two swap), and the chunk counters of that kernel.
-    yq2: DevBuf,
-    yds2: DevBuf,
-    glu_cnt: DevBuf,
 }
 
 impl MatScratch {
@@ -422,17 +406,11 @@ impl MatScratch {
                 "f16 weight tile",
             )?,
             qkey: None,
-            yq2: gpu.alloc(mv_rows * max_cols, "quantized activations (second buffer)")?,
-            yds2: gpu.alloc(mv_rows * max_cols / 32 * 8, "activation scales (second buffer)")?,
-            glu_cnt: gpu.alloc(max_cols.div_ceil(32) * 4, "SwiGLU chunk counters")?,
         })
     }
 
     pub fn bytes(&self) -> usize {
-        self.yq2.bytes
-            + self.yds2.bytes
-            + self.glu_cnt.bytes
-            + self.yq.bytes
+        self.yq.bytes
             + self.yds.bytes
             + self.yq_m.bytes
             + self.yds_m.bytes
@@ -725,7 +703,23 @@ pub fn matmul_multi(
             .iter()
             .all(|t| t.0.ty == m0.ty && t.0.cols == m0.cols);
     if fusable {
-        ensure_q8(gpu, k, s, x, ldx, m0.cols, n, x_version)?;
+        let key = (x, x_version);
+        if s.qkey != Some(key) {
+            let nb = n * m0.cols / 32;
+            gpu.launch_pdl(
+                &k.quantize_q8_1,
+                lcfg((blocks(nb, 8), 1, 1), 256),
+                &[
+                    A::P(x),
+                    A::I(ldx as i32),
+                    A::I(m0.cols as i32),
+                    A::I(n as i32),
+                    A::P(s.yq.ptr),
+                    A::P(s.yds.ptr),
+                ],
+            )?;
+            s.qkey = Some(key);
+        }
         return launch_mmvq(gpu, k, s, targets, n);
     }
     for &(m, out, ldo) in targets {
@@ -739,102 +733,6 @@ pub fn matmul_multi(
         matmul(gpu, k, blas_h, s, m, a, x_version)?;
     }
     Ok(())
-}
-
-/// Quantizes `n` rows of `cols` values at `x` (row stride `ldx`) into the q8_1 buffer unless it
-/// holds them already (same input, same version).
-#[allow(clippy::too_many_arguments)]
-fn ensure_q8(
-    gpu: &Gpu,
-    k: &Kernels,
-    s: &mut MatScratch,
-    x: u64,
-    ldx: usize,
-    cols: usize,
-    n: usize,
-    x_version: u64,
-) -> Result<(), BackendError> {
-    let key = (x, x_version);
-    if s.qkey == Some(key) {
-        return Ok(());
-    }
-    let nb = n * cols / 32;
-    gpu.launch_pdl(
-        &k.quantize_q8_1,
-        lcfg((blocks(nb, 8), 1, 1), 256),
-        &[
-            A::P(x),
-            A::I(ldx as i32),
-            A::I(cols as i32),
-            A::I(n as i32),
-            A::P(s.yq.ptr),
-            A::P(s.yds.ptr),
-        ],
-    )?;
-    s.qkey = Some(key);
-    Ok(())
-}
-
-/// One token through the gate and up matrices with `gate = silu(gate) * up` and its q8_1 copy
-/// (the down projection's input) formed in the same launch (`mmvq_<type>_glu`). Returns false,
-/// launching nothing, where that kernel does not apply (other than one token, unlike matrices,
-/// float weights, rows not a multiple of 32, a decode path other than dp4a, `MOA_GLU=0`); the
-/// caller then runs the product and SwiGLU apart. On success the q8_1 buffer holds `og` (the
-/// caller marks its version).
-#[allow(clippy::too_many_arguments)]
-pub fn glu_mmvq(
-    gpu: &Gpu,
-    k: &Kernels,
-    s: &mut MatScratch,
-    gate: &GpuMatrix,
-    up: &GpuMatrix,
-    og: u64,
-    ou: u64,
-    x: u64,
-    ldx: usize,
-    x_version: u64,
-) -> Result<bool, BackendError> {
-    let (Some(f), Some(_)) = (&gate.glu, &up.glu) else {
-        return Ok(false);
-    };
-    let f_rows = gate.rows;
-    let same = up.ty == gate.ty && up.cols == gate.cols && up.rows == f_rows;
-    if !gate.decode.glu || !same || !f_rows.is_multiple_of(32) || gate.cols > s.yq2.bytes {
-        return Ok(false);
-    }
-    let DecodePath::Dp4a { wpr } = gate.decode.choose(gate.ty, 1, gate.cols, 2 * f_rows, gpu.sms)
-    else {
-        return Ok(false);
-    };
-    if f_rows > s.glu_cnt.bytes / 4 * 32 {
-        return Ok(false);
-    }
-    ensure_q8(gpu, k, s, x, ldx, gate.cols, 1, x_version)?;
-    gpu.launch_pdl(
-        f,
-        lcfg((blocks(2 * f_rows, MV_WARPS / wpr), 1, 1), (MV_WARPS * 32) as u32),
-        &[
-            A::P(gate.ptr),
-            A::P(up.ptr),
-            A::I(f_rows as i32),
-            A::P(og),
-            A::P(ou),
-            A::P(gate.row_bytes as u64),
-            A::I(units_per_row(gate.ty, gate.cols) as i32),
-            A::P(s.yq.ptr),
-            A::P(s.yds.ptr),
-            A::I(gate.cols as i32),
-            A::I(wpr as i32),
-            A::P(s.yq2.ptr),
-            A::P(s.yds2.ptr),
-            A::P(s.glu_cnt.ptr),
-        ],
-    )?;
-    // The result's q8_1 copy is in the second buffer: it becomes the first.
-    std::mem::swap(&mut s.yq, &mut s.yq2);
-    std::mem::swap(&mut s.yds, &mut s.yds2);
-    s.invalidate();
-    Ok(true)
 }
 
 /// One product staged by [`MatmulHarness::stage`] (its buffers live as long as it does).

@@ -1138,66 +1138,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Runs the product at `ops[i]` together with up to two more of the same input that follow
-    /// it (q/k/v, gate/up) in one launch; returns how many ops it ran.
-    fn run_products(&mut self, ops: &[Op], i: usize, n: usize) -> Result<usize, BackendError> {
-        let Op::MatMul { x, .. } = ops[i] else {
-            unreachable!("run_products starts at a product")
-        };
-        // Up to three products of the same input (q/k/v, gate/up) go together.
-        let mut group = [(0usize, 0u64, 0usize); 3];
-        let mut k = 0;
-        while k < 3 {
-            match ops.get(i + k) {
-                Some(&Op::MatMul { w, x: x2, out }) if x2 == x && out != x => {
-                    group[k] = (w, self.act(out), self.model.graph.acts[out].width);
-                    k += 1;
-                }
-                _ => break,
-            }
-        }
-        let width = self.model.graph.acts[x].width;
-        let t: [(&GpuMatrix, u64, usize); 3] = std::array::from_fn(|j| {
-            let (w, o, l) = group[j.min(k - 1)];
-            (self.matrices[w].as_ref().expect("matrix prepared"), o, l)
-        });
-        matmul::matmul_multi(
-            &self.gpu,
-            &self.k,
-            &self.blas,
-            &mut self.mats,
-            &t[..k],
-            self.acts[x].ptr,
-            width,
-            n,
-            self.act_version[x],
-        )?;
-        for j in 0..k {
-            let Op::MatMul { out, .. } = ops[i + j] else {
-                unreachable!("the group holds MatMul ops")
-            };
-            self.act_version[out] += 1;
-        }
-        Ok(k)
-    }
-
-    /// Whether ops `i..` are gate and up products of one input, SwiGLU of the two, and a decode
-    /// product reading the result as q8_1: what [`matmul::glu_mmvq`] does in one launch (it may
-    /// still decline).
-    fn glu_fused(&self, ops: &[Op], i: usize) -> bool {
-        match (ops.get(i), ops.get(i + 1), ops.get(i + 2)) {
-            (
-                Some(&Op::MatMul { x, out: g, .. }),
-                Some(&Op::MatMul { x: x2, out: u, .. }),
-                Some(&Op::SwiGlu { gate, up }),
-            ) => {
-                x2 == x && gate == g && up == u && g != x && u != x
-                    && self.reads_q8(ops.get(i + 3), g, 1)
-            }
-            _ => false,
-        }
-    }
-
     /// Whether `op` is a decode product that reads `x` from the q8_1 buffer.
     fn reads_q8(&self, op: Option<&Op>, x: ActId, n: usize) -> bool {
         match op {
@@ -1277,38 +1217,43 @@ impl CudaBackend {
                     self.norm(None, x, w, eps, out, ops.get(i + 1), n)?;
                     i += 1;
                 }
-                Op::MatMul { w, x, out } if n == 1 && self.glu_fused(ops, i) => {
-                    let Some(&Op::MatMul { w: w2, out: out2, .. }) = ops.get(i + 1) else {
-                        unreachable!("glu_fused checked the up product")
-                    };
-                    let (gate, up) = (
-                        self.matrices[w].as_ref().expect("matrix prepared"),
-                        self.matrices[w2].as_ref().expect("matrix prepared"),
-                    );
-                    let done = matmul::glu_mmvq(
+                Op::MatMul { x, .. } => {
+                    // Up to three products of the same input (q/k/v, gate/up) go together.
+                    let mut group = [(0usize, 0u64, 0usize); 3];
+                    let mut k = 0;
+                    while k < 3 {
+                        match ops.get(i + k) {
+                            Some(&Op::MatMul { w, x: x2, out }) if x2 == x && out != x => {
+                                group[k] = (w, self.act(out), self.model.graph.acts[out].width);
+                                k += 1;
+                            }
+                            _ => break,
+                        }
+                    }
+                    let width = self.model.graph.acts[x].width;
+                    let t: [(&GpuMatrix, u64, usize); 3] = std::array::from_fn(|j| {
+                        let (w, o, l) = group[j.min(k - 1)];
+                        (self.matrices[w].as_ref().expect("matrix prepared"), o, l)
+                    });
+                    matmul::matmul_multi(
                         &self.gpu,
                         &self.k,
+                        &self.blas,
                         &mut self.mats,
-                        gate,
-                        up,
-                        self.acts[out].ptr,
-                        self.acts[out2].ptr,
+                        &t[..k],
                         self.acts[x].ptr,
-                        self.model.graph.acts[x].width,
+                        width,
+                        n,
                         self.act_version[x],
                     )?;
-                    if done {
-                        // The product into both, then SwiGLU into the gate buffer.
-                        self.act_version[out] += 2;
-                        self.act_version[out2] += 1;
-                        self.mats
-                            .mark_quantized(self.act(out), self.act_version[out]);
-                        i += 3;
-                    } else {
-                        i += self.run_products(ops, i, n)?;
+                    for j in 0..k {
+                        let Op::MatMul { out, .. } = ops[i + j] else {
+                            unreachable!("the group holds MatMul ops")
+                        };
+                        self.act_version[out] += 1;
                     }
+                    i += k;
                 }
-                Op::MatMul { .. } => i += self.run_products(ops, i, n)?,
                 Op::Rope { x: q, .. } => {
                     if let (
                         Some(&Op::Rope { x: k, .. }),
