@@ -97,7 +97,11 @@ pub struct CudaBackend {
     weight_bytes: usize,
     scratch_bytes: usize,
     /// Captured decode steps by (tokens, logit rows, attention tiles).
-    graphs: std::collections::HashMap<(usize, usize, usize), cudarc::driver::CudaGraph>,
+    graphs: std::collections::HashMap<(usize, usize, usize, usize), cudarc::driver::CudaGraph>,
+    /// The step's key reach: the batch's largest position + 1, rounded up to a power of two.
+    /// Decode attention splits its keys by this rather than by the cache capacity, so short
+    /// contexts run unsplit (no merge launch); a decode graph is captured per reach.
+    key_reach: usize,
     /// Every run of the current batch is one token (decode): keys may be stored before attention.
     single_token_runs: bool,
     /// `MOA_CUDA_GRAPHS=0` turns graph replay off (for debugging and comparisons).
@@ -595,6 +599,7 @@ impl CudaBackend {
             weight_bytes,
             scratch_bytes,
             graphs: Default::default(),
+            key_reach: 1,
             single_token_runs: false,
             // The kernel timer records events around every launch, which a graph would not.
             use_graphs: std::env::var("MOA_CUDA_GRAPHS").map_or(true, |v| v != "0")
@@ -875,13 +880,15 @@ impl CudaBackend {
         }
         args.push(A::P(self.meta_ptr(ml.tiles)));
         args.extend(heads);
-        // Splits depend only on the layout and the batch shape (not on positions), so a decode
-        // step's launches are the same every step and can be replayed as a CUDA graph.
+        // Splits depend only on the layout, the batch shape and the key reach (a power of two),
+        // so a decode step's launches are the same for every step of one graph key and can be
+        // replayed as a CUDA graph. Up to ATT_MIN_PER reachable keys run unsplit: no merge.
         let max_keys = (0..hk)
             .map(|h| self.layout.capacity(layer, h))
             .max()
             .unwrap_or(1)
-            .min(self.layout.n_ctx);
+            .min(self.layout.n_ctx)
+            .min(self.key_reach);
         let mut n_split = self
             .att_target_blocks
             .div_ceil(self.n_tiles * hk)
@@ -1328,7 +1335,14 @@ impl CudaBackend {
         let model = Arc::clone(&self.model);
         // Decode-sized steps replay a CUDA graph of the whole step (one launch instead of a
         // few hundred); every per-step value lives in the metadata buffer uploaded above.
-        let key = (batch.len(), self.n_logits, self.n_tiles);
+        self.key_reach = batch
+            .positions
+            .iter()
+            .map(|&p| p as usize + 1)
+            .max()
+            .unwrap_or(1)
+            .next_power_of_two();
+        let key = (batch.len(), self.n_logits, self.n_tiles, self.key_reach);
         if self.use_graphs && batch.len() <= MV_MAXT {
             if !self.graphs.contains_key(&key) {
                 let stream = Arc::clone(&self.gpu.stream);
