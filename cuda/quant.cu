@@ -422,6 +422,71 @@ MMVQ(mmvq_q4_k, T_Q4_K)
 MMVQ(mmvq_q5_k, T_Q5_K)
 MMVQ(mmvq_q6_k, T_Q6_K)
 
+// ---- exact mode: the CPU backend's summation order ------------------------------------------
+// mvx_<type> (legacy types): the same products as mmvq, summed in exactly the order of the CPU
+// backend's AVX2 kernels (ggml-compat dot/avx2.rs, ggml's x86 ggml_vec_dot_<type>_q8_<0|1>), so
+// that the two backends give the same bits: eight f32 lanes, lane l holding the products of
+// quants 4l..4l+3 of every block (an exact integer per block), `acc_l = fma(d_w * d_a, isum_l,
+// acc_l)` block after block; the minimum terms of the _1 types in one chain `mins = fma(m_w,
+// s_a, mins)`; then ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)) + mins. Eight threads per
+// row, four rows per warp, every token in turn: slow, for `MOA_EXACT_ATTN=1` (exact mode).
+// The activations are the q8_1 blocks of quantize_q8_1; the _0 types use their d only (the
+// CPU's q8_0 blocks hold the same quants and d).
+template <int T>
+__device__ __forceinline__ int mvx_offset() {
+    return T == T_Q4_0 ? 8 : (T == T_Q5_0 ? 16 : 0);
+}
+
+template <int T>
+__device__ __forceinline__ void mvx(const Rows3& m, u64 row_bytes, const i8* yq,
+                                    const float2* yds, int K, int n_tok) {
+    pdl_wait();
+    pdl_trigger();
+    const int lane = threadIdx.x % WARP, l = lane % 8;
+    const int row = blockIdx.x * (blockDim.x / 8) + threadIdx.x / 8;
+    const u8* W;
+    float* out;
+    int ldo, local;
+    const bool ok = m.pick(row, &W, &out, &ldo, &local);
+    const int nb = K / 32;
+    const u8* r = ok ? W + (u64)local * row_bytes : nullptr;
+    for (int t = 0; t < n_tok; t++) {
+        const i8* y = yq + (size_t)t * K;
+        const float2* ds = yds + (size_t)t * nb;
+        float acc = 0.0f, mins = 0.0f;
+        if (ok) {
+            for (int u = 0; u < nb; u++) {
+                Unit<T> w;
+                w.load(r, u);
+                const int y4 = *(const int*)(y + u * 32 + 4 * l);
+                int isum = __dp4a(w.q[l], y4, 0);
+                if (mvx_offset<T>()) isum -= mvx_offset<T>() * __dp4a(0x01010101, y4, 0);
+                acc = __fmaf_rn(__fmul_rn(w.d, ds[u].x), (float)isum, acc);
+                if constexpr (T == T_Q4_1 || T == T_Q5_1) mins = __fmaf_rn(w.m, ds[u].y, mins);
+            }
+        }
+        // Lanes l and l + 4, then l and l + 2, then l and l + 1 (the AVX2 lane sum).
+        acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, 4));
+        acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, 2));
+        acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, 1));
+        if (ok && l == 0) out[(size_t)t * ldo + local] = __fadd_rn(acc, mins);
+    }
+}
+
+#define MVX(name, T)                                                                           \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) name(                        \
+        const u8* W0, const u8* W1, const u8* W2, int r0, int r1, int r2, float* o0, float* o1, \
+        float* o2, int ldo0, int ldo1, int ldo2, u64 row_bytes, int units, const i8* yq,       \
+        const float2* yds, int K, int n_tok, int wpr) {                                        \
+        Rows3 m = {W0, W1, W2, r0, r1, r2, o0, o1, o2, ldo0, ldo1, ldo2};                      \
+        mvx<T>(m, row_bytes, yq, yds, K, n_tok);                                               \
+    }
+MVX(mvx_q4_0, T_Q4_0)
+MVX(mvx_q4_1, T_Q4_1)
+MVX(mvx_q5_0, T_Q5_0)
+MVX(mvx_q5_1, T_Q5_1)
+MVX(mvx_q8_0, T_Q8_0)
+
 // ---- one token, weights streamed through shared memory -----------------------------------
 // mmvs_<type>: the one-token product of mmvq with each block's tile of `R` consecutive rows
 // (of the up to three matrices) copied whole into shared memory by cp.async in 16-byte pieces

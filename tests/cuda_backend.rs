@@ -416,6 +416,59 @@ fn cuda_backend_matches_cpu_backend() {
     }
 }
 
+/// Exact mode's products (`mvx_<type>`, the legacy quantized types) equal the CPU backend's dot
+/// kernels bit for bit: weights from the reference quantizer, activations quantized on the CPU
+/// as the CPU backend does (x86 q8_0 / q8_1) and on the GPU by quantize_q8_1, 1 to 16 tokens.
+#[test]
+fn exact_matvec_matches_cpu_dot_bitwise() {
+    if !gpu_or_skip("exact_matvec_matches_cpu_dot_bitwise") {
+        return;
+    }
+    let h = MatmulHarness::new().unwrap();
+    let mut rng = Rng(0x5151);
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ] {
+        let at = ggml_compat::dot::vec_dot_type(ty).unwrap();
+        let dot = ggml_compat::dot::dot_kernel(ty).unwrap();
+        for &(rows, cols) in &[(37usize, 576usize), (70, 1536), (5, 4096)] {
+            let row_bytes = ty.bytes_for(cols as u64).unwrap() as usize;
+            let mut w = vec![0u8; rows * row_bytes];
+            for dst in w.chunks_mut(row_bytes) {
+                let src: Vec<f32> = (0..cols).map(|_| rng.f() * 0.5).collect();
+                ggml_compat::quantize_row(ty, &src, dst).unwrap();
+            }
+            for &n in &[1usize, 3, 16] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.f() * 3.0).collect();
+                let got = h.run_exact(ty, rows, cols, &w, &x, n).unwrap();
+                let abytes = at.bytes_for(cols as u64).unwrap() as usize;
+                let mut differ = 0;
+                for t in 0..n {
+                    let mut a = vec![0u8; abytes];
+                    ggml_compat::quantize_row_activations(at, &x[t * cols..(t + 1) * cols], &mut a)
+                        .unwrap();
+                    for r in 0..rows {
+                        let want = dot(cols, &w[r * row_bytes..(r + 1) * row_bytes], &a);
+                        differ += usize::from(got[t * rows + r].to_bits() != want.to_bits());
+                    }
+                }
+                assert_eq!(
+                    differ,
+                    0,
+                    "{} {rows}x{cols}, {n} tokens: {differ} of {} products differ from the CPU's",
+                    ty.name(),
+                    n * rows
+                );
+                eprintln!("{} {rows}x{cols} n={n}: bit-identical", ty.name());
+            }
+        }
+    }
+}
+
 /// The attention kernels at the shapes real models have (head dims 64 and 128, GQA groups of
 /// 1, 4 and 8 query heads) over long sequences: prefill in chunks of several sizes then decode
 /// steps, dense and with span plans whose rings wrap many times, so key ranges are split over

@@ -286,6 +286,8 @@ pub struct GpuMatrix {
     /// Tensor-core small-batch kernels for up to 8 and up to 16 tokens, and the streamed
     /// one-token kernel (quantized weights).
     mq: Option<[CudaFunction; 3]>,
+    /// The exact-order kernel (`mvx_<type>`, legacy quantized types; see [`MatScratch::exact`]).
+    mvx: Option<CudaFunction>,
     dq: CudaFunction,
     pub decode: DecodeKernels,
 }
@@ -331,6 +333,15 @@ impl GpuMatrix {
                 Some([g(8)?, g(16)?, st]),
             )
         };
+        let legacy = matches!(
+            ty,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
+        );
+        let mvx = if legacy {
+            Some(k.get(&format!("mvx_{suffix}"))?)
+        } else {
+            None
+        };
         let dq = k.get(&format!("dequant_f16_{suffix}"))?;
         let row_bytes = ty.bytes_for(cols as u64).expect("validated shape") as usize;
         Ok(Some(GpuMatrix {
@@ -341,6 +352,7 @@ impl GpuMatrix {
             row_bytes,
             mv,
             mq,
+            mvx,
             dq,
             decode: DecodeKernels::from_env(),
         }))
@@ -370,6 +382,9 @@ pub struct MatScratch {
     x16: DevBuf,
     wdq: DevBuf,
     qkey: Option<(u64, u64)>,
+    /// Exact mode: decode-sized products of the legacy quantized types sum in the CPU backend's
+    /// order (`mvx_<type>`), so both backends give the same bits (set with exact attention).
+    pub exact: bool,
 }
 
 impl MatScratch {
@@ -406,6 +421,7 @@ impl MatScratch {
                 "f16 weight tile",
             )?,
             qkey: None,
+            exact: false,
         })
     }
 
@@ -593,6 +609,22 @@ fn launch_mmvq(
         A::P(m.row_bytes as u64),
     ];
     let units = units_per_row(m.ty, m.cols);
+    if let (true, Some(f)) = (s.exact, &m.mvx) {
+        // Eight threads per row, 16 rows per block.
+        args.extend([
+            A::I(units as i32),
+            A::P(s.yq.ptr),
+            A::P(s.yds.ptr),
+            A::I(m.cols as i32),
+            A::I(n as i32),
+            A::I(1),
+        ]);
+        return gpu.launch_pdl(
+            f,
+            lcfg((blocks(rows, MV_WARPS * 4), 1, 1), (MV_WARPS * 32) as u32),
+            &args,
+        );
+    }
     let mut path = match &m.mq {
         Some(_) => m.decode.choose(m.ty, n, m.cols, rows, gpu.sms),
         None => DecodePath::Dp4a { wpr: 1 },
@@ -815,6 +847,35 @@ impl MatmulHarness {
         dk: DecodeKernels,
     ) -> Result<Vec<f32>, BackendError> {
         let mut st = self.stage(ty, rows, cols, w, x, n, rows * cols, dk)?;
+        matmul(&self.gpu, &self.k, &self.blas, &mut st.s, &st.m, st.a, 1)?;
+        let mut out = vec![0f32; n * rows];
+        self.gpu.download(&mut out, &st.out)?;
+        Ok(out)
+    }
+
+    /// As [`MatmulHarness::run`] in exact mode (the legacy types' products in the CPU backend's
+    /// summation order, `mvx_<type>`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_exact(
+        &self,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        x: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>, BackendError> {
+        let mut st = self.stage(
+            ty,
+            rows,
+            cols,
+            w,
+            x,
+            n,
+            rows * cols,
+            DecodeKernels::from_env(),
+        )?;
+        st.s.exact = true;
         matmul(&self.gpu, &self.k, &self.blas, &mut st.s, &st.m, st.a, 1)?;
         let mut out = vec![0f32; n * rows];
         self.gpu.download(&mut out, &st.out)?;

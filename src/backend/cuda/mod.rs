@@ -521,7 +521,9 @@ impl CudaBackend {
         let embed_fn =
             embed_fn.ok_or_else(|| BackendError::Device("graph has no embedding".into()))?;
 
-        let mats = MatScratch::new(&gpu, max_batch, max_cols, max_mat)?;
+        let mut mats = MatScratch::new(&gpu, max_batch, max_cols, max_mat)?;
+        let exact = exact_attn_from_env(layout.types());
+        mats.exact = exact;
         let mut scratch_bytes = mats.bytes();
         let mut salloc = |bytes: usize, what: &str| -> Result<DevBuf, BackendError> {
             scratch_bytes += bytes;
@@ -605,7 +607,7 @@ impl CudaBackend {
             use_graphs: std::env::var("MOA_CUDA_GRAPHS").map_or(true, |v| v != "0")
                 && !timer::enabled(),
             att_target_blocks,
-            exact_attn: exact_attn_from_env(layout.types()),
+            exact_attn: exact,
             layout,
             gpu,
             model,
@@ -620,6 +622,7 @@ impl CudaBackend {
             self.graphs.clear();
         }
         self.exact_attn = on;
+        self.mats.exact = on;
     }
 
     /// Whether attention runs the exact kernels (requested and the cache is f16 K/V).
