@@ -108,9 +108,11 @@ pub struct CudaBackend {
     use_graphs: bool,
     /// Attention blocks to aim for when splitting key ranges.
     att_target_blocks: usize,
-    /// Exact attention (`cuda/attention_exact.cu`): the CPU backend's attention arithmetic, bit
-    /// for bit, instead of the tensor-core kernels (f16 K/V caches; a q8_0 part keeps the fast
-    /// kernels). `MOA_EXACT_ATTN=1` at creation, or [`CudaBackend::set_exact_attention`].
+    /// Exact mode: attention with the CPU backend's arithmetic, bit for bit
+    /// (`cuda/attention_exact.cu`) instead of the tensor-core kernels (f16 K/V caches; a q8_0
+    /// part keeps the fast kernels), and the legacy quantized types' decode-sized products in
+    /// the CPU's summation order (`mvx_<type>`, [`MatScratch::exact`]). `MOA_EXACT=1` (or
+    /// `MOA_EXACT_ATTN=1`) at creation, or [`CudaBackend::set_exact_attention`].
     exact_attn: bool,
 }
 
@@ -375,14 +377,16 @@ pub fn exact_attention_harness(
     Ok(o)
 }
 
-/// Whether `MOA_EXACT_ATTN=1` asks for exact attention (read once per backend, when it is
-/// made). With a q8_0 K or V cache the request is noted on stderr and the fast kernels run (the
+/// Whether `MOA_EXACT=1` (or its older name `MOA_EXACT_ATTN=1`) asks for exact mode (read once
+/// per backend, when it is made). With a q8_0 K or V cache the request is noted on stderr and the fast kernels run (the
 /// exact kernel reads f16 rows; the CPU scores q8_0 keys with a q8_0 query, another arithmetic).
 fn exact_attn_from_env(types: KvTypes) -> bool {
-    let on = std::env::var("MOA_EXACT_ATTN").is_ok_and(|v| v == "1");
+    let on = ["MOA_EXACT", "MOA_EXACT_ATTN"]
+        .iter()
+        .any(|k| std::env::var(k).is_ok_and(|v| v == "1"));
     if on && types != KvTypes::default() {
         eprintln!(
-            "MOA_EXACT_ATTN=1: the exact attention kernel reads f16 K/V only; the {types} cache \
+            "MOA_EXACT=1: the exact attention kernel reads f16 K/V only; the {types} cache \
              uses the fast kernels"
         );
     }
@@ -614,9 +618,10 @@ impl CudaBackend {
         })
     }
 
-    /// Turns exact attention on or off (see [`exact_attn_from_env`]); captured decode graphs are
-    /// dropped so the next steps capture the chosen kernels. With a q8_0 K or V cache the fast
-    /// kernels run either way ([`CudaBackend::exact_attention`] then says false).
+    /// Turns exact mode (exact attention and the legacy types' products in the CPU's order) on
+    /// or off (see [`exact_attn_from_env`]); captured decode graphs are dropped so the next steps
+    /// capture the chosen kernels. With a q8_0 K or V cache the fast attention kernels run
+    /// either way ([`CudaBackend::exact_attention`] then says false).
     pub fn set_exact_attention(&mut self, on: bool) {
         if on != self.exact_attn {
             self.graphs.clear();
