@@ -846,16 +846,11 @@ impl MatmulHarness {
         n: usize,
         dk: DecodeKernels,
     ) -> Result<Vec<f32>, BackendError> {
-        let mut st = self.stage(ty, rows, cols, w, x, n, rows * cols, dk)?;
-        matmul(&self.gpu, &self.k, &self.blas, &mut st.s, &st.m, st.a, 1)?;
-        let mut out = vec![0f32; n * rows];
-        self.gpu.download(&mut out, &st.out)?;
-        Ok(out)
+        self.run_mode(ty, rows, cols, w, x, n, dk, false)
     }
 
     /// As [`MatmulHarness::run`] in exact mode (the legacy types' products in the CPU backend's
     /// summation order, `mvx_<type>`).
-    #[allow(clippy::too_many_arguments)]
     pub fn run_exact(
         &self,
         ty: GgmlType,
@@ -865,17 +860,23 @@ impl MatmulHarness {
         x: &[f32],
         n: usize,
     ) -> Result<Vec<f32>, BackendError> {
-        let mut st = self.stage(
-            ty,
-            rows,
-            cols,
-            w,
-            x,
-            n,
-            rows * cols,
-            DecodeKernels::from_env(),
-        )?;
-        st.s.exact = true;
+        self.run_mode(ty, rows, cols, w, x, n, DecodeKernels::from_env(), true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_mode(
+        &self,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        w: &[u8],
+        x: &[f32],
+        n: usize,
+        dk: DecodeKernels,
+        exact: bool,
+    ) -> Result<Vec<f32>, BackendError> {
+        let mut st = self.stage(ty, rows, cols, w, x, n, rows * cols, dk)?;
+        st.s.exact = exact;
         matmul(&self.gpu, &self.k, &self.blas, &mut st.s, &st.m, st.a, 1)?;
         let mut out = vec![0f32; n * rows];
         self.gpu.download(&mut out, &st.out)?;
