@@ -310,4 +310,13 @@ fn smollm_passkey_dense_finds_uniform_short_window_misses() {
     let r = runner.teacher_forced(&dense, &ids, p.ids.len()).unwrap();
     assert_eq!(r.nll.len(), key.len());
     assert!((r.nll.iter().sum::<f64>() / key.len() as f64 - dl).abs() < 1e-12);
+    // The first-token loss is that of the key's first token, where the uniform plan's wrong
+    // answer departs from the key.
+    assert_eq!(d.first_loss, Some(r.nll[0]));
+    let uf = u.first_loss.unwrap();
+    assert!(
+        uf > r.nll[0],
+        "first-token loss dense {}, uniform {uf}",
+        r.nll[0]
+    );
 }

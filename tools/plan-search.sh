@@ -14,7 +14,8 @@
 #
 # Environment: DOCS (document folders for the retrieval set) [/usr/share/common-licenses
 # /usr/share/vim/vim90/doc], KEY_PER_LENGTH [12], VAL_SEED [7], VAL_TRIALS [1], ABL_MAX [16],
-# CANDS (glob of candidate names to validate) [*], FINAL_TRIALS [5], RULES and GRID (the measured
+# CANDS (glob of candidate names to validate) [*], RANK (validate: `first` ranks by the key's
+# first-token loss instead of the whole key's) [key], FINAL_TRIALS [5], RULES and GRID (the measured
 # tables' rules and the solver grid that must hold only them) [0:0.25,..,0:1 and 0:0:1,0.25; the
 # finer tables: RULES=0:0.125,0:0.25,...,0:1 GRID=0:0:1,0.125].
 set -euo pipefail
@@ -131,14 +132,18 @@ validate)
         --key-loss -q --json-file "$dir/validate.json" >/dev/null
     echo "($(($(date +%s) - t0)) s)"
     python3 - "$dir/validate.json" <<'PY'
-import json, sys, collections
+import json, os, sys, collections
 r = json.load(open(sys.argv[1]))
-acc, loss = collections.defaultdict(list), collections.defaultdict(list)
+acc, loss, first = (collections.defaultdict(list) for _ in range(3))
 for t in r["trials"]:
     acc[t["config"]].append(t["score"]); loss[t["config"]].append(t["loss"])
-rows = sorted(acc, key=lambda c: sum(loss[c]) / len(loss[c]))
+    first[t["config"]].append(t.get("first_loss") or 0.0)
+mean = lambda v: sum(v) / len(v)
+# RANK=first ranks by the loss of the key's first token (where wrong greedy answers depart).
+by = first if os.environ.get("RANK") == "first" else loss
+rows = sorted(acc, key=lambda c: mean(by[c]))
 for c in rows:
-    print(f"{c:<32} key loss {sum(loss[c])/len(loss[c]):7.4f}  pass key {100*sum(acc[c])/len(acc[c]):5.1f}%")
+    print(f"{c:<32} key loss {mean(loss[c]):7.4f}  first-token {mean(first[c]):7.4f}  pass key {100*mean(acc[c]):5.1f}%")
 # The plans to take to the reported grid: the 3 lowest key losses and the best pass key.
 plans = [c[5:] for c in rows if c.startswith("plan ")]
 best = max(plans, key=lambda c: sum(acc["plan " + c]))

@@ -138,6 +138,7 @@ pub fn trial(
         score: c.top1,
         loss: Some(c.repeat_loss),
         baseline_loss: Some(c.first_loss),
+        first_loss: None,
         expected: p.passage,
         answer: String::new(),
         n_plan: p.ids.len(),

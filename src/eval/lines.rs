@@ -241,6 +241,7 @@ pub fn trial(
         score: if ok { 1.0 } else { 0.0 },
         loss: None,
         baseline_loss: None,
+        first_loss: None,
         expected: p.answer().to_string(),
         answer: a.text,
         n_plan: a.n_plan,

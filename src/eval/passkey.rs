@@ -124,13 +124,13 @@ pub fn trial(
     let p = generate(&runner.tokenizer, s.filler, s.chat, length, depth, seed)?;
     let a = runner.greedy(cfg, &p.ids, s.n_predict)?;
     let ok = score(&a.text, &p.key);
-    let loss = if s.key_loss {
+    let (loss, first_loss) = if s.key_loss {
         let mut ids = p.ids.clone();
         ids.extend(key_tokens(&runner.tokenizer, &p.key)?);
         let r = runner.teacher_forced(cfg, &ids, p.ids.len())?;
-        Some(r.mean_nll(0..r.nll.len()))
+        (Some(r.mean_nll(0..r.nll.len())), r.nll.first().copied())
     } else {
-        None
+        (None, None)
     };
     Ok(Trial {
         config: cfg.label.clone(),
@@ -143,6 +143,7 @@ pub fn trial(
         score: if ok { 1.0 } else { 0.0 },
         loss,
         baseline_loss: None,
+        first_loss,
         expected: p.key,
         answer: a.text,
         n_plan: a.n_plan,

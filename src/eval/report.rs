@@ -36,6 +36,10 @@ pub struct Trial {
     pub loss: Option<f64>,
     /// Mean loss on the passage's first occurrence, where there is nothing to copy (copy).
     pub baseline_loss: Option<f64>,
+    /// Loss of the answer's first token alone (pass key with `--key-loss`): greedy answers are
+    /// lost at the first token (" a" instead of the key's first digit), so this is the
+    /// continuous measure closest to the pass/fail score.
+    pub first_loss: Option<f64>,
     pub expected: String,
     pub answer: String,
     /// Planned length the cache was sized for.
@@ -238,6 +242,7 @@ impl Grid {
                     "config": c,
                     "score": self.score(c, None, None),
                     "loss": self.loss(c, None, None),
+                    "first_loss": mean(self.cell_trials(c, None, None).filter_map(|t| t.first_loss)),
                     "by_length": self.lengths.iter().map(|&l| json!({
                         "length": l,
                         "score": self.score(c, Some(l), None),
@@ -434,6 +439,7 @@ mod tests {
             score,
             loss: None,
             baseline_loss: None,
+            first_loss: None,
             expected: String::new(),
             answer: String::new(),
             n_plan: length + 8,
