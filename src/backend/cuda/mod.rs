@@ -96,7 +96,7 @@ pub struct CudaBackend {
     n_tiles: usize,
     weight_bytes: usize,
     scratch_bytes: usize,
-    /// Captured decode steps by (tokens, logit rows, attention tiles).
+    /// Captured decode steps by (tokens, logit rows, attention tiles, key reach).
     graphs: std::collections::HashMap<(usize, usize, usize, usize), cudarc::driver::CudaGraph>,
     /// The step's key reach: the batch's largest position + 1, rounded up to a power of two.
     /// Decode attention splits its keys by this rather than by the cache capacity, so short
@@ -378,8 +378,9 @@ pub fn exact_attention_harness(
 }
 
 /// Whether `MOA_EXACT=1` (or its older name `MOA_EXACT_ATTN=1`) asks for exact mode (read once
-/// per backend, when it is made). With a q8_0 K or V cache the request is noted on stderr and the fast kernels run (the
-/// exact kernel reads f16 rows; the CPU scores q8_0 keys with a q8_0 query, another arithmetic).
+/// per backend, when it is made). With a q8_0 K or V cache the request is noted on stderr and
+/// the fast attention kernels run (the exact kernel reads f16 rows; the CPU scores q8_0 keys
+/// with a q8_0 query, another arithmetic).
 fn exact_attn_from_env(types: KvTypes) -> bool {
     let on = ["MOA_EXACT", "MOA_EXACT_ATTN"]
         .iter()

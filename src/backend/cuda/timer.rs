@@ -76,10 +76,15 @@ pub fn skipped(f: &CudaFunction) -> bool {
     let Some(name) = s.names.get(&key(f)) else {
         return false;
     };
-    list.iter().any(|p| match p.strip_suffix('*') {
+    list.iter().any(|p| pattern_matches(p, name))
+}
+
+/// A kernel name pattern: the exact name, or `prefix*`.
+fn pattern_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
         Some(pre) => name.starts_with(pre),
-        None => name == p,
-    })
+        None => name == pattern,
+    }
 }
 
 fn key(f: &CudaFunction) -> usize {
@@ -169,5 +174,20 @@ pub fn report() {
             100.0 * ms / all.max(1e-9),
             1000.0 * ms / c.max(1) as f64
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pattern_matches;
+
+    #[test]
+    fn skip_patterns_match_names_or_prefixes() {
+        assert!(pattern_matches("rope_kv", "rope_kv"));
+        assert!(!pattern_matches("rope_kv", "rope_kv2"));
+        assert!(!pattern_matches("rope", "rope_kv"));
+        assert!(pattern_matches("attn_dec*", "attn_dec_d128_k8v8"));
+        assert!(!pattern_matches("attn_dec*", "attn_pre_d128"));
+        assert!(pattern_matches("*", "anything"));
     }
 }
