@@ -318,17 +318,36 @@ __device__ __forceinline__ void attn_fa(
     u16* const conv_k = (u16*)(smem8 + FA_STAGES * SM::STAGE);
     u16* const conv_v = (u16*)(smem8 + FA_STAGES * SM::STAGE + (KQ ? SM::TILE16 : 0));
 
-    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
-    pdl_trigger();
     const int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
     const int wr = warp / WK, wk = warp % WK;
     const int gq = lane >> 2, cq = lane & 3;
+    // The step's metadata (tiles, positions, sequences: uploaded before the step) and the
+    // layer's head tables are not written by the kernel before, so they are read before
+    // waiting on it: only the queries and the run's own keys come from there.
     const int2 tl = tiles[blockIdx.x];
     const int t0 = tl.x, nt = tl.y, g = blockIdx.y, z = blockIdx.z;
     const int R = nt * G;
     const int ldq = n_head * D, ldkv = n_head_kv * D;
     const float scale2 = scale * 1.4426950408889634f;  // base-2 softmax
+    // Query positions of this thread's two rows (-1: padding row, sees nothing).
+    int qi[2];
+#pragma unroll
+    for (int h2 = 0; h2 < 2; h2++) {
+        const int r = wr * 16 + gq + 8 * h2;
+        qi[h2] = r < R ? tok_pos[t0 + r / G] : -1;
+    }
+    const KeySpan ks(tok_pos, tok_seq, tok_p0, tok_rs, t0, nt, g, caps, offs, rows_per_seq, sink,
+                     ldkv, kc, vc, knew, vnew);
+    const int nk = ks.nk;
+    // Whole tiles per split (at least FA_MIN_PER keys); splits past the end hold nothing (their
+    // empty partials are skipped by the merge), so the grid does not depend on the position.
+    int per = (nk + n_split - 1) / n_split;
+    per = max((per + FA_KEYS - 1) / FA_KEYS * FA_KEYS, FA_MIN_PER);
+    const int k0 = z * per, k1 = min(nk, k0 + per);
+    const int n_kt = k0 < k1 ? (k1 - k0 + FA_KEYS - 1) / FA_KEYS : 0;
 
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
+    pdl_trigger();
     // Queries, rounded to f16, staged in shared memory and taken as A fragments.
     for (int idx = tid; idx < ROWS * D; idx += FA_THREADS) {
         const int r = idx / D, d = idx % D;
@@ -348,24 +367,7 @@ __device__ __forceinline__ void attn_fa(
             qa[kk][3] = *(const u32*)&fa_smem[(r0 + 8) * KS + 16 * kk + 8 + 2 * cq];
         }
     }
-    // Query positions of this thread's two rows (-1: padding row, sees nothing).
-    int qi[2];
-#pragma unroll
-    for (int h2 = 0; h2 < 2; h2++) {
-        const int r = wr * 16 + gq + 8 * h2;
-        qi[h2] = r < R ? tok_pos[t0 + r / G] : -1;
-    }
     __syncthreads();  // the staging area is about to receive key tiles
-
-    const KeySpan ks(tok_pos, tok_seq, tok_p0, tok_rs, t0, nt, g, caps, offs, rows_per_seq, sink,
-                     ldkv, kc, vc, knew, vnew);
-    const int nk = ks.nk;
-    // Whole tiles per split (at least FA_MIN_PER keys); splits past the end hold nothing (their
-    // empty partials are skipped by the merge), so the grid does not depend on the position.
-    int per = (nk + n_split - 1) / n_split;
-    per = max((per + FA_KEYS - 1) / FA_KEYS * FA_KEYS, FA_MIN_PER);
-    const int k0 = z * per, k1 = min(nk, k0 + per);
-    const int n_kt = k0 < k1 ? (k1 - k0 + FA_KEYS - 1) / FA_KEYS : 0;
 
     // Starts the copy of key tile `it` into its stage (one commit group per call, empty past
     // the end so the group count stays uniform). Keys past the split's end are zero-filled.
