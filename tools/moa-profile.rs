@@ -162,7 +162,7 @@ struct CalibArgs {
     /// Validation conversations per validation length.
     #[arg(long = "val-per-length", default_value_t = 2)]
     val_per_length: usize,
-    /// Share of the documents (by a hash of their path) kept for validation.
+    /// Share of the documents (by a hash of their file name) kept for validation.
     #[arg(long = "val-fraction", default_value_t = 0.25)]
     val_fraction: f64,
     /// Documents shorter than this many characters are skipped.

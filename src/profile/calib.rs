@@ -213,10 +213,16 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// Splits documents into (calibration, validation) pools: a document goes to validation when
-/// the hash of its name falls in the `val_fraction` share.
+/// the hash of its file name falls in the `val_fraction` share. The file name, not the whole
+/// path: the split must not depend on where the folder lives (a temporary folder's random name
+/// made it change from run to run).
 pub fn split_documents(docs: Vec<Document>, val_fraction: f64) -> (Vec<Document>, Vec<Document>) {
-    docs.into_iter()
-        .partition(|d| (fnv1a(d.name.as_bytes()) % 1000) as f64 >= val_fraction * 1000.0)
+    docs.into_iter().partition(|d| {
+        let key = Path::new(&d.name)
+            .file_name()
+            .map_or(d.name.as_bytes(), |n| n.as_encoded_bytes());
+        (fnv1a(key) % 1000) as f64 >= val_fraction * 1000.0
+    })
 }
 
 /// The requests; each needs the whole of the documents to answer. `fact` and `facts` also put
@@ -593,6 +599,33 @@ pub fn write_jsonl(path: &Path, records: &[CalibRecord]) -> Result<(), CalibErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn document_split_follows_file_names_not_folders() {
+        let docs = |dir: &str| -> Vec<Document> {
+            (0..40)
+                .map(|k| Document {
+                    name: format!("{dir}/doc{k}.txt"),
+                    text: String::new(),
+                })
+                .collect()
+        };
+        let names = |v: &[Document]| -> Vec<String> {
+            v.iter()
+                .map(|d| d.name.rsplit('/').next().unwrap().to_string())
+                .collect()
+        };
+        let (ca, va) = split_documents(docs("/tmp/.tmpA1b2C3/docs"), 0.3);
+        let (cb, vb) = split_documents(docs("/data/elsewhere"), 0.3);
+        assert_eq!(names(&ca), names(&cb));
+        assert_eq!(names(&va), names(&vb));
+        // Roughly the asked share (40 documents, 30%).
+        assert!(
+            (6..=18).contains(&va.len()),
+            "{} of 40 for validation",
+            va.len()
+        );
+    }
 
     #[test]
     fn notes_go_on_their_own_lines_at_their_depths() {
