@@ -216,7 +216,7 @@ fn matmul_kernels_match_dequantized_reference() {
                     vec![("", DecodeKernels::from_env())]
                 };
                 for (kname, dk) in variants {
-                    let got = h.run(ty, rows, cols, &w, &x, n, dk).unwrap();
+                    let got = h.run(ty, rows, cols, &w, &x, n, dk, false).unwrap();
                     let mut max_err = 0f64;
                     let mut scale = 0f64;
                     // (token, row, got, want) of the worst entry and how many exceed the tolerance.
@@ -444,7 +444,9 @@ fn exact_matvec_matches_cpu_dot_bitwise() {
             }
             for &n in &[1usize, 3, 16] {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.f() * 3.0).collect();
-                let got = h.run_exact(ty, rows, cols, &w, &x, n).unwrap();
+                let got = h
+                    .run(ty, rows, cols, &w, &x, n, DecodeKernels::from_env(), true)
+                    .unwrap();
                 let abytes = at.bytes_for(cols as u64).unwrap() as usize;
                 let mut differ = 0;
                 for t in 0..n {

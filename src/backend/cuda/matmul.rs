@@ -834,37 +834,10 @@ impl MatmulHarness {
     }
 
     /// `n` rows of `W x` for a weight of `rows x cols` given as ggml bytes, with the decode
-    /// kernels chosen by `dk`.
+    /// kernels chosen by `dk`; `exact`: in exact mode (the legacy types' products in the CPU
+    /// backend's summation order, `mvx_<type>`).
     #[allow(clippy::too_many_arguments)]
     pub fn run(
-        &self,
-        ty: GgmlType,
-        rows: usize,
-        cols: usize,
-        w: &[u8],
-        x: &[f32],
-        n: usize,
-        dk: DecodeKernels,
-    ) -> Result<Vec<f32>, BackendError> {
-        self.run_mode(ty, rows, cols, w, x, n, dk, false)
-    }
-
-    /// As [`MatmulHarness::run`] in exact mode (the legacy types' products in the CPU backend's
-    /// summation order, `mvx_<type>`).
-    pub fn run_exact(
-        &self,
-        ty: GgmlType,
-        rows: usize,
-        cols: usize,
-        w: &[u8],
-        x: &[f32],
-        n: usize,
-    ) -> Result<Vec<f32>, BackendError> {
-        self.run_mode(ty, rows, cols, w, x, n, DecodeKernels::from_env(), true)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn run_mode(
         &self,
         ty: GgmlType,
         rows: usize,
