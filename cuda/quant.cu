@@ -346,6 +346,15 @@ struct Rows3 {
     }
 };
 
+// The leading parameters of every product kernel (mmvq, mvx, mmvs, mmqs: the up to three
+// matrices with their row counts, outputs and output strides, the row bytes, the units per row,
+// the q8_1 activations) and the Rows3 `m` made of them.
+#define PRODUCT_PARAMS                                                                       \
+    const u8 *W0, const u8 *W1, const u8 *W2, int r0, int r1, int r2, float *o0, float *o1, \
+        float *o2, int ldo0, int ldo1, int ldo2, u64 row_bytes, int units, const i8 *yq,    \
+        const float2 *yds
+#define ROWS3_M Rows3 m = {W0, W1, W2, r0, r1, r2, o0, o1, o2, ldo0, ldo1, ldo2}
+
 // out[t * ldo + row] = W[row] . y[t] for t < n_tok (<= MV_MAXT). `wpr` warps (1, 2 or 4) share
 // a row, each taking every wpr-th group of 32 units (more warps in flight where a matrix has few
 // rows); their sums meet in shared memory.
@@ -402,10 +411,8 @@ __device__ __forceinline__ void mmvq(const Rows3& m, u64 row_bytes, int units, c
 
 #define MMVQ_NT(name, T, NT)                                                                   \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) name(                        \
-        const u8* W0, const u8* W1, const u8* W2, int r0, int r1, int r2, float* o0, float* o1, \
-        float* o2, int ldo0, int ldo1, int ldo2, u64 row_bytes, int units, const i8* yq,       \
-        const float2* yds, int K, int n_tok, int wpr) {                                        \
-        Rows3 m = {W0, W1, W2, r0, r1, r2, o0, o1, o2, ldo0, ldo1, ldo2};                      \
+        PRODUCT_PARAMS, int K, int n_tok, int wpr) {                                           \
+        ROWS3_M;                                                                               \
         mmvq<T, NT>(m, row_bytes, units, yq, yds, K, n_tok, wpr);                              \
     }
 // One token (the batch-1 decode step), up to 8, up to MV_MAXT.
@@ -475,10 +482,8 @@ __device__ __forceinline__ void mvx(const Rows3& m, u64 row_bytes, const i8* yq,
 
 #define MVX(name, T)                                                                           \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) name(                        \
-        const u8* W0, const u8* W1, const u8* W2, int r0, int r1, int r2, float* o0, float* o1, \
-        float* o2, int ldo0, int ldo1, int ldo2, u64 row_bytes, int units, const i8* yq,       \
-        const float2* yds, int K, int n_tok, int wpr) {                                        \
-        Rows3 m = {W0, W1, W2, r0, r1, r2, o0, o1, o2, ldo0, ldo1, ldo2};                      \
+        PRODUCT_PARAMS, int K, int n_tok, int wpr) {                                           \
+        ROWS3_M;                                                                               \
         mvx<T>(m, row_bytes, yq, yds, K, n_tok);                                               \
     }
 MVX(mvx_q4_0, T_Q4_0)
@@ -572,10 +577,8 @@ __device__ __forceinline__ void mmvs(const Rows3& m, u64 row_bytes, int units, c
 
 #define MMVS(name, T)                                                                          \
     extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) name(                        \
-        const u8* W0, const u8* W1, const u8* W2, int r0, int r1, int r2, float* o0, float* o1, \
-        float* o2, int ldo0, int ldo1, int ldo2, u64 row_bytes, int units, const i8* yq,       \
-        const float2* yds, int R) {                                                            \
-        Rows3 m = {W0, W1, W2, r0, r1, r2, o0, o1, o2, ldo0, ldo1, ldo2};                      \
+        PRODUCT_PARAMS, int R) {                                                               \
+        ROWS3_M;                                                                               \
         mmvs<T>(m, row_bytes, units, yq, yds, R);                                              \
     }
 MMVS(mmvs_q4_0, T_Q4_0)
@@ -905,10 +908,8 @@ __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, c
 
 #define MMQS_NT(name, T, NT)                                                                   \
     extern "C" __global__ void __launch_bounds__(MQ_WARPS * WARP) name(                        \
-        const u8* W0, const u8* W1, const u8* W2, int r0, int r1, int r2, float* o0, float* o1, \
-        float* o2, int ldo0, int ldo1, int ldo2, u64 row_bytes, int units, const i8* yq,       \
-        const float2* yds, int K, int n_tok) {                                                 \
-        Rows3 m = {W0, W1, W2, r0, r1, r2, o0, o1, o2, ldo0, ldo1, ldo2};                      \
+        PRODUCT_PARAMS, int K, int n_tok) {                                                    \
+        ROWS3_M;                                                                               \
         mmqs<T, NT>(m, row_bytes, units, yq, yds, K, n_tok);                                   \
     }
 #define MMQS(name, T)         \
