@@ -382,8 +382,10 @@ pub struct MatScratch {
     x16: DevBuf,
     wdq: DevBuf,
     qkey: Option<(u64, u64)>,
-    /// Exact mode: decode-sized products of the legacy quantized types sum in the CPU backend's
-    /// order (`mvx_<type>`), so both backends give the same bits (set with exact attention).
+    /// The backend's exact mode (`MOA_EXACT=1` at creation, or
+    /// `CudaBackend::set_exact_attention`): decode-sized products of the legacy quantized types
+    /// sum in the CPU backend's order (`mvx_<type>`), and attention runs the exact kernel
+    /// (`cuda/attention_exact.cu`, f16 K/V caches), so both backends give the same bits.
     pub exact: bool,
 }
 

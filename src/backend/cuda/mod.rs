@@ -108,12 +108,6 @@ pub struct CudaBackend {
     use_graphs: bool,
     /// Attention blocks to aim for when splitting key ranges.
     att_target_blocks: usize,
-    /// Exact mode: attention with the CPU backend's arithmetic, bit for bit
-    /// (`cuda/attention_exact.cu`) instead of the tensor-core kernels (f16 K/V caches; a q8_0
-    /// part keeps the fast kernels), and the legacy quantized types' decode-sized products in
-    /// the CPU's summation order (`mvx_<type>`, [`MatScratch::exact`]). `MOA_EXACT=1` (or
-    /// `MOA_EXACT_ATTN=1`) at creation, or [`CudaBackend::set_exact_attention`].
-    exact_attn: bool,
 }
 
 /// Offsets (in u32 words) of the metadata sections.
@@ -527,8 +521,7 @@ impl CudaBackend {
             embed_fn.ok_or_else(|| BackendError::Device("graph has no embedding".into()))?;
 
         let mut mats = MatScratch::new(&gpu, max_batch, max_cols, max_mat)?;
-        let exact = exact_attn_from_env(layout.types());
-        mats.exact = exact;
+        mats.exact = exact_attn_from_env(layout.types());
         let mut scratch_bytes = mats.bytes();
         let mut salloc = |bytes: usize, what: &str| -> Result<DevBuf, BackendError> {
             scratch_bytes += bytes;
@@ -612,7 +605,6 @@ impl CudaBackend {
             use_graphs: std::env::var("MOA_CUDA_GRAPHS").map_or(true, |v| v != "0")
                 && !timer::enabled(),
             att_target_blocks,
-            exact_attn: exact,
             layout,
             gpu,
             model,
@@ -624,16 +616,15 @@ impl CudaBackend {
     /// capture the chosen kernels. With a q8_0 K or V cache the fast attention kernels run
     /// either way ([`CudaBackend::exact_attention`] then says false).
     pub fn set_exact_attention(&mut self, on: bool) {
-        if on != self.exact_attn {
+        if on != self.mats.exact {
             self.graphs.clear();
         }
-        self.exact_attn = on;
         self.mats.exact = on;
     }
 
     /// Whether attention runs the exact kernels (requested and the cache is f16 K/V).
     pub fn exact_attention(&self) -> bool {
-        self.exact_attn && self.layout.types() == KvTypes::default()
+        self.mats.exact && self.layout.types() == KvTypes::default()
     }
 
     /// Device name and compute capability.
@@ -871,7 +862,7 @@ impl CudaBackend {
             A::I(rows_per_seq as i32),
             A::I(self.layout.sink as i32),
         ];
-        if self.exact_attn && !kq8 && !vq8 {
+        if self.mats.exact && !kq8 && !vq8 {
             // One warp per (token, query head); the regime follows the batch size as on the CPU.
             // Grid and arguments depend on the batch shape only, so decode graphs capture it.
             let tiled = n >= crate::backend::cpu::ggml_attn::TILED_MIN_BATCH;
