@@ -309,7 +309,6 @@ __device__ __forceinline__ void attn_fa(
     constexpr int KS = SM::KS;
     constexpr int STAGE = SM::STAGE / 2;  // halves (all-f16 path)
     constexpr int WR = 4 / WK;        // warps along the rows
-    constexpr int ROWS = 16 * WR;     // query rows per block
     constexpr int KW = FA_KEYS / WK;  // keys per warp per tile
     constexpr int CPR = D / 8;        // 16-byte chunks per K or V row
     extern __shared__ __align__(16) u16 fa_smem[];
@@ -345,29 +344,6 @@ __device__ __forceinline__ void attn_fa(
     per = max((per + FA_KEYS - 1) / FA_KEYS * FA_KEYS, FA_MIN_PER);
     const int k0 = z * per, k1 = min(nk, k0 + per);
     const int n_kt = k0 < k1 ? (k1 - k0 + FA_KEYS - 1) / FA_KEYS : 0;
-
-    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
-    pdl_trigger();
-    // Queries, rounded to f16, staged in shared memory and taken as A fragments.
-    for (int idx = tid; idx < ROWS * D; idx += FA_THREADS) {
-        const int r = idx / D, d = idx % D;
-        float v = 0.0f;
-        if (r < R) v = q[(size_t)(t0 + r / G) * ldq + (g * G + r % G) * D + d];
-        fa_smem[r * KS + d] = f2h(v);
-    }
-    __syncthreads();
-    u32 qa[D / 16][4];
-    {
-        const int r0 = wr * 16 + gq;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            qa[kk][0] = *(const u32*)&fa_smem[r0 * KS + 16 * kk + 2 * cq];
-            qa[kk][1] = *(const u32*)&fa_smem[(r0 + 8) * KS + 16 * kk + 2 * cq];
-            qa[kk][2] = *(const u32*)&fa_smem[r0 * KS + 16 * kk + 8 + 2 * cq];
-            qa[kk][3] = *(const u32*)&fa_smem[(r0 + 8) * KS + 16 * kk + 8 + 2 * cq];
-        }
-    }
-    __syncthreads();  // the staging area is about to receive key tiles
 
     // Starts the copy of key tile `it` into its stage (one commit group per call, empty past
     // the end so the group count stays uniform). Keys past the split's end are zero-filled.
@@ -424,8 +400,41 @@ __device__ __forceinline__ void attn_fa(
         }
         cp_async_commit();
     };
+    // The first tiles that hold only cached keys (positions below the run's first) do not
+    // depend on the kernel before, which writes the queries and the run's own rows (and, when
+    // decoding, ring slots of keys no query here sees), so they load before the wait.
+    int pre = 0;
+    for (; pre < FA_STAGES - 1 && pre < n_kt; pre++) {
+        const int kb = k0 + pre * FA_KEYS, nkt = min(FA_KEYS, k1 - kb);
+        if (ks.pos(kb + nkt - 1) >= ks.p0) break;
+        issue(pre);
+    }
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
+    pdl_trigger();
+    for (int st = pre; st < FA_STAGES - 1; st++) issue(st);
+    // Queries, rounded to f16, straight into A fragments: this thread's rows r0 and r0 + 8,
+    // columns 16 kk + 2 cq (+1) and 16 kk + 8 + 2 cq (+1); padding rows are zero.
+    u32 qa[D / 16][4];
+    {
+        const float* qr[2];
 #pragma unroll
-    for (int st = 0; st < FA_STAGES - 1; st++) issue(st);
+        for (int h2 = 0; h2 < 2; h2++) {
+            const int r = wr * 16 + gq + 8 * h2;
+            qr[h2] = r < R ? q + (size_t)(t0 + r / G) * ldq + (g * G + r % G) * D : nullptr;
+        }
+        auto pair = [&](int h2, int c) -> u32 {
+            if (!qr[h2]) return 0u;
+            const float2 v = *(const float2*)(qr[h2] + c);
+            return (u32)f2h(v.x) | ((u32)f2h(v.y) << 16);
+        };
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            qa[kk][0] = pair(0, 16 * kk + 2 * cq);
+            qa[kk][1] = pair(1, 16 * kk + 2 * cq);
+            qa[kk][2] = pair(0, 16 * kk + 8 + 2 * cq);
+            qa[kk][3] = pair(1, 16 * kk + 8 + 2 * cq);
+        }
+    }
 
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     float o[D / 8][4];
