@@ -220,6 +220,48 @@ fn measured_costs_make_the_plan() {
     let o = run(&both, "0:0:1,0.25");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(Plan::load_json(&out).unwrap().rules, once);
+    // Weighted: a second table that wants heads 2 and 5 instead; the weights decide which
+    // pair gets full span, and a weight count that does not match the tables is refused.
+    let mut t2 = vec![0.0; 8 * 4];
+    for h in [2usize, 5] {
+        t2[h * 4..h * 4 + 4].copy_from_slice(&[3.0, 2.0, 1.0, 0.0]);
+    }
+    let b = HeadAblation {
+        table: t2,
+        ..a.clone()
+    };
+    let wb = dir.path().join("tb.json");
+    b.save(&wb).unwrap();
+    let weighted = |weights: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_moa-optimize"))
+            .args(["--profile", s(&prof), "--lengths", "1024,2048,4096"])
+            .args(["--measured", &format!("{},{}", s(&w), s(&wb))])
+            .args(["--measured-weights", weights, "--grid", "0:0:1,0.25"])
+            .args(["-o", s(&out)])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    for (weights, full) in [
+        ("1,0", [1usize, 6]),
+        ("0,1", [2, 5]),
+        ("1,10", [2, 5]),
+        ("10,1", [1, 6]),
+    ] {
+        let (ok, e) = weighted(weights);
+        assert!(ok, "{e}");
+        let spans = Plan::load_json(&out).unwrap().spans(4096);
+        for h in full {
+            assert_eq!(spans[h], 4096, "weights {weights}, head {h}: {spans:?}");
+        }
+    }
+    let (ok, e) = weighted("1");
+    assert!(!ok && e.contains("1 weights for 2 tables"), "{e}");
+    let (ok, e) = weighted("0,0");
+    assert!(!ok && e.contains("not all 0"), "{e}");
     // Tables of other rules cannot be averaged.
     let mut other = a.clone();
     other.rules[0].beta = 0.3;

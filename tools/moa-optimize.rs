@@ -83,6 +83,10 @@ struct Args {
         conflicts_with_all = ["head_weights", "balance", "per_head"]
     )]
     measured: Vec<PathBuf>,
+    /// With several --measured tables: their weights in the average (one per table; default
+    /// equal), e.g. a retrieval table and a general response-loss table weighed 1,4.
+    #[arg(long, value_delimiter = ',', requires = "measured")]
+    measured_weights: Option<Vec<f64>>,
     /// Rule grid "amin:amax:astep,bstep".
     #[arg(
         long,
@@ -186,7 +190,22 @@ fn main() -> Result<()> {
         (false, None) => Balance::default(),
     };
     settings.grid = Grid::parse(&a.grid)?;
-    for f in &a.measured {
+    let table_weights = match &a.measured_weights {
+        None => vec![1.0; a.measured.len()],
+        Some(w) if w.len() != a.measured.len() => bail!(
+            "--measured-weights has {} weights for {} tables",
+            w.len(),
+            a.measured.len()
+        ),
+        Some(w)
+            if w.iter().any(|x| !(x.is_finite() && *x >= 0.0)) || w.iter().sum::<f64>() <= 0.0 =>
+        {
+            bail!("--measured-weights must be finite, >= 0 and not all 0")
+        }
+        Some(w) => w.clone(),
+    };
+    let weight_sum: f64 = table_weights.iter().sum();
+    for (f, &tw) in a.measured.iter().zip(&table_weights) {
         let h = load_ablation(f, &profile)?;
         if h.rules.is_empty() {
             bail!(
@@ -194,7 +213,7 @@ fn main() -> Result<()> {
                 f.display()
             );
         }
-        let k = a.measured.len() as f64;
+        let k = weight_sum / tw;
         match &mut settings.measured {
             None => {
                 settings.measured = Some(MeasuredCosts {
@@ -348,6 +367,7 @@ fn main() -> Result<()> {
             "balance": settings.balance.to_string(),
             "head_weights": a.head_weights.as_ref().map(|p| p.display().to_string()),
             "measured": a.measured.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "measured_weights": a.measured_weights,
             "candidates": inst.cands.list.len(),
             "build_seconds": build_s,
             "points": points.iter().zip(&losses).map(|(p, l)| point_json(p, *l)).collect::<Vec<_>>(),
