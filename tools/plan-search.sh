@@ -9,15 +9,19 @@
 #   bash tools/plan-search.sh plans [MODEL]   # candidate plans (moa-optimize variants)
 #   bash tools/plan-search.sh measure [MODEL] [PLAN...] # measured cost tables (base dense, then
 #                                             # the plan made from it, then each PLAN) and their plans
+#   bash tools/plan-search.sh mix [MODEL]     # retrieval and general tables inside BASE, and
+#                                             # their weighted sums (the shipped plan's route)
 #   bash tools/plan-search.sh validate [MODEL] # key loss + pass key on the validation seed
 #   bash tools/plan-search.sh final [MODEL] PLAN... # the reported grid (seed 42, 5 trials)
 #
 # Environment: DOCS (document folders for the retrieval set) [/usr/share/common-licenses
-# /usr/share/vim/vim90/doc], KEY_PER_LENGTH [12], VAL_SEED [7], VAL_TRIALS [1], ABL_MAX [16],
+# /usr/share/vim/vim90/doc], KEY_PER_LENGTH [12], VAL_SEED [7], VAL_TRIALS [5], ABL_MAX [16],
 # CANDS (glob of candidate names to validate) [*], RANK (validate: `first` ranks by the key's
-# first-token loss instead of the whole key's) [key], FINAL_TRIALS [5], RULES and GRID (the measured
-# tables' rules and the solver grid that must hold only them) [0:0.25,..,0:1 and 0:0:1,0.25; the
-# finer tables: RULES=0:0.125,0:0.25,...,0:1 GRID=0:0:1,0.125].
+# first-token loss instead of the whole key's) [key], VAL_TEXT (validate: also perplexity at 8k
+# on this text, not the reported corpus) [none], FINAL_TRIALS [5], RULES and GRID (the measured
+# tables' rules and the solver grid that must hold only them; measure: [0:0.25,..,0:1 and
+# 0:0:1,0.25], mix: [0:0.125,0:0.25,..,0:1 and 0:0:1,0.125]), BASE (mix: the base plan)
+# [$WORK/cand/mk1-h1-abldense.json], MIX (mix: weights of the general table) [0.25 1 4].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.devbin
@@ -123,14 +127,58 @@ measure)
     done
     cp "$work"/cand/meas-*.json "$dir/"
     ;;
+mix)
+    # Two measured tables (RULES) inside one base plan (BASE; default the first-order candidate
+    # mk1-h1-abldense): the retrieval set's key loss (`ret`) and the main calibration set's
+    # response-token loss (`gen`: summaries, recall, comparisons; what perplexity needs).
+    # Candidates: each alone, and their weighted sums with the general table scaled to the
+    # retrieval table's total cost and then by each factor of MIX (moa-optimize
+    # --measured-weights).
+    rules=${RULES:-0:0.125,0:0.25,0:0.375,0:0.5,0:0.625,0:0.75,0:0.875,0:1}
+    grid=${GRID:-0:0:1,0.125}
+    base=${BASE:-$work/cand/mk1-h1-abldense.json}
+    mkdir -p "$work/tables"
+    for kind in ret gen; do
+        out=$work/tables/$kind-$(basename "$base" .json).json
+        data=profiles/smollm2-135m-calib.jsonl
+        [ $kind = ret ] && data="$work/key.jsonl,profiles/smollm2-135m-calib-key.jsonl"
+        t0=$(date +%s)
+        [ -s "$out" ] || "$bin/moa-profile" ablate -m "$model" --data "$data" --max-tokens 4200 \
+            --rules "$rules" -b 4096 --device cuda --base plan --base-plan "$base" -o "$out" 2>&1 |
+            grep -E "^ablate|^base loss|error" || true
+        echo "($kind: $(($(date +%s) - t0)) s)"
+        cp "$out" "$dir/"
+    done
+    ret=$work/tables/ret-$(basename "$base" .json).json
+    gen=$work/tables/gen-$(basename "$base" .json).json
+    scale=$(python3 -c "
+import json, sys
+t = lambda f: sum(max(v, 0.0) for v in json.load(open(f))['table'])
+print(t(sys.argv[1]) / max(t(sys.argv[2]), 1e-12))" "$ret" "$gen")
+    opt() {
+        "$bin/moa-optimize" --profile "$main_profile" --density 0.5 --lengths $lens --front none \
+            --grid "$grid" "$@" | grep -E "optimal|rror" || true
+    }
+    opt --measured "$ret" -o "$work/cand/mix-ret.json"
+    opt --measured "$gen" -o "$work/cand/mix-gen.json"
+    for f in ${MIX:-0.25 1 4}; do
+        opt --measured "$ret,$gen" --measured-weights "1,$(python3 -c "print($scale * $f)")" \
+            -o "$work/cand/mix-$f.json"
+    done
+    cp "$work"/cand/mix-*.json "$dir/"
+    ;;
 validate)
     configs=dense,uniform:0.5
     for p in "$work"/cand/${CANDS:-*}.json; do configs="$configs,plan:$p"; done
     t0=$(date +%s)
     "$bin/moa-eval" passkey -m "$model" --lengths 1k,2k,3k,4k,5k,6k,7k --depths 0.1,0.5,0.9 \
-        --device cuda --configs "$configs" --trials "${VAL_TRIALS:-1}" --seed "${VAL_SEED:-7}" \
+        --device cuda --configs "$configs" --trials "${VAL_TRIALS:-5}" --seed "${VAL_SEED:-7}" \
         --key-loss -q --json-file "$dir/validate.json" >/dev/null
     echo "($(($(date +%s) - t0)) s)"
+    if [ -n "${VAL_TEXT:-}" ]; then
+        "$bin/moa-eval" ppl -m "$model" --device cuda --configs "$configs" -f "$VAL_TEXT" -c 8k \
+            --chunks 3 2>&1 | grep "^|"
+    fi
     python3 - "$dir/validate.json" <<'PY'
 import json, os, sys, collections
 r = json.load(open(sys.argv[1]))
@@ -161,7 +209,7 @@ final)
     echo "($(($(date +%s) - t0)) s)"
     ;;
 *)
-    echo "usage: $0 data|plans|validate [MODEL] | final MODEL PLAN..." >&2
+    echo "usage: $0 data|keyset|plans|measure|mix|validate [MODEL] | final MODEL PLAN..." >&2
     exit 2
     ;;
 esac
