@@ -258,6 +258,32 @@ fn measured_costs_make_the_plan() {
             assert_eq!(spans[h], 4096, "weights {weights}, head {h}: {spans:?}");
         }
     }
+    // The profile's first-order costs added at a weight: far above the table's, the plan is
+    // the profile's own (the same grid, no table); at 0 the table's.
+    let profile_plan = |extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_moa-optimize"))
+            .args(["--profile", s(&prof), "--lengths", "1024,2048,4096"])
+            .args(["--grid", "0:0:1,0.25", "-o", s(&out)])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Plan::load_json(&out).unwrap()
+    };
+    let first_order = profile_plan(&[]).rules;
+    let mixed = profile_plan(&["--measured", s(&w), "--measured-profile-weight", "1e6"]);
+    assert_eq!(mixed.rules, first_order);
+    assert!(
+        mixed.note.contains("measured costs + profile x 1000000"),
+        "{}",
+        mixed.note
+    );
+    let table_only = profile_plan(&["--measured", s(&w), "--measured-profile-weight", "0"]);
+    assert_eq!(table_only.rules, once);
+    assert_ne!(
+        first_order, once,
+        "the test needs a profile that disagrees with the table"
+    );
     let (ok, e) = weighted("1");
     assert!(!ok && e.contains("1 weights for 2 tables"), "{e}");
     let (ok, e) = weighted("0,0");

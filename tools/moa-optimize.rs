@@ -87,6 +87,11 @@ struct Args {
     /// equal), e.g. a retrieval table and a general response-loss table weighed 1,4.
     #[arg(long, value_delimiter = ',', requires = "measured")]
     measured_weights: Option<Vec<f64>>,
+    /// With --measured: add the profile's first-order dropped influence at this weight
+    /// (both normalized so the heads' cost ranges sum to 1), so that a retrieval table does not
+    /// trade away what the profiled general conversations need. 0: the tables alone.
+    #[arg(long, default_value_t = 0.0, requires = "measured")]
+    measured_profile_weight: f64,
     /// Rule grid "amin:amax:astep,bstep".
     #[arg(
         long,
@@ -205,6 +210,9 @@ fn main() -> Result<()> {
         Some(w) => w.clone(),
     };
     let weight_sum: f64 = table_weights.iter().sum();
+    if !(a.measured_profile_weight.is_finite() && a.measured_profile_weight >= 0.0) {
+        bail!("--measured-profile-weight must be finite and >= 0");
+    }
     for (f, &tw) in a.measured.iter().zip(&table_weights) {
         let h = load_ablation(f, &profile)?;
         if h.rules.is_empty() {
@@ -217,6 +225,7 @@ fn main() -> Result<()> {
         match &mut settings.measured {
             None => {
                 settings.measured = Some(MeasuredCosts {
+                    profile_weight: a.measured_profile_weight,
                     rules: h.rules,
                     table: h.table.iter().map(|v| v / k).collect(),
                 })
@@ -368,6 +377,7 @@ fn main() -> Result<()> {
             "head_weights": a.head_weights.as_ref().map(|p| p.display().to_string()),
             "measured": a.measured.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
             "measured_weights": a.measured_weights,
+            "measured_profile_weight": a.measured_profile_weight,
             "candidates": inst.cands.list.len(),
             "build_seconds": build_s,
             "points": points.iter().zip(&losses).map(|(p, l)| point_json(p, *l)).collect::<Vec<_>>(),

@@ -4,7 +4,10 @@
 //! head minimizing the sum of the measured changes under the density constraints (the
 //! additivity assumption of the first-order objective, with zeroth-order numbers). A head's
 //! costs are shifted so its best rule costs 0 (one rule per head: the shift does not change
-//! the optimum), and all are scaled so the heads' largest costs sum to 1.
+//! the optimum), and all are scaled so the heads' largest costs sum to 1. The profile's
+//! first-order costs, normalized the same way, can be added at a weight (`profile_weight`):
+//! a measured retrieval table alone trades away what general text needs, which the profile of
+//! the general calibration set keeps.
 
 use super::candidates::Candidates;
 use super::pareto::OptimizeError;
@@ -15,6 +18,24 @@ use crate::moa::plan::Rule;
 pub struct MeasuredCosts {
     pub rules: Vec<Rule>,
     pub table: Vec<f64>,
+    /// Weight of the profile's first-order dropped influence (normalized as the table) added
+    /// to the measured costs; 0: the table alone.
+    pub profile_weight: f64,
+}
+
+/// Shifts each head's row (`rows[h * n..(h + 1) * n]`) so its least cost is 0 and scales all
+/// so the heads' ranges sum to 1 (nothing to scale when every row is flat).
+pub fn normalize_rows(rows: &mut [f64], n: usize) {
+    let mut scale = 0.0;
+    for row in rows.chunks_mut(n.max(1)) {
+        let lo = row.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        scale += hi - lo;
+        row.iter_mut().for_each(|v| *v -= lo);
+    }
+    if scale > 0.0 {
+        rows.iter_mut().for_each(|v| *v /= scale);
+    }
 }
 
 impl MeasuredCosts {
@@ -48,17 +69,10 @@ impl MeasuredCosts {
             })
             .collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(heads * index.len());
-        let mut scale = 0.0;
         for h in 0..heads {
-            let row: Vec<f64> = index.iter().map(|&r| self.table[h * nr + r]).collect();
-            let lo = row.iter().cloned().fold(f64::INFINITY, f64::min);
-            let hi = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            scale += hi - lo;
-            out.extend(row.iter().map(|v| v - lo));
+            out.extend(index.iter().map(|&r| self.table[h * nr + r]));
         }
-        if scale > 0.0 {
-            out.iter_mut().for_each(|v| *v /= scale);
-        }
+        normalize_rows(&mut out, index.len());
         Ok(out)
     }
 }
@@ -78,6 +92,7 @@ mod tests {
         assert_eq!(rules.len(), 2, "beta 0.5 and 1 (beta 0 has no span)");
         // Head 0: 0.3 at beta 0.5, -0.1 at full; head 1: 0.2 and 0.2.
         let m = MeasuredCosts {
+            profile_weight: 0.0,
             rules: rules.clone(),
             table: vec![0.3, -0.1, 0.2, 0.2],
         };
@@ -87,6 +102,7 @@ mod tests {
         assert_eq!((c[2], c[3]), (0.0, 0.0));
         // A candidate that was not measured is refused by name.
         let m = MeasuredCosts {
+            profile_weight: 0.0,
             rules: rules[..1].to_vec(),
             table: vec![0.3, 0.2],
         };

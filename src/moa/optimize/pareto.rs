@@ -13,7 +13,7 @@ use crate::moa::profile_file::{packed_index, ModelIdentity, Profile, ProfileErro
 use super::balance::{Balance, HeadWeights};
 use super::candidates::{CandidateError, Candidates, Grid};
 use super::cost::{CostError, HeadBlocks};
-use super::measured::MeasuredCosts;
+use super::measured::{normalize_rows, MeasuredCosts};
 use super::solver::{self, Coef, Problem, Row, Solution, SolveError, SolveOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,10 @@ impl Settings {
 
     /// For plan notes: how the objective departs from the plain profiled influence.
     pub fn objective_label(&self) -> String {
-        if self.measured.is_some() {
+        if let Some(m) = &self.measured {
+            if m.profile_weight > 0.0 {
+                return format!(", measured costs + profile x {}", m.profile_weight);
+            }
             return ", measured costs".into();
         }
         let w = match &self.head_weights {
@@ -219,17 +222,28 @@ impl Instance {
                 }
                 hw.apply(&mut scales, &hb, consts);
             }
+            let first_order = || {
+                let mut d = Vec::with_capacity(heads * cands.list.len());
+                for (b, &scale) in hb.iter().zip(&scales) {
+                    for c in &cands.list {
+                        d.push(b.dropped(c.spans[k]) * scale);
+                    }
+                }
+                d
+            };
             let d = match &settings.measured {
-                Some(m) => m.costs(&cands, heads)?,
-                None => {
-                    let mut d = Vec::with_capacity(heads * cands.list.len());
-                    for (b, &scale) in hb.iter().zip(&scales) {
-                        for c in &cands.list {
-                            d.push(b.dropped(c.spans[k]) * scale);
-                        }
+                Some(m) => {
+                    let mut d = m.costs(&cands, heads)?;
+                    if m.profile_weight > 0.0 {
+                        let mut fo = first_order();
+                        normalize_rows(&mut fo, cands.list.len());
+                        d.iter_mut()
+                            .zip(&fo)
+                            .for_each(|(v, f)| *v += m.profile_weight * f);
                     }
                     d
                 }
+                None => first_order(),
             };
             blocks.push(hb);
             totals.push(total);
