@@ -9,8 +9,8 @@
 #   bash tools/plan-search.sh plans [MODEL]   # candidate plans (moa-optimize variants)
 #   bash tools/plan-search.sh measure [MODEL] [PLAN...] # measured cost tables (base dense, then
 #                                             # the plan made from it, then each PLAN) and their plans
-#   bash tools/plan-search.sh mix [MODEL]     # retrieval and general tables inside BASE, and
-#                                             # their weighted sums (the shipped plan's route)
+#   bash tools/plan-search.sh mix [MODEL]     # fine retrieval tables (beta step 0.125) inside
+#                                             # BASE and dense, plus profile-weighted mixes
 #   bash tools/plan-search.sh validate [MODEL] # key loss + pass key on the validation seed
 #   bash tools/plan-search.sh final [MODEL] PLAN... # the reported grid (seed 42, 5 trials)
 #
@@ -21,7 +21,8 @@
 # on this text, not the reported corpus) [none], FINAL_TRIALS [5], RULES and GRID (the measured
 # tables' rules and the solver grid that must hold only them; measure: [0:0.25,..,0:1 and
 # 0:0:1,0.25], mix: [0:0.125,0:0.25,..,0:1 and 0:0:1,0.125]), BASE (mix: the base plan)
-# [$WORK/cand/mk1-h1-abldense.json], MIX (mix: weights of the general table) [0.25 1 4].
+# [$WORK/cand/mk1-h1-abldense.json], PROFILE_WEIGHTS (mix) [0.25 0.5 1 2 4], GEN (mix: also a
+# general response-loss table) [off], MIX (mix, GEN: weights of the general table) [0.25 1 4].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.devbin
@@ -128,44 +129,59 @@ measure)
     cp "$work"/cand/meas-*.json "$dir/"
     ;;
 mix)
-    # Two measured tables (RULES) inside one base plan (BASE; default the first-order candidate
-    # mk1-h1-abldense): the retrieval set's key loss (`ret`) and the main calibration set's
-    # response-token loss (`gen`: summaries, recall, comparisons; what perplexity needs).
-    # Candidates: each alone, and their weighted sums with the general table scaled to the
-    # retrieval table's total cost and then by each factor of MIX (moa-optimize
-    # --measured-weights).
+    # Fine measured tables (RULES, beta step 0.125) of the retrieval set inside one base plan
+    # (BASE; default the first-order candidate mk1-h1-abldense) and among dense heads; their
+    # plans alone and averaged, then the BASE table plus the main profile's first-order costs
+    # at each weight of PROFILE_WEIGHTS (moa-optimize --measured-profile-weight: the
+    # retrieval table alone trades away the long-range copying that perplexity needs). With
+    # GEN=1 also a table of the main calibration set's response loss inside BASE (gen; about
+    # 6 minutes on an H100) and the retrieval + general sums (MIX: the general table's weight,
+    # its total first scaled to the retrieval table's).
     rules=${RULES:-0:0.125,0:0.25,0:0.375,0:0.5,0:0.625,0:0.75,0:0.875,0:1}
     grid=${GRID:-0:0:1,0.125}
     base=${BASE:-$work/cand/mk1-h1-abldense.json}
+    bname=$(basename "$base" .json)
     mkdir -p "$work/tables"
-    for kind in ret gen; do
-        out=$work/tables/$kind-$(basename "$base" .json).json
-        data=profiles/smollm2-135m-calib.jsonl
-        [ $kind = ret ] && data="$work/key.jsonl,profiles/smollm2-135m-calib-key.jsonl"
+    kinds="ret:$bname ret:dense"
+    [ -n "${GEN:-}" ] && kinds="$kinds gen:$bname"
+    for k in $kinds; do
+        kind=${k%%:*} on=${k#*:}
+        out=$work/tables/$kind-$on.json
+        data="$work/key.jsonl,profiles/smollm2-135m-calib-key.jsonl"
+        [ "$kind" = gen ] && data=profiles/smollm2-135m-calib.jsonl
+        args=(--base plan --base-plan "$base")
+        [ "$on" = dense ] && args=(--base dense)
         t0=$(date +%s)
         [ -s "$out" ] || "$bin/moa-profile" ablate -m "$model" --data "$data" --max-tokens 4200 \
-            --rules "$rules" -b 4096 --device cuda --base plan --base-plan "$base" -o "$out" 2>&1 |
+            --rules "$rules" -b 4096 --device cuda "${args[@]}" -o "$out" 2>&1 |
             grep -E "^ablate|^base loss|error" || true
-        echo "($kind: $(($(date +%s) - t0)) s)"
+        echo "($kind-$on: $(($(date +%s) - t0)) s)"
         cp "$out" "$dir/"
     done
-    ret=$work/tables/ret-$(basename "$base" .json).json
-    gen=$work/tables/gen-$(basename "$base" .json).json
-    scale=$(python3 -c "
-import json, sys
-t = lambda f: sum(max(v, 0.0) for v in json.load(open(f))['table'])
-print(t(sys.argv[1]) / max(t(sys.argv[2]), 1e-12))" "$ret" "$gen")
     opt() {
         "$bin/moa-optimize" --profile "$main_profile" --density 0.5 --lengths $lens --front none \
             --grid "$grid" "$@" | grep -E "optimal|rror" || true
     }
-    opt --measured "$ret" -o "$work/cand/mix-ret.json"
-    opt --measured "$gen" -o "$work/cand/mix-gen.json"
-    for f in ${MIX:-0.25 1 4}; do
-        opt --measured "$ret,$gen" --measured-weights "1,$(python3 -c "print($scale * $f)")" \
-            -o "$work/cand/mix-$f.json"
+    ret=$work/tables/ret-$bname.json
+    opt --measured "$ret" -o "$work/cand/fine-$bname.json"
+    opt --measured "$work/tables/ret-dense.json" -o "$work/cand/fine-dense.json"
+    opt --measured "$work/tables/ret-dense.json,$ret" -o "$work/cand/fine-avg.json"
+    for w in ${PROFILE_WEIGHTS:-0.25 0.5 1 2 4}; do
+        opt --measured "$ret" --measured-profile-weight "$w" -o "$work/cand/fine-$bname-profile$w.json"
     done
-    cp "$work"/cand/mix-*.json "$dir/"
+    if [ -n "${GEN:-}" ]; then
+        gen=$work/tables/gen-$bname.json
+        scale=$(python3 -c "
+import json, sys
+t = lambda f: sum(max(v, 0.0) for v in json.load(open(f))['table'])
+print(t(sys.argv[1]) / max(t(sys.argv[2]), 1e-12))" "$ret" "$gen")
+        opt --measured "$gen" -o "$work/cand/gen-$bname.json"
+        for f in ${MIX:-0.25 1 4}; do
+            opt --measured "$ret,$gen" --measured-weights "1,$(python3 -c "print($scale * $f)")" \
+                -o "$work/cand/retgen-$bname-$f.json"
+        done
+    fi
+    cp "$work"/cand/fine-*.json "$dir/"
     ;;
 validate)
     configs=dense,uniform:0.5
