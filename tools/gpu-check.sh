@@ -28,7 +28,8 @@
 #              uniform 0.5, at the depths of the issue bars; then with a q8_0 K/V cache;
 #   parallel:  moa-bench --parallel 1,4,16 with 16k prompts, dense and uniform 0.5;
 #   variants:  tg128 of the 8B shape under each decode kernel-choice variable (MOA_WIDE_WPR,
-#              MOA_PDL, MOA_MV_TILE), and uniform 0.5 at depth 32768;
+#              MOA_PDL, MOA_MV_TILE), uniform 0.5 at depth 32768, and MOA_ATT_SPLIT=floor
+#              (16 parallel sequences and depth 32768);
 #   skips:     tg128 at depth 0 with launches of the small kernels left out (MOA_SKIP_KERNELS):
 #              what fusing them could gain;
 #   bandwidth: the decode matvec bandwidth report;
@@ -181,6 +182,13 @@ variants)
         env "$e" "$out/moa-bench" -m "$synth" --device cuda --dense -p 0 -n 128 -r 3 2>&1 | grep -E "tg|rror"
     done
     "$out/moa-bench" -m "$synth" --device cuda --uniform 0.5 -p 0 -n 128 -d 32768 -r 2 2>&1 | grep -E "tg|rror"
+    # Splits rounded down to stay in one wave (MOA_ATT_SPLIT=floor), where it matters most:
+    # 16 parallel sequences (128 tile x head pairs: 3 splits = 1.45 waves, 2 = 0.97).
+    for e in DEFAULT=1 MOA_ATT_SPLIT=floor; do
+        echo "-- $e"
+        env "$e" "$out/moa-bench" -m "$synth" --device cuda --uniform 0.5 -p 16384 -n 64 --parallel 16 2>&1 | grep -E "^\| 16|rror"
+        env "$e" "$out/moa-bench" -m "$synth" --device cuda --uniform 0.5 -p 0 -n 128 -d 32768 -r 2 2>&1 | grep -E "tg|rror"
+    done
     ;;
 skips)
     # What fusing the small kernels could gain: tg128 at depth 0 with launches of some kernels

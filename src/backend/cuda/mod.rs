@@ -108,6 +108,9 @@ pub struct CudaBackend {
     use_graphs: bool,
     /// Attention blocks to aim for when splitting key ranges.
     att_target_blocks: usize,
+    /// `MOA_ATT_SPLIT=floor`: splits per (tile, KV head) rounded down, so the blocks stay
+    /// within one wave of `att_target_blocks` (default: rounded up; for measuring).
+    att_split_floor: bool,
 }
 
 /// Offsets (in u32 words) of the metadata sections.
@@ -605,6 +608,7 @@ impl CudaBackend {
             use_graphs: std::env::var("MOA_CUDA_GRAPHS").map_or(true, |v| v != "0")
                 && !timer::enabled(),
             att_target_blocks,
+            att_split_floor: std::env::var("MOA_ATT_SPLIT").is_ok_and(|v| v == "floor"),
             layout,
             gpu,
             model,
@@ -889,11 +893,13 @@ impl CudaBackend {
             .unwrap_or(1)
             .min(self.layout.n_ctx)
             .min(self.key_reach);
-        let mut n_split = self
-            .att_target_blocks
-            .div_ceil(self.n_tiles * hk)
-            .min(max_keys.div_ceil(ATT_MIN_PER))
-            .max(1);
+        let pairs = self.n_tiles * hk;
+        let per_pair = if self.att_split_floor {
+            self.att_target_blocks / pairs
+        } else {
+            self.att_target_blocks.div_ceil(pairs)
+        };
+        let mut n_split = per_pair.min(max_keys.div_ceil(ATT_MIN_PER)).max(1);
         n_split = n_split.min(MERGE_MAX_SPLIT);
         while n_split > 1 && n * cfg.n_head * n_split > PART_ROWS {
             n_split -= 1;
