@@ -12,7 +12,7 @@ use moa::moa::optimize::validate::{plan_loss, Sample};
 use moa::moa::{Plan, Rule};
 use moa::model::synth::{write_synthetic, SynthSpec};
 use moa::model::Model;
-use moa::profile::ablate::{ablate, AblateBase, Base, HeadAblation};
+use moa::profile::ablate::{ablate, ablate_resumable, AblateBase, Base, HeadAblation};
 use moa::runtime::Device;
 use moa::tokenizer::Tokenizer;
 
@@ -145,6 +145,74 @@ fn ablation_matches_plan_losses_computed_separately() {
         }
         assert_eq!(t.delta[h], t.table[h * 2]);
     }
+    // Resumable: the checkpoint holds every finished head's row; a run started again with the
+    // same inputs takes the rows it finds (a marked value proves they are not recomputed) and
+    // measures only the rest; a checkpoint of other inputs, or not JSON, is ignored.
+    let cp = dir.path().join("t.json.partial");
+    let run = |rules: &[Rule], passes: &mut usize| {
+        ablate_resumable(
+            &runner,
+            &samples,
+            rules,
+            Base::Plan(&base_plan),
+            Some(&cp),
+            |_, _| *passes += 1,
+        )
+        .unwrap()
+    };
+    let mut passes = 0;
+    assert_eq!(run(&rules, &mut passes).table, t.table);
+    let mut part: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
+    assert_eq!(part["rows"].as_array().unwrap().len(), 4);
+    part["rows"].as_array_mut().unwrap().truncate(2);
+    part["rows"][0][0] = serde_json::json!(123.0);
+    std::fs::write(&cp, part.to_string()).unwrap();
+    let mut passes = 0;
+    let resumed = run(&rules, &mut passes);
+    assert_eq!(resumed.table[0], 123.0);
+    assert_eq!(resumed.table[1..], t.table[1..]);
+    assert_eq!(resumed.base_loss, t.base_loss);
+    assert_eq!(
+        passes,
+        1 + 2 * 2,
+        "the first call, then the two remaining heads' two rules"
+    );
+    std::fs::write(&cp, part.to_string()).unwrap();
+    let other = [full, short];
+    let fresh = run(&other, &mut 0);
+    assert!(fresh.table.iter().all(|&v| v != 123.0));
+    std::fs::write(&cp, "not json").unwrap();
+    assert_eq!(run(&rules, &mut 0).table, t.table);
+    // The command line keeps its checkpoint beside the output while it runs and removes it
+    // once the table is written.
+    let data = dir.path().join("d.jsonl");
+    let lines: Vec<String> = samples
+        .iter()
+        .map(|x| {
+            let mask: Vec<u8> = x.scored.iter().map(|&f| u8::from(f)).collect();
+            serde_json::json!({"tokens": x.tokens, "response_mask": mask}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = dir.path().join("cli.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_moa-profile"))
+        .args([
+            "ablate",
+            "-m",
+            s(&path),
+            "--data",
+            s(&data),
+            "--rules",
+            "0:0,0:1",
+        ])
+        .args(["-b", "64", "-t", "2", "--device", "cpu", "-o", s(&out)])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cli = HeadAblation::load(&out).unwrap();
+    assert_eq!((cli.table.len(), cli.samples), (8, 2));
+    assert!(!dir.path().join("cli.json.partial").exists());
     // The short base measures one rule only.
     assert!(ablate(&runner, &samples, &rules, Base::Short, |_, _| {}).is_err());
     // Round trip through the file, and a file of the wrong shape is an error.

@@ -913,16 +913,30 @@ fn cmd_ablate(a: AblateArgs) -> Result<()> {
         runner.device()
     );
     let t0 = std::time::Instant::now();
-    let r = ablate::ablate(&runner, &samples, &rules, base, |done, total| {
-        let s = t0.elapsed().as_secs_f64();
-        eprint!(
-            "\r  pass {done}/{total}  {}  eta {}   ",
-            fmt_dur(s),
-            fmt_dur(s / done as f64 * (total - done) as f64)
-        );
-    })?;
+    // Progress is kept beside the output: a stopped run, started again, goes on from there.
+    let partial = {
+        let mut p = a.out.clone().into_os_string();
+        p.push(".partial");
+        std::path::PathBuf::from(p)
+    };
+    let r = ablate::ablate_resumable(
+        &runner,
+        &samples,
+        &rules,
+        base,
+        Some(&partial),
+        |done, total| {
+            let s = t0.elapsed().as_secs_f64();
+            eprint!(
+                "\r  pass {done}/{total}  {}  eta {}   ",
+                fmt_dur(s),
+                fmt_dur(s / done as f64 * (total - done) as f64)
+            );
+        },
+    )?;
     eprintln!();
     r.save(&a.out)?;
+    let _ = std::fs::remove_file(&partial);
     let per_layer: Vec<String> = r
         .delta
         .chunks(r.n_head_kv)

@@ -151,6 +151,66 @@ pub fn ablate(
     samples: &[Sample],
     rules: &[Rule],
     base: Base,
+    progress: impl FnMut(usize, usize),
+) -> Result<HeadAblation, AblateError> {
+    ablate_resumable(runner, samples, rules, base, None, progress)
+}
+
+/// What an unfinished run has measured (`checkpoint` of [`ablate_resumable`]): the inputs it
+/// measured (`key`), the base loss and every finished head's row.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Partial {
+    key: serde_json::Value,
+    base_loss: f64,
+    tokens_scored: usize,
+    rows: Vec<Vec<f64>>,
+}
+
+/// The inputs a table depends on: model, rules, base rules and the samples (an FNV-1a hash of
+/// their tokens and scored flags).
+fn partial_key(
+    model: &str,
+    rules: &[Rule],
+    base: Base,
+    base_rules: &[Rule],
+    samples: &[Sample],
+) -> serde_json::Value {
+    let mut h: u64 = 0xcbf29ce484222325;
+    let mut eat = |b: u8| {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    };
+    for s in samples {
+        for (t, &f) in s.tokens.iter().zip(&s.scored) {
+            t.to_le_bytes().into_iter().for_each(&mut eat);
+            eat(u8::from(f));
+        }
+        eat(0xff);
+    }
+    serde_json::json!({
+        "model": model,
+        "rules": rules,
+        "base": match base {
+            Base::Dense => "dense",
+            Base::Short => "short",
+            Base::Plan(_) => "plan",
+        },
+        "base_rules": base_rules,
+        "samples": samples.len(),
+        "fnv1a": format!("{h:016x}"),
+    })
+}
+
+/// [`ablate`] that keeps its progress in `checkpoint` (a JSON file, rewritten after every
+/// head): a run stopped midway and started again with the same inputs goes on after the last
+/// finished head instead of starting over; a checkpoint of other inputs is ignored and
+/// replaced. The caller removes it once the table is saved.
+pub fn ablate_resumable(
+    runner: &Runner,
+    samples: &[Sample],
+    rules: &[Rule],
+    base: Base,
+    checkpoint: Option<&Path>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<HeadAblation, AblateError> {
     let c = &runner.model.config;
@@ -195,11 +255,32 @@ pub fn ablate(
         Base::Dense => None,
         _ => Some(plan_of(base_rules.clone())),
     };
-    let (base_loss, tokens) = mean_loss(runner, base_plan.as_ref(), samples)?;
-    let mut done = 1;
+    let model_name = super::model_identity(&runner.model).name;
+    let key = partial_key(&model_name, rules, base, &base_rules, samples);
+    let resumed = checkpoint
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str::<Partial>(&t).ok())
+        .filter(|p| {
+            p.key == key && p.rows.len() <= heads && p.rows.iter().all(|r| r.len() == rules.len())
+        });
+    let mut part = match resumed {
+        Some(p) => p,
+        None => {
+            let (base_loss, tokens_scored) = mean_loss(runner, base_plan.as_ref(), samples)?;
+            Partial {
+                key,
+                base_loss,
+                tokens_scored,
+                rows: Vec::new(),
+            }
+        }
+    };
+    let (base_loss, tokens) = (part.base_loss, part.tokens_scored);
+    let mut done = 1 + part.rows.len() * rules.len();
     progress(done, total);
-    let mut table = Vec::with_capacity(heads * rules.len());
-    for h in 0..heads {
+    let mut table: Vec<f64> = part.rows.iter().flatten().copied().collect();
+    for h in part.rows.len()..heads {
+        let mut row = Vec::with_capacity(rules.len());
         for &r in rules {
             let r = other(r);
             let d = if r == base_rules[h] {
@@ -213,14 +294,25 @@ pub fn ablate(
                     _ => loss - base_loss,
                 }
             };
-            table.push(d);
+            row.push(d);
             done += 1;
             progress(done, total);
+        }
+        table.extend(&row);
+        if let Some(path) = checkpoint {
+            part.rows.push(row);
+            let text = serde_json::to_string(&part).expect("serializable");
+            crate::util::write_file_atomic(path, text.as_bytes()).map_err(|e| {
+                AblateError::File {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
         }
     }
     let n_rules = rules.len();
     Ok(HeadAblation {
-        model: super::model_identity(&runner.model).name,
+        model: model_name,
         n_layer,
         n_head_kv: n_kv,
         alpha: rules[0].alpha,
