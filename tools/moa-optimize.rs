@@ -92,7 +92,7 @@ struct Args {
     /// trade away what the profiled general conversations need. 0: the tables alone.
     #[arg(long, default_value_t = 0.0, requires = "measured")]
     measured_profile_weight: f64,
-    /// Rule grid "amin:amax:astep,bstep".
+    /// Rule grid "amin:amax:astep,bstep[,bmin]" (bmin: the smallest beta, default 0).
     #[arg(
         long,
         default_value = "-2048:8192:1024,0.125",

@@ -10,7 +10,8 @@
 #   bash tools/plan-search.sh measure [MODEL] [PLAN...] # measured cost tables (base dense, then
 #                                             # the plan made from it, then each PLAN) and their plans
 #   bash tools/plan-search.sh mix [MODEL]     # fine retrieval tables (beta step 0.125) inside
-#                                             # BASE and dense, plus profile-weighted mixes
+#                                             # BASE and dense, profile-weighted mixes, a
+#                                             # smallest beta
 #   bash tools/plan-search.sh validate [MODEL] # key loss + pass key on the validation seed
 #   bash tools/plan-search.sh final [MODEL] PLAN... # the reported grid (seed 42, 5 trials)
 #
@@ -21,7 +22,8 @@
 # on this text, not the reported corpus) [none], FINAL_TRIALS [5], RULES and GRID (the measured
 # tables' rules and the solver grid that must hold only them; measure: [0:0.25,..,0:1 and
 # 0:0:1,0.25], mix: [0:0.125,0:0.25,..,0:1 and 0:0:1,0.125]), BASE (mix: the base plan)
-# [$WORK/cand/mk1-h1-abldense.json], PROFILE_WEIGHTS (mix) [0.25 0.5 1 2 4], GEN (mix: also a
+# [$WORK/cand/mk1-h1-abldense.json], PROFILE_WEIGHTS (mix) [0.25 0.5 1 2 4], MIN_BETAS (mix: the
+# table's plan on grids without the shorter betas) [0.25], GEN (mix: also a
 # general response-loss table) [off], MIX (mix, GEN: weights of the general table) [0.25 1 4].
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -168,6 +170,12 @@ mix)
     opt --measured "$work/tables/ret-dense.json,$ret" -o "$work/cand/fine-avg.json"
     for w in ${PROFILE_WEIGHTS:-0.25 0.5 1 2 4}; do
         opt --measured "$ret" --measured-profile-weight "$w" -o "$work/cand/fine-$bname-profile$w.json"
+    done
+    # The table alone with no span below MIN_BETA x N (the grid's smallest beta).
+    for b in ${MIN_BETAS:-0.25}; do
+        "$bin/moa-optimize" --profile "$main_profile" --density 0.5 --lengths $lens --front none \
+            --grid "$grid,$b" --measured "$ret" -o "$work/cand/fine-$bname-bmin$b.json" |
+            grep -E "optimal|rror" || true
     done
     if [ -n "${GEN:-}" ]; then
         gen=$work/tables/gen-$bname.json

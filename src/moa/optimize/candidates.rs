@@ -16,6 +16,9 @@ pub struct Grid {
     pub alpha_max: f64,
     pub alpha_step: f64,
     pub beta_step: f64,
+    /// Smallest beta of the grid (0: from 0); e.g. 0.25 keeps every head at a quarter of the
+    /// length or more.
+    pub beta_min: f64,
 }
 
 impl Default for Grid {
@@ -25,6 +28,7 @@ impl Default for Grid {
             alpha_max: 8192.0,
             alpha_step: 1024.0,
             beta_step: 0.125,
+            beta_min: 0.0,
         }
     }
 }
@@ -57,10 +61,16 @@ pub struct Candidates {
 }
 
 impl Grid {
-    /// Parses `"amin:amax:astep,bstep"` (e.g. `-2048:8192:1024,0.125`).
+    /// Parses `"amin:amax:astep,bstep[,bmin]"` (e.g. `-2048:8192:1024,0.125`, or
+    /// `0:0:1,0.125,0.25` for beta 0.25, 0.375, ..., 1).
     pub fn parse(s: &str) -> Result<Grid, CandidateError> {
-        let bad = || CandidateError::BadGrid(format!("{s:?}: expected amin:amax:astep,bstep"));
+        let bad =
+            || CandidateError::BadGrid(format!("{s:?}: expected amin:amax:astep,bstep[,bmin]"));
         let (a, b) = s.split_once(',').ok_or_else(bad)?;
+        let (b, bmin) = match b.split_once(',') {
+            Some((b, m)) => (b, Some(m)),
+            None => (b, None),
+        };
         let parts: Vec<&str> = a.split(':').collect();
         if parts.len() != 3 {
             return Err(bad());
@@ -71,6 +81,7 @@ impl Grid {
             alpha_max: num(parts[1])?,
             alpha_step: num(parts[2])?,
             beta_step: num(b)?,
+            beta_min: bmin.map(num).transpose()?.unwrap_or(0.0),
         };
         g.check()?;
         Ok(g)
@@ -82,6 +93,7 @@ impl Grid {
             self.alpha_max,
             self.alpha_step,
             self.beta_step,
+            self.beta_min,
         ];
         if all.iter().any(|v| !v.is_finite()) {
             return Err(CandidateError::BadGrid("values must be finite".into()));
@@ -89,6 +101,11 @@ impl Grid {
         if self.alpha_step <= 0.0 || self.beta_step <= 0.0 || self.beta_step > 1.0 {
             return Err(CandidateError::BadGrid(
                 "steps must be positive (beta step at most 1)".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.beta_min) {
+            return Err(CandidateError::BadGrid(
+                "beta min must lie in [0, 1]".into(),
             ));
         }
         if self.alpha_max < self.alpha_min {
@@ -111,6 +128,9 @@ impl Grid {
             let alpha = self.alpha_min + ia as f64 * self.alpha_step;
             for ib in 0..=nbeta {
                 let beta = (ib as f64 * self.beta_step).min(1.0);
+                if beta < self.beta_min - 1e-9 {
+                    continue;
+                }
                 out.push(Rule {
                     alpha: alpha as f32,
                     beta: beta as f32,
@@ -209,6 +229,13 @@ mod tests {
         assert!(Grid::parse("1:2").is_err());
         assert!(Grid::parse("0:1:0,0.5").is_err());
         assert!(Grid::parse("0:1:1,nan").is_err());
+        // A smallest beta: 0.25, 0.375, ..., 1 only.
+        let g = Grid::parse("0:0:1,0.125,0.25").unwrap();
+        let betas: Vec<f32> = g.rules().iter().map(|r| r.beta).collect();
+        assert_eq!(betas, [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]);
+        assert_eq!(Grid::parse("0:0:1,0.125,0").unwrap().rules().len(), 9);
+        assert!(Grid::parse("0:0:1,0.125,1.5").is_err());
+        assert!(Grid::parse("0:0:1,0.125,x").is_err());
         let consts = Plan::new(1, 1, vec![], "t");
         let g = Grid::parse("-9000:-8000:1000,0.5").unwrap();
         assert!(matches!(
