@@ -81,11 +81,10 @@ pub enum AblateError {
 
 impl HeadAblation {
     pub fn save(&self, path: &Path) -> Result<(), AblateError> {
-        let text = serde_json::to_string_pretty(self).expect("serializable");
-        crate::util::write_file_atomic(path, text.as_bytes()).map_err(|e| AblateError::File {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })
+        write_atomic(
+            path,
+            &serde_json::to_string_pretty(self).expect("serializable"),
+        )
     }
 
     pub fn load(path: &Path) -> Result<HeadAblation, AblateError> {
@@ -117,6 +116,14 @@ impl HeadAblation {
         }
         Ok(a)
     }
+}
+
+/// Writes `text` to `path` atomically (a table or a checkpoint: never half a file).
+fn write_atomic(path: &Path, text: &str) -> Result<(), AblateError> {
+    crate::util::write_file_atomic(path, text.as_bytes()).map_err(|e| AblateError::File {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Mean response-token loss of `plan` (dense when `None`) over `samples`.
@@ -175,18 +182,15 @@ fn partial_key(
     base_rules: &[Rule],
     samples: &[Sample],
 ) -> serde_json::Value {
-    let mut h: u64 = 0xcbf29ce484222325;
-    let mut eat = |b: u8| {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100000001b3);
-    };
+    let mut bytes = Vec::new();
     for s in samples {
         for (t, &f) in s.tokens.iter().zip(&s.scored) {
-            t.to_le_bytes().into_iter().for_each(&mut eat);
-            eat(u8::from(f));
+            bytes.extend(t.to_le_bytes());
+            bytes.push(u8::from(f));
         }
-        eat(0xff);
+        bytes.push(0xff);
     }
+    let h = super::calib::fnv1a(&bytes);
     serde_json::json!({
         "model": model,
         "rules": rules,
@@ -278,7 +282,6 @@ pub fn ablate_resumable(
     let (base_loss, tokens) = (part.base_loss, part.tokens_scored);
     let mut done = 1 + part.rows.len() * rules.len();
     progress(done, total);
-    let mut table: Vec<f64> = part.rows.iter().flatten().copied().collect();
     for h in part.rows.len()..heads {
         let mut row = Vec::with_capacity(rules.len());
         for &r in rules {
@@ -298,19 +301,13 @@ pub fn ablate_resumable(
             done += 1;
             progress(done, total);
         }
-        table.extend(&row);
+        part.rows.push(row);
         if let Some(path) = checkpoint {
-            part.rows.push(row);
-            let text = serde_json::to_string(&part).expect("serializable");
-            crate::util::write_file_atomic(path, text.as_bytes()).map_err(|e| {
-                AblateError::File {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                }
-            })?;
+            write_atomic(path, &serde_json::to_string(&part).expect("serializable"))?;
         }
     }
     let n_rules = rules.len();
+    let table: Vec<f64> = part.rows.concat();
     Ok(HeadAblation {
         model: model_name,
         n_layer,
