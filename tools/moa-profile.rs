@@ -919,6 +919,7 @@ fn cmd_ablate(a: AblateArgs) -> Result<()> {
         p.push(".partial");
         std::path::PathBuf::from(p)
     };
+    let mut resumed_at = None;
     let r = ablate::ablate_resumable(
         &runner,
         &samples,
@@ -926,11 +927,15 @@ fn cmd_ablate(a: AblateArgs) -> Result<()> {
         base,
         Some(&partial),
         |done, total| {
+            // A resumed run starts at the passes it found done: the rate counts this run's
+            // (a fresh run's first call comes after its base pass: done - first + 1 = done).
+            let first = *resumed_at.get_or_insert(done);
             let s = t0.elapsed().as_secs_f64();
+            let rate = s / (done - first + 1) as f64;
             eprint!(
                 "\r  pass {done}/{total}  {}  eta {}   ",
                 fmt_dur(s),
-                fmt_dur(s / done as f64 * (total - done) as f64)
+                fmt_dur(rate * (total - done) as f64)
             );
         },
     )?;
