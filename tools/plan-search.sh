@@ -22,9 +22,12 @@
 # on this text, not the reported corpus) [none], FINAL_TRIALS [5], RULES and GRID (the measured
 # tables' rules and the solver grid that must hold only them; measure: [0:0.25,..,0:1 and
 # 0:0:1,0.25], mix: [0:0.125,0:0.25,..,0:1 and 0:0:1,0.125]), BASE (mix: the base plan)
-# [$WORK/cand/mk1-h1-abldense.json], PROFILE_WEIGHTS (mix) [0.25 0.5 1 2 4], MIN_BETAS (mix: the
-# table's plan on grids without the shorter betas) [0.25], GEN (mix: also a
-# general response-loss table) [off], MIX (mix, GEN: weights of the general table) [0.25 1 4].
+# [$WORK/cand/mk1-h1-abldense.json], PROFILE_WEIGHTS (mix) [0.05 0.1 0.15 0.2 0.25 0.5 1 2
+# 4], MIN_BETAS (mix: the table's plan on grids without the shorter betas) [0.25 0.375], GEN
+# (mix: also a general response-loss table) [off], GEN_DATA (mix, GEN: its conversations)
+# [profiles/smollm2-135m-calib-gen6.jsonl: the main calibration set's first two conversations
+# at 1k, 2k and 4k], MIX (mix, GEN: weights of the general table next to the retrieval table)
+# [0.25 0.5 1 2], GEN_PROFILE_WEIGHTS (mix, GEN: the profile's weight next to it) [0.1 0.25 0.5].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=.devbin
@@ -136,9 +139,11 @@ mix)
     # plans alone and averaged, then the BASE table plus the main profile's first-order costs
     # at each weight of PROFILE_WEIGHTS (moa-optimize --measured-profile-weight: the
     # retrieval table alone trades away the long-range copying that perplexity needs). With
-    # GEN=1 also a table of the main calibration set's response loss inside BASE (gen; about
-    # 6 minutes on an H100) and the retrieval + general sums (MIX: the general table's weight,
-    # its total first scaled to the retrieval table's).
+    # GEN=1 also a table of general response loss (GEN_DATA, six conversations of the main
+    # calibration set) inside BASE (gen; 160 s on an H200), its plans alone, with a smallest
+    # beta (MIN_BETAS: the shipped plan is gen-<BASE>-bmin0.25) and with the profile's costs,
+    # and the retrieval + general sums (MIX: the general table's weight, its total first scaled
+    # to the retrieval table's).
     rules=${RULES:-0:0.125,0:0.25,0:0.375,0:0.5,0:0.625,0:0.75,0:0.875,0:1}
     grid=${GRID:-0:0:1,0.125}
     base=${BASE:-$work/cand/mk1-h1-abldense.json}
@@ -150,7 +155,7 @@ mix)
         kind=${k%%:*} on=${k#*:}
         out=$work/tables/$kind-$on.json
         data="$work/key.jsonl,profiles/smollm2-135m-calib-key.jsonl"
-        [ "$kind" = gen ] && data=profiles/smollm2-135m-calib.jsonl
+        [ "$kind" = gen ] && data=${GEN_DATA:-profiles/smollm2-135m-calib-gen6.jsonl}
         args=(--base plan --base-plan "$base")
         [ "$on" = dense ] && args=(--base dense)
         t0=$(date +%s)
@@ -168,12 +173,12 @@ mix)
     opt --measured "$ret" -o "$work/cand/fine-$bname.json"
     opt --measured "$work/tables/ret-dense.json" -o "$work/cand/fine-dense.json"
     opt --measured "$work/tables/ret-dense.json,$ret" -o "$work/cand/fine-avg.json"
-    for w in ${PROFILE_WEIGHTS:-0.25 0.5 1 2 4}; do
+    for w in ${PROFILE_WEIGHTS:-0.05 0.1 0.15 0.2 0.25 0.5 1 2 4}; do
         opt --measured "$ret" --measured-profile-weight "$w" -o "$work/cand/fine-$bname-profile$w.json"
     done
     # The table alone with no span below MIN_BETA x N (the grid's smallest beta; an assignment
     # before a bash function call holds for that call only).
-    for b in ${MIN_BETAS:-0.25}; do
+    for b in ${MIN_BETAS:-0.25 0.375}; do
         grid="$grid,$b" opt --measured "$ret" -o "$work/cand/fine-$bname-bmin$b.json"
     done
     if [ -n "${GEN:-}" ]; then
@@ -183,12 +188,19 @@ import json, sys
 t = lambda f: sum(max(v, 0.0) for v in json.load(open(f))['table'])
 print(t(sys.argv[1]) / max(t(sys.argv[2]), 1e-12))" "$ret" "$gen")
         opt --measured "$gen" -o "$work/cand/gen-$bname.json"
-        for f in ${MIX:-0.25 1 4}; do
+        for b in ${MIN_BETAS:-0.25 0.375}; do
+            grid="$grid,$b" opt --measured "$gen" -o "$work/cand/gen-$bname-bmin$b.json"
+        done
+        for w in ${GEN_PROFILE_WEIGHTS:-0.1 0.25 0.5}; do
+            opt --measured "$gen" --measured-profile-weight "$w" -o "$work/cand/gen-$bname-profile$w.json"
+        done
+        for f in ${MIX:-0.25 0.5 1 2}; do
             opt --measured "$ret,$gen" --measured-weights "1,$(python3 -c "print($scale * $f)")" \
                 -o "$work/cand/retgen-$bname-$f.json"
         done
     fi
     cp "$work"/cand/fine-*.json "$dir/"
+    if [ -n "${GEN:-}" ]; then cp "$work"/cand/gen-*.json "$work"/cand/retgen-*.json "$dir/"; fi
     ;;
 validate)
     configs=dense,uniform:0.5

@@ -109,7 +109,8 @@ pub struct CudaBackend {
     /// Attention blocks to aim for when splitting key ranges.
     att_target_blocks: usize,
     /// `MOA_ATT_SPLIT=floor`: splits per (tile, KV head) rounded down, so the blocks stay
-    /// within one wave of `att_target_blocks` (default: rounded up; for measuring).
+    /// within one wave of `att_target_blocks` (default: rounded up; for measuring: 1346.0 vs
+    /// 1426.4 t/s rounded up, 16 x 16384 parallel decode on an H100).
     att_split_floor: bool,
 }
 
