@@ -294,3 +294,34 @@ fn plan_shaped_problems_match_brute_force() {
     }
     assert!(checked >= 8, "{checked}");
 }
+
+/// Every plan shipped under `plans/` loads, has valid rules, and keeps its mean density (the
+/// runtime's span formula) within the solver's band [0.9 b, b] at every length it was built
+/// for: a hand-edited or stale plan file fails here.
+#[test]
+fn shipped_plans_hold_their_density_band() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("plans");
+    let mut seen = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().and_then(|x| x.to_str()) != Some("json") {
+            continue;
+        }
+        let plan = Plan::load_json(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        plan.validate_rules().unwrap();
+        assert_eq!(plan.rules.len(), plan.n_layer * plan.n_head_kv);
+        let b = plan.density.expect("a shipped plan records its density") as f64;
+        assert!(!plan.lengths.is_empty(), "{}: no lengths", path.display());
+        for &n in &plan.lengths {
+            let d = plan.density_at(n as usize);
+            assert!(
+                d <= b + 1e-9 && d >= 0.9 * b - 1e-9,
+                "{}: density {d:.4} at {n} outside [{:.3}, {b:.3}]",
+                path.display(),
+                0.9 * b
+            );
+        }
+        seen += 1;
+    }
+    assert!(seen > 0, "no plan under {}", dir.display());
+}

@@ -141,7 +141,7 @@ mix)
     # retrieval table alone trades away the long-range copying that perplexity needs). With
     # GEN=1 also a table of general response loss (GEN_DATA, six conversations of the main
     # calibration set) inside BASE (gen; 160 s on an H200), its plans alone, with a smallest
-    # beta (MIN_BETAS: the shipped plan is gen-<BASE>-bmin0.25) and with the profile's costs,
+    # beta (MIN_BETAS) and with the profile's costs,
     # and the retrieval + general sums (MIX: the general table's weight, its total first scaled
     # to the retrieval table's).
     rules=${RULES:-0:0.125,0:0.25,0:0.375,0:0.5,0:0.625,0:0.75,0:0.875,0:1}
