@@ -17,6 +17,18 @@ use moa::moa::{Plan, Rule};
 use moa::model::synth::{write_synthetic, SynthSpec};
 use moa::model::Model;
 
+/// The solver's density band: `plan`'s mean density lies in [0.9 b, b] at every length.
+fn assert_density_band(plan: &Plan, lengths: &[usize], b: f64, what: &str) {
+    for &n in lengths {
+        let d = plan.density_at(n);
+        assert!(
+            d <= b + 1e-9 && d >= 0.9 * b - 1e-9,
+            "{what}: density {d:.4} at {n} outside [{:.3}, {b:.3}]",
+            0.9 * b
+        );
+    }
+}
+
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_moa-optimize")
 }
@@ -59,13 +71,7 @@ fn cli_writes_a_plan_in_the_band() {
     let plan = Plan::load_json(&out).unwrap();
     assert_eq!((plan.n_layer, plan.n_head_kv), (4, 2));
     assert_eq!(plan.source, "profiled");
-    for n in [1024, 2048, 4096] {
-        let d = plan.density_at(n);
-        assert!(
-            (0.45 - 1e-9..=0.5 + 1e-9).contains(&d),
-            "density {d} at {n}"
-        );
-    }
+    assert_density_band(&plan, &[1024, 2048, 4096], 0.5, "cli plan");
     // JSON report with a Pareto front.
     let (ok, stdout, stderr) = run(&[
         "--profile",
@@ -312,15 +318,8 @@ fn shipped_plans_hold_their_density_band() {
         assert_eq!(plan.rules.len(), plan.n_layer * plan.n_head_kv);
         let b = plan.density.expect("a shipped plan records its density") as f64;
         assert!(!plan.lengths.is_empty(), "{}: no lengths", path.display());
-        for &n in &plan.lengths {
-            let d = plan.density_at(n as usize);
-            assert!(
-                d <= b + 1e-9 && d >= 0.9 * b - 1e-9,
-                "{}: density {d:.4} at {n} outside [{:.3}, {b:.3}]",
-                path.display(),
-                0.9 * b
-            );
-        }
+        let lengths: Vec<usize> = plan.lengths.iter().map(|&n| n as usize).collect();
+        assert_density_band(&plan, &lengths, b, &path.display().to_string());
         seen += 1;
     }
     assert!(seen > 0, "no plan under {}", dir.display());
