@@ -304,7 +304,7 @@ __device__ __forceinline__ void attn_fa(
     const int* tok_pos, const int* tok_seq, const int* tok_p0, const int* tok_rs,
     const int2* tiles, int G, int n_head, int n_head_kv, const int* caps, const int* offs,
     int rows_per_seq, int sink, int n_split, float scale, float* out, float* part, i8* yq,
-    float2* yds) {
+    float2* yds, int* merge_cnt) {
     using SM = FaSmem<D, KQ, VQ>;
     constexpr int KS = SM::KS;
     constexpr int STAGE = SM::STAGE / 2;  // halves (all-f16 path)
@@ -636,6 +636,42 @@ __device__ __forceinline__ void attn_fa(
             }
         }
     }
+    if (n_split == 1 || !merge_cnt) return;
+    // Split decode with `merge_cnt` (one counter per token tile and KV head, zero between
+    // launches): the split that finishes last merges the rows' partials itself, so no merge
+    // kernel runs. Partials are published before the count (fence, then barrier, then one atomic
+    // per block), read past L1 by the last block, and the counter is left at zero again.
+    __shared__ int fa_last;
+    __threadfence();
+    __syncthreads();
+    const int cnt = blockIdx.x * gridDim.y + g;
+    if (tid == 0) fa_last = atomicAdd(merge_cnt + cnt, 1) == n_split - 1;
+    __syncthreads();
+    if (!fa_last) return;
+    __threadfence();
+    for (int idx = tid; idx < 16 * D; idx += FA_THREADS) {
+        const int r = idx / D, d = idx % D;
+        if (r >= R) break;  // warp-uniform (D is a multiple of 32)
+        const int t = t0 + r / G, h = g * G + r % G;
+        const float* pp = part + ((size_t)t * n_head + h) * n_split * (D + 2);
+        float M = NEG_INF;
+        for (int zz = 0; zz < n_split; zz++) M = fmaxf(M, __ldcg(pp + zz * (D + 2) + D));
+        float O = 0.0f, L = 0.0f;
+        if (M != NEG_INF) {
+            for (int zz = 0; zz < n_split; zz++) {
+                const float mz = __ldcg(pp + zz * (D + 2) + D);
+                if (mz == NEG_INF) continue;
+                const float f = ex2(mz - M);
+                O += f * __ldcg(pp + zz * (D + 2) + d);
+                L += f * __ldcg(pp + zz * (D + 2) + D + 1);
+            }
+        }
+        const size_t i = (size_t)t * ldq + h * D + d;
+        const float v = L > 0.0f ? O / L : 0.0f;
+        out[i] = v;
+        if (yq) q8_1_lane(v, yq + (i & ~(size_t)31), yds + (i >> 5), lane);
+    }
+    if (tid == 0) merge_cnt[cnt] = 0;
 }
 
 #define ATTN_FA(name, D, WK, KQ, VQ)                                                           \
@@ -644,10 +680,10 @@ __device__ __forceinline__ void attn_fa(
         const int* tok_pos, const int* tok_seq, const int* tok_p0, const int* tok_rs,          \
         const int2* tiles, int G, int n_head, int n_head_kv, const int* caps, const int* offs, \
         int rows_per_seq, int sink, int n_split, float scale, float* out, float* part, i8* yq,  \
-        float2* yds) {                                                                         \
+        float2* yds, int* merge_cnt) {                                                         \
         attn_fa<D, WK, KQ, VQ>(q, knew, vnew, kc, vc, tok_pos, tok_seq, tok_p0, tok_rs, tiles, \
                                G, n_head, n_head_kv, caps, offs, rows_per_seq, sink, n_split,  \
-                               scale, out, part, yq, yds);                                     \
+                               scale, out, part, yq, yds, merge_cnt);                          \
     }
 // f16 K and V; then q8_0 caches: _k8v8 both, _k8v16 K only, _k16v8 V only.
 #define ATTN_FA_TYPES(name, D, WK)              \

@@ -28,6 +28,9 @@ inline void pdl_trigger() {}
 inline void pdl_wait() {}
 inline void __syncwarp() { g_warps[threadIdx.x / 32].bar->arrive_and_wait(); }
 inline float ex2(float x) { return exp2f(x); }
+inline void __threadfence() {}
+template <class T> inline T __ldcg(const T* p) { return *p; }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
 inline void cp_async16(void* dst, const void* src, int bytes) {
     if (bytes) memcpy(dst, src, 16); else memset(dst, 0, 16);
 }
@@ -85,7 +88,7 @@ static void run(const Case& c, const std::vector<float>& q, const std::vector<u8
                 const std::vector<int>& pos, const std::vector<int>& seq, const std::vector<int>& p0v,
                 const std::vector<int>& rsv, const std::vector<int2>& tiles, const std::vector<int>& caps,
                 const std::vector<int>& offs, int rows_per_seq, std::vector<float>& out, std::vector<float>& part,
-                i8* yq = nullptr, float2* yds = nullptr) {
+                i8* yq = nullptr, float2* yds = nullptr, int* merge_cnt = nullptr) {
     // k8/k16: [0] cache K, [1] cache V, [2] staged K, [3] staged V.
     auto P = [&](int i, bool q8) -> const u16* { return q8 ? (const u16*)k8[i].data() : k16[i].data(); };
     const int n_head = c.G * c.hk;
@@ -94,7 +97,7 @@ static void run(const Case& c, const std::vector<float>& q, const std::vector<u8
         attn_fa<D, WK, KQ, VQ>(q.data(), P(2, KQ), P(3, VQ), P(0, KQ), P(1, VQ), pos.data(), seq.data(),
                                p0v.data(), rsv.data(), tiles.data(), c.G, n_head, c.hk, caps.data(),
                                offs.data(), rows_per_seq, c.sink, c.n_split, 1.0f / sqrtf((float)D),
-                               out.data(), part.data(), yq, yds);
+                               out.data(), part.data(), yq, yds, merge_cnt);
     });
 }
 
@@ -202,6 +205,56 @@ static int check(const Case& c) {
             bad++;
         }
     }
+    // Split decode with the merge in the kernel (merge_cnt): every output row (and its q8_1) must
+    // equal the f16 partials of the run above merged as attn_merge does, and the counters must
+    // be back at zero.
+    if (WK == 4 && c.n_split > 1) {
+        std::vector<int> cnt(tiles.size() * hk, 0);
+        std::vector<i8> yq(on, 99);
+        std::vector<float2> yds(on / 32, float2{-1.0f, -1.0f});
+        std::vector<float> o2(on, -7.0f), p2(pn, -7.0f);
+        run<D, WK, false, false>(c, q, k8.data(), k16.data(), pos, seq, p0v, rsv, tiles, caps, offs, rows_per_seq, o2, p2,
+                                 yq.data(), yds.data(), cnt.data());
+        size_t mbad = memcmp(p2.data(), part[0].data(), pn * 4) != 0;
+        for (int v : cnt) mbad += v != 0;
+        for (int t = rs0; t < nb; t++)
+            for (int h = 0; h < n_head; h++) {
+                const float* pp = &part[0][((size_t)t * n_head + h) * c.n_split * (D + 2)];
+                float M = -INFINITY;
+                for (int z = 0; z < c.n_split; z++) M = std::max(M, pp[z * (D + 2) + D]);
+                for (int e = 0; e < D; e++) {
+                    float O = 0.0f, L = 0.0f;
+                    if (M != -INFINITY)
+                        for (int z = 0; z < c.n_split; z++) {
+                            const float mz = pp[z * (D + 2) + D];
+                            if (mz == -INFINITY) continue;
+                            const float f = exp2f(mz - M);
+                            O += f * pp[z * (D + 2) + e];
+                            L += f * pp[z * (D + 2) + D + 1];
+                        }
+                    const float want = L > 0.0f ? O / L : 0.0f;
+                    mbad += memcmp(&want, &o2[((size_t)t * n_head + h) * D + e], 4) != 0;
+                }
+            }
+        for (size_t b = (size_t)rs0 * n_head * D / 32; b < on / 32; b++) {
+            float amax = 0;
+            for (int e = 0; e < 32; e++) amax = std::max(amax, std::fabs(o2[b * 32 + e]));
+            const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+            int sum = 0;
+            for (int e = 0; e < 32; e++) {
+                const int qv = (int)rintf(o2[b * 32 + e] * id);
+                sum += qv;
+                mbad += yq[b * 32 + e] != qv;
+            }
+            const float d = amax / 127.0f;
+            mbad += yds[b].x != h2f(f2h(d)) || yds[b].y != h2f(f2h(d * (float)sum));
+        }
+        if (mbad) {
+            fprintf(stderr, "D %d G %d hk %d splits %d: merge in the kernel differs in %zu places\n", D, G, hk,
+                    c.n_split, mbad);
+            bad++;
+        }
+    }
     for (int v = 1; v < 4; v++) {
         if (memcmp(out[v].data(), out[0].data(), on * 4) || memcmp(part[v].data(), part[0].data(), pn * 4)) {
             size_t diff = 0;
@@ -267,6 +320,8 @@ int main() {
         {64, 4, 2, 2, 5000, 0, 300, 1, 2},   // dense decode, 2 splits
         {128, 4, 4, 1, 200, 4, 700, 2, 1},   // ring wrapped several times, sinks
         {64, 4, 8, 1, 150, 32, 400, 2, 3},   // ring, 3 splits (some empty)
+        {128, 4, 4, 3, 3000, 4, 2000, 1, 7}, // one token, 7 splits, heads of different spans
+        {128, 4, 4, 2, 900, 0, 1000, 4, 5},  // four tokens, wrapped ring, 5 splits
         {128, 4, 1, 2, 5000, 0, 130, 9, 1},  // decode shape with 9 tokens in the run
         {64, 1, 2, 2, 5000, 0, 100, 40, 1},  // prefill, dense, run keys staged
         {128, 1, 4, 1, 140, 4, 500, 48, 2},  // prefill over a wrapped ring, 2 splits

@@ -204,7 +204,6 @@ pub struct AttnKernel {
 pub struct Kernels {
     pub quantize_q8_1: CudaFunction,
     /// q8_1 activations rearranged for the tensor-core small-batch kernels.
-    pub q8_1_mma_layout: CudaFunction,
     pub rope: CudaFunction,
     pub swiglu: CudaFunction,
     pub add: CudaFunction,
@@ -267,7 +266,6 @@ impl Kernels {
         }
         Ok(Kernels {
             quantize_q8_1: f("quantize_q8_1")?,
-            q8_1_mma_layout: f("q8_1_mma_layout")?,
             rope: f("rope")?,
             swiglu: f("swiglu")?,
             add: f("add")?,
