@@ -16,6 +16,9 @@ using std::max;
 using std::min;
 struct int2 { int x, y; };
 struct uint4 { u32 x, y, z, w; };
+struct float4 { float x, y, z, w; };
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }
 inline uint4 make_uint4(u32 a, u32 b, u32 c, u32 d) { return {a, b, c, d}; }
 #define __align__(x)
 #define FA_THREADS 128
@@ -88,7 +91,9 @@ static void run(const Case& c, const std::vector<float>& q, const std::vector<u8
                 const std::vector<int>& pos, const std::vector<int>& seq, const std::vector<int>& p0v,
                 const std::vector<int>& rsv, const std::vector<int2>& tiles, const std::vector<int>& caps,
                 const std::vector<int>& offs, int rows_per_seq, std::vector<float>& out, std::vector<float>& part,
-                i8* yq = nullptr, float2* yds = nullptr, int* merge_cnt = nullptr) {
+                i8* yq = nullptr, float2* yds = nullptr, int* merge_cnt = nullptr,
+                const float* kraw = nullptr, const float* vraw = nullptr, const float2* cs = nullptr,
+                int half_rot = 0) {
     // k8/k16: [0] cache K, [1] cache V, [2] staged K, [3] staged V.
     auto P = [&](int i, bool q8) -> const u16* { return q8 ? (const u16*)k8[i].data() : k16[i].data(); };
     const int n_head = c.G * c.hk;
@@ -97,7 +102,7 @@ static void run(const Case& c, const std::vector<float>& q, const std::vector<u8
         attn_fa<D, WK, KQ, VQ>(q.data(), P(2, KQ), P(3, VQ), P(0, KQ), P(1, VQ), pos.data(), seq.data(),
                                p0v.data(), rsv.data(), tiles.data(), c.G, n_head, c.hk, caps.data(),
                                offs.data(), rows_per_seq, c.sink, c.n_split, 1.0f / sqrtf((float)D),
-                               out.data(), part.data(), yq, yds, merge_cnt);
+                               out.data(), part.data(), yq, yds, merge_cnt, kraw, vraw, cs, half_rot);
     });
 }
 
@@ -255,6 +260,60 @@ static int check(const Case& c) {
             bad++;
         }
     }
+    // Fused RoPE (decode, one-token runs, f16 caches): the kernel fed unrotated f32 queries and
+    // f32 K / V rows must give the same bits as the kernel fed the queries rope_kv would leave
+    // and the staged f16 rows it would write, leave the run's keys in their ring slots (the
+    // staged rows) and change nothing else in the caches; staging is not read (NaN there).
+    if (WK == 4 && nt == 1) {
+        for (int half_rot : {D / 2, D / 4}) {
+            std::vector<float> qraw((size_t)nb * n_head * D), kraw((size_t)nb * hk * D), vraw(kraw.size());
+            std::vector<float2> cs((size_t)nb * half_rot);
+            for (auto& v : qraw) v = rf();
+            for (auto& v : kraw) v = rf() * 2.0f;
+            for (auto& v : vraw) v = rf();
+            for (auto& c2 : cs) { const float th = rf() * 3.0f; c2 = float2{cosf(th), sinf(th)}; }
+            auto rope_row = [&](float* x, int t) {
+                for (int i = 0; i < half_rot; i++) rope_pair(x[2 * i], x[2 * i + 1], cs[(size_t)t * half_rot + i], &x[2 * i], &x[2 * i + 1]);
+            };
+            std::vector<float> qr = qraw;
+            for (int t = 0; t < nb; t++)
+                for (int h = 0; h < n_head; h++) rope_row(&qr[((size_t)t * n_head + h) * D], t);
+            std::vector<std::vector<u16>> a16 = k16, b16 = k16;
+            for (int t = rs0; t < nb; t++)
+                for (int h = 0; h < hk; h++) {
+                    std::vector<float> kx(&kraw[((size_t)t * hk + h) * D], &kraw[((size_t)t * hk + h) * D] + D);
+                    rope_row(kx.data(), t);
+                    for (int e = 0; e < D; e++) {
+                        a16[2][((size_t)t * hk + h) * D + e] = f2h(kx[e]);
+                        a16[3][((size_t)t * hk + h) * D + e] = f2h(vraw[((size_t)t * hk + h) * D + e]);
+                    }
+                }
+            for (auto& v : b16[2]) v = 0x7e00;  // NaN: the fused kernel must not read staging
+            for (auto& v : b16[3]) v = 0x7e00;
+            std::vector<float> oa(on, -7.0f), pa(pn, -7.0f), ob(on, -7.0f), pb(pn, -7.0f);
+            run<D, WK, false, false>(c, qr, k8.data(), a16.data(), pos, seq, p0v, rsv, tiles, caps, offs, rows_per_seq, oa, pa);
+            std::vector<std::vector<u16>> want(a16.begin(), a16.begin() + 2);
+            for (int t = rs0; t < nb; t++)
+                for (int h = 0; h < hk; h++) {
+                    const int j = pos[t], cap = caps[h];
+                    const int slot = (j < c.sink || cap <= c.sink) ? j : c.sink + (j - c.sink) % (cap - c.sink);
+                    for (int kv = 0; kv < 2; kv++)
+                        memcpy(&want[kv][((size_t)seq[t] * rows_per_seq + offs[h] + slot) * D],
+                               &a16[2 + kv][((size_t)t * hk + h) * D], D * 2);
+                }
+            run<D, WK, false, false>(c, qraw, k8.data(), b16.data(), pos, seq, p0v, rsv, tiles, caps, offs, rows_per_seq, ob, pb,
+                                     nullptr, nullptr, nullptr, kraw.data(), vraw.data(), cs.data(), half_rot);
+            size_t fbad = 0;
+            for (size_t i = 0; i < on; i++) fbad += memcmp(&oa[i], &ob[i], 4) != 0;
+            for (size_t i = 0; i < pn; i++) fbad += memcmp(&pa[i], &pb[i], 4) != 0;
+            for (int kv = 0; kv < 2; kv++) fbad += memcmp(want[kv].data(), b16[kv].data(), want[kv].size() * 2) != 0;
+            if (fbad) {
+                fprintf(stderr, "D %d G %d hk %d splits %d half_rot %d: fused RoPE differs in %zu places\n", D, G, hk,
+                        c.n_split, half_rot, fbad);
+                bad++;
+            }
+        }
+    }
     for (int v = 1; v < 4; v++) {
         if (memcmp(out[v].data(), out[0].data(), on * 4) || memcmp(part[v].data(), part[0].data(), pn * 4)) {
             size_t diff = 0;
@@ -321,6 +380,7 @@ int main() {
         {128, 4, 4, 1, 200, 4, 700, 2, 1},   // ring wrapped several times, sinks
         {64, 4, 8, 1, 150, 32, 400, 2, 3},   // ring, 3 splits (some empty)
         {128, 4, 4, 3, 3000, 4, 2000, 1, 7}, // one token, 7 splits, heads of different spans
+        {64, 4, 4, 2, 120, 8, 900, 1, 1},    // one token, wrapped ring, unsplit
         {128, 4, 4, 2, 900, 0, 1000, 4, 5},  // four tokens, wrapped ring, 5 splits
         {128, 4, 1, 2, 5000, 0, 130, 9, 1},  // decode shape with 9 tokens in the run
         {64, 1, 2, 2, 5000, 0, 100, 40, 1},  // prefill, dense, run keys staged

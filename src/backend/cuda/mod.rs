@@ -92,6 +92,9 @@ pub struct CudaBackend {
     /// `MOA_ATT_TAIL=0`: split decode attention merges in a separate kernel (`attn_merge*`)
     /// instead of in its last-finishing split (for measuring).
     tail_merge: bool,
+    /// `MOA_ROPE_FUSE=0`: decode steps run `rope_kv` before attention instead of turning the
+    /// queries and the new key inside the attention kernel (for measuring).
+    rope_in_attention: bool,
     logit_x: DevBuf,
     logits_d: DevBuf,
     argmax_d: DevBuf,
@@ -603,6 +606,7 @@ impl CudaBackend {
             part,
             merge_cnt,
             tail_merge: std::env::var("MOA_ATT_TAIL").map_or(true, |v| v != "0"),
+            rope_in_attention: std::env::var("MOA_ROPE_FUSE").map_or(true, |v| v != "0"),
             logit_x,
             logits_d,
             argmax_d,
@@ -784,7 +788,12 @@ impl CudaBackend {
         } else {
             0
         };
-        if let Some((qx, kxr)) = fused_rope {
+        // Decode steps with f16 caches turn the queries and the new keys inside the fast
+        // attention kernel (and store the keys into the ring there): no rope_kv launch.
+        let rope_in_attn = store_now && !kq8 && !vq8 && !self.mats.exact && self.rope_in_attention;
+        if rope_in_attn {
+            // Nothing before attention.
+        } else if let Some((qx, kxr)) = fused_rope {
             let half = cfg.rope.n_rot / 2;
             self.gpu.launch_pdl(
                 &self.k.rope_kv,
@@ -943,6 +952,16 @@ impl CudaBackend {
             A::P(kds),
             A::P(if tail { self.merge_cnt.ptr } else { 0 }),
         ]);
+        if rope_in_attn {
+            args.extend([
+                A::P(self.act(kx)),
+                A::P(self.act(vx)),
+                A::P(self.meta_ptr(ml.cs)),
+                A::I((cfg.rope.n_rot / 2) as i32),
+            ]);
+        } else {
+            args.extend([A::P(0), A::P(0), A::P(0), A::I(0)]);
+        }
         let mut lc = lcfg((self.n_tiles as u32, hk as u32, n_split as u32), 128);
         lc.shared_mem_bytes = f.smem as u32;
         self.gpu.launch_pdl(&f.func, lc, &args)?;
