@@ -1,0 +1,155 @@
+// CPU check of the tensor-core small-batch products (mmqs in cuda/quant.cu;
+// tools/cuda-emu/mmqs_check.sh): the kernel runs under emu.h (one OS thread per CUDA thread,
+// barriers, shuffles) with mma.sync m16n8k16 .s8 emulated per warp by its PTX fragment layout
+// (A: lane 4g + c holds rows g and g + 8, columns 4c..4c+3; B: column g, rows 4c..4c+3; C: rows
+// g, g + 8, columns 2c, 2c + 1), on random weight bytes (valid f16 scales), random q8_1 rows for
+// 1 to 16 tokens (exactly n_tok rows allocated), one to three matrices per launch. Every output
+// must equal the row's units summed serially with the dp4a kernels' Unit<T> code, to float
+// rounding, and nothing else may be written (token columns past n_tok, rows past a matrix).
+#include "emu.h"
+#include <cstdint>
+#include <algorithm>
+struct int4 { int x, y, z, w; };
+struct int2 { int x, y; };
+struct float4 { float x, y, z, w; };
+inline int2 make_int2(int a, int b) { return {a, b}; }
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+using std::min;
+using std::max;
+#include "emu_data.h"
+inline int ld_i32_a2(const u8* p) { int v; memcpy(&v, p, 4); return v; }
+inline int ld_i32_a4(const u8* p) {
+    if ((uintptr_t)p % 4) { fprintf(stderr, "misaligned 4-byte load\n"); exit(1); }
+    return *(const int*)p;
+}
+inline int __dp4a(int a, int b, int c) {
+    for (int i = 0; i < 4; i++) c += (int)(i8)(a >> (8 * i)) * (int)(i8)(b >> (8 * i));
+    return c;
+}
+inline unsigned __vsubss4(unsigned a, unsigned b) {
+    unsigned r = 0;
+    for (int i = 0; i < 4; i++) {
+        int v = (int)(i8)(a >> (8 * i)) - (int)(i8)(b >> (8 * i));
+        v = std::clamp(v, -128, 127);
+        r |= (unsigned)(u8)(i8)v << (8 * i);
+    }
+    return r;
+}
+inline void pdl_wait() {}
+inline void pdl_trigger() {}
+// mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32, d += A B, by the fragment layout.
+struct MmaX { int a0[32], a1[32], b0[32]; };
+std::vector<MmaX> g_mma(8);
+inline void mma_s8(int* d, int a0, int a1, int b0) {
+    const int lane = threadIdx.x % 32, wi = threadIdx.x / 32;
+    MmaX& x = g_mma[wi];
+    x.a0[lane] = a0;
+    x.a1[lane] = a1;
+    x.b0[lane] = b0;
+    g_warps[wi].bar->arrive_and_wait();
+    auto byte = [](int v, int i) { return (int)(i8)(v >> (8 * i)); };
+    auto A = [&](int r, int k) { return byte(r < 8 ? x.a0[4 * r + k / 4] : x.a1[4 * (r - 8) + k / 4], k % 4); };
+    auto B = [&](int k, int n) { return byte(x.b0[4 * n + k / 4], k % 4); };
+    const int g = lane >> 2, c = lane & 3;
+    for (int e = 0; e < 4; e++) {
+        const int r = g + 8 * (e >> 1), n = 2 * c + (e & 1);
+        int s = 0;
+        for (int k = 0; k < 16; k++) s += A(r, k) * B(k, n);
+        d[e] += s;
+    }
+    g_warps[wi].bar->arrive_and_wait();
+}
+#include "mmqs_extract.cuh"  // with the T_* type ids and MV_WARPS of the kernel sources
+
+struct Ty { int t; const char* name; int block, bytes; std::vector<int> f16_at; };
+
+template <int T>
+static int run(const Ty& ty, int K, const int rows[3], int n_tok) {
+    const int units = (T == T_Q4_K || T == T_Q5_K) ? K / 256 : T == T_Q6_K ? K / 128 : K / 32;
+    const int dunits = (T == T_Q4_K || T == T_Q5_K || T == T_Q6_K) ? K / 64 : K / 32;  // Unit<T>
+    const size_t row_bytes = (size_t)K / ty.block * ty.bytes;
+    std::vector<std::vector<int4>> W(3);
+    for (int m = 0; m < 3; m++) {
+        W[m].resize((rows[m] * row_bytes) / 16 + 1);
+        u8* b = (u8*)W[m].data();
+        for (size_t i = 0; i < rows[m] * row_bytes; i++) b[i] = (u8)rnd();
+        for (size_t o = 0; o < rows[m] * row_bytes; o += ty.bytes)
+            for (int at : ty.f16_at) { u16 h = f2h(rf() * 0.01f); memcpy(b + o + at, &h, 2); }
+    }
+    // Exactly n_tok q8_1 rows: a read past them is out of bounds (not clamped).
+    std::vector<int4> yqv((size_t)n_tok * K / 16);
+    i8* yq = (i8*)yqv.data();
+    for (size_t i = 0; i < (size_t)n_tok * K; i++) yq[i] = (i8)rnd();
+    std::vector<float2> yds((size_t)n_tok * K / 32);
+    for (auto& d : yds) d = {rf() * 0.1f, rf()};
+    const float SENT = 12345.0f;
+    const int ldo[3] = {rows[0] + 3, rows[1] + 1, rows[2] + 2};
+    std::vector<float> out[3];
+    for (int m = 0; m < 3; m++) out[m].assign((size_t)ldo[m] * 16, SENT);
+    Rows3 rr = {(const u8*)W[0].data(), (const u8*)W[1].data(), (const u8*)W[2].data(), rows[0], rows[1], rows[2],
+                out[0].data(), out[1].data(), out[2].data(), ldo[0], ldo[1], ldo[2]};
+    const int total = rows[0] + rows[1] + rows[2];
+    launch({(unsigned)((total + 15) / 16), 1, 1}, MQ_WARPS * WARP, 0, [&] {
+        if (n_tok <= 8) mmqs<T, 8>(rr, row_bytes, units, yq, yds.data(), K, n_tok);
+        else mmqs<T, 16>(rr, row_bytes, units, yq, yds.data(), K, n_tok);
+    });
+    int bad = 0;
+    double worst = 0;
+    for (int m = 0; m < 3; m++)
+        for (int t = 0; t < 16; t++)
+            for (int r = 0; r < ldo[m]; r++) {
+                const float got = out[m][(size_t)t * ldo[m] + r];
+                if (r >= rows[m] || t >= n_tok) {
+                    if (got != SENT) { bad++; fprintf(stderr, "  %s: wrote outside (matrix %d row %d token %d)\n", ty.name, m, r, t); }
+                    continue;
+                }
+                const u8* row = (const u8*)W[m].data() + r * row_bytes;
+                double want = 0, scale = 0;
+                for (int u = 0; u < dunits; u++) {
+                    Unit<T> w;
+                    w.load(row, u);
+                    const double v = w.dot(yq + (size_t)t * K, yds.data() + (size_t)t * K / 32);
+                    want += v;
+                    scale += std::fabs(v);
+                }
+                const double err = std::fabs(got - want) / (scale + 1e-30);
+                worst = std::max(worst, err);
+                if (!(err < 1e-5)) {
+                    if (bad < 5) fprintf(stderr, "  %s K=%d n=%d matrix %d row %d token %d: got %g want %g\n", ty.name, K, n_tok, m, r, t, got, want);
+                    bad++;
+                }
+            }
+    printf("%-5s K=%-5d rows %d/%d/%d tokens %2d: %s (worst relative %.1e)\n", ty.name, K, rows[0], rows[1], rows[2], n_tok,
+           bad ? "FAILED" : "ok", worst);
+    return bad;
+}
+
+int main() {
+    std::vector<Ty> types = {
+        {T_Q4_0, "q4_0", 32, 18, {0}}, {T_Q4_1, "q4_1", 32, 20, {0, 2}}, {T_Q5_0, "q5_0", 32, 22, {0}},
+        {T_Q5_1, "q5_1", 32, 24, {0, 2}}, {T_Q8_0, "q8_0", 32, 34, {0}}, {T_Q4_K, "q4_k", 256, 144, {0, 2}},
+        {T_Q5_K, "q5_k", 256, 176, {0, 2}}, {T_Q6_K, "q6_k", 256, 210, {208}},
+    };
+    int bad = 0;
+    // {rows of up to three matrices, tokens}
+    const int shapes[][4] = {{21, 0, 0, 1}, {16, 9, 0, 3}, {7, 12, 5, 8}, {18, 0, 0, 11}, {10, 7, 3, 16}};
+    for (auto& ty : types)
+        for (int K : {512, 2304}) {
+            if (K % ty.block) continue;
+            for (auto& s : shapes) {
+                const int rows[3] = {s[0], s[1], s[2]};
+                switch (ty.t) {
+                case T_Q4_0: bad += run<T_Q4_0>(ty, K, rows, s[3]); break;
+                case T_Q4_1: bad += run<T_Q4_1>(ty, K, rows, s[3]); break;
+                case T_Q5_0: bad += run<T_Q5_0>(ty, K, rows, s[3]); break;
+                case T_Q5_1: bad += run<T_Q5_1>(ty, K, rows, s[3]); break;
+                case T_Q8_0: bad += run<T_Q8_0>(ty, K, rows, s[3]); break;
+                case T_Q4_K: bad += run<T_Q4_K>(ty, K, rows, s[3]); break;
+                case T_Q5_K: bad += run<T_Q5_K>(ty, K, rows, s[3]); break;
+                case T_Q6_K: bad += run<T_Q6_K>(ty, K, rows, s[3]); break;
+                }
+            }
+        }
+    printf(bad ? "mmqs under emulation: %d wrong outputs\n" : "mmqs under emulation: every output equals the serial sum\n", bad);
+    return bad ? 1 : 0;
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs the tensor-core small-batch products of cuda/quant.cu (mmqs: int8 mma.sync m16n8k16, 16
+# weight rows per block, 8 warps over the units, 1 to 16 tokens read from the q8_1 rows as the
+# producers write them) on the CPU under emu.h with mma.sync emulated per warp by its fragment
+# layout (mmqs_check.cpp), against every row and token summed serially with the dp4a kernels'
+# Unit<T> code. Checks the fragment indexing (weights and activations), the token clamping past
+# n_tok (AddressSanitizer: exactly n_tok q8_1 rows are allocated), the warp reduction and the
+# row picking over up to three matrices. g++ 12+ (C++20).
+#
+#   bash tools/cuda-emu/mmqs_check.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+src=../../cuda/quant.cu
+{
+    grep -E '^#define (T_[A-Z0-9_]+|MV_WARPS) ' ../../cuda/common.cuh "$src" -h
+    sed -n '/^\/\/ ---- one unit of a row times q8_1 activations/,/^\/\/ acc\[t\] += units u/p' "$src" | sed '$d'
+    sed -n '/^struct Rows3 {/,/^};/p' "$src"
+    # The kernels without their launch macros; mma_s8 (inline PTX) comes from mmqs_check.cpp.
+    sed -n '/^#define MQ_WARPS 8/,/^#define MMQS_NT(/p' "$src" | sed '$d' |
+        sed '/^__device__ __forceinline__ void mma_s8/,/^}/d'
+} >"$tmp/mmqs_extract.cuh"
+g++ -std=c++20 -O1 -fsanitize=address -pthread -Wno-unknown-pragmas -I. -I"$tmp" -o "$tmp/check" mmqs_check.cpp
+"$tmp/check"
