@@ -203,7 +203,6 @@ pub struct AttnKernel {
 /// Every kernel function of the program.
 pub struct Kernels {
     pub quantize_q8_1: CudaFunction,
-    /// q8_1 activations rearranged for the tensor-core small-batch kernels.
     pub rope: CudaFunction,
     pub swiglu: CudaFunction,
     pub add: CudaFunction,

@@ -789,8 +789,9 @@ impl CudaBackend {
             0
         };
         // Decode steps with f16 caches turn the queries and the new keys inside the fast
-        // attention kernel (and store the keys into the ring there): no rope_kv launch.
-        let rope_in_attn = store_now && !kq8 && !vq8 && !self.mats.exact && self.rope_in_attention;
+        // decode attention kernel (and store the keys into the ring there): no rope_kv launch.
+        let rope_in_attn =
+            store_now && n <= MV_MAXT && !kq8 && !vq8 && !self.mats.exact && self.rope_in_attention;
         if rope_in_attn {
             // Nothing before attention.
         } else if let Some((qx, kxr)) = fused_rope {
