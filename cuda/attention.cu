@@ -295,43 +295,6 @@ __device__ __forceinline__ void fa_q8_to_f16(const u8* src, u16* dst, int r0, in
     }
 }
 
-// Fused RoPE (decode steps of one-token runs, f16 caches): part `part8` (8 values) of the run's
-// key at position j, made from the f32 K and V rows (kraw / vraw: token rows of n_head_kv x D)
-// as rope_kv makes it (RoPE pairs below half_rot, f16 rounding), into the tile rows sk / sv
-// and into the cache ring slot of position j (which no query of the step sees: it held a key
-// that left every window, or none).
-template <int D>
-__device__ __forceinline__ void fa_new_row(const KeySpan& ks, int j, int part8, const float* kraw,
-                                           const float* vraw, const float2* rope_cs,
-                                           int half_rot, u16* kc, u16* vc, u16* sk,
-                                           u16* sv) {
-    const int t = ks.rs + (j - ks.p0);
-    const size_t off = (size_t)t * ks.ldkv + ks.g * D + part8 * 8;
-    const float4 k0 = *(const float4*)(kraw + off), k1 = *(const float4*)(kraw + off + 4);
-    const float4 v0 = *(const float4*)(vraw + off), v1 = *(const float4*)(vraw + off + 4);
-    float kx[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
-    const float vx[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-    u32 kw[4], vw[4];
-#pragma unroll
-    for (int p = 0; p < 4; p++) {
-        const int i = part8 * 4 + p;
-        if (i < half_rot) {
-            rope_pair(kx[2 * p], kx[2 * p + 1], rope_cs[(size_t)t * half_rot + i], &kx[2 * p],
-                      &kx[2 * p + 1]);
-        }
-        kw[p] = pack_h2(kx[2 * p], kx[2 * p + 1]);
-        vw[p] = pack_h2(vx[2 * p], vx[2 * p + 1]);
-    }
-    const uint4 ku = make_uint4(kw[0], kw[1], kw[2], kw[3]);
-    const uint4 vu = make_uint4(vw[0], vw[1], vw[2], vw[3]);
-    *(uint4*)sk = ku;
-    *(uint4*)sv = vu;
-    const int slot = (j < ks.sink || ks.cap <= ks.sink) ? j : ks.sink + (j - ks.sink) % ks.win;
-    const size_t row = ks.region + slot;
-    *(uint4*)(kc + row * D + part8 * 8) = ku;
-    *(uint4*)(vc + row * D + part8 * 8) = vu;
-}
-
 // WK: warps splitting each key tile (4: decode, 16 rows per block; 1: prefill, 64 rows).
 // KQ / VQ: the K / V cache and staging rows are q8_0 blocks (else f16); kc, vc, knew, vnew then
 // point at bytes, whatever their declared type.
@@ -341,8 +304,7 @@ __device__ __forceinline__ void attn_fa(
     const int* tok_pos, const int* tok_seq, const int* tok_p0, const int* tok_rs,
     const int2* tiles, int G, int n_head, int n_head_kv, const int* caps, const int* offs,
     int rows_per_seq, int sink, int n_split, float scale, float* out, float* part, i8* yq,
-    float2* yds, int* merge_cnt, const float* kraw, const float* vraw, const float2* rope_cs,
-    int half_rot) {
+    float2* yds) {
     using SM = FaSmem<D, KQ, VQ>;
     constexpr int KS = SM::KS;
     constexpr int STAGE = SM::STAGE / 2;  // halves (all-f16 path)
@@ -425,14 +387,7 @@ __device__ __forceinline__ void attn_fa(
                     slot += KSTEP;
                     bytes = 16;
                 } else if (kk < nkt) {
-                    const int j = ks.pos(kb + kk);
-                    if (kraw && j >= ks.p0) {
-                        // Fused RoPE (decode): the run's key made here from the f32 row.
-                        fa_new_row<D>(ks, j, part8, kraw, vraw, rope_cs, half_rot, (u16*)kc, (u16*)vc,
-                                      sk + kk * KS + part8 * 8, sv + kk * KS + part8 * 8);
-                        continue;
-                    }
-                    ks.rows<D>(j, &kp, &vp);
+                    ks.rows<D>(ks.pos(kb + kk), &kp, &vp);
                     bytes = 16;
                 }
                 if (bytes) {
@@ -467,17 +422,9 @@ __device__ __forceinline__ void attn_fa(
             const int r = wr * 16 + gq + 8 * h2;
             qr[h2] = r < R ? q + (size_t)(t0 + r / G) * ldq + (g * G + r % G) * D : nullptr;
         }
-        // Fused RoPE: the queries arrive unrotated; pair c / 2 turns here, as rope_kv would.
-        const float2* qcs[2];
-#pragma unroll
-        for (int h2 = 0; h2 < 2; h2++) {
-            const int r = wr * 16 + gq + 8 * h2;
-            qcs[h2] = kraw && r < R ? rope_cs + (size_t)(t0 + r / G) * half_rot : nullptr;
-        }
         auto pair = [&](int h2, int c) -> u32 {
             if (!qr[h2]) return 0u;
-            float2 v = *(const float2*)(qr[h2] + c);
-            if (qcs[h2] && c / 2 < half_rot) rope_pair(v.x, v.y, qcs[h2][c / 2], &v.x, &v.y);
+            const float2 v = *(const float2*)(qr[h2] + c);
             return (u32)f2h(v.x) | ((u32)f2h(v.y) << 16);
         };
 #pragma unroll
@@ -689,42 +636,6 @@ __device__ __forceinline__ void attn_fa(
             }
         }
     }
-    if (n_split == 1 || !merge_cnt) return;
-    // Split decode with `merge_cnt` (one counter per token tile and KV head, zero between
-    // launches): the split that finishes last merges the rows' partials itself, so no merge
-    // kernel runs. Partials are published before the count (fence, then barrier, then one atomic
-    // per block), read past L1 by the last block, and the counter is left at zero again.
-    __shared__ int fa_last;
-    __threadfence();
-    __syncthreads();
-    const int cnt = blockIdx.x * gridDim.y + g;
-    if (tid == 0) fa_last = atomicAdd(merge_cnt + cnt, 1) == n_split - 1;
-    __syncthreads();
-    if (!fa_last) return;
-    __threadfence();
-    for (int idx = tid; idx < 16 * D; idx += FA_THREADS) {
-        const int r = idx / D, d = idx % D;
-        if (r >= R) break;  // warp-uniform (D is a multiple of 32)
-        const int t = t0 + r / G, h = g * G + r % G;
-        const float* pp = part + ((size_t)t * n_head + h) * n_split * (D + 2);
-        float M = NEG_INF;
-        for (int zz = 0; zz < n_split; zz++) M = fmaxf(M, __ldcg(pp + zz * (D + 2) + D));
-        float O = 0.0f, L = 0.0f;
-        if (M != NEG_INF) {
-            for (int zz = 0; zz < n_split; zz++) {
-                const float mz = __ldcg(pp + zz * (D + 2) + D);
-                if (mz == NEG_INF) continue;
-                const float f = ex2(mz - M);
-                O += f * __ldcg(pp + zz * (D + 2) + d);
-                L += f * __ldcg(pp + zz * (D + 2) + D + 1);
-            }
-        }
-        const size_t i = (size_t)t * ldq + h * D + d;
-        const float v = L > 0.0f ? O / L : 0.0f;
-        out[i] = v;
-        if (yq) q8_1_lane(v, yq + (i & ~(size_t)31), yds + (i >> 5), lane);
-    }
-    if (tid == 0) merge_cnt[cnt] = 0;
 }
 
 #define ATTN_FA(name, D, WK, KQ, VQ)                                                           \
@@ -733,12 +644,10 @@ __device__ __forceinline__ void attn_fa(
         const int* tok_pos, const int* tok_seq, const int* tok_p0, const int* tok_rs,          \
         const int2* tiles, int G, int n_head, int n_head_kv, const int* caps, const int* offs, \
         int rows_per_seq, int sink, int n_split, float scale, float* out, float* part, i8* yq,  \
-        float2* yds, int* merge_cnt, const float* kraw, const float* vraw,                     \
-        const float2* rope_cs, int half_rot) {                                                 \
+        float2* yds) {                                                                         \
         attn_fa<D, WK, KQ, VQ>(q, knew, vnew, kc, vc, tok_pos, tok_seq, tok_p0, tok_rs, tiles, \
                                G, n_head, n_head_kv, caps, offs, rows_per_seq, sink, n_split,  \
-                               scale, out, part, yq, yds, merge_cnt, kraw, vraw, rope_cs,      \
-                               half_rot);                                                      \
+                               scale, out, part, yq, yds);                                     \
     }
 // f16 K and V; then q8_0 caches: _k8v8 both, _k8v16 K only, _k16v8 V only.
 #define ATTN_FA_TYPES(name, D, WK)              \

@@ -601,15 +601,34 @@ MMVS(mmvs_q6_k, T_Q6_K)
 // Fragment layout (PTX m16n8k16 .s8): lane = 4 g + c holds A rows g and g + 8, columns 4c..4c+3
 // of each 16-column half, and B (the activations) columns 4c..4c+3 for token g; the result holds
 // rows g, g + 8 for tokens 2c, 2c + 1.
-//
-// The activations are read where the q8_1 producers left them (rows of K bytes per token, scales
-// at yds[t * K / 32 + b]): lane (g, c) takes token 8 nt + g's block b, the bytes its weight
-// fragment's columns hold (Frag<T>::load): 4c..4c+3 and 16+4c..16+4c+3, or for Q4_K/Q5_K
-// (whose fragments hold 8c..8c+7) one 8-byte piece. A warp's load still covers 8 whole 32-byte
-// sectors, as a fragment-ordered copy would, so no re-layout launch runs before the product.
-// Token slots past n_tok read the last token (their sums are never written).
 
 #define MQ_WARPS 8
+
+// The activations in fragment order ("mma layout"), so that one 8-byte load per lane gives the
+// B fragments of both 16-column halves for 8 tokens and a warp's load covers 256 contiguous
+// bytes: yq_m[((b * 2 + t / 8) * 4 + c) * 64 + (t % 8) * 8 + j] holds byte j of lane c's share
+// of token t's 32-value block b, where the share is (family 0) columns 4c..4c+3, 16+4c..16+4c+3
+// or (family 1, Q4_K/Q5_K) columns 8c..8c+7; yds_m[b * 16 + t] = (d, d * sum). The columns
+// a lane holds are those its weight fragment holds (Frag<T>::load; the host picks the family
+// per type: mma_family in matmul.rs), so the dot products see the same k order on both sides.
+// Tokens n_tok..15 are zero.
+extern "C" __global__ void q8_1_mma_layout(const i8* yq, const float2* yds, int K, int n_tok,
+                                           int fam, i8* yq_m, float2* yds_m) {
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
+    pdl_trigger();
+    int nb = K / 32;
+    int gid = blockIdx.x * blockDim.x + threadIdx.x;
+    if (gid >= nb * 64) return;
+    int c = gid & 3, t = (gid >> 2) & 15, b = gid >> 6;
+    int lo = 0, hi = 0;
+    if (t < n_tok) {
+        const i8* src = yq + (size_t)t * K + b * 32;
+        lo = *(const int*)(src + (fam ? 8 * c : 4 * c));
+        hi = *(const int*)(src + (fam ? 8 * c + 4 : 16 + 4 * c));
+    }
+    if (c == 0) yds_m[b * 16 + t] = t < n_tok ? yds[(size_t)t * nb + b] : make_float2(0.0f, 0.0f);
+    *(int2*)(yq_m + (((size_t)b * 2 + t / 8) * 4 + c) * 64 + (t % 8) * 8) = make_int2(lo, hi);
+}
 
 __device__ __forceinline__ void mma_s8(int* d, int a0, int a1, int b0) {
     asm volatile(
@@ -789,17 +808,11 @@ struct Frag<T_Q6_K> {
     }
 };
 
-// Whether Frag<T> holds columns 8c..8c+7 of a block (else 4c..4c+3 of each 16-column half).
-template <int T>
-__device__ __forceinline__ constexpr bool frag_wide() {
-    return T == T_Q4_K || T == T_Q5_K;
-}
-
 // acc[i][nt][j] (row g + 8i, token 8 nt + 2c + j) += units u, u + MQ_WARPS, ... (U of them),
-// activations as q8_1 rows of K bytes (yq) and K / 32 scales (yds) per token.
+// activations in the mma layout (q8_1_mma_layout).
 template <int T, int U, int NTL>
 __device__ __forceinline__ void mmqs_units(const u8* r0, const u8* r1, int u, int g, int c,
-                                           const i8* yq, const float2* yds, int K, int n_tok,
+                                           const i8* yq_m, const float2* yds_m,
                                            float (*acc)[NTL][2]) {
     Frag<T> f[U][2];
 #pragma unroll
@@ -815,19 +828,8 @@ __device__ __forceinline__ void mmqs_units(const u8* r0, const u8* r1, int u, in
             int blk = (u + i * MQ_WARPS) * Frag<T>::NB + b;
 #pragma unroll
             for (int nt = 0; nt < NTL; nt++) {
-                const int ty = min(8 * nt + g, n_tok - 1);
-                const i8* src = yq + (size_t)ty * K + blk * 32;
-                int2 y;
-                if constexpr (frag_wide<T>()) {
-                    y = *(const int2*)(src + 8 * c);
-                } else {
-                    y.x = *(const int*)(src + 4 * c);
-                    y.y = *(const int*)(src + 16 + 4 * c);
-                }
-                const int nb = K / 32;
-                const float2 d0 = yds[(size_t)min(8 * nt + 2 * c, n_tok - 1) * nb + blk];
-                const float2 d1 = yds[(size_t)min(8 * nt + 2 * c + 1, n_tok - 1) * nb + blk];
-                const float4 ds = make_float4(d0.x, d0.y, d1.x, d1.y);
+                int2 y = *(const int2*)(yq_m + (((size_t)blk * 2 + nt) * 4 + c) * 64 + g * 8);
+                float4 ds = *(const float4*)(yds_m + blk * 16 + 8 * nt + 2 * c);
                 int s0[4] = {0, 0, 0, 0}, s1[4] = {0, 0, 0, 0};
                 mma_s8(s0, f[i][0].q[b][0], f[i][1].q[b][0], y.x);
                 mma_s8(Frag<T>::SPLIT ? s1 : s0, f[i][0].q[b][1], f[i][1].q[b][1], y.y);
@@ -872,8 +874,8 @@ __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, c
     int u = warp;
     constexpr int U = Frag<T>::NB >= 4 ? 1 : 2;
     for (; u + (U - 1) * MQ_WARPS < units; u += U * MQ_WARPS)
-        mmqs_units<T, U, NTL>(rp[0], rp[1], u, g, c, yq, yds, K, n_tok, acc);
-    if (U == 2 && u < units) mmqs_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, yds, K, n_tok, acc);
+        mmqs_units<T, U, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
+    if (U == 2 && u < units) mmqs_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
     pdl_wait();  // warps without units, too
 #pragma unroll
     for (int i = 0; i < 2; i++)

@@ -194,8 +194,8 @@ skips)
     # What fusing the small kernels could gain: tg128 at depth 0 with launches of some kernels
     # left out (MOA_SKIP_KERNELS; the outputs are wrong then, only the time counts).
     make_synth
-    for e in "" "add_rms_norm_q8*" "rope_kv" "quantize_q8_1" "swiglu_q8" \
-        "attn_dec*,attn_merge*" "add_rms_norm_q8*,rope_kv,quantize_q8_1,swiglu_q8,attn_dec*,attn_merge*"; do
+    for e in "" "add_rms_norm_q8*" "rope_kv" "quantize_q8_1" "swiglu_q8" "q8_1_mma_layout" \
+        "attn_dec*,attn_merge*" "add_rms_norm_q8*,rope_kv,quantize_q8_1,swiglu_q8,q8_1_mma_layout,attn_dec*,attn_merge*"; do
         echo "-- skip: ${e:-nothing}"
         MOA_SKIP_KERNELS="$e" "$out/moa-bench" -m "$synth" --device cuda --dense -p 0 -n 128 -r 3 2>&1 | grep -E "tg|rror"
     done

@@ -12,7 +12,6 @@ trap 'rm -rf "$tmp"' EXIT
 src=../../cuda/attention.cu
 {
     sed -n '/^__device__ __forceinline__ void q8_1_lane/,/^}/p' ../../cuda/quant.cu
-    sed -n '/^__device__ __forceinline__ void rope_pair/,/^}/p' ../../cuda/ops.cu
     sed -n '/^struct KeySpan {/,/^};/p' "$src"
     sed -n '/^template <int D, bool KQ, bool VQ>$/,/^};/p' "$src"
     sed -n '/^\/\/ Starts the copy of the K or the V rows/,/^#define ATTN_FA(/p' "$src" |

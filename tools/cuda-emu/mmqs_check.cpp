@@ -1,11 +1,12 @@
-// CPU check of the tensor-core small-batch products (mmqs in cuda/quant.cu;
-// tools/cuda-emu/mmqs_check.sh): the kernel runs under emu.h (one OS thread per CUDA thread,
-// barriers, shuffles) with mma.sync m16n8k16 .s8 emulated per warp by its PTX fragment layout
-// (A: lane 4g + c holds rows g and g + 8, columns 4c..4c+3; B: column g, rows 4c..4c+3; C: rows
-// g, g + 8, columns 2c, 2c + 1), on random weight bytes (valid f16 scales), random q8_1 rows for
-// 1 to 16 tokens (exactly n_tok rows allocated), one to three matrices per launch. Every output
-// must equal the row's units summed serially with the dp4a kernels' Unit<T> code, to float
-// rounding, and nothing else may be written (token columns past n_tok, rows past a matrix).
+// CPU check of the tensor-core small-batch products (q8_1_mma_layout, then mmqs in
+// cuda/quant.cu; tools/cuda-emu/mmqs_check.sh): the kernels run under emu.h (one OS thread per
+// CUDA thread, barriers, shuffles) with mma.sync m16n8k16 .s8 emulated per warp by its PTX
+// fragment layout (A: lane 4g + c holds rows g and g + 8, columns 4c..4c+3; B: column g, rows
+// 4c..4c+3; C: rows g, g + 8, columns 2c, 2c + 1), on random weight bytes (valid f16 scales),
+// random q8_1 rows for 1 to 16 tokens (exactly n_tok rows allocated), one to three matrices per
+// launch, the layout family the host picks per type (matmul.rs: mma_family). Every output must
+// equal the row's units summed serially with the dp4a kernels' Unit<T> code, to float rounding,
+// and nothing else may be written (token columns past n_tok, rows past a matrix).
 #include "emu.h"
 #include <cstdint>
 #include <algorithm>
@@ -89,9 +90,17 @@ static int run(const Ty& ty, int K, const int rows[3], int n_tok) {
     Rows3 rr = {(const u8*)W[0].data(), (const u8*)W[1].data(), (const u8*)W[2].data(), rows[0], rows[1], rows[2],
                 out[0].data(), out[1].data(), out[2].data(), ldo[0], ldo[1], ldo[2]};
     const int total = rows[0] + rows[1] + rows[2];
+    // The activations into fragment order (16 token slots), as the host launches it.
+    const int nb = K / 32, fam = (T == T_Q4_K || T == T_Q5_K) ? 1 : 0;
+    std::vector<int4> yqm_v((size_t)16 * K / 16);
+    i8* yq_m = (i8*)yqm_v.data();
+    std::vector<float2> yds_m((size_t)16 * nb, float2{NAN, NAN});
+    memset(yq_m, 0x5a, (size_t)16 * K);
+    launch({(unsigned)((nb * 64 + 255) / 256), 1, 1}, 256, 0,
+           [&] { q8_1_mma_layout(yq, yds.data(), K, n_tok, fam, yq_m, yds_m.data()); });
     launch({(unsigned)((total + 15) / 16), 1, 1}, MQ_WARPS * WARP, 0, [&] {
-        if (n_tok <= 8) mmqs<T, 8>(rr, row_bytes, units, yq, yds.data(), K, n_tok);
-        else mmqs<T, 16>(rr, row_bytes, units, yq, yds.data(), K, n_tok);
+        if (n_tok <= 8) mmqs<T, 8>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
+        else mmqs<T, 16>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
     });
     int bad = 0;
     double worst = 0;

@@ -203,6 +203,8 @@ pub struct AttnKernel {
 /// Every kernel function of the program.
 pub struct Kernels {
     pub quantize_q8_1: CudaFunction,
+    /// q8_1 activations rearranged for the tensor-core small-batch kernels.
+    pub q8_1_mma_layout: CudaFunction,
     pub rope: CudaFunction,
     pub swiglu: CudaFunction,
     pub add: CudaFunction,
@@ -265,6 +267,7 @@ impl Kernels {
         }
         Ok(Kernels {
             quantize_q8_1: f("quantize_q8_1")?,
+            q8_1_mma_layout: f("q8_1_mma_layout")?,
             rope: f("rope")?,
             swiglu: f("swiglu")?,
             add: f("add")?,

@@ -87,6 +87,13 @@ fn mmqs_units_per_row(ty: GgmlType, cols: usize) -> usize {
     }
 }
 
+/// Column family of a type's tensor-core fragments (`Frag<T>::load` in quant.cu: family 0 =
+/// columns 4c.., 16+4c.. of a 32-value block per lane, family 1 = columns 8c..8c+7), which the
+/// activations' mma layout must follow.
+fn mma_family(ty: GgmlType) -> i32 {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) as i32
+}
+
 /// Weight rows per block of the tensor-core small-batch kernels (`mmqs`).
 const MQ_ROWS: usize = 16;
 /// Threads per block of `mmqs` (MQ_WARPS warps).
@@ -367,6 +374,11 @@ pub struct MatArgs {
 pub struct MatScratch {
     yq: DevBuf,
     yds: DevBuf,
+    /// The q8_1 activations in the tensor-core kernels' fragment order (16 token slots), and
+    /// which input, version and layout family they hold.
+    yq_m: DevBuf,
+    yds_m: DevBuf,
+    mkey: Option<(u64, u64, i32)>,
     x16: DevBuf,
     wdq: DevBuf,
     qkey: Option<(u64, u64)>,
@@ -388,9 +400,16 @@ impl MatScratch {
     ) -> Result<MatScratch, BackendError> {
         let prefill = max_batch > MV_MAXT;
         let mv_rows = max_batch.min(MV_MAXT);
+        let mma_rows = MV_MAXT;
         Ok(MatScratch {
             yq: gpu.alloc(mv_rows * max_cols, "quantized activations")?,
             yds: gpu.alloc(mv_rows * max_cols / 32 * 8, "activation scales")?,
+            yq_m: gpu.alloc(mma_rows * max_cols, "quantized activations (mma layout)")?,
+            yds_m: gpu.alloc(
+                mma_rows * max_cols / 32 * 8,
+                "activation scales (mma layout)",
+            )?,
+            mkey: None,
             x16: gpu.alloc(
                 if prefill { max_batch * max_cols * 2 } else { 0 },
                 "f16 activations",
@@ -409,12 +428,18 @@ impl MatScratch {
     }
 
     pub fn bytes(&self) -> usize {
-        self.yq.bytes + self.yds.bytes + self.x16.bytes + self.wdq.bytes
+        self.yq.bytes
+            + self.yds.bytes
+            + self.yq_m.bytes
+            + self.yds_m.bytes
+            + self.x16.bytes
+            + self.wdq.bytes
     }
 
     /// Forgets which activation the q8_1 buffer holds.
     pub fn invalidate(&mut self) {
         self.qkey = None;
+        self.mkey = None;
     }
 
     /// Device pointers of the q8_1 values and scales (for kernels that quantize as they write).
@@ -480,7 +505,7 @@ pub fn matmul(
             )?;
             s.qkey = Some(key);
         }
-        return launch_mmvq(gpu, s, &[(m, a.out, a.ldo)], a.n);
+        return launch_mmvq(gpu, k, s, &[(m, a.out, a.ldo)], a.n);
     }
     if a.n <= m.decode.quant_prefill_max && !is_float(m.ty) {
         // A short prompt: decode-sized chunks (matmul_multi owns the chunking).
@@ -554,6 +579,7 @@ pub fn matmul(
 /// input already in the scratch.
 fn launch_mmvq(
     gpu: &Gpu,
+    k: &Kernels,
     s: &mut MatScratch,
     t: &[(&GpuMatrix, u64, usize)],
     n: usize,
@@ -613,11 +639,29 @@ fn launch_mmvq(
     }
     match (&m.mq, path) {
         (Some(mq), DecodePath::Mma) => {
-            // The kernel reads the q8_1 rows as they are (cuda/quant.cu, mmqs).
+            let fam = mma_family(m.ty);
+            let key = s.qkey.map(|(x, v)| (x, v, fam));
+            if key.is_none() || s.mkey != key {
+                let nb = m.cols / 32;
+                gpu.launch_pdl(
+                    &k.q8_1_mma_layout,
+                    cfg_1d(nb * 64),
+                    &[
+                        A::P(s.yq.ptr),
+                        A::P(s.yds.ptr),
+                        A::I(m.cols as i32),
+                        A::I(n as i32),
+                        A::I(fam),
+                        A::P(s.yq_m.ptr),
+                        A::P(s.yds_m.ptr),
+                    ],
+                )?;
+                s.mkey = key;
+            }
             args.extend([
                 A::I(mmqs_units_per_row(m.ty, m.cols) as i32),
-                A::P(s.yq.ptr),
-                A::P(s.yds.ptr),
+                A::P(s.yq_m.ptr),
+                A::P(s.yds_m.ptr),
                 A::I(m.cols as i32),
                 A::I(n as i32),
             ]);
@@ -710,7 +754,7 @@ pub fn matmul_multi(
             )?;
             s.qkey = Some(key);
         }
-        return launch_mmvq(gpu, s, targets, n);
+        return launch_mmvq(gpu, k, s, targets, n);
     }
     for &(m, out, ldo) in targets {
         let a = MatArgs {

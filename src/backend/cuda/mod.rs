@@ -86,15 +86,6 @@ pub struct CudaBackend {
     /// One position's rope (cos, sin) pairs, computed on the host (as the CPU backend does).
     rope_host: Vec<(f32, f32)>,
     part: DevBuf,
-    /// Split decode attention: one counter per (token tile, KV head), zero between launches;
-    /// the split that finishes last merges the partials (`attn_fa` in attention.cu).
-    merge_cnt: DevBuf,
-    /// `MOA_ATT_TAIL=0`: split decode attention merges in a separate kernel (`attn_merge*`)
-    /// instead of in its last-finishing split (for measuring).
-    tail_merge: bool,
-    /// `MOA_ROPE_FUSE=0`: decode steps run `rope_kv` before attention instead of turning the
-    /// queries and the new key inside the attention kernel (for measuring).
-    rope_in_attention: bool,
     logit_x: DevBuf,
     logits_d: DevBuf,
     argmax_d: DevBuf,
@@ -568,8 +559,6 @@ impl CudaBackend {
         let ml = meta_layout(max_batch, cfg.rope.n_rot / 2);
         let meta = salloc(ml.words * 4, "batch metadata")?;
         let part = salloc(PART_ROWS * (cfg.head_dim + 2) * 4, "attention partials")?;
-        // Decode tiles hold at least one token each.
-        let merge_cnt = salloc(MV_MAXT * cfg.n_head_kv * 4, "attention merge counters")?;
         let logit_x = salloc(max_logits * cfg.n_embd * 4, "logit inputs")?;
         let logits_d = salloc(max_logits * cfg.n_vocab * 4, "logits")?;
         let argmax_d = salloc(max_logits * 4, "argmax")?;
@@ -604,9 +593,6 @@ impl CudaBackend {
             meta_host: vec![0; ml.words],
             rope_host: vec![(0.0, 0.0); cfg.rope.n_rot / 2],
             part,
-            merge_cnt,
-            tail_merge: std::env::var("MOA_ATT_TAIL").map_or(true, |v| v != "0"),
-            rope_in_attention: std::env::var("MOA_ROPE_FUSE").map_or(true, |v| v != "0"),
             logit_x,
             logits_d,
             argmax_d,
@@ -788,13 +774,7 @@ impl CudaBackend {
         } else {
             0
         };
-        // Decode steps with f16 caches turn the queries and the new keys inside the fast
-        // decode attention kernel (and store the keys into the ring there): no rope_kv launch.
-        let rope_in_attn =
-            store_now && n <= MV_MAXT && !kq8 && !vq8 && !self.mats.exact && self.rope_in_attention;
-        if rope_in_attn {
-            // Nothing before attention.
-        } else if let Some((qx, kxr)) = fused_rope {
+        if let Some((qx, kxr)) = fused_rope {
             let half = cfg.rope.n_rot / 2;
             self.gpu.launch_pdl(
                 &self.k.rope_kv,
@@ -937,13 +917,7 @@ impl CudaBackend {
         } else {
             (0, 0)
         };
-        // Split decode steps merge in the kernel's last split (one launch fewer).
-        let tail = n_split > 1 && !prefill && self.tail_merge;
-        let (kq, kds) = if n_split == 1 || tail {
-            (yq, yds)
-        } else {
-            (0, 0)
-        };
+        let (kq, kds) = if n_split == 1 { (yq, yds) } else { (0, 0) };
         args.extend([
             A::I(n_split as i32),
             A::F(scale),
@@ -951,22 +925,11 @@ impl CudaBackend {
             A::P(self.part.ptr),
             A::P(kq),
             A::P(kds),
-            A::P(if tail { self.merge_cnt.ptr } else { 0 }),
         ]);
-        if rope_in_attn {
-            args.extend([
-                A::P(self.act(kx)),
-                A::P(self.act(vx)),
-                A::P(self.meta_ptr(ml.cs)),
-                A::I((cfg.rope.n_rot / 2) as i32),
-            ]);
-        } else {
-            args.extend([A::P(0), A::P(0), A::P(0), A::I(0)]);
-        }
         let mut lc = lcfg((self.n_tiles as u32, hk as u32, n_split as u32), 128);
         lc.shared_mem_bytes = f.smem as u32;
         self.gpu.launch_pdl(&f.func, lc, &args)?;
-        if n_split > 1 && !tail {
+        if n_split > 1 {
             // Few rows with many splits (decode) take a thread group per quarter of the splits.
             let (merge, groups) = if n_split >= 4 * MERGE_GROUPS {
                 (&self.k.attn_merge_wide, MERGE_GROUPS)
