@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu-check.sh build          # here: stripped release binaries into .devbin/
 #   bash tools/gpu-check.sh run [MODEL]    # on the GPU machine, from the repo root: all below
-#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|eval [MODEL]|bench|parallel|variants|skips|bandwidth|times|profile
+#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|eval [MODEL]|bench|parallel|variants|skips|bandwidth|ab OLD|times|profile
 #
 # With MOA_REQUIRE_GPU=1 (a missing GPU fails instead of skipping):
 #   tests:     tests/cuda_backend.rs: every kernel against its CPU reference on fresh random data,
@@ -33,6 +33,11 @@
 #   skips:     tg128 at depth 0 with launches of the small kernels left out (MOA_SKIP_KERNELS):
 #              what fusing them could gain;
 #   bandwidth: the decode matvec bandwidth report;
+#   ab:        the issue-9 decode shapes (tg128 dense at depth 0, uniform 0.5 at depth 32768, 16 x
+#              16384 parallel) for the binaries in .devbin and in OLD (`ab OLD`, a folder with an
+#              earlier build's moa-bench), alternating so both see the same machine state; for
+#              A/B comparisons of a change in one call (build the old one with `build` at the
+#              old commit, then move .devbin there);
 #   times:     per-kernel GPU times of decode steps from the built-in timer (MOA_KERNEL_TIMES=1);
 #   profile:   per-kernel times (Nsight Compute) of decode steps, and registers per kernel.
 # The lent GPU machine takes at most 64 MiB per call: .devbin/ compressed (`tar cJf
@@ -203,6 +208,22 @@ skips)
 bandwidth)
     echo "== decode matvec bandwidth"
     "$out/cuda_backend" --ignored --nocapture matvec_bandwidth 2>&1 | grep -E "copy|n=1 |n=16"
+    ;;
+ab)
+    old=${2:?usage: gpu-check.sh ab OLD_BINARY_DIR}
+    [ -x "$old/moa-bench" ] || { echo "no moa-bench in $old" >&2; exit 1; }
+    make_synth
+    for round in 1 2; do
+        for bin in "$old" "$out"; do
+            echo "-- round $round: $bin"
+            b=("$bin/moa-bench" -m "$synth" --device cuda)
+            "${b[@]}" --dense -p 0 -n 128 -r 2 | grep tg
+            "${b[@]}" --uniform 0.5 -p 0 -n 128 -r 1 -d 32768 | grep tg
+            if [ "$round" = 1 ]; then
+                "${b[@]}" --uniform 0.5 -p 16384 -n 32 --parallel 16 | grep "| 16"
+            fi
+        done
+    done
     ;;
 times)
     # Per-kernel GPU time of decode steps with the built-in kernel timer (CUDA events around
