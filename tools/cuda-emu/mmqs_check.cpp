@@ -8,36 +8,11 @@
 // equal the row's units summed serially with the dp4a kernels' Unit<T> code, to float rounding,
 // and nothing else may be written (token columns past n_tok, rows past a matrix).
 #include "emu.h"
-#include <cstdint>
-#include <algorithm>
-struct int4 { int x, y, z, w; };
-struct int2 { int x, y; };
+#include "emu_data.h"
+#include "emu_quant.h"
 struct float4 { float x, y, z, w; };
-inline int2 make_int2(int a, int b) { return {a, b}; }
-inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 using std::min;
 using std::max;
-#include "emu_data.h"
-inline int ld_i32_a2(const u8* p) { int v; memcpy(&v, p, 4); return v; }
-inline int ld_i32_a4(const u8* p) {
-    if ((uintptr_t)p % 4) { fprintf(stderr, "misaligned 4-byte load\n"); exit(1); }
-    return *(const int*)p;
-}
-inline int __dp4a(int a, int b, int c) {
-    for (int i = 0; i < 4; i++) c += (int)(i8)(a >> (8 * i)) * (int)(i8)(b >> (8 * i));
-    return c;
-}
-inline unsigned __vsubss4(unsigned a, unsigned b) {
-    unsigned r = 0;
-    for (int i = 0; i < 4; i++) {
-        int v = (int)(i8)(a >> (8 * i)) - (int)(i8)(b >> (8 * i));
-        v = std::clamp(v, -128, 127);
-        r |= (unsigned)(u8)(i8)v << (8 * i);
-    }
-    return r;
-}
-inline void pdl_wait() {}
-inline void pdl_trigger() {}
 // mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32, d += A B, by the fragment layout.
 struct MmaX { int a0[32], a1[32], b0[32]; };
 std::vector<MmaX> g_mma(8);
@@ -61,22 +36,14 @@ inline void mma_s8(int* d, int a0, int a1, int b0) {
     g_warps[wi].bar->arrive_and_wait();
 }
 #include "mmqs_extract.cuh"  // with the T_* type ids and MV_WARPS of the kernel sources
-
-struct Ty { int t; const char* name; int block, bytes; std::vector<int> f16_at; };
+#include "emu_quant_ref.h"
 
 template <int T>
 static int run(const Ty& ty, int K, const int rows[3], int n_tok) {
     const int units = (T == T_Q4_K || T == T_Q5_K) ? K / 256 : T == T_Q6_K ? K / 128 : K / 32;
-    const int dunits = (T == T_Q4_K || T == T_Q5_K || T == T_Q6_K) ? K / 64 : K / 32;  // Unit<T>
     const size_t row_bytes = (size_t)K / ty.block * ty.bytes;
     std::vector<std::vector<int4>> W(3);
-    for (int m = 0; m < 3; m++) {
-        W[m].resize((rows[m] * row_bytes) / 16 + 1);
-        u8* b = (u8*)W[m].data();
-        for (size_t i = 0; i < rows[m] * row_bytes; i++) b[i] = (u8)rnd();
-        for (size_t o = 0; o < rows[m] * row_bytes; o += ty.bytes)
-            for (int at : ty.f16_at) { u16 h = f2h(rf() * 0.01f); memcpy(b + o + at, &h, 2); }
-    }
+    for (int m = 0; m < 3; m++) W[m] = random_weights(ty, rows[m], row_bytes);
     // Exactly n_tok q8_1 rows: a read past them is out of bounds (not clamped).
     std::vector<int4> yqv((size_t)n_tok * K / 16);
     i8* yq = (i8*)yqv.data();
@@ -113,14 +80,8 @@ static int run(const Ty& ty, int K, const int rows[3], int n_tok) {
                     continue;
                 }
                 const u8* row = (const u8*)W[m].data() + r * row_bytes;
-                double want = 0, scale = 0;
-                for (int u = 0; u < dunits; u++) {
-                    Unit<T> w;
-                    w.load(row, u);
-                    const double v = w.dot(yq + (size_t)t * K, yds.data() + (size_t)t * K / 32);
-                    want += v;
-                    scale += std::fabs(v);
-                }
+                double scale;
+                const double want = serial_row_dot<T>(row, K, yq + (size_t)t * K, yds.data() + (size_t)t * K / 32, &scale);
                 const double err = std::fabs(got - want) / (scale + 1e-30);
                 worst = std::max(worst, err);
                 if (!(err < 1e-5)) {
@@ -134,11 +95,7 @@ static int run(const Ty& ty, int K, const int rows[3], int n_tok) {
 }
 
 int main() {
-    std::vector<Ty> types = {
-        {T_Q4_0, "q4_0", 32, 18, {0}}, {T_Q4_1, "q4_1", 32, 20, {0, 2}}, {T_Q5_0, "q5_0", 32, 22, {0}},
-        {T_Q5_1, "q5_1", 32, 24, {0, 2}}, {T_Q8_0, "q8_0", 32, 34, {0}}, {T_Q4_K, "q4_k", 256, 144, {0, 2}},
-        {T_Q5_K, "q5_k", 256, 176, {0, 2}}, {T_Q6_K, "q6_k", 256, 210, {208}},
-    };
+    const std::vector<Ty> types = quant_types();
     int bad = 0;
     // {rows of up to three matrices, tokens}
     const int shapes[][4] = {{21, 0, 0, 1}, {16, 9, 0, 3}, {7, 12, 5, 8}, {18, 0, 0, 11}, {10, 7, 3, 16}};

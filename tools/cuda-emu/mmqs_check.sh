@@ -13,10 +13,9 @@ cd "$(dirname "$0")"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 src=../../cuda/quant.cu
+source quant_extract.sh
 {
-    grep -E '^#define (T_[A-Z0-9_]+|MV_WARPS) ' ../../cuda/common.cuh "$src" -h
-    sed -n '/^\/\/ ---- one unit of a row times q8_1 activations/,/^\/\/ acc\[t\] += units u/p' "$src" | sed '$d'
-    sed -n '/^struct Rows3 {/,/^};/p' "$src"
+    quant_common
     # The kernels without their launch macros; mma_s8 (inline PTX) comes from mmqs_check.cpp.
     sed -n '/^#define MQ_WARPS 8/,/^#define MMQS_NT(/p' "$src" | sed '$d' |
         sed '/^__device__ __forceinline__ void mma_s8/,/^}/d'

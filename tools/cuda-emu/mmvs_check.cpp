@@ -6,32 +6,8 @@
 // row's units summed serially with the same Unit<T> code, to float rounding, and nothing else
 // may be written.
 #include "emu.h"
-#include <cstdint>
-#include <algorithm>
-struct int4 { int x, y, z, w; };
-struct int2 { int x, y; };
-inline int2 make_int2(int a, int b) { return {a, b}; }
 #include "emu_data.h"
-inline int ld_i32_a2(const u8* p) { int v; memcpy(&v, p, 4); return v; }
-inline int ld_i32_a4(const u8* p) {
-    if ((uintptr_t)p % 4) { fprintf(stderr, "misaligned 4-byte load\n"); exit(1); }
-    return *(const int*)p;
-}
-inline int __dp4a(int a, int b, int c) {
-    for (int i = 0; i < 4; i++) c += (int)(i8)(a >> (8 * i)) * (int)(i8)(b >> (8 * i));
-    return c;
-}
-inline unsigned __vsubss4(unsigned a, unsigned b) {
-    unsigned r = 0;
-    for (int i = 0; i < 4; i++) {
-        int v = (int)(i8)(a >> (8 * i)) - (int)(i8)(b >> (8 * i));
-        v = std::clamp(v, -128, 127);
-        r |= (unsigned)(u8)(i8)v << (8 * i);
-    }
-    return r;
-}
-inline void pdl_wait() {}
-inline void pdl_trigger() {}
+#include "emu_quant.h"
 inline void cp_async16(void* dst, const void* src, int) {
     if ((uintptr_t)src % 16 || (uintptr_t)dst % 16) { fprintf(stderr, "misaligned cp.async\n"); exit(1); }
     memcpy(dst, src, 16);
@@ -39,24 +15,15 @@ inline void cp_async16(void* dst, const void* src, int) {
 inline void cp_async_commit() {}
 template <int N> inline void cp_async_wait() {}
 #include "mmvs_extract.cuh"  // with the T_* type ids and MV_WARPS of the kernel sources
-
-
-struct Ty { int t; const char* name; int block, bytes; std::vector<int> f16_at; };
+#include "emu_quant_ref.h"
 
 template <int T>
 static int run(const Ty& ty, int K, const int rows[3], int R) {
-    int units = (T == T_Q4_K || T == T_Q5_K || T == T_Q6_K) ? K / 64 : K / 32;
+    const int units = (T == T_Q4_K || T == T_Q5_K || T == T_Q6_K) ? K / 64 : K / 32;
     size_t row_bytes = (size_t)K / ty.block * ty.bytes;
     if (row_bytes % 16) { fprintf(stderr, "%s K=%d: rows not a multiple of 16 bytes\n", ty.name, K); exit(1); }
-    // Weights: random bytes, each block's f16 scales set to small normal values.
     std::vector<std::vector<int4>> W(3);
-    for (int m = 0; m < 3; m++) {
-        W[m].resize((rows[m] * row_bytes) / 16 + 1);
-        u8* b = (u8*)W[m].data();
-        for (size_t i = 0; i < rows[m] * row_bytes; i++) b[i] = (u8)rnd();
-        for (size_t o = 0; o < rows[m] * row_bytes; o += ty.bytes)
-            for (int at : ty.f16_at) { u16 h = f2h(rf() * 0.01f); memcpy(b + o + at, &h, 2); }
-    }
+    for (int m = 0; m < 3; m++) W[m] = random_weights(ty, rows[m], row_bytes);
     std::vector<int4> yqv(K / 16);
     i8* yq = (i8*)yqv.data();
     for (int i = 0; i < K; i++) yq[i] = (i8)rnd();
@@ -82,14 +49,8 @@ static int run(const Ty& ty, int K, const int rows[3], int R) {
                 continue;
             }
             const u8* row = (const u8*)W[m].data() + r * row_bytes;
-            double want = 0, scale = 0;
-            for (int u = 0; u < units; u++) {
-                Unit<T> w;
-                w.load(row, u);
-                double v = w.dot(yq, yds.data());
-                want += v;
-                scale += std::fabs(v);
-            }
+            double scale;
+            const double want = serial_row_dot<T>(row, K, yq, yds.data(), &scale);
             double err = std::fabs(got - want) / (scale + 1e-30);
             worst = std::max(worst, err);
             if (!(err < 1e-5)) {
@@ -103,11 +64,7 @@ static int run(const Ty& ty, int K, const int rows[3], int R) {
 }
 
 int main() {
-    std::vector<Ty> types = {
-        {T_Q4_0, "q4_0", 32, 18, {0}}, {T_Q4_1, "q4_1", 32, 20, {0, 2}}, {T_Q5_0, "q5_0", 32, 22, {0}},
-        {T_Q5_1, "q5_1", 32, 24, {0, 2}}, {T_Q8_0, "q8_0", 32, 34, {0}}, {T_Q4_K, "q4_k", 256, 144, {0, 2}},
-        {T_Q5_K, "q5_k", 256, 176, {0, 2}}, {T_Q6_K, "q6_k", 256, 210, {208}},
-    };
+    const std::vector<Ty> types = quant_types();
     int bad = 0;
     const int shapes[][4] = {{7, 0, 0, 1}, {9, 0, 0, 2}, {10, 3, 4, 3}, {13, 5, 0, 4}, {37, 0, 0, 16}, {11, 6, 6, 5}};
     for (auto& ty : types)

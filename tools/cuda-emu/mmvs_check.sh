@@ -11,11 +11,9 @@ cd "$(dirname "$0")"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 src=../../cuda/quant.cu
+source quant_extract.sh
 {
-    # The type ids and MV_WARPS as the kernels define them.
-    grep -E '^#define (T_[A-Z0-9_]+|MV_WARPS) ' ../../cuda/common.cuh "$src" -h
-    sed -n '/^\/\/ ---- one unit of a row times q8_1 activations/,/^\/\/ acc\[t\] += units u/p' "$src" | sed '$d'
-    sed -n '/^struct Rows3 {/,/^};/p' "$src"
+    quant_common
     sed -n "/^\/\/ One lane's share of a row held in shared memory/,/^#define MMVS(/p" "$src" | sed '$d' |
         sed 's/extern __shared__ int4 mvs_tile\[\];/int4* mvs_tile = (int4*)emu_dyn_smem;/'
 } >"$tmp/mmvs_extract.cuh"

@@ -1,0 +1,30 @@
+// Shared by the product-kernel checks (mmvs_check.cpp, mmqs_check.cpp): the vector types, the
+// integer intrinsics and the load helpers the decode product kernels of cuda/quant.cu use, and
+// no-op programmatic-launch calls. Include after emu.h and emu_data.h, before the extracted
+// kernels.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+struct int4 { int x, y, z, w; };
+struct int2 { int x, y; };
+inline int2 make_int2(int a, int b) { return {a, b}; }
+inline int ld_i32_a2(const u8* p) { int v; memcpy(&v, p, 4); return v; }
+inline int ld_i32_a4(const u8* p) {
+    if ((uintptr_t)p % 4) { fprintf(stderr, "misaligned 4-byte load\n"); exit(1); }
+    return *(const int*)p;
+}
+inline int __dp4a(int a, int b, int c) {
+    for (int i = 0; i < 4; i++) c += (int)(i8)(a >> (8 * i)) * (int)(i8)(b >> (8 * i));
+    return c;
+}
+inline unsigned __vsubss4(unsigned a, unsigned b) {
+    unsigned r = 0;
+    for (int i = 0; i < 4; i++) {
+        int v = (int)(i8)(a >> (8 * i)) - (int)(i8)(b >> (8 * i));
+        v = std::clamp(v, -128, 127);
+        r |= (unsigned)(u8)(i8)v << (8 * i);
+    }
+    return r;
+}
+inline void pdl_wait() {}
+inline void pdl_trigger() {}
