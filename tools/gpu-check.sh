@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu-check.sh build          # here: stripped release binaries into .devbin/
 #   bash tools/gpu-check.sh run [MODEL]    # on the GPU machine, from the repo root: all below
-#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|eval [MODEL]|bench|parallel|variants|skips|bandwidth|ab OLD|times|profile
+#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|eval [MODEL]|bench|parallel|variants|skips|bandwidth|ab OLD|times|ptimes|profile
 #
 # With MOA_REQUIRE_GPU=1 (a missing GPU fails instead of skipping):
 #   tests:     tests/cuda_backend.rs: every kernel against its CPU reference on fresh random data,
@@ -39,6 +39,7 @@
 #              A/B comparisons of a change in one call (build the old one with `build` at the
 #              old commit, then move .devbin there);
 #   times:     per-kernel GPU times of decode steps from the built-in timer (MOA_KERNEL_TIMES=1);
+#   ptimes:    the same for the 16 x 16384 parallel step and batch-1 decode at depth 32768 (0.5);
 #   profile:   per-kernel times (Nsight Compute) of decode steps, and registers per kernel.
 # The lent GPU machine takes at most 64 MiB per call: .devbin/ compressed (`tar cJf
 # .devx/devbin.txz .devbin`: about 3 MB) and the default model (98 MB) split in two parts
@@ -234,6 +235,14 @@ times)
     for mode in --dense "--uniform 0.5"; do
         "$out/moa-bench" -m "$synth" --device cuda $mode -p 0 -n 32 -r 1 -d 32768 2>&1 | grep -E "attn|kernel times|ms  " | head -8
     done
+    ;;
+ptimes)
+    # Per-kernel GPU times of the 16-sequence decode step (16 x 16384 prompts, uniform 0.5; the
+    # table covers the generation steps only), then of batch-1 decode at depth 32768 (0.5).
+    make_synth
+    export MOA_KERNEL_TIMES=1
+    "$out/moa-bench" -m "$synth" --device cuda --uniform 0.5 --parallel 16 -p 16384 -n 8 2>&1 | head -40
+    "$out/moa-bench" -m "$synth" --device cuda --uniform 0.5 -p 0 -n 32 -r 1 -d 32768 2>&1 | head -30
     ;;
 profile)
     # Per-kernel GPU times of decode steps (Nsight Compute, clocks left alone), on the synthetic

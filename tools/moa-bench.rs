@@ -209,6 +209,10 @@ fn main() -> Result<()> {
             // Repetition 0 is an untimed warm-up (as llama-bench does): kernel caches, cuBLAS
             // heuristics, CUDA graph capture.
             for r in 0..=a.reps {
+                if kind == "tg" && r == 0 {
+                    // With MOA_KERNEL_TIMES=1 the kernel table covers the generation steps only.
+                    moa::backend::cuda::timer::reset();
+                }
                 be.rewind(0, d);
                 let mut s = Session::new(be.as_mut(), 0, a.batch);
                 let toks = tokens(n, vocab, 100 + r as u64);
@@ -308,6 +312,8 @@ fn parallel(
         let pp_s = t0.elapsed().as_secs_f64();
         let mut b = moa::graph::BatchBuf::default();
         let steps: Vec<Vec<u32>> = (0..s).map(|q| tokens(n, vocab, 1000 + q as u64)).collect();
+        // With MOA_KERNEL_TIMES=1 the kernel table covers the generation steps only.
+        moa::backend::cuda::timer::reset();
         let t1 = Instant::now();
         for i in 0..n {
             b.clear();

@@ -152,6 +152,18 @@ fn flush(s: &mut State) {
     }
 }
 
+/// Drops every time summed so far (after flushing the pending events): tools call it where the
+/// phase they report starts (moa-bench: before the generation steps), so the table holds that
+/// phase only. A no-op when the timer is off.
+pub fn reset() {
+    if !enabled() {
+        return;
+    }
+    let mut s = state().lock().unwrap_or_else(|e| e.into_inner());
+    flush(&mut s);
+    s.totals.clear();
+}
+
 /// Prints the per-kernel table (largest total first) to stderr.
 pub fn report() {
     let mut s = state().lock().unwrap_or_else(|e| e.into_inner());
