@@ -849,6 +849,262 @@ __device__ __forceinline__ void mmqs_units(const u8* r0, const u8* r1, int u, in
     }
 }
 
+// ---- K-quants on the tensor cores with q8_K activations --------------------------------------
+// The K-quant small-batch products (mmqs_q4_k / q5_k / q6_k) take the activations quantized as
+// ggml's q8_K, which is what the CPU backend's K-quant dot products use: one f32 scale per 256
+// values, d = 1 / iscale with iscale = -127 / (the signed value of largest magnitude, the first
+// on ties), q = nearest-even(iscale * v) capped at 127. With one activation scale per super-block
+// the weights' per-32 (Q6_K: per-16) scales are small integers applied to the int32 dots with
+// integer multiply-adds, and a super-block's sum becomes a float once per token and row: a few
+// float operations per unit instead of about twenty per 32-value block and token, which is what
+// bounded the q8_1 version (it issues more instructions than it moves bytes at 8-16 tokens).
+//
+// q8k_mma_layout writes, from the f32 activations: the int8 values in the fragment order of
+// q8_1_mma_layout (same families: fam 1 = Q4_K/Q5_K, 0 = Q6_K); ysc[sb * 16 + t] = token t's
+// d of super-block sb (0 for tokens n_tok..15); and after those (Q4_K/Q5_K, for the mins)
+// ymin[((sb * 2 + t / 8) * 2 + c) * 8 + t % 8] = the B fragments (k = 4c .. 4c + 3, token t) of
+// the 32-value block sums S of blocks 4c .. 4c + 3, split into int8 parts: x holds S >> 6
+// (-64..63), y holds S & 63, so S = 64 x + y (|S| <= 32 * 127). One warp per (super-block,
+// token slot), 8 values per lane.
+extern "C" __global__ void q8k_mma_layout(const float* x, int ldx, int K, int n_tok, int fam,
+                                          i8* yq_m, float* ysc) {
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
+    pdl_trigger();
+    const int nsb = K / 256;
+    const int w = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    if (w >= nsb * 16) return;
+    const int sb = w >> 4, t = w & 15, lane = threadIdx.x % WARP;
+    float v[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) v[k] = t < n_tok ? x[(size_t)t * ldx + sb * 256 + 8 * lane + k] : 0.0f;
+    // The signed value of largest magnitude; ties go to the first (lanes hold values in order).
+    float amax = 0.0f, mx = 0.0f;
+    int src = lane;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        if (fabsf(v[k]) > amax) {
+            amax = fabsf(v[k]);
+            mx = v[k];
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float oa = __shfl_xor_sync(0xffffffffu, amax, o);
+        const float om = __shfl_xor_sync(0xffffffffu, mx, o);
+        const int os = __shfl_xor_sync(0xffffffffu, src, o);
+        if (oa > amax || (oa == amax && os < src)) {
+            amax = oa;
+            mx = om;
+            src = os;
+        }
+    }
+    int q[8];
+    float d = 0.0f;
+    if (amax != 0.0f) {
+        const float is = -127.0f / mx;
+#pragma unroll
+        for (int k = 0; k < 8; k++) q[k] = min(__float2int_rn(is * v[k]), 127);
+        d = 1.0f / is;
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; k++) q[k] = 0;
+    }
+    int lo = 0, hi = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        lo |= (q[k] & 0xFF) << (8 * k);
+        hi |= (q[k + 4] & 0xFF) << (8 * k);
+    }
+    // Lane 4b + cc holds columns 8cc .. 8cc + 7 of block b: family 1's share for lane cc.
+    // Family 0's share of lane cc is columns 4cc .. 4cc + 3 and 16 + 4cc .. 16 + 4cc + 3.
+    const int b = lane >> 2, cc = lane & 3, base = lane & ~3;
+    int ol = lo, oh = hi;
+    {
+        const int a0 = __shfl_sync(0xffffffffu, lo, base + (cc >> 1));
+        const int a1 = __shfl_sync(0xffffffffu, hi, base + (cc >> 1));
+        const int b0 = __shfl_sync(0xffffffffu, lo, base + 2 + (cc >> 1));
+        const int b1 = __shfl_sync(0xffffffffu, hi, base + 2 + (cc >> 1));
+        if (fam == 0) {
+            ol = (cc & 1) ? a1 : a0;
+            oh = (cc & 1) ? b1 : b0;
+        }
+    }
+    const size_t blk = (size_t)sb * 8 + b;
+    *(int2*)(yq_m + ((blk * 2 + t / 8) * 4 + cc) * 64 + (t % 8) * 8) = make_int2(ol, oh);
+    if (lane == 0) ysc[sb * 16 + t] = d;
+    // Block sums, split and packed one byte per block.
+    int s = 0;
+#pragma unroll
+    for (int k = 0; k < 8; k++) s += q[k];
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    u32 hb = (u32)((s >> 6) & 0xFF) << (8 * (b & 3)), lb = (u32)(s & 63) << (8 * (b & 3));
+    if (cc != 0) hb = lb = 0u;
+    hb |= __shfl_xor_sync(0xffffffffu, hb, 4);
+    lb |= __shfl_xor_sync(0xffffffffu, lb, 4);
+    hb |= __shfl_xor_sync(0xffffffffu, hb, 8);
+    lb |= __shfl_xor_sync(0xffffffffu, lb, 8);
+    if ((lane & 15) == 0) {
+        int2* ymin = (int2*)(ysc + nsb * 16);
+        ymin[((sb * 2 + t / 8) * 2 + (lane >> 4)) * 8 + t % 8] = make_int2((int)hb, (int)lb);
+    }
+}
+
+// One unit of a K-quant row as lane c's A fragments with the block scales kept as integers
+// (the q8_K path): q as Frag<T>; scale(b, h) = the integer scale of half h of block b.
+template <int T>
+struct FragI;
+
+// Q4_K / Q5_K: one super-block; the 8 scales and 8 mins one byte each in two words; `mn` is the
+// lane's A fragment of the mins (blocks 4c .. 4c + 3 for c < 2, else zero: k = 8..15 empty).
+template <bool FIVE>
+struct FragIK45 {
+    static constexpr int NB = 8;
+    static constexpr bool SPLIT = false;
+    static constexpr bool MIN = true;
+    int q[8][2];
+    u32 sc[2];
+    int mn;
+    float d, dmin;
+    __device__ __forceinline__ void load(const u8* row, int u, int c) {
+        const u8* b = row + u * (FIVE ? 176 : 144);
+        int4 hd = *(const int4*)b;
+        d = h2f((u16)(hd.x & 0xffff));
+        dmin = h2f((u16)((u32)hd.x >> 16));
+        const u32 w0 = (u32)hd.y, w1 = (u32)hd.z, w2 = (u32)hd.w;
+        // ggml's get_scale_min_k4 on four bytes at once.
+        sc[0] = w0 & 0x3F3F3F3Fu;
+        sc[1] = (w2 & 0x0F0F0F0Fu) | (((w0 >> 6) & 0x03030303u) << 4);
+        const u32 m0 = w1 & 0x3F3F3F3Fu;
+        const u32 m1 = ((w2 >> 4) & 0x0F0F0F0Fu) | (((w1 >> 6) & 0x03030303u) << 4);
+        mn = c == 0 ? (int)m0 : c == 1 ? (int)m1 : 0;
+        int2 e = make_int2(0, 0);
+        if (FIVE) e = *(const int2*)(b + 16 + 8 * c);
+        const u8* qs = b + (FIVE ? 48 : 16) + 8 * c;
+#pragma unroll
+        for (int p = 0; p < 4; p++) {
+            int2 v = *(const int2*)(qs + 32 * p);
+            int l0 = v.x & 0x0F0F0F0F, l1 = v.y & 0x0F0F0F0F;
+            int h0 = (v.x >> 4) & 0x0F0F0F0F, h1 = (v.y >> 4) & 0x0F0F0F0F;
+            if (FIVE) {
+                l0 |= ((e.x >> (2 * p)) & 0x01010101) << 4;
+                l1 |= ((e.y >> (2 * p)) & 0x01010101) << 4;
+                h0 |= ((e.x >> (2 * p + 1)) & 0x01010101) << 4;
+                h1 |= ((e.y >> (2 * p + 1)) & 0x01010101) << 4;
+            }
+            q[2 * p][0] = l0;
+            q[2 * p][1] = l1;
+            q[2 * p + 1][0] = h0;
+            q[2 * p + 1][1] = h1;
+        }
+    }
+    __device__ __forceinline__ int scale(int b, int) const {
+        return (int)((sc[b >> 2] >> (8 * (b & 3))) & 0xFFu);
+    }
+};
+
+template <>
+struct FragI<T_Q4_K> : FragIK45<false> {};
+template <>
+struct FragI<T_Q5_K> : FragIK45<true> {};
+
+// Q6_K: half hh of a super-block (4 blocks), a signed 8-bit scale per 16 values.
+template <>
+struct FragI<T_Q6_K> {
+    static constexpr int NB = 4;
+    static constexpr bool SPLIT = true;
+    static constexpr bool MIN = false;
+    int q[4][2];
+    int sc[4][2];
+    int mn;
+    float d, dmin;
+    __device__ __forceinline__ void load(const u8* row, int u, int c) {
+        int sb = u >> 1, hh = u & 1;
+        const u8* b = row + sb * 210;
+        const u8* ql = b + 64 * hh;
+        const u8* qh = b + 128 + 32 * hh;
+        const i8* s = (const i8*)(b + 192) + 8 * hh;
+        d = h2f(*(const u16*)(b + 208));
+        dmin = 0.0f;
+        mn = 0;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int l0 = 16 * h + 4 * c;
+            int a = ld_i32_a2(ql + l0), a2 = ld_i32_a2(ql + 32 + l0), e = ld_i32_a2(qh + l0);
+            q[0][h] = (int)__vsubss4((a & 0x0F0F0F0F) | ((e & 0x03030303) << 4), 0x20202020);
+            q[1][h] = (int)__vsubss4((a2 & 0x0F0F0F0F) | (((e >> 2) & 0x03030303) << 4), 0x20202020);
+            q[2][h] = (int)__vsubss4(((a >> 4) & 0x0F0F0F0F) | (((e >> 4) & 0x03030303) << 4), 0x20202020);
+            q[3][h] = (int)__vsubss4(((a2 >> 4) & 0x0F0F0F0F) | (((e >> 6) & 0x03030303) << 4), 0x20202020);
+#pragma unroll
+            for (int j = 0; j < 4; j++) sc[j][h] = (int)s[h + 2 * j];
+        }
+    }
+    __device__ __forceinline__ int scale(int b, int h) const { return sc[b][h]; }
+};
+
+// acc[i][nt][j] (row g + 8i, token 8 nt + 2c + j) += units u, u + MQ_WARPS, ... (U of them) of a
+// K-quant, activations from q8k_mma_layout (values yq_m, scales and min fragments ysc).
+template <int T, int U, int NTL>
+__device__ __forceinline__ void mmqk_units(const u8* r0, const u8* r1, int u, int g, int c,
+                                           const i8* yq_m, const float* ysc, int nsb,
+                                           float (*acc)[NTL][2]) {
+    using F = FragI<T>;
+    F f[U][2];
+#pragma unroll
+    for (int i = 0; i < U; i++) {
+        f[i][0].load(r0, u + i * MQ_WARPS, c);
+        f[i][1].load(r1, u + i * MQ_WARPS, c);
+    }
+    pdl_wait();  // weights are in flight; the activations come from the kernel before
+    const int2* ymin = (const int2*)(ysc + nsb * 16);
+#pragma unroll
+    for (int i = 0; i < U; i++) {
+        const int uu = u + i * MQ_WARPS;
+        const int sb = uu * F::NB / 8;  // the unit's super-block
+        int is[2][NTL][2];
+#pragma unroll
+        for (int rr = 0; rr < 2; rr++)
+#pragma unroll
+            for (int nt = 0; nt < NTL; nt++) is[rr][nt][0] = is[rr][nt][1] = 0;
+#pragma unroll
+        for (int b = 0; b < F::NB; b++) {
+            const size_t blk = (size_t)uu * F::NB + b;
+#pragma unroll
+            for (int nt = 0; nt < NTL; nt++) {
+                int2 y = *(const int2*)(yq_m + ((blk * 2 + nt) * 4 + c) * 64 + g * 8);
+                int s0[4] = {0, 0, 0, 0}, s1[4] = {0, 0, 0, 0};
+                mma_s8(s0, f[i][0].q[b][0], f[i][1].q[b][0], y.x);
+                mma_s8(F::SPLIT ? s1 : s0, f[i][0].q[b][1], f[i][1].q[b][1], y.y);
+#pragma unroll
+                for (int rr = 0; rr < 2; rr++)
+#pragma unroll
+                    for (int j = 0; j < 2; j++) {
+                        is[rr][nt][j] += f[i][rr].scale(b, 0) * s0[2 * rr + j];
+                        if (F::SPLIT) is[rr][nt][j] += f[i][rr].scale(b, 1) * s1[2 * rr + j];
+                    }
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NTL; nt++) {
+            const float2 dt = *(const float2*)(ysc + sb * 16 + 8 * nt + 2 * c);
+            int mh[4] = {0, 0, 0, 0}, ml[4] = {0, 0, 0, 0};
+            if (F::MIN) {
+                const int2 mb = c < 2 ? ymin[((sb * 2 + nt) * 2 + c) * 8 + g] : make_int2(0, 0);
+                mma_s8(mh, f[i][0].mn, f[i][1].mn, mb.x);
+                mma_s8(ml, f[i][0].mn, f[i][1].mn, mb.y);
+            }
+#pragma unroll
+            for (int rr = 0; rr < 2; rr++)
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    float v = f[i][rr].d * (float)is[rr][nt][j];
+                    if (F::MIN) v -= f[i][rr].dmin * (float)(64 * mh[2 * rr + j] + ml[2 * rr + j]);
+                    acc[rr][nt][j] += (j ? dt.y : dt.x) * v;
+                }
+        }
+    }
+}
+
 template <int T, int NT>
 __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, const i8* yq,
                                      const float2* yds, int K, int n_tok) {
@@ -872,10 +1128,19 @@ __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, c
 #pragma unroll
         for (int nt = 0; nt < NTL; nt++) acc[i][nt][0] = acc[i][nt][1] = 0.0f;
     int u = warp;
-    constexpr int U = Frag<T>::NB >= 4 ? 1 : 2;
-    for (; u + (U - 1) * MQ_WARPS < units; u += U * MQ_WARPS)
-        mmqs_units<T, U, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
-    if (U == 2 && u < units) mmqs_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
+    if constexpr (T == T_Q4_K || T == T_Q5_K || T == T_Q6_K) {
+        // q8_K activations (q8k_mma_layout): yds holds the scales and the min fragments.
+        const float* ysc = (const float*)yds;
+        const int nsb = K / 256;
+        for (; u + MQ_WARPS < units; u += 2 * MQ_WARPS)
+            mmqk_units<T, 2, NTL>(rp[0], rp[1], u, g, c, yq, ysc, nsb, acc);
+        if (u < units) mmqk_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, ysc, nsb, acc);
+    } else {
+        constexpr int U = Frag<T>::NB >= 4 ? 1 : 2;
+        for (; u + (U - 1) * MQ_WARPS < units; u += U * MQ_WARPS)
+            mmqs_units<T, U, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
+        if (U == 2 && u < units) mmqs_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
+    }
     pdl_wait();  // warps without units, too
 #pragma unroll
     for (int i = 0; i < 2; i++)

@@ -130,6 +130,20 @@ fn q8_1_view(x: &[f32]) -> (Vec<f64>, Vec<f64>) {
     (vals, s_err)
 }
 
+/// What the K-quants' tensor-core kernels see: the values as ggml's q8_K holds them (one f32
+/// scale per 256 values; the block sums of the min terms are exact integers, so no correction).
+fn q8_k_view(x: &[f32]) -> Vec<f64> {
+    const BYTES: usize = 4 + 256 + 32;
+    let mut q8 = vec![0u8; x.len() / 256 * BYTES];
+    ggml_compat::q8::quantize_q8_k(x, &mut q8);
+    let mut vals = Vec::with_capacity(x.len());
+    for blk in q8.chunks_exact(BYTES) {
+        let d = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]) as f64;
+        vals.extend(blk[4..260].iter().map(|&q| q as i8 as f64 * d));
+    }
+    vals
+}
+
 fn f16_at(b: &[u8], at: usize) -> f64 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f64()
 }
@@ -224,7 +238,16 @@ fn matmul_kernels_match_dequantized_reference() {
                     let mut n_bad = 0usize;
                     for t in 0..n {
                         let xr = &x[t * cols..(t + 1) * cols];
-                        let (xv, s_err): (Vec<f64>, Vec<f64>) = if quantized_acts {
+                        // Tokens go 16 at a time; the K-quants' tensor-core path takes q8_K.
+                        let chunk = (n - t / cuda::MV_MAXT * cuda::MV_MAXT).min(cuda::MV_MAXT);
+                        let mma = quantized_acts
+                            && dk.choose(ty, chunk, cols, rows, h.gpu.sms)
+                                == cuda::matmul::DecodePath::Mma;
+                        let q8k = mma
+                            && matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
+                        let (xv, s_err): (Vec<f64>, Vec<f64>) = if q8k {
+                            (q8_k_view(xr), Vec::new())
+                        } else if quantized_acts {
                             q8_1_view(xr)
                         } else if decode {
                             (xr.iter().map(|&v| v as f64).collect(), Vec::new())

@@ -35,8 +35,41 @@ inline void mma_s8(int* d, int a0, int a1, int b0) {
     }
     g_warps[wi].bar->arrive_and_wait();
 }
+template <class T> T __shfl_sync(unsigned, T v, int src) {
+    int lane = threadIdx.x % 32;
+    Warp& w = g_warps[threadIdx.x / 32];
+    static_assert(sizeof(T) <= 8);
+    std::memcpy(&w.buf[lane], &v, sizeof(T));
+    w.bar->arrive_and_wait();
+    T r;
+    std::memcpy(&r, &w.buf[src & 31], sizeof(T));
+    w.bar->arrive_and_wait();
+    return r;
+}
+inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }  // ties to even
 #include "mmqs_extract.cuh"  // with the T_* type ids and MV_WARPS of the kernel sources
 #include "emu_quant_ref.h"
+
+// ggml's quantize_row_q8_K on one token row (what the CPU backend's K-quant dots use), written
+// as q8_1-shaped blocks (values, (d, d * sum)) so serial_row_dot prices them.
+static void q8_k_as_q8_1(const float* x, int K, i8* yq, float2* yds) {
+    for (int sb = 0; sb < K / 256; sb++) {
+        const float* v = x + sb * 256;
+        float amax = 0, mx = 0;
+        for (int i = 0; i < 256; i++)
+            if (std::fabs(v[i]) > amax) { amax = std::fabs(v[i]); mx = v[i]; }
+        const float is = amax != 0 ? -127.0f / mx : 0.0f, d = amax != 0 ? 1.0f / is : 0.0f;
+        for (int b = 0; b < 8; b++) {
+            int sum = 0;
+            for (int i = 0; i < 32; i++) {
+                const int q = amax != 0 ? std::min((int)std::nearbyint(is * v[32 * b + i]), 127) : 0;
+                yq[sb * 256 + 32 * b + i] = (i8)q;
+                sum += q;
+            }
+            yds[sb * 8 + b] = {d, d * (float)sum};
+        }
+    }
+}
 
 template <int T>
 static int run(const Ty& ty, int K, const int rows[3], int n_tok) {
@@ -50,6 +83,17 @@ static int run(const Ty& ty, int K, const int rows[3], int n_tok) {
     for (size_t i = 0; i < (size_t)n_tok * K; i++) yq[i] = (i8)rnd();
     std::vector<float2> yds((size_t)n_tok * K / 32);
     for (auto& d : yds) d = {rf() * 0.1f, rf()};
+    // The K-quants take q8_K from f32 rows (exactly n_tok of them, some blocks scaled down
+    // and one zero block, so the per-256 scale and the block sums matter); the reference
+    // prices ggml's q8_K of the same rows.
+    constexpr bool Q8K = T == T_Q4_K || T == T_Q5_K || T == T_Q6_K;
+    std::vector<float> xf(Q8K ? (size_t)n_tok * K : 0);
+    for (size_t i = 0; i < xf.size(); i++) {
+        const size_t blk = i / 32 % 7;
+        xf[i] = blk == 3 ? 0.0f : rf() * (blk == 1 ? 1e-3f : blk == 5 ? 30.0f : 1.0f);
+    }
+    if (Q8K)
+        for (int t = 0; t < n_tok; t++) q8_k_as_q8_1(&xf[(size_t)t * K], K, yq + (size_t)t * K, &yds[(size_t)t * K / 32]);
     const float SENT = 12345.0f;
     const int ldo[3] = {rows[0] + 3, rows[1] + 1, rows[2] + 2};
     std::vector<float> out[3];
@@ -63,8 +107,12 @@ static int run(const Ty& ty, int K, const int rows[3], int n_tok) {
     i8* yq_m = (i8*)yqm_v.data();
     std::vector<float2> yds_m((size_t)16 * nb, float2{NAN, NAN});
     memset(yq_m, 0x5a, (size_t)16 * K);
-    launch({(unsigned)((nb * 64 + 255) / 256), 1, 1}, 256, 0,
-           [&] { q8_1_mma_layout(yq, yds.data(), K, n_tok, fam, yq_m, yds_m.data()); });
+    if (Q8K)
+        launch({(unsigned)((K / 256 * 16 * 32 + 255) / 256), 1, 1}, 256, 0,
+               [&] { q8k_mma_layout(xf.data(), K, K, n_tok, fam, yq_m, (float*)yds_m.data()); });
+    else
+        launch({(unsigned)((nb * 64 + 255) / 256), 1, 1}, 256, 0,
+               [&] { q8_1_mma_layout(yq, yds.data(), K, n_tok, fam, yq_m, yds_m.data()); });
     launch({(unsigned)((total + 15) / 16), 1, 1}, MQ_WARPS * WARP, 0, [&] {
         if (n_tok <= 8) mmqs<T, 8>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
         else mmqs<T, 16>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);

@@ -205,6 +205,8 @@ pub struct Kernels {
     pub quantize_q8_1: CudaFunction,
     /// q8_1 activations rearranged for the tensor-core small-batch kernels.
     pub q8_1_mma_layout: CudaFunction,
+    /// f32 activations as q8_K in the same order, for the K-quants' tensor-core kernels.
+    pub q8k_mma_layout: CudaFunction,
     pub rope: CudaFunction,
     pub swiglu: CudaFunction,
     pub add: CudaFunction,
@@ -268,6 +270,7 @@ impl Kernels {
         Ok(Kernels {
             quantize_q8_1: f("quantize_q8_1")?,
             q8_1_mma_layout: f("q8_1_mma_layout")?,
+            q8k_mma_layout: f("q8k_mma_layout")?,
             rope: f("rope")?,
             swiglu: f("swiglu")?,
             add: f("add")?,

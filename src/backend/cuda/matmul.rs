@@ -87,11 +87,18 @@ fn mmqs_units_per_row(ty: GgmlType, cols: usize) -> usize {
     }
 }
 
-/// Column family of a type's tensor-core fragments (`Frag<T>::load` in quant.cu: family 0 =
-/// columns 4c.., 16+4c.. of a 32-value block per lane, family 1 = columns 8c..8c+7), which the
-/// activations' mma layout must follow.
+/// Column family of a type's tensor-core fragments (`Frag<T>::load` / `FragI<T>::load` in
+/// quant.cu: family 0 = columns 4c.., 16+4c.. of a 32-value block per lane, family 1 = columns
+/// 8c..8c+7), which the activations' mma layout must follow.
 fn mma_family(ty: GgmlType) -> i32 {
     matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) as i32
+}
+
+/// Whether the tensor-core kernels of a type take q8_K activations (one scale per 256 values,
+/// `q8k_mma_layout` from the f32 input) instead of q8_1 ones: the K-quants, whose block scales
+/// are then applied to the integer dots as integers (quant.cu: `mmqk_units`).
+fn mma_q8k(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
 }
 
 /// Weight rows per block of the tensor-core small-batch kernels (`mmqs`).
@@ -382,6 +389,8 @@ pub struct MatScratch {
     x16: DevBuf,
     wdq: DevBuf,
     qkey: Option<(u64, u64)>,
+    /// Row stride (floats) of the f32 input `qkey` names (q8_K layouts read it); 0 = dense rows.
+    qld: usize,
     /// The backend's exact mode (`MOA_EXACT=1` at creation, or
     /// `CudaBackend::set_exact_attention`): decode-sized products of the legacy quantized types
     /// sum in the CPU backend's order (`mvx_<type>`), and attention runs the exact kernel
@@ -423,6 +432,7 @@ impl MatScratch {
                 "f16 weight tile",
             )?,
             qkey: None,
+            qld: 0,
             exact: false,
         })
     }
@@ -450,6 +460,7 @@ impl MatScratch {
     /// Records that a fused kernel left input `x` at `version` in the q8_1 buffer.
     pub fn mark_quantized(&mut self, x: u64, version: u64) {
         self.qkey = Some((x, version));
+        self.qld = 0;
     }
 
     /// Whether a q8_1 copy of rows of `cols` values fits (decode-sized batches).
@@ -504,6 +515,7 @@ pub fn matmul(
                 ],
             )?;
             s.qkey = Some(key);
+            s.qld = a.ldx;
         }
         return launch_mmvq(gpu, k, s, &[(m, a.out, a.ldo)], a.n);
     }
@@ -640,22 +652,42 @@ fn launch_mmvq(
     match (&m.mq, path) {
         (Some(mq), DecodePath::Mma) => {
             let fam = mma_family(m.ty);
-            let key = s.qkey.map(|(x, v)| (x, v, fam));
+            let q8k = mma_q8k(m.ty);
+            let key = s.qkey.map(|(x, v)| (x, v, fam + 2 * q8k as i32));
             if key.is_none() || s.mkey != key {
-                let nb = m.cols / 32;
-                gpu.launch_pdl(
-                    &k.q8_1_mma_layout,
-                    cfg_1d(nb * 64),
-                    &[
-                        A::P(s.yq.ptr),
-                        A::P(s.yds.ptr),
-                        A::I(m.cols as i32),
-                        A::I(n as i32),
-                        A::I(fam),
-                        A::P(s.yq_m.ptr),
-                        A::P(s.yds_m.ptr),
-                    ],
-                )?;
+                if q8k {
+                    // One warp per (super-block, token slot), from the f32 input.
+                    let (x, _) = s.qkey.expect("the input of a decode product is known");
+                    let ldx = if s.qld == 0 { m.cols } else { s.qld };
+                    gpu.launch_pdl(
+                        &k.q8k_mma_layout,
+                        lcfg((blocks(m.cols / 256 * 16, 8), 1, 1), 256),
+                        &[
+                            A::P(x),
+                            A::I(ldx as i32),
+                            A::I(m.cols as i32),
+                            A::I(n as i32),
+                            A::I(fam),
+                            A::P(s.yq_m.ptr),
+                            A::P(s.yds_m.ptr),
+                        ],
+                    )?;
+                } else {
+                    let nb = m.cols / 32;
+                    gpu.launch_pdl(
+                        &k.q8_1_mma_layout,
+                        cfg_1d(nb * 64),
+                        &[
+                            A::P(s.yq.ptr),
+                            A::P(s.yds.ptr),
+                            A::I(m.cols as i32),
+                            A::I(n as i32),
+                            A::I(fam),
+                            A::P(s.yq_m.ptr),
+                            A::P(s.yds_m.ptr),
+                        ],
+                    )?;
+                }
                 s.mkey = key;
             }
             args.extend([
@@ -753,6 +785,7 @@ pub fn matmul_multi(
                 ],
             )?;
             s.qkey = Some(key);
+            s.qld = ldx;
         }
         return launch_mmvq(gpu, k, s, targets, n);
     }
