@@ -243,8 +243,8 @@ fn matmul_kernels_match_dequantized_reference() {
                         let mma = quantized_acts
                             && dk.choose(ty, chunk, cols, rows, h.gpu.sms)
                                 == cuda::matmul::DecodePath::Mma;
-                        let q8k = mma
-                            && matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
+                        let q8k =
+                            mma && matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
                         let (xv, s_err): (Vec<f64>, Vec<f64>) = if q8k {
                             (q8_k_view(xr), Vec::new())
                         } else if quantized_acts {
