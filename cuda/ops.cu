@@ -213,6 +213,37 @@ extern "C" __global__ void swiglu_q8(float* gate, const float* up, int width, in
     q8_1_lane(v, yq + (size_t)t * width + b * 32, yds + (size_t)t * nb + b, lane);
 }
 
+// gate[t] = silu(gate[t]) * up[t], and the result in the q8_K mma layout (q8k_mma_layout in
+// quant.cu) when the down projection is a K-quant on the tensor cores: the layout launch goes.
+// One warp per (super-block, token slot); slots n_tok..15 write zeros.
+extern "C" __global__ void swiglu_q8k(float* gate, const float* up, int width, int n_tok, int fam,
+                                      i8* yq_m, float* ysc) {
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
+    pdl_trigger();
+    const int nsb = width / 256;
+    const int w = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    if (w >= nsb * 16) return;
+    const int sb = w >> 4, t = w & 15, lane = threadIdx.x % WARP;
+    float v[8];
+    if (t < n_tok) {
+        float* g = gate + (size_t)t * width + sb * 256 + 8 * lane;
+        const float* u = up + (size_t)t * width + sb * 256 + 8 * lane;
+        // Rows of a multiple of 256 floats: 16-byte aligned pieces.
+        const float4 g0 = ((const float4*)g)[0], g1 = ((const float4*)g)[1];
+        const float4 u0 = ((const float4*)u)[0], u1 = ((const float4*)u)[1];
+        const float gv[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
+        const float uv[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = silu_mul(gv[k], uv[k]);
+        ((float4*)g)[0] = make_float4(v[0], v[1], v[2], v[3]);
+        ((float4*)g)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = 0.0f;
+    }
+    q8k_layout_warp(v, sb, t, lane, nsb, fam, yq_m, ysc);
+}
+
 // RoPE on q and k (in place), k and v rounded to f16 into the staging rows, and, when `store`
 // (every run of the batch is one token, so no key a query of the batch needs is displaced),
 // also into the layer's cache ring: bit 0 K, bit 1 V (a q8_0 cache is stored by kv_quant_q8_0

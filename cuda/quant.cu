@@ -866,17 +866,11 @@ __device__ __forceinline__ void mmqs_units(const u8* r0, const u8* r1, int u, in
 // the 32-value block sums S of blocks 4c .. 4c + 3, split into int8 parts: x holds S >> 6
 // (-64..63), y holds S & 63, so S = 64 x + y (|S| <= 32 * 127). One warp per (super-block,
 // token slot), 8 values per lane.
-extern "C" __global__ void q8k_mma_layout(const float* x, int ldx, int K, int n_tok, int fam,
-                                          i8* yq_m, float* ysc) {
-    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
-    pdl_trigger();
-    const int nsb = K / 256;
-    const int w = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
-    if (w >= nsb * 16) return;
-    const int sb = w >> 4, t = w & 15, lane = threadIdx.x % WARP;
-    float v[8];
-#pragma unroll
-    for (int k = 0; k < 8; k++) v[k] = t < n_tok ? x[(size_t)t * ldx + sb * 256 + 8 * lane + k] : 0.0f;
+// One warp's part of the q8_K layout: lane `lane` holds values 8 lane .. 8 lane + 7 of token
+// slot t's super-block sb (zeros for padding slots) and writes their share of yq_m, ysc and
+// the min fragments. Shared by q8k_mma_layout and the fused producers (swiglu_q8k).
+__device__ __forceinline__ void q8k_layout_warp(const float* v, int sb, int t, int lane, int nsb,
+                                                int fam, i8* yq_m, float* ysc) {
     // The signed value of largest magnitude; ties go to the first (lanes hold values in order).
     float amax = 0.0f, mx = 0.0f;
     int src = lane;
@@ -948,6 +942,20 @@ extern "C" __global__ void q8k_mma_layout(const float* x, int ldx, int K, int n_
         int2* ymin = (int2*)(ysc + nsb * 16);
         ymin[((sb * 2 + t / 8) * 2 + (lane >> 4)) * 8 + t % 8] = make_int2((int)hb, (int)lb);
     }
+}
+
+extern "C" __global__ void q8k_mma_layout(const float* x, int ldx, int K, int n_tok, int fam,
+                                          i8* yq_m, float* ysc) {
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
+    pdl_trigger();
+    const int nsb = K / 256;
+    const int w = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    if (w >= nsb * 16) return;
+    const int sb = w >> 4, t = w & 15, lane = threadIdx.x % WARP;
+    float v[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) v[k] = t < n_tok ? x[(size_t)t * ldx + sb * 256 + 8 * lane + k] : 0.0f;
+    q8k_layout_warp(v, sb, t, lane, nsb, fam, yq_m, ysc);
 }
 
 // One unit of a K-quant row as lane c's A fragments with the block scales kept as integers

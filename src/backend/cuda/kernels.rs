@@ -225,6 +225,8 @@ pub struct Kernels {
     /// `add_rms_norm_q8_<PER>` for PER = 4, 8, 16 values per thread.
     pub add_rms_norm_q8: [CudaFunction; 3],
     pub swiglu_q8: CudaFunction,
+    /// SwiGLU writing the q8_K mma layout (the down projection on the K-quant tensor cores).
+    pub swiglu_q8k: CudaFunction,
     pub rope_kv: CudaFunction,
     /// q8_0 caches: quantize staged K/V rows (and store them when decoding), and the
     /// type-generic store of staged rows.
@@ -288,6 +290,7 @@ impl Kernels {
                 f("add_rms_norm_q8_16")?,
             ],
             swiglu_q8: f("swiglu_q8")?,
+            swiglu_q8k: f("swiglu_q8k")?,
             rope_kv: f("rope_kv")?,
             kv_quant_q8_0: f("kv_quant_q8_0")?,
             kv_store_rows: f("kv_store_rows")?,

@@ -389,8 +389,6 @@ pub struct MatScratch {
     x16: DevBuf,
     wdq: DevBuf,
     qkey: Option<(u64, u64)>,
-    /// Row stride (floats) of the f32 input `qkey` names (q8_K layouts read it); 0 = dense rows.
-    qld: usize,
     /// The backend's exact mode (`MOA_EXACT=1` at creation, or
     /// `CudaBackend::set_exact_attention`): decode-sized products of the legacy quantized types
     /// sum in the CPU backend's order (`mvx_<type>`), and attention runs the exact kernel
@@ -432,7 +430,6 @@ impl MatScratch {
                 "f16 weight tile",
             )?,
             qkey: None,
-            qld: 0,
             exact: false,
         })
     }
@@ -460,7 +457,18 @@ impl MatScratch {
     /// Records that a fused kernel left input `x` at `version` in the q8_1 buffer.
     pub fn mark_quantized(&mut self, x: u64, version: u64) {
         self.qkey = Some((x, version));
-        self.qld = 0;
+    }
+
+    /// Device pointers of the mma-layout activations and their scales (for kernels that write
+    /// the q8_K layout as they produce their output: `swiglu_q8k`).
+    pub fn mma_ptrs(&self) -> (u64, u64) {
+        (self.yq_m.ptr, self.yds_m.ptr)
+    }
+
+    /// Records that a fused kernel left input `x` at `version` in the mma buffers as q8_K of
+    /// layout family `fam` (see [`q8k_family`]).
+    pub fn mark_q8k(&mut self, x: u64, version: u64, fam: i32) {
+        self.mkey = Some((x, version, fam + 2));
     }
 
     /// Whether a q8_1 copy of rows of `cols` values fits (decode-sized batches).
@@ -499,25 +507,9 @@ pub fn matmul(
                 ],
             );
         }
-        let key = (a.x, x_version);
-        if s.qkey != Some(key) {
-            let nb = a.n * m.cols / 32;
-            gpu.launch_pdl(
-                &k.quantize_q8_1,
-                lcfg((blocks(nb, 8), 1, 1), 256),
-                &[
-                    A::P(a.x),
-                    A::I(a.ldx as i32),
-                    A::I(m.cols as i32),
-                    A::I(a.n as i32),
-                    A::P(s.yq.ptr),
-                    A::P(s.yds.ptr),
-                ],
-            )?;
-            s.qkey = Some(key);
-            s.qld = a.ldx;
-        }
-        return launch_mmvq(gpu, k, s, &[(m, a.out, a.ldo)], a.n);
+        let t = [(m, a.out, a.ldo)];
+        prepare_q8_1(gpu, k, s, &t, a.x, a.ldx, a.n, x_version)?;
+        return launch_mmvq(gpu, k, s, &t, a.n, (a.x, x_version, a.ldx));
     }
     if a.n <= m.decode.quant_prefill_max && !is_float(m.ty) {
         // A short prompt: decode-sized chunks (matmul_multi owns the chunking).
@@ -587,14 +579,72 @@ pub fn matmul(
     Ok(())
 }
 
-/// One fused decode launch over up to three matrices of one type and width reading the q8_1
-/// input already in the scratch.
+/// The decode path of one fused launch over `t` (`(matrix, out, ldo)`, one type and width) for
+/// `n` tokens on a GPU with `sms` multiprocessors.
+fn decode_path(t: &[(&GpuMatrix, u64, usize)], n: usize, sms: usize) -> DecodePath {
+    let m = t[0].0;
+    let rows = t.iter().map(|x| x.0.rows).sum();
+    match &m.mq {
+        Some(_) => m.decode.choose(m.ty, n, m.cols, rows, sms),
+        None => DecodePath::Dp4a { wpr: 1 },
+    }
+}
+
+/// The mma layout family when a decode product of `n` tokens over matrix `m` takes the K-quant
+/// tensor-core path (q8_K activations, written from the f32 input by `q8k_mma_layout` or by a
+/// fused producer: `swiglu_q8k`); None when it reads q8_1.
+pub fn q8k_family(m: &GpuMatrix, n: usize, sms: usize) -> Option<i32> {
+    let path = decode_path(&[(m, 0, 0)], n, sms);
+    (path == DecodePath::Mma && mma_q8k(m.ty)).then(|| mma_family(m.ty))
+}
+
+/// Quantizes input `x` (rows of `ldx` floats, `n` tokens) to q8_1 for the products over `t`,
+/// unless the scratch holds it already or they take the K-quant tensor-core path, which reads
+/// the f32 input instead.
+#[allow(clippy::too_many_arguments)]
+fn prepare_q8_1(
+    gpu: &Gpu,
+    k: &Kernels,
+    s: &mut MatScratch,
+    t: &[(&GpuMatrix, u64, usize)],
+    x: u64,
+    ldx: usize,
+    n: usize,
+    x_version: u64,
+) -> Result<(), BackendError> {
+    let m = t[0].0;
+    let key = (x, x_version);
+    let q8k = decode_path(t, n, gpu.sms) == DecodePath::Mma && mma_q8k(m.ty);
+    if s.qkey == Some(key) || q8k {
+        return Ok(());
+    }
+    let nb = n * m.cols / 32;
+    gpu.launch_pdl(
+        &k.quantize_q8_1,
+        lcfg((blocks(nb, 8), 1, 1), 256),
+        &[
+            A::P(x),
+            A::I(ldx as i32),
+            A::I(m.cols as i32),
+            A::I(n as i32),
+            A::P(s.yq.ptr),
+            A::P(s.yds.ptr),
+        ],
+    )?;
+    s.qkey = Some(key);
+    Ok(())
+}
+
+/// One fused decode launch over up to three matrices of one type and width, for input
+/// `(x, version, ldx)`: its q8_1 copy is in the scratch, except on the K-quant tensor-core path
+/// (the q8_K layout comes from the f32 input, or is there already from a fused producer).
 fn launch_mmvq(
     gpu: &Gpu,
     k: &Kernels,
     s: &mut MatScratch,
     t: &[(&GpuMatrix, u64, usize)],
     n: usize,
+    input: (u64, u64, usize),
 ) -> Result<(), BackendError> {
     let m = t[0].0;
     let get = |i: usize| {
@@ -639,10 +689,7 @@ fn launch_mmvq(
             &args,
         );
     }
-    let mut path = match &m.mq {
-        Some(_) => m.decode.choose(m.ty, n, m.cols, rows, gpu.sms),
-        None => DecodePath::Dp4a { wpr: 1 },
-    };
+    let mut path = decode_path(t, n, gpu.sms);
     if matches!(path, DecodePath::Stream { .. }) && t.iter().any(|&(mm, _, _)| mm.ptr % 16 != 0) {
         // Rows that do not start 16-byte aligned cannot be copied in 16-byte pieces.
         let mut d = m.decode;
@@ -653,12 +700,11 @@ fn launch_mmvq(
         (Some(mq), DecodePath::Mma) => {
             let fam = mma_family(m.ty);
             let q8k = mma_q8k(m.ty);
-            let key = s.qkey.map(|(x, v)| (x, v, fam + 2 * q8k as i32));
-            if key.is_none() || s.mkey != key {
+            let (x, version, ldx) = input;
+            let key = Some((x, version, fam + 2 * q8k as i32));
+            if s.mkey != key {
                 if q8k {
                     // One warp per (super-block, token slot), from the f32 input.
-                    let (x, _) = s.qkey.expect("the input of a decode product is known");
-                    let ldx = if s.qld == 0 { m.cols } else { s.qld };
                     gpu.launch_pdl(
                         &k.q8k_mma_layout,
                         lcfg((blocks(m.cols / 256 * 16, 8), 1, 1), 256),
@@ -769,25 +815,8 @@ pub fn matmul_multi(
             .iter()
             .all(|t| t.0.ty == m0.ty && t.0.cols == m0.cols);
     if fusable {
-        let key = (x, x_version);
-        if s.qkey != Some(key) {
-            let nb = n * m0.cols / 32;
-            gpu.launch_pdl(
-                &k.quantize_q8_1,
-                lcfg((blocks(nb, 8), 1, 1), 256),
-                &[
-                    A::P(x),
-                    A::I(ldx as i32),
-                    A::I(m0.cols as i32),
-                    A::I(n as i32),
-                    A::P(s.yq.ptr),
-                    A::P(s.yds.ptr),
-                ],
-            )?;
-            s.qkey = Some(key);
-            s.qld = ldx;
-        }
-        return launch_mmvq(gpu, k, s, targets, n);
+        prepare_q8_1(gpu, k, s, targets, x, ldx, n, x_version)?;
+        return launch_mmvq(gpu, k, s, targets, n, (x, x_version, ldx));
     }
     for &(m, out, ldo) in targets {
         let a = MatArgs {

@@ -1162,6 +1162,17 @@ impl CudaBackend {
         }
     }
 
+    /// The q8_K layout family when `op` is a decode product of `n` tokens on the K-quant
+    /// tensor-core path (its input can then be written in that layout by the kernel before it).
+    fn q8k_next(&self, op: Option<&Op>, n: usize) -> Option<i32> {
+        match op {
+            Some(&Op::MatMul { w, .. }) if n <= MV_MAXT => self.matrices[w]
+                .as_ref()
+                .and_then(|m| matmul::q8k_family(m, n, self.gpu.sms)),
+            _ => None,
+        }
+    }
+
     /// `x += y` (when given), `out = rms_norm(x) * w`, and `out` as q8_1 when the next op is a
     /// decode product reading it: one launch.
     #[allow(clippy::too_many_arguments)]
@@ -1300,6 +1311,28 @@ impl CudaBackend {
                 }
                 Op::SwiGlu { gate, up } if self.reads_q8(ops.get(i + 1), gate, n) => {
                     let width = self.model.graph.acts[gate].width;
+                    if let Some(fam) = self.q8k_next(ops.get(i + 1), n) {
+                        // The down projection takes q8_K on the tensor cores: written here.
+                        let (yq_m, ysc) = self.mats.mma_ptrs();
+                        self.gpu.launch_pdl(
+                            &self.k.swiglu_q8k,
+                            lcfg((blocks(width / 256 * 16, 8), 1, 1), 256),
+                            &[
+                                A::P(self.act(gate)),
+                                A::P(self.act(up)),
+                                A::I(width as i32),
+                                A::I(n as i32),
+                                A::I(fam),
+                                A::P(yq_m),
+                                A::P(ysc),
+                            ],
+                        )?;
+                        self.act_version[gate] += 1;
+                        self.mats
+                            .mark_q8k(self.act(gate), self.act_version[gate], fam);
+                        i += 1;
+                        continue;
+                    }
                     let (yq, yds) = self.mats.q8_ptrs();
                     self.gpu.launch_pdl(
                         &self.k.swiglu_q8,
