@@ -132,9 +132,12 @@ extern "C" __global__ void argmax_rows(const float* logits, int n_vocab, int* ou
 // PER values per thread (4, 8 or 16: `add_rms_norm_q8_<PER>`, the host picks the smallest that
 // holds the row): three PER-value arrays stay in registers under the 64-register limit of
 // 1024-thread blocks only for small PER, and a spilled array goes through local memory.
+// With yq_m (width a multiple of 256, the next product a K-quant on the tensor cores): out also
+// in the q8_K mma layout of family fam (q8k_mma_layout in quant.cu), one warp per super-block
+// reading the row back once the block has written it; the layout launch goes.
 template <int PER>
 __device__ __forceinline__ void add_rms_norm_q8_row(float* x, const float* y, const float* w,
-        float eps, int width, float* out, i8* yq, float2* yds) {
+        float eps, int width, float* out, i8* yq, float2* yds, int fam, i8* yq_m, float* ysc) {
     pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
     pdl_trigger();
     int t = blockIdx.x, nt = blockDim.x;
@@ -184,13 +187,25 @@ __device__ __forceinline__ void add_rms_norm_q8_row(float* x, const float* y, co
         if (i < width) out[(size_t)t * width + i] = o;
         if (yq) q8_1_lane(o, yq + (size_t)t * width + c * 32, yds + (size_t)t * (width / 32) + c, lane);
     }
+    if (yq_m) {
+        __syncthreads();  // the row is written (global writes of the block are visible to it)
+        const int nsb = width / 256;
+        const float* orow = out + (size_t)t * width;
+        for (int sb = threadIdx.x / WARP; sb < nsb; sb += nt / WARP) {
+            // L2 reads: out may alias x, whose old values this block has read through L1.
+            const float4 a = __ldcg((const float4*)(orow + sb * 256 + 8 * lane));
+            const float4 b = __ldcg((const float4*)(orow + sb * 256 + 8 * lane + 4));
+            const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+            q8k_layout_warp(v, sb, t, lane, nsb, fam, yq_m, ysc);
+        }
+    }
 }
 
 #define ADD_RMS_NORM_Q8(PER)                                                                  \
     extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_q8_##PER(                 \
         float* x, const float* y, const float* w, float eps, int width, float* out, i8* yq,  \
-        float2* yds) {                                                                        \
-        add_rms_norm_q8_row<PER>(x, y, w, eps, width, out, yq, yds);                          \
+        float2* yds, int fam, i8* yq_m, float* ysc) {                                         \
+        add_rms_norm_q8_row<PER>(x, y, w, eps, width, out, yq, yds, fam, yq_m, ysc);          \
     }
 ADD_RMS_NORM_Q8(4)
 ADD_RMS_NORM_Q8(8)
@@ -215,17 +230,17 @@ extern "C" __global__ void swiglu_q8(float* gate, const float* up, int width, in
 
 // gate[t] = silu(gate[t]) * up[t], and the result in the q8_K mma layout (q8k_mma_layout in
 // quant.cu) when the down projection is a K-quant on the tensor cores: the layout launch goes.
-// One warp per (super-block, token slot); slots n_tok..15 write zeros.
+// One warp per (super-block, token).
 extern "C" __global__ void swiglu_q8k(float* gate, const float* up, int width, int n_tok, int fam,
                                       i8* yq_m, float* ysc) {
     pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
     pdl_trigger();
     const int nsb = width / 256;
     const int w = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
-    if (w >= nsb * 16) return;
-    const int sb = w >> 4, t = w & 15, lane = threadIdx.x % WARP;
+    if (w >= nsb * n_tok) return;
+    const int sb = w / n_tok, t = w % n_tok, lane = threadIdx.x % WARP;
     float v[8];
-    if (t < n_tok) {
+    {
         float* g = gate + (size_t)t * width + sb * 256 + 8 * lane;
         const float* u = up + (size_t)t * width + sb * 256 + 8 * lane;
         // Rows of a multiple of 256 floats: 16-byte aligned pieces.
@@ -237,9 +252,6 @@ extern "C" __global__ void swiglu_q8k(float* gate, const float* up, int width, i
         for (int k = 0; k < 8; k++) v[k] = silu_mul(gv[k], uv[k]);
         ((float4*)g)[0] = make_float4(v[0], v[1], v[2], v[3]);
         ((float4*)g)[1] = make_float4(v[4], v[5], v[6], v[7]);
-    } else {
-#pragma unroll
-        for (int k = 0; k < 8; k++) v[k] = 0.0f;
     }
     q8k_layout_warp(v, sb, t, lane, nsb, fam, yq_m, ysc);
 }

@@ -861,14 +861,16 @@ __device__ __forceinline__ void mmqs_units(const u8* r0, const u8* r1, int u, in
 //
 // q8k_mma_layout writes, from the f32 activations: the int8 values in the fragment order of
 // q8_1_mma_layout (same families: fam 1 = Q4_K/Q5_K, 0 = Q6_K); ysc[sb * 16 + t] = token t's
-// d of super-block sb (0 for tokens n_tok..15); and after those (Q4_K/Q5_K, for the mins)
+// d of super-block sb; and after those (Q4_K/Q5_K, for the mins)
 // ymin[((sb * 2 + t / 8) * 2 + c) * 8 + t % 8] = the B fragments (k = 4c .. 4c + 3, token t) of
 // the 32-value block sums S of blocks 4c .. 4c + 3, split into int8 parts: x holds S >> 6
 // (-64..63), y holds S & 63, so S = 64 x + y (|S| <= 32 * 127). One warp per (super-block,
-// token slot), 8 values per lane.
+// token), 8 values per lane. Token slots n_tok..15 are not written: a token is one column of
+// the B fragments, so whatever they hold reaches only the padding columns of the results,
+// which are never stored.
 // One warp's part of the q8_K layout: lane `lane` holds values 8 lane .. 8 lane + 7 of token
-// slot t's super-block sb (zeros for padding slots) and writes their share of yq_m, ysc and
-// the min fragments. Shared by q8k_mma_layout and the fused producers (swiglu_q8k).
+// t's super-block sb and writes their share of yq_m, ysc and the min fragments. Shared by
+// q8k_mma_layout and the fused producers (add_rms_norm_q8_*, swiglu_q8k).
 __device__ __forceinline__ void q8k_layout_warp(const float* v, int sb, int t, int lane, int nsb,
                                                 int fam, i8* yq_m, float* ysc) {
     // The signed value of largest magnitude; ties go to the first (lanes hold values in order).
@@ -950,11 +952,11 @@ extern "C" __global__ void q8k_mma_layout(const float* x, int ldx, int K, int n_
     pdl_trigger();
     const int nsb = K / 256;
     const int w = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
-    if (w >= nsb * 16) return;
-    const int sb = w >> 4, t = w & 15, lane = threadIdx.x % WARP;
+    if (w >= nsb * n_tok) return;
+    const int sb = w / n_tok, t = w % n_tok, lane = threadIdx.x % WARP;
     float v[8];
 #pragma unroll
-    for (int k = 0; k < 8; k++) v[k] = t < n_tok ? x[(size_t)t * ldx + sb * 256 + 8 * lane + k] : 0.0f;
+    for (int k = 0; k < 8; k++) v[k] = x[(size_t)t * ldx + sb * 256 + 8 * lane + k];
     q8k_layout_warp(v, sb, t, lane, nsb, fam, yq_m, ysc);
 }
 

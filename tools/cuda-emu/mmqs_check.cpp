@@ -108,7 +108,7 @@ static int run(const Ty& ty, int K, const int rows[3], int n_tok) {
     std::vector<float2> yds_m((size_t)16 * nb, float2{NAN, NAN});
     memset(yq_m, 0x5a, (size_t)16 * K);
     if (Q8K)
-        launch({(unsigned)((K / 256 * 16 * 32 + 255) / 256), 1, 1}, 256, 0,
+        launch({(unsigned)((K / 256 * n_tok * 32 + 255) / 256), 1, 1}, 256, 0,
                [&] { q8k_mma_layout(xf.data(), K, K, n_tok, fam, yq_m, (float*)yds_m.data()); });
     else
         launch({(unsigned)((nb * 64 + 255) / 256), 1, 1}, 256, 0,

@@ -704,10 +704,10 @@ fn launch_mmvq(
             let key = Some((x, version, fam + 2 * q8k as i32));
             if s.mkey != key {
                 if q8k {
-                    // One warp per (super-block, token slot), from the f32 input.
+                    // One warp per (super-block, token), from the f32 input.
                     gpu.launch_pdl(
                         &k.q8k_mma_layout,
-                        lcfg((blocks(m.cols / 256 * 16, 8), 1, 1), 256),
+                        lcfg((blocks(m.cols / 256 * n, 8), 1, 1), 256),
                         &[
                             A::P(x),
                             A::I(ldx as i32),

@@ -1164,9 +1164,9 @@ impl CudaBackend {
 
     /// The q8_K layout family when `op` is a decode product of `n` tokens on the K-quant
     /// tensor-core path (its input can then be written in that layout by the kernel before it).
-    fn q8k_next(&self, op: Option<&Op>, n: usize) -> Option<i32> {
+    fn q8k_next(&self, op: Option<&Op>, x: ActId, n: usize) -> Option<i32> {
         match op {
-            Some(&Op::MatMul { w, .. }) if n <= MV_MAXT => self.matrices[w]
+            Some(&Op::MatMul { w, x: x2, .. }) if x2 == x && n <= MV_MAXT => self.matrices[w]
                 .as_ref()
                 .and_then(|m| matmul::q8k_family(m, n, self.gpu.sms)),
             _ => None,
@@ -1187,8 +1187,19 @@ impl CudaBackend {
         n: usize,
     ) -> Result<(), BackendError> {
         let width = self.model.graph.acts[x].width;
-        let q8 = width.is_multiple_of(32) && self.reads_q8(next, out, n);
+        // The next product's input as q8_K in the mma layout (K-quant tensor cores), else q8_1.
+        let fam = if width.is_multiple_of(256) {
+            self.q8k_next(next, out, n)
+        } else {
+            None
+        };
+        let q8 = fam.is_none() && width.is_multiple_of(32) && self.reads_q8(next, out, n);
         let (yq, yds) = if q8 { self.mats.q8_ptrs() } else { (0, 0) };
+        let (yq_m, ysc) = if fam.is_some() {
+            self.mats.mma_ptrs()
+        } else {
+            (0, 0)
+        };
         let wv = self.vectors[w].as_ref().expect("norm prepared").ptr;
         let (threads, variant) = norm_shape(width);
         self.gpu.launch_pdl(
@@ -1203,6 +1214,9 @@ impl CudaBackend {
                 A::P(self.act(out)),
                 A::P(yq),
                 A::P(yds),
+                A::I(fam.unwrap_or(0)),
+                A::P(yq_m),
+                A::P(ysc),
             ],
         )?;
         if y.is_some() {
@@ -1213,12 +1227,15 @@ impl CudaBackend {
             self.mats
                 .mark_quantized(self.act(out), self.act_version[out]);
         }
+        if let Some(f) = fam {
+            self.mats.mark_q8k(self.act(out), self.act_version[out], f);
+        }
         Ok(())
     }
 
-    /// Executes the ops, fusing the patterns the llama graph has: residual add + norm (+ q8_1),
-    /// products of one input (q/k/v, gate/up), RoPE + f16 staging (+ cache store) before
-    /// attention, SwiGLU + q8_1 before the down projection.
+    /// Executes the ops, fusing the patterns the llama graph has: residual add + norm (+ q8_1,
+    /// or q8_K in the mma layout), products of one input (q/k/v, gate/up), RoPE + f16 staging
+    /// (+ cache store) before attention, SwiGLU + q8_1 (or q8_K) before the down projection.
     fn run_ops(&mut self, ops: &[Op], batch: &Batch) -> Result<(), BackendError> {
         let n = batch.len();
         let mut i = 0;
@@ -1311,12 +1328,12 @@ impl CudaBackend {
                 }
                 Op::SwiGlu { gate, up } if self.reads_q8(ops.get(i + 1), gate, n) => {
                     let width = self.model.graph.acts[gate].width;
-                    if let Some(fam) = self.q8k_next(ops.get(i + 1), n) {
+                    if let Some(fam) = self.q8k_next(ops.get(i + 1), gate, n) {
                         // The down projection takes q8_K on the tensor cores: written here.
                         let (yq_m, ysc) = self.mats.mma_ptrs();
                         self.gpu.launch_pdl(
                             &self.k.swiglu_q8k,
-                            lcfg((blocks(width / 256 * 16, 8), 1, 1), 256),
+                            lcfg((blocks(width / 256 * n, 8), 1, 1), 256),
                             &[
                                 A::P(self.act(gate)),
                                 A::P(self.act(up)),
