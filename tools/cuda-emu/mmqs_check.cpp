@@ -1,5 +1,5 @@
-// CPU check of the tensor-core small-batch products (q8_1_mma_layout, then mmqs in
-// cuda/quant.cu; tools/cuda-emu/mmqs_check.sh): the kernels run under emu.h (one OS thread per
+// CPU check of the tensor-core small-batch products (q8_1_mma_layout or, for the K-quants,
+// q8k_mma_layout, then mmqs in cuda/quant.cu; tools/cuda-emu/mmqs_check.sh): the kernels run under emu.h (one OS thread per
 // CUDA thread, barriers, shuffles) with mma.sync m16n8k16 .s8 emulated per warp by its PTX
 // fragment layout (A: lane 4g + c holds rows g and g + 8, columns 4c..4c+3; B: column g, rows
 // 4c..4c+3; C: rows g, g + 8, columns 2c, 2c + 1), on random weight bytes (valid f16 scales),

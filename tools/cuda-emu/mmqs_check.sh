@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs the tensor-core small-batch products of cuda/quant.cu (q8_1_mma_layout: the q8_1 rows
-# into fragment order; mmqs: int8 mma.sync m16n8k16, 16 weight rows per block, 8 warps over the
-# units, 1 to 16 tokens) on the CPU under emu.h with mma.sync emulated per warp by its fragment
-# layout (mmqs_check.cpp), against every row and token summed serially with the dp4a kernels'
-# Unit<T> code. Checks the fragment indexing (weights and activations), the layout families,
-# the padding token slots (AddressSanitizer: exactly n_tok q8_1 rows are allocated), the warp
-# reduction and the row picking over up to three matrices. g++ 12+ (C++20).
+# into fragment order, or for the K-quants q8k_mma_layout: f32 rows to ggml's q8_K in that
+# order, with the block sums of the mins; mmqs: int8 mma.sync m16n8k16, 16 weight rows per
+# block, 8 warps over the units, 1 to 16 tokens) on the CPU under emu.h with mma.sync emulated
+# per warp by its fragment layout (mmqs_check.cpp), against every row and token summed serially
+# with the dp4a kernels' Unit<T> code (K-quants: on a CPU q8_K of the same rows). Checks the
+# fragment indexing (weights and activations), the layout families, the q8_K quantization and
+# min fragments, the padding token slots (AddressSanitizer: exactly n_tok activation rows are
+# allocated), the warp reduction and the row picking over up to three matrices. g++ 12+ (C++20).
 #
 #   bash tools/cuda-emu/mmqs_check.sh
 set -euo pipefail
