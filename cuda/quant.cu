@@ -638,9 +638,9 @@ __device__ __forceinline__ void mma_s8(int* d, int a0, int a1, int b0) {
         : "r"(a0), "r"(a1), "r"(b0));
 }
 
-// One unit (NB blocks of 32 values) of one row as lane c's A fragments: q[b][h] = the int8
-// values at columns 16 h + 4c .. + 3 of block b; the block's values are d[b][h] * q + m[b].
-// SPLIT: the two halves of a block have different scales (Q6_K: one per 16 values).
+// One unit (a block of 32 values) of one row of a legacy type as lane c's A fragments: q[b][h] =
+// the int8 values at columns 16 h + 4c .. + 3 of block b; the block's values are d[b][h] * q +
+// m[b]. (The K-quants: FragI below, on q8_K activations.)
 template <int T>
 struct Frag;
 
@@ -726,85 +726,6 @@ struct Frag<T_Q8_0> {
         m[0] = 0.0f;
         q[0][0] = ld_i32_a2(b + 2 + 4 * c);
         q[0][1] = ld_i32_a2(b + 18 + 4 * c);
-    }
-};
-
-// Q4_K / Q5_K: unit = one super-block (8 blocks); lane c takes bytes 8c..8c+7 of each sub-block
-// pair's 32 quant bytes (one 8-byte load: the quad reads the pair's 32 bytes at once), i.e.
-// columns 8c..8c+7 of blocks 2p (low nibbles) and 2p + 1 (high); the header (d, dmin and the 12
-// scale bytes) is one 16-byte load per super-block.
-template <bool FIVE>
-struct FragK45 {
-    static constexpr int NB = 8;
-    static constexpr bool SPLIT = false;
-    int q[8][2];
-    float d[8][2], m[8];
-    __device__ __forceinline__ void load(const u8* row, int u, int c) {
-        const u8* b = row + u * (FIVE ? 176 : 144);
-        int4 hd = *(const int4*)b;
-        float d0 = h2f((u16)(hd.x & 0xffff)), dmin = h2f((u16)((u32)hd.x >> 16));
-        u32 w[3] = {(u32)hd.y, (u32)hd.z, (u32)hd.w};
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            int sc, mm;
-            scale_min_w(j, w, &sc, &mm);
-            d[j][0] = d[j][1] = d0 * (float)sc;
-            m[j] = -dmin * (float)mm;
-        }
-        int2 e = make_int2(0, 0);
-        if (FIVE) e = *(const int2*)(b + 16 + 8 * c);
-        const u8* qs = b + (FIVE ? 48 : 16) + 8 * c;
-#pragma unroll
-        for (int p = 0; p < 4; p++) {
-            int2 v = *(const int2*)(qs + 32 * p);
-            int l0 = v.x & 0x0F0F0F0F, l1 = v.y & 0x0F0F0F0F;
-            int h0 = (v.x >> 4) & 0x0F0F0F0F, h1 = (v.y >> 4) & 0x0F0F0F0F;
-            if (FIVE) {
-                l0 |= ((e.x >> (2 * p)) & 0x01010101) << 4;
-                l1 |= ((e.y >> (2 * p)) & 0x01010101) << 4;
-                h0 |= ((e.x >> (2 * p + 1)) & 0x01010101) << 4;
-                h1 |= ((e.y >> (2 * p + 1)) & 0x01010101) << 4;
-            }
-            q[2 * p][0] = l0;
-            q[2 * p][1] = l1;
-            q[2 * p + 1][0] = h0;
-            q[2 * p + 1][1] = h1;
-        }
-    }
-};
-
-template <>
-struct Frag<T_Q4_K> : FragK45<false> {};
-template <>
-struct Frag<T_Q5_K> : FragK45<true> {};
-
-// Q6_K: unit = half hh of a super-block (4 blocks: its four 32-value quarters).
-template <>
-struct Frag<T_Q6_K> {
-    static constexpr int NB = 4;
-    static constexpr bool SPLIT = true;
-    int q[4][2];
-    float d[4][2], m[4];
-    __device__ __forceinline__ void load(const u8* row, int u, int c) {
-        int sb = u >> 1, hh = u & 1;
-        const u8* b = row + sb * 210;
-        const u8* ql = b + 64 * hh;
-        const u8* qh = b + 128 + 32 * hh;
-        const i8* sc = (const i8*)(b + 192) + 8 * hh;
-        float dd = h2f(*(const u16*)(b + 208));
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            int l0 = 16 * h + 4 * c;
-            int a = ld_i32_a2(ql + l0), a2 = ld_i32_a2(ql + 32 + l0), e = ld_i32_a2(qh + l0);
-            q[0][h] = (int)__vsubss4((a & 0x0F0F0F0F) | ((e & 0x03030303) << 4), 0x20202020);
-            q[1][h] = (int)__vsubss4((a2 & 0x0F0F0F0F) | (((e >> 2) & 0x03030303) << 4), 0x20202020);
-            q[2][h] = (int)__vsubss4(((a >> 4) & 0x0F0F0F0F) | (((e >> 4) & 0x03030303) << 4), 0x20202020);
-            q[3][h] = (int)__vsubss4(((a2 >> 4) & 0x0F0F0F0F) | (((e >> 6) & 0x03030303) << 4), 0x20202020);
-#pragma unroll
-            for (int j = 0; j < 4; j++) d[j][h] = dd * (float)sc[h + 2 * j];
-        }
-#pragma unroll
-        for (int j = 0; j < 4; j++) m[j] = 0.0f;
     }
 };
 
@@ -965,8 +886,12 @@ extern "C" __global__ void q8k_mma_layout(const float* x, int ldx, int K, int n_
 template <int T>
 struct FragI;
 
-// Q4_K / Q5_K: one super-block; the 8 scales and 8 mins one byte each in two words; `mn` is the
-// lane's A fragment of the mins (blocks 4c .. 4c + 3 for c < 2, else zero: k = 8..15 empty).
+// Q4_K / Q5_K: unit = one super-block (8 blocks); lane c takes bytes 8c..8c+7 of each sub-block
+// pair's 32 quant bytes (one 8-byte load: the quad reads the pair's 32 bytes at once), i.e.
+// columns 8c..8c+7 of blocks 2p (low nibbles) and 2p + 1 (high); the header (d, dmin and the 12
+// scale bytes) is one 16-byte load per super-block. The 8 scales and 8 mins stay bytes in two
+// words each; `mn` is the lane's A fragment of the mins (blocks 4c .. 4c + 3 for c < 2, else
+// zero: k = 8..15 of the fragment is empty).
 template <bool FIVE>
 struct FragIK45 {
     static constexpr int NB = 8;
