@@ -607,13 +607,13 @@ MMVS(mmvs_q6_k, T_Q6_K)
 // The activations in fragment order ("mma layout"), so that one 8-byte load per lane gives the
 // B fragments of both 16-column halves for 8 tokens and a warp's load covers 256 contiguous
 // bytes: yq_m[((b * 2 + t / 8) * 4 + c) * 64 + (t % 8) * 8 + j] holds byte j of lane c's share
-// of token t's 32-value block b, where the share is (family 0) columns 4c..4c+3, 16+4c..16+4c+3
-// or (family 1, Q4_K/Q5_K) columns 8c..8c+7; yds_m[b * 16 + t] = (d, d * sum). The columns
-// a lane holds are those its weight fragment holds (Frag<T>::load; the host picks the family
-// per type: mma_family in matmul.rs), so the dot products see the same k order on both sides.
-// Tokens n_tok..15 are zero.
+// of token t's 32-value block b. The share is that of family 0, columns 4c..4c+3 and
+// 16+4c..16+4c+3, the columns a lane's weight fragment holds (Frag<T>::load: the legacy types;
+// family 1, columns 8c..8c+7, is the K-quants' and only q8k_mma_layout writes it), so the dot
+// products see the same k order on both sides; yds_m[b * 16 + t] = (d, d * sum). Tokens
+// n_tok..15 are zero.
 extern "C" __global__ void q8_1_mma_layout(const i8* yq, const float2* yds, int K, int n_tok,
-                                           int fam, i8* yq_m, float2* yds_m) {
+                                           i8* yq_m, float2* yds_m) {
     pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
     pdl_trigger();
     int nb = K / 32;
@@ -623,8 +623,8 @@ extern "C" __global__ void q8_1_mma_layout(const i8* yq, const float2* yds, int 
     int lo = 0, hi = 0;
     if (t < n_tok) {
         const i8* src = yq + (size_t)t * K + b * 32;
-        lo = *(const int*)(src + (fam ? 8 * c : 4 * c));
-        hi = *(const int*)(src + (fam ? 8 * c + 4 : 16 + 4 * c));
+        lo = *(const int*)(src + 4 * c);
+        hi = *(const int*)(src + 16 + 4 * c);
     }
     if (c == 0) yds_m[b * 16 + t] = t < n_tok ? yds[(size_t)t * nb + b] : make_float2(0.0f, 0.0f);
     *(int2*)(yq_m + (((size_t)b * 2 + t / 8) * 4 + c) * 64 + (t % 8) * 8) = make_int2(lo, hi);
@@ -647,7 +647,6 @@ struct Frag;
 template <>
 struct Frag<T_Q4_0> {
     static constexpr int NB = 1;
-    static constexpr bool SPLIT = false;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -664,7 +663,6 @@ struct Frag<T_Q4_0> {
 template <>
 struct Frag<T_Q4_1> {
     static constexpr int NB = 1;
-    static constexpr bool SPLIT = false;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -681,7 +679,6 @@ struct Frag<T_Q4_1> {
 template <>
 struct Frag<T_Q5_0> {
     static constexpr int NB = 1;
-    static constexpr bool SPLIT = false;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -699,7 +696,6 @@ struct Frag<T_Q5_0> {
 template <>
 struct Frag<T_Q5_1> {
     static constexpr int NB = 1;
-    static constexpr bool SPLIT = false;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -717,7 +713,6 @@ struct Frag<T_Q5_1> {
 template <>
 struct Frag<T_Q8_0> {
     static constexpr int NB = 1;
-    static constexpr bool SPLIT = false;
     int q[1][2];
     float d[1][2], m[1];
     __device__ __forceinline__ void load(const u8* row, int u, int c) {
@@ -751,18 +746,16 @@ __device__ __forceinline__ void mmqs_units(const u8* r0, const u8* r1, int u, in
             for (int nt = 0; nt < NTL; nt++) {
                 int2 y = *(const int2*)(yq_m + (((size_t)blk * 2 + nt) * 4 + c) * 64 + g * 8);
                 float4 ds = *(const float4*)(yds_m + blk * 16 + 8 * nt + 2 * c);
-                int s0[4] = {0, 0, 0, 0}, s1[4] = {0, 0, 0, 0};
+                int s0[4] = {0, 0, 0, 0};
                 mma_s8(s0, f[i][0].q[b][0], f[i][1].q[b][0], y.x);
-                mma_s8(Frag<T>::SPLIT ? s1 : s0, f[i][0].q[b][1], f[i][1].q[b][1], y.y);
+                mma_s8(s0, f[i][0].q[b][1], f[i][1].q[b][1], y.y);
 #pragma unroll
                 for (int j = 0; j < 2; j++) {
                     float da = j ? ds.z : ds.x, sa = j ? ds.w : ds.y;
 #pragma unroll
                     for (int rr = 0; rr < 2; rr++) {
                         const Frag<T>& w = f[i][rr];
-                        float v = w.d[b][0] * da * (float)s0[2 * rr + j] + w.m[b] * sa;
-                        if (Frag<T>::SPLIT) v += w.d[b][1] * da * (float)s1[2 * rr + j];
-                        acc[rr][nt][j] += v;
+                        acc[rr][nt][j] += w.d[b][0] * da * (float)s0[2 * rr + j] + w.m[b] * sa;
                     }
                 }
             }
@@ -1071,10 +1064,9 @@ __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, c
             mmqk_units<T, 2, NTL>(rp[0], rp[1], u, g, c, yq, ysc, nsb, acc);
         if (u < units) mmqk_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, ysc, nsb, acc);
     } else {
-        constexpr int U = Frag<T>::NB >= 4 ? 1 : 2;
-        for (; u + (U - 1) * MQ_WARPS < units; u += U * MQ_WARPS)
-            mmqs_units<T, U, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
-        if (U == 2 && u < units) mmqs_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
+        for (; u + MQ_WARPS < units; u += 2 * MQ_WARPS)
+            mmqs_units<T, 2, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
+        if (u < units) mmqs_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
     }
     pdl_wait();  // warps without units, too
 #pragma unroll

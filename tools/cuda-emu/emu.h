@@ -35,17 +35,20 @@ typedef unsigned long long u64;
 #define __launch_bounds__(x)
 #define __shared__ static
 inline void __syncthreads() { g_bar->arrive_and_wait(); }
-template <class T> T __shfl_xor_sync(unsigned, T v, int o) {
+// A warp shuffle: every lane publishes v, then reads the value of lane src.
+template <class T> T emu_shfl(T v, int src) {
     int lane = threadIdx.x % 32;
     Warp& w = g_warps[threadIdx.x / 32];
     static_assert(sizeof(T) <= 8);
     std::memcpy(&w.buf[lane], &v, sizeof(T));
     w.bar->arrive_and_wait();
     T r;
-    std::memcpy(&r, &w.buf[lane ^ o], sizeof(T));
+    std::memcpy(&r, &w.buf[src & 31], sizeof(T));
     w.bar->arrive_and_wait();
     return r;
 }
+template <class T> T __shfl_xor_sync(unsigned, T v, int o) { return emu_shfl(v, (int)(threadIdx.x % 32) ^ o); }
+template <class T> T __shfl_sync(unsigned, T v, int src) { return emu_shfl(v, src); }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline float warp_sum(float v) { for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o); return v; }
 inline float warp_max(float v) { for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o)); return v; }

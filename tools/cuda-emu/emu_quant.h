@@ -4,6 +4,7 @@
 // kernels.
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 struct int4 { int x, y, z, w; };
 struct int2 { int x, y; };
@@ -26,5 +27,6 @@ inline unsigned __vsubss4(unsigned a, unsigned b) {
     }
     return r;
 }
+inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }  // ties to even
 inline void pdl_wait() {}
 inline void pdl_trigger() {}

@@ -15,6 +15,22 @@ static std::vector<Ty> quant_types() {
     };
 }
 
+// f.template operator()<T>() for the type id t of quant_types() (the checks' run<T>).
+template <class F> static int with_type(int t, F f) {
+    switch (t) {
+    case T_Q4_0: return f.template operator()<T_Q4_0>();
+    case T_Q4_1: return f.template operator()<T_Q4_1>();
+    case T_Q5_0: return f.template operator()<T_Q5_0>();
+    case T_Q5_1: return f.template operator()<T_Q5_1>();
+    case T_Q8_0: return f.template operator()<T_Q8_0>();
+    case T_Q4_K: return f.template operator()<T_Q4_K>();
+    case T_Q5_K: return f.template operator()<T_Q5_K>();
+    case T_Q6_K: return f.template operator()<T_Q6_K>();
+    }
+    fprintf(stderr, "unknown type id %d\n", t);
+    exit(1);
+}
+
 // `rows` rows of `row_bytes` random bytes (16-byte aligned storage), each block's f16 scales set
 // to small normal values.
 static std::vector<int4> random_weights(const Ty& ty, int rows, size_t row_bytes) {

@@ -35,18 +35,6 @@ inline void mma_s8(int* d, int a0, int a1, int b0) {
     }
     g_warps[wi].bar->arrive_and_wait();
 }
-template <class T> T __shfl_sync(unsigned, T v, int src) {
-    int lane = threadIdx.x % 32;
-    Warp& w = g_warps[threadIdx.x / 32];
-    static_assert(sizeof(T) <= 8);
-    std::memcpy(&w.buf[lane], &v, sizeof(T));
-    w.bar->arrive_and_wait();
-    T r;
-    std::memcpy(&r, &w.buf[src & 31], sizeof(T));
-    w.bar->arrive_and_wait();
-    return r;
-}
-inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }  // ties to even
 #include "mmqs_extract.cuh"  // with the T_* type ids and MV_WARPS of the kernel sources
 #include "emu_quant_ref.h"
 
@@ -112,7 +100,7 @@ static int run(const Ty& ty, int K, const int rows[3], int n_tok) {
                [&] { q8k_mma_layout(xf.data(), K, K, n_tok, fam, yq_m, (float*)yds_m.data()); });
     else
         launch({(unsigned)((nb * 64 + 255) / 256), 1, 1}, 256, 0,
-               [&] { q8_1_mma_layout(yq, yds.data(), K, n_tok, fam, yq_m, yds_m.data()); });
+               [&] { q8_1_mma_layout(yq, yds.data(), K, n_tok, yq_m, yds_m.data()); });
     launch({(unsigned)((total + 15) / 16), 1, 1}, MQ_WARPS * WARP, 0, [&] {
         if (n_tok <= 8) mmqs<T, 8>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
         else mmqs<T, 16>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
@@ -152,16 +140,7 @@ int main() {
             if (K % ty.block) continue;
             for (auto& s : shapes) {
                 const int rows[3] = {s[0], s[1], s[2]};
-                switch (ty.t) {
-                case T_Q4_0: bad += run<T_Q4_0>(ty, K, rows, s[3]); break;
-                case T_Q4_1: bad += run<T_Q4_1>(ty, K, rows, s[3]); break;
-                case T_Q5_0: bad += run<T_Q5_0>(ty, K, rows, s[3]); break;
-                case T_Q5_1: bad += run<T_Q5_1>(ty, K, rows, s[3]); break;
-                case T_Q8_0: bad += run<T_Q8_0>(ty, K, rows, s[3]); break;
-                case T_Q4_K: bad += run<T_Q4_K>(ty, K, rows, s[3]); break;
-                case T_Q5_K: bad += run<T_Q5_K>(ty, K, rows, s[3]); break;
-                case T_Q6_K: bad += run<T_Q6_K>(ty, K, rows, s[3]); break;
-                }
+                bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3]); });
             }
         }
     printf(bad ? "mmqs under emulation: %d wrong outputs\n" : "mmqs under emulation: every output equals the serial sum\n", bad);

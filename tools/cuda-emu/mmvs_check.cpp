@@ -72,16 +72,7 @@ int main() {
             if (ty.t == T_Q6_K && K % 2048) continue;
             for (auto& s : shapes) {
                 int rows[3] = {s[0], s[1], s[2]};
-                switch (ty.t) {
-                case T_Q4_0: bad += run<T_Q4_0>(ty, K, rows, s[3]); break;
-                case T_Q4_1: bad += run<T_Q4_1>(ty, K, rows, s[3]); break;
-                case T_Q5_0: bad += run<T_Q5_0>(ty, K, rows, s[3]); break;
-                case T_Q5_1: bad += run<T_Q5_1>(ty, K, rows, s[3]); break;
-                case T_Q8_0: bad += run<T_Q8_0>(ty, K, rows, s[3]); break;
-                case T_Q4_K: bad += run<T_Q4_K>(ty, K, rows, s[3]); break;
-                case T_Q5_K: bad += run<T_Q5_K>(ty, K, rows, s[3]); break;
-                case T_Q6_K: bad += run<T_Q6_K>(ty, K, rows, s[3]); break;
-                }
+                bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3]); });
             }
         }
     // A wide row (one-row tiles, all four warps on it, more units than threads).

@@ -11,20 +11,6 @@ struct float4 { float x, y, z, w; };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline float4 __ldcg(const float4* p) { return *p; }
 using std::min;
-template <class T> T __shfl_sync(unsigned, T v, int src) {
-    int lane = threadIdx.x % 32;
-    Warp& w = g_warps[threadIdx.x / 32];
-    static_assert(sizeof(T) <= 8);
-    std::memcpy(&w.buf[lane], &v, sizeof(T));
-    w.bar->arrive_and_wait();
-    T r;
-    std::memcpy(&r, &w.buf[src & 31], sizeof(T));
-    w.bar->arrive_and_wait();
-    return r;
-}
-inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }  // ties to even
-inline float rintf_(float x) { return std::nearbyint(x); }
-#define rintf rintf_
 // SwiGLU's rounding does not matter here (both sides see the rows the kernel wrote).
 inline float silu_mul(float g, float u) { return g / (1.0f + std::exp(-g)) * u; }
 #include "q8k_fused_extract.cuh"

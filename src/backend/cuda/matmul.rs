@@ -728,7 +728,6 @@ fn launch_mmvq(
                             A::P(s.yds.ptr),
                             A::I(m.cols as i32),
                             A::I(n as i32),
-                            A::I(fam),
                             A::P(s.yq_m.ptr),
                             A::P(s.yds_m.ptr),
                         ],
