@@ -68,6 +68,46 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// L2 prefetch blocks. A small decode-step kernel (norm, RoPE, SwiGLU) may be launched with
+// `pf_blocks` extra blocks at the end of its grid (the host adds them with MOA_L2_PF): those
+// blocks only ask L2 to fetch up to three byte ranges (the first part of the weights of the
+// product after it; addresses 16-byte aligned, lengths multiples of 16) and exit without waiting
+// on the kernel before. A decode step is a chain of short kernels, and while the norm, RoPE,
+// attention and SwiGLU run, memory reads next to nothing: the product after them then finds
+// that part of its weights in L2. One warp per block issues `cp.async.bulk.prefetch.L2` (sm_90;
+// a hint, no data comes back to the multiprocessor) over 4 KiB pieces, interleaving the ranges
+// piece by piece in the order the product reads its rows. Returns whether this block was one of
+// them (the kernel then returns).
+#define PF_PARAMS \
+    int pf_blocks, const char *pf0, u64 pf0n, const char *pf1, u64 pf1n, const char *pf2, u64 pf2n
+#define PF_ARGS pf_blocks, pf0, pf0n, pf1, pf1n, pf2, pf2n
+__device__ __forceinline__ bool l2_prefetch_block(PF_PARAMS) {
+    const int first = (int)gridDim.x - pf_blocks;
+    if ((int)blockIdx.x < first) return false;
+#if __CUDA_ARCH__ >= 900
+    if (threadIdx.x < WARP) {
+        const u64 piece = 4096;
+        const u64 stride = (u64)pf_blocks * WARP;
+        const u64 most = pf0n > pf1n ? (pf0n > pf2n ? pf0n : pf2n) : (pf1n > pf2n ? pf1n : pf2n);
+        const char* p[3] = {pf0, pf1, pf2};
+        const u64 n[3] = {pf0n, pf1n, pf2n};
+        for (u64 off = ((u64)(blockIdx.x - first) * WARP + threadIdx.x) * piece; off < most;
+             off += stride * piece) {
+#pragma unroll
+            for (int r = 0; r < 3; r++) {
+                if (off < n[r]) {
+                    const u32 len = (u32)(n[r] - off < piece ? n[r] - off : piece);
+                    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p[r] + off),
+                                 "r"(len)
+                                 : "memory");
+                }
+            }
+        }
+    }
+#endif
+    return true;
+}
+
 // Shared-memory address of a generic pointer into shared memory, for PTX operands.
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     u32 a;

@@ -204,7 +204,8 @@ __device__ __forceinline__ void add_rms_norm_q8_row(float* x, const float* y, co
 #define ADD_RMS_NORM_Q8(PER)                                                                  \
     extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_q8_##PER(                 \
         float* x, const float* y, const float* w, float eps, int width, float* out, i8* yq,  \
-        float2* yds, int fam, i8* yq_m, float* ysc) {                                         \
+        float2* yds, int fam, i8* yq_m, float* ysc, PF_PARAMS) {                              \
+        if (l2_prefetch_block(PF_ARGS)) return;                                               \
         add_rms_norm_q8_row<PER>(x, y, w, eps, width, out, yq, yds, fam, yq_m, ysc);          \
     }
 ADD_RMS_NORM_Q8(4)
@@ -214,7 +215,8 @@ ADD_RMS_NORM_Q8(16)
 // gate[t] = silu(gate[t]) * up[t], and the result as q8_1 (the input of the down projection).
 // One warp per 32-value chunk.
 extern "C" __global__ void swiglu_q8(float* gate, const float* up, int width, int n_tok, i8* yq,
-                                     float2* yds) {
+                                     float2* yds, PF_PARAMS) {
+    if (l2_prefetch_block(PF_ARGS)) return;
     pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
     pdl_trigger();
     int nb = width / 32;
@@ -232,7 +234,8 @@ extern "C" __global__ void swiglu_q8(float* gate, const float* up, int width, in
 // quant.cu) when the down projection is a K-quant on the tensor cores: the layout launch goes.
 // One warp per (super-block, token).
 extern "C" __global__ void swiglu_q8k(float* gate, const float* up, int width, int n_tok, int fam,
-                                      i8* yq_m, float* ysc) {
+                                      i8* yq_m, float* ysc, PF_PARAMS) {
+    if (l2_prefetch_block(PF_ARGS)) return;
     pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
     pdl_trigger();
     const int nsb = width / 256;
@@ -264,7 +267,8 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* v, int n_tok
                                    int n_head_kv, int head_dim, int half_rot, const float2* cs,
                                    u16* k16, u16* v16, int store, const int* tok_pos,
                                    const int* tok_seq, const int* caps, const int* offs,
-                                   int rows_per_seq, int sink, u16* kc, u16* vc) {
+                                   int rows_per_seq, int sink, u16* kc, u16* vc, PF_PARAMS) {
+    if (l2_prefetch_block(PF_ARGS)) return;
     pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
     pdl_trigger();
     int hp = head_dim / 2;

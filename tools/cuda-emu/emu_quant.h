@@ -30,3 +30,12 @@ inline unsigned __vsubss4(unsigned a, unsigned b) {
 inline int __float2int_rn(float x) { return (int)std::nearbyint(x); }  // ties to even
 inline void pdl_wait() {}
 inline void pdl_trigger() {}
+// L2 prefetch blocks (common.cuh): the prefetch is a hint with no effect here; which blocks
+// are prefetch blocks (and return) is the same as on the GPU.
+#define PF_PARAMS \
+    int pf_blocks, const char *pf0, u64 pf0n, const char *pf1, u64 pf1n, const char *pf2, u64 pf2n
+#define PF_ARGS pf_blocks, pf0, pf0n, pf1, pf1n, pf2, pf2n
+inline bool l2_prefetch_block(PF_PARAMS) {
+    (void)pf0, (void)pf0n, (void)pf1, (void)pf1n, (void)pf2, (void)pf2n;
+    return (int)blockIdx.x >= (int)gridDim.x - pf_blocks;
+}

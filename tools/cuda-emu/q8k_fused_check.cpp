@@ -105,8 +105,12 @@ int main() {
                     std::vector<float> gate = x0, up = y, want((size_t)n * K);
                     for (size_t i = 0; i < want.size(); i++) want[i] = silu_mul(gate[i], up[i]);
                     Layout sf(K), sr(K);
-                    launch({(unsigned)((K / 256 * n * 32 + 255) / 256), 1, 1}, 256, 0,
-                           [&] { swiglu_q8k(gate.data(), up.data(), K, n, fam, sf.q(), sf.sc.data()); });
+                    // With three L2 prefetch blocks after the kernel's own (they must touch nothing).
+                    const char* pf = (const char*)up.data();
+                    launch({(unsigned)((K / 256 * n * 32 + 255) / 256) + 3, 1, 1}, 256, 0, [&] {
+                        swiglu_q8k(gate.data(), up.data(), K, n, fam, sf.q(), sf.sc.data(), 3, pf, 4096, pf, 4096,
+                                   nullptr, 0);
+                    });
                     if (memcmp(gate.data(), want.data(), want.size() * 4)) {
                         fprintf(stderr, "  swiglu K=%d n=%d: rows differ\n", K, n);
                         b++;

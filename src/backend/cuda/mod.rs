@@ -15,6 +15,7 @@
 pub mod device;
 pub mod kernels;
 pub mod matmul;
+pub mod prefetch;
 pub mod timer;
 
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub use self::matmul::{
     DecodeKernels, GpuMatrix, MatArgs, MatScratch, MatmulHarness, GPU_TYPES, MV_MAXT,
     QUANT_PREFILL_MAX,
 };
+use self::prefetch::{L2Prefetch, Prefetch};
 
 use super::{validate_batch, Backend, BackendError, BackendOptions};
 use crate::backend::cpu::ops::rope_angles;
@@ -112,6 +114,8 @@ pub struct CudaBackend {
     /// within one wave of `att_target_blocks` (default: rounded up; for measuring: 1346.0 vs
     /// 1426.4 t/s rounded up, 16 x 16384 parallel decode on an H100).
     att_split_floor: bool,
+    /// `MOA_L2_PF`: L2 prefetch of the next product's weights by the small decode kernels.
+    l2_pf: L2Prefetch,
 }
 
 /// Offsets (in u32 words) of the metadata sections.
@@ -610,6 +614,7 @@ impl CudaBackend {
                 && !timer::enabled(),
             att_target_blocks,
             att_split_floor: std::env::var("MOA_ATT_SPLIT").is_ok_and(|v| v == "floor"),
+            l2_pf: L2Prefetch::from_env(),
             layout,
             gpu,
             model,
@@ -749,7 +754,7 @@ impl CudaBackend {
         vx: ActId,
         out: ActId,
         batch: &Batch,
-        fused_rope: Option<(ActId, ActId)>,
+        fused_rope: Option<(ActId, ActId, Prefetch)>,
         q8_out: bool,
     ) -> Result<bool, BackendError> {
         let model = Arc::clone(&self.model);
@@ -774,34 +779,34 @@ impl CudaBackend {
         } else {
             0
         };
-        if let Some((qx, kxr)) = fused_rope {
+        if let Some((qx, kxr, pf)) = fused_rope {
             let half = cfg.rope.n_rot / 2;
-            self.gpu.launch_pdl(
-                &self.k.rope_kv,
-                cfg_1d(n * (cfg.n_head + 2 * hk) * (cfg.head_dim / 2)),
-                &[
-                    A::P(self.act(qx)),
-                    A::P(self.act(kxr)),
-                    A::P(self.act(vx)),
-                    A::I(n as i32),
-                    A::I(cfg.n_head as i32),
-                    A::I(hk as i32),
-                    A::I(cfg.head_dim as i32),
-                    A::I(half as i32),
-                    A::P(self.meta_ptr(ml.cs)),
-                    A::P(self.k16.ptr),
-                    A::P(self.v16.ptr),
-                    A::I(store_f16),
-                    A::P(self.meta_ptr(ml.pos)),
-                    A::P(self.meta_ptr(ml.seq)),
-                    A::P(self.caps.at(head_off)),
-                    A::P(self.offs.at(head_off)),
-                    A::I(rows_per_seq as i32),
-                    A::I(self.layout.sink as i32),
-                    A::P(kc),
-                    A::P(vc),
-                ],
-            )?;
+            let mut shape = cfg_1d(n * (cfg.n_head + 2 * hk) * (cfg.head_dim / 2));
+            shape.grid_dim.0 += pf.blocks;
+            let mut args = vec![
+                A::P(self.act(qx)),
+                A::P(self.act(kxr)),
+                A::P(self.act(vx)),
+                A::I(n as i32),
+                A::I(cfg.n_head as i32),
+                A::I(hk as i32),
+                A::I(cfg.head_dim as i32),
+                A::I(half as i32),
+                A::P(self.meta_ptr(ml.cs)),
+                A::P(self.k16.ptr),
+                A::P(self.v16.ptr),
+                A::I(store_f16),
+                A::P(self.meta_ptr(ml.pos)),
+                A::P(self.meta_ptr(ml.seq)),
+                A::P(self.caps.at(head_off)),
+                A::P(self.offs.at(head_off)),
+                A::I(rows_per_seq as i32),
+                A::I(self.layout.sink as i32),
+                A::P(kc),
+                A::P(vc),
+            ];
+            args.extend(pf.args());
+            self.gpu.launch_pdl(&self.k.rope_kv, shape, &args)?;
         } else {
             for (src, dst, q8) in [(kx, self.k16.ptr, kq8), (vx, self.v16.ptr, vq8)] {
                 if q8 {
@@ -1058,7 +1063,7 @@ impl CudaBackend {
                 )?;
                 self.act_version[out] += 1;
             }
-            Op::RmsNorm { x, w, eps, out } => self.norm(None, x, w, eps, out, None, n)?,
+            Op::RmsNorm { x, w, eps, out } => self.norm(None, x, w, eps, out, &[], n)?,
             Op::MatMul { w, x, out } => {
                 let width = model.graph.acts[x].width;
                 let ow = model.graph.acts[out].width;
@@ -1173,8 +1178,25 @@ impl CudaBackend {
         }
     }
 
-    /// `x += y` (when given), `out = rms_norm(x) * w`, and `out` as q8_1 when the next op is a
-    /// decode product reading it: one launch.
+    /// The L2 prefetch of the decode products of `x` that start `after` (up to three of one
+    /// input); none when `MOA_L2_PF` is off or the step is a prefill.
+    fn prefetch_next(&self, after: &[Op], x: ActId, n: usize) -> Prefetch {
+        if self.l2_pf.budget == 0 || n > MV_MAXT {
+            return Prefetch::default();
+        }
+        let mats: Vec<&matmul::GpuMatrix> = after
+            .iter()
+            .take(prefetch::MAX_RANGES)
+            .map_while(|op| match *op {
+                Op::MatMul { w, x: x2, .. } if x2 == x => self.matrices[w].as_ref(),
+                _ => None,
+            })
+            .collect();
+        self.l2_pf.plan(&mats)
+    }
+
+    /// `x += y` (when given), `out = rms_norm(x) * w`, and `out` as q8_1 when the next op
+    /// (`after[0]`) is a decode product reading it: one launch.
     #[allow(clippy::too_many_arguments)]
     fn norm(
         &mut self,
@@ -1183,9 +1205,11 @@ impl CudaBackend {
         w: usize,
         eps: f32,
         out: ActId,
-        next: Option<&Op>,
+        after: &[Op],
         n: usize,
     ) -> Result<(), BackendError> {
+        let next = after.first();
+        let pf = self.prefetch_next(after, out, n);
         let width = self.model.graph.acts[x].width;
         // The next product's input as q8_K in the mma layout (K-quant tensor cores), else q8_1.
         let fam = if width.is_multiple_of(256) {
@@ -1202,22 +1226,24 @@ impl CudaBackend {
         };
         let wv = self.vectors[w].as_ref().expect("norm prepared").ptr;
         let (threads, variant) = norm_shape(width);
+        let mut args = vec![
+            A::P(self.act(x)),
+            A::P(y.map_or(0, |y| self.act(y))),
+            A::P(wv),
+            A::F(eps),
+            A::I(width as i32),
+            A::P(self.act(out)),
+            A::P(yq),
+            A::P(yds),
+            A::I(fam.unwrap_or(0)),
+            A::P(yq_m),
+            A::P(ysc),
+        ];
+        args.extend(pf.args());
         self.gpu.launch_pdl(
             &self.k.add_rms_norm_q8[variant],
-            lcfg((n as u32, 1, 1), threads),
-            &[
-                A::P(self.act(x)),
-                A::P(y.map_or(0, |y| self.act(y))),
-                A::P(wv),
-                A::F(eps),
-                A::I(width as i32),
-                A::P(self.act(out)),
-                A::P(yq),
-                A::P(yds),
-                A::I(fam.unwrap_or(0)),
-                A::P(yq_m),
-                A::P(ysc),
-            ],
+            lcfg((n as u32 + pf.blocks, 1, 1), threads),
+            &args,
         )?;
         if y.is_some() {
             self.act_version[x] += 1;
@@ -1247,7 +1273,7 @@ impl CudaBackend {
                     }) = ops.get(i + 1)
                     {
                         if x2 == x {
-                            self.norm(Some(y), x, w, eps, out, ops.get(i + 2), n)?;
+                            self.norm(Some(y), x, w, eps, out, &ops[i + 2..], n)?;
                             i += 2;
                             continue;
                         }
@@ -1256,7 +1282,7 @@ impl CudaBackend {
                     i += 1;
                 }
                 Op::RmsNorm { x, w, eps, out } => {
-                    self.norm(None, x, w, eps, out, ops.get(i + 1), n)?;
+                    self.norm(None, x, w, eps, out, &ops[i + 1..], n)?;
                     i += 1;
                 }
                 Op::MatMul { x, .. } => {
@@ -1310,8 +1336,10 @@ impl CudaBackend {
                     {
                         if q2 == q && k2 == k {
                             let q8 = self.reads_q8(ops.get(i + 3), out, n);
+                            // RoPE fetches the output projection's weights into L2 meanwhile.
+                            let pf = self.prefetch_next(&ops[i + 3..], out, n);
                             let quantized =
-                                self.attention(layer, q, k, v, out, batch, Some((q, k)), q8)?;
+                                self.attention(layer, q, k, v, out, batch, Some((q, k, pf)), q8)?;
                             self.act_version[q] += 1;
                             self.act_version[k] += 1;
                             self.act_version[out] += 1;
@@ -1328,21 +1356,25 @@ impl CudaBackend {
                 }
                 Op::SwiGlu { gate, up } if self.reads_q8(ops.get(i + 1), gate, n) => {
                     let width = self.model.graph.acts[gate].width;
+                    // SwiGLU fetches the down projection's weights into L2 meanwhile.
+                    let pf = self.prefetch_next(&ops[i + 1..], gate, n);
                     if let Some(fam) = self.q8k_next(ops.get(i + 1), gate, n) {
                         // The down projection takes q8_K on the tensor cores: written here.
                         let (yq_m, ysc) = self.mats.mma_ptrs();
+                        let mut args = vec![
+                            A::P(self.act(gate)),
+                            A::P(self.act(up)),
+                            A::I(width as i32),
+                            A::I(n as i32),
+                            A::I(fam),
+                            A::P(yq_m),
+                            A::P(ysc),
+                        ];
+                        args.extend(pf.args());
                         self.gpu.launch_pdl(
                             &self.k.swiglu_q8k,
-                            lcfg((blocks(width / 256 * n, 8), 1, 1), 256),
-                            &[
-                                A::P(self.act(gate)),
-                                A::P(self.act(up)),
-                                A::I(width as i32),
-                                A::I(n as i32),
-                                A::I(fam),
-                                A::P(yq_m),
-                                A::P(ysc),
-                            ],
+                            lcfg((blocks(width / 256 * n, 8) + pf.blocks, 1, 1), 256),
+                            &args,
                         )?;
                         self.act_version[gate] += 1;
                         self.mats
@@ -1351,17 +1383,19 @@ impl CudaBackend {
                         continue;
                     }
                     let (yq, yds) = self.mats.q8_ptrs();
+                    let mut args = vec![
+                        A::P(self.act(gate)),
+                        A::P(self.act(up)),
+                        A::I(width as i32),
+                        A::I(n as i32),
+                        A::P(yq),
+                        A::P(yds),
+                    ];
+                    args.extend(pf.args());
                     self.gpu.launch_pdl(
                         &self.k.swiglu_q8,
-                        lcfg((blocks(n * width / 32, 8), 1, 1), 256),
-                        &[
-                            A::P(self.act(gate)),
-                            A::P(self.act(up)),
-                            A::I(width as i32),
-                            A::I(n as i32),
-                            A::P(yq),
-                            A::P(yds),
-                        ],
+                        lcfg((blocks(n * width / 32, 8) + pf.blocks, 1, 1), 256),
+                        &args,
                     )?;
                     self.act_version[gate] += 1;
                     self.mats

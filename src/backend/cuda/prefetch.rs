@@ -1,0 +1,119 @@
+//! L2 prefetch of the next product's weights during a decode step's small kernels.
+//!
+//! A decode step alternates weight-streaming products with short kernels (norm, RoPE,
+//! attention, SwiGLU) during which memory reads next to nothing. With `MOA_L2_PF=<MiB>` the
+//! norm, RoPE and SwiGLU kernels are launched with extra blocks that only ask L2 to fetch the
+//! first MiB of the product that follows them (`l2_prefetch_block` in cuda/common.cuh), so the
+//! product starts on weights already in L2. This module plans those ranges: the budget is
+//! split over the products of one input (q/k/v, gate/up) by size, each range taken from the
+//! start of its matrix (the rows the product's first blocks read). Off by default (0).
+
+use super::device::A;
+use super::matmul::GpuMatrix;
+
+/// Ranges a prefetch covers at most (q/k/v are three matrices).
+pub const MAX_RANGES: usize = 3;
+
+/// The prefetch settings of a backend (`MOA_L2_PF` MiB per prefetching kernel,
+/// `MOA_L2_PF_BLOCKS` extra blocks, default 64).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct L2Prefetch {
+    /// Bytes per prefetching kernel; 0 = off.
+    pub budget: u64,
+    /// Extra blocks a prefetching kernel is launched with.
+    pub blocks: u32,
+}
+
+impl L2Prefetch {
+    pub fn from_env() -> L2Prefetch {
+        let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        L2Prefetch {
+            budget: var("MOA_L2_PF").unwrap_or(0) << 20,
+            blocks: var("MOA_L2_PF_BLOCKS").unwrap_or(64).clamp(1, 1024) as u32,
+        }
+    }
+
+    /// The prefetch of the first `budget` bytes of `mats` (by size), or none when off or
+    /// there is nothing to fetch.
+    pub fn plan(&self, mats: &[&GpuMatrix]) -> Prefetch {
+        let spans: Vec<(u64, u64)> = mats
+            .iter()
+            .take(MAX_RANGES)
+            .map(|m| (m.ptr, (m.rows * m.row_bytes) as u64))
+            .collect();
+        plan_ranges(self.budget, self.blocks, &spans)
+    }
+}
+
+/// Extra grid blocks and the byte ranges they fetch (the kernels' `PF_PARAMS`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Prefetch {
+    pub blocks: u32,
+    pub ranges: [(u64, u64); MAX_RANGES],
+}
+
+impl Prefetch {
+    /// The kernel arguments `pf_blocks, pf0, pf0n, pf1, pf1n, pf2, pf2n`.
+    pub fn args(&self) -> [A; 1 + 2 * MAX_RANGES] {
+        let r = &self.ranges;
+        [
+            A::I(self.blocks as i32),
+            A::P(r[0].0),
+            A::P(r[0].1),
+            A::P(r[1].0),
+            A::P(r[1].1),
+            A::P(r[2].0),
+            A::P(r[2].1),
+        ]
+    }
+}
+
+/// Splits `budget` bytes over `spans` (device address, bytes) in proportion to their sizes,
+/// each part from its span's start, 16-byte aligned and a multiple of 16 bytes long (what
+/// `cp.async.bulk.prefetch.L2` takes). No blocks when nothing is left to fetch.
+pub fn plan_ranges(budget: u64, blocks: u32, spans: &[(u64, u64)]) -> Prefetch {
+    let total: u64 = spans.iter().map(|s| s.1).sum();
+    let mut p = Prefetch::default();
+    if budget == 0 || total == 0 {
+        return p;
+    }
+    for (slot, &(ptr, bytes)) in p.ranges.iter_mut().zip(spans) {
+        let share = if budget >= total {
+            bytes
+        } else {
+            (budget as u128 * bytes as u128 / total as u128) as u64
+        };
+        let start = ptr.next_multiple_of(16);
+        let len = share.saturating_sub(start - ptr) & !15;
+        if len > 0 {
+            *slot = (start, len);
+        }
+    }
+    if p.ranges.iter().any(|r| r.1 > 0) {
+        p.blocks = blocks;
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_is_split_by_size_aligned_and_capped() {
+        // Two matrices of 3 and 1 MiB, 2 MiB budget: 1.5 and 0.5 MiB.
+        let p = plan_ranges(2 << 20, 64, &[(0x1000, 3 << 20), (0x900000, 1 << 20)]);
+        assert_eq!(p.blocks, 64);
+        assert_eq!(p.ranges[0], (0x1000, 3 << 19));
+        assert_eq!(p.ranges[1], (0x900000, 1 << 19));
+        assert_eq!(p.ranges[2], (0, 0));
+        // A budget above the total takes every byte (rounded down to 16); unaligned starts move
+        // up to the next 16 bytes.
+        let p = plan_ranges(100 << 20, 8, &[(0x1008, 1000)]);
+        assert_eq!(p.ranges[0], (0x1010, 992));
+        // Off, or nothing to fetch: no blocks, so the launch is exactly the plain one.
+        assert_eq!(plan_ranges(0, 64, &[(0x1000, 4096)]), Prefetch::default());
+        assert_eq!(plan_ranges(1 << 20, 64, &[]), Prefetch::default());
+        assert_eq!(plan_ranges(1 << 20, 64, &[(0x1001, 15)]).blocks, 0);
+    }
+}
