@@ -134,8 +134,10 @@ extern "C" __global__ void argmax_rows(const float* logits, int n_vocab, int* ou
 // 1024-thread blocks only for small PER, and a spilled array goes through local memory.
 // With yq_m (width a multiple of 256, the next product a K-quant on the tensor cores): out also
 // in the q8_K mma layout of family fam (q8k_mma_layout in quant.cu), one warp per super-block
-// reading the row back once the block has written it; the layout launch goes.
-template <int PER>
+// reading the row back once the block has written it; the layout launch goes. That part is
+// compiled only into the Q8K kernels (`add_rms_norm_q8k_<PER>`): in the others its registers
+// cost the one-token step about 3% (tg128 of the 8B shape 356 vs 367 t/s on an H100).
+template <int PER, bool Q8K>
 __device__ __forceinline__ void add_rms_norm_q8_row(float* x, const float* y, const float* w,
         float eps, int width, float* out, i8* yq, float2* yds, int fam, i8* yq_m, float* ysc) {
     pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
@@ -187,7 +189,7 @@ __device__ __forceinline__ void add_rms_norm_q8_row(float* x, const float* y, co
         if (i < width) out[(size_t)t * width + i] = o;
         if (yq) q8_1_lane(o, yq + (size_t)t * width + c * 32, yds + (size_t)t * (width / 32) + c, lane);
     }
-    if (yq_m) {
+    if (Q8K && yq_m) {
         __syncthreads();  // the row is written (global writes of the block are visible to it)
         const int nsb = width / 256;
         const float* orow = out + (size_t)t * width;
@@ -201,16 +203,19 @@ __device__ __forceinline__ void add_rms_norm_q8_row(float* x, const float* y, co
     }
 }
 
-#define ADD_RMS_NORM_Q8(PER)                                                                  \
-    extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_q8_##PER(                 \
+#define ADD_RMS_NORM_Q8(NAME, PER, Q8K)                                                       \
+    extern "C" __global__ void __launch_bounds__(1024) NAME##PER(                             \
         float* x, const float* y, const float* w, float eps, int width, float* out, i8* yq,  \
         float2* yds, int fam, i8* yq_m, float* ysc, PF_PARAMS) {                              \
         if (l2_prefetch_block(PF_ARGS)) return;                                               \
-        add_rms_norm_q8_row<PER>(x, y, w, eps, width, out, yq, yds, fam, yq_m, ysc);          \
+        add_rms_norm_q8_row<PER, Q8K>(x, y, w, eps, width, out, yq, yds, fam, yq_m, ysc);     \
     }
-ADD_RMS_NORM_Q8(4)
-ADD_RMS_NORM_Q8(8)
-ADD_RMS_NORM_Q8(16)
+ADD_RMS_NORM_Q8(add_rms_norm_q8_, 4, false)
+ADD_RMS_NORM_Q8(add_rms_norm_q8_, 8, false)
+ADD_RMS_NORM_Q8(add_rms_norm_q8_, 16, false)
+ADD_RMS_NORM_Q8(add_rms_norm_q8k_, 4, true)
+ADD_RMS_NORM_Q8(add_rms_norm_q8k_, 8, true)
+ADD_RMS_NORM_Q8(add_rms_norm_q8k_, 16, true)
 
 // gate[t] = silu(gate[t]) * up[t], and the result as q8_1 (the input of the down projection).
 // One warp per 32-value chunk.

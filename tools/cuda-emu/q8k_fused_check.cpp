@@ -65,7 +65,7 @@ template <int PER>
 static void norm(float* x, const float* y, const float* w, int K, int n, int threads, float* out,
                  int fam, Layout* l) {
     launch({(unsigned)n, 1, 1}, threads, 0, [&] {
-        add_rms_norm_q8_row<PER>(x, y, w, 1e-5f, K, out, nullptr, nullptr, fam, l ? l->q() : nullptr,
+        add_rms_norm_q8_row<PER, true>(x, y, w, 1e-5f, K, out, nullptr, nullptr, fam, l ? l->q() : nullptr,
                                  l ? l->sc.data() : nullptr);
     });
 }

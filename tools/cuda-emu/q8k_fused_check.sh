@@ -15,7 +15,7 @@ o=../../cuda/ops.cu
 {
     sed -n '/^__device__ __forceinline__ void q8_1_lane/,/^}/p' "$q"
     sed -n "/^\/\/ One warp's part of the q8_K layout/,/^\/\/ One unit of a K-quant row as lane c's A fragments/p" "$q" | sed '$d'
-    sed -n '/^\/\/ With yq_m (width a multiple of 256/,/^#define ADD_RMS_NORM_Q8(PER)/p' "$o" | sed '$d'
+    sed -n '/^\/\/ With yq_m (width a multiple of 256/,/^#define ADD_RMS_NORM_Q8(NAME, PER, Q8K)/p' "$o" | sed '$d'
     sed -n '/^extern "C" __global__ void swiglu_q8k(/,/^}/p' "$o"
 } >"$tmp/q8k_fused_extract.cuh"
 g++ -std=c++20 -O1 -fsanitize=address -pthread -Wno-unknown-pragmas -I. -I"$tmp" -o "$tmp/check" q8k_fused_check.cpp

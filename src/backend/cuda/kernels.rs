@@ -224,6 +224,8 @@ pub struct Kernels {
     pub attn_exact: [CudaFunction; 2],
     /// `add_rms_norm_q8_<PER>` for PER = 4, 8, 16 values per thread.
     pub add_rms_norm_q8: [CudaFunction; 3],
+    /// The same writing the q8_K mma layout (`add_rms_norm_q8k_<PER>`).
+    pub add_rms_norm_q8k: [CudaFunction; 3],
     pub swiglu_q8: CudaFunction,
     /// SwiGLU writing the q8_K mma layout (the down projection on the K-quant tensor cores).
     pub swiglu_q8k: CudaFunction,
@@ -288,6 +290,11 @@ impl Kernels {
                 f("add_rms_norm_q8_4")?,
                 f("add_rms_norm_q8_8")?,
                 f("add_rms_norm_q8_16")?,
+            ],
+            add_rms_norm_q8k: [
+                f("add_rms_norm_q8k_4")?,
+                f("add_rms_norm_q8k_8")?,
+                f("add_rms_norm_q8k_16")?,
             ],
             swiglu_q8: f("swiglu_q8")?,
             swiglu_q8k: f("swiglu_q8k")?,

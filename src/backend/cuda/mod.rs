@@ -1257,8 +1257,13 @@ impl CudaBackend {
             A::P(ysc),
         ];
         args.extend(pf.args());
+        let kernels = if fam.is_some() {
+            &self.k.add_rms_norm_q8k
+        } else {
+            &self.k.add_rms_norm_q8
+        };
         self.gpu.launch_pdl(
-            &self.k.add_rms_norm_q8[variant],
+            &kernels[variant],
             lcfg((n as u32 + pf.blocks, 1, 1), threads),
             &args,
         )?;
