@@ -15,7 +15,7 @@ use super::device::A;
 use super::matmul::GpuMatrix;
 
 /// MiB a prefetching kernel fetches by default: tg128 of the 8B shape (Q4_K) on an H100, same
-/// machine: 0 MiB 356.9 t/s (mean of 4), 2 MiB 361.6, 4 MiB 366.1 (mean of 3; 364-369 with 16 to
+/// machine: 0 MiB 356.9 t/s (mean of 6), 2 MiB 361.6, 4 MiB 366.3 (mean of 5; 364-369 with 16 to
 /// 128 blocks), 6 MiB 368.7, 8 MiB 363.0, 12 MiB 345.3, 16 MiB 346.5, 32 MiB 342.5; 16 x 16384
 /// parallel decode 1632.1 at 4 MiB vs 1634.1 at 0.
 pub const DEFAULT_MIB: u64 = 4;
