@@ -61,12 +61,18 @@ static void layout_of(const float* x, int K, int n_tok, int fam, Layout& l) {
            [&] { q8k_mma_layout(x, K, K, n_tok, fam, l.q(), l.sc.data()); });
 }
 
+// The norm kernels as launched: with a layout, add_rms_norm_q8k_<PER> with three L2 prefetch
+// blocks after its rows (they must touch nothing); without, add_rms_norm_q8_<PER>.
 template <int PER>
 static void norm(float* x, const float* y, const float* w, int K, int n, int threads, float* out,
                  int fam, Layout* l) {
-    launch({(unsigned)n, 1, 1}, threads, 0, [&] {
-        add_rms_norm_q8_row<PER, true>(x, y, w, 1e-5f, K, out, nullptr, nullptr, fam, l ? l->q() : nullptr,
-                                 l ? l->sc.data() : nullptr);
+    auto q8 = PER == 4 ? add_rms_norm_q8_4 : PER == 8 ? add_rms_norm_q8_8 : add_rms_norm_q8_16;
+    auto q8k = PER == 4 ? add_rms_norm_q8k_4 : PER == 8 ? add_rms_norm_q8k_8 : add_rms_norm_q8k_16;
+    const char* pf = (const char*)w;
+    const int pfb = l ? 3 : 0;
+    launch({(unsigned)n + pfb, 1, 1}, threads, 0, [&] {
+        (l ? q8k : q8)(x, y, w, 1e-5f, K, out, nullptr, nullptr, fam, l ? l->q() : nullptr,
+                       l ? l->sc.data() : nullptr, pfb, pf, 4096, nullptr, 0, nullptr, 0);
     });
 }
 
