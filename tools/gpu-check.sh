@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu-check.sh build          # here: stripped release binaries into .devbin/
 #   bash tools/gpu-check.sh run [MODEL]    # on the GPU machine, from the repo root: all below
-#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|eval [MODEL]|bench|parallel|variants|skips|bandwidth|ab OLD|times|ptimes|profile
+#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|eval [MODEL]|bench|parallel|variants|l2pf|skips|bandwidth|ab OLD|times|ptimes|profile
 #
 # With MOA_REQUIRE_GPU=1 (a missing GPU fails instead of skipping):
 #   tests:     tests/cuda_backend.rs: every kernel against its CPU reference on fresh random data,
@@ -30,6 +30,7 @@
 #   variants:  tg128 of the 8B shape under each decode kernel-choice variable (MOA_WIDE_WPR,
 #              MOA_PDL, MOA_MV_TILE), uniform 0.5 at depth 32768, and MOA_ATT_SPLIT=floor
 #              (16 parallel sequences and depth 32768);
+#   l2pf:      tg128 dense and at depth 32768 (uniform 0.5) under L2 prefetch budgets (MOA_L2_PF);
 #   skips:     tg128 at depth 0 with launches of the small kernels left out (MOA_SKIP_KERNELS):
 #              what fusing them could gain;
 #   bandwidth: the decode matvec bandwidth report;
@@ -196,6 +197,21 @@ variants)
         env "$e" "$out/moa-bench" -m "$synth" --device cuda --uniform 0.5 -p 0 -n 128 -d 32768 -r 2 2>&1 | grep -E "tg|rror"
     done
     ;;
+l2pf)
+    # The L2 prefetch budget (MOA_L2_PF MiB per prefetching kernel; default 4) and its blocks:
+    # tg128 dense at depth 0, twice each in alternation, then uniform 0.5 at depth 32768.
+    make_synth
+    for round in 1 2; do
+        for e in MOA_L2_PF=0 MOA_L2_PF=2 MOA_L2_PF=4 MOA_L2_PF=6 MOA_L2_PF=8 "MOA_L2_PF=4 MOA_L2_PF_BLOCKS=16"; do
+            echo "-- $e (round $round)"
+            env $e "$out/moa-bench" -m "$synth" --device cuda --dense -p 0 -n 128 -r 1 2>&1 | grep -E "tg|rror"
+        done
+    done
+    for e in MOA_L2_PF=0 MOA_L2_PF=4 MOA_L2_PF=8; do
+        echo "-- $e"
+        env $e "$out/moa-bench" -m "$synth" --device cuda --uniform 0.5 -p 0 -n 128 -d 32768 -r 1 2>&1 | grep -E "tg|rror"
+    done
+    ;;
 skips)
     # What fusing the small kernels could gain: tg128 at depth 0 with launches of some kernels
     # left out (MOA_SKIP_KERNELS; the outputs are wrong then, only the time counts).
@@ -261,7 +277,7 @@ profile)
     done
     ;;
 *)
-    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | gprofile [MODEL] | eval [MODEL] | bench | parallel | variants | bandwidth | times | profile" >&2
+    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | gprofile [MODEL] | eval [MODEL] | bench | parallel | variants | l2pf | skips | bandwidth | ab OLD | times | ptimes | profile" >&2
     exit 2
     ;;
 esac
