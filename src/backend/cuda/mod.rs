@@ -614,7 +614,7 @@ impl CudaBackend {
                 && !timer::enabled(),
             att_target_blocks,
             att_split_floor: std::env::var("MOA_ATT_SPLIT").is_ok_and(|v| v == "floor"),
-            l2_pf: L2Prefetch::from_env(),
+            l2_pf: L2Prefetch::from_env(gpu.cc),
             layout,
             gpu,
             model,

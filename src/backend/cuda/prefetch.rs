@@ -36,10 +36,17 @@ pub struct L2Prefetch {
 }
 
 impl L2Prefetch {
-    pub fn from_env() -> L2Prefetch {
+    /// The settings for a device of compute capability `cc`: off before sm_90, which has no
+    /// bulk prefetch (the blocks would only take launch slots).
+    pub fn from_env(cc: (i32, i32)) -> L2Prefetch {
         let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        let mib = if cc.0 >= 9 {
+            var("MOA_L2_PF").unwrap_or(DEFAULT_MIB)
+        } else {
+            0
+        };
         L2Prefetch {
-            budget: var("MOA_L2_PF").unwrap_or(DEFAULT_MIB) << 20,
+            budget: mib << 20,
             blocks: var("MOA_L2_PF_BLOCKS").unwrap_or(64).clamp(1, 1024) as u32,
             ahead: var("MOA_L2_PF_AHEAD")
                 .unwrap_or(1)
