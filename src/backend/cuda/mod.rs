@@ -1184,32 +1184,14 @@ impl CudaBackend {
         if self.l2_pf.budget == 0 || n > MV_MAXT {
             return Prefetch::default();
         }
-        // The first group: the products of `x` right at the start; later groups (with
-        // MOA_L2_PF_AHEAD): the next run of products of one input, a few ops further on.
-        let mut groups: Vec<Vec<&matmul::GpuMatrix>> = Vec::new();
-        let mut i = 0;
-        while groups.len() < self.l2_pf.ahead && i < after.len() {
-            let Op::MatMul { x: input, .. } = after[i] else {
-                if groups.is_empty() || i > 8 {
-                    break;
-                }
-                i += 1;
-                continue;
-            };
-            if groups.is_empty() && input != x {
-                break;
-            }
-            let mut g = Vec::new();
-            while let Some(&Op::MatMul { w, x: x2, .. }) = after.get(i) {
-                if x2 != input || g.len() == prefetch::MAX_RANGES {
-                    break;
-                }
-                g.extend(self.matrices[w].as_ref());
-                i += 1;
-            }
-            groups.push(g);
-        }
-        self.l2_pf.plan(&groups)
+        let mats: Vec<&matmul::GpuMatrix> = after
+            .iter()
+            .map_while(|op| match *op {
+                Op::MatMul { w, x: x2, .. } if x2 == x => self.matrices[w].as_ref(),
+                _ => None,
+            })
+            .collect();
+        self.l2_pf.plan(&mats)
     }
 
     /// `x += y` (when given), `out = rms_norm(x) * w`, and `out` as q8_1 when the next op

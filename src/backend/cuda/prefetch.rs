@@ -3,13 +3,13 @@
 //! A decode step alternates weight-streaming products with short kernels (norm, RoPE,
 //! attention, SwiGLU) during which memory reads next to nothing. The norm, RoPE and SwiGLU
 //! kernels are launched with extra blocks that only ask L2 to fetch the first `MOA_L2_PF` MiB
-//! (default [`DEFAULT_MIB`]) of the product that follows them (`l2_prefetch_block` in cuda/common.cuh), so the
-//! product starts on weights already in L2. This module plans those ranges: the budget is
-//! split over the products of one input (q/k/v, gate/up) by size, each range taken from the
-//! start of its matrix (the rows the product's first blocks read). With `MOA_L2_PF_AHEAD=2` a
-//! kernel also covers the products after the next one (what budget and ranges are left), so
-//! RoPE, which is followed by the long attention kernel, can start the gate/up weights too
-//! (slower: 323.7 vs 342.5 t/s at 32 MiB). `MOA_L2_PF=0` turns it off.
+//! (default [`DEFAULT_MIB`]) of the product that follows them (`l2_prefetch_block` in
+//! cuda/common.cuh), so the product starts on weights already in L2. This module plans those
+//! ranges: the budget is split over the products of one input (q/k/v, gate/up) by size, each
+//! range taken from the start of its matrix (the rows the product's first blocks read).
+//! `MOA_L2_PF=0` turns it off. Covering the product group after the next as well (RoPE, which
+//! the long attention kernel follows, starting gate/up too) was slower: tg128 323.7 vs 342.5
+//! t/s at 32 MiB on an H100, so a prefetch covers the next group only.
 
 use super::device::A;
 use super::matmul::GpuMatrix;
@@ -24,15 +24,13 @@ pub const DEFAULT_MIB: u64 = 4;
 pub const MAX_RANGES: usize = 3;
 
 /// The prefetch settings of a backend (`MOA_L2_PF` MiB per prefetching kernel,
-/// `MOA_L2_PF_BLOCKS` extra blocks, default 64, `MOA_L2_PF_AHEAD` product groups, default 1).
+/// `MOA_L2_PF_BLOCKS` extra blocks, default 64).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct L2Prefetch {
     /// Bytes per prefetching kernel; 0 = off.
     pub budget: u64,
     /// Extra blocks a prefetching kernel is launched with.
     pub blocks: u32,
-    /// Product groups (products of one input) a prefetch covers, in order.
-    pub ahead: usize,
 }
 
 impl L2Prefetch {
@@ -48,23 +46,15 @@ impl L2Prefetch {
         L2Prefetch {
             budget: mib << 20,
             blocks: var("MOA_L2_PF_BLOCKS").unwrap_or(64).clamp(1, 1024) as u32,
-            ahead: var("MOA_L2_PF_AHEAD")
-                .unwrap_or(1)
-                .clamp(1, MAX_RANGES as u64) as usize,
         }
     }
 
-    /// The prefetch of the first `budget` bytes of the product groups `groups` (in order;
-    /// within a group by size), or none when off or there is nothing to fetch.
-    pub fn plan(&self, groups: &[Vec<&GpuMatrix>]) -> Prefetch {
-        let spans: Vec<Vec<(u64, u64)>> = groups
+    /// The prefetch of the first `budget` bytes of `mats` (by size), or none when off or
+    /// there is nothing to fetch.
+    pub fn plan(&self, mats: &[&GpuMatrix]) -> Prefetch {
+        let spans: Vec<(u64, u64)> = mats
             .iter()
-            .take(self.ahead)
-            .map(|g| {
-                g.iter()
-                    .map(|m| (m.ptr, (m.rows * m.row_bytes) as u64))
-                    .collect()
-            })
+            .map(|m| (m.ptr, (m.rows * m.row_bytes) as u64))
             .collect();
         plan_ranges(self.budget, self.blocks, &spans)
     }
@@ -93,40 +83,30 @@ impl Prefetch {
     }
 }
 
-/// Splits `budget` bytes over the groups of `spans` (device address, bytes) in order: a group
-/// takes what is left of the budget, shared among its spans in proportion to their sizes, each
-/// part from its span's start, 16-byte aligned and a multiple of 16 bytes long (what
-/// `cp.async.bulk.prefetch.L2` takes). At most [`MAX_RANGES`] spans; no blocks when nothing is
-/// left to fetch.
-pub fn plan_ranges(budget: u64, blocks: u32, groups: &[Vec<(u64, u64)>]) -> Prefetch {
+/// Splits `budget` bytes over the first [`MAX_RANGES`] of `spans` (device address, bytes) in
+/// proportion to their sizes, each part from its span's start, 16-byte aligned and a multiple of
+/// 16 bytes long (what `cp.async.bulk.prefetch.L2` takes). No blocks when nothing is left to
+/// fetch.
+pub fn plan_ranges(budget: u64, blocks: u32, spans: &[(u64, u64)]) -> Prefetch {
+    let spans = &spans[..spans.len().min(MAX_RANGES)];
+    let total: u64 = spans.iter().map(|s| s.1).sum();
     let mut p = Prefetch::default();
-    let mut left = budget;
-    let mut slot = 0;
-    for spans in groups {
-        let spans = &spans[..spans.len().min(MAX_RANGES - slot)];
-        let total: u64 = spans.iter().map(|s| s.1).sum();
-        if left == 0 || total == 0 {
-            break;
-        }
-        for &(ptr, bytes) in spans {
-            let share = if left >= total {
-                bytes
-            } else {
-                (left as u128 * bytes as u128 / total as u128) as u64
-            };
-            let start = ptr.next_multiple_of(16);
-            let len = share.saturating_sub(start - ptr) & !15;
-            if len > 0 {
-                p.ranges[slot] = (start, len);
-                slot += 1;
-            }
-        }
-        left = left.saturating_sub(total);
-        if slot == MAX_RANGES {
-            break;
+    if budget == 0 || total == 0 {
+        return p;
+    }
+    for (slot, &(ptr, bytes)) in p.ranges.iter_mut().zip(spans) {
+        let share = if budget >= total {
+            bytes
+        } else {
+            (budget as u128 * bytes as u128 / total as u128) as u64
+        };
+        let start = ptr.next_multiple_of(16);
+        let len = share.saturating_sub(start - ptr) & !15;
+        if len > 0 {
+            *slot = (start, len);
         }
     }
-    if slot > 0 {
+    if p.ranges.iter().any(|r| r.1 > 0) {
         p.blocks = blocks;
     }
     p
@@ -139,46 +119,31 @@ mod tests {
     #[test]
     fn budget_is_split_by_size_aligned_and_capped() {
         // Two matrices of 3 and 1 MiB, 2 MiB budget: 1.5 and 0.5 MiB.
-        let p = plan_ranges(2 << 20, 64, &[vec![(0x1000, 3 << 20), (0x900000, 1 << 20)]]);
+        let p = plan_ranges(2 << 20, 64, &[(0x1000, 3 << 20), (0x900000, 1 << 20)]);
         assert_eq!(p.blocks, 64);
         assert_eq!(p.ranges[0], (0x1000, 3 << 19));
         assert_eq!(p.ranges[1], (0x900000, 1 << 19));
         assert_eq!(p.ranges[2], (0, 0));
         // A budget above the total takes every byte (rounded down to 16); unaligned starts move
         // up to the next 16 bytes.
-        let p = plan_ranges(100 << 20, 8, &[vec![(0x1008, 1000)]]);
+        let p = plan_ranges(100 << 20, 8, &[(0x1008, 1000)]);
         assert_eq!(p.ranges[0], (0x1010, 992));
         // Off, or nothing to fetch: no blocks, so the launch is exactly the plain one.
-        assert_eq!(
-            plan_ranges(0, 64, &[vec![(0x1000, 4096)]]),
-            Prefetch::default()
-        );
+        assert_eq!(plan_ranges(0, 64, &[(0x1000, 4096)]), Prefetch::default());
         assert_eq!(plan_ranges(1 << 20, 64, &[]), Prefetch::default());
-        assert_eq!(plan_ranges(1 << 20, 64, &[vec![(0x1001, 15)]]).blocks, 0);
+        assert_eq!(plan_ranges(1 << 20, 64, &[(0x1001, 15)]).blocks, 0);
     }
 
     #[test]
-    fn later_groups_take_what_is_left() {
-        // The output projection (1 MiB) whole, then gate/up share the other 3 MiB.
-        let groups = [
-            vec![(0x10000, 1 << 20)],
-            vec![(0x200000, 8 << 20), (0x1000000, 8 << 20)],
+    fn at_most_three_ranges() {
+        // q/k/v fill the three ranges; a fourth span is not fetched.
+        let spans = [
+            (0x1000, 4096),
+            (0x3000, 4096),
+            (0x5000, 4096),
+            (0x9000, 4096),
         ];
-        let p = plan_ranges(4 << 20, 64, &groups);
-        assert_eq!(
-            p.ranges,
-            [
-                (0x10000, 1 << 20),
-                (0x200000, 3 << 19),
-                (0x1000000, 3 << 19)
-            ]
-        );
-        // A budget the first group uses up leaves nothing for the next.
-        let p = plan_ranges(1 << 20, 64, &groups);
-        assert_eq!(p.ranges, [(0x10000, 1 << 20), (0, 0), (0, 0)]);
-        // No more than three ranges: q/k/v fill them.
-        let qkv = vec![(0x1000, 4096), (0x3000, 4096), (0x5000, 4096)];
-        let p = plan_ranges(1 << 30, 64, &[qkv, vec![(0x9000, 4096)]]);
-        assert_eq!(p.ranges[2], (0x5000, 4096));
+        let p = plan_ranges(1 << 30, 64, &spans);
+        assert_eq!(p.ranges, [(0x1000, 4096), (0x3000, 4096), (0x5000, 4096)]);
     }
 }
