@@ -216,7 +216,7 @@ __device__ __forceinline__ void scale_min_k4(int j, const u8* q, int* sc, int* m
 }
 
 // Q4_K / Q5_K: unit = one pair of 32-value sub-blocks (4 per 256-value super-block); the
-// super-block is 16-byte aligned in both, so the quants load as int4.
+// super-block is 16-byte aligned in both, so its header and the quants load as int4.
 template <bool FIVE>
 struct UnitK45 {
     int lo[8], hi[8];
@@ -225,9 +225,10 @@ struct UnitK45 {
     __device__ __forceinline__ void load(const u8* row, int u) {
         int sb = u >> 2, p = u & 3;
         const u8* b = row + sb * (FIVE ? 176 : 144);
-        u32 dd = *(const u32*)b;
+        const int4 hd = *(const int4*)b;  // d, dmin, the 12 scale bytes: one load
+        const u32 dd = (u32)hd.x;
         float d = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
-        u32 w[3] = {*(const u32*)(b + 4), *(const u32*)(b + 8), *(const u32*)(b + 12)};
+        u32 w[3] = {(u32)hd.y, (u32)hd.z, (u32)hd.w};
         int sc0, mm0, sc1, mm1;
         scale_min_w(2 * p, w, &sc0, &mm0);
         scale_min_w(2 * p + 1, w, &sc1, &mm1);
@@ -378,7 +379,12 @@ __device__ __forceinline__ void mmvq(const Rows3& m, u64 row_bytes, int units, c
         // Several units per lane are loaded before any is used, so each lane keeps 2-4 weight
         // loads in flight (a row of a 4096-wide Q4_K matrix is only 2 units per lane).
         int u = sub * WARP + lane;
-        constexpr int U = NT <= 8 ? 4 : 2;  // fewer units in flight where acc takes registers
+        // Fewer units in flight where acc takes registers, and for one token on the K-quants:
+        // their 64-value units make two per lane a whole 4096-wide row already, and four would
+        // cost registers for every row (80 instead of 56 for Q4_K on sm_90, with a spill): six
+        // blocks per multiprocessor instead of nine.
+        constexpr bool KQ = T == T_Q4_K || T == T_Q5_K || T == T_Q6_K;
+        constexpr int U = (NT == 1 && KQ) || NT > 8 ? 2 : 4;
         for (; u + (U - 1) * stride < units; u += U * stride)
             mmvq_units<T, U, NT>(r, u, stride, yq, yds, K, nb, n_tok, acc);
         if (U == 4 && u + stride < units) {
