@@ -672,6 +672,22 @@ impl CudaBackend {
         self.meta.at(word * 4)
     }
 
+    /// The ring-region arguments every kernel that finds a key's slot takes, in their order
+    /// (KeySpan in cuda/attention.cu, and the
+    /// store kernels in cuda/ops.cu): layer `layer`'s per-head capacities and region offsets,
+    /// the rows of one sequence and the sink count.
+    fn ring_args(&self, layer: usize) -> [A; 4] {
+        // Byte offset of this layer's per-head capacity and region-offset entries (i32 each).
+        let head_off = layer * self.model.config.n_head_kv * 4;
+        let rows_per_seq = self.layout.rows_per_layer(layer) / self.layout.n_seq;
+        [
+            A::P(self.caps.at(head_off)),
+            A::P(self.offs.at(head_off)),
+            A::I(rows_per_seq as i32),
+            A::I(self.layout.sink as i32),
+        ]
+    }
+
     fn matmul(&mut self, w: usize, a: MatArgs, x_version: u64) -> Result<(), BackendError> {
         let m = self.matrices[w].as_ref().expect("matrix prepared");
         matmul::matmul(
@@ -764,9 +780,6 @@ impl CudaBackend {
         let ml = meta_layout(self.max_batch, cfg.rope.n_rot / 2);
         let hk = cfg.n_head_kv;
         let g = cfg.n_head / hk;
-        // Byte offset of this layer's per-head capacity and region-offset entries (i32 each).
-        let head_off = layer * hk * 4;
-        let rows_per_seq = self.layout.rows_per_layer(layer) / self.layout.n_seq;
         let (kc, vc) = (self.kv[layer].0.ptr, self.kv[layer].1.ptr);
         // With every run one token long, the new keys can go straight into the ring: the slot a
         // token takes held a key no query of this batch can see.
@@ -798,13 +811,9 @@ impl CudaBackend {
                 A::I(store_f16),
                 A::P(self.meta_ptr(ml.pos)),
                 A::P(self.meta_ptr(ml.seq)),
-                A::P(self.caps.at(head_off)),
-                A::P(self.offs.at(head_off)),
-                A::I(rows_per_seq as i32),
-                A::I(self.layout.sink as i32),
-                A::P(kc),
-                A::P(vc),
             ];
+            args.extend(self.ring_args(layer));
+            args.extend([A::P(kc), A::P(vc)]);
             args.extend(pf.args());
             self.gpu.launch_pdl(&self.k.rope_kv, shape, &args)?;
         } else {
@@ -825,24 +834,22 @@ impl CudaBackend {
             if !q8 {
                 continue;
             }
+            let mut args = vec![
+                A::P(self.act(src)),
+                A::I(n as i32),
+                A::I(hk as i32),
+                A::I(cfg.head_dim as i32),
+                A::P(stage),
+                A::I(store_now as i32),
+                A::P(self.meta_ptr(ml.pos)),
+                A::P(self.meta_ptr(ml.seq)),
+            ];
+            args.extend(self.ring_args(layer));
+            args.push(A::P(cache));
             self.gpu.launch(
                 &self.k.kv_quant_q8_0,
                 lcfg((blocks(kvn / 32, 8), 1, 1), 256),
-                &[
-                    A::P(self.act(src)),
-                    A::I(n as i32),
-                    A::I(hk as i32),
-                    A::I(cfg.head_dim as i32),
-                    A::P(stage),
-                    A::I(store_now as i32),
-                    A::P(self.meta_ptr(ml.pos)),
-                    A::P(self.meta_ptr(ml.seq)),
-                    A::P(self.caps.at(head_off)),
-                    A::P(self.offs.at(head_off)),
-                    A::I(rows_per_seq as i32),
-                    A::I(self.layout.sink as i32),
-                    A::P(cache),
-                ],
+                &args,
             )?;
         }
         let (knew, vnew) = (
@@ -863,14 +870,15 @@ impl CudaBackend {
             A::P(self.meta_ptr(ml.p0)),
             A::P(self.meta_ptr(ml.rs)),
         ];
+        let [caps, offs, rows_per_seq, sink] = self.ring_args(layer);
         let heads = [
             A::I(g as i32),
             A::I(cfg.n_head as i32),
             A::I(hk as i32),
-            A::P(self.caps.at(head_off)),
-            A::P(self.offs.at(head_off)),
-            A::I(rows_per_seq as i32),
-            A::I(self.layout.sink as i32),
+            caps,
+            offs,
+            rows_per_seq,
+            sink,
         ];
         if self.mats.exact && !kq8 && !vq8 {
             // One warp per (token, query head); the regime follows the batch size as on the CPU.
@@ -974,30 +982,21 @@ impl CudaBackend {
         let cfg = &self.model.config;
         let ml = meta_layout(self.max_batch, cfg.rope.n_rot / 2);
         let hk = cfg.n_head_kv;
-        let head_off = layer * hk * 4;
-        let rows_per_seq = self.layout.rows_per_layer(layer) / self.layout.n_seq;
         let (kc, vc) = (self.kv[layer].0.ptr, self.kv[layer].1.ptr);
         let chunks = n * hk * (cfg.head_dim / 8);
-        self.gpu.launch(
-            &self.k.kv_store,
-            cfg_1d(chunks),
-            &[
-                A::P(self.k16.ptr),
-                A::P(self.v16.ptr),
-                A::I(n as i32),
-                A::I(hk as i32),
-                A::I(cfg.head_dim as i32),
-                A::P(self.meta_ptr(ml.pos)),
-                A::P(self.meta_ptr(ml.seq)),
-                A::P(self.meta_ptr(ml.last)),
-                A::P(self.caps.at(head_off)),
-                A::P(self.offs.at(head_off)),
-                A::I(rows_per_seq as i32),
-                A::I(self.layout.sink as i32),
-                A::P(kc),
-                A::P(vc),
-            ],
-        )?;
+        let mut args = vec![
+            A::P(self.k16.ptr),
+            A::P(self.v16.ptr),
+            A::I(n as i32),
+            A::I(hk as i32),
+            A::I(cfg.head_dim as i32),
+            A::P(self.meta_ptr(ml.pos)),
+            A::P(self.meta_ptr(ml.seq)),
+            A::P(self.meta_ptr(ml.last)),
+        ];
+        args.extend(self.ring_args(layer));
+        args.extend([A::P(kc), A::P(vc)]);
+        self.gpu.launch(&self.k.kv_store, cfg_1d(chunks), &args)?;
         Ok(())
     }
 
@@ -1012,29 +1011,22 @@ impl CudaBackend {
         let cfg = &self.model.config;
         let ml = meta_layout(self.max_batch, cfg.rope.n_rot / 2);
         let hk = cfg.n_head_kv;
-        let head_off = layer * hk * 4;
-        let rows_per_seq = self.layout.rows_per_layer(layer) / self.layout.n_seq;
         let caches = [self.kv[layer].0.ptr, self.kv[layer].1.ptr];
         for ((stage, ty), cache) in parts.into_iter().zip(caches) {
             let row_words = ty.bytes_for(cfg.head_dim) / 4;
-            self.gpu.launch(
-                &self.k.kv_store_rows,
-                cfg_1d(n * hk * row_words),
-                &[
-                    A::P(stage),
-                    A::I(row_words as i32),
-                    A::I(n as i32),
-                    A::I(hk as i32),
-                    A::P(self.meta_ptr(ml.pos)),
-                    A::P(self.meta_ptr(ml.seq)),
-                    A::P(self.meta_ptr(ml.last)),
-                    A::P(self.caps.at(head_off)),
-                    A::P(self.offs.at(head_off)),
-                    A::I(rows_per_seq as i32),
-                    A::I(self.layout.sink as i32),
-                    A::P(cache),
-                ],
-            )?;
+            let mut args = vec![
+                A::P(stage),
+                A::I(row_words as i32),
+                A::I(n as i32),
+                A::I(hk as i32),
+                A::P(self.meta_ptr(ml.pos)),
+                A::P(self.meta_ptr(ml.seq)),
+                A::P(self.meta_ptr(ml.last)),
+            ];
+            args.extend(self.ring_args(layer));
+            args.push(A::P(cache));
+            self.gpu
+                .launch(&self.k.kv_store_rows, cfg_1d(n * hk * row_words), &args)?;
         }
         Ok(())
     }
