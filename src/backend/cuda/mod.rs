@@ -672,10 +672,9 @@ impl CudaBackend {
         self.meta.at(word * 4)
     }
 
-    /// The ring-region arguments every kernel that finds a key's slot takes, in their order
-    /// (KeySpan in cuda/attention.cu, and the
-    /// store kernels in cuda/ops.cu): layer `layer`'s per-head capacities and region offsets,
-    /// the rows of one sequence and the sink count.
+    /// The ring-region arguments of every kernel that finds a key's slot (KeySpan in
+    /// cuda/attention.cu, the store kernels in cuda/ops.cu), in their order: layer `layer`'s
+    /// per-head capacities and region offsets, the rows of one sequence and the sink count.
     fn ring_args(&self, layer: usize) -> [A; 4] {
         // Byte offset of this layer's per-head capacity and region-offset entries (i32 each).
         let head_off = layer * self.model.config.n_head_kv * 4;
