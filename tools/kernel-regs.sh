@@ -26,12 +26,17 @@ fi
 LD_LIBRARY_PATH="$nvrtc/nvidia/cu13/lib" python3 - "$pat" "$arch" "$nvrtc" "$nvcc" <<'PY'
 import ctypes, re, subprocess, sys, tempfile, os
 pat, arch, nvrtc, nvcc = sys.argv[1:5]
-files = ["common.cuh", "quant.cu", "ops.cu", "attention.cu", "attention_exact.cu", "profile.cu"]
+# The sources in the order the backend concatenates them (SOURCES in kernels.rs).
+files = re.findall(r'include_str!\("\.\./\.\./\.\./cuda/([^"]+)"\)',
+                   open("src/backend/cuda/kernels.rs").read())
+if not files:
+    sys.exit("no cuda/ sources found in src/backend/cuda/kernels.rs")
 src = "".join(f"// ---- {f}\n" + open(f"cuda/{f}").read() + "\n" for f in files)
 lib = ctypes.CDLL(f"{nvrtc}/nvidia/cu13/lib/libnvrtc.so.13")
 prog = ctypes.c_void_p()
 if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"moa_kernels.cu", 0, None, None):
     sys.exit("nvrtcCreateProgram failed")
+# FA_STAGES as the backend passes it (kernels.rs: fa_stages, 2 unless MOA_FA_STAGES).
 opts = [f"--gpu-architecture=compute_{arch[3:]}".encode(), b"-std=c++17",
         ("-DFA_STAGES=" + os.environ.get("MOA_FA_STAGES", "2")).encode()]
 rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
