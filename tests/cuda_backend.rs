@@ -37,7 +37,8 @@ fn kernels_compile_through_nvrtc() {
         eprintln!("skipping: NVRTC is not installed (libnvrtc.so.13 not found)");
         return;
     }
-    // sm_86 builds the two-stage attention pipeline (consumer parts), the others three.
+    // sm_90 covers the bulk L2 prefetch asm; sm_80 and sm_86 the older targets (every one builds
+    // the attention pipeline with fa_stages() stages).
     for arch in ["sm_90", "sm_80", "sm_86"] {
         let ptx = cuda::kernels::compile(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
         if let Ok(dir) = std::env::var("MOA_DUMP_PTX") {
