@@ -35,6 +35,12 @@ inline void mma_s8(int* d, int a0, int a1, int b0) {
     }
     g_warps[wi].bar->arrive_and_wait();
 }
+inline void cp_async16(void* dst, const void* src, int) {
+    if ((uintptr_t)src % 16 || (uintptr_t)dst % 16) { fprintf(stderr, "misaligned cp.async\n"); exit(1); }
+    memcpy(dst, src, 16);
+}
+inline void cp_async_commit() {}
+template <int N> inline void cp_async_wait() {}
 #include "mmqs_extract.cuh"  // with the T_* type ids and MV_WARPS of the kernel sources
 #include "emu_quant_ref.h"
 
@@ -60,7 +66,7 @@ static void q8_k_as_q8_1(const float* x, int K, i8* yq, float2* yds) {
 }
 
 template <int T>
-static int run(const Ty& ty, int K, const int rows[3], int n_tok) {
+static int run(const Ty& ty, int K, const int rows[3], int n_tok, unsigned grid) {
     const int units = (T == T_Q4_K || T == T_Q5_K) ? K / 256 : T == T_Q6_K ? K / 128 : K / 32;
     const size_t row_bytes = (size_t)K / ty.block * ty.bytes;
     std::vector<std::vector<int4>> W(3);
@@ -101,10 +107,18 @@ static int run(const Ty& ty, int K, const int rows[3], int n_tok) {
     else
         launch({(unsigned)((nb * 64 + 255) / 256), 1, 1}, 256, 0,
                [&] { q8_1_mma_layout(yq, yds.data(), K, n_tok, yq_m, yds_m.data()); });
-    launch({(unsigned)((total + 15) / 16), 1, 1}, MQ_WARPS * WARP, 0, [&] {
-        if (n_tok <= 8) mmqs<T, 8>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
-        else mmqs<T, 16>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
-    });
+    const unsigned tiles = (total + 15) / 16;
+    if (grid == 0)
+        launch({tiles, 1, 1}, MQ_WARPS * WARP, 0, [&] {
+            if (n_tok <= 8) mmqs<T, 8>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
+            else mmqs<T, 16>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
+        });
+    else if constexpr (T == T_Q4_K || T == T_Q5_K)
+        launch({grid, 1, 1}, MQ_WARPS * WARP, (size_t)MQP_STAGES * MqpShape<T>::STAGE,
+               [&] {
+                   if (n_tok <= 8) mmqp<T, 8>(rr, row_bytes, yq_m, (const float*)yds_m.data(), K, n_tok);
+                   else mmqp<T, 16>(rr, row_bytes, yq_m, (const float*)yds_m.data(), K, n_tok);
+               });
     int bad = 0;
     double worst = 0;
     for (int m = 0; m < 3; m++)
@@ -125,8 +139,8 @@ static int run(const Ty& ty, int K, const int rows[3], int n_tok) {
                     bad++;
                 }
             }
-    printf("%-5s K=%-5d rows %d/%d/%d tokens %2d: %s (worst relative %.1e)\n", ty.name, K, rows[0], rows[1], rows[2], n_tok,
-           bad ? "FAILED" : "ok", worst);
+    printf("%-5s K=%-5d rows %d/%d/%d tokens %2d %s: %s (worst relative %.1e)\n", ty.name, K, rows[0], rows[1], rows[2], n_tok,
+           grid ? ("mmqp, " + std::to_string(grid) + " blocks").c_str() : "mmqs", bad ? "FAILED" : "ok", worst);
     return bad;
 }
 
@@ -140,9 +154,22 @@ int main() {
             if (K % ty.block) continue;
             for (auto& s : shapes) {
                 const int rows[3] = {s[0], s[1], s[2]};
-                bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3]); });
+                bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3], 0); });
             }
         }
-    printf(bad ? "mmqs under emulation: %d wrong outputs\n" : "mmqs under emulation: every output equals the serial sum\n", bad);
+    // The pipelined K-quant kernel: stages of 8 super-blocks (K = 2304: one full and one of
+    // one; K = 4096: two), tiles across matrix boundaries and past the last row, one to five
+    // tiles per block and blocks with none.
+    for (auto& ty : types) {
+        if (ty.t != T_Q4_K && ty.t != T_Q5_K) continue;
+        for (int K : {2304, 4096})
+            for (auto& s : shapes)
+                for (unsigned grid : {1u, 2u, 5u}) {
+                    const int rows[3] = {s[0], s[1], s[2]};
+                    if (s[3] < 3 && grid > 1) continue;
+                    bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3], grid); });
+                }
+    }
+    printf(bad ? "mmqs / mmqp under emulation: %d wrong outputs\n" : "mmqs / mmqp under emulation: every output equals the serial sum\n", bad);
     return bad ? 1 : 0;
 }
