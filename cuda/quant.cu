@@ -1045,9 +1045,39 @@ __device__ __forceinline__ void mmqk_units(const u8* r0, const u8* r1, int u, in
     for (int i = 0; i < U; i++) mmqk_unit<T, NTL>(f[i], u + i * MQ_WARPS, g, c, yq_m, ysc, nsb, acc);
 }
 
+// mmqk_units for a warp with one or two units (u, u + MQ_WARPS < units) whose block first
+// copies the activations of all K columns (yq_m, K * 16 bytes: the 16 token slots) into shared
+// memory (`ys` of mmqs: 8 <= units <= 16, so every warp comes here exactly once): the weights
+// are in flight meanwhile, and the products then read their activation fragments from shared
+// memory instead of L1/L2 (in mmqs_q4_k_16 those loads were the largest stall: Nsight Compute,
+// 45% of the cycles between issues on an H100).
+template <int T, int NTL>
+__device__ __forceinline__ void mmqk_staged(const u8* r0, const u8* r1, int u, int units, int g,
+                                            int c, const i8* yq_m, const float* ysc, int nsb,
+                                            int K, float (*acc)[NTL][2]) {
+    extern __shared__ int4 mqs_y[];
+    FragI<T> f[2][2];
+    const bool two = u + MQ_WARPS < units;
+    f[0][0].load(r0, u, c);
+    f[0][1].load(r1, u, c);
+    if (two) {
+        f[1][0].load(r0, u + MQ_WARPS, c);
+        f[1][1].load(r1, u + MQ_WARPS, c);
+    }
+    pdl_wait();  // weights are in flight; the activations come from the kernel before
+    for (int i = threadIdx.x; i < K; i += MQ_WARPS * WARP)
+        cp_async16(mqs_y + i, (const int4*)yq_m + i, 16);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    const i8* y = (const i8*)mqs_y;
+    mmqk_unit<T, NTL>(f[0], u, g, c, y, ysc, nsb, acc);
+    if (two) mmqk_unit<T, NTL>(f[1], u + MQ_WARPS, g, c, y, ysc, nsb, acc);
+}
+
 template <int T, int NT>
 __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, const i8* yq,
-                                     const float2* yds, int K, int n_tok) {
+                                     const float2* yds, int K, int n_tok, int ys) {
     constexpr int NTL = NT / 8;
     __shared__ float red[MQ_WARPS][WARP][4 * NTL];
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane >> 2, c = lane & 3;
@@ -1072,9 +1102,13 @@ __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, c
         // q8_K activations (q8k_mma_layout): yds holds the scales and the min fragments.
         const float* ysc = (const float*)yds;
         const int nsb = K / 256;
-        for (; u + MQ_WARPS < units; u += 2 * MQ_WARPS)
-            mmqk_units<T, 2, NTL>(rp[0], rp[1], u, g, c, yq, ysc, nsb, acc);
-        if (u < units) mmqk_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, ysc, nsb, acc);
+        if (ys) {
+            mmqk_staged<T, NTL>(rp[0], rp[1], u, units, g, c, yq, ysc, nsb, K, acc);
+        } else {
+            for (; u + MQ_WARPS < units; u += 2 * MQ_WARPS)
+                mmqk_units<T, 2, NTL>(rp[0], rp[1], u, g, c, yq, ysc, nsb, acc);
+            if (u < units) mmqk_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, ysc, nsb, acc);
+        }
     } else {
         for (; u + MQ_WARPS < units; u += 2 * MQ_WARPS)
             mmqs_units<T, 2, NTL>(rp[0], rp[1], u, g, c, yq, yds, acc);
@@ -1110,126 +1144,11 @@ __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, c
     }
 }
 
-// mmqp_<q4_k|q5_k>_<8|16>: the product of mmqs_<type>_<8|16> with the weights streamed
-// through shared memory in a cp.async pipeline. mmqs keeps a tile's weights in registers: 104
-// of them per thread, two 256-thread blocks per multiprocessor, and each block loads its tile,
-// waits, computes and exits, so a multiprocessor's memory reads stop while its blocks compute
-// (Nsight Compute, gate/up of the 8B shape at 16 tokens on an H100: 1.41 TB/s, 23% of issue
-// slots busy, 16 warps per multiprocessor). Here a block takes a contiguous range of 16-row
-// tiles; its work is a sequence of stages of MQP_SB super-blocks of its 16 rows (one per warp),
-// and MQP_STAGES - 1 stages are in flight while it computes one, across tile boundaries. A
-// stage row sits MQP_SB * SBB + 32 bytes after the one before, so the 8-byte fragment loads of
-// rows g = 0..7 fall on distinct banks. The math per unit is mmqs's (mmqk_unit); a tile's warp
-// sums meet in shared memory as there. Rows must start 16-byte aligned and row_bytes be a
-// multiple of 16 (the host checks, else mmqs).
-#define MQP_STAGES 3
-#define MQP_SB 8
-
-template <int T>
-struct MqpShape {
-    static constexpr int SBB = T == T_Q5_K ? 176 : 144;  // bytes per super-block
-    static constexpr int RS = MQP_SB * SBB + 32;          // a stage row in shared memory
-    static constexpr int STAGE = 16 * RS;                 // a stage
-};
-
-// Issues the copies of stage (tile, kc): super-blocks kc * MQP_SB .. of the tile's 16 rows.
-// Rows past the last are skipped (their sums are never stored).
-template <int T>
-__device__ __forceinline__ void mqp_issue(const Rows3& m, u64 row_bytes, int nsb, int tile,
-                                          int kc, u8* stage) {
-    using S = MqpShape<T>;
-    const int sb0 = kc * MQP_SB, cpr = min(MQP_SB, nsb - sb0) * S::SBB / 16;
-    for (int j = threadIdx.x; j < 16 * cpr; j += MQ_WARPS * WARP) {
-        const int r = j / cpr, q = j - r * cpr;
-        const u8* W;
-        float* o;
-        int ldo, local;
-        if (!m.pick(tile * 16 + r, &W, &o, &ldo, &local)) continue;
-        cp_async16(stage + r * S::RS + q * 16,
-                   W + (u64)local * row_bytes + (u64)sb0 * S::SBB + (u64)q * 16, 16);
-    }
-}
-
-template <int T, int NT>
-__device__ __forceinline__ void mmqp(const Rows3& m, u64 row_bytes, const i8* yq_m,
-                                     const float* ysc, int K, int n_tok) {
-    using S = MqpShape<T>;
-    constexpr int NTL = NT / 8;
-    extern __shared__ int4 mqp_smem[];
-    u8* smem = (u8*)mqp_smem;
-    __shared__ float red[MQ_WARPS][WARP][4 * NTL];
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane >> 2, c = lane & 3;
-    const int nsb = K / 256, kcs = (nsb + MQP_SB - 1) / MQP_SB;
-    const int tiles = (m.total() + 15) / 16, per = (tiles + gridDim.x - 1) / gridDim.x;
-    const int t0 = blockIdx.x * per, steps = max(min(per, tiles - t0), 0) * kcs;
-    pdl_trigger();
-#pragma unroll
-    for (int s = 0; s < MQP_STAGES - 1; s++) {
-        if (s < steps) mqp_issue<T>(m, row_bytes, nsb, t0 + s / kcs, s % kcs, smem + s * S::STAGE);
-        cp_async_commit();
-    }
-    pdl_wait();  // the first stages are in flight; the activations come from the kernel before
-    float acc[2][NTL][2];
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int nt = 0; nt < NTL; nt++) acc[i][nt][0] = acc[i][nt][1] = 0.0f;
-    for (int i = 0; i < steps; i++) {
-        cp_async_wait<MQP_STAGES - 2>();  // stage i has landed (this thread's copies)
-        __syncthreads();                   // ... everyone's; and stage i - 1 is read
-        const int ni = i + MQP_STAGES - 1;
-        if (ni < steps)
-            mqp_issue<T>(m, row_bytes, nsb, t0 + ni / kcs, ni % kcs,
-                         smem + (ni % MQP_STAGES) * S::STAGE);
-        cp_async_commit();
-        const int kc = i % kcs, uu = kc * MQP_SB + warp;
-        if (uu < nsb) {
-            const u8* st = smem + (i % MQP_STAGES) * S::STAGE;
-            FragI<T> f[2];
-            f[0].load(st + g * S::RS, warp, c);
-            f[1].load(st + (g + 8) * S::RS, warp, c);
-            mmqk_unit<T, NTL>(f, uu, g, c, yq_m, ysc, nsb, acc);
-        }
-        if (kc != kcs - 1) continue;
-        // The tile is done: warp 0 adds the warps' sums and writes rows g, g + 8.
-#pragma unroll
-        for (int r = 0; r < 2; r++)
-#pragma unroll
-            for (int nt = 0; nt < NTL; nt++) {
-                red[warp][lane][4 * nt + 2 * r] = acc[r][nt][0];
-                red[warp][lane][4 * nt + 2 * r + 1] = acc[r][nt][1];
-                acc[r][nt][0] = acc[r][nt][1] = 0.0f;
-            }
-        __syncthreads();
-        if (warp == 0) {
-            const int base = (t0 + i / kcs) * 16;
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const u8* W;
-                float* out;
-                int ldo, local;
-                if (!m.pick(base + g + 8 * r, &W, &out, &ldo, &local)) continue;
-#pragma unroll
-                for (int nt = 0; nt < NTL; nt++)
-#pragma unroll
-                    for (int j = 0; j < 2; j++) {
-                        const int t = 8 * nt + 2 * c + j;
-                        float v = 0.0f;
-#pragma unroll
-                        for (int w = 0; w < MQ_WARPS; w++) v += red[w][lane][4 * nt + 2 * r + j];
-                        if (t < n_tok) out[(size_t)t * ldo + local] = v;
-                    }
-            }
-        }
-    }
-    cp_async_wait<0>();
-}
-
 #define MMQS_NT(name, T, NT)                                                                   \
     extern "C" __global__ void __launch_bounds__(MQ_WARPS * WARP) name(                        \
-        PRODUCT_PARAMS, int K, int n_tok) {                                                    \
+        PRODUCT_PARAMS, int K, int n_tok, int ys) {                                            \
         ROWS3_M;                                                                               \
-        mmqs<T, NT>(m, row_bytes, units, yq, yds, K, n_tok);                                   \
+        mmqs<T, NT>(m, row_bytes, units, yq, yds, K, n_tok, ys);                               \
     }
 #define MMQS(name, T)         \
     MMQS_NT(name##_8, T, 8)   \
@@ -1242,18 +1161,6 @@ MMQS(mmqs_q8_0, T_Q8_0)
 MMQS(mmqs_q4_k, T_Q4_K)
 MMQS(mmqs_q5_k, T_Q5_K)
 MMQS(mmqs_q6_k, T_Q6_K)
-
-#define MMQP_NT(name, T, NT)                                                                   \
-    extern "C" __global__ void __launch_bounds__(MQ_WARPS * WARP) name(                        \
-        PRODUCT_PARAMS, int K, int n_tok) {                                                    \
-        ROWS3_M;                                                                               \
-        mmqp<T, NT>(m, row_bytes, yq, (const float*)yds, K, n_tok);                            \
-    }
-#define MMQP(name, T)         \
-    MMQP_NT(name##_8, T, 8)   \
-    MMQP_NT(name##_16, T, 16)
-MMQP(mmqp_q4_k, T_Q4_K)
-MMQP(mmqp_q5_k, T_Q5_K)
 
 // ---- float weights ---------------------------------------------------------------------------
 

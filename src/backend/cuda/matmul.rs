@@ -105,25 +105,18 @@ fn mma_q8k(ty: GgmlType) -> bool {
 const MQ_ROWS: usize = 16;
 /// Threads per block of `mmqs` (MQ_WARPS warps).
 const MQ_THREADS: u32 = 256;
-/// Stages of the pipelined K-quant kernel `mmqp` (MQP_STAGES in quant.cu).
-const MQP_STAGES: usize = 3;
-/// Super-blocks per stage row of `mmqp` (MQP_SB).
-const MQP_SB: usize = 8;
+/// Widest input whose activations a 9-16 token Q4_K/Q5_K `mmqs` block stages in shared memory
+/// (K * 16 bytes: `mmqk_staged` in quant.cu).
+const MQS_Y_MAX_K: usize = 4096;
 
-/// Dynamic shared memory of an `mmqp` block for `ty` (Q4_K / Q5_K): MQP_STAGES stages of 16
-/// rows of MQP_SB super-blocks, each row padded by 32 bytes (`MqpShape` in quant.cu).
-fn mqp_smem(ty: GgmlType) -> usize {
-    let sbb = if ty == GgmlType::Q5_K { 176 } else { 144 };
-    MQP_STAGES * MQ_ROWS * (MQP_SB * sbb + 32)
-}
-
-/// Blocks of an `mmqp` launch over `rows` rows: a contiguous range of 16-row tiles per block,
-/// about `per_sm` blocks per multiprocessor, as many tiles in each as the others (the last
-/// takes what is left).
-fn mqp_grid(rows: usize, sms: usize, per_sm: usize) -> usize {
-    let tiles = rows.div_ceil(MQ_ROWS);
-    let per = tiles.div_ceil((sms * per_sm).max(1)).max(1);
-    tiles.div_ceil(per)
+/// Whether a `mmqs` launch of `n` tokens over `cols`-wide rows of `ty` stages its activations
+/// in shared memory: 9-16 tokens, Q4_K/Q5_K, 8 to 16 super-blocks per row (every warp then has
+/// one or two of them), unless `MOA_MQS_Y=0`.
+fn mqs_stages_y(ty: GgmlType, n: usize, cols: usize, on: bool) -> bool {
+    on && n > 8
+        && matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K)
+        && (8 * 256..=MQS_Y_MAX_K).contains(&cols)
+        && cols.is_multiple_of(256)
 }
 /// Warps per block of `mmvq` and `mmvs` (MV_WARPS).
 const MV_WARPS: usize = 4;
@@ -171,9 +164,8 @@ pub struct DecodeKernels {
     /// Warps per row of the dp4a kernel on wide Q4_K/Q5_K matrices with few rows (the down
     /// projection) at one token; 0: the tensor-core kernel there (`MOA_WIDE_WPR`).
     wide_wpr: usize,
-    /// Blocks per multiprocessor of the pipelined K-quant tensor-core kernel (`mmqp`); 0:
-    /// `mmqs` instead (`MOA_MQP`).
-    mqp_per_sm: usize,
+    /// 9-16 token Q4_K/Q5_K products stage their activations in shared memory (`MOA_MQS_Y`).
+    stage_y: bool,
 }
 
 /// Types whose one-token products stream by default: Q6_K (the output matrix of Q4_K_M files;
@@ -183,9 +175,6 @@ pub struct DecodeKernels {
 fn streams(ty: GgmlType) -> bool {
     ty == GgmlType::Q6_K
 }
-
-/// Blocks per multiprocessor of `mmqp` by default (3: 57-69 KiB of stages each).
-pub const MQP_PER_SM: usize = 3;
 
 /// Batches of quantized weights up to this many tokens run through the decode kernels on
 /// q8_1 activations, 16 tokens per launch, rather than through f16 tiles and cuBLAS: short
@@ -204,7 +193,7 @@ impl DecodeKernels {
             stream_tile: 0,
             stream_all: false,
             wide_wpr: 0,
-            mqp_per_sm: MQP_PER_SM,
+            stage_y: true,
         }
     }
 
@@ -218,7 +207,7 @@ impl DecodeKernels {
             stream_tile: tile,
             stream_all: true,
             wide_wpr: 0,
-            mqp_per_sm: MQP_PER_SM,
+            stage_y: true,
         }
     }
 
@@ -231,7 +220,7 @@ impl DecodeKernels {
             stream_tile: 0,
             stream_all: false,
             wide_wpr: 0,
-            mqp_per_sm: MQP_PER_SM,
+            stage_y: true,
         }
     }
 
@@ -249,7 +238,7 @@ impl DecodeKernels {
             wide_wpr: var("MOA_WIDE_WPR")
                 .filter(|w| [1, 2, 4].contains(w))
                 .unwrap_or(0),
-            mqp_per_sm: var("MOA_MQP").unwrap_or(MQP_PER_SM).min(8),
+            stage_y: var("MOA_MQS_Y") != Some(0),
         }
     }
 
@@ -325,9 +314,6 @@ pub struct GpuMatrix {
     mq: Option<[CudaFunction; 3]>,
     /// The exact-order kernel (`mvx_<type>`, legacy quantized types; see [`MatScratch::exact`]).
     mvx: Option<CudaFunction>,
-    /// The pipelined tensor-core kernels for up to 8 and up to 16 tokens (`mmqp_<type>_<nt>`:
-    /// Q4_K, Q5_K).
-    mqp: Option<[CudaFunction; 2]>,
     dq: CudaFunction,
     pub decode: DecodeKernels,
 }
@@ -362,6 +348,14 @@ impl GpuMatrix {
         } else {
             let f = |nt: usize| k.get(&format!("mmvq_{suffix}_{nt}"));
             let g = |nt: usize| k.get(&format!("mmqs_{suffix}_{nt}"));
+            let g16 = g(16)?;
+            if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
+                g16.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    (MQS_Y_MAX_K * 16) as i32,
+                )
+                .map_err(|e| super::device::driver_err(&format!("shared memory size of mmqs_{suffix}_16"), e))?;
+            }
             let st = k.get(&format!("mmvs_{suffix}"))?;
             st.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -370,7 +364,7 @@ impl GpuMatrix {
             .map_err(|e| super::device::driver_err(&format!("shared memory size of mmvs_{suffix}"), e))?;
             (
                 [f(MV_VARIANTS[0])?, f(MV_VARIANTS[1])?, f(MV_VARIANTS[2])?],
-                Some([g(8)?, g(16)?, st]),
+                Some([g(8)?, g16, st]),
             )
         };
         let legacy = matches!(
@@ -379,20 +373,6 @@ impl GpuMatrix {
         );
         let mvx = if legacy {
             Some(k.get(&format!("mvx_{suffix}"))?)
-        } else {
-            None
-        };
-        let mqp = if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
-            let f = |nt: usize| -> Result<CudaFunction, BackendError> {
-                let f = k.get(&format!("mmqp_{suffix}_{nt}"))?;
-                f.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    mqp_smem(ty) as i32,
-                )
-                .map_err(|e| super::device::driver_err(&format!("shared memory size of mmqp_{suffix}_{nt}"), e))?;
-                Ok(f)
-            };
-            Some([f(8)?, f(16)?])
         } else {
             None
         };
@@ -407,7 +387,6 @@ impl GpuMatrix {
             mv,
             mq,
             mvx,
-            mqp,
             dq,
             decode: DecodeKernels::from_env(),
         }))
@@ -783,25 +762,21 @@ fn launch_mmvq(
                 }
                 s.mkey = key;
             }
+            let ys = mqs_stages_y(m.ty, n, m.cols, m.decode.stage_y);
             args.extend([
                 A::I(mmqs_units_per_row(m.ty, m.cols) as i32),
                 A::P(s.yq_m.ptr),
                 A::P(s.yds_m.ptr),
                 A::I(m.cols as i32),
                 A::I(n as i32),
+                A::I(ys as i32),
             ]);
-            if let Some(f) = m.mqp.as_ref().filter(|_| {
-                m.decode.mqp_per_sm > 0
-                    && m.row_bytes.is_multiple_of(16)
-                    && t.iter().all(|&(mm, _, _)| mm.ptr % 16 == 0)
-            }) {
-                let grid = mqp_grid(rows, gpu.sms, m.decode.mqp_per_sm);
-                let mut c = lcfg((grid as u32, 1, 1), MQ_THREADS);
-                c.shared_mem_bytes = mqp_smem(m.ty) as u32;
-                return gpu.launch_pdl(if n <= 8 { &f[0] } else { &f[1] }, c, &args);
-            }
             let f = if n <= 8 { &mq[0] } else { &mq[1] };
-            gpu.launch_pdl(f, lcfg((blocks(rows, MQ_ROWS), 1, 1), MQ_THREADS), &args)
+            let mut c = lcfg((blocks(rows, MQ_ROWS), 1, 1), MQ_THREADS);
+            if ys {
+                c.shared_mem_bytes = (m.cols * 16) as u32;
+            }
+            gpu.launch_pdl(f, c, &args)
         }
         (Some(mq), DecodePath::Stream { rows: tile }) => {
             args.extend([
