@@ -895,7 +895,10 @@ struct FragIK45 {
     static constexpr int NB = 8;
     static constexpr bool SPLIT = false;
     static constexpr bool MIN = true;
-    int q[8][2];
+    // The raw quant bytes (and Q5_K's high bits): split into nibbles only where an MMA takes
+    // them (qv), which keeps a unit in 8 + 2 registers instead of 16.
+    int2 v[4];
+    int2 e;
     u32 sc[2];
     int mn;
     float d, dmin;
@@ -911,25 +914,20 @@ struct FragIK45 {
         const u32 m0 = w1 & 0x3F3F3F3Fu;
         const u32 m1 = ((w2 >> 4) & 0x0F0F0F0Fu) | (((w1 >> 6) & 0x03030303u) << 4);
         mn = c == 0 ? (int)m0 : c == 1 ? (int)m1 : 0;
-        int2 e = make_int2(0, 0);
+        e = make_int2(0, 0);
         if (FIVE) e = *(const int2*)(b + 16 + 8 * c);
         const u8* qs = b + (FIVE ? 48 : 16) + 8 * c;
 #pragma unroll
-        for (int p = 0; p < 4; p++) {
-            int2 v = *(const int2*)(qs + 32 * p);
-            int l0 = v.x & 0x0F0F0F0F, l1 = v.y & 0x0F0F0F0F;
-            int h0 = (v.x >> 4) & 0x0F0F0F0F, h1 = (v.y >> 4) & 0x0F0F0F0F;
-            if (FIVE) {
-                l0 |= ((e.x >> (2 * p)) & 0x01010101) << 4;
-                l1 |= ((e.y >> (2 * p)) & 0x01010101) << 4;
-                h0 |= ((e.x >> (2 * p + 1)) & 0x01010101) << 4;
-                h1 |= ((e.y >> (2 * p + 1)) & 0x01010101) << 4;
-            }
-            q[2 * p][0] = l0;
-            q[2 * p][1] = l1;
-            q[2 * p + 1][0] = h0;
-            q[2 * p + 1][1] = h1;
-        }
+        for (int p = 0; p < 4; p++) v[p] = *(const int2*)(qs + 32 * p);
+    }
+    // Half h of block b's A fragment: columns 8c..8c+7 of block b (b = 2p: low nibbles of the
+    // sub-block pair p, 2p + 1: high), 4 of them per half.
+    __device__ __forceinline__ int qv(int b, int h) const {
+        const int p = b >> 1, hi = b & 1;
+        const int w = h ? v[p].y : v[p].x;
+        int q = (w >> (4 * hi)) & 0x0F0F0F0F;
+        if (FIVE) q |= (((h ? e.y : e.x) >> (2 * p + hi)) & 0x01010101) << 4;
+        return q;
     }
     __device__ __forceinline__ int scale(int b, int) const {
         return (int)((sc[b >> 2] >> (8 * (b & 3))) & 0xFFu);
@@ -972,6 +970,7 @@ struct FragI<T_Q6_K> {
             for (int j = 0; j < 4; j++) sc[j][h] = (int)s[h + 2 * j];
         }
     }
+    __device__ __forceinline__ int qv(int b, int h) const { return q[b][h]; }
     __device__ __forceinline__ int scale(int b, int h) const { return sc[b][h]; }
 };
 
@@ -997,8 +996,8 @@ __device__ __forceinline__ void mmqk_unit(const FragI<T> (&f)[2], int uu, int g,
         for (int nt = 0; nt < NTL; nt++) {
             int2 y = *(const int2*)(yq_m + ((blk * 2 + nt) * 4 + c) * 64 + g * 8);
             int s0[4] = {0, 0, 0, 0}, s1[4] = {0, 0, 0, 0};
-            mma_s8(s0, f[0].q[b][0], f[1].q[b][0], y.x);
-            mma_s8(F::SPLIT ? s1 : s0, f[0].q[b][1], f[1].q[b][1], y.y);
+            mma_s8(s0, f[0].qv(b, 0), f[1].qv(b, 0), y.x);
+            mma_s8(F::SPLIT ? s1 : s0, f[0].qv(b, 1), f[1].qv(b, 1), y.y);
 #pragma unroll
             for (int rr = 0; rr < 2; rr++)
 #pragma unroll
@@ -1045,39 +1044,9 @@ __device__ __forceinline__ void mmqk_units(const u8* r0, const u8* r1, int u, in
     for (int i = 0; i < U; i++) mmqk_unit<T, NTL>(f[i], u + i * MQ_WARPS, g, c, yq_m, ysc, nsb, acc);
 }
 
-// mmqk_units for a warp with one or two units (u, u + MQ_WARPS < units) whose block first
-// copies the activations of all K columns (yq_m, K * 16 bytes: the 16 token slots) into shared
-// memory (`ys` of mmqs: 8 <= units <= 16, so every warp comes here exactly once): the weights
-// are in flight meanwhile, and the products then read their activation fragments from shared
-// memory instead of L1/L2 (in mmqs_q4_k_16 those loads were the largest stall: Nsight Compute,
-// 45% of the cycles between issues on an H100).
-template <int T, int NTL>
-__device__ __forceinline__ void mmqk_staged(const u8* r0, const u8* r1, int u, int units, int g,
-                                            int c, const i8* yq_m, const float* ysc, int nsb,
-                                            int K, float (*acc)[NTL][2]) {
-    extern __shared__ int4 mqs_y[];
-    FragI<T> f[2][2];
-    const bool two = u + MQ_WARPS < units;
-    f[0][0].load(r0, u, c);
-    f[0][1].load(r1, u, c);
-    if (two) {
-        f[1][0].load(r0, u + MQ_WARPS, c);
-        f[1][1].load(r1, u + MQ_WARPS, c);
-    }
-    pdl_wait();  // weights are in flight; the activations come from the kernel before
-    for (int i = threadIdx.x; i < K; i += MQ_WARPS * WARP)
-        cp_async16(mqs_y + i, (const int4*)yq_m + i, 16);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    const i8* y = (const i8*)mqs_y;
-    mmqk_unit<T, NTL>(f[0], u, g, c, y, ysc, nsb, acc);
-    if (two) mmqk_unit<T, NTL>(f[1], u + MQ_WARPS, g, c, y, ysc, nsb, acc);
-}
-
-template <int T, int NT>
+template <int T, int NT, bool ONE = false>
 __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, const i8* yq,
-                                     const float2* yds, int K, int n_tok, int ys) {
+                                     const float2* yds, int K, int n_tok) {
     constexpr int NTL = NT / 8;
     __shared__ float red[MQ_WARPS][WARP][4 * NTL];
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane >> 2, c = lane & 3;
@@ -1102,8 +1071,8 @@ __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, c
         // q8_K activations (q8k_mma_layout): yds holds the scales and the min fragments.
         const float* ysc = (const float*)yds;
         const int nsb = K / 256;
-        if (ys) {
-            mmqk_staged<T, NTL>(rp[0], rp[1], u, units, g, c, yq, ysc, nsb, K, acc);
+        if (ONE) {
+            for (; u < units; u += MQ_WARPS) mmqk_units<T, 1, NTL>(rp[0], rp[1], u, g, c, yq, ysc, nsb, acc);
         } else {
             for (; u + MQ_WARPS < units; u += 2 * MQ_WARPS)
                 mmqk_units<T, 2, NTL>(rp[0], rp[1], u, g, c, yq, ysc, nsb, acc);
@@ -1146,9 +1115,9 @@ __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, c
 
 #define MMQS_NT(name, T, NT)                                                                   \
     extern "C" __global__ void __launch_bounds__(MQ_WARPS * WARP) name(                        \
-        PRODUCT_PARAMS, int K, int n_tok, int ys) {                                            \
+        PRODUCT_PARAMS, int K, int n_tok) {                                                    \
         ROWS3_M;                                                                               \
-        mmqs<T, NT>(m, row_bytes, units, yq, yds, K, n_tok, ys);                               \
+        mmqs<T, NT>(m, row_bytes, units, yq, yds, K, n_tok);                                   \
     }
 #define MMQS(name, T)         \
     MMQS_NT(name##_8, T, 8)   \
@@ -1161,6 +1130,21 @@ MMQS(mmqs_q8_0, T_Q8_0)
 MMQS(mmqs_q4_k, T_Q4_K)
 MMQS(mmqs_q5_k, T_Q5_K)
 MMQS(mmqs_q6_k, T_Q6_K)
+
+// mmqs1_<K-quant>_16: mmqs_<type>_16 with one unit per warp in flight instead of two, in 80
+// registers: three blocks (24 warps) per multiprocessor instead of two (16), for latency
+// hiding; the products measured latency-bound (Nsight Compute on an H100: 23% of issue slots
+// busy, 42% of DRAM bandwidth, with weights through shared memory or the activations staged
+// there no faster).
+#define MMQS1(name, T)                                                                         \
+    extern "C" __global__ void __launch_bounds__(MQ_WARPS * WARP, 3) name##_16(                \
+        PRODUCT_PARAMS, int K, int n_tok) {                                                    \
+        ROWS3_M;                                                                               \
+        mmqs<T, 16, true>(m, row_bytes, units, yq, yds, K, n_tok);                             \
+    }
+MMQS1(mmqs1_q4_k, T_Q4_K)
+MMQS1(mmqs1_q5_k, T_Q5_K)
+MMQS1(mmqs1_q6_k, T_Q6_K)
 
 // ---- float weights ---------------------------------------------------------------------------
 

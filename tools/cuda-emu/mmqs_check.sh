@@ -7,10 +7,8 @@
 # with the dp4a kernels' Unit<T> code (K-quants: on a CPU q8_K of the same rows). Checks the
 # fragment indexing (weights and activations), the layout families, the q8_K quantization and
 # min fragments, the padding token slots (AddressSanitizer: exactly n_tok activation rows are
-# allocated), the warp reduction and the row picking over up to three matrices. The 9-16 token
-# Q4_K/Q5_K launches run both ways: activations read from global memory, and staged in shared
-# memory by the block (mmqk_staged; cp.async a plain 16-byte copy that refuses misaligned
-# addresses). g++ 12+ (C++20).
+# allocated), the warp reduction and the row picking over up to three matrices; the K-quants'
+# 9-16 token launches also through mmqs1 (one unit per warp in flight). g++ 12+ (C++20).
 #
 #   bash tools/cuda-emu/mmqs_check.sh
 set -euo pipefail
@@ -23,8 +21,7 @@ source quant_extract.sh
     quant_common
     # The kernels without their launch macros; mma_s8 (inline PTX) comes from mmqs_check.cpp.
     sed -n '/^#define MQ_WARPS 8/,/^#define MMQS_NT(/p' "$src" | sed '$d' |
-        sed '/^__device__ __forceinline__ void mma_s8/,/^}/d' |
-        sed 's/extern __shared__ int4 mqs_y\[\];/int4* mqs_y = (int4*)emu_dyn_smem;/'
+        sed '/^__device__ __forceinline__ void mma_s8/,/^}/d'
 } >"$tmp/mmqs_extract.cuh"
 g++ -std=c++20 -O1 -fsanitize=address -pthread -Wno-unknown-pragmas -I. -I"$tmp" -o "$tmp/check" mmqs_check.cpp
 "$tmp/check"

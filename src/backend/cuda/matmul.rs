@@ -105,19 +105,6 @@ fn mma_q8k(ty: GgmlType) -> bool {
 const MQ_ROWS: usize = 16;
 /// Threads per block of `mmqs` (MQ_WARPS warps).
 const MQ_THREADS: u32 = 256;
-/// Widest input whose activations a 9-16 token Q4_K/Q5_K `mmqs` block stages in shared memory
-/// (K * 16 bytes: `mmqk_staged` in quant.cu).
-const MQS_Y_MAX_K: usize = 4096;
-
-/// Whether a `mmqs` launch of `n` tokens over `cols`-wide rows of `ty` stages its activations
-/// in shared memory: 9-16 tokens, Q4_K/Q5_K, 8 to 16 super-blocks per row (every warp then has
-/// one or two of them), unless `MOA_MQS_Y=0`.
-fn mqs_stages_y(ty: GgmlType, n: usize, cols: usize, on: bool) -> bool {
-    on && n > 8
-        && matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K)
-        && (8 * 256..=MQS_Y_MAX_K).contains(&cols)
-        && cols.is_multiple_of(256)
-}
 /// Warps per block of `mmvq` and `mmvs` (MV_WARPS).
 const MV_WARPS: usize = 4;
 /// Default bytes of weight rows per `mmvs` block (`MOA_MV_TILE`). Measured on an H100 (one
@@ -149,9 +136,10 @@ pub enum DecodePath {
 /// this many tokens also take the decode kernels, 16 tokens at a time, default
 /// [`QUANT_PREFILL_MAX`]) and `MOA_MV_TILE` (bytes of weight rows per block of the streamed
 /// one-token kernel, default [`MV_TILE`] for the types of [`streams`]; set, every quantized
-/// type streams with that tile; 0 = never stream) and `MOA_WIDE_WPR` (1, 2 or 4: one-token
-/// Q4_K/Q5_K down projections on the dp4a kernel with that many warps per row instead of the
-/// tensor cores).
+/// type streams with that tile; 0 = never stream), `MOA_WIDE_WPR` (1, 2 or 4: warps per row of
+/// the dp4a kernel on one-token Q4_K/Q5_K down projections, default [`WIDE_WPR`]; 0 = the
+/// tensor cores there) and `MOA_MQS1=0` (9-16 token K-quant products through `mmqs`, not
+/// `mmqs1`).
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeKernels {
     wpr: Option<usize>,
@@ -164,8 +152,9 @@ pub struct DecodeKernels {
     /// Warps per row of the dp4a kernel on wide Q4_K/Q5_K matrices with few rows (the down
     /// projection) at one token; 0: the tensor-core kernel there (`MOA_WIDE_WPR`).
     wide_wpr: usize,
-    /// 9-16 token Q4_K/Q5_K products stage their activations in shared memory (`MOA_MQS_Y`).
-    stage_y: bool,
+    /// 9-16 token K-quant products through `mmqs1` (one unit per warp in flight, three blocks
+    /// per multiprocessor) instead of `mmqs` (`MOA_MQS1`).
+    one_unit: bool,
 }
 
 /// Types whose one-token products stream by default: Q6_K (the output matrix of Q4_K_M files;
@@ -175,6 +164,13 @@ pub struct DecodeKernels {
 fn streams(ty: GgmlType) -> bool {
     ty == GgmlType::Q6_K
 }
+
+/// Warps per row of the one-token dp4a kernel on the wide, short Q4_K/Q5_K matrices (the down
+/// projection) by default. tg128 of the 8B shape on an H100, same calls (thirteenth session):
+/// 395.1, 395.7, 396.2, 395.7, 395.7 t/s with 4 against 384.1-389.5 (six runs) on the
+/// tensor-core kernel, 385.3 and 386.0 with 2; @ d32768 uniform 0.5 302.5 vs 300.0. (The sixth
+/// session measured dp4a slower there, 352.7 vs 360.9, when its kernel held 80 registers.)
+pub const WIDE_WPR: usize = 4;
 
 /// Batches of quantized weights up to this many tokens run through the decode kernels on
 /// q8_1 activations, 16 tokens per launch, rather than through f16 tiles and cuBLAS: short
@@ -193,7 +189,7 @@ impl DecodeKernels {
             stream_tile: 0,
             stream_all: false,
             wide_wpr: 0,
-            stage_y: true,
+            one_unit: true,
         }
     }
 
@@ -207,7 +203,7 @@ impl DecodeKernels {
             stream_tile: tile,
             stream_all: true,
             wide_wpr: 0,
-            stage_y: true,
+            one_unit: true,
         }
     }
 
@@ -220,7 +216,7 @@ impl DecodeKernels {
             stream_tile: 0,
             stream_all: false,
             wide_wpr: 0,
-            stage_y: true,
+            one_unit: true,
         }
     }
 
@@ -236,9 +232,9 @@ impl DecodeKernels {
             // An explicit tile size streams every type.
             stream_all: tile.is_some(),
             wide_wpr: var("MOA_WIDE_WPR")
-                .filter(|w| [1, 2, 4].contains(w))
-                .unwrap_or(0),
-            stage_y: var("MOA_MQS_Y") != Some(0),
+                .filter(|w| [0, 1, 2, 4].contains(w))
+                .unwrap_or(WIDE_WPR),
+            one_unit: var("MOA_MQS1") != Some(0),
         }
     }
 
@@ -278,12 +274,11 @@ impl DecodeKernels {
         }
         // One token, measured on an H100 (matvec_bandwidth_report, % of copy bandwidth, with
         // the K-quant scales in registers): the dp4a kernel with one warp per row wins on Q4_K's
-        // 14336 x 4096 (75 vs 64 for the tensor-core kernel) and 128256 x 4096 (80 vs 70); on
-        // the wide, short 4096 x 14336 down projection the tensor-core kernel (71) is the
-        // measured default of the whole step (358.9 t/s); dp4a with two warps per row reads
-        // faster alone (73, and would save the activation re-layout launch) but has not been
-        // measured in the step yet (`MOA_WIDE_WPR=2` takes it). Splitting rows over more warps never beats one warp
-        // elsewhere (Q4_1 90 vs 103 on the down projection).
+        // 14336 x 4096 (75 vs 64 for the tensor-core kernel) and 128256 x 4096 (80 vs 70). On
+        // the wide, short 4096 x 14336 down projection dp4a with four warps per row is the
+        // default ([`WIDE_WPR`]); `MOA_WIDE_WPR=0` takes the tensor-core kernel there.
+        // Splitting rows over more warps never beats one warp elsewhere (Q4_1 90 vs 103 on the
+        // down projection).
         let wide_short = cols >= 8192 && rows < sms * 64;
         if self.wpr.is_none()
             && self.mma_min > 0
@@ -314,6 +309,8 @@ pub struct GpuMatrix {
     mq: Option<[CudaFunction; 3]>,
     /// The exact-order kernel (`mvx_<type>`, legacy quantized types; see [`MatScratch::exact`]).
     mvx: Option<CudaFunction>,
+    /// The K-quants' 9-16 token kernel with one unit per warp in flight (`mmqs1_<type>_16`).
+    mq1: Option<CudaFunction>,
     dq: CudaFunction,
     pub decode: DecodeKernels,
 }
@@ -348,14 +345,6 @@ impl GpuMatrix {
         } else {
             let f = |nt: usize| k.get(&format!("mmvq_{suffix}_{nt}"));
             let g = |nt: usize| k.get(&format!("mmqs_{suffix}_{nt}"));
-            let g16 = g(16)?;
-            if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
-                g16.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    (MQS_Y_MAX_K * 16) as i32,
-                )
-                .map_err(|e| super::device::driver_err(&format!("shared memory size of mmqs_{suffix}_16"), e))?;
-            }
             let st = k.get(&format!("mmvs_{suffix}"))?;
             st.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -364,7 +353,7 @@ impl GpuMatrix {
             .map_err(|e| super::device::driver_err(&format!("shared memory size of mmvs_{suffix}"), e))?;
             (
                 [f(MV_VARIANTS[0])?, f(MV_VARIANTS[1])?, f(MV_VARIANTS[2])?],
-                Some([g(8)?, g16, st]),
+                Some([g(8)?, g(16)?, st]),
             )
         };
         let legacy = matches!(
@@ -373,6 +362,11 @@ impl GpuMatrix {
         );
         let mvx = if legacy {
             Some(k.get(&format!("mvx_{suffix}"))?)
+        } else {
+            None
+        };
+        let mq1 = if mma_q8k(ty) {
+            Some(k.get(&format!("mmqs1_{suffix}_16"))?)
         } else {
             None
         };
@@ -387,6 +381,7 @@ impl GpuMatrix {
             mv,
             mq,
             mvx,
+            mq1,
             dq,
             decode: DecodeKernels::from_env(),
         }))
@@ -762,21 +757,19 @@ fn launch_mmvq(
                 }
                 s.mkey = key;
             }
-            let ys = mqs_stages_y(m.ty, n, m.cols, m.decode.stage_y);
             args.extend([
                 A::I(mmqs_units_per_row(m.ty, m.cols) as i32),
                 A::P(s.yq_m.ptr),
                 A::P(s.yds_m.ptr),
                 A::I(m.cols as i32),
                 A::I(n as i32),
-                A::I(ys as i32),
             ]);
-            let f = if n <= 8 { &mq[0] } else { &mq[1] };
-            let mut c = lcfg((blocks(rows, MQ_ROWS), 1, 1), MQ_THREADS);
-            if ys {
-                c.shared_mem_bytes = (m.cols * 16) as u32;
-            }
-            gpu.launch_pdl(f, c, &args)
+            let f = match &m.mq1 {
+                _ if n <= 8 => &mq[0],
+                Some(f) if m.decode.one_unit => f,
+                _ => &mq[1],
+            };
+            gpu.launch_pdl(f, lcfg((blocks(rows, MQ_ROWS), 1, 1), MQ_THREADS), &args)
         }
         (Some(mq), DecodePath::Stream { rows: tile }) => {
             args.extend([
