@@ -153,7 +153,8 @@ pub struct DecodeKernels {
     /// projection) at one token; 0: the tensor-core kernel there (`MOA_WIDE_WPR`).
     wide_wpr: usize,
     /// 9-16 token K-quant products through `mmqs1` (one unit per warp in flight, three blocks
-    /// per multiprocessor) instead of `mmqs` (`MOA_MQS1`).
+    /// per multiprocessor) on rows up to [`MQS1_MAX_COLS`] wide, instead of `mmqs`
+    /// (`MOA_MQS1=0`: never).
     one_unit: bool,
 }
 
@@ -164,6 +165,13 @@ pub struct DecodeKernels {
 fn streams(ty: GgmlType) -> bool {
     ty == GgmlType::Q6_K
 }
+
+/// Widest rows the 9-16 token K-quant products take `mmqs1` for (one unit per warp in flight,
+/// three blocks per multiprocessor); wider ones keep `mmqs` (two units per warp in flight).
+/// Nsight Compute on an H100, 16 tokens, 8B shape, `mmqs1` vs `mmqs`: q/k/v 14.7 vs 17.4 us,
+/// gate/up 42.3 vs 44.9, output projection 10.4 vs 10.2, and the 14336-wide down projection
+/// 24.9 vs 23.4 (each warp there loops over 7 units, one load round trip per unit).
+pub const MQS1_MAX_COLS: usize = 4096;
 
 /// Warps per row of the one-token dp4a kernel on the wide, short Q4_K/Q5_K matrices (the down
 /// projection) by default. tg128 of the 8B shape on an H100, same calls (thirteenth session):
@@ -766,7 +774,7 @@ fn launch_mmvq(
             ]);
             let f = match &m.mq1 {
                 _ if n <= 8 => &mq[0],
-                Some(f) if m.decode.one_unit => f,
+                Some(f) if m.decode.one_unit && m.cols <= MQS1_MAX_COLS => f,
                 _ => &mq[1],
             };
             gpu.launch_pdl(f, lcfg((blocks(rows, MQ_ROWS), 1, 1), MQ_THREADS), &args)
