@@ -217,6 +217,73 @@ ADD_RMS_NORM_Q8(add_rms_norm_q8k_, 4, true)
 ADD_RMS_NORM_Q8(add_rms_norm_q8k_, 8, true)
 ADD_RMS_NORM_Q8(add_rms_norm_q8k_, 16, true)
 
+// add_rms_norm_q8k_w: the q8_K-writing norm (add_rms_norm_q8k_<PER>) for rows of 8 to 32
+// super-blocks (width 2048..8192, a multiple of 256), launched with width / 8 threads: warp w
+// holds super-block w, 8 consecutive values per lane (two 16-byte loads of x, y and w), so after
+// the block's sum of squares every warp quantizes its super-block straight from registers
+// (q8k_layout_warp) instead of the row going out to memory and being read back by a second
+// pass after a barrier. Same values as add_rms_norm_q8k_<PER> (the f64 sum of squares in
+// another order).
+extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_q8k_w(
+    float* x, const float* y, const float* w, float eps, int width, float* out, i8* yq,
+    float2* yds, int fam, i8* yq_m, float* ysc, PF_PARAMS) {
+    if (l2_prefetch_block(PF_ARGS)) return;
+    pdl_wait();  // a programmatic dependent: wait first, then let the next one launch
+    pdl_trigger();
+    const int t = blockIdx.x, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const size_t i0 = (size_t)t * width + warp * 256 + lane * 8;
+    float v[8], a[8], wv[8];
+    {
+        const float4 x0 = *(const float4*)(x + i0), x1 = *(const float4*)(x + i0 + 4);
+        const float4 w0 = *(const float4*)(w + warp * 256 + lane * 8);
+        const float4 w1 = *(const float4*)(w + warp * 256 + lane * 8 + 4);
+        float4 y0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), y1 = y0;
+        if (y) {
+            y0 = *(const float4*)(y + i0);
+            y1 = *(const float4*)(y + i0 + 4);
+        }
+        const float xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+        const float ys[8] = {y0.x, y0.y, y0.z, y0.w, y1.x, y1.y, y1.z, y1.w};
+        const float ws[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            v[k] = xs[k];
+            a[k] = ys[k];
+            wv[k] = ws[k];
+        }
+    }
+    double s = 0.0;
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        if (y) v[k] += a[k];
+        s += (double)(v[k] * v[k]);
+    }
+    if (y) {
+        *(float4*)(x + i0) = make_float4(v[0], v[1], v[2], v[3]);
+        *(float4*)(x + i0 + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    }
+    __shared__ double red[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) red[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        s = lane < (int)blockDim.x / WARP ? red[lane] : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) red[0] = s;
+    }
+    __syncthreads();
+    const float mean = (float)(red[0] / (double)width);
+    const float scale = 1.0f / sqrtf(mean + eps);
+    float o[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) o[k] = (v[k] * scale) * wv[k];
+    *(float4*)(out + i0) = make_float4(o[0], o[1], o[2], o[3]);
+    *(float4*)(out + i0 + 4) = make_float4(o[4], o[5], o[6], o[7]);
+    q8k_layout_warp(o, warp, t, lane, width / 256, fam, yq_m, ysc);
+}
+
 // gate[t] = silu(gate[t]) * up[t], and the result as q8_1 (the input of the down projection).
 // One warp per 32-value chunk.
 extern "C" __global__ void swiglu_q8(float* gate, const float* up, int width, int n_tok, i8* yq,

@@ -441,6 +441,45 @@ fn cuda_backend_matches_cpu_backend() {
     }
 }
 
+/// A Q4_K/Q5_K model as wide as the real ones take the paths only wide rows take: the q8_K
+/// norm with one warp per super-block (`add_rms_norm_q8k_w`, 8 to 32 super-blocks), the
+/// one-unit 16-token products (`mmqs1`, rows up to 4096 wide) and the two-unit ones on wider
+/// rows (the 5120-wide down projection), at 1, 5 and 16 tokens per step: the GPU's logits stay
+/// within the quantized-activation tolerance of the CPU backend's.
+#[test]
+fn cuda_backend_wide_k_quant_model_matches_cpu() {
+    if !gpu_or_skip("cuda_backend_wide_k_quant_model_matches_cpu") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(91);
+    for (ti, &ty) in [GgmlType::Q4_K, GgmlType::Q5_K].iter().enumerate() {
+        let mut spec = SynthSpec::tiny(ty, 40 + ti as u64);
+        spec.n_embd = 2048;
+        spec.n_head = 16; // head_dim 128
+        spec.n_head_kv = 4;
+        spec.n_ff = 5120;
+        let path = dir.path().join(format!("w{ti}.gguf"));
+        write_synthetic(&spec, &path).unwrap();
+        let model = Arc::new(Model::load(&path).unwrap());
+        let c = model.config.clone();
+        let n = 48;
+        let toks: Vec<u32> = (0..n)
+            .map(|_| (rng.next() % c.n_vocab as u64) as u32)
+            .collect();
+        for chunk in [1usize, 5, 16] {
+            let layout = KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n);
+            let worst = gpu_vs_cpu_worst(&model, &layout, 16, &toks, 8, chunk);
+            assert!(
+                worst < 3e-2,
+                "{} chunk {chunk}: worst relative logit difference {worst}",
+                ty.name()
+            );
+            eprintln!("{} wide, chunk {chunk}: worst {worst:.2e}", ty.name());
+        }
+    }
+}
+
 /// Exact mode's products (`mvx_<type>`, the legacy quantized types) equal the CPU backend's dot
 /// kernels bit for bit: weights from the reference quantizer, activations quantized on the CPU
 /// as the CPU backend does (x86 q8_0 / q8_1) and on the GPU by quantize_q8_1, 1 to 16 tokens.
