@@ -441,11 +441,10 @@ fn cuda_backend_matches_cpu_backend() {
     }
 }
 
-/// A Q4_K/Q5_K model as wide as the real ones take the paths only wide rows take: the q8_K
-/// norm with one warp per super-block (`add_rms_norm_q8k_w`, 8 to 32 super-blocks), the
-/// one-unit 16-token products (`mmqs1`, rows up to 4096 wide) and the two-unit ones on wider
-/// rows (the 5120-wide down projection), at 1, 5 and 16 tokens per step: the GPU's logits stay
-/// within the quantized-activation tolerance of the CPU backend's.
+/// A Q4_K/Q5_K model with rows as wide as real ones (2048 and 5120) takes the width-dependent
+/// product paths: the one-unit 16-token kernels (`mmqs1`, rows up to 4096 wide) and the two-unit
+/// ones on wider rows (the 5120-wide down projection), at 1, 5 and 16 tokens per step: the
+/// GPU's logits stay within the quantized-activation tolerance of the CPU backend's.
 #[test]
 fn cuda_backend_wide_k_quant_model_matches_cpu() {
     if !gpu_or_skip("cuda_backend_wide_k_quant_model_matches_cpu") {

@@ -1,7 +1,7 @@
 // CPU check of the fused q8_K layout writers (tools/cuda-emu/q8k_fused_check.sh): the residual
 // norm (add_rms_norm_q8_row with yq_m) and SwiGLU (swiglu_q8k) write the K-quant tensor-core
-// products' activation layout themselves (and add_rms_norm_q8k_w, one warp per super-block, for
-// 8 to 32 of them); here, under emu.h, for 1 to 16 tokens, widths of 2, 9 and 16 super-blocks, both layout families, with and without the residual add, their layout
+// products' activation layout themselves; here, under emu.h, for 1 to 16 tokens, widths of 2
+// and 9 super-blocks, both layout families, with and without the residual add, their layout
 // must equal byte for byte what q8k_mma_layout makes of the f32 rows they wrote, and those rows
 // must equal the unfused kernel's (norm) or the elementwise SwiGLU.
 #include "emu.h"
@@ -78,7 +78,7 @@ static void norm(float* x, const float* y, const float* w, int K, int n, int thr
 
 int main() {
     int bad = 0, cases = 0;
-    for (int K : {512, 2304, 4096})
+    for (int K : {512, 2304})
         for (int n : {1, 5, 16})
             for (int fam : {0, 1})
                 for (int resid : {0, 1}) {
@@ -107,29 +107,6 @@ int main() {
                     }
                     layout_of(oa.data(), K, n, fam, ref);
                     b += compare(fused, ref, K, n, "norm");
-                    if (K % 256 == 0 && K / 256 >= 8 && K / 256 <= 32) {
-                        // One warp per super-block (the host's pick for 8 to 32 of them).
-                        std::vector<float> xw = x0, ow((size_t)n * K, NAN);
-                        Layout wl(K), wr(K);
-                        const float* yp = resid ? y.data() : nullptr;
-                        const char* pf = (const char*)w.data();
-                        launch({(unsigned)n + 3, 1, 1}, K / 8, 0, [&] {
-                            add_rms_norm_q8k_w(xw.data(), yp, w.data(), 1e-5f, K, ow.data(), nullptr, nullptr, fam,
-                                               wl.q(), wl.sc.data(), 3, pf, 4096, nullptr, 0, nullptr, 0);
-                        });
-                        if (memcmp(xw.data(), xb.data(), xw.size() * 4)) {
-                            fprintf(stderr, "  norm_w K=%d n=%d: residual rows differ\n", K, n);
-                            b++;
-                        }
-                        for (size_t i = 0; i < ow.size(); i++)
-                            if (!(std::fabs(ow[i] - ob[i]) <= 1e-6f * (std::fabs(ob[i]) + 1e-3f))) {
-                                fprintf(stderr, "  norm_w K=%d n=%d: row value %zu %g vs %g\n", K, n, i, ow[i], ob[i]);
-                                b++;
-                                break;
-                            }
-                        layout_of(ow.data(), K, n, fam, wr);
-                        b += compare(wl, wr, K, n, "norm_w");
-                    }
                     // SwiGLU on the same rows.
                     std::vector<float> gate = x0, up = y, want((size_t)n * K);
                     for (size_t i = 0; i < want.size(); i++) want[i] = silu_mul(gate[i], up[i]);

@@ -226,8 +226,6 @@ pub struct Kernels {
     pub add_rms_norm_q8: [CudaFunction; 3],
     /// The same writing the q8_K mma layout (`add_rms_norm_q8k_<PER>`).
     pub add_rms_norm_q8k: [CudaFunction; 3],
-    /// The same for rows of 8 to 32 super-blocks, one warp per super-block (`add_rms_norm_q8k_w`).
-    pub add_rms_norm_q8k_w: CudaFunction,
     pub swiglu_q8: CudaFunction,
     /// SwiGLU writing the q8_K mma layout (the down projection on the K-quant tensor cores).
     pub swiglu_q8k: CudaFunction,
@@ -299,7 +297,6 @@ impl Kernels {
                 f("add_rms_norm_q8k_16")?,
             ],
             swiglu_q8: f("swiglu_q8")?,
-            add_rms_norm_q8k_w: f("add_rms_norm_q8k_w")?,
             swiglu_q8k: f("swiglu_q8k")?,
             rope_kv: f("rope_kv")?,
             kv_quant_q8_0: f("kv_quant_q8_0")?,

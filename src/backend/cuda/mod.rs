@@ -110,9 +110,6 @@ pub struct CudaBackend {
     use_graphs: bool,
     /// Attention blocks to aim for when splitting key ranges.
     att_target_blocks: usize,
-    /// q8_K-writing norms of 8 to 32 super-blocks through `add_rms_norm_q8k_w` (one warp per
-    /// super-block; `MOA_NORM_W=0`: the two-pass `add_rms_norm_q8k_<PER>`).
-    norm_q8k_w: bool,
     /// `MOA_ATT_SPLIT=floor`: splits per (tile, KV head) rounded down, so the blocks stay
     /// within one wave of `att_target_blocks` (default: rounded up; for measuring: 1346.0 vs
     /// 1426.4 t/s rounded up, 16 x 16384 parallel decode on an H100).
@@ -616,7 +613,6 @@ impl CudaBackend {
             use_graphs: std::env::var("MOA_CUDA_GRAPHS").map_or(true, |v| v != "0")
                 && !timer::enabled(),
             att_target_blocks,
-            norm_q8k_w: std::env::var("MOA_NORM_W").map_or(true, |v| v != "0"),
             att_split_floor: std::env::var("MOA_ATT_SPLIT").is_ok_and(|v| v == "floor"),
             l2_pf: L2Prefetch::from_env(gpu.cc),
             layout,
@@ -1234,25 +1230,16 @@ impl CudaBackend {
             A::P(ysc),
         ];
         args.extend(pf.args());
-        if fam.is_some() && self.norm_q8k_w && (8..=32).contains(&(width / 256)) {
-            // One warp per super-block, quantized from registers.
-            self.gpu.launch_pdl(
-                &self.k.add_rms_norm_q8k_w,
-                lcfg((n as u32 + pf.blocks, 1, 1), (width / 8) as u32),
-                &args,
-            )?;
+        let kernels = if fam.is_some() {
+            &self.k.add_rms_norm_q8k
         } else {
-            let kernels = if fam.is_some() {
-                &self.k.add_rms_norm_q8k
-            } else {
-                &self.k.add_rms_norm_q8
-            };
-            self.gpu.launch_pdl(
-                &kernels[variant],
-                lcfg((n as u32 + pf.blocks, 1, 1), threads),
-                &args,
-            )?;
-        }
+            &self.k.add_rms_norm_q8
+        };
+        self.gpu.launch_pdl(
+            &kernels[variant],
+            lcfg((n as u32 + pf.blocks, 1, 1), threads),
+            &args,
+        )?;
         if y.is_some() {
             self.act_version[x] += 1;
         }
