@@ -176,8 +176,9 @@ pub const MQS1_MAX_COLS: usize = 4096;
 /// Warps per row of the one-token dp4a kernel on the wide, short Q4_K/Q5_K matrices (the down
 /// projection) by default. tg128 of the 8B shape on an H100, same calls (thirteenth session):
 /// 395.1, 395.7, 396.2, 395.7, 395.7 t/s with 4 against 384.1-389.5 (six runs) on the
-/// tensor-core kernel, 385.3 and 386.0 with 2; @ d32768 uniform 0.5 302.5 vs 300.0. (The sixth
-/// session measured dp4a slower there, 352.7 vs 360.9, when its kernel held 80 registers.)
+/// tensor-core kernel, 385.3 and 386.0 with 2; @ d32768 uniform 0.5 302.5 vs 300.0. (Measured
+/// slower before the one-token kernel came down from 80 to 56 registers: sixth session 352.7
+/// vs 360.9 with 2, eleventh 359.1 vs 367.8 with 4.)
 pub const WIDE_WPR: usize = 4;
 
 /// Batches of quantized weights up to this many tokens run through the decode kernels on
