@@ -729,6 +729,20 @@ struct Frag<T_Q8_0> {
     }
 };
 
+// f[i][0], f[i][1] = lane c's fragments of unit u + i * MQ_WARPS of rows r0 (g) and r1 (g + 8);
+// then waits on the kernel before: every weight load is issued before it, and the activations
+// come from that kernel.
+template <class F, int U>
+__device__ __forceinline__ void load_units(F (&f)[U][2], const u8* r0, const u8* r1, int u,
+                                           int c) {
+#pragma unroll
+    for (int i = 0; i < U; i++) {
+        f[i][0].load(r0, u + i * MQ_WARPS, c);
+        f[i][1].load(r1, u + i * MQ_WARPS, c);
+    }
+    pdl_wait();
+}
+
 // acc[i][nt][j] (row g + 8i, token 8 nt + 2c + j) += units u, u + MQ_WARPS, ... (U of them),
 // activations in the mma layout (q8_1_mma_layout).
 template <int T, int U, int NTL>
@@ -736,12 +750,7 @@ __device__ __forceinline__ void mmqs_units(const u8* r0, const u8* r1, int u, in
                                            const i8* yq_m, const float2* yds_m,
                                            float (*acc)[NTL][2]) {
     Frag<T> f[U][2];
-#pragma unroll
-    for (int i = 0; i < U; i++) {
-        f[i][0].load(r0, u + i * MQ_WARPS, c);
-        f[i][1].load(r1, u + i * MQ_WARPS, c);
-    }
-    pdl_wait();  // weights are in flight; the activations come from the kernel before
+    load_units(f, r0, r1, u, c);
 #pragma unroll
     for (int i = 0; i < U; i++) {
 #pragma unroll
@@ -1036,12 +1045,7 @@ __device__ __forceinline__ void mmqk_units(const u8* r0, const u8* r1, int u, in
                                            const i8* yq_m, const float* ysc, int nsb,
                                            float (*acc)[NTL][2]) {
     FragI<T> f[U][2];
-#pragma unroll
-    for (int i = 0; i < U; i++) {
-        f[i][0].load(r0, u + i * MQ_WARPS, c);
-        f[i][1].load(r1, u + i * MQ_WARPS, c);
-    }
-    pdl_wait();  // weights are in flight; the activations come from the kernel before
+    load_units(f, r0, r1, u, c);
 #pragma unroll
     for (int i = 0; i < U; i++) mmqk_unit<T, NTL>(f[i], u + i * MQ_WARPS, g, c, yq_m, ysc, nsb, acc);
 }
