@@ -434,6 +434,108 @@ MMVQ(mmvq_q4_k, T_Q4_K)
 MMVQ(mmvq_q5_k, T_Q5_K)
 MMVQ(mmvq_q6_k, T_Q6_K)
 
+// ---- one token, K-quants with four lanes per unit -----------------------------------------
+// mmvk_<q4_k|q5_k>: the one-token product of mmvq for Q4_K / Q5_K rows (K a multiple of 512),
+// with every 64-value unit spread over four lanes: in each step a warp takes 8 consecutive
+// units, lane 4i + c the 16 values of chunk c of unit i (c = 0, 1: the low nibbles of the
+// unit's quant bytes 0-15 / 16-31, sub-block 2p; c = 2, 3: their high nibbles, sub-block
+// 2p + 1). mmvq gives each lane a whole unit, so the lanes of one 16-byte activation load are
+// 64 bytes apart: 32 loads over 16 cache lines, 16 L1 wavefronts per instruction where 4 would
+// do, and its L1 was its busiest unit (Nsight Compute, H100: 80% of L1 throughput on gate/up,
+// 2.26 TB/s from memory, the same time on an H200). Here a warp's activation loads are 512
+// contiguous bytes, its quant loads 256 bytes read by two lanes each, its header loads two
+// broadcasts. S steps are loaded before any is used (their header and quant words in flight);
+// `wpr` warps share a row, taking every wpr-th step.
+template <bool FIVE>
+struct ChunkK45 {
+    int4 hd;  // d, dmin and the 12 scale bytes of the unit's super-block
+    int4 q;   // 16 quant bytes (this lane's nibble of each)
+    int4 h;   // Q5_K: the 16 high-bit bytes of the same values
+    __device__ __forceinline__ void load(const u8* row, int u, int c) {
+        const u8* b = row + (u >> 2) * (FIVE ? 176 : 144);
+        hd = *(const int4*)b;
+        q = *(const int4*)(b + (FIVE ? 48 : 16) + 32 * (u & 3) + 16 * (c & 1));
+        if (FIVE) h = *(const int4*)(b + 16 + 16 * (c & 1));
+    }
+    // This chunk's share of the unit's dot with one token's q8_1 row; the block minimum term
+    // (one per 32 values) comes with the even chunks.
+    __device__ __forceinline__ float dot(const i8* yq, const float2* yds, int u, int c) const {
+        const int j = 2 * (u & 3) + (c >> 1);  // the sub-block
+        const u32 w[3] = {(u32)hd.y, (u32)hd.z, (u32)hd.w};
+        int sc, mn;
+        scale_min_w(j, w, &sc, &mn);
+        const int sh = 4 * (c >> 1);
+        const int v[4] = {q.x, q.y, q.z, q.w};
+        int qq[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            qq[i] = (v[i] >> sh) & 0x0F0F0F0F;
+            if (FIVE) {
+                const int hw[4] = {h.x, h.y, h.z, h.w};
+                qq[i] |= ((hw[i] >> j) & 0x01010101) << 4;
+            }
+        }
+        const int s = dot16(qq, ld_y16(yq + 64 * u + 16 * c), 0);
+        const float2 ds = yds[2 * u + (c >> 1)];
+        const u32 dd = (u32)hd.x;
+        const float d = h2f((u16)(dd & 0xffff)), dmin = h2f((u16)(dd >> 16));
+        float r = d * (float)sc * ds.x * (float)s;
+        if ((c & 1) == 0) r -= dmin * (float)mn * ds.y;
+        return r;
+    }
+};
+
+template <bool FIVE, int S>
+__device__ __forceinline__ void mmvk(const Rows3& m, u64 row_bytes, int units, const i8* yq,
+                                     const float2* yds, int wpr) {
+    __shared__ float red[MV_WARPS];
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int row = blockIdx.x * (MV_WARPS / wpr) + warp / wpr, sub = warp % wpr;
+    const int c = lane & 3, ul = lane >> 2;
+    pdl_trigger();
+    const u8* W;
+    float* out;
+    int ldo, local;
+    const bool ok = m.pick(row, &W, &out, &ldo, &local);
+    float acc = 0.0f;
+    if (ok) {
+        const u8* r = W + (u64)local * row_bytes;
+        const int steps = units / 8;
+        for (int s0 = sub; s0 < steps; s0 += S * wpr) {
+            ChunkK45<FIVE> ch[S];
+#pragma unroll
+            for (int i = 0; i < S; i++)
+                if (s0 + i * wpr < steps) ch[i].load(r, 8 * (s0 + i * wpr) + ul, c);
+            pdl_wait();  // weights are in flight; the activations come from the kernel before
+#pragma unroll
+            for (int i = 0; i < S; i++)
+                if (s0 + i * wpr < steps) acc += ch[i].dot(yq, yds, 8 * (s0 + i * wpr) + ul, c);
+        }
+    }
+    pdl_wait();  // warps without units, too
+    acc = warp_sum(acc);
+    if (wpr > 1) {
+        if (lane == 0) red[warp] = acc;
+        __syncthreads();
+        if (sub == 0)
+            for (int w = 1; w < wpr; w++) acc += red[warp + w];
+    }
+    if (ok && sub == 0 && lane == 0) out[local] = acc;
+}
+
+// Four steps in flight per lane (63 registers for Q4_K on sm_90: 8 blocks per multiprocessor)
+// or two (`_s2`, 48 registers: 10 blocks).
+#define MMVK(name, FIVE, S)                                                                    \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) name(                        \
+        PRODUCT_PARAMS, int K, int n_tok, int wpr) {                                           \
+        ROWS3_M;                                                                               \
+        mmvk<FIVE, S>(m, row_bytes, units, yq, yds, wpr);                                      \
+    }
+MMVK(mmvk_q4_k, false, 4)
+MMVK(mmvk_q5_k, true, 4)
+MMVK(mmvk_q4_k_s2, false, 2)
+MMVK(mmvk_q5_k_s2, true, 2)
+
 // ---- exact mode: the CPU backend's summation order ------------------------------------------
 // mvx_<type> (legacy types): the same products as mmvq, summed in exactly the order of the CPU
 // backend's AVX2 kernels (ggml-compat dot/avx2.rs, ggml's x86 ggml_vec_dot_<type>_q8_<0|1>), so

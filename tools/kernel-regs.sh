@@ -5,6 +5,7 @@
 # the register count: 65536 registers per multiprocessor / (threads per block x registers).
 #
 #   bash tools/kernel-regs.sh [REGEX] [ARCH]     # e.g. bash tools/kernel-regs.sh 'mmvq_q4_k|attn_dec' sm_90
+#   MOA_CUBIN=/tmp/k.cubin bash tools/kernel-regs.sh ...  # also keeps the cubin (cuobjdump -sass)
 #
 # NVRTC and ptxas come from pip wheels into /tmp (MOA_NVRTC_DIR, MOA_NVCC_DIR) when absent.
 set -euo pipefail
@@ -53,6 +54,10 @@ with tempfile.TemporaryDirectory() as d:
     open(f"{d}/k.ptx", "wb").write(ptx.value)
     res = subprocess.run([f"{nvcc}/nvidia/cu13/bin/ptxas", f"-arch={arch}", "-v", f"{d}/k.ptx",
                           "-o", f"{d}/k.cubin"], capture_output=True, text=True)
+    if res.returncode == 0 and os.environ.get("MOA_CUBIN"):
+        # Kept for reading the machine code (cuobjdump -sass FILE).
+        import shutil
+        shutil.copy(f"{d}/k.cubin", os.environ["MOA_CUBIN"])
 if res.returncode:
     sys.exit(res.stderr)
 name, spill = None, {}
