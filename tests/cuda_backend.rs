@@ -222,10 +222,6 @@ fn matmul_kernels_match_dequantized_reference() {
                     vec![
                         ("dp4a", DecodeKernels::dp4a(None)),
                         ("dp4a wpr=4", DecodeKernels::dp4a(Some(4))),
-                        // One token on Q4_K/Q5_K: mmvk (the two above), two steps in flight
-                        // with two warps per row, and mmvq.
-                        ("mmvk s2 wpr=2", DecodeKernels::dp4a(Some(2)).with_quarter(2)),
-                        ("mmvq", DecodeKernels::dp4a(None).with_quarter(0)),
                         ("mma", DecodeKernels::mma_from(1)),
                         // One token streamed: default tiles, and one row per tile.
                         ("stream", DecodeKernels::stream(cuda::matmul::MV_TILE)),
@@ -1027,10 +1023,6 @@ fn matvec_bandwidth_report() {
                         ("dp4a wpr=1", DecodeKernels::dp4a(Some(1))),
                         ("dp4a wpr=2", DecodeKernels::dp4a(Some(2))),
                         ("dp4a wpr=4", DecodeKernels::dp4a(Some(4))),
-                        ("mmvk s2", DecodeKernels::dp4a(Some(1)).with_quarter(2)),
-                        ("mmvk s2 w2", DecodeKernels::dp4a(Some(2)).with_quarter(2)),
-                        ("mmvq wpr=1", DecodeKernels::dp4a(Some(1)).with_quarter(0)),
-                        ("mmvq wpr=4", DecodeKernels::dp4a(Some(4)).with_quarter(0)),
                         ("mma", DecodeKernels::mma_from(1)),
                         ("stream 8K", DecodeKernels::stream(8 << 10)),
                         ("stream 16K", DecodeKernels::stream(16 << 10)),

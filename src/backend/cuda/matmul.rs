@@ -156,13 +156,7 @@ pub struct DecodeKernels {
     /// per multiprocessor) on rows up to [`MQS1_MAX_COLS`] wide, instead of `mmqs`
     /// (`MOA_MQS1=0`: never).
     one_unit: bool,
-    /// One-token Q4_K/Q5_K products on the dp4a path through `mmvk` (four lanes per unit)
-    /// with this many steps in flight per lane (4 or 2); 0: `mmvq` (`MOA_MVK`).
-    quarter: usize,
 }
-
-/// Steps in flight per lane of `mmvk` by default (see [`DecodeKernels::quarter`]).
-pub const MVK_STEPS: usize = 4;
 
 /// Types whose one-token products stream by default: Q6_K (the output matrix of Q4_K_M files;
 /// tg128 of the 8B shape on an H100: Q4_K through the dp4a / tensor-core kernels 351.5 t/s,
@@ -206,14 +200,7 @@ impl DecodeKernels {
             stream_all: false,
             wide_wpr: 0,
             one_unit: true,
-            quarter: MVK_STEPS,
         }
-    }
-
-    /// The same choices with `mmvk` at `steps` steps in flight per lane (0: `mmvq`).
-    pub fn with_quarter(mut self, steps: usize) -> DecodeKernels {
-        self.quarter = steps;
-        self
     }
 
     /// One token always through the streamed kernel with tiles of about `tile` bytes (several
@@ -227,7 +214,6 @@ impl DecodeKernels {
             stream_all: true,
             wide_wpr: 0,
             one_unit: true,
-            quarter: MVK_STEPS,
         }
     }
 
@@ -241,7 +227,6 @@ impl DecodeKernels {
             stream_all: false,
             wide_wpr: 0,
             one_unit: true,
-            quarter: MVK_STEPS,
         }
     }
 
@@ -260,9 +245,6 @@ impl DecodeKernels {
                 .filter(|w| [0, 1, 2, 4].contains(w))
                 .unwrap_or(WIDE_WPR),
             one_unit: var("MOA_MQS1") != Some(0),
-            quarter: var("MOA_MVK")
-                .filter(|s| [0, 2, 4].contains(s))
-                .unwrap_or(MVK_STEPS),
         }
     }
 
@@ -339,8 +321,6 @@ pub struct GpuMatrix {
     mvx: Option<CudaFunction>,
     /// The K-quants' 9-16 token kernel with one unit per warp in flight (`mmqs1_<type>_16`).
     mq1: Option<CudaFunction>,
-    /// Q4_K/Q5_K one-token kernels with four lanes per unit (`mmvk_<type>`, `_s2`).
-    mvk: Option<[CudaFunction; 2]>,
     dq: CudaFunction,
     pub decode: DecodeKernels,
 }
@@ -350,18 +330,6 @@ impl GpuMatrix {
     fn mv_for(&self, n: usize) -> &CudaFunction {
         let i = MV_VARIANTS.iter().position(|&v| n <= v).unwrap_or(2);
         &self.mv[i]
-    }
-
-    /// The dp4a kernel for `n` tokens: `mmvk` for one token on Q4_K/Q5_K rows of a multiple
-    /// of 512 values (unless turned off), else [`GpuMatrix::mv_for`]. Both take the same
-    /// arguments and grid.
-    fn dp4a_for(&self, n: usize) -> &CudaFunction {
-        match &self.mvk {
-            Some(f) if n == 1 && self.decode.quarter > 0 && self.cols.is_multiple_of(512) => {
-                &f[usize::from(self.decode.quarter == 2)]
-            }
-            _ => self.mv_for(n),
-        }
     }
 }
 
@@ -412,14 +380,6 @@ impl GpuMatrix {
         } else {
             None
         };
-        let mvk = if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
-            Some([
-                k.get(&format!("mmvk_{suffix}"))?,
-                k.get(&format!("mmvk_{suffix}_s2"))?,
-            ])
-        } else {
-            None
-        };
         let dq = k.get(&format!("dequant_f16_{suffix}"))?;
         let row_bytes = ty.bytes_for(cols as u64).expect("validated shape") as usize;
         Ok(Some(GpuMatrix {
@@ -432,7 +392,6 @@ impl GpuMatrix {
             mq,
             mvx,
             mq1,
-            mvk,
             dq,
             decode: DecodeKernels::from_env(),
         }))
@@ -846,7 +805,7 @@ fn launch_mmvq(
                 A::I(wpr as i32),
             ]);
             gpu.launch_pdl(
-                m.dp4a_for(n),
+                m.mv_for(n),
                 lcfg((blocks(rows, MV_WARPS / wpr), 1, 1), (MV_WARPS * 32) as u32),
                 &args,
             )
