@@ -98,15 +98,19 @@ struct KeySpan {
     }
 };
 
-// Combines the splits of each (token, head) row: one block of GR x D threads per row. The
-// splits' maxima and weights go through shared memory once; then each group of D threads sums
-// every GR-th split's output (independent, coalesced loads) and group 0 adds the GR sums. Decode
+// Combines the splits of each (token, head) row: one block of GR x D threads per row. Up to
+// GR x MERGE_ONE_PASS splits (the decode steps: about 33 at batch 1) in one pass: each group of
+// D threads loads every GR-th split's maximum, weight and output at once, and the groups meet in
+// shared memory for the maximum and for the sums. More splits: the maxima and weights go
+// through shared memory first; then each group sums every GR-th split's output (independent,
+// coalesced loads) and group 0 adds the GR sums. Decode
 // steps have few rows and tens of splits (latency bound: GR = 4, `attn_merge_wide`), prefill
 // many rows and few splits (GR = 1, `attn_merge`). With `yq`, the output also goes to q8_1 (the
 // input of the output projection: rows of n_head x D values, so each warp's 32 values are one
 // q8_1 block).
 #define MERGE_GROUPS 4
 #define MERGE_MAX_SPLIT 1024
+#define MERGE_ONE_PASS 16
 template <int GR>
 __device__ __forceinline__ void attn_merge_rows(const float* part, int n_split, int D, float* out,
                                                 i8* yq, float2* yds) {
@@ -119,6 +123,51 @@ __device__ __forceinline__ void attn_merge_rows(const float* part, int n_split, 
     const int tid = threadIdx.x, nth = blockDim.x, lane = tid % WARP, warp = tid / WARP;
     const int nwarp = nth / WARP;
     const float* pp = part + row * n_split * (D + 2);
+    if (n_split <= GR * MERGE_ONE_PASS) {
+        // Up to MERGE_ONE_PASS splits per thread group member: every load (each split's
+        // maximum, weight and this thread's output value) is issued at once, so the merge waits
+        // for memory once instead of three times (the maxima, then the weights, then the
+        // outputs).
+        const int grp = tid / D, d = tid % D;
+        float mz[MERGE_ONE_PASS], lz[MERGE_ONE_PASS], az[MERGE_ONE_PASS];
+#pragma unroll
+        for (int k = 0; k < MERGE_ONE_PASS; k++) {
+            const int z = grp + k * GR;
+            const float* pz = pp + (size_t)z * (D + 2);
+            mz[k] = z < n_split ? pz[D] : NEG_INF;
+            lz[k] = z < n_split ? pz[D + 1] : 0.0f;
+            az[k] = z < n_split ? pz[d] : 0.0f;
+        }
+        float mx = NEG_INF;
+#pragma unroll
+        for (int k = 0; k < MERGE_ONE_PASS; k++) mx = fmaxf(mx, mz[k]);
+        if (GR > 1) {
+            if (d == 0) red[0][grp] = mx;
+            __syncthreads();
+            for (int g = 0; g < GR; g++) mx = fmaxf(mx, red[0][g]);
+        }
+        float o = 0.0f, ls = 0.0f;
+#pragma unroll
+        for (int k = 0; k < MERGE_ONE_PASS; k++) {
+            const float w = (mz[k] == NEG_INF) ? 0.0f : ex2(mz[k] - mx);
+            o += w * az[k];
+            ls += w * lz[k];
+        }
+        if (GR > 1) {
+            if (grp > 0) osum[grp - 1][d] = o;
+            if (d == 0) red[1][grp] = ls;
+            __syncthreads();
+            if (grp > 0) return;
+            for (int g = 0; g < GR - 1; g++) o += osum[g][d];
+            ls = 0.0f;
+            for (int g = 0; g < GR; g++) ls += red[1][g];
+        }
+        const float v = ls > 0.0f ? o / ls : 0.0f;
+        const size_t i = row * D + d;
+        out[i] = v;
+        if (yq) q8_1_lane(v, yq + (i & ~(size_t)31), yds + (i >> 5), lane);
+        return;
+    }
     float mx = NEG_INF;
     for (int z = tid; z < n_split; z += nth) mx = fmaxf(mx, pp[z * (D + 2) + D]);
     mx = warp_max(mx);
