@@ -103,11 +103,10 @@ struct KeySpan {
 // D threads loads every GR-th split's maximum, weight and output at once, and the groups meet in
 // shared memory for the maximum and for the sums. More splits: the maxima and weights go
 // through shared memory first; then each group sums every GR-th split's output (independent,
-// coalesced loads) and group 0 adds the GR sums. Decode
-// steps have few rows and tens of splits (latency bound: GR = 4, `attn_merge_wide`), prefill
-// many rows and few splits (GR = 1, `attn_merge`). With `yq`, the output also goes to q8_1 (the
-// input of the output projection: rows of n_head x D values, so each warp's 32 values are one
-// q8_1 block).
+// coalesced loads) and group 0 adds the GR sums. Decode steps have few rows and tens of splits
+// (latency bound: GR = 4, `attn_merge_wide`), prefill many rows and few splits (GR = 1,
+// `attn_merge`). With `yq`, the output also goes to q8_1 (the input of the output projection:
+// rows of n_head x D values, so each warp's 32 values are one q8_1 block).
 #define MERGE_GROUPS 4
 #define MERGE_MAX_SPLIT 1024
 #define MERGE_ONE_PASS 16
