@@ -1140,9 +1140,9 @@ MMQS(mmqs_q6_k, T_Q6_K)
 
 // mmqs1_<K-quant>_16: mmqs_<type>_16 with one unit per warp in flight instead of two, in 80
 // registers: three blocks (24 warps) per multiprocessor instead of two (16), for latency
-// hiding; the products measured latency-bound (Nsight Compute on an H100: 23% of issue slots
-// busy, 42% of DRAM bandwidth, with weights through shared memory or the activations staged
-// there no faster).
+// hiding; the products measured latency-bound (Nsight Compute on an H100, gate/up: 23% of
+// issue slots busy, 44% of DRAM bandwidth; with weights through shared memory or the
+// activations staged there no faster).
 #define MMQS1(name, T)                                                                         \
     extern "C" __global__ void __launch_bounds__(MQ_WARPS * WARP, 3) name##_16(                \
         PRODUCT_PARAMS, int K, int n_tok) {                                                    \
