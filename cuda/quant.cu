@@ -1120,6 +1120,106 @@ __device__ __forceinline__ void mmqs(const Rows3& m, u64 row_bytes, int units, c
     }
 }
 
+// mmqp_<K-quant>_16: the 9-16 token K-quant product of mmqs with persistent blocks (one per
+// multiprocessor, MP_WARPS warps) that copy the q8_K activations (K x 16 bytes, then the
+// scales and min fragments) into shared memory once and then walk the 16-row tiles
+// blockIdx.x, blockIdx.x + gridDim.x, ...: warp w takes units w, w + MP_WARPS, ... of every
+// tile, with the next (tile, unit)'s weights loaded into registers before the current one is
+// used. mmqs and mmqs1 read the activations (1.75x the bytes of a 4096-wide tile's weights)
+// from L1 / L2 in every block, behind each unit's weight loads: Nsight Compute showed them
+// latency-bound (the L1TEX scoreboard 45% of the cycles between a warp's issues). The warps'
+// sums of a tile meet in shared memory (two buffers, so one barrier per tile); each warp adds
+// and writes 16 of the tile's 256 outputs. Shared memory: K * 16 + K / 256 * 320 bytes of
+// activations, then 2 x MP_WARPS x 256 floats (the host's mmqp_smem_bytes).
+#define MP_WARPS 16
+template <int T>
+__device__ __forceinline__ void mmqp(const Rows3& m, u64 row_bytes, int units, const i8* yq,
+                                     const float2* yds, int K, int n_tok) {
+    constexpr int NTL = 2;
+    extern __shared__ __align__(16) int4 mp_smem[];
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane >> 2, c = lane & 3;
+    const int nsb = K / 256;
+    const int act_bytes = K * 16, sc_bytes = nsb * 320;
+    i8* const s_yq = (i8*)mp_smem;
+    float* const s_sc = (float*)((u8*)mp_smem + act_bytes);
+    float* const red = (float*)((u8*)mp_smem + act_bytes + sc_bytes);  // [2][MP_WARPS][256]
+    pdl_trigger();
+    const int total = m.total(), last = total - 1, n_tiles = (total + 15) / 16;
+    const int my_tiles = (int)blockIdx.x < n_tiles ? (n_tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+    const int upw = (units + MP_WARPS - 1) / MP_WARPS;  // items per tile and warp
+    const int n_items = my_tiles * upw;
+    // Item k of this warp: unit warp + (k % upw) * MP_WARPS of tile blockIdx.x + (k / upw) *
+    // gridDim.x (nothing when past the row's units).
+    auto load_item = [&](int k, FragI<T> (&f)[2]) {
+        const int u = warp + (k % upw) * MP_WARPS;
+        if (u >= units) return;
+        const int base = (blockIdx.x + (k / upw) * gridDim.x) * 16;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const u8* W;
+            float* o;
+            int ldo, local;
+            m.pick(min(base + g + 8 * i, last), &W, &o, &ldo, &local);
+            f[i].load(W + (u64)local * row_bytes, u, c);
+        }
+    };
+    FragI<T> cur[2], nxt[2];
+    if (n_items > 0) load_item(0, cur);
+    // The activations come from the kernel before: copied once, after the first weights.
+    pdl_wait();
+    {
+        const int n16 = act_bytes / 16, s16 = sc_bytes / 16;
+        for (int i = threadIdx.x; i < n16 + s16; i += blockDim.x) {
+            const void* src = i < n16 ? (const void*)((const int4*)yq + i)
+                                      : (const void*)((const int4*)yds + (i - n16));
+            cp_async16(mp_smem + i, src, 16);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+    }
+    float acc[2][NTL][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int nt = 0; nt < NTL; nt++) acc[i][nt][0] = acc[i][nt][1] = 0.0f;
+    for (int k = 0; k < n_items; k++) {
+        if (k + 1 < n_items) load_item(k + 1, nxt);
+        const int u = warp + (k % upw) * MP_WARPS;
+        if (u < units) mmqk_unit<T, NTL>(cur, u, g, c, s_yq, s_sc, nsb, acc);
+        cur[0] = nxt[0];
+        cur[1] = nxt[1];
+        if (k % upw != upw - 1) continue;
+        // Tile done: this warp's sums into buffer (tile % 2), one barrier, then warp w adds
+        // outputs 16 w .. 16 w + 15 over the warps (output o = 8 * lane + 4 nt + 2 i + j of
+        // the writer lane's layout). The other buffer is rewritten only after the next barrier.
+        const int tl = k / upw;
+        float* rb = red + (tl & 1) * (MP_WARPS * 256);
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int nt = 0; nt < NTL; nt++) {
+                rb[warp * 256 + lane * 8 + 4 * nt + 2 * i] = acc[i][nt][0];
+                rb[warp * 256 + lane * 8 + 4 * nt + 2 * i + 1] = acc[i][nt][1];
+                acc[i][nt][0] = acc[i][nt][1] = 0.0f;
+            }
+        __syncthreads();
+        if (lane < 16) {
+            const int o = 16 * warp + lane, src = o / 8, e = o % 8;
+            const int nt = e / 4, i = (e / 2) & 1, j = e & 1;
+            const int t = 8 * nt + 2 * (src & 3) + j;
+            const int row = (blockIdx.x + tl * gridDim.x) * 16 + (src >> 2) + 8 * i;
+            float v = 0.0f;
+#pragma unroll
+            for (int w = 0; w < MP_WARPS; w++) v += rb[w * 256 + o];
+            const u8* W;
+            float* out;
+            int ldo, local;
+            if (t < n_tok && m.pick(row, &W, &out, &ldo, &local)) out[(size_t)t * ldo + local] = v;
+        }
+    }
+}
+
 #define MMQS_NT(name, T, NT)                                                                   \
     extern "C" __global__ void __launch_bounds__(MQ_WARPS * WARP) name(                        \
         PRODUCT_PARAMS, int K, int n_tok) {                                                    \
@@ -1152,6 +1252,16 @@ MMQS(mmqs_q6_k, T_Q6_K)
 MMQS1(mmqs1_q4_k, T_Q4_K)
 MMQS1(mmqs1_q5_k, T_Q5_K)
 MMQS1(mmqs1_q6_k, T_Q6_K)
+
+#define MMQP(name, T)                                                                          \
+    extern "C" __global__ void __launch_bounds__(MP_WARPS * WARP, 1) name##_16(                \
+        PRODUCT_PARAMS, int K, int n_tok) {                                                    \
+        ROWS3_M;                                                                               \
+        mmqp<T>(m, row_bytes, units, yq, yds, K, n_tok);                                       \
+    }
+MMQP(mmqp_q4_k, T_Q4_K)
+MMQP(mmqp_q5_k, T_Q5_K)
+MMQP(mmqp_q6_k, T_Q6_K)
 
 // ---- float weights ---------------------------------------------------------------------------
 

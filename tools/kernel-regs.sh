@@ -6,6 +6,7 @@
 #
 #   bash tools/kernel-regs.sh [REGEX] [ARCH]     # e.g. bash tools/kernel-regs.sh 'mmvq_q4_k|attn_dec' sm_90
 #   MOA_CUBIN=/tmp/k.cubin bash tools/kernel-regs.sh ...  # also keeps the cubin (cuobjdump -sass)
+#   MOA_NVRTC_DEFINES="W_NA_MV=0" bash tools/kernel-regs.sh ...  # a variant (kernels.rs: extra_defines)
 #
 # NVRTC and ptxas come from pip wheels into /tmp (MOA_NVRTC_DIR, MOA_NVCC_DIR) when absent.
 set -euo pipefail
@@ -40,6 +41,9 @@ if lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"moa_kernels.cu", 0
 # FA_STAGES as the backend passes it (kernels.rs: fa_stages, 2 unless MOA_FA_STAGES).
 opts = [f"--gpu-architecture=compute_{arch[3:]}".encode(), b"-std=c++17",
         ("-DFA_STAGES=" + os.environ.get("MOA_FA_STAGES", "2")).encode()]
+# MOA_NVRTC_DEFINES as the backend passes it (kernels.rs: extra_defines).
+opts += [f"-D{d}".encode() for d in re.split(r"[,\s]+", os.environ.get("MOA_NVRTC_DEFINES", ""))
+         if re.fullmatch(r"[A-Za-z0-9_]+(=[A-Za-z0-9_=-]*)?", d)]
 rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
 n = ctypes.c_size_t()
 if rc:

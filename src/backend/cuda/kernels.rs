@@ -79,7 +79,11 @@ pub fn compile(arch: &'static str) -> Result<String, BackendError> {
     }
     let opts = CompileOptions {
         arch: Some(arch),
-        options: vec!["-std=c++17".into(), format!("-DFA_STAGES={}", fa_stages())],
+        options: [
+            vec!["-std=c++17".into(), format!("-DFA_STAGES={}", fa_stages())],
+            extra_defines(),
+        ]
+        .concat(),
         name: Some("moa_kernels.cu".into()),
         ..Default::default()
     };
@@ -95,6 +99,7 @@ fn cache_path(arch: &str) -> Option<PathBuf> {
     program_source().hash(&mut h);
     arch.hash(&mut h);
     fa_stages().hash(&mut h);
+    extra_defines().hash(&mut h);
     let (mut major, mut minor) = (0, 0);
     // SAFETY: plain version query of a loaded library.
     unsafe {
@@ -124,6 +129,24 @@ pub fn ptx_cached(arch: &'static str) -> Result<String, BackendError> {
         let _ = crate::util::write_file_atomic(p, ptx.as_bytes());
     }
     Ok(ptx)
+}
+
+/// Macro definitions for the kernel sources from `MOA_NVRTC_DEFINES` (`NAME=VALUE` items
+/// separated by spaces or commas, each passed as `-DNAME=VALUE`), for measuring variants of a
+/// kernel with one binary; items that are not a plain name with an optional value are ignored.
+pub fn extra_defines() -> Vec<String> {
+    let raw = std::env::var("MOA_NVRTC_DEFINES").unwrap_or_default();
+    raw.split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|item| {
+            let name = item.split('=').next().unwrap_or("");
+            !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && item
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '=' || c == '-')
+        })
+        .map(|item| format!("-D{item}"))
+        .collect()
 }
 
 /// Key-tile stages of the attention kernels' cp.async pipeline (`FA_STAGES` in attention.cu,

@@ -139,7 +139,8 @@ pub enum DecodePath {
 /// type streams with that tile; 0 = never stream), `MOA_WIDE_WPR` (1, 2 or 4: warps per row of
 /// the dp4a kernel on one-token Q4_K/Q5_K down projections, default [`WIDE_WPR`]; 0 = the
 /// tensor cores there) and `MOA_MQS1=0` (9-16 token K-quant products through `mmqs`, not
-/// `mmqs1`).
+/// `mmqs1`) and `MOA_MQP=0` (9-16 token K-quant products on rows up to [`MQP_MAX_COLS`] wide
+/// through `mmqs1`, not the persistent `mmqp`).
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeKernels {
     wpr: Option<usize>,
@@ -156,6 +157,9 @@ pub struct DecodeKernels {
     /// per multiprocessor) on rows up to [`MQS1_MAX_COLS`] wide, instead of `mmqs`
     /// (`MOA_MQS1=0`: never).
     one_unit: bool,
+    /// 9-16 token K-quant products on rows up to [`MQP_MAX_COLS`] wide through `mmqp`
+    /// (persistent blocks with the activations in shared memory; `MOA_MQP=0`: never).
+    persistent: bool,
 }
 
 /// Types whose one-token products stream by default: Q6_K (the output matrix of Q4_K_M files;
@@ -173,6 +177,19 @@ fn streams(ty: GgmlType) -> bool {
 /// 24.9 vs 23.4 (each warp there loops over 7 units, one load round trip per unit); the Q6_K
 /// output matrix (49152 x 4096) 113 vs 122 us.
 pub const MQS1_MAX_COLS: usize = 4096;
+
+/// Widest rows the 9-16 token K-quant products take `mmqp` for: its blocks hold the whole
+/// q8_K activation rows in shared memory (16 bytes per column, see [`mmqp_smem_bytes`]).
+pub const MQP_MAX_COLS: usize = 4096;
+/// Threads per block of `mmqp` (MP_WARPS warps).
+const MQP_THREADS: u32 = 512;
+
+/// Dynamic shared memory of an `mmqp` block for rows of `cols` values (quant.cu, mmqp): the
+/// q8_K activations of 16 token slots, their scales and min fragments (320 bytes per 256
+/// columns), and two reduction buffers of MP_WARPS x 256 floats.
+pub fn mmqp_smem_bytes(cols: usize) -> usize {
+    cols * 16 + cols / 256 * 320 + 2 * 16 * 256 * 4
+}
 
 /// Warps per row of the one-token dp4a kernel on the wide, short Q4_K/Q5_K matrices (the down
 /// projection) by default. tg128 of the 8B shape on an H100, same calls (thirteenth session):
@@ -200,6 +217,7 @@ impl DecodeKernels {
             stream_all: false,
             wide_wpr: 0,
             one_unit: true,
+            persistent: true,
         }
     }
 
@@ -214,6 +232,15 @@ impl DecodeKernels {
             stream_all: true,
             wide_wpr: 0,
             one_unit: true,
+            persistent: true,
+        }
+    }
+
+    /// The same choices with `mmqp` (the persistent 9-16 token K-quant kernel) on or off.
+    pub fn with_persistent(self, on: bool) -> DecodeKernels {
+        DecodeKernels {
+            persistent: on,
+            ..self
         }
     }
 
@@ -227,6 +254,7 @@ impl DecodeKernels {
             stream_all: false,
             wide_wpr: 0,
             one_unit: true,
+            persistent: true,
         }
     }
 
@@ -245,6 +273,7 @@ impl DecodeKernels {
                 .filter(|w| [0, 1, 2, 4].contains(w))
                 .unwrap_or(WIDE_WPR),
             one_unit: var("MOA_MQS1") != Some(0),
+            persistent: var("MOA_MQP") != Some(0),
         }
     }
 
@@ -321,6 +350,9 @@ pub struct GpuMatrix {
     mvx: Option<CudaFunction>,
     /// The K-quants' 9-16 token kernel with one unit per warp in flight (`mmqs1_<type>_16`).
     mq1: Option<CudaFunction>,
+    /// The K-quants' persistent 9-16 token kernel (`mmqp_<type>_16`), for rows up to
+    /// [`MQP_MAX_COLS`] wide.
+    mqp: Option<CudaFunction>,
     dq: CudaFunction,
     pub decode: DecodeKernels,
 }
@@ -380,6 +412,17 @@ impl GpuMatrix {
         } else {
             None
         };
+        let mqp = if mma_q8k(ty) && cols <= MQP_MAX_COLS && cols.is_multiple_of(256) {
+            let f = k.get(&format!("mmqp_{suffix}_16"))?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                mmqp_smem_bytes(cols) as i32,
+            )
+            .map_err(|e| super::device::driver_err(&format!("shared memory size of mmqp_{suffix}_16"), e))?;
+            Some(f)
+        } else {
+            None
+        };
         let dq = k.get(&format!("dequant_f16_{suffix}"))?;
         let row_bytes = ty.bytes_for(cols as u64).expect("validated shape") as usize;
         Ok(Some(GpuMatrix {
@@ -392,6 +435,7 @@ impl GpuMatrix {
             mq,
             mvx,
             mq1,
+            mqp,
             dq,
             decode: DecodeKernels::from_env(),
         }))
@@ -774,6 +818,15 @@ fn launch_mmvq(
                 A::I(m.cols as i32),
                 A::I(n as i32),
             ]);
+            if let (true, true, Some(f)) = (n > 8, m.decode.persistent, &m.mqp) {
+                // One persistent block per multiprocessor (at most one per 16-row tile).
+                let mut c = lcfg(
+                    (blocks(rows, MQ_ROWS).min(gpu.sms as u32), 1, 1),
+                    MQP_THREADS,
+                );
+                c.shared_mem_bytes = mmqp_smem_bytes(m.cols) as u32;
+                return gpu.launch_pdl(f, c, &args);
+            }
             let f = match &m.mq1 {
                 _ if n <= 8 => &mq[0],
                 Some(f) if m.decode.one_unit && m.cols <= MQS1_MAX_COLS => f,
