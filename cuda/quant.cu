@@ -1220,6 +1220,120 @@ __device__ __forceinline__ void mmqp(const Rows3& m, u64 row_bytes, int units, c
     }
 }
 
+// mmqw_<K-quant>_16: mmqp with the weights streamed through shared memory as well: each tile
+// (16 consecutive rows of one matrix, row_bytes a multiple of 16) is copied whole with 16-byte
+// cp.async MW_STAGES - 1 tiles ahead, rows padded by 16 bytes (so the eight rows a fragment
+// load touches fall in different banks), and the warps take their fragments from there. The
+// tiles' weights do not depend on the kernel before, so the first ones load before waiting on
+// it. A tile's sums are added at the start of the next iteration (after its barrier). Shared
+// memory: mmqp's, then MW_STAGES x 16 x (row_bytes + 16) bytes (the host's mmqw_smem_bytes).
+#define MW_STAGES 3
+#define MW_MAXCP 8
+template <int T>
+__device__ __forceinline__ void mmqw(const Rows3& m, u64 row_bytes, int units, const i8* yq,
+                                     const float2* yds, int K, int n_tok) {
+    constexpr int NTL = 2;
+    extern __shared__ __align__(16) int4 mw_smem[];
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane >> 2, c = lane & 3;
+    const int nsb = K / 256;
+    const int act_bytes = K * 16, sc_bytes = nsb * 320;
+    i8* const s_yq = (i8*)mw_smem;
+    float* const s_sc = (float*)((u8*)mw_smem + act_bytes);
+    float* const red = (float*)((u8*)mw_smem + act_bytes + sc_bytes);  // [2][MP_WARPS][256]
+    u8* const stages = (u8*)(red + 2 * MP_WARPS * 256);
+    const int rs = (int)row_bytes + 16;  // a row's stride in a stage
+    pdl_trigger();
+    const int total = m.total(), n_tiles = (total + 15) / 16;
+    const int my_tiles = (int)blockIdx.x < n_tiles ? (n_tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+    // This thread's 16-byte pieces of a tile (the tile is contiguous in global memory): piece
+    // i = tid + k * blockDim.x sits at row i / cpr, offset 16 (i % cpr) of the stage.
+    const int cpr = (int)(row_bytes / 16);
+    int soff[MW_MAXCP];
+#pragma unroll
+    for (int k = 0; k < MW_MAXCP; k++) {
+        const int i = threadIdx.x + k * blockDim.x;
+        soff[k] = (i / cpr) * rs + 16 * (i % cpr);
+    }
+    auto issue = [&](int tl) {
+        if (tl < my_tiles) {
+            const int base = (blockIdx.x + tl * gridDim.x) * 16;
+            const u8* W;
+            float* o;
+            int ldo, local;
+            m.pick(base, &W, &o, &ldo, &local);
+            const u8* src = W + (u64)local * row_bytes;
+            const int n16 = min(16, total - base) * cpr;
+            u8* dst = stages + (tl % MW_STAGES) * 16 * rs;
+#pragma unroll
+            for (int k = 0; k < MW_MAXCP; k++) {
+                const int i = threadIdx.x + k * blockDim.x;
+                if (i < n16) cp_async16(dst + soff[k], src + 16 * (size_t)i, 16);
+            }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int st = 0; st < MW_STAGES - 1; st++) issue(st);
+    // The activations come from the kernel before: copied once, after the first tiles.
+    pdl_wait();
+    {
+        const int n16 = act_bytes / 16, s16 = sc_bytes / 16;
+        for (int i = threadIdx.x; i < n16 + s16; i += blockDim.x) {
+            const void* src = i < n16 ? (const void*)((const int4*)yq + i)
+                                      : (const void*)((const int4*)yds + (i - n16));
+            cp_async16(mw_smem + i, src, 16);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+    }
+    // Adds the warps' sums of tile tl (buffer tl % 2): lanes 0-15 of warp w take outputs
+    // 16 w .. 16 w + 15 (output o = 8 * lane + 4 nt + 2 i + j of the writer lane's layout).
+    auto reduce = [&](int tl) {
+        if (lane >= 16) return;
+        const float* rb = red + (tl & 1) * (MP_WARPS * 256);
+        const int o = 16 * warp + lane, src = o / 8, e = o % 8;
+        const int nt = e / 4, i = (e / 2) & 1, j = e & 1;
+        const int t = 8 * nt + 2 * (src & 3) + j;
+        const int row = (blockIdx.x + tl * gridDim.x) * 16 + (src >> 2) + 8 * i;
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < MP_WARPS; w++) v += rb[w * 256 + o];
+        const u8* W;
+        float* out;
+        int ldo, local;
+        if (t < n_tok && m.pick(row, &W, &out, &ldo, &local)) out[(size_t)t * ldo + local] = v;
+    };
+    for (int tl = 0; tl < my_tiles; tl++) {
+        cp_async_wait<MW_STAGES - 2>();  // tile tl has landed (this thread's pieces)
+        __syncthreads();  // ... everyone's; tile tl - 1's stage and sums are complete
+        if (tl > 0) reduce(tl - 1);
+        issue(tl + MW_STAGES - 1);  // into the stage tile tl - 1 used
+        const u8* st = stages + (tl % MW_STAGES) * 16 * rs;
+        float acc[2][NTL][2];
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int nt = 0; nt < NTL; nt++) acc[i][nt][0] = acc[i][nt][1] = 0.0f;
+        for (int u = warp; u < units; u += MP_WARPS) {
+            FragI<T> f[2];
+            f[0].load(st + g * rs, u, c);
+            f[1].load(st + (g + 8) * rs, u, c);
+            mmqk_unit<T, NTL>(f, u, g, c, s_yq, s_sc, nsb, acc);
+        }
+        float* rb = red + (tl & 1) * (MP_WARPS * 256);
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int nt = 0; nt < NTL; nt++) {
+                rb[warp * 256 + lane * 8 + 4 * nt + 2 * i] = acc[i][nt][0];
+                rb[warp * 256 + lane * 8 + 4 * nt + 2 * i + 1] = acc[i][nt][1];
+            }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    if (my_tiles > 0) reduce(my_tiles - 1);
+}
+
 #define MMQS_NT(name, T, NT)                                                                   \
     extern "C" __global__ void __launch_bounds__(MQ_WARPS * WARP) name(                        \
         PRODUCT_PARAMS, int K, int n_tok) {                                                    \
@@ -1262,6 +1376,15 @@ MMQS1(mmqs1_q6_k, T_Q6_K)
 MMQP(mmqp_q4_k, T_Q4_K)
 MMQP(mmqp_q5_k, T_Q5_K)
 MMQP(mmqp_q6_k, T_Q6_K)
+#define MMQW(name, T)                                                                          \
+    extern "C" __global__ void __launch_bounds__(MP_WARPS * WARP, 1) name##_16(                \
+        PRODUCT_PARAMS, int K, int n_tok) {                                                    \
+        ROWS3_M;                                                                               \
+        mmqw<T>(m, row_bytes, units, yq, yds, K, n_tok);                                       \
+    }
+MMQW(mmqw_q4_k, T_Q4_K)
+MMQW(mmqw_q5_k, T_Q5_K)
+MMQW(mmqw_q6_k, T_Q6_K)
 
 // ---- float weights ---------------------------------------------------------------------------
 

@@ -223,11 +223,9 @@ fn matmul_kernels_match_dequantized_reference() {
                         ("dp4a", DecodeKernels::dp4a(None)),
                         ("dp4a wpr=4", DecodeKernels::dp4a(Some(4))),
                         ("mma", DecodeKernels::mma_from(1)),
-                        // 9-16 K-quant tokens through mmqs1 instead of the persistent mmqp.
-                        (
-                            "mma mmqs1",
-                            DecodeKernels::mma_from(1).with_persistent(false),
-                        ),
+                        // 9-16 K-quant tokens through mmqs1 and mmqp instead of mmqw.
+                        ("mma mmqs1", DecodeKernels::mma_from(1).with_persistent(0)),
+                        ("mma mmqp", DecodeKernels::mma_from(1).with_persistent(1)),
                         // One token streamed: default tiles, and one row per tile.
                         ("stream", DecodeKernels::stream(cuda::matmul::MV_TILE)),
                         ("stream 1 row", DecodeKernels::stream(1)),
@@ -1029,11 +1027,6 @@ fn matvec_bandwidth_report() {
                         ("dp4a wpr=2", DecodeKernels::dp4a(Some(2))),
                         ("dp4a wpr=4", DecodeKernels::dp4a(Some(4))),
                         ("mma", DecodeKernels::mma_from(1)),
-                        // 9-16 K-quant tokens through mmqs1 instead of the persistent mmqp.
-                        (
-                            "mma mmqs1",
-                            DecodeKernels::mma_from(1).with_persistent(false),
-                        ),
                         ("stream 8K", DecodeKernels::stream(8 << 10)),
                         ("stream 16K", DecodeKernels::stream(16 << 10)),
                         ("stream 32K", DecodeKernels::stream(32 << 10)),

@@ -67,7 +67,8 @@ static void q8_k_as_q8_1(const float* x, int K, i8* yq, float2* yds) {
 }
 
 template <int T>
-// kern: 0 mmqs, 1 mmqs1 (9-16 tokens), 2 mmqp (9-16 tokens; `grid` persistent blocks).
+// kern: 0 mmqs, 1 mmqs1 (9-16 tokens), 2 mmqp / 3 mmqw (9-16 tokens; `grid` persistent
+// blocks).
 static int run(const Ty& ty, int K, const int rows[3], int n_tok, int kern, int grid = 0) {
     const int units = (T == T_Q4_K || T == T_Q5_K) ? K / 256 : T == T_Q6_K ? K / 128 : K / 32;
     const size_t row_bytes = (size_t)K / ty.block * ty.bytes;
@@ -109,12 +110,15 @@ static int run(const Ty& ty, int K, const int rows[3], int n_tok, int kern, int 
     else
         launch({(unsigned)((nb * 64 + 255) / 256), 1, 1}, 256, 0,
                [&] { q8_1_mma_layout(yq, yds.data(), K, n_tok, yq_m, yds_m.data()); });
-    if (kern == 2) {
-        // As the host: the activations, scales and min fragments, two reduction buffers.
-        const size_t smem = (size_t)K * 16 + K / 256 * 320 + 2 * MP_WARPS * 256 * 4;
+    if (kern >= 2) {
+        // As the host: the activations, scales and min fragments, two reduction buffers (and
+        // for mmqw the weight stages: 16 rows of row_bytes + 16 bytes each).
+        size_t smem = (size_t)K * 16 + K / 256 * 320 + 2 * MP_WARPS * 256 * 4;
+        if (kern == 3) smem += MW_STAGES * 16 * (row_bytes + 16);
         if constexpr (Q8K)
             launch({(unsigned)grid, 1, 1}, MP_WARPS * WARP, smem, [&] {
-                mmqp<T>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
+                if (kern == 2) mmqp<T>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
+                else mmqw<T>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
             });
     } else {
         launch({(unsigned)((total + 15) / 16), 1, 1}, MQ_WARPS * WARP, 0, [&] {
@@ -144,7 +148,8 @@ static int run(const Ty& ty, int K, const int rows[3], int n_tok, int kern, int 
                 }
             }
     printf("%-5s K=%-5d rows %d/%d/%d tokens %2d%s: %s (worst relative %.1e)\n", ty.name, K, rows[0], rows[1], rows[2], n_tok,
-           kern == 1 ? " (mmqs1)" : kern == 2 ? (grid == 1 ? " (mmqp, 1 block)" : " (mmqp, 2 blocks)") : "",
+           kern == 1 ? " (mmqs1)" : kern == 2 ? (grid == 1 ? " (mmqp, 1 block)" : " (mmqp, 2 blocks)")
+           : kern == 3 ? (grid == 1 ? " (mmqw, 1 block)" : " (mmqw, 2 blocks)") : "",
            bad ? "FAILED" : "ok", worst);
     return bad;
 }
@@ -153,7 +158,8 @@ int main() {
     const std::vector<Ty> types = quant_types();
     int bad = 0;
     // {rows of up to three matrices, tokens}
-    const int shapes[][4] = {{21, 0, 0, 1}, {16, 9, 0, 3}, {7, 12, 5, 8}, {18, 0, 0, 11}, {10, 7, 3, 16}};
+    const int shapes[][4] = {{21, 0, 0, 1}, {16, 9, 0, 3}, {7, 12, 5, 8}, {18, 0, 0, 11}, {10, 7, 3, 16},
+                             {32, 16, 5, 16}, {48, 0, 0, 12}};
     for (auto& ty : types)
         for (int K : {512, 2304}) {
             if (K % ty.block) continue;
@@ -164,10 +170,24 @@ int main() {
                 // one (mmqp_<type>_16: one block walking every tile, and two).
                 if (s[3] > 8 && (ty.t == T_Q4_K || ty.t == T_Q5_K || ty.t == T_Q6_K)) {
                     bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3], 1); });
-                    for (int grid : {1, 2})
-                        bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3], 2, grid); });
+                    // mmqw copies whole tiles in 16-byte pieces: the host takes it only where
+                    // every matrix but the last ends on a 16-row boundary and rows are whole
+                    // pieces (Q6_K: K a multiple of 2048, below).
+                    const bool aligned = s[0] % 16 == 0 && (s[2] == 0 || s[1] % 16 == 0) &&
+                                         (size_t)K / ty.block * ty.bytes % 16 == 0;
+                    for (int kern : {2, 3})
+                        for (int grid : {1, 2})
+                            if (kern == 2 || aligned)
+                                bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3], kern, grid); });
                 }
             }
+        }
+    // Q6_K rows that are whole 16-byte pieces (K = 2048: 1680 bytes) through mmqw.
+    for (auto& ty : types)
+        if (ty.t == T_Q6_K) {
+            const int rows[3] = {32, 16, 5};
+            for (int grid : {1, 2})
+                bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, 2048, rows, 16, 3, grid); });
         }
     printf(bad ? "mmqs under emulation: %d wrong outputs\n" : "mmqs under emulation: every output equals the serial sum\n", bad);
     return bad ? 1 : 0;
