@@ -185,8 +185,9 @@ pub const MQS1_MAX_COLS: usize = 4096;
 pub const MQP_MAX_COLS: usize = 4096;
 /// Threads per block of `mmqp` and `mmqw` (MP_WARPS warps).
 const MQP_THREADS: u32 = 512;
-/// The persistent 9-16 token kernel the K-quants take by default (`MOA_MQP`).
-pub const MQP_DEFAULT: usize = 2;
+/// The persistent 9-16 token kernel the K-quants take by default (`MOA_MQP`): none yet, as
+/// `mmqp` and `mmqw` are not yet timed on a GPU (fifteenth session: no machine came).
+pub const MQP_DEFAULT: usize = 0;
 /// Most dynamic shared memory a block may opt into on sm_90 (227 KiB).
 const SMEM_OPTIN_MAX: usize = 227 << 10;
 
