@@ -223,10 +223,6 @@ fn matmul_kernels_match_dequantized_reference() {
                         ("dp4a", DecodeKernels::dp4a(None)),
                         ("dp4a wpr=4", DecodeKernels::dp4a(Some(4))),
                         ("mma", DecodeKernels::mma_from(1)),
-                        // 9-16 K-quant tokens through each of mmqs1, mmqp and mmqw.
-                        ("mma mmqs1", DecodeKernels::mma_from(1).with_persistent(0)),
-                        ("mma mmqp", DecodeKernels::mma_from(1).with_persistent(1)),
-                        ("mma mmqw", DecodeKernels::mma_from(1).with_persistent(2)),
                         // One token streamed: default tiles, and one row per tile.
                         ("stream", DecodeKernels::stream(cuda::matmul::MV_TILE)),
                         ("stream 1 row", DecodeKernels::stream(1)),

@@ -6,7 +6,7 @@
 #
 #   bash tools/kernel-regs.sh [REGEX] [ARCH]     # e.g. bash tools/kernel-regs.sh 'mmvq_q4_k|attn_dec' sm_90
 #   MOA_CUBIN=/tmp/k.cubin bash tools/kernel-regs.sh ...  # also keeps the cubin (cuobjdump -sass)
-#   MOA_NVRTC_DEFINES="W_NA_MV=0" bash tools/kernel-regs.sh ...  # a variant (kernels.rs: extra_defines)
+#   MOA_NVRTC_DEFINES="NAME=1" bash tools/kernel-regs.sh ...  # a variant: macros the sources guard with #ifndef
 #
 # NVRTC and ptxas come from pip wheels into /tmp (MOA_NVRTC_DIR, MOA_NVCC_DIR) when absent.
 set -euo pipefail

@@ -15,7 +15,7 @@ using std::min;
 using std::max;
 // mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32, d += A B, by the fragment layout.
 struct MmaX { int a0[32], a1[32], b0[32]; };
-std::vector<MmaX> g_mma(16);
+std::vector<MmaX> g_mma(8);
 inline void mma_s8(int* d, int a0, int a1, int b0) {
     const int lane = threadIdx.x % 32, wi = threadIdx.x / 32;
     MmaX& x = g_mma[wi];
@@ -35,13 +35,6 @@ inline void mma_s8(int* d, int a0, int a1, int b0) {
     }
     g_warps[wi].bar->arrive_and_wait();
 }
-// mmqp's staging of the activations into shared memory: a plain copy (then waited on).
-inline void cp_async16(void* dst, const void* src, int bytes) {
-    memset(dst, 0, 16);
-    memcpy(dst, src, bytes);
-}
-inline void cp_async_commit() {}
-template <int N> inline void cp_async_wait() {}
 #include "mmqs_extract.cuh"  // with the T_* type ids and MV_WARPS of the kernel sources
 #include "emu_quant_ref.h"
 
@@ -67,9 +60,7 @@ static void q8_k_as_q8_1(const float* x, int K, i8* yq, float2* yds) {
 }
 
 template <int T>
-// kern: 0 mmqs, 1 mmqs1 (9-16 tokens), 2 mmqp / 3 mmqw (9-16 tokens; `grid` persistent
-// blocks).
-static int run(const Ty& ty, int K, const int rows[3], int n_tok, int kern, int grid = 0) {
+static int run(const Ty& ty, int K, const int rows[3], int n_tok, bool one) {
     const int units = (T == T_Q4_K || T == T_Q5_K) ? K / 256 : T == T_Q6_K ? K / 128 : K / 32;
     const size_t row_bytes = (size_t)K / ty.block * ty.bytes;
     std::vector<std::vector<int4>> W(3);
@@ -110,23 +101,11 @@ static int run(const Ty& ty, int K, const int rows[3], int n_tok, int kern, int 
     else
         launch({(unsigned)((nb * 64 + 255) / 256), 1, 1}, 256, 0,
                [&] { q8_1_mma_layout(yq, yds.data(), K, n_tok, yq_m, yds_m.data()); });
-    if (kern >= 2) {
-        // As the host: the activations, scales and min fragments, two reduction buffers (and
-        // for mmqw the weight stages: 16 rows of row_bytes + 16 bytes each).
-        size_t smem = (size_t)K * 16 + K / 256 * 320 + 2 * MP_WARPS * 256 * 4;
-        if (kern == 3) smem += MW_STAGES * 16 * (row_bytes + 16);
-        if constexpr (Q8K)
-            launch({(unsigned)grid, 1, 1}, MP_WARPS * WARP, smem, [&] {
-                if (kern == 2) mmqp<T>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
-                else mmqw<T>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
-            });
-    } else {
-        launch({(unsigned)((total + 15) / 16), 1, 1}, MQ_WARPS * WARP, 0, [&] {
-            if (n_tok <= 8) mmqs<T, 8>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
-            else if (kern == 1) mmqs<T, 16, true>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
-            else mmqs<T, 16>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
-        });
-    }
+    launch({(unsigned)((total + 15) / 16), 1, 1}, MQ_WARPS * WARP, 0, [&] {
+        if (n_tok <= 8) mmqs<T, 8>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
+        else if (one) mmqs<T, 16, true>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
+        else mmqs<T, 16>(rr, row_bytes, units, yq_m, yds_m.data(), K, n_tok);
+    });
     int bad = 0;
     double worst = 0;
     for (int m = 0; m < 3; m++)
@@ -148,9 +127,7 @@ static int run(const Ty& ty, int K, const int rows[3], int n_tok, int kern, int 
                 }
             }
     printf("%-5s K=%-5d rows %d/%d/%d tokens %2d%s: %s (worst relative %.1e)\n", ty.name, K, rows[0], rows[1], rows[2], n_tok,
-           kern == 1 ? " (mmqs1)" : kern == 2 ? (grid == 1 ? " (mmqp, 1 block)" : " (mmqp, 2 blocks)")
-           : kern == 3 ? (grid == 1 ? " (mmqw, 1 block)" : " (mmqw, 2 blocks)") : "",
-           bad ? "FAILED" : "ok", worst);
+           one ? " (mmqs1)" : "", bad ? "FAILED" : "ok", worst);
     return bad;
 }
 
@@ -158,36 +135,17 @@ int main() {
     const std::vector<Ty> types = quant_types();
     int bad = 0;
     // {rows of up to three matrices, tokens}
-    const int shapes[][4] = {{21, 0, 0, 1}, {16, 9, 0, 3}, {7, 12, 5, 8}, {18, 0, 0, 11}, {10, 7, 3, 16},
-                             {32, 16, 5, 16}, {48, 0, 0, 12}};
+    const int shapes[][4] = {{21, 0, 0, 1}, {16, 9, 0, 3}, {7, 12, 5, 8}, {18, 0, 0, 11}, {10, 7, 3, 16}};
     for (auto& ty : types)
         for (int K : {512, 2304}) {
             if (K % ty.block) continue;
             for (auto& s : shapes) {
                 const int rows[3] = {s[0], s[1], s[2]};
-                bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3], 0); });
-                // The K-quants' one-unit-per-warp kernel (mmqs1_<type>_16) and the persistent
-                // one (mmqp_<type>_16: one block walking every tile, and two).
-                if (s[3] > 8 && (ty.t == T_Q4_K || ty.t == T_Q5_K || ty.t == T_Q6_K)) {
-                    bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3], 1); });
-                    // mmqw copies whole tiles in 16-byte pieces: the host takes it only where
-                    // every matrix but the last ends on a 16-row boundary and rows are whole
-                    // pieces (Q6_K: K a multiple of 2048, below).
-                    const bool aligned = s[0] % 16 == 0 && (s[2] == 0 || s[1] % 16 == 0) &&
-                                         (size_t)K / ty.block * ty.bytes % 16 == 0;
-                    for (int kern : {2, 3})
-                        for (int grid : {1, 2})
-                            if (kern == 2 || aligned)
-                                bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3], kern, grid); });
-                }
+                bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3], false); });
+                // The K-quants' one-unit-per-warp kernel (mmqs1_<type>_16).
+                if (s[3] > 8 && (ty.t == T_Q4_K || ty.t == T_Q5_K || ty.t == T_Q6_K))
+                    bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3], true); });
             }
-        }
-    // Q6_K rows that are whole 16-byte pieces (K = 2048: 1680 bytes) through mmqw.
-    for (auto& ty : types)
-        if (ty.t == T_Q6_K) {
-            const int rows[3] = {32, 16, 5};
-            for (int grid : {1, 2})
-                bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, 2048, rows, 16, 3, grid); });
         }
     printf(bad ? "mmqs under emulation: %d wrong outputs\n" : "mmqs under emulation: every output equals the serial sum\n", bad);
     return bad ? 1 : 0;

@@ -8,9 +8,7 @@
 # fragment indexing (weights and activations), the layout families, the q8_K quantization and
 # min fragments, the padding token slots (AddressSanitizer: exactly n_tok activation rows are
 # allocated), the warp reduction and the row picking over up to three matrices; the K-quants'
-# 9-16 token launches also through mmqs1 (one unit per warp in flight), mmqp (persistent
-# blocks with the activations staged in shared memory; one block, and two) and mmqw (mmqp with
-# the weight tiles through shared memory). g++ 12+ (C++20).
+# 9-16 token launches also through mmqs1 (one unit per warp in flight). g++ 12+ (C++20).
 #
 #   bash tools/cuda-emu/mmqs_check.sh
 set -euo pipefail
@@ -23,8 +21,7 @@ source quant_extract.sh
     quant_common
     # The kernels without their launch macros; mma_s8 (inline PTX) comes from mmqs_check.cpp.
     sed -n '/^#define MQ_WARPS 8/,/^#define MMQS_NT(/p' "$src" | sed '$d' |
-        sed '/^__device__ __forceinline__ void mma_s8/,/^}/d' |
-        sed 's/extern __shared__ __align__(16) int4 m\([pw]\)_smem\[\];/int4* m\1_smem = (int4*)emu_dyn_smem;/'
+        sed '/^__device__ __forceinline__ void mma_s8/,/^}/d'
 } >"$tmp/mmqs_extract.cuh"
 g++ -std=c++20 -O1 -fsanitize=address -pthread -Wno-unknown-pragmas -I. -I"$tmp" -o "$tmp/check" mmqs_check.cpp
 "$tmp/check"

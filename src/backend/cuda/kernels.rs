@@ -133,7 +133,9 @@ pub fn ptx_cached(arch: &'static str) -> Result<String, BackendError> {
 
 /// Macro definitions for the kernel sources from `MOA_NVRTC_DEFINES` (`NAME=VALUE` items
 /// separated by spaces or commas, each passed as `-DNAME=VALUE`), for measuring variants of a
-/// kernel with one binary; items that are not a plain name with an optional value are ignored.
+/// kernel with one binary: a variant is a macro the sources guard with `#ifndef` (the fifteenth
+/// session timed its L1 and scale-decoding variants this way, one NVRTC compile each).
+/// Items that are not a plain name with an optional value are ignored.
 pub fn extra_defines() -> Vec<String> {
     let raw = std::env::var("MOA_NVRTC_DEFINES").unwrap_or_default();
     raw.split(|c: char| c == ',' || c.is_whitespace())

@@ -139,9 +139,7 @@ pub enum DecodePath {
 /// type streams with that tile; 0 = never stream), `MOA_WIDE_WPR` (1, 2 or 4: warps per row of
 /// the dp4a kernel on one-token Q4_K/Q5_K down projections, default [`WIDE_WPR`]; 0 = the
 /// tensor cores there) and `MOA_MQS1=0` (9-16 token K-quant products through `mmqs`, not
-/// `mmqs1`) and `MOA_MQP` (9-16 token K-quant products on rows up to [`MQP_MAX_COLS`] wide:
-/// 0 through `mmqs1`, 1 the persistent `mmqp`, 2 `mmqw` where its shared memory fits, else
-/// `mmqp`; default [`MQP_DEFAULT`]).
+/// `mmqs1`).
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeKernels {
     wpr: Option<usize>,
@@ -158,10 +156,6 @@ pub struct DecodeKernels {
     /// per multiprocessor) on rows up to [`MQS1_MAX_COLS`] wide, instead of `mmqs`
     /// (`MOA_MQS1=0`: never).
     one_unit: bool,
-    /// 9-16 token K-quant products on rows up to [`MQP_MAX_COLS`] wide through the persistent
-    /// kernels with the activations in shared memory: 0 never, 1 `mmqp` (weights into
-    /// registers), 2 `mmqw` (weights through shared memory too) where it fits (`MOA_MQP`).
-    persistent: usize,
 }
 
 /// Types whose one-token products stream by default: Q6_K (the output matrix of Q4_K_M files;
@@ -179,38 +173,6 @@ fn streams(ty: GgmlType) -> bool {
 /// 24.9 vs 23.4 (each warp there loops over 7 units, one load round trip per unit); the Q6_K
 /// output matrix (49152 x 4096) 113 vs 122 us.
 pub const MQS1_MAX_COLS: usize = 4096;
-
-/// Widest rows the 9-16 token K-quant products take `mmqp` for: its blocks hold the whole
-/// q8_K activation rows in shared memory (16 bytes per column, see [`mmqp_smem_bytes`]).
-pub const MQP_MAX_COLS: usize = 4096;
-/// Threads per block of `mmqp` and `mmqw` (MP_WARPS warps).
-const MQP_THREADS: u32 = 512;
-/// The persistent 9-16 token kernel the K-quants take by default (`MOA_MQP`): none yet, as
-/// `mmqp` and `mmqw` are not yet timed on a GPU (fifteenth session: no machine came).
-pub const MQP_DEFAULT: usize = 0;
-/// Most dynamic shared memory a block may opt into on sm_90 (227 KiB).
-const SMEM_OPTIN_MAX: usize = 227 << 10;
-
-/// Dynamic shared memory of an `mmqp` block for rows of `cols` values (quant.cu, mmqp): the
-/// q8_K activations of 16 token slots, their scales and min fragments (320 bytes per 256
-/// columns), and two reduction buffers of MP_WARPS x 256 floats.
-pub fn mmqp_smem_bytes(cols: usize) -> usize {
-    cols * 16 + cols / 256 * 320 + 2 * 16 * 256 * 4
-}
-
-/// Dynamic shared memory of an `mmqw` block (quant.cu, mmqw): `mmqp`'s, then MW_STAGES (3)
-/// tiles of 16 rows of `row_bytes + 16` bytes.
-pub fn mmqw_smem_bytes(cols: usize, row_bytes: usize) -> usize {
-    mmqp_smem_bytes(cols) + 3 * 16 * (row_bytes + 16)
-}
-
-/// Whether `mmqw` takes rows of `cols` values and `row_bytes` bytes: whole 16-byte pieces per
-/// row, a tile within its MW_MAXCP (8) pieces per thread, and the shared memory within sm_90's.
-fn mmqw_fits(cols: usize, row_bytes: usize) -> bool {
-    row_bytes.is_multiple_of(16)
-        && 16 * row_bytes <= 8 * MQP_THREADS as usize * 16
-        && mmqw_smem_bytes(cols, row_bytes) <= SMEM_OPTIN_MAX
-}
 
 /// Warps per row of the one-token dp4a kernel on the wide, short Q4_K/Q5_K matrices (the down
 /// projection) by default. tg128 of the 8B shape on an H100, same calls (thirteenth session):
@@ -238,7 +200,6 @@ impl DecodeKernels {
             stream_all: false,
             wide_wpr: 0,
             one_unit: true,
-            persistent: MQP_DEFAULT,
         }
     }
 
@@ -253,16 +214,6 @@ impl DecodeKernels {
             stream_all: true,
             wide_wpr: 0,
             one_unit: true,
-            persistent: MQP_DEFAULT,
-        }
-    }
-
-    /// The same choices with the persistent 9-16 token K-quant kernels as `MOA_MQP` says (0
-    /// off, 1 `mmqp`, 2 `mmqw` where it fits).
-    pub fn with_persistent(self, mode: usize) -> DecodeKernels {
-        DecodeKernels {
-            persistent: mode,
-            ..self
         }
     }
 
@@ -276,7 +227,6 @@ impl DecodeKernels {
             stream_all: false,
             wide_wpr: 0,
             one_unit: true,
-            persistent: MQP_DEFAULT,
         }
     }
 
@@ -295,7 +245,6 @@ impl DecodeKernels {
                 .filter(|w| [0, 1, 2, 4].contains(w))
                 .unwrap_or(WIDE_WPR),
             one_unit: var("MOA_MQS1") != Some(0),
-            persistent: var("MOA_MQP").filter(|v| *v <= 2).unwrap_or(MQP_DEFAULT),
         }
     }
 
@@ -372,9 +321,6 @@ pub struct GpuMatrix {
     mvx: Option<CudaFunction>,
     /// The K-quants' 9-16 token kernel with one unit per warp in flight (`mmqs1_<type>_16`).
     mq1: Option<CudaFunction>,
-    /// The K-quants' persistent 9-16 token kernels (`mmqp_<type>_16`, and `mmqw_<type>_16`
-    /// where [`mmqw_fits`]), for rows up to [`MQP_MAX_COLS`] wide.
-    mqp: Option<(CudaFunction, Option<CudaFunction>)>,
     dq: CudaFunction,
     pub decode: DecodeKernels,
 }
@@ -434,31 +380,8 @@ impl GpuMatrix {
         } else {
             None
         };
-        let row_bytes = ty.bytes_for(cols as u64).expect("validated shape") as usize;
-        let mqp = if mma_q8k(ty) && cols <= MQP_MAX_COLS && cols.is_multiple_of(256) {
-            let big = |name: String, bytes: usize| -> Result<CudaFunction, BackendError> {
-                let f = k.get(&name)?;
-                f.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    bytes as i32,
-                )
-                .map_err(|e| super::device::driver_err(&format!("shared memory size of {name}"), e))?;
-                Ok(f)
-            };
-            let p = big(format!("mmqp_{suffix}_16"), mmqp_smem_bytes(cols))?;
-            let w = if mmqw_fits(cols, row_bytes) {
-                Some(big(
-                    format!("mmqw_{suffix}_16"),
-                    mmqw_smem_bytes(cols, row_bytes),
-                )?)
-            } else {
-                None
-            };
-            Some((p, w))
-        } else {
-            None
-        };
         let dq = k.get(&format!("dequant_f16_{suffix}"))?;
+        let row_bytes = ty.bytes_for(cols as u64).expect("validated shape") as usize;
         Ok(Some(GpuMatrix {
             ptr,
             ty,
@@ -469,7 +392,6 @@ impl GpuMatrix {
             mq,
             mvx,
             mq1,
-            mqp,
             dq,
             decode: DecodeKernels::from_env(),
         }))
@@ -852,26 +774,6 @@ fn launch_mmvq(
                 A::I(m.cols as i32),
                 A::I(n as i32),
             ]);
-            if let (true, Some((fp, fw))) = (n > 8 && m.decode.persistent > 0, &m.mqp) {
-                // One persistent block per multiprocessor (at most one per 16-row tile).
-                let mut c = lcfg(
-                    (blocks(rows, MQ_ROWS).min(gpu.sms as u32), 1, 1),
-                    MQP_THREADS,
-                );
-                // mmqw copies whole 16-row tiles of one matrix: every matrix but the last must
-                // end on a tile boundary.
-                let aligned = t.iter().rev().skip(1).all(|x| x.0.rows % MQ_ROWS == 0);
-                return match fw {
-                    Some(f) if m.decode.persistent == 2 && aligned => {
-                        c.shared_mem_bytes = mmqw_smem_bytes(m.cols, m.row_bytes) as u32;
-                        gpu.launch_pdl(f, c, &args)
-                    }
-                    _ => {
-                        c.shared_mem_bytes = mmqp_smem_bytes(m.cols) as u32;
-                        gpu.launch_pdl(fp, c, &args)
-                    }
-                };
-            }
             let f = match &m.mq1 {
                 _ if n <= 8 => &mq[0],
                 Some(f) if m.decode.one_unit && m.cols <= MQS1_MAX_COLS => f,
