@@ -1172,12 +1172,7 @@ impl CudaBackend {
     /// The L2 prefetch of the decode products of `x` that start `after` (up to three of one
     /// input); none when `MOA_L2_PF` is off or the step is a prefill.
     fn prefetch_next(&self, after: &[Op], x: ActId, n: usize) -> Prefetch {
-        self.prefetch_next_bytes(self.l2_pf.budget, after, x, n)
-    }
-
-    /// [`CudaBackend::prefetch_next`] with a budget of `budget` bytes.
-    fn prefetch_next_bytes(&self, budget: u64, after: &[Op], x: ActId, n: usize) -> Prefetch {
-        if budget == 0 || n > MV_MAXT {
+        if self.l2_pf.budget == 0 || n > MV_MAXT {
             return Prefetch::default();
         }
         let mats: Vec<&matmul::GpuMatrix> = after
@@ -1187,7 +1182,8 @@ impl CudaBackend {
                 _ => None,
             })
             .collect();
-        self.l2_pf.plan_bytes(budget, &mats)
+        self.l2_pf
+            .plan_bytes(self.l2_pf.group_budget(mats.len()), &mats)
     }
 
     /// The L2 prefetch RoPE issues for the products after attention: the output projection

@@ -32,6 +32,9 @@ pub struct L2Prefetch {
     /// Bytes the RoPE kernel before attention fetches of the output projection
     /// (`MOA_L2_PF_ATT` MiB; default `budget`).
     pub att_budget: u64,
+    /// Bytes for a group of one, two or three products (down or output, gate/up, q/k/v):
+    /// `MOA_L2_PF_DOWN`, `MOA_L2_PF_GU`, `MOA_L2_PF_QKV` MiB (default `budget`).
+    pub group: [u64; 3],
     /// `MOA_L2_PF_CHAIN=1`: what is left of `att_budget` after the output projection goes to
     /// the product group after it (gate/up).
     pub att_chain: bool,
@@ -58,14 +61,24 @@ impl L2Prefetch {
             budget: mib << 20,
             att_budget: att << 20,
             att_chain: var("MOA_L2_PF_CHAIN") == Some(1),
+            group: ["MOA_L2_PF_DOWN", "MOA_L2_PF_GU", "MOA_L2_PF_QKV"].map(|k| {
+                if mib == 0 {
+                    0
+                } else {
+                    var(k).unwrap_or(mib) << 20
+                }
+            }),
             blocks: var("MOA_L2_PF_BLOCKS").unwrap_or(64).clamp(1, 1024) as u32,
         }
     }
 
-    /// The prefetch of the first `budget` bytes of `mats` (by size), or none when off or
-    /// there is nothing to fetch.
-    pub fn plan(&self, mats: &[&GpuMatrix]) -> Prefetch {
-        self.plan_bytes(self.budget, mats)
+    /// The budget for a group of `n` products read by one input.
+    pub fn group_budget(&self, n: usize) -> u64 {
+        match n {
+            0 => 0,
+            1..=3 => self.group[n - 1],
+            _ => self.budget,
+        }
     }
 
     /// [`plan_ranges_chain`] over the matrices of two product groups.
@@ -78,7 +91,8 @@ impl L2Prefetch {
         plan_ranges_chain(budget, self.blocks, &spans(first), &spans(then))
     }
 
-    /// [`L2Prefetch::plan`] with a budget of `budget` bytes.
+    /// The prefetch of the first `budget` bytes of `mats` (by size), or none when there is
+    /// nothing to fetch.
     pub fn plan_bytes(&self, budget: u64, mats: &[&GpuMatrix]) -> Prefetch {
         let spans: Vec<(u64, u64)> = mats
             .iter()
