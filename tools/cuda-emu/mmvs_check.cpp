@@ -8,17 +8,30 @@
 #include "emu.h"
 #include "emu_data.h"
 #include "emu_quant.h"
+// cp.async either lands at once or (g_defer) only when a wait retires its commit group: the
+// latest moment it may land, so a read before the wait sees stale bytes.
+bool g_defer = false;
+struct Copy { void* dst; const void* src; };
+thread_local std::vector<std::vector<Copy>> t_groups;  // committed groups, oldest first
+thread_local std::vector<Copy> t_open;
 inline void cp_async16(void* dst, const void* src, int) {
     if ((uintptr_t)src % 16 || (uintptr_t)dst % 16) { fprintf(stderr, "misaligned cp.async\n"); exit(1); }
-    memcpy(dst, src, 16);
+    if (g_defer) t_open.push_back({dst, src});
+    else memcpy(dst, src, 16);
 }
-inline void cp_async_commit() {}
-template <int N> inline void cp_async_wait() {}
+inline void cp_async_commit() { t_groups.push_back(std::move(t_open)); t_open.clear(); }
+template <int N> inline void cp_async_wait() {
+    while (t_groups.size() > (size_t)N) {
+        for (auto& c : t_groups.front()) memcpy(c.dst, c.src, 16);
+        t_groups.erase(t_groups.begin());
+    }
+    if (N == 0 && !t_open.empty()) { fprintf(stderr, "cp.async left uncommitted\n"); exit(1); }
+}
 #include "mmvs_extract.cuh"  // with the T_* type ids and MV_WARPS of the kernel sources
 #include "emu_quant_ref.h"
 
 template <int T>
-static int run(const Ty& ty, int K, const int rows[3], int R) {
+static int run(const Ty& ty, int K, const int rows[3], int R, unsigned grid_cap = 0) {
     const int units = (T == T_Q4_K || T == T_Q5_K || T == T_Q6_K) ? K / 64 : K / 32;
     size_t row_bytes = (size_t)K / ty.block * ty.bytes;
     if (row_bytes % 16) { fprintf(stderr, "%s K=%d: rows not a multiple of 16 bytes\n", ty.name, K); exit(1); }
@@ -36,9 +49,15 @@ static int run(const Ty& ty, int K, const int rows[3], int R) {
     Rows3 rr = {(const u8*)W[0].data(), (const u8*)W[1].data(), (const u8*)W[2].data(), rows[0], rows[1], rows[2],
                 out[0].data(), out[1].data(), out[2].data(), ldo[0], ldo[1], ldo[2]};
     int total = rows[0] + rows[1] + rows[2];
-    unsigned grid = (total + R - 1) / R;
-    launch({grid, 1, 1}, MV_WARPS * WARP, (size_t)R * row_bytes,
-           [&] { mmvs<T>(rr, row_bytes, units, yq, yds.data(), R); });
+    // A block per tile, or a persistent grid of grid_cap blocks with up to MVS_STAGES tiles
+    // each in shared memory (as the host sizes it: matmul.rs stream_grid).
+    const unsigned tiles = (total + R - 1) / R;
+    const unsigned grid = grid_cap ? std::min(tiles, grid_cap) : tiles;
+    const size_t stages = std::min<size_t>(MVS_STAGES, (tiles + grid - 1) / grid);
+    launch({grid, 1, 1}, MV_WARPS * WARP, stages * R * row_bytes, [&] {
+        mmvs<T>(rr, row_bytes, units, yq, yds.data(), R);
+        if (!t_groups.empty() || !t_open.empty()) { fprintf(stderr, "copies outlive the block\n"); exit(1); }
+    });
     int bad = 0;
     double worst = 0;
     for (int m = 0; m < 3; m++)
@@ -58,8 +77,8 @@ static int run(const Ty& ty, int K, const int rows[3], int R) {
                 bad++;
             }
         }
-    printf("%-5s K=%-5d rows %d/%d/%d tile %2d rows: %s (worst relative %.1e)\n", ty.name, K, rows[0], rows[1], rows[2], R,
-           bad ? "FAILED" : "ok", worst);
+    printf("%-5s K=%-5d rows %d/%d/%d tile %2d rows grid %3u (%s copies): %s (worst relative %.1e)\n", ty.name, K,
+           rows[0], rows[1], rows[2], R, grid, g_defer ? "late" : "early", bad ? "FAILED" : "ok", worst);
     return bad;
 }
 
@@ -79,6 +98,18 @@ int main() {
     int wide[3] = {3, 2, 0};
     bad += run<T_Q6_K>(types[7], 14336, wide, 1);
     bad += run<T_Q4_K>(types[5], 14336, wide, 1);
+    // Persistent grids (fewer blocks than tiles: a ring of MVS_STAGES tiles per block), with
+    // the copies landing at once and at the latest moment allowed.
+    for (bool defer : {false, true}) {
+        g_defer = defer;
+        for (auto& ty : types)
+            for (unsigned cap : {1u, 2u, 3u}) {
+                int rows[3] = {13, 5, 7};
+                bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, 2048, rows, 2, cap); });
+            }
+        bad += run<T_Q4_K>(types[5], 14336, wide, 1, 2);
+        bad += run<T_Q6_K>(types[7], 4096, wide, 4, 1);
+    }
     printf(bad ? "mmvs under emulation: %d wrong outputs\n" : "mmvs under emulation: every output equals the serial sum\n", bad);
     return bad ? 1 : 0;
 }
