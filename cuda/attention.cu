@@ -22,9 +22,6 @@
 #define FA_STAGES 3
 #endif
 #define FA_MIN_PER 128
-#ifndef FA_EVICT  // 1: K/V tiles load with an evict-first L2 policy (measuring)
-#define FA_EVICT 0
-#endif
 
 // 2^x (PTX ex2.approx: relative error about 2^-22; 2^-inf = 0). The softmax runs in base 2
 // with the scale pre-multiplied by log2(e), and the partial maxima are kept in that domain.
@@ -396,7 +393,6 @@ __device__ __forceinline__ void attn_fa(
     const int k0 = z * per, k1 = min(nk, k0 + per);
     const int n_kt = k0 < k1 ? (k1 - k0 + FA_KEYS - 1) / FA_KEYS : 0;
 
-    const u64 kv_pol = FA_EVICT ? l2_evict_first_policy() : 0;
     // Starts the copy of key tile `it` into its stage (one commit group per call, empty past
     // the end so the group count stays uniform). Keys past the split's end are zero-filled.
     auto issue = [&](int it) {
@@ -446,13 +442,8 @@ __device__ __forceinline__ void attn_fa(
                     kp += part8 * 8;
                     vp += part8 * 8;
                 }
-                if constexpr (FA_EVICT) {
-                    cp_async16_pol(sk + kk * KS + part8 * 8, kp, bytes, kv_pol);
-                    cp_async16_pol(sv + kk * KS + part8 * 8, vp, bytes, kv_pol);
-                } else {
-                    cp_async16(sk + kk * KS + part8 * 8, kp, bytes);
-                    cp_async16(sv + kk * KS + part8 * 8, vp, bytes);
-                }
+                cp_async16(sk + kk * KS + part8 * 8, kp, bytes);
+                cp_async16(sv + kk * KS + part8 * 8, vp, bytes);
             }
         }
         cp_async_commit();

@@ -78,9 +78,6 @@ __device__ __forceinline__ void pdl_trigger() {
 // a hint, no data comes back to the multiprocessor) over 4 KiB pieces, interleaving the ranges
 // piece by piece in the order the product reads its rows. Returns whether this block was one of
 // them (the kernel then returns).
-#ifndef PF_WAIT  // 1: prefetch blocks wait on the kernel before (measuring)
-#define PF_WAIT 0
-#endif
 #define PF_PARAMS \
     int pf_blocks, const char *pf0, u64 pf0n, const char *pf1, u64 pf1n, const char *pf2, u64 pf2n
 #define PF_ARGS pf_blocks, pf0, pf0n, pf1, pf1n, pf2, pf2n
@@ -88,9 +85,6 @@ __device__ __forceinline__ bool l2_prefetch_block(PF_PARAMS) {
     const int first = (int)gridDim.x - pf_blocks;
     if ((int)blockIdx.x < first) return false;
 #if __CUDA_ARCH__ >= 900
-#if PF_WAIT
-    pdl_wait();  // measuring: fetch only once the kernel before has finished
-#endif
     if (threadIdx.x < WARP) {
         const u64 piece = 4096;
         const u64 stride = (u64)pf_blocks * WARP;
@@ -126,29 +120,6 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(bytes)
                  : "memory");
-}
-
-// An L2 policy that evicts the lines it fetches first (sm_80+): for data read once per step
-// and larger than L2 (the attention kernels' K/V), so it does not push out what the next
-// kernel will read (the weights the small kernels prefetched).
-__device__ __forceinline__ u64 l2_evict_first_policy() {
-    u64 p = 0;
-#if __CUDA_ARCH__ >= 800
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
-#endif
-    return p;
-}
-
-// cp_async16 with an L2 cache policy from l2_evict_first_policy (plain cp_async16 before sm_80).
-__device__ __forceinline__ void cp_async16_pol(void* dst, const void* src, int bytes, u64 pol) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;" ::"r"(
-                     smem_addr(dst)),
-                 "l"(src), "r"(bytes), "l"(pol)
-                 : "memory");
-#else
-    cp_async16(dst, src, bytes);
-#endif
 }
 
 __device__ __forceinline__ void cp_async_commit() {

@@ -527,83 +527,57 @@ __device__ __forceinline__ float mmvs_row(const u8* r, int u0, int stride, int u
     return acc;
 }
 
-#ifndef MVS_STAGES  // tiles a block of mmvs has in shared memory (host: kernels.rs mv_stages)
-#define MVS_STAGES 4
-#endif
-
-// Blocks take tiles blockIdx.x, blockIdx.x + gridDim.x, ...: with a grid of one block per tile
-// each block copies and computes one tile; with fewer blocks (a persistent grid, a few per
-// multiprocessor) each keeps the next MVS_STAGES - 1 tiles in flight in a ring of stages while
-// it computes one, so memory never waits on block turnover. Dynamic shared memory: R rows x
-// row_bytes for each stage a block uses (at most MVS_STAGES).
 template <int T>
 __device__ __forceinline__ void mmvs(const Rows3& m, u64 row_bytes, int units, const i8* yq,
                                      const float2* yds, int R) {
     extern __shared__ int4 mvs_tile[];
-    const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
-    const int cpr = (int)(row_bytes / 16), n_tiles = (m.total() + R - 1) / R;
-    const size_t stage16 = (size_t)R * cpr;
-    // Starts the copy of this block's `j`-th tile into stage j % MVS_STAGES (one commit group
-    // per call, empty past the last tile, so the group count stays uniform).
-    auto issue = [&](int j) {
-        const int tile = blockIdx.x + j * gridDim.x;
-        if (tile < n_tiles) {
-            int4* st = mvs_tile + (j % MVS_STAGES) * stage16;
-            for (int i = 0; i < R; i++) {
-                const u8* W;
-                float* out;
-                int ldo, local;
-                if (!m.pick(tile * R + i, &W, &out, &ldo, &local)) break;
-                const int4* src = (const int4*)(W + (u64)local * row_bytes);
-                int4* dst = st + (size_t)i * cpr;
-                for (int c = tid; c < cpr; c += MV_WARPS * WARP) cp_async16(dst + c, src + c, 16);
-            }
-        }
-        cp_async_commit();
-    };
+    int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
+    int row0 = blockIdx.x * R, cpr = (int)(row_bytes / 16);
     pdl_trigger();
-#pragma unroll
-    for (int j = 0; j < MVS_STAGES - 1; j++) issue(j);
+    for (int i = 0; i < R; i++) {
+        const u8* W;
+        float* out;
+        int ldo, local;
+        if (!m.pick(row0 + i, &W, &out, &ldo, &local)) break;
+        const int4* src = (const int4*)(W + (u64)local * row_bytes);
+        int4* dst = mvs_tile + (size_t)i * cpr;
+        for (int c = tid; c < cpr; c += MV_WARPS * WARP) cp_async16(dst + c, src + c, 16);
+    }
+    cp_async_commit();
     pdl_wait();  // the weights are in flight; the activations come from the kernel before
-    for (int j = 0; blockIdx.x + j * gridDim.x < n_tiles; j++) {
-        cp_async_wait<MVS_STAGES - 2>();  // tile j has landed (this thread's copies)
-        __syncthreads();                  // ... everyone's; and tile j - 1 is consumed
-        issue(j + MVS_STAGES - 1);        // into the stage tile j - 1 used
-        const int row0 = (blockIdx.x + j * gridDim.x) * R;
-        const int4* tile = mvs_tile + (j % MVS_STAGES) * stage16;
-        if (R > 1) {
-            // One warp per row (splitting two rows over the four warps measured slower: the
-            // Q6_K output matrix 66 vs 82% of copy bandwidth on an H100).
-            for (int i = warp; i < R; i += MV_WARPS) {
-                const u8* W;
-                float* out;
-                int ldo, local;
-                if (!m.pick(row0 + i, &W, &out, &ldo, &local)) break;
-                const u8* r = (const u8*)(tile + (size_t)i * cpr);
-                float acc = mmvs_row<T>(r, lane, WARP, units, yq, yds);
-                acc = warp_sum(acc);
-                if (lane == 0) out[local] = acc;
-            }
-        } else {
-            // One wide row (a down projection): every warp takes a share, the sums meet in
-            // shared memory (Q6_K 4096 x 14336: 67% of copy bandwidth, one warp 61%).
-            __shared__ float red[MV_WARPS];
+    cp_async_wait<0>();
+    __syncthreads();
+    if (R > 1) {
+        // One warp per row (splitting two rows over the four warps measured slower: the Q6_K
+        // output matrix 66 vs 82% of copy bandwidth on an H100).
+        for (int i = warp; i < R; i += MV_WARPS) {
             const u8* W;
             float* out;
             int ldo, local;
-            bool ok = m.pick(row0, &W, &out, &ldo, &local);
-            float acc =
-                ok ? mmvs_row<T>((const u8*)tile, tid, MV_WARPS * WARP, units, yq, yds) : 0.0f;
+            if (!m.pick(row0 + i, &W, &out, &ldo, &local)) break;
+            const u8* r = (const u8*)(mvs_tile + (size_t)i * cpr);
+            float acc = mmvs_row<T>(r, lane, WARP, units, yq, yds);
             acc = warp_sum(acc);
-            if (lane == 0) red[warp] = acc;
-            __syncthreads();
-            if (ok && tid == 0) {
-                for (int w = 1; w < MV_WARPS; w++) acc += red[w];
-                out[local] = acc;
-            }
+            if (lane == 0) out[local] = acc;
+        }
+    } else {
+        // One wide row (a down projection): every warp takes a share, the sums meet in shared
+        // memory (Q6_K 4096 x 14336: 67% of copy bandwidth, one warp 61%).
+        __shared__ float red[MV_WARPS];
+        const u8* W;
+        float* out;
+        int ldo, local;
+        bool ok = m.pick(row0, &W, &out, &ldo, &local);
+        float acc = ok ? mmvs_row<T>((const u8*)mvs_tile, tid, MV_WARPS * WARP, units, yq, yds)
+                       : 0.0f;
+        acc = warp_sum(acc);
+        if (lane == 0) red[warp] = acc;
+        __syncthreads();
+        if (ok && tid == 0) {
+            for (int w = 1; w < MV_WARPS; w++) acc += red[w];
+            out[local] = acc;
         }
     }
-    cp_async_wait<0>();  // no copy outlives the block (the trailing groups are empty)
 }
 
 #define MMVS(name, T)                                                                          \

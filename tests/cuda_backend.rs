@@ -226,20 +226,6 @@ fn matmul_kernels_match_dequantized_reference() {
                         // One token streamed: default tiles, and one row per tile.
                         ("stream", DecodeKernels::stream(cuda::matmul::MV_TILE)),
                         ("stream 1 row", DecodeKernels::stream(1)),
-                        // Persistent grids: one block (every tile through its ring of
-                        // stages), three blocks of one-row tiles, and the default grid.
-                        (
-                            "stream persistent 1 block",
-                            DecodeKernels::stream_persistent_blocks(cuda::matmul::MV_TILE, 1),
-                        ),
-                        (
-                            "stream persistent 3 blocks 1 row",
-                            DecodeKernels::stream_persistent_blocks(1, 3),
-                        ),
-                        (
-                            "stream persistent",
-                            DecodeKernels::stream_persistent(cuda::matmul::MV_TILE, None),
-                        ),
                     ]
                 } else {
                     vec![("", DecodeKernels::from_env())]
@@ -1043,9 +1029,6 @@ fn matvec_bandwidth_report() {
                         ("stream 8K", DecodeKernels::stream(8 << 10)),
                         ("stream 16K", DecodeKernels::stream(16 << 10)),
                         ("stream 32K", DecodeKernels::stream(32 << 10)),
-                        ("persist 9K", DecodeKernels::stream_persistent(9 << 10, None)),
-                        ("persist 18K", DecodeKernels::stream_persistent(18 << 10, None)),
-                        ("persist 9K/4", DecodeKernels::stream_persistent(9 << 10, Some(4))),
                     ]);
                 } else if !cuda::matmul::is_float(ty) {
                     variants.push(("dp4a", DecodeKernels::dp4a(None)));

@@ -31,13 +31,6 @@ inline float ex2(float x) { return exp2f(x); }
 inline void cp_async16(void* dst, const void* src, int bytes) {
     if (bytes) memcpy(dst, src, 16); else memset(dst, 0, 16);
 }
-// The L2 policy is a hint: the copy is cp_async16's. FA_EVICT 1 takes that path.
-#define FA_EVICT 1
-inline u64 l2_evict_first_policy() { return 0x1234; }
-inline void cp_async16_pol(void* dst, const void* src, int bytes, u64 pol) {
-    if (pol != 0x1234) { fprintf(stderr, "cache policy lost\n"); exit(1); }
-    cp_async16(dst, src, bytes);
-}
 template <int N> inline void cp_async_n(void* dst, const void* src, int bytes) {
     if ((uintptr_t)src % N || (uintptr_t)dst % N) { fprintf(stderr, "misaligned %d-byte copy\n", N); exit(1); }
     if (bytes) memcpy(dst, src, N); else memset(dst, 0, N);

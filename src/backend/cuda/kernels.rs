@@ -80,11 +80,7 @@ pub fn compile(arch: &'static str) -> Result<String, BackendError> {
     let opts = CompileOptions {
         arch: Some(arch),
         options: [
-            vec![
-                "-std=c++17".into(),
-                format!("-DFA_STAGES={}", fa_stages()),
-                format!("-DMVS_STAGES={}", mv_stages()),
-            ],
+            vec!["-std=c++17".into(), format!("-DFA_STAGES={}", fa_stages())],
             extra_defines(),
         ]
         .concat(),
@@ -103,7 +99,6 @@ fn cache_path(arch: &str) -> Option<PathBuf> {
     program_source().hash(&mut h);
     arch.hash(&mut h);
     fa_stages().hash(&mut h);
-    mv_stages().hash(&mut h);
     extra_defines().hash(&mut h);
     let (mut major, mut minor) = (0, 0);
     // SAFETY: plain version query of a loaded library.
@@ -167,17 +162,6 @@ pub fn fa_stages() -> usize {
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|s| (2..=4).contains(s));
     forced.unwrap_or(2)
-}
-
-/// Weight tiles a block of the streamed one-token kernel (`mmvs`, `MVS_STAGES` in quant.cu)
-/// holds in shared memory: with a persistent grid it computes one while the others load.
-/// `MOA_MV_STAGES` (2 to 8) overrides the default of 4, for measuring.
-pub fn mv_stages() -> usize {
-    std::env::var("MOA_MV_STAGES")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|s| (2..=8).contains(s))
-        .unwrap_or(4)
 }
 
 /// Dynamic shared memory of one attention block with head dimension `d` and cache types `types`

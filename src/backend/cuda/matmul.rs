@@ -113,8 +113,6 @@ const MV_WARPS: usize = 4;
 pub const MV_TILE: usize = 8 << 10;
 /// Most shared memory an `mmvs` block may take (its tile).
 const MV_TILE_MAX: usize = 96 << 10;
-/// Shared memory of a multiprocessor the persistent `mmvs` grid plans on (of 228 KiB on sm_90).
-const MV_SMEM_SM: usize = 200 << 10;
 /// Most rows per `mmvs` tile.
 const MV_TILE_ROWS: usize = 16;
 
@@ -154,14 +152,6 @@ pub struct DecodeKernels {
     /// Warps per row of the dp4a kernel on wide Q4_K/Q5_K matrices with few rows (the down
     /// projection) at one token; 0: the tensor-core kernel there (`MOA_WIDE_WPR`).
     wide_wpr: usize,
-    /// Streamed one-token products on a persistent grid (`MOA_MV_PERSIST=1`).
-    stream_persist: bool,
-    /// Blocks per multiprocessor of that grid (`MOA_MV_BPS`; None: by shared memory).
-    stream_bps: Option<usize>,
-    /// The kernel's `MVS_STAGES`.
-    stream_stages: usize,
-    /// Most blocks of that grid in all (tests: a grid far smaller than the tiles).
-    stream_grid_cap: Option<u32>,
     /// 9-16 token K-quant products through `mmqs1` (one unit per warp in flight, three blocks
     /// per multiprocessor) on rows up to [`MQS1_MAX_COLS`] wide, instead of `mmqs`
     /// (`MOA_MQS1=0`: never).
@@ -210,10 +200,6 @@ impl DecodeKernels {
             stream_all: false,
             wide_wpr: 0,
             one_unit: true,
-            stream_persist: false,
-            stream_bps: None,
-            stream_stages: super::kernels::mv_stages(),
-            stream_grid_cap: None,
         }
     }
 
@@ -228,28 +214,6 @@ impl DecodeKernels {
             stream_all: true,
             wide_wpr: 0,
             one_unit: true,
-            stream_persist: false,
-            stream_bps: None,
-            stream_stages: super::kernels::mv_stages(),
-            stream_grid_cap: None,
-        }
-    }
-
-    /// [`DecodeKernels::stream`] on a persistent grid of `bps` blocks per multiprocessor (None:
-    /// as many as shared memory holds).
-    pub fn stream_persistent(tile: usize, bps: Option<usize>) -> DecodeKernels {
-        DecodeKernels {
-            stream_persist: true,
-            stream_bps: bps,
-            ..DecodeKernels::stream(tile)
-        }
-    }
-
-    /// [`DecodeKernels::stream_persistent`] with at most `blocks` blocks in all.
-    pub fn stream_persistent_blocks(tile: usize, blocks: u32) -> DecodeKernels {
-        DecodeKernels {
-            stream_grid_cap: Some(blocks.max(1)),
-            ..DecodeKernels::stream_persistent(tile, None)
         }
     }
 
@@ -263,10 +227,6 @@ impl DecodeKernels {
             stream_all: false,
             wide_wpr: 0,
             one_unit: true,
-            stream_persist: false,
-            stream_bps: None,
-            stream_stages: super::kernels::mv_stages(),
-            stream_grid_cap: None,
         }
     }
 
@@ -285,31 +245,7 @@ impl DecodeKernels {
                 .filter(|w| [0, 1, 2, 4].contains(w))
                 .unwrap_or(WIDE_WPR),
             one_unit: var("MOA_MQS1") != Some(0),
-            stream_persist: var("MOA_MV_PERSIST") == Some(1),
-            stream_bps: var("MOA_MV_BPS"),
-            stream_stages: super::kernels::mv_stages(),
-            stream_grid_cap: None,
         }
-    }
-
-    /// Grid and shared-memory stages of the streamed one-token kernel over `tiles` tiles of
-    /// `tile_bytes` each: a block per tile (one stage), or with `MOA_MV_PERSIST=1` a persistent
-    /// grid of `MOA_MV_BPS` blocks per multiprocessor (default: as many as [`MV_SMEM_SM`] holds
-    /// with every stage, at most 8), each holding up to `MVS_STAGES` tiles
-    /// ([`super::kernels::mv_stages`]).
-    pub fn stream_grid(&self, tiles: u32, tile_bytes: usize, sms: usize) -> (u32, usize) {
-        let st = self.stream_stages;
-        if !self.stream_persist || st * tile_bytes > MV_TILE_MAX {
-            return (tiles, 1);
-        }
-        let bps = self
-            .stream_bps
-            .unwrap_or(MV_SMEM_SM / (st * tile_bytes))
-            .clamp(1, 8);
-        let cap = self.stream_grid_cap.unwrap_or((sms * bps) as u32);
-        let grid = tiles.min(cap).max(1);
-        let per_block = tiles.div_ceil(grid) as usize;
-        (grid, per_block.min(st))
     }
 
     /// Rows per tile of the streamed one-token kernel for rows of `row_bytes` bytes, or None
@@ -852,9 +788,8 @@ fn launch_mmvq(
                 A::P(s.yds.ptr),
                 A::I(tile as i32),
             ]);
-            let (grid, stages) = m.decode.stream_grid(blocks(rows, tile), tile * m.row_bytes, gpu.sms);
-            let mut c = lcfg((grid, 1, 1), (MV_WARPS * 32) as u32);
-            c.shared_mem_bytes = (stages * tile * m.row_bytes) as u32;
+            let mut c = lcfg((blocks(rows, tile), 1, 1), (MV_WARPS * 32) as u32);
+            c.shared_mem_bytes = (tile * m.row_bytes) as u32;
             gpu.launch_pdl(&mq[2], c, &args)
         }
         (None, DecodePath::Mma | DecodePath::Stream { .. }) => {
@@ -1150,23 +1085,6 @@ mod tests {
         assert_eq!(st.stream_rows(144), Some(16));
         assert_eq!(st.stream_rows(360), None);
         assert_eq!(st.stream_rows(MV_TILE_MAX + 16), None);
-        // Streamed grids: a block per tile unless persistent; persistent grids hold every
-        // stage in shared memory (4 x 9 KiB: 5 blocks per SM in 200 KiB) and a block takes at
-        // most as many stages as it has tiles.
-        let stages = super::super::kernels::mv_stages();
-        assert_eq!(st.stream_grid(7168, 9 << 10, 132), (7168, 1));
-        let p = DecodeKernels::stream_persistent(9 << 10, None);
-        let bps = (MV_SMEM_SM / (stages * (9 << 10))).clamp(1, 8);
-        assert_eq!(
-            p.stream_grid(7168, 9 << 10, 132),
-            ((132 * bps) as u32, stages.min(7168usize.div_ceil(132 * bps)))
-        );
-        assert_eq!(p.stream_grid(100, 9 << 10, 132), (100, 1));
-        assert_eq!(p.stream_grid(7168, MV_TILE_MAX, 132), (7168, 1));
-        let p2 = DecodeKernels::stream_persistent(9 << 10, Some(2));
-        assert_eq!(p2.stream_grid(7168, 9 << 10, 132).0, 264);
-        let one = DecodeKernels::stream_persistent_blocks(9 << 10, 1);
-        assert_eq!(one.stream_grid(10, 9 << 10, 132), (1, stages.min(10)));
         // Units per row of the two kernel families.
         assert_eq!(units_per_row(GgmlType::Q4_K, 4096), 64);
         assert_eq!(mmqs_units_per_row(GgmlType::Q4_K, 4096), 16);

@@ -1182,41 +1182,7 @@ impl CudaBackend {
                 _ => None,
             })
             .collect();
-        self.l2_pf
-            .plan_bytes(self.l2_pf.group_budget(mats.len()), &mats)
-    }
-
-    /// The L2 prefetch RoPE issues for the products after attention: the output projection
-    /// (the group reading `out` that starts `after`), with `MOA_L2_PF_CHAIN=1` the next product
-    /// group as well.
-    fn prefetch_after_attention(&self, after: &[Op], out: ActId, n: usize) -> Prefetch {
-        let budget = self.l2_pf.att_budget;
-        if budget == 0 || n > MV_MAXT {
-            return Prefetch::default();
-        }
-        let group = |ops: &[Op], x: ActId| -> Vec<&matmul::GpuMatrix> {
-            ops.iter()
-                .map_while(|op| match *op {
-                    Op::MatMul { w, x: x2, .. } if x2 == x => self.matrices[w].as_ref(),
-                    _ => None,
-                })
-                .collect()
-        };
-        let first = group(after, out);
-        let mut then = Vec::new();
-        if self.l2_pf.att_chain {
-            let next = after
-                .iter()
-                .skip(first.len())
-                .position(|op| matches!(op, Op::MatMul { .. }));
-            if let Some(j) = next {
-                let j = j + first.len();
-                if let Op::MatMul { x, .. } = after[j] {
-                    then = group(&after[j..], x);
-                }
-            }
-        }
-        self.l2_pf.plan_chain(budget, &first, &then)
+        self.l2_pf.plan(&mats)
     }
 
     /// `x += y` (when given), `out = rms_norm(x) * w`, and `out` as q8_1 when the next op
@@ -1366,7 +1332,7 @@ impl CudaBackend {
                         if q2 == q && k2 == k {
                             let q8 = self.reads_q8(ops.get(i + 3), out, n);
                             // RoPE fetches the output projection's weights into L2 meanwhile.
-                            let pf = self.prefetch_after_attention(&ops[i + 3..], out, n);
+                            let pf = self.prefetch_next(&ops[i + 3..], out, n);
                             let quantized =
                                 self.attention(layer, q, k, v, out, batch, Some((q, k, pf)), q8)?;
                             self.act_version[q] += 1;

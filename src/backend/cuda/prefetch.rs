@@ -29,15 +29,6 @@ pub const MAX_RANGES: usize = 3;
 pub struct L2Prefetch {
     /// Bytes per prefetching kernel; 0 = off.
     pub budget: u64,
-    /// Bytes the RoPE kernel before attention fetches of the output projection
-    /// (`MOA_L2_PF_ATT` MiB; default `budget`).
-    pub att_budget: u64,
-    /// Bytes for a group of one, two or three products (down or output, gate/up, q/k/v):
-    /// `MOA_L2_PF_DOWN`, `MOA_L2_PF_GU`, `MOA_L2_PF_QKV` MiB (default `budget`).
-    pub group: [u64; 3],
-    /// `MOA_L2_PF_CHAIN=1`: what is left of `att_budget` after the output projection goes to
-    /// the product group after it (gate/up).
-    pub att_chain: bool,
     /// Extra blocks a prefetching kernel is launched with.
     pub blocks: u32,
 }
@@ -52,77 +43,21 @@ impl L2Prefetch {
         } else {
             0
         };
-        let att = if cc.0 >= 9 {
-            var("MOA_L2_PF_ATT").unwrap_or(mib)
-        } else {
-            0
-        };
         L2Prefetch {
             budget: mib << 20,
-            att_budget: att << 20,
-            att_chain: var("MOA_L2_PF_CHAIN") == Some(1),
-            group: ["MOA_L2_PF_DOWN", "MOA_L2_PF_GU", "MOA_L2_PF_QKV"].map(|k| {
-                if mib == 0 {
-                    0
-                } else {
-                    var(k).unwrap_or(mib) << 20
-                }
-            }),
             blocks: var("MOA_L2_PF_BLOCKS").unwrap_or(64).clamp(1, 1024) as u32,
         }
     }
 
-    /// The budget for a group of `n` products read by one input.
-    pub fn group_budget(&self, n: usize) -> u64 {
-        match n {
-            0 => 0,
-            1..=3 => self.group[n - 1],
-            _ => self.budget,
-        }
-    }
-
-    /// [`plan_ranges_chain`] over the matrices of two product groups.
-    pub fn plan_chain(&self, budget: u64, first: &[&GpuMatrix], then: &[&GpuMatrix]) -> Prefetch {
-        let spans = |ms: &[&GpuMatrix]| -> Vec<(u64, u64)> {
-            ms.iter()
-                .map(|m| (m.ptr, (m.rows * m.row_bytes) as u64))
-                .collect()
-        };
-        plan_ranges_chain(budget, self.blocks, &spans(first), &spans(then))
-    }
-
-    /// The prefetch of the first `budget` bytes of `mats` (by size), or none when there is
-    /// nothing to fetch.
-    pub fn plan_bytes(&self, budget: u64, mats: &[&GpuMatrix]) -> Prefetch {
+    /// The prefetch of the first `budget` bytes of `mats` (by size), or none when off or
+    /// there is nothing to fetch.
+    pub fn plan(&self, mats: &[&GpuMatrix]) -> Prefetch {
         let spans: Vec<(u64, u64)> = mats
             .iter()
             .map(|m| (m.ptr, (m.rows * m.row_bytes) as u64))
             .collect();
-        plan_ranges(budget, self.blocks, &spans)
+        plan_ranges(self.budget, self.blocks, &spans)
     }
-}
-
-/// [`plan_ranges`] over two groups of spans read one after the other: the first group whole (or
-/// as much of it as `budget` allows), what is left of the budget over the second group.
-pub fn plan_ranges_chain(
-    budget: u64,
-    blocks: u32,
-    first: &[(u64, u64)],
-    then: &[(u64, u64)],
-) -> Prefetch {
-    let first = &first[..first.len().min(MAX_RANGES)];
-    let total: u64 = first.iter().map(|s| s.1).sum();
-    let mut p = plan_ranges(budget.min(total), blocks, first);
-    let rest = budget.saturating_sub(total);
-    let room = MAX_RANGES - first.len();
-    if rest > 0 && room > 0 && !then.is_empty() {
-        let q = plan_ranges(rest, blocks, &then[..then.len().min(room)]);
-        for (slot, r) in p.ranges[first.len()..].iter_mut().zip(q.ranges) {
-            *slot = r;
-        }
-        p.blocks = p.blocks.max(q.blocks);
-    }
-    p
 }
 
 /// Extra grid blocks and the byte ranges they fetch (the kernels' `PF_PARAMS`).
@@ -197,32 +132,6 @@ mod tests {
         assert_eq!(plan_ranges(0, 64, &[(0x1000, 4096)]), Prefetch::default());
         assert_eq!(plan_ranges(1 << 20, 64, &[]), Prefetch::default());
         assert_eq!(plan_ranges(1 << 20, 64, &[(0x1001, 15)]).blocks, 0);
-    }
-
-    #[test]
-    fn chain_fills_the_first_group_then_the_next() {
-        let first = [(0x1000, 4 << 20)];
-        let then = [(0x1000000, 3 << 20), (0x2000000, 1 << 20)];
-        // Budget below the first group: only the first group, as plan_ranges would.
-        let p = plan_ranges_chain(2 << 20, 64, &first, &then);
-        assert_eq!(p, plan_ranges(2 << 20, 64, &first));
-        // 6 MiB: the first whole, 2 MiB over the next by size.
-        let p = plan_ranges_chain(6 << 20, 64, &first, &then);
-        assert_eq!(
-            p.ranges,
-            [
-                (0x1000, 4 << 20),
-                (0x1000000, 3 << 19),
-                (0x2000000, 1 << 19)
-            ]
-        );
-        assert_eq!(p.blocks, 64);
-        // Three spans in the first group leave no slot for the next.
-        let three = [(0x1000, 16), (0x2000, 16), (0x3000, 16)];
-        assert_eq!(
-            plan_ranges_chain(1 << 30, 64, &three, &then),
-            plan_ranges(48, 64, &three)
-        );
     }
 
     #[test]
