@@ -85,19 +85,19 @@ int main() {
     const int shapes[][4] = {{7, 0, 0, 1}, {9, 0, 0, 2}, {10, 3, 4, 3}, {13, 5, 0, 4}, {37, 0, 0, 16}, {11, 6, 6, 5}};
     // The copies landing at once, then only when the kernel's wait retires them.
     for (bool defer : {false, true}) {
-    g_defer = defer;
-    for (auto& ty : types)
-        for (int K : {2048, 4096}) {
-            if (ty.t == T_Q6_K && K % 2048) continue;
-            for (auto& s : shapes) {
-                int rows[3] = {s[0], s[1], s[2]};
-                bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3]); });
+        g_defer = defer;
+        for (auto& ty : types)
+            for (int K : {2048, 4096}) {
+                if (ty.t == T_Q6_K && K % 2048) continue;
+                for (auto& s : shapes) {
+                    int rows[3] = {s[0], s[1], s[2]};
+                    bad += with_type(ty.t, [&]<int T>() { return run<T>(ty, K, rows, s[3]); });
+                }
             }
-        }
-    // A wide row (one-row tiles, all four warps on it, more units than threads).
-    int wide[3] = {3, 2, 0};
-    bad += run<T_Q6_K>(types[7], 14336, wide, 1);
-    bad += run<T_Q4_K>(types[5], 14336, wide, 1);
+        // A wide row (one-row tiles, all four warps on it, more units than threads).
+        int wide[3] = {3, 2, 0};
+        bad += run<T_Q6_K>(types[7], 14336, wide, 1);
+        bad += run<T_Q4_K>(types[5], 14336, wide, 1);
     }
     printf(bad ? "mmvs under emulation: %d wrong outputs\n" : "mmvs under emulation: every output equals the serial sum\n", bad);
     return bad ? 1 : 0;
