@@ -28,15 +28,7 @@ inline void pdl_trigger() {}
 inline void pdl_wait() {}
 inline void __syncwarp() { g_warps[threadIdx.x / 32].bar->arrive_and_wait(); }
 inline float ex2(float x) { return exp2f(x); }
-inline void cp_async16(void* dst, const void* src, int bytes) {
-    if (bytes) memcpy(dst, src, 16); else memset(dst, 0, 16);
-}
-template <int N> inline void cp_async_n(void* dst, const void* src, int bytes) {
-    if ((uintptr_t)src % N || (uintptr_t)dst % N) { fprintf(stderr, "misaligned %d-byte copy\n", N); exit(1); }
-    if (bytes) memcpy(dst, src, N); else memset(dst, 0, N);
-}
-inline void cp_async_commit() {}
-template <int N> inline void cp_async_wait() {}
+#include "emu_cp_async.h"
 struct WarpX { u32 a[32][4]; u32 b[32][2]; const u16* p[32]; };
 WarpX g_x[4];
 inline float hv(u32 v, int hi) { return h2f(hi ? (u16)(v >> 16) : (u16)(v & 0xffff)); }
@@ -276,9 +268,14 @@ int main() {
         {64, 1, 1, 1, 90, 8, 60, 70, 1},     // prefill run longer than the ring
     };
     int bad = 0;
-    for (const Case& c : cases) {
-        if (c.D == 64) bad += c.WK == 4 ? check<64, 4>(c) : check<64, 1>(c);
-        else bad += c.WK == 4 ? check<128, 4>(c) : check<128, 1>(c);
+    // The K/V copies landing at once, then only when the kernel's wait retires them.
+    for (bool defer : {false, true}) {
+        emu_cp_defer = defer;
+        printf("cp.async copies landing %s:\n", defer ? "at the wait" : "at once");
+        for (const Case& c : cases) {
+            if (c.D == 64) bad += c.WK == 4 ? check<64, 4>(c) : check<64, 1>(c);
+            else bad += c.WK == 4 ? check<128, 4>(c) : check<128, 1>(c);
+        }
     }
     printf("%s\n", bad ? "FAILED" : "all variants agree");
     return bad != 0;

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the span-attention kernel of cuda/attention.cu (attn_fa) on the CPU under emu.h with the
 # tensor-core instructions emulated: every q8_0 / mixed K/V variant against the f16 one fed the
-# same values, and the f16 one against a double-precision reference (attn_q8_check.cpp).
-# g++ 12+ (C++20, _Float16). A minute or two on two cores.
+# same values, and the f16 one against a double-precision reference (attn_q8_check.cpp); every
+# case twice: the K/V copies landing at once, and only when the kernel's wait retires them
+# (emu_cp_async.h). g++ 12+ (C++20, _Float16). A minute or two on two cores.
 #
 #   bash tools/cuda-emu/attn_q8_check.sh
 set -euo pipefail

@@ -27,13 +27,7 @@ struct uint4 { u32 x, y, z, w; };
 inline uint4 make_uint4(u32 a, u32 b, u32 c, u32 d) { return {a, b, c, d}; }
 #include "emu_data.h"
 inline u32 pack_h2(float lo, float hi) { return (u32)f2h(lo) | ((u32)f2h(hi) << 16); }
-inline void cp_async16(void* dst, const void* src, int bytes) {
-    if (bytes) memcpy(dst, src, 16); else memset(dst, 0, 16);
-}
-template <int N> inline void cp_async_n(void* dst, const void* src, int bytes) {
-    if ((uintptr_t)src % N || (uintptr_t)dst % N) { fprintf(stderr, "misaligned %d-byte copy\n", N); exit(1); }
-    if (bytes) memcpy(dst, src, N); else memset(dst, 0, N);
-}
+#include "emu_cp_async.h"  // copies land at once: the loaders are checked, not the waits
 #include "kvq8_extract.cuh"
 
 

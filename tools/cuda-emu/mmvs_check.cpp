@@ -1,33 +1,14 @@
 // CPU check of the streamed one-token matvec (mmvs in cuda/quant.cu; tools/cuda-emu/mmvs_check.sh):
-// the kernel runs under emu.h (one OS thread per CUDA thread, barriers, shuffles, cp.async as a
-// 16-byte copy that refuses misaligned addresses and lands either at once or only when a wait
-// retires its group, so a read before the wait sees stale bytes) on random weight bytes (valid f16
-// scales), random q8_1 activations, one to three matrices per launch and tiles of 1 to 16 rows
+// the kernel runs under emu.h (one OS thread per CUDA thread, barriers, shuffles; cp.async as
+// emu_cp_async.h models it: landing at once, or only when a wait retires its group) on random
+// weight bytes (valid f16 scales), random q8_1 activations, one to three matrices per launch and tiles of 1 to 16 rows
 // (rows not a multiple of the tile, tiles across matrix boundaries); every output must equal the
 // row's units summed serially with the same Unit<T> code, to float rounding, and nothing else
 // may be written.
 #include "emu.h"
 #include "emu_data.h"
 #include "emu_quant.h"
-// cp.async either lands at once or (g_defer) only when a wait retires its commit group: the
-// latest moment it may land, so a read before the wait sees stale bytes.
-bool g_defer = false;
-struct Copy { void* dst; const void* src; };
-thread_local std::vector<std::vector<Copy>> t_groups;  // committed groups, oldest first
-thread_local std::vector<Copy> t_open;
-inline void cp_async16(void* dst, const void* src, int) {
-    if ((uintptr_t)src % 16 || (uintptr_t)dst % 16) { fprintf(stderr, "misaligned cp.async\n"); exit(1); }
-    if (g_defer) t_open.push_back({dst, src});
-    else memcpy(dst, src, 16);
-}
-inline void cp_async_commit() { t_groups.push_back(std::move(t_open)); t_open.clear(); }
-template <int N> inline void cp_async_wait() {
-    while (t_groups.size() > (size_t)N) {
-        for (auto& c : t_groups.front()) memcpy(c.dst, c.src, 16);
-        t_groups.erase(t_groups.begin());
-    }
-    if (N == 0 && !t_open.empty()) { fprintf(stderr, "cp.async left uncommitted\n"); exit(1); }
-}
+#include "emu_cp_async.h"
 #include "mmvs_extract.cuh"  // with the T_* type ids and MV_WARPS of the kernel sources
 #include "emu_quant_ref.h"
 
@@ -53,7 +34,7 @@ static int run(const Ty& ty, int K, const int rows[3], int R) {
     const unsigned grid = (total + R - 1) / R;
     launch({grid, 1, 1}, MV_WARPS * WARP, (size_t)R * row_bytes, [&] {
         mmvs<T>(rr, row_bytes, units, yq, yds.data(), R);
-        if (!t_groups.empty() || !t_open.empty()) { fprintf(stderr, "copies outlive the block\n"); exit(1); }
+        if (!emu_cp_drained()) { fprintf(stderr, "copies outlive the block\n"); exit(1); }
     });
     int bad = 0;
     double worst = 0;
@@ -75,7 +56,7 @@ static int run(const Ty& ty, int K, const int rows[3], int R) {
             }
         }
     printf("%-5s K=%-5d rows %d/%d/%d tile %2d rows (%s copies): %s (worst relative %.1e)\n", ty.name, K, rows[0],
-           rows[1], rows[2], R, g_defer ? "late" : "early", bad ? "FAILED" : "ok", worst);
+           rows[1], rows[2], R, emu_cp_defer ? "late" : "early", bad ? "FAILED" : "ok", worst);
     return bad;
 }
 
@@ -85,7 +66,7 @@ int main() {
     const int shapes[][4] = {{7, 0, 0, 1}, {9, 0, 0, 2}, {10, 3, 4, 3}, {13, 5, 0, 4}, {37, 0, 0, 16}, {11, 6, 6, 5}};
     // The copies landing at once, then only when the kernel's wait retires them.
     for (bool defer : {false, true}) {
-        g_defer = defer;
+        emu_cp_defer = defer;
         for (auto& ty : types)
             for (int K : {2048, 4096}) {
                 if (ty.t == T_Q6_K && K % 2048) continue;
