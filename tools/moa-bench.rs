@@ -76,6 +76,37 @@ struct Args {
 enum Cmd {
     /// Write a synthetic model of a real shape (random weights, valid tokenizer; llama.cpp loads it too).
     Synth(moa::model::synth::SynthArgs),
+    /// Compile the CUDA kernels for a GPU architecture into the kernel cache (needs only
+    /// libnvrtc, no GPU), so a GPU machine with the same NVRTC version starts without compiling.
+    Kernels {
+        /// Compute capability as NVRTC names it.
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
+    },
+}
+
+/// `moa-bench kernels --arch sm_XY`: the kernel cache entry for that architecture.
+fn precompile(arch: &str) -> Result<()> {
+    use moa::backend::cuda::kernels;
+    let cc = arch
+        .strip_prefix("sm_")
+        .filter(|d| d.len() >= 2 && d.chars().all(|c| c.is_ascii_digit()))
+        .map(|d| {
+            (
+                d[..d.len() - 1].parse::<i32>(),
+                d[d.len() - 1..].parse::<i32>(),
+            )
+        })
+        .and_then(|(a, b)| Some((a.ok()?, b.ok()?)))
+        .with_context(|| {
+            format!("--arch {arch:?}: expected sm_ and the compute capability, e.g. sm_90")
+        })?;
+    let t0 = Instant::now();
+    match kernels::precompile(kernels::arch_for(cc))? {
+        Some(p) => println!("{} ({:.1} s)", p.display(), t0.elapsed().as_secs_f64()),
+        None => println!("compiled; no cache folder (set MOA_CACHE or HOME)"),
+    }
+    Ok(())
 }
 
 /// Deterministic token ids (the values do not change the cost).
@@ -96,6 +127,9 @@ fn main() -> Result<()> {
     if let Some(Cmd::Synth(s)) = &a.cmd {
         moa::model::synth::run_synth(s)?;
         return Ok(());
+    }
+    if let Some(Cmd::Kernels { arch }) = &a.cmd {
+        return precompile(arch);
     }
     let path = runtime::resolve_model(a.model.as_deref())?;
     let loaded = runtime::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
