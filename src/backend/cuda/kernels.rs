@@ -117,6 +117,12 @@ fn cache_path(arch: &str) -> Option<PathBuf> {
 /// needs only libnvrtc; returns the cache file, if there is a cache folder. A GPU machine whose
 /// libnvrtc has the same version then skips the compile (about 35 s for sm_90).
 pub fn precompile(arch: &'static str) -> Result<Option<PathBuf>, BackendError> {
+    if !super::device::nvrtc_present() {
+        // Checked first: the cache key asks libnvrtc for its version.
+        return Err(BackendError::Device(
+            super::device::CudaUnavailable::NoNvrtc.to_string(),
+        ));
+    }
     ptx_cached(arch)?;
     Ok(cache_path(arch).filter(|p| p.is_file()))
 }
