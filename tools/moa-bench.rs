@@ -165,12 +165,11 @@ fn main() -> Result<()> {
         )
     };
     let per_depth = plan.is_some() && a.depth.len() > 1;
-    let first_n = if per_depth {
-        n_ctx_at(a.depth[0])
-    } else {
-        n_ctx
-    };
-    let mut be = make(first_n)?;
+    // Made for the deepest test first, whatever the order of -d: its batch capacity (at most
+    // N) then serves every depth's fill and pp test after a re-plan in place; one made for a
+    // shallow first depth (-p 0 -d 0,32768: N = 129) would refuse the deeper fill's 512-token
+    // batches.
+    let mut be = make(n_ctx)?;
     let attention = runtime::describe_plan(plan.as_ref(), n_ctx);
     let size: u64 = loaded.model.file.tensors.iter().map(|t| t.n_bytes).sum();
     let params: u64 = loaded
