@@ -414,28 +414,17 @@ __device__ __forceinline__ void mmvq(const Rows3& m, u64 row_bytes, int units, c
     }
 }
 
-// MV_MINB (measuring variant): blocks per multiprocessor the one-token kernels are compiled
-// for (__launch_bounds__' second argument; 0 = no bound, the default).
-#ifndef MV_MINB
-#define MV_MINB 0
-#endif
-#if MV_MINB > 0
-#define MV_BOUND_1 __launch_bounds__(MV_WARPS * WARP, MV_MINB)
-#else
-#define MV_BOUND_1 __launch_bounds__(MV_WARPS * WARP)
-#endif
-#define MV_BOUND_N __launch_bounds__(MV_WARPS * WARP)
-#define MMVQ_NT(name, T, NT, BOUND)                                                            \
-    extern "C" __global__ void BOUND name(                                                     \
+#define MMVQ_NT(name, T, NT)                                                                   \
+    extern "C" __global__ void __launch_bounds__(MV_WARPS * WARP) name(                        \
         PRODUCT_PARAMS, int K, int n_tok, int wpr) {                                           \
         ROWS3_M;                                                                               \
         mmvq<T, NT>(m, row_bytes, units, yq, yds, K, n_tok, wpr);                              \
     }
 // One token (the batch-1 decode step), up to 8, up to MV_MAXT.
 #define MMVQ(name, T)           \
-    MMVQ_NT(name##_1, T, 1, MV_BOUND_1)     \
-    MMVQ_NT(name##_8, T, 8, MV_BOUND_N)     \
-    MMVQ_NT(name##_16, T, MV_MAXT, MV_BOUND_N)
+    MMVQ_NT(name##_1, T, 1)     \
+    MMVQ_NT(name##_8, T, 8)     \
+    MMVQ_NT(name##_16, T, MV_MAXT)
 MMVQ(mmvq_q4_0, T_Q4_0)
 MMVQ(mmvq_q4_1, T_Q4_1)
 MMVQ(mmvq_q5_0, T_Q5_0)
