@@ -117,3 +117,36 @@ fn span_plans_are_planned_for_each_depth() {
     let kv = |r: &serde_json::Value| r["kv_bytes"].as_u64().unwrap();
     assert!(kv(&both[1]) < kv(&both[0]), "{both:?}");
 }
+
+/// `moa-bench kernels`: a malformed architecture is a clear error before anything loads; without
+/// libnvrtc on the search path, a clear error naming NVRTC (never a panic), and with it a cache
+/// file that exists.
+#[test]
+fn kernels_subcommand_errors_are_clear() {
+    for arch in ["90", "sm_", "sm_9", "sm_x0", "compute_90"] {
+        let out = bench(&["kernels", "--arch", arch]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--arch {arch} accepted");
+        assert!(err.contains("--arch") && !err.contains("panicked"), "{err}");
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_moa-bench"))
+        .args(["kernels", "--arch", "sm_90"])
+        .env_remove("LD_LIBRARY_PATH")
+        .env("MOA_CACHE", cache.path())
+        .output()
+        .expect("moa-bench runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    if out.status.success() {
+        // libnvrtc is on the default search path: the compiled PTX is in the cache.
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let path = stdout.split(" (").next().unwrap().trim();
+        assert!(
+            path.ends_with("-sm_90.ptx") && std::path::Path::new(path).is_file(),
+            "{stdout}"
+        );
+    } else {
+        assert!(err.contains("NVRTC"), "{err}");
+    }
+}
