@@ -70,13 +70,21 @@ fn compile_error(e: CompileError) -> BackendError {
     }
 }
 
+/// An error naming the missing library unless libnvrtc loads: checked before any NVRTC call,
+/// which would otherwise panic inside cudarc.
+fn require_nvrtc() -> Result<(), BackendError> {
+    if super::device::nvrtc_present() {
+        Ok(())
+    } else {
+        Err(BackendError::Device(
+            super::device::CudaUnavailable::NoNvrtc.to_string(),
+        ))
+    }
+}
+
 /// Compiles the program to PTX for `arch` (needs only libnvrtc, no GPU).
 pub fn compile(arch: &'static str) -> Result<String, BackendError> {
-    if !super::device::nvrtc_present() {
-        return Err(BackendError::Device(
-            super::device::CudaUnavailable::NoNvrtc.to_string(),
-        ));
-    }
+    require_nvrtc()?;
     let opts = CompileOptions {
         arch: Some(arch),
         options: [
@@ -117,12 +125,6 @@ fn cache_path(arch: &str) -> Option<PathBuf> {
 /// needs only libnvrtc; returns the cache file, if there is a cache folder. A GPU machine whose
 /// libnvrtc has the same version then skips the compile (about 35 s for sm_90).
 pub fn precompile(arch: &'static str) -> Result<Option<PathBuf>, BackendError> {
-    if !super::device::nvrtc_present() {
-        // Checked first: the cache key asks libnvrtc for its version.
-        return Err(BackendError::Device(
-            super::device::CudaUnavailable::NoNvrtc.to_string(),
-        ));
-    }
     ptx_cached(arch)?;
     Ok(cache_path(arch).filter(|p| p.is_file()))
 }
@@ -130,6 +132,7 @@ pub fn precompile(arch: &'static str) -> Result<Option<PathBuf>, BackendError> {
 /// PTX for `arch`, from the disk cache or compiled (and then cached; a cache that cannot be
 /// written is not an error).
 pub fn ptx_cached(arch: &'static str) -> Result<String, BackendError> {
+    require_nvrtc()?; // before the cache key, which asks libnvrtc for its version
     let path = cache_path(arch);
     if let Some(p) = &path {
         if let Ok(s) = std::fs::read_to_string(p) {
