@@ -643,6 +643,24 @@ __device__ __forceinline__ void mma_s8(int* d, int a0, int a1, int b0) {
         : "r"(a0), "r"(a1), "r"(b0));
 }
 
+// d += the two m16n8k16 products (a0, a1) x b0 and (a2, a3) x b1 in one m16n8k32: its A
+// fragment holds rows g (a0, a2) and g + 8 (a1, a3) at columns 4c..4c+3 (a0, a1) and
+// 16+4c..16+4c+3 (a2, a3), its B fragment columns 4c..4c+3 (b0) and 16+4c.. (b1) of token g,
+// so the pairs meet exactly as in the two k16 MMAs: half the MMAs and one step less in each
+// warp's dependent chain. MQ_K16 (MOA_NVRTC_DEFINES) keeps the two k16 MMAs, for measuring.
+__device__ __forceinline__ void mma_s8x2(int* d, int a0, int a1, int a2, int a3, int b0, int b1) {
+#ifdef MQ_K16
+    mma_s8(d, a0, a1, b0);
+    mma_s8(d, a2, a3, b1);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
 // One unit (a block of 32 values) of one row of a legacy type as lane c's A fragments: q[b][h] =
 // the int8 values at columns 16 h + 4c .. + 3 of block b; the block's values are d[b][h] * q +
 // m[b]. (The K-quants: FragI below, on q8_K activations.)
@@ -761,8 +779,8 @@ __device__ __forceinline__ void mmqs_units(const u8* r0, const u8* r1, int u, in
                 int2 y = *(const int2*)(yq_m + (((size_t)blk * 2 + nt) * 4 + c) * 64 + g * 8);
                 float4 ds = *(const float4*)(yds_m + blk * 16 + 8 * nt + 2 * c);
                 int s0[4] = {0, 0, 0, 0};
-                mma_s8(s0, f[i][0].q[b][0], f[i][1].q[b][0], y.x);
-                mma_s8(s0, f[i][0].q[b][1], f[i][1].q[b][1], y.y);
+                mma_s8x2(s0, f[i][0].q[b][0], f[i][1].q[b][0], f[i][0].q[b][1], f[i][1].q[b][1],
+                         y.x, y.y);
 #pragma unroll
                 for (int j = 0; j < 2; j++) {
                     float da = j ? ds.z : ds.x, sa = j ? ds.w : ds.y;
@@ -1007,8 +1025,12 @@ __device__ __forceinline__ void mmqk_unit(const FragI<T> (&f)[2], int uu, int g,
         for (int nt = 0; nt < NTL; nt++) {
             int2 y = *(const int2*)(yq_m + ((blk * 2 + nt) * 4 + c) * 64 + g * 8);
             int s0[4] = {0, 0, 0, 0}, s1[4] = {0, 0, 0, 0};
-            mma_s8(s0, f[0].qv(b, 0), f[1].qv(b, 0), y.x);
-            mma_s8(F::SPLIT ? s1 : s0, f[0].qv(b, 1), f[1].qv(b, 1), y.y);
+            if constexpr (F::SPLIT) {  // Q6_K: a scale per 16 values, two sums
+                mma_s8(s0, f[0].qv(b, 0), f[1].qv(b, 0), y.x);
+                mma_s8(s1, f[0].qv(b, 1), f[1].qv(b, 1), y.y);
+            } else {
+                mma_s8x2(s0, f[0].qv(b, 0), f[1].qv(b, 0), f[0].qv(b, 1), f[1].qv(b, 1), y.x, y.y);
+            }
 #pragma unroll
             for (int rr = 0; rr < 2; rr++)
 #pragma unroll

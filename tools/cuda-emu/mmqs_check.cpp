@@ -35,6 +35,32 @@ inline void mma_s8(int* d, int a0, int a1, int b0) {
     }
     g_warps[wi].bar->arrive_and_wait();
 }
+// mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 by its own PTX fragment layout (A byte i of
+// lane 4g + c: row g for i in 0..3 and 8..11, else g + 8; column 4c + i % 4, + 16 for i >= 8;
+// B byte i: row 4c + i % 4, + 16 for i >= 4, column g), not as two k16 products.
+struct MmaX32 { int a[4][32], b[2][32]; };
+std::vector<MmaX32> g_mma32(8);
+inline void mma_s8x2(int* d, int a0, int a1, int a2, int a3, int b0, int b1) {
+    const int lane = threadIdx.x % 32, wi = threadIdx.x / 32;
+    MmaX32& x = g_mma32[wi];
+    x.a[0][lane] = a0, x.a[1][lane] = a1, x.a[2][lane] = a2, x.a[3][lane] = a3;
+    x.b[0][lane] = b0, x.b[1][lane] = b1;
+    g_warps[wi].bar->arrive_and_wait();
+    auto byte = [](int v, int i) { return (int)(i8)(v >> (8 * i)); };
+    auto A = [&](int r, int k) {
+        const int reg = (k >= 16 ? 2 : 0) + (r >= 8 ? 1 : 0);
+        return byte(x.a[reg][4 * (r % 8) + (k % 16) / 4], k % 4);
+    };
+    auto B = [&](int k, int n) { return byte(x.b[k >= 16][4 * n + (k % 16) / 4], k % 4); };
+    const int g = lane >> 2, c = lane & 3;
+    for (int e = 0; e < 4; e++) {
+        const int r = g + 8 * (e >> 1), n = 2 * c + (e & 1);
+        int s = 0;
+        for (int k = 0; k < 32; k++) s += A(r, k) * B(k, n);
+        d[e] += s;
+    }
+    g_warps[wi].bar->arrive_and_wait();
+}
 #include "mmqs_extract.cuh"  // with the T_* type ids and MV_WARPS of the kernel sources
 #include "emu_quant_ref.h"
 

@@ -19,7 +19,8 @@ src=../../cuda/quant.cu
 source quant_extract.sh
 {
     quant_common
-    # The kernels without their launch macros; mma_s8 (inline PTX) comes from mmqs_check.cpp.
+    # The kernels without their launch macros; mma_s8 and mma_s8x2 (inline PTX) come from
+    # mmqs_check.cpp (the k32 one emulated by its own fragment layout).
     sed -n '/^#define MQ_WARPS 8/,/^#define MMQS_NT(/p' "$src" | sed '$d' |
         sed '/^__device__ __forceinline__ void mma_s8/,/^}/d'
 } >"$tmp/mmqs_extract.cuh"
