@@ -210,13 +210,19 @@ __device__ __forceinline__ void attn_merge_rows(const float* part, int n_split, 
     if (yq) q8_1_lane(v, yq + (i & ~(size_t)31), yds + (i >> 5), lane);
 }
 
+// The merges run right before the output projection, after the decode attention has streamed
+// its K/V through L2: their L2 prefetch blocks (PF_PARAMS, after the rows' blocks) fetch the
+// projection's first weights again, where the fetch RoPE issued before the attention may have
+// been evicted.
 extern "C" __global__ void attn_merge(const float* part, int n_split, int D, float* out, i8* yq,
-                                      float2* yds) {
+                                      float2* yds, PF_PARAMS) {
+    if (l2_prefetch_block(PF_ARGS)) return;
     attn_merge_rows<1>(part, n_split, D, out, yq, yds);
 }
 
 extern "C" __global__ void attn_merge_wide(const float* part, int n_split, int D, float* out,
-                                           i8* yq, float2* yds) {
+                                           i8* yq, float2* yds, PF_PARAMS) {
+    if (l2_prefetch_block(PF_ARGS)) return;
     attn_merge_rows<MERGE_GROUPS>(part, n_split, D, out, yq, yds);
 }
 

@@ -116,6 +116,9 @@ pub struct CudaBackend {
     att_split_floor: bool,
     /// `MOA_L2_PF`: L2 prefetch of the next product's weights by the small decode kernels.
     l2_pf: L2Prefetch,
+    /// The split merge fetches the output projection's weights into L2 again (after the
+    /// attention's K/V went through L2); `MOA_PF_MERGE=0` leaves it to RoPE alone.
+    pf_merge: bool,
 }
 
 /// Offsets (in u32 words) of the metadata sections.
@@ -614,6 +617,7 @@ impl CudaBackend {
                 && !timer::enabled(),
             att_target_blocks,
             att_split_floor: std::env::var("MOA_ATT_SPLIT").is_ok_and(|v| v == "floor"),
+            pf_merge: std::env::var("MOA_PF_MERGE").map_or(true, |v| v != "0"),
             l2_pf: L2Prefetch::from_env(gpu.cc),
             layout,
             gpu,
@@ -791,6 +795,11 @@ impl CudaBackend {
         } else {
             0
         };
+        // The split merge (when there is one) repeats RoPE's prefetch of the output projection.
+        let merge_pf = match fused_rope {
+            Some((_, _, pf)) if self.pf_merge => pf,
+            _ => Prefetch::default(),
+        };
         if let Some((qx, kxr, pf)) = fused_rope {
             let half = cfg.rope.n_rot / 2;
             let mut shape = cfg_1d(n * (cfg.n_head + 2 * hk) * (cfg.head_dim / 2));
@@ -948,20 +957,22 @@ impl CudaBackend {
             } else {
                 (&self.k.attn_merge, 1)
             };
+            let mut args = vec![
+                A::P(self.part.ptr),
+                A::I(n_split as i32),
+                A::I(cfg.head_dim as i32),
+                A::P(self.act(out)),
+                A::P(yq),
+                A::P(yds),
+            ];
+            args.extend(merge_pf.args());
             self.gpu.launch_pdl(
                 merge,
                 lcfg(
-                    ((n * cfg.n_head) as u32, 1, 1),
+                    ((n * cfg.n_head) as u32 + merge_pf.blocks, 1, 1),
                     (groups * cfg.head_dim) as u32,
                 ),
-                &[
-                    A::P(self.part.ptr),
-                    A::I(n_split as i32),
-                    A::I(cfg.head_dim as i32),
-                    A::P(self.act(out)),
-                    A::P(yq),
-                    A::P(yds),
-                ],
+                &args,
             )?;
         }
         if store_now {
