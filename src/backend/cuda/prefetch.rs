@@ -7,7 +7,9 @@
 //! cuda/common.cuh), so the product starts on weights already in L2. This module plans those
 //! ranges: the budget is split over the products of one input (q/k/v, gate/up) by size, each
 //! range taken from the start of its matrix (the rows the product's first blocks read).
-//! `MOA_L2_PF=0` turns it off. Covering the product group after the next as well (RoPE, which
+//! `MOA_L2_PF=0` turns it off. The split merge after a long decode attention repeats RoPE's
+//! fetch of the output projection (the attention's K/V stream may have evicted it;
+//! `MOA_PF_MERGE=0` leaves it out). Covering the product group after the next as well (RoPE, which
 //! the long attention kernel follows, starting gate/up too) was slower: tg128 323.7 vs 342.5
 //! t/s at 32 MiB on an H100, so a prefetch covers the next group only.
 
