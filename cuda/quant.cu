@@ -597,7 +597,8 @@ MMVS(mmvs_q6_k, T_Q6_K)
 
 // ---- small batches on tensor cores (2..16 tokens) ------------------------------------------
 // mmqs_<type>_<8|16>: the same product as mmvq for up to 8 / 16 tokens with int8 tensor-core
-// MMAs (m16n8k16): a block of MQ_WARPS warps owns 16 weight rows, its warps take every
+// MMAs (m16n8k32 per 32-value block, mma_s8x2; m16n8k16 where a block has a scale per 16 values
+// and for the mins): a block of MQ_WARPS warps owns 16 weight rows, its warps take every
 // MQ_WARPS-th unit of those rows, and each weight is unpacked to int8 once for all tokens
 // (mmvq's dp4a path re-reads every token's activations per weight unit, which starves at 16
 // tokens). Per 32-value block the int32 dots are scaled by the weight's and the activation's

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the tensor-core small-batch products of cuda/quant.cu (q8_1_mma_layout: the q8_1 rows
 # into fragment order, or for the K-quants q8k_mma_layout: f32 rows to ggml's q8_K in that
-# order, with the block sums of the mins; mmqs: int8 mma.sync m16n8k16, 16 weight rows per
+# order, with the block sums of the mins; mmqs: int8 mma.sync m16n8k32 and m16n8k16, each
+# emulated by its own fragment layout, 16 weight rows per
 # block, 8 warps over the units, 1 to 16 tokens) on the CPU under emu.h with mma.sync emulated
 # per warp by its fragment layout (mmqs_check.cpp), against every row and token summed serially
 # with the dp4a kernels' Unit<T> code (K-quants: on a CPU q8_K of the same rows). Checks the
