@@ -3,7 +3,7 @@
 #
 #   bash tools/gpu-check.sh build          # here: stripped release binaries into .devbin/
 #   bash tools/gpu-check.sh run [MODEL]    # on the GPU machine, from the repo root: all below
-#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|eval [MODEL]|bench|parallel|variants|l2pf|skips|bandwidth|ab OLD|times|ptimes|profile
+#   bash tools/gpu-check.sh tests|model [MODEL]|gprofile [MODEL]|eval [MODEL]|bench|parallel|variants|l2pf|skips|bandwidth|ab OLD|times|ptimes|profile|sweep
 #
 # With MOA_REQUIRE_GPU=1 (a missing GPU fails instead of skipping):
 #   tests:     tests/cuda_backend.rs: every kernel against its CPU reference on fresh random data,
@@ -41,13 +41,24 @@
 #              old commit, then move .devbin there);
 #   times:     per-kernel GPU times of decode steps from the built-in timer (MOA_KERNEL_TIMES=1);
 #   ptimes:    the same for the 16 x 16384 parallel step and batch-1 decode at depth 32768 (0.5);
-#   profile:   per-kernel times (Nsight Compute) of decode steps, and registers per kernel.
+#   profile:   per-kernel times (Nsight Compute) of decode steps, and registers per kernel;
+#   sweep:     the issue-9 H200 sweep within one call's limit: SWEEP=q (default; the parallel bar,
+#              uniform 0.5 at depths 32768 and 65536, dense tg128), a (the bars with pp512, then
+#              three attention stages), b (one-token variants MOA_MV_TILE=9216, MOA_L2_PF=8 and 0,
+#              MOA_ATT_BLOCKS=396; dense depths; the matvec bandwidth report; the dense parallel
+#              step; the GPU tests); LIM seconds in all (default 540): a test that would not
+#              fit in what is left is skipped, not cut. On any card but an H200 it stops at once
+#              unless ANY_GPU=1.
+# `build` also compiles the kernels (2 and 3 attention stages) into .devbin/kc with `moa-bench
+# kernels` when libnvrtc is found, and every step points MOA_CACHE there, so no run on the GPU
+# machine pays the NVRTC compile (35-50 s per variant).
 # The lent GPU machine takes at most 64 MiB per call: .devbin/ compressed (`tar cJf
 # .devx/devbin.txz .devbin`: about 3 MB) and the default model (98 MB) split in two parts
 # (`split -b 50000000`: the first into .devx/, the second into .devm2/) travel in two
 # consecutive calls (carry .devx, then .devm2); a carried folder is gone on the next call, so
 # the first call unpacks the binaries (`tar xJf .devx/devbin.txz`) and copies the model part to
-# /tmp; `model` joins the parts into models/.
+# /tmp; `model` joins the parts into models/. The benchmark steps need no model: carry
+# [".devbin"] as it is (about 55 MB with the precompiled kernels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.devbin
@@ -65,6 +76,7 @@ ensure_model() {
     fi
 }
 export MOA_REQUIRE_GPU=1
+[ -d "$out/kc" ] && export MOA_CACHE="$PWD/$out/kc"
 case "${1:-}" in
 build)
     mkdir -p "$out"
@@ -75,6 +87,11 @@ build)
     strip -o "$out/cuda_profile" "$pexe"
     for b in moa-run moa-perplexity moa-bench moa-profile moa-eval moa-optimize; do strip -o "$out/$b" "target/release/$b"; done
     bash tests/fixtures/llamacpp/make_corpus.sh "$out/corpus.txt"
+    rm -rf "$out/kc"
+    for st in 2 3; do
+        MOA_FA_STAGES=$st MOA_CACHE="$out/kc" "$out/moa-bench" kernels --arch sm_90 ||
+            echo "(kernels not precompiled: the GPU machine compiles them on first use)"
+    done
     du -sh "$out"
     ;;
 run)
@@ -276,8 +293,76 @@ profile)
             grep -E "^  [a-z_0-9]+|gpu__time" | head -40
     done
     ;;
+sweep)
+    t0=$(date +%s)
+    lim=${LIM:-540}
+    left() { echo $((lim - ($(date +%s) - t0))); }
+    # Runs moa-bench with the arguments when more than $1 seconds are left.
+    b() {
+        local need=$1
+        shift
+        if [ "$(left)" -le "$need" ]; then
+            echo "-- skipped (needs $need s, $(left) s left): $*"
+            return
+        fi
+        echo "-- $* ($(left) s left)"
+        "$out/moa-bench" -m "$synth" --device cuda "$@" 2>&1 | grep -E "^\| [a-z0-9]|rror" || true
+    }
+    card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    echo "card: $card"
+    case "$card" in
+    *H200*) ;;
+    *) [ -n "${ANY_GPU:-}" ] || {
+        echo "not an H200: stopping (ANY_GPU=1 runs it anyway)"
+        exit 3
+    } ;;
+    esac
+    make_synth
+    u=(--uniform 0.5)
+    case "${SWEEP:-q}" in
+    q)
+        b 45 "${u[@]}" -p 16384 -n 128 --parallel 16
+        b 25 "${u[@]}" -p 0 -n 128 -d 32768 -r 1
+        b 30 "${u[@]}" -p 0 -n 128 -d 65536 -r 1
+        b 15 --dense -p 0 -n 128 -r 1
+        ;;
+    a)
+        b 100 "${u[@]}" -p 16384 -n 128 --parallel 16
+        b 60 "${u[@]}" -p 512 -n 128 -d 32768 -r 2
+        b 50 --dense -p 512 -n 128 -r 2
+        b 60 "${u[@]}" -p 512 -n 128 -d 65536 -r 1
+        export MOA_FA_STAGES=3
+        b 100 "${u[@]}" -p 16384 -n 128 --parallel 16
+        b 50 "${u[@]}" -p 0 -n 128 -d 32768 -r 1
+        b 60 "${u[@]}" -p 0 -n 128 -d 65536 -r 1
+        ;;
+    b)
+        for e in MOA_MV_TILE=9216 MOA_L2_PF=8 MOA_L2_PF=0 MOA_ATT_BLOCKS=396; do
+            echo "== $e"
+            (
+                export "${e?}"
+                b 40 "${u[@]}" -p 0 -n 128 -d 32768 -r 1
+                b 20 --dense -p 0 -n 128 -r 1
+            )
+        done
+        b 150 --dense -p 512 -n 128 -d 4096,16384,32768 -r 1
+        b 80 --dense -p 0 -n 128 -d 65536 -r 1
+        if [ "$(left)" -gt 60 ]; then
+            echo "== decode matvec bandwidth"
+            "$out/cuda_backend" --ignored --nocapture matvec_bandwidth 2>&1 | grep -E "copy|n=1 |n=16" || true
+        fi
+        b 150 --dense -p 16384 -n 128 --parallel 16
+        if [ "$(left)" -gt 100 ]; then
+            echo "== GPU tests"
+            timeout $(($(left) - 10)) "$out/cuda_backend" --test-threads 1 --skip default_model 2>&1 |
+                grep -E "^test |worst|panicked|result" || true
+        fi
+        ;;
+    esac
+    echo "sweep done in $(($(date +%s) - t0)) s"
+    ;;
 *)
-    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | gprofile [MODEL] | eval [MODEL] | bench | parallel | variants | l2pf | skips | bandwidth | ab OLD | times | ptimes | profile" >&2
+    echo "usage: $0 build | run [MODEL] | tests | model [MODEL] | gprofile [MODEL] | eval [MODEL] | bench | parallel | variants | l2pf | skips | bandwidth | ab OLD | times | ptimes | profile | sweep" >&2
     exit 2
     ;;
 esac
