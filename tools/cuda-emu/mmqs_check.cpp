@@ -1,8 +1,9 @@
 // CPU check of the tensor-core small-batch products (q8_1_mma_layout or, for the K-quants,
 // q8k_mma_layout, then mmqs in cuda/quant.cu; tools/cuda-emu/mmqs_check.sh): the kernels run under emu.h (one OS thread per
-// CUDA thread, barriers, shuffles) with mma.sync m16n8k16 .s8 emulated per warp by its PTX
-// fragment layout (A: lane 4g + c holds rows g and g + 8, columns 4c..4c+3; B: column g, rows
-// 4c..4c+3; C: rows g, g + 8, columns 2c, 2c + 1), on random weight bytes (valid f16 scales),
+// CUDA thread, barriers, shuffles) with mma.sync m16n8k16 and m16n8k32 .s8 emulated per warp
+// by their PTX fragment layouts (A: lane 4g + c holds rows g and g + 8, columns 4c..4c+3 of each
+// 16-column half; B: column g, rows 4c..4c+3 of each half; C: rows g, g + 8, columns 2c,
+// 2c + 1), on random weight bytes (valid f16 scales),
 // random q8_1 rows for 1 to 16 tokens (exactly n_tok rows allocated), one to three matrices per
 // launch, the layout family the host picks per type (matmul.rs: mma_family). Every output must
 // equal the row's units summed serially with the dp4a kernels' Unit<T> code, to float rounding,
@@ -13,53 +14,34 @@
 struct float4 { float x, y, z, w; };
 using std::min;
 using std::max;
-// mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32, d += A B, by the fragment layout.
-struct MmaX { int a0[32], a1[32], b0[32]; };
+// mma.sync.aligned.m16n8k{16,32}.row.col.s32.s8.s8.s32, d += A B, by the PTX fragment layout of
+// each shape (KH = K / 16 halves): A byte i of register j, lane 4g + c, is row g (j even) or
+// g + 8 (j odd), column 16 (j / 2) + 4c + i; B byte i of register h is row 16 h + 4c + i,
+// column g. The k32 MMA is thus emulated by its own layout, not as two k16 products.
+struct MmaX { int a[4][32], b[2][32]; };
 std::vector<MmaX> g_mma(8);
-inline void mma_s8(int* d, int a0, int a1, int b0) {
+template <int KH>
+inline void mma_s8_emu(int* d, const int (&a)[2 * KH], const int (&b)[KH]) {
     const int lane = threadIdx.x % 32, wi = threadIdx.x / 32;
     MmaX& x = g_mma[wi];
-    x.a0[lane] = a0;
-    x.a1[lane] = a1;
-    x.b0[lane] = b0;
+    for (int j = 0; j < 2 * KH; j++) x.a[j][lane] = a[j];
+    for (int h = 0; h < KH; h++) x.b[h][lane] = b[h];
     g_warps[wi].bar->arrive_and_wait();
     auto byte = [](int v, int i) { return (int)(i8)(v >> (8 * i)); };
-    auto A = [&](int r, int k) { return byte(r < 8 ? x.a0[4 * r + k / 4] : x.a1[4 * (r - 8) + k / 4], k % 4); };
-    auto B = [&](int k, int n) { return byte(x.b0[4 * n + k / 4], k % 4); };
+    auto A = [&](int r, int k) { return byte(x.a[2 * (k / 16) + r / 8][4 * (r % 8) + (k % 16) / 4], k % 4); };
+    auto B = [&](int k, int n) { return byte(x.b[k / 16][4 * n + (k % 16) / 4], k % 4); };
     const int g = lane >> 2, c = lane & 3;
     for (int e = 0; e < 4; e++) {
         const int r = g + 8 * (e >> 1), n = 2 * c + (e & 1);
         int s = 0;
-        for (int k = 0; k < 16; k++) s += A(r, k) * B(k, n);
+        for (int k = 0; k < 16 * KH; k++) s += A(r, k) * B(k, n);
         d[e] += s;
     }
     g_warps[wi].bar->arrive_and_wait();
 }
-// mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 by its own PTX fragment layout (A byte i of
-// lane 4g + c: row g for i in 0..3 and 8..11, else g + 8; column 4c + i % 4, + 16 for i >= 8;
-// B byte i: row 4c + i % 4, + 16 for i >= 4, column g), not as two k16 products.
-struct MmaX32 { int a[4][32], b[2][32]; };
-std::vector<MmaX32> g_mma32(8);
+inline void mma_s8(int* d, int a0, int a1, int b0) { mma_s8_emu<1>(d, {a0, a1}, {b0}); }
 inline void mma_s8x2(int* d, int a0, int a1, int a2, int a3, int b0, int b1) {
-    const int lane = threadIdx.x % 32, wi = threadIdx.x / 32;
-    MmaX32& x = g_mma32[wi];
-    x.a[0][lane] = a0, x.a[1][lane] = a1, x.a[2][lane] = a2, x.a[3][lane] = a3;
-    x.b[0][lane] = b0, x.b[1][lane] = b1;
-    g_warps[wi].bar->arrive_and_wait();
-    auto byte = [](int v, int i) { return (int)(i8)(v >> (8 * i)); };
-    auto A = [&](int r, int k) {
-        const int reg = (k >= 16 ? 2 : 0) + (r >= 8 ? 1 : 0);
-        return byte(x.a[reg][4 * (r % 8) + (k % 16) / 4], k % 4);
-    };
-    auto B = [&](int k, int n) { return byte(x.b[k >= 16][4 * n + (k % 16) / 4], k % 4); };
-    const int g = lane >> 2, c = lane & 3;
-    for (int e = 0; e < 4; e++) {
-        const int r = g + 8 * (e >> 1), n = 2 * c + (e & 1);
-        int s = 0;
-        for (int k = 0; k < 32; k++) s += A(r, k) * B(k, n);
-        d[e] += s;
-    }
-    g_warps[wi].bar->arrive_and_wait();
+    mma_s8_emu<2>(d, {a0, a1, a2, a3}, {b0, b1});
 }
 #include "mmqs_extract.cuh"  // with the T_* type ids and MV_WARPS of the kernel sources
 #include "emu_quant_ref.h"
