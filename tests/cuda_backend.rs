@@ -479,6 +479,85 @@ fn cuda_backend_wide_k_quant_model_matches_cpu() {
     }
 }
 
+/// The one-kernel layer tail of one-token steps (cuda/layer_tail.cu: output projection to the
+/// next layer's q/k/v, blocks waiting on each other's group counters) gives the logits of the
+/// separate kernels, on every quantized type it takes (one type per model, and the wide Q4_K
+/// model whose 5120-wide down projection takes one row per tile), dense and with a span plan.
+/// The two differ only where quantizing h * w before dividing by the RMS rounds an int8 value
+/// the other way; a missed group, a wrong row or a stale input moves logits by far more.
+#[test]
+fn layer_tail_matches_separate_kernels() {
+    if !gpu_or_skip("layer_tail_matches_separate_kernels") {
+        return;
+    }
+    use moa::backend::Backend;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(123);
+    let mut specs: Vec<SynthSpec> = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &ty)| gpu_spec(ty, 300 + i as u64))
+    .collect();
+    let mut wide = SynthSpec::tiny(GgmlType::Q4_K, 321);
+    wide.n_embd = 2048;
+    wide.n_head = 16;
+    wide.n_head_kv = 4;
+    wide.n_ff = 5120;
+    specs.push(wide);
+    for (si, spec) in specs.iter().enumerate() {
+        let path = dir.path().join(format!("t{si}.gguf"));
+        write_synthetic(spec, &path).unwrap();
+        let model = Arc::new(Model::load(&path).unwrap());
+        let c = model.config.clone();
+        let n = 40;
+        let toks: Vec<u32> = (0..n)
+            .map(|_| (rng.next() % c.n_vocab as u64) as u32)
+            .collect();
+        for plan in 0..2 {
+            let layout = if plan == 0 {
+                KvLayout::dense(1, c.n_layer, c.n_head_kv, c.head_dim, n)
+            } else {
+                random_plan_layout(&mut rng, &c, n, -10.0, 40, 5, 0.2, (4, 8, 4))
+            };
+            let opts = BackendOptions {
+                max_batch: 16,
+                threads: 2,
+                layout,
+            };
+            let mut fused = CudaBackend::new(Arc::clone(&model), opts.clone()).unwrap();
+            assert_eq!(fused.layer_tail_spans(), c.n_layer, "{}", spec.weight_type.name());
+            let mut separate = CudaBackend::new(Arc::clone(&model), opts).unwrap();
+            separate.set_layer_tail(false);
+            // A 5-token prompt (separate kernels in both), then one token per step.
+            let a = common::logits_all(&mut fused, &toks, 5, 5);
+            let b = common::logits_all(&mut separate, &toks, 5, 5);
+            let mut worst = 0f32;
+            for (ra, rb) in a.iter().zip(&b) {
+                let scale = ra.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+                for (x, y) in ra.iter().zip(rb) {
+                    worst = worst.max((x - y).abs() / scale);
+                }
+            }
+            eprintln!("{} model {si} plan {plan}: worst {worst:.2e}", spec.weight_type.name());
+            assert!(
+                worst < 5e-3,
+                "{} model {si} plan {plan}: worst relative logit difference {worst}",
+                spec.weight_type.name()
+            );
+            assert_eq!(fused.seq_len(0), n);
+        }
+    }
+}
+
 /// Exact mode's products (`mvx_<type>`, the legacy quantized types) equal the CPU backend's dot
 /// kernels bit for bit: weights from the reference quantizer, activations quantized on the CPU
 /// as the CPU backend does (x86 q8_0 / q8_1) and on the GPU by quantize_q8_1, 1 to 16 tokens.

@@ -46,7 +46,8 @@
 #              uniform 0.5 at depths 32768 and 65536, dense tg128), a (the bars with pp512, then
 #              three attention stages), b (one-token variants MOA_MV_TILE=9216, MOA_L2_PF=8 and 0,
 #              MOA_ATT_BLOCKS=396; dense depths; the matvec bandwidth report; the dense parallel
-#              step; the GPU tests); LIM seconds in all (default 540): a test that would not
+#              step; the GPU tests), t (the one-kernel layer tail on and off, MOA_LAYER_TAIL, then
+#              its MOA_TL_BLOCKS and MOA_TL_TILE); LIM seconds in all (default 540): a test that would not
 #              fit in what is left is skipped, not cut. On any card but an H200 it stops at once
 #              unless ANY_GPU=1.
 # `build` also compiles the kernels (2 and 3 attention stages) into .devbin/kc with `moa-bench
@@ -335,6 +336,28 @@ sweep)
         b 100 "${u[@]}" -p 16384 -n 128 --parallel 16
         b 50 "${u[@]}" -p 0 -n 128 -d 32768 -r 1
         b 60 "${u[@]}" -p 0 -n 128 -d 65536 -r 1
+        ;;
+    t)
+        # The one-kernel layer tail against the separate kernels (alternating), then its
+        # blocks per multiprocessor and tile sizes.
+        for r in 1 2; do
+            for lt in 1 0; do
+                echo "== MOA_LAYER_TAIL=$lt"
+                (
+                    export MOA_LAYER_TAIL=$lt
+                    b 15 --dense -p 0 -n 128 -r 1
+                    b 25 "${u[@]}" -p 0 -n 128 -d 32768 -r 1
+                    [ "$r" = 1 ] && b 30 "${u[@]}" -p 0 -n 128 -d 65536 -r 1
+                )
+            done
+        done
+        for e in MOA_TL_BLOCKS=2 MOA_TL_BLOCKS=3 MOA_TL_BLOCKS=6 MOA_TL_TILE=4608 MOA_TL_TILE=16384; do
+            echo "== $e"
+            (
+                export "${e?}"
+                b 15 --dense -p 0 -n 128 -r 1
+            )
+        done
         ;;
     b)
         for e in MOA_MV_TILE=9216 MOA_L2_PF=8 MOA_L2_PF=0 MOA_ATT_BLOCKS=396; do

@@ -25,6 +25,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("common.cuh", include_str!("../../../cuda/common.cuh")),
     ("quant.cu", include_str!("../../../cuda/quant.cu")),
     ("ops.cu", include_str!("../../../cuda/ops.cu")),
+    ("layer_tail.cu", include_str!("../../../cuda/layer_tail.cu")),
     ("attention.cu", include_str!("../../../cuda/attention.cu")),
     (
         "attention_exact.cu",

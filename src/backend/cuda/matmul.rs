@@ -70,7 +70,7 @@ pub fn is_float(ty: GgmlType) -> bool {
 
 /// Work units per row of the mmvq kernels: blocks of 32, or pairs of 32 (64 values) for the
 /// 256-value K-quant super-blocks.
-fn units_per_row(ty: GgmlType, cols: usize) -> usize {
+pub(crate) fn units_per_row(ty: GgmlType, cols: usize) -> usize {
     match ty {
         GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => cols / 64,
         _ => cols / 32,
@@ -489,6 +489,11 @@ impl MatScratch {
     /// Records that a fused kernel left input `x` at `version` in the q8_1 buffer.
     pub fn mark_quantized(&mut self, x: u64, version: u64) {
         self.qkey = Some((x, version));
+    }
+
+    /// Whether the q8_1 buffer holds input `x` at `version`.
+    pub fn holds_q8(&self, x: u64, version: u64) -> bool {
+        self.qkey == Some((x, version))
     }
 
     /// Device pointers of the mma-layout activations and their scales (for kernels that write

@@ -14,6 +14,7 @@
 
 pub mod device;
 pub mod kernels;
+pub mod layer_tail;
 pub mod matmul;
 pub mod prefetch;
 pub mod timer;
@@ -119,6 +120,10 @@ pub struct CudaBackend {
     /// The split merge fetches the output projection's weights into L2 again (after the
     /// attention's K/V went through L2); `MOA_PF_MERGE=0` leaves it to RoPE alone.
     pf_merge: bool,
+    /// One-token steps run each layer's tail (output projection to the next layer's q/k/v) as
+    /// one persistent kernel (`MOA_LAYER_TAIL=0`: the separate kernels).
+    tail: Option<layer_tail::LayerTail>,
+    tail_on: bool,
 }
 
 /// Offsets (in u32 words) of the metadata sections.
@@ -569,6 +574,16 @@ impl CudaBackend {
         let logit_x = salloc(max_logits * cfg.n_embd * 4, "logit inputs")?;
         let logits_d = salloc(max_logits * cfg.n_vocab * 4, "logits")?;
         let argmax_d = salloc(max_logits * 4, "argmax")?;
+        let tail = layer_tail::LayerTail::build(
+            &gpu,
+            k.get("layer_tail")?,
+            &graph.ops,
+            &matrices,
+            &vectors,
+            &acts,
+            mats.q8_ptrs(),
+            &mut scratch_bytes,
+        )?;
         gpu.sync()?;
         let sms = gpu.sms;
         let att_target_blocks = std::env::var("MOA_ATT_BLOCKS")
@@ -619,6 +634,8 @@ impl CudaBackend {
             att_split_floor: std::env::var("MOA_ATT_SPLIT").is_ok_and(|v| v == "floor"),
             pf_merge: std::env::var("MOA_PF_MERGE").map_or(true, |v| v != "0"),
             l2_pf: L2Prefetch::from_env(gpu.cc),
+            tail,
+            tail_on: true,
             layout,
             gpu,
             model,
@@ -634,6 +651,20 @@ impl CudaBackend {
             self.graphs.clear();
         }
         self.mats.exact = on;
+    }
+
+    /// Turns the one-kernel layer tail ([`layer_tail`]) on or off for later one-token steps
+    /// (captured decode graphs are dropped); for comparing it with the separate kernels.
+    pub fn set_layer_tail(&mut self, on: bool) {
+        if on != self.tail_on {
+            self.graphs.clear();
+        }
+        self.tail_on = on;
+    }
+
+    /// Spans of the graph the layer-tail kernel runs (0: none fit, or `MOA_LAYER_TAIL=0`).
+    pub fn layer_tail_spans(&self) -> usize {
+        self.tail.as_ref().map_or(0, |t| t.n_spans())
     }
 
     /// Whether attention runs the exact kernels (requested and the cache is f16 K/V).
@@ -1272,6 +1303,23 @@ impl CudaBackend {
         let n = batch.len();
         let mut i = 0;
         while i < ops.len() {
+            if n == 1 && self.tail_on && !self.mats.exact {
+                if let Some(span) = self.tail.as_ref().and_then(|t| t.span_at(i)) {
+                    // Only with the attention output in the q8_1 buffer (the attention or its
+                    // merge wrote it there).
+                    if self.mats.holds_q8(self.act(span.att), self.act_version[span.att]) {
+                        let span = span.clone();
+                        let tail = self.tail.as_ref().expect("span of a layer tail");
+                        tail.launch(&self.gpu, &span)?;
+                        for &a in &span.writes {
+                            self.act_version[a] += 1;
+                        }
+                        self.mats.invalidate();
+                        i += span.n_ops;
+                        continue;
+                    }
+                }
+            }
             match ops[i] {
                 Op::Add { x, y } => {
                     if let Some(&Op::RmsNorm {

@@ -1,0 +1,299 @@
+// The batch-1 decode step's layer tail in one persistent kernel (`layer_tail`): the output
+// projection, the residual add, the FFN norm, gate/up, SwiGLU, the down projection, the residual
+// add and (unless it is the last layer) the next layer's attention norm and q/k/v products. It
+// replaces seven launches per layer (two norms, four products, SwiGLU) by one; each of those
+// paid a ramp, a tail and a dependency wait of about 3 us, which at batch 1 is a large part of
+// the step (docs/decode-megakernel.md).
+//
+// Work. A phase is the product of up to three matrices with one input: its tiles of R whole rows
+// (as mmvs: copied into shared memory by cp.async, all in flight at once, then one warp per row,
+// or all warps on one wide row) are dealt to the blocks round-robin. Each block walks its tiles
+// of every phase in order with two tile buffers, so the next tile's weights (never written) are
+// in flight while it waits for the current tile's input and computes it: the next phase's
+// weights stream while the current phase drains.
+//
+// Dependencies without a grid barrier. The input of phase p > 0 is formed from the outputs of
+// phase p - 1 in groups of 32 rows (one q8_1 block): each tile adds its rows to its groups'
+// counters, and the block whose add completes a group forms that group's part of the input:
+//   - epilogue 1 (residual + norm): h += W a for the group's rows, then the group's h * w
+//     (norm weight) quantized to q8_1 with raw scales (max |h w| / 127, sum of q) and its sum of
+//     squares of h; the consumer phase scales them by 1 / rms (sum of every group's squares) as
+//     it copies the scales into shared memory. Quantizing h w instead of rms_norm(h) w gives the
+//     same int8 values up to float rounding, since 1 / rms is one positive factor per row.
+//   - epilogue 2 (SwiGLU): silu(gate) * up of the group's rows (32 of each matrix) as q8_1.
+// then adds one to the phase's counter of finished groups. A block starts computing a phase's
+// first tile once that counter of the phase before holds every group (an acquire load spun on
+// by one thread). Phase 0's input comes from the kernel before (programmatic dependent launch).
+// The blocks must all be resident at once (the host sizes the grid from the occupancy); the last
+// block to leave zeroes the counters for the next step.
+//
+// Every phase copies its whole input (q8_1 values and scales) into shared memory first (L2
+// loads), so no block reads a stale L1 line of a buffer another block rewrote.
+
+#define TL_THREADS 128
+#define TL_WARPS (TL_THREADS / WARP)
+#define TL_MAX_MATS 3
+#define TL_MAX_PHASES 4
+
+// Epilogues: out = W a; h += W a; h += W a and norm groups; gate/up and SwiGLU groups.
+#define TL_STORE 0
+#define TL_RESID 1
+#define TL_RESID_NORM 2
+#define TL_SWIGLU 3
+// Inputs: q8_1 from the kernel before; q8_1 groups of the phase before; normed groups.
+#define TL_IN_PREV_KERNEL 0
+#define TL_IN_Q8 1
+#define TL_IN_NORM 2
+
+// The host writes these tables (src/backend/cuda/layer_tail.rs); every field is 8 bytes so the
+// layout is the same on both sides.
+struct TlMat {
+    u64 W, out, row_bytes, rows, type, units, R, tiles;
+};
+struct TlPhase {
+    TlMat m[TL_MAX_MATS];
+    u64 n_mats, n_tiles, interleave;
+    u64 in_kind, K, yq, yds, ss, eps_bits;  // input: q8_1 values, scales, squares (norm), eps
+    u64 epi, h, nw;                         // epilogue, residual, next norm weight
+    u64 oq, ods, oss;                       // the groups this phase forms (next phase's input)
+    u64 gcnt, group_target, n_groups, pcnt;
+};
+struct TlDesc {
+    TlPhase p[TL_MAX_PHASES];
+    u64 n_phases, exit_cnt, counters, n_counters;
+};
+
+__device__ __forceinline__ u32 tl_ld_acquire(const u32* p) {
+    u32 v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// One row of a tile in shared memory times the q8_1 input, the lanes of `nthr` threads taking
+// units tid, tid + nthr, ... (the type is the matrix's, known only at run time).
+__device__ __forceinline__ float tl_row(const u8* r, int type, int tid, int nthr, int units,
+                                     const i8* yq, const float2* yds) {
+    switch (type) {
+        case T_Q4_0: return mmvs_row<T_Q4_0>(r, tid, nthr, units, yq, yds);
+        case T_Q4_1: return mmvs_row<T_Q4_1>(r, tid, nthr, units, yq, yds);
+        case T_Q5_0: return mmvs_row<T_Q5_0>(r, tid, nthr, units, yq, yds);
+        case T_Q5_1: return mmvs_row<T_Q5_1>(r, tid, nthr, units, yq, yds);
+        case T_Q8_0: return mmvs_row<T_Q8_0>(r, tid, nthr, units, yq, yds);
+        case T_Q4_K: return mmvs_row<T_Q4_K>(r, tid, nthr, units, yq, yds);
+        case T_Q5_K: return mmvs_row<T_Q5_K>(r, tid, nthr, units, yq, yds);
+        default: return mmvs_row<T_Q6_K>(r, tid, nthr, units, yq, yds);
+    }
+}
+
+// Matrix and tile within it of phase tile t.
+__device__ __forceinline__ void tl_locate(const TlPhase& P, int t, int* mi, int* lt) {
+    if (P.interleave) {
+        *mi = t & 1;
+        *lt = t >> 1;
+        return;
+    }
+    int k = 0;
+    while (k + 1 < (int)P.n_mats && t >= (int)P.m[k].tiles) {
+        t -= (int)P.m[k].tiles;
+        k++;
+    }
+    *mi = k;
+    *lt = t;
+}
+
+// Moves (p, t) past the phases whose tiles this block has all done (round-robin: block b takes
+// tiles b, b + G, ... of every phase).
+__device__ __forceinline__ void tl_skip(const TlDesc& D, int np, int b, int* p, int* t) {
+    while (*p < np && *t >= (int)D.p[*p].n_tiles) {
+        (*p)++;
+        *t = b;
+    }
+}
+
+// Issues the cp.async copies of phase tile t into buf (one commit group).
+__device__ __forceinline__ void tl_issue(const TlPhase& P, int t, int4* buf) {
+    int mi, lt;
+    tl_locate(P, t, &mi, &lt);
+    const TlMat& M = P.m[mi];
+    const int row0 = lt * (int)M.R;
+    const int nr = min((int)M.R, (int)M.rows - row0);
+    const int chunks = nr * (int)(M.row_bytes / 16);
+    const int4* src = (const int4*)((const u8*)M.W + (u64)row0 * M.row_bytes);
+    for (int c = threadIdx.x; c < chunks; c += TL_THREADS) cp_async16(buf + c, src + c, 16);
+}
+
+// Forms a finished group's part of the next phase's input (one warp).
+__device__ __forceinline__ void tl_form_group(const TlPhase& P, int g, int lane) {
+    const int i = g * 32 + lane;
+    i8* oq = (i8*)P.oq;
+    if (P.epi == TL_RESID_NORM) {
+        // L2 loads: other blocks wrote the group's rows.
+        const float v = __ldcg((const float*)P.h + i);
+        const float hw = v * ((const float*)P.nw)[i];
+        const float amax = warp_max(fabsf(hw));
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        const int q = (int)rintf(hw * id);
+        oq[i] = (i8)q;
+        const float s = warp_sum((float)q);
+        double sq = (double)(v * v);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+        if (lane == 0) {
+            ((float2*)P.ods)[g] = make_float2(amax / 127.0f, s);
+            ((double*)P.oss)[g] = sq;
+        }
+    } else {
+        const float gv = __ldcg((const float*)P.m[0].out + i);
+        const float uv = __ldcg((const float*)P.m[1].out + i);
+        q8_1_lane(silu_mul(gv, uv), oq + g * 32, (float2*)P.ods + g, lane);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc* desc, int tile_words) {
+    extern __shared__ int4 tl_smem[];
+    __shared__ int fin[4];
+    __shared__ int n_fin;
+    __shared__ double red_ss[TL_WARPS];
+    const TlDesc& D = *desc;
+    const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
+    const int G = gridDim.x, b = blockIdx.x;
+    int4* bufs[2] = {tl_smem, tl_smem + tile_words};
+    // The input of the current phase: int8 values, then (d, d * sum) scales.
+    i8* yq_s = (i8*)(tl_smem + 2 * tile_words);
+    pdl_trigger();
+
+    const int np = (int)D.n_phases;
+    int p = 0, t = b;  // this block's first tile: (phase, tile)
+    tl_skip(D, np, b, &p, &t);
+    if (p < np) tl_issue(D.p[p], t, bufs[0]);
+    cp_async_commit();
+    int k = 0;          // tiles done by this block
+    int ready = -1;     // the phase whose input is in shared memory
+    bool waited = false;
+    while (p < np) {
+        // The next tile of this block, issued before this one is computed.
+        int np_ = p, nt = t + G;
+        tl_skip(D, np, b, &np_, &nt);
+        if (np_ < np) tl_issue(D.p[np_], nt, bufs[(k + 1) & 1]);
+        cp_async_commit();
+        const TlPhase& P = D.p[p];
+        const int K = (int)P.K;
+        float2* yds_s = (float2*)(yq_s + ((K + 15) & ~15));
+        if (ready != p) {
+            if (!waited) {
+                pdl_wait();  // the kernel before has finished (and every earlier one)
+                waited = true;
+            }
+            if (P.in_kind != TL_IN_PREV_KERNEL) {
+                const TlPhase& Q = D.p[p - 1];
+                if (tid == 0) {
+                    const u32 want = (u32)Q.n_groups;
+                    while (tl_ld_acquire((const u32*)Q.pcnt) < want) __nanosleep(64);
+                    __threadfence();
+                }
+                __syncthreads();
+            }
+            // The input into shared memory (L2 loads).
+            const int nb = K / 32;
+            for (int c = tid; c < K / 16; c += TL_THREADS)
+                ((int4*)yq_s)[c] = __ldcg((const int4*)P.yq + c);
+            if (P.in_kind == TL_IN_NORM) {
+                // 1 / rms from every group's sum of squares (fixed order: deterministic).
+                if (warp == 0) {
+                    double s = 0.0;
+                    for (int g = lane; g < nb; g += WARP) s += __ldcg((const double*)P.ss + g);
+#pragma unroll
+                    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+                    if (lane == 0) red_ss[0] = s;
+                }
+                __syncthreads();
+                const float mean = (float)(red_ss[0] / (double)K);
+                const float scale = 1.0f / sqrtf(mean + __int_as_float((int)P.eps_bits));
+                for (int g = tid; g < nb; g += TL_THREADS) {
+                    const float2 raw = __ldcg((const float2*)P.yds + g);
+                    const float d = raw.x * scale;
+                    yds_s[g] = make_float2(h2f(f2h(d)), h2f(f2h(d * raw.y)));
+                }
+            } else {
+                for (int g = tid; g < nb; g += TL_THREADS) yds_s[g] = __ldcg((const float2*)P.yds + g);
+            }
+            ready = p;
+        }
+        cp_async_wait<1>();
+        __syncthreads();
+
+        // The tile.
+        int mi, lt;
+        tl_locate(P, t, &mi, &lt);
+        const TlMat& M = P.m[mi];
+        const int R = (int)M.R, row0 = lt * R, nr = min(R, (int)M.rows - row0);
+        const u8* tile = (const u8*)bufs[k & 1];
+        float* out = (float*)M.out;
+        float* h = (float*)P.h;
+        const bool resid = P.epi == TL_RESID || P.epi == TL_RESID_NORM;
+        if (R > 1) {
+            for (int i = warp; i < nr; i += TL_WARPS) {
+                float acc = tl_row(tile + (u64)i * M.row_bytes, (int)M.type, lane, WARP,
+                                   (int)M.units, yq_s, yds_s);
+                acc = warp_sum(acc);
+                if (lane == 0) {
+                    if (resid) h[row0 + i] = __ldcg(h + row0 + i) + acc;
+                    else out[row0 + i] = acc;
+                }
+            }
+        } else {
+            float acc = tl_row(tile, (int)M.type, tid, TL_THREADS, (int)M.units, yq_s, yds_s);
+            acc = warp_sum(acc);
+            __shared__ float red[TL_WARPS];
+            if (lane == 0) red[warp] = acc;
+            __syncthreads();
+            if (tid == 0) {
+                for (int w = 1; w < TL_WARPS; w++) acc += red[w];
+                if (resid) h[row0] = __ldcg(h + row0) + acc;
+                else out[row0] = acc;
+            }
+        }
+        // Group accounting: the block that completes a group forms it.
+        if (P.epi == TL_RESID_NORM || P.epi == TL_SWIGLU) {
+            __syncthreads();  // the tile's outputs are written
+            if (tid == 0) {
+                __threadfence();
+                int nf = 0;
+                for (int g = row0 / 32; g * 32 < row0 + nr; g++) {
+                    const int lo = max(row0, g * 32), hi = min(row0 + nr, g * 32 + 32);
+                    const u32 add = (u32)(hi - lo);
+                    const u32 old = atomicAdd((u32*)P.gcnt + g, add);
+                    if (old + add == (u32)P.group_target) fin[nf++] = g;
+                }
+                n_fin = nf;
+                __threadfence();
+            }
+            __syncthreads();
+            const int nf = n_fin;
+            if (warp < nf) tl_form_group(P, fin[warp], lane);
+            if (nf > 0) {
+                __syncthreads();
+                if (tid == 0) {
+                    __threadfence();
+                    atomicAdd((u32*)P.pcnt, (u32)nf);
+                }
+            }
+        }
+        __syncthreads();  // this buffer is free for the tile after next
+        k++;
+        p = np_;
+        t = nt;
+    }
+    cp_async_wait<0>();
+    // The last block out zeroes every counter for the next step's launch.
+    if (tid == 0) {
+        __threadfence();
+        const u32 old = atomicAdd((u32*)D.exit_cnt, 1u);
+        if (old == (u32)G - 1) {
+            __threadfence();
+            u32* c = (u32*)D.counters;
+            for (u64 i = 0; i < D.n_counters; i++) c[i] = 0;
+            __threadfence();
+        }
+    }
+}
