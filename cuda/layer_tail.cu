@@ -8,9 +8,9 @@
 // Work. A phase is the product of up to three matrices with one input: its tiles of R whole rows
 // (as mmvs: copied into shared memory by cp.async, all in flight at once, then one warp per row,
 // or all warps on one wide row) are dealt to the blocks round-robin. Each block walks its tiles
-// of every phase in order with two tile buffers, so the next tile's weights (never written) are
-// in flight while it waits for the current tile's input and computes it: the next phase's
-// weights stream while the current phase drains.
+// of every phase in order with nbuf tile buffers, so the next nbuf - 1 tiles' weights (never
+// written) are in flight while it waits for the current tile's input and computes it: the next
+// phase's weights stream while the current phase drains.
 //
 // Dependencies without a grid barrier. The input of phase p > 0 is formed from the outputs of
 // phase p - 1 in groups of 32 rows (one q8_1 block): each tile adds its rows to its groups'
@@ -149,7 +149,7 @@ __device__ __forceinline__ void tl_form_group(const TlPhase& P, int g, int lane)
     }
 }
 
-extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc* desc, int tile_words) {
+extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc* desc, int tile_words, int nbuf) {
     extern __shared__ int4 tl_smem[];
     __shared__ int fin[4];
     __shared__ int n_fin;
@@ -157,24 +157,34 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
     const TlDesc& D = *desc;
     const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
     const int G = gridDim.x, b = blockIdx.x;
-    int4* bufs[2] = {tl_smem, tl_smem + tile_words};
-    // The input of the current phase: int8 values, then (d, d * sum) scales.
-    i8* yq_s = (i8*)(tl_smem + 2 * tile_words);
+    // nbuf (2 to 4) tile buffers, then the input of the current phase: int8 values, then
+    // (d, d * sum) scales.
+    i8* yq_s = (i8*)(tl_smem + (size_t)nbuf * tile_words);
     pdl_trigger();
 
     const int np = (int)D.n_phases;
-    int p = 0, t = b;  // this block's first tile: (phase, tile)
+    // Two cursors over this block's tiles, (phase, tile): the one to compute and the next one
+    // to issue, nbuf - 1 tiles ahead (one commit group per tile, empty past the end).
+    int p = 0, t = b, ip = 0, it = b;
     tl_skip(D, np, b, &p, &t);
-    if (p < np) tl_issue(D.p[p], t, bufs[0]);
-    cp_async_commit();
+    tl_skip(D, np, b, &ip, &it);
+    for (int j = 0; j < nbuf - 1; j++) {
+        if (ip < np) {
+            tl_issue(D.p[ip], it, tl_smem + (size_t)j * tile_words);
+            it += G;
+            tl_skip(D, np, b, &ip, &it);
+        }
+        cp_async_commit();
+    }
     int k = 0;          // tiles done by this block
     int ready = -1;     // the phase whose input is in shared memory
     bool waited = false;
     while (p < np) {
-        // The next tile of this block, issued before this one is computed.
-        int np_ = p, nt = t + G;
-        tl_skip(D, np, b, &np_, &nt);
-        if (np_ < np) tl_issue(D.p[np_], nt, bufs[(k + 1) & 1]);
+        if (ip < np) {
+            tl_issue(D.p[ip], it, tl_smem + (size_t)((k + nbuf - 1) % nbuf) * tile_words);
+            it += G;
+            tl_skip(D, np, b, &ip, &it);
+        }
         cp_async_commit();
         const TlPhase& P = D.p[p];
         const int K = (int)P.K;
@@ -219,7 +229,10 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
             }
             ready = p;
         }
-        cp_async_wait<1>();
+        // This tile's group is done when at most nbuf - 1 newer ones are pending.
+        if (nbuf == 2) cp_async_wait<1>();
+        else if (nbuf == 3) cp_async_wait<2>();
+        else cp_async_wait<3>();
         __syncthreads();
 
         // The tile.
@@ -227,7 +240,7 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
         tl_locate(P, t, &mi, &lt);
         const TlMat& M = P.m[mi];
         const int R = (int)M.R, row0 = lt * R, nr = min(R, (int)M.rows - row0);
-        const u8* tile = (const u8*)bufs[k & 1];
+        const u8* tile = (const u8*)(tl_smem + (size_t)(k % nbuf) * tile_words);
         float* out = (float*)M.out;
         float* h = (float*)P.h;
         const bool resid = P.epi == TL_RESID || P.epi == TL_RESID_NORM;
@@ -279,10 +292,10 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
                 }
             }
         }
-        __syncthreads();  // this buffer is free for the tile after next
+        __syncthreads();  // this buffer is free for the tile nbuf - 1 after the next
         k++;
-        p = np_;
-        t = nt;
+        t += G;
+        tl_skip(D, np, b, &p, &t);
     }
     cp_async_wait<0>();
     // The last block out zeroes every counter for the next step's launch.

@@ -5,8 +5,9 @@
 //! span instead of seven.
 //!
 //! On by default for one-token steps; `MOA_LAYER_TAIL=0` runs the separate kernels.
-//! `MOA_TL_TILE` sets the bytes of weight rows per tile (default [`TILE`]) and `MOA_TL_BLOCKS`
-//! the blocks per multiprocessor (default [`BLOCKS_PER_SM`], at most what fits).
+//! `MOA_TL_TILE` sets the bytes of weight rows per tile (default [`TILE`]), `MOA_TL_BUFS` the
+//! tile buffers per block (default [`BUFS`]) and `MOA_TL_BLOCKS` the blocks per multiprocessor
+//! (default [`BLOCKS_PER_SM`], at most what fits).
 
 use std::collections::HashMap;
 
@@ -24,6 +25,9 @@ pub const TILE: usize = 8 << 10;
 const TILE_ROWS: usize = 16;
 /// Widest input a phase may take (it is copied into shared memory as int8 plus scales).
 const MAX_K: usize = 16384;
+/// Tile buffers per block by default (`MOA_TL_BUFS`, 2 to 4): tiles in flight while one is
+/// computed, plus one.
+pub const BUFS: usize = 2;
 /// Blocks per multiprocessor by default.
 pub const BLOCKS_PER_SM: usize = 4;
 const THREADS: u32 = 128;
@@ -90,6 +94,7 @@ pub struct LayerTail {
     grid: u32,
     smem: u32,
     tile_words: i32,
+    nbuf: i32,
 }
 
 /// Whether a matrix can be a phase's: a quantized type the kernel computes, rows of whole
@@ -489,7 +494,8 @@ impl LayerTail {
         let desc = gpu.alloc(words.len() * 8, "layer tail tables")?;
         gpu.upload(&desc, &words)?;
         let tile_cap = tile_cap.next_multiple_of(16);
-        let smem = 2 * tile_cap + max_k.next_multiple_of(16) + max_k / 32 * 8;
+        let nbuf = var("MOA_TL_BUFS").unwrap_or(BUFS).clamp(2, 4);
+        let smem = nbuf * tile_cap + max_k.next_multiple_of(16) + max_k / 32 * 8;
         if smem > 48 << 10 {
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -516,6 +522,7 @@ impl LayerTail {
             grid: (per_sm * gpu.sms) as u32,
             smem: smem as u32,
             tile_words: (tile_cap / 16) as i32,
+            nbuf: nbuf as i32,
         }))
     }
 
@@ -539,6 +546,7 @@ impl LayerTail {
             &[
                 A::P(self.desc.at(span.desc * DESC_WORDS * 8)),
                 A::I(self.tile_words),
+                A::I(self.nbuf),
             ],
         )
     }
