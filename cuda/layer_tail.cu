@@ -27,6 +27,9 @@
 // The blocks must all be resident at once (the host sizes the grid from the occupancy); the last
 // block to leave zeroes the counters for the next step.
 //
+// The last phase (the next layer's q/k/v) may also do rope_kv's work (epilogue 4, TL_ROPE: per
+// head, once the head's rows are all written), so the attention kernel follows it directly.
+//
 // Every phase copies its whole input (q8_1 values and scales) into shared memory first (L2
 // loads), so no block reads a stale L1 line of a buffer another block rewrote.
 
@@ -40,6 +43,9 @@
 #define TL_RESID 1
 #define TL_RESID_NORM 2
 #define TL_SWIGLU 3
+// The next layer's q/k/v with RoPE, the f16 staging rows and the cache store of the new K/V
+// (rope_kv's work) done per head by the block that completes the head (TlRope on).
+#define TL_ROPE 4
 // Inputs: q8_1 from the kernel before; q8_1 groups of the phase before; normed groups.
 #define TL_IN_PREV_KERNEL 0
 #define TL_IN_Q8 1
@@ -61,6 +67,15 @@ struct TlPhase {
 struct TlDesc {
     TlPhase p[TL_MAX_PHASES];
     u64 n_phases, exit_cnt, counters, n_counters;
+};
+
+// What the RoPE epilogue needs: rope_kv's arguments for one token (the launch passes them, as
+// the cache changes with a new layout). `on` 0: the epilogue only stores.
+struct TlRope {
+    int on, head_dim, half_rot, rows_per_seq, sink;
+    const float2* cs;
+    u16 *k16, *v16, *kc, *vc;
+    const int *tok_pos, *tok_seq, *caps, *offs;
 };
 
 __device__ __forceinline__ u32 tl_ld_acquire(const u32* p) {
@@ -122,11 +137,13 @@ __device__ __forceinline__ void tl_issue(const TlPhase& P, int t, int4* buf) {
     for (int c = threadIdx.x; c < chunks; c += TL_THREADS) cp_async16(buf + c, src + c, 16);
 }
 
-// Forms a finished group's part of the next phase's input (one warp).
-__device__ __forceinline__ void tl_form_group(const TlPhase& P, int g, int lane) {
-    const int i = g * 32 + lane;
+// Forms a finished group's part of the next phase's input (one warp): group g (32 rows) of
+// the residual or of gate/up, or head g of matrix mi (q, k, v) with RoPE.
+__device__ __forceinline__ void tl_form_group(const TlPhase& P, const TlRope& rp, int mi, int g,
+                                              int lane) {
     i8* oq = (i8*)P.oq;
     if (P.epi == TL_RESID_NORM) {
+        const int i = g * 32 + lane;
         // L2 loads: other blocks wrote the group's rows.
         const float v = __ldcg((const float*)P.h + i);
         const float hw = v * ((const float*)P.nw)[i];
@@ -142,16 +159,48 @@ __device__ __forceinline__ void tl_form_group(const TlPhase& P, int g, int lane)
             ((float2*)P.ods)[g] = make_float2(amax / 127.0f, s);
             ((double*)P.oss)[g] = sq;
         }
-    } else {
+    } else if (P.epi == TL_SWIGLU) {
+        const int i = g * 32 + lane;
         const float gv = __ldcg((const float*)P.m[0].out + i);
         const float uv = __ldcg((const float*)P.m[1].out + i);
         q8_1_lane(silu_mul(gv, uv), oq + g * 32, (float2*)P.ods + g, lane);
+    } else {
+        // rope_kv for one token and one head: q and k rotated in place, k and v as f16 into
+        // the staging rows and the cache ring.
+        const int hd = rp.head_dim;
+        float* o = (float*)P.m[mi].out + (size_t)g * hd;
+        int slot = 0;
+        size_t row = 0;
+        if (mi > 0) {
+            slot = ring_slot(rp.caps[g], rp.sink, rp.tok_pos[0]);
+            row = (size_t)rp.tok_seq[0] * rp.rows_per_seq + rp.offs[g] + slot;
+        }
+        for (int i = lane; i < hd / 2; i += WARP) {
+            float x0 = __ldcg(o + 2 * i), x1 = __ldcg(o + 2 * i + 1);
+            if (mi < 2 && i < rp.half_rot) {
+                float y0, y1;
+                rope_pair(x0, x1, rp.cs[i], &y0, &y1);
+                x0 = y0;
+                x1 = y1;
+                o[2 * i] = x0;
+                o[2 * i + 1] = x1;
+            }
+            if (mi > 0) {
+                const u32 packed = (u32)f2h(x0) | ((u32)f2h(x1) << 16);
+                *(u32*)((mi == 1 ? rp.k16 : rp.v16) + (size_t)g * hd + 2 * i) = packed;
+                *(u32*)((mi == 1 ? rp.kc : rp.vc) + row * hd + 2 * i) = packed;
+            }
+        }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc* desc, int tile_words, int nbuf) {
+extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc* desc, int tile_words, int nbuf, int rope_on, int head_dim, int half_rot,
+           int rows_per_seq, int sink, const float2* cs, u16* k16, u16* v16, u16* kc, u16* vc,
+           const int* tok_pos, const int* tok_seq, const int* caps, const int* offs) {
+    const TlRope rp = {rope_on, head_dim, half_rot, rows_per_seq, sink, cs,  k16,
+                       v16,     kc,       vc,       tok_pos,      tok_seq, caps, offs};
     extern __shared__ int4 tl_smem[];
-    __shared__ int fin[4];
+    __shared__ int fin[4], fin_m[4];
     __shared__ int n_fin;
     __shared__ double red_ss[TL_WARPS];
     const TlDesc& D = *desc;
@@ -266,25 +315,34 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
                 else out[row0] = acc;
             }
         }
-        // Group accounting: the block that completes a group forms it.
-        if (P.epi == TL_RESID_NORM || P.epi == TL_SWIGLU) {
+        // Group accounting: the block that completes a group forms it. Groups are 32 rows of
+        // the phase's outputs (gate and up share theirs), or one head of q, k or v.
+        const bool rope = P.epi == TL_ROPE && rp.on;
+        if (P.epi == TL_RESID_NORM || P.epi == TL_SWIGLU || rope) {
             __syncthreads();  // the tile's outputs are written
             if (tid == 0) {
                 __threadfence();
+                const int gs = rope ? rp.head_dim : 32;
+                int base = 0;  // the matrix's first group (heads of q, then k, then v)
+                if (rope)
+                    for (int j = 0; j < mi; j++) base += (int)P.m[j].rows / gs;
                 int nf = 0;
-                for (int g = row0 / 32; g * 32 < row0 + nr; g++) {
-                    const int lo = max(row0, g * 32), hi = min(row0 + nr, g * 32 + 32);
+                for (int g = row0 / gs; g * gs < row0 + nr; g++) {
+                    const int lo = max(row0, g * gs), hi = min(row0 + nr, g * gs + gs);
                     const u32 add = (u32)(hi - lo);
-                    const u32 old = atomicAdd((u32*)P.gcnt + g, add);
-                    if (old + add == (u32)P.group_target) fin[nf++] = g;
+                    const u32 old = atomicAdd((u32*)P.gcnt + base + g, add);
+                    if (old + add == (u32)(rope ? gs : (int)P.group_target)) {
+                        fin_m[nf] = mi;
+                        fin[nf++] = g;
+                    }
                 }
                 n_fin = nf;
                 __threadfence();
             }
             __syncthreads();
             const int nf = n_fin;
-            if (warp < nf) tl_form_group(P, fin[warp], lane);
-            if (nf > 0) {
+            if (warp < nf) tl_form_group(P, rp, fin_m[warp], fin[warp], lane);
+            if (nf > 0 && !rope) {
                 __syncthreads();
                 if (tid == 0) {
                     __threadfence();

@@ -482,7 +482,8 @@ fn cuda_backend_wide_k_quant_model_matches_cpu() {
 /// The one-kernel layer tail of one-token steps (cuda/layer_tail.cu: output projection to the
 /// next layer's q/k/v, blocks waiting on each other's group counters) gives the logits of the
 /// separate kernels, on every quantized type it takes (one type per model, and the wide Q4_K
-/// model whose 5120-wide down projection takes one row per tile), dense and with a span plan.
+/// model whose 5120-wide down projection takes one row per tile), dense and with a span plan,
+/// with an f16 cache (the kernel then also does the next layer's RoPE and K/V store) or q8_0.
 /// The two differ only where quantizing h * w before dividing by the RMS rounds an int8 value
 /// the other way; a missed group, a wrong row or a stale input moves logits by far more.
 #[test]
@@ -528,13 +529,21 @@ fn layer_tail_matches_separate_kernels() {
             } else {
                 random_plan_layout(&mut rng, &c, n, -10.0, 40, 5, 0.2, (4, 8, 4))
             };
+            // An f16 cache takes the kernel's RoPE and K/V store; a q8_0 one keeps rope_kv's
+            // successors (kv_quant_q8_0).
+            let layout = layout.with_types(KV_TYPES[si % 2]).unwrap();
             let opts = BackendOptions {
                 max_batch: 16,
                 threads: 2,
                 layout,
             };
             let mut fused = CudaBackend::new(Arc::clone(&model), opts.clone()).unwrap();
-            assert_eq!(fused.layer_tail_spans(), c.n_layer, "{}", spec.weight_type.name());
+            assert_eq!(
+                fused.layer_tail_spans(),
+                c.n_layer,
+                "{}",
+                spec.weight_type.name()
+            );
             let mut separate = CudaBackend::new(Arc::clone(&model), opts).unwrap();
             separate.set_layer_tail(false);
             // A 5-token prompt (separate kernels in both), then one token per step.
@@ -547,7 +556,10 @@ fn layer_tail_matches_separate_kernels() {
                     worst = worst.max((x - y).abs() / scale);
                 }
             }
-            eprintln!("{} model {si} plan {plan}: worst {worst:.2e}", spec.weight_type.name());
+            eprintln!(
+                "{} model {si} plan {plan}: worst {worst:.2e}",
+                spec.weight_type.name()
+            );
             assert!(
                 worst < 5e-3,
                 "{} model {si} plan {plan}: worst relative logit difference {worst}",

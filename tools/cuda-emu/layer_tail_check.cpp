@@ -5,7 +5,10 @@
 // serially (products by the same Unit<T> code, the normed groups quantized from h * w and scaled
 // by 1 / rms, SwiGLU groups as q8_1). Checked: the gate/up outputs, the residual after the down
 // projection, the next layer's q/k/v (nothing written past their rows), every counter back at
-// zero after the launch, and a second launch (the next step) giving the same outputs.
+// zero after the launch, and a second launch (the next step) giving the same outputs. With RoPE
+// in the last phase: q and k rotated (the reference rotates its own products), k and v in the
+// f16 staging rows as the kernel's f32 values round, and those rows in the ring slot of the
+// token's position (nothing else of the cache written).
 #include "emu.h"
 #include "emu_data.h"
 #include "emu_quant.h"
@@ -18,6 +21,8 @@ inline void __nanosleep(unsigned) {}
 inline u32 atomicAdd(u32* p, u32 v) { return std::atomic_ref<u32>(*p).fetch_add(v); }
 inline u32 tl_ld_acquire(const u32* p) { return std::atomic_ref<u32>(*(u32*)p).load(); }
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fmul_rn(float a, float b) { return a * b; }
 using std::max;
 using std::min;
 #include "layer_tail_extract.cuh"
@@ -38,13 +43,15 @@ static Mat make_mat(const Ty& ty, int rows, int cols) {
     return m;
 }
 
-static double row_dot(const Mat& m, int r, const i8* yq, const float2* yds) {
+// One row's product and, in `scale`, the sum of its parts' magnitudes.
+static double row_dot(const Mat& m, int r, const i8* yq, const float2* yds, double* scale = nullptr) {
     const u8* row = (const u8*)m.w.data() + (size_t)r * m.row_bytes;
-    double scale, v = 0;
+    double sc, v = 0;
     with_type(m.ty->t, [&]<int T>() {
-        v = serial_row_dot<T>(row, m.cols, yq, yds, &scale);
+        v = serial_row_dot<T>(row, m.cols, yq, yds, &sc);
         return 0;
     });
+    if (scale) *scale = sc;
     return v;
 }
 
@@ -110,7 +117,8 @@ static u64 bits(float f) {
 // One layer tail: output projection (e x e), gate/up (f x e), down (e x f), and when `next`
 // the next layer's q/k/v (e, e/2, e/2 rows); types per matrix.
 static int run(const char* name, const Ty& to, const Ty& tf, const Ty& td, const Ty& tq, int e, int f,
-               bool next, int nbuf, int tile, bool defer) {
+               bool next, int nbuf, int tile, bool defer, int hd = 0, int half_rot = 0) {
+    const bool rope = hd > 0;
     emu_cp_defer = defer;
     Mat wo = make_mat(to, e, e), wg = make_mat(tf, f, e), wu = make_mat(tf, f, e), wd = make_mat(td, e, f);
     Mat wq = make_mat(tq, e, e), wk = make_mat(tq, e / 2, e), wv = make_mat(tq, e / 2, e);
@@ -131,7 +139,7 @@ static int run(const char* name, const Ty& to, const Ty& tf, const Ty& td, const
     std::vector<int4> nq_s(e / 16 + 1), sq_s(f / 16 + 1);
     std::vector<float2> nds(e / 32), sds(f / 32);
     std::vector<double> nss(e / 32);
-    const int per = 5 + e / 32 + f / 32 + e / 32;
+    const int per = 5 + e / 32 + f / 32 + e / 32 + (rope ? 2 * e / hd : 0);
     std::vector<u32> cnt(per + 4, 0);
     std::vector<float> h(e);
     auto c = [&](int w) { return (u64)(cnt.data() + w); };
@@ -167,7 +175,8 @@ static int run(const char* name, const Ty& to, const Ty& tf, const Ty& td, const
         set_mat(p3.m[1], wk, wk.out.data(), tile);
         set_mat(p3.m[2], wv, wv.out.data(), tile);
         p3.in_kind = TL_IN_NORM, p3.K = e, p3.yq = p0.oq, p3.yds = p0.ods, p3.ss = p0.oss, p3.eps_bits = bits(eps);
-        p3.epi = TL_STORE, p3.pcnt = c(4);
+        p3.epi = rope ? TL_ROPE : TL_STORE, p3.pcnt = c(4);
+        p3.gcnt = c(5 + e / 32 + f / 32 + e / 32);
     }
     for (int i = 0; i < (next ? 4 : 3); i++) finish_phase(D.p[i]);
     D.n_phases = next ? 4 : 3, D.exit_cnt = c(0), D.counters = c(0), D.n_counters = per;
@@ -180,7 +189,8 @@ static int run(const char* name, const Ty& to, const Ty& tf, const Ty& td, const
 
     // Reference.
     std::vector<float> h1(e), h2(e);
-    for (int r = 0; r < e; r++) h1[r] = h0[r] + (float)row_dot(wo, r, aq, ads.data());
+    std::vector<double> sc_o(e);
+    for (int r = 0; r < e; r++) h1[r] = h0[r] + (float)row_dot(wo, r, aq, ads.data(), &sc_o[r]);
     std::vector<i8> rq;
     std::vector<float2> rds;
     norm_ref(h1, nw2, eps, rq, rds);
@@ -199,10 +209,24 @@ static int run(const char* name, const Ty& to, const Ty& tf, const Ty& td, const
             bad++;
         }
     };
+    // RoPE: (cos, sin) pairs, two KV heads' rings (sink 2), the token at position 13.
+    const int hk = rope ? (e / 2) / hd : 0;
+    std::vector<float2> cs(hd / 2 + 1);
+    for (auto& v : cs) {
+        const float a = rf() * 3.14159f;
+        v = make_float2(std::cos(a), std::sin(a));
+    }
+    std::vector<int> caps(hk), offs(hk);
+    int rows = 0;
+    for (int j = 0; j < hk; j++) caps[j] = 6 + 5 * j, offs[j] = rows, rows += caps[j];
+    const int sink = 2, pos = 13, seq = 0;
+    std::vector<u16> k16(e / 2 + 1), v16(e / 2 + 1), kc((size_t)rows * hd + 1, 0x7777), vc(kc);
+    auto ring_row = [&](int j) { return offs[j] + ring_slot(caps[j], sink, pos); };
     for (int launch_i = 0; launch_i < 2; launch_i++) {
         h = h0;
         launch({1, 1, 1}, TL_THREADS, smem, [&] {
-            layer_tail(&D, (int)(cap / 16), nbuf);
+            layer_tail(&D, (int)(cap / 16), nbuf, rope, hd, half_rot, rows, sink, cs.data(), k16.data(),
+                       v16.data(), kc.data(), vc.data(), &pos, &seq, caps.data(), offs.data());
             if (!emu_cp_drained()) { fprintf(stderr, "copies outlive the block\n"); exit(1); }
         });
         for (int i = 0; i < (int)cnt.size(); i++)
@@ -223,24 +247,48 @@ static int run(const char* name, const Ty& to, const Ty& tf, const Ty& td, const
         for (int r = 0; r < f; r++) sv[r] = silu_mul(wg.out[r], wu.out[r]);
         for (int gi = 0; gi < f / 32; gi++) q8_1_ref(&sv[gi * 32], (i8*)sq_r.data() + gi * 32, &sds_r[gi]);
         for (int r = 0; r < e; r++) {
-            const double o = row_dot(wd, r, (const i8*)sq_r.data(), sds_r.data());
+            double sc_d;
+            const double o = row_dot(wd, r, (const i8*)sq_r.data(), sds_r.data(), &sc_d);
             h2[r] = h1[r] + (float)o;
-            check("residual", r, h[r], h2[r], std::fabs(h1[r]) + std::fabs(o) + 1e-3);
+            check("residual", r, h[r], h2[r], std::fabs(h0[r]) + sc_o[r] + sc_d);
         }
         if (next) {
             std::vector<i8> q1;
             std::vector<float2> d1;
             norm_ref(h, nw1, eps, q1, d1);  // from the kernel's residual
+            int mi = 0;
             for (Mat* m : {&wq, &wk, &wv}) {
+                std::vector<double> want(m->rows), sc(m->rows);
                 for (int r = 0; r < m->rows; r++) {
-                    double sc = 0;
-                    const double want = row_dot(*m, r, q1.data(), d1.data());
+                    want[r] = row_dot(*m, r, q1.data(), d1.data());
                     with_type(tq.t, [&]<int T>() {
-                        serial_row_dot<T>((const u8*)m->w.data() + r * m->row_bytes, e, q1.data(), d1.data(), &sc);
+                        serial_row_dot<T>((const u8*)m->w.data() + r * m->row_bytes, e, q1.data(), d1.data(), &sc[r]);
                         return 0;
                     });
-                    check("q/k/v", r, m->out[r], want, sc);
                 }
+                if (rope && mi < 2)
+                    for (int r = 0; r < m->rows; r += 2)
+                        if ((r % hd) / 2 < half_rot) {
+                            const float2 c = cs[(r % hd) / 2];
+                            const double a = want[r], b = want[r + 1];
+                            want[r] = a * c.x - b * c.y;
+                            want[r + 1] = a * c.y + b * c.x;
+                            sc[r] = sc[r + 1] = sc[r] + sc[r + 1];
+                        }
+                for (int r = 0; r < m->rows; r++) check("q/k/v", r, m->out[r], want[r], sc[r]);
+                if (rope && mi > 0) {
+                    const std::vector<u16>& st = mi == 1 ? k16 : v16;
+                    const std::vector<u16>& cache = mi == 1 ? kc : vc;
+                    for (int r = 0; r < m->rows; r++) {
+                        const int j = r / hd;
+                        if (st[r] != f2h(m->out[r])) { bad++; if (bad < 6) fprintf(stderr, "  %s: staging row %d\n", name, r); }
+                        if (cache[(size_t)ring_row(j) * hd + r % hd] != st[r]) { bad++; if (bad < 6) fprintf(stderr, "  %s: ring row %d\n", name, r); }
+                    }
+                    size_t touched = 0;
+                    for (u16 x : cache) touched += x != 0x7777;
+                    if (touched > (size_t)m->rows) { bad++; fprintf(stderr, "  %s: %zu cache values written\n", name, touched); }
+                }
+                mi++;
                 for (int r = m->rows; r < m->rows + 8; r++)
                     if (m->out[r] != 12345.0f) { bad++; fprintf(stderr, "  %s: wrote past q/k/v rows\n", name); }
             }
@@ -250,8 +298,8 @@ static int run(const char* name, const Ty& to, const Ty& tf, const Ty& td, const
                 if (m->out[r] != 12345.0f) { bad++; fprintf(stderr, "  %s: wrote past gate/up rows\n", name); }
     }
     printf("%-22s e %4d f %4d %s nbuf %d tile %5d (%s copies): %s (worst relative %.1e)\n", name, e, f,
-           next ? "with next q/k/v" : "last layer     ", nbuf, tile, defer ? "late" : "early", bad ? "FAILED" : "ok",
-           worst);
+           !next ? "last layer     " : rope ? "next q/k/v+rope" : "with next q/k/v", nbuf, tile, defer ? "late" : "early",
+           bad ? "FAILED" : "ok", worst);
     return bad;
 }
 
@@ -261,14 +309,17 @@ int main() {
     for (const Ty& ty : types) {
         const int e = ty.t == T_Q6_K ? 2048 : 256, f = 2 * e;
         const int tiles[3] = {8192, 600, 16 * (int)((size_t)e / ty.block * ty.bytes)};
-        bad += run(ty.name, ty, ty, ty, ty, e, f, true, 2 + i % 3, tiles[i % 3], i % 2);
+        // Every other type with RoPE in the last phase (head dim 64, or 128 with rotary on
+        // the first 48 pairs only).
+        const int hd = i % 2 ? (e >= 2048 ? 128 : 64) : 0;
+        bad += run(ty.name, ty, ty, ty, ty, e, f, true, 2 + i % 3, tiles[i % 3], i % 2, hd, hd == 128 ? 48 : hd / 2);
         i++;
     }
     const Ty& q4k = types[5];
     const Ty& q6k = types[7];
     const Ty& q8 = types[4];
     // Q4_K_M's mix: Q6_K down projection and v, Q4_K elsewhere; the last layer's form.
-    bad += run("q4_k + q6_k down", q4k, q4k, q6k, q4k, 2048, 2048, true, 2, 8192, true);
+    bad += run("q4_k + q6_k down", q4k, q4k, q6k, q4k, 2048, 2048, true, 2, 8192, true, 128, 64);
     bad += run("q4_k last layer", q4k, q4k, q4k, q4k, 256, 768, false, 3, 8192, true);
     bad += run("q8_0 one-row tiles", q8, q8, q8, q8, 256, 512, true, 4, 16, true);
     printf(bad ? "layer_tail under emulation: %d wrong outputs\n"

@@ -5,8 +5,9 @@
 # the blocks' waits on each other are exercised on the GPU only: tests/cuda_backend.rs
 # layer_tail_matches_separate_kernels), against a serial reference of the same arithmetic
 # (layer_tail_check.cpp): every quantized type, a mixed-type layer, the last layer's form (no
-# next norm), 2 to 4 tile buffers, tiles of 1 to 16 rows, and the copies landing at once or only
-# when the kernel's wait retires them. g++ 12+ (C++20, _Float16).
+# next norm), the next layer's RoPE and K/V staging and ring store done per head (TL_ROPE), 2 to
+# 4 tile buffers, tiles of 1 to 16 rows, and the copies landing at once or only when the
+# kernel's wait retires them. g++ 12+ (C++20, _Float16).
 #
 #   bash tools/cuda-emu/layer_tail_check.sh
 set -euo pipefail
@@ -20,8 +21,10 @@ source quant_extract.sh
     sed -n '/^__device__ __forceinline__ void q8_1_lane/,/^}/p' "$src"
     echo 'template <int T>'
     sed -n '/^__device__ __forceinline__ float mmvs_row/,/^}/p' "$src"
+    sed -n '/^__device__ __forceinline__ void rope_pair/,/^}/p' ../../cuda/ops.cu
+    sed -n '/^__device__ __forceinline__ int ring_slot/,/^}/p' ../../cuda/ops.cu
     sed '/^__device__ __forceinline__ u32 tl_ld_acquire/,/^}/d' ../../cuda/layer_tail.cu |
         sed 's/extern __shared__ int4 tl_smem\[\];/int4* tl_smem = (int4*)emu_dyn_smem;/'
 } >"$tmp/layer_tail_extract.cuh"
-g++ -std=c++20 -O2 -pthread -Wno-unknown-pragmas -I. -I"$tmp" -o "$tmp/check" layer_tail_check.cpp
+g++ -std=c++20 -O2 -ffp-contract=off -pthread -Wno-unknown-pragmas -I. -I"$tmp" -o "$tmp/check" layer_tail_check.cpp
 "$tmp/check"

@@ -4,6 +4,9 @@
 //! q/k/v products), writes their phase tables to the device once, and launches one kernel per
 //! span instead of seven.
 //!
+//! With an f16 cache the kernel also does the next layer's RoPE, K/V staging and cache store
+//! (rope_kv's work) per head, so attention follows it directly (`MOA_TL_ROPE=0`: rope_kv runs).
+//!
 //! On by default for one-token steps; `MOA_LAYER_TAIL=0` runs the separate kernels.
 //! `MOA_TL_TILE` sets the bytes of weight rows per tile (default [`TILE`]), `MOA_TL_BUFS` the
 //! tile buffers per block (default [`BUFS`]) and `MOA_TL_BLOCKS` the blocks per multiprocessor
@@ -38,6 +41,7 @@ const EPI_STORE: u64 = 0;
 const EPI_RESID: u64 = 1;
 const EPI_RESID_NORM: u64 = 2;
 const EPI_SWIGLU: u64 = 3;
+const EPI_ROPE: u64 = 4;
 const IN_PREV_KERNEL: u64 = 0;
 const IN_Q8: u64 = 1;
 const IN_NORM: u64 = 2;
@@ -55,6 +59,9 @@ pub struct Span {
     pub att: ActId,
     /// Activations the span writes (their versions move on).
     pub writes: Vec<ActId>,
+    /// The next layer's RoPE and attention ops after the span, whose RoPE and K/V staging
+    /// and store the kernel can do ([`LayerTail::launch`] with `rope`).
+    pub rope: Option<RopeOps>,
     desc: usize,
 }
 
@@ -165,30 +172,69 @@ struct Match {
     up: (usize, ActId),
     down: usize,
     next: Option<((usize, f32), Vec<(usize, ActId)>)>,
+    /// The ops after the next q/k/v are RoPE on q, on k, then attention of q/k/v: the layer
+    /// and the attention's q, k, v and output.
+    rope: Option<RopeOps>,
     n_ops: usize,
     dead: Vec<ActId>,
 }
 
+/// The attention op (and its two RoPE ops before it) after a span's q/k/v.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeOps {
+    pub layer: usize,
+    pub q: ActId,
+    pub k: ActId,
+    pub v: ActId,
+    pub out: ActId,
+}
+
 fn match_at(ops: &[Op], i: usize) -> Option<Match> {
-    let Op::MatMul { w: wo, x: att, out: proj } = *ops.get(i)? else {
+    let Op::MatMul {
+        w: wo,
+        x: att,
+        out: proj,
+    } = *ops.get(i)?
+    else {
         return None;
     };
     let Op::Add { x: h, y } = *ops.get(i + 1)? else {
         return None;
     };
-    let Op::RmsNorm { x: h2, w: nw2, eps: eps2, out: xn } = *ops.get(i + 2)? else {
+    let Op::RmsNorm {
+        x: h2,
+        w: nw2,
+        eps: eps2,
+        out: xn,
+    } = *ops.get(i + 2)?
+    else {
         return None;
     };
-    let Op::MatMul { w: wg, x: xg, out: gate } = *ops.get(i + 3)? else {
+    let Op::MatMul {
+        w: wg,
+        x: xg,
+        out: gate,
+    } = *ops.get(i + 3)?
+    else {
         return None;
     };
-    let Op::MatMul { w: wu, x: xu, out: up } = *ops.get(i + 4)? else {
+    let Op::MatMul {
+        w: wu,
+        x: xu,
+        out: up,
+    } = *ops.get(i + 4)?
+    else {
         return None;
     };
     let Op::SwiGlu { gate: g2, up: u2 } = *ops.get(i + 5)? else {
         return None;
     };
-    let Op::MatMul { w: wd, x: xd, out: proj2 } = *ops.get(i + 6)? else {
+    let Op::MatMul {
+        w: wd,
+        x: xd,
+        out: proj2,
+    } = *ops.get(i + 6)?
+    else {
         return None;
     };
     let Op::Add { x: h3, y: y3 } = *ops.get(i + 7)? else {
@@ -219,9 +265,11 @@ fn match_at(ops: &[Op], i: usize) -> Option<Match> {
         let mut qkv = Vec::new();
         while qkv.len() < 3 {
             match ops.get(i + 9 + qkv.len()) {
-                Some(&Op::MatMul { w: wq, x: xq, out: oq })
-                    if xq == out && oq != out && oq != h && !qkv.iter().any(|&(_, o)| o == oq) =>
-                {
+                Some(&Op::MatMul {
+                    w: wq,
+                    x: xq,
+                    out: oq,
+                }) if xq == out && oq != out && oq != h && !qkv.iter().any(|&(_, o)| o == oq) => {
                     qkv.push((wq, oq))
                 }
                 _ => break,
@@ -236,6 +284,35 @@ fn match_at(ops: &[Op], i: usize) -> Option<Match> {
     if !dead.iter().all(|&a| dead_after(ops, i + n_ops, a)) {
         return None;
     }
+    let mut rope = None;
+    if let Some((_, qkv)) = &next {
+        if let (
+            Some(&Op::Rope { x: rq, .. }),
+            Some(&Op::Rope { x: rk, .. }),
+            Some(&Op::Attention {
+                layer,
+                q,
+                k,
+                v,
+                out,
+            }),
+        ) = (
+            ops.get(i + n_ops),
+            ops.get(i + n_ops + 1),
+            ops.get(i + n_ops + 2),
+        ) {
+            let outs: Vec<ActId> = qkv.iter().map(|&(_, o)| o).collect();
+            if outs == [q, k, v] && (rq, rk) == (q, k) {
+                rope = Some(RopeOps {
+                    layer,
+                    q,
+                    k,
+                    v,
+                    out,
+                });
+            }
+        }
+    }
     Some(Match {
         wo,
         att,
@@ -245,6 +322,7 @@ fn match_at(ops: &[Op], i: usize) -> Option<Match> {
         up: (wu, up),
         down: wd,
         next,
+        rope,
         n_ops,
         dead,
     })
@@ -267,6 +345,7 @@ impl LayerTail {
         vectors: &[Option<DevBuf>],
         acts: &[DevBuf],
         att_q8: (u64, u64),
+        head_dim: usize,
         scratch_bytes: &mut usize,
     ) -> Result<Option<LayerTail>, BackendError> {
         if std::env::var("MOA_LAYER_TAIL").is_ok_and(|v| v == "0") {
@@ -283,7 +362,9 @@ impl LayerTail {
                 ws.extend(qkv.iter().map(|&(w, _)| w));
             }
             let norms_ok = vectors[m.ffn_norm.0].is_some()
-                && m.next.as_ref().is_none_or(|((w, _), _)| vectors[*w].is_some());
+                && m.next
+                    .as_ref()
+                    .is_none_or(|((w, _), _)| vectors[*w].is_some());
             if !norms_ok || ws.iter().any(|&w| mat(w).is_none()) {
                 continue;
             }
@@ -302,9 +383,9 @@ impl LayerTail {
                 && g.rows % 32 == 0
                 && d.cols == g.rows
                 && d.rows == e
-                && m.next.as_ref().is_none_or(|(_, qkv)| {
-                    qkv.iter().all(|&(w, _)| mat(w).unwrap().cols == e)
-                });
+                && m.next
+                    .as_ref()
+                    .is_none_or(|(_, qkv)| qkv.iter().all(|&(w, _)| mat(w).unwrap().cols == e));
             if shapes_ok {
                 found.push((i, m));
             }
@@ -323,8 +404,21 @@ impl LayerTail {
         let inputs = gpu.alloc(inputs_bytes, "layer tail inputs")?;
         let (nq, nds, nss) = (inputs.at(0), inputs.at(e), inputs.at(e + e / 4));
         let (sq, sds) = (inputs.at(e + e / 2), inputs.at(e + e / 2 + f));
-        // Counters per span: exit, 4 phase counters, then the group counters.
-        let per_span = 5 + e / 32 + f / 32 + e / 32;
+        // Counters per span: exit, 4 phase counters, then the group counters (the last phase's
+        // per head of q, k and v).
+        let heads = found
+            .iter()
+            .map(|(_, m)| {
+                m.next.as_ref().map_or(0, |(_, qkv)| {
+                    qkv.iter()
+                        .map(|&(w, _)| matrices[w].as_ref().unwrap().rows / head_dim.max(1))
+                        .sum::<usize>()
+                })
+            })
+            .max()
+            .unwrap_or(0);
+        let per_span = 5 + e / 32 + f / 32 + e / 32 + heads;
+        let rope_off = std::env::var("MOA_TL_ROPE").is_ok_and(|v| v == "0");
         let counters = gpu.alloc(found.len() * per_span * 4, "layer tail counters")?;
         *scratch_bytes += inputs_bytes + found.len() * per_span * 4;
 
@@ -346,6 +440,17 @@ impl LayerTail {
             let h = acts[m.h].ptr;
             let n_ff = matrices[m.gate.0].as_ref().unwrap().rows;
             let (g_cnt0, g_cnt1, g_cnt2) = (5, 5 + e / 32, 5 + e / 32 + n_ff / 32);
+            let g_cnt3 = g_cnt2 + e / 32;
+            // RoPE in the last phase: q, k, v of whole heads each.
+            let rope_ok = !rope_off
+                && head_dim > 0
+                && m.next.as_ref().is_some_and(|(_, qkv)| {
+                    qkv.len() == 3
+                        && qkv.iter().all(|&(w, _)| {
+                            matrices[w].as_ref().unwrap().rows.is_multiple_of(head_dim)
+                        })
+                })
+                && m.rope.is_some();
             let mut phases = vec![
                 Phase {
                     mats: vec![pm(m.wo, 0)],
@@ -365,7 +470,10 @@ impl LayerTail {
                     pcnt: cnt(1),
                 },
                 Phase {
-                    mats: vec![pm(m.gate.0, acts[m.gate.1].ptr), pm(m.up.0, acts[m.up.1].ptr)],
+                    mats: vec![
+                        pm(m.gate.0, acts[m.gate.1].ptr),
+                        pm(m.up.0, acts[m.up.1].ptr),
+                    ],
                     in_kind: IN_NORM,
                     k: e,
                     yq: nq,
@@ -417,11 +525,11 @@ impl LayerTail {
                     yds: nds,
                     ss: nss,
                     eps: *eps,
-                    epi: EPI_STORE,
+                    epi: if rope_ok { EPI_ROPE } else { EPI_STORE },
                     h: 0,
                     nw: 0,
                     out_q: (0, 0, 0),
-                    gcnt: 0,
+                    gcnt: cnt(g_cnt3),
                     group_target: 0,
                     n_groups: 0,
                     pcnt: cnt(4),
@@ -487,6 +595,7 @@ impl LayerTail {
                     n_ops: m.n_ops,
                     att: m.att,
                     writes,
+                    rope: m.rope.filter(|_| rope_ok),
                     desc: si,
                 },
             );
@@ -507,7 +616,7 @@ impl LayerTail {
         let fit = func
             .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)
             .map_err(|e| super::device::driver_err("occupancy of layer_tail", e))?
-            .max(0) as usize;
+            as usize;
         let want = var("MOA_TL_BLOCKS").unwrap_or(BLOCKS_PER_SM).max(1);
         let per_sm = want.min(fit);
         if per_sm == 0 {
@@ -536,10 +645,18 @@ impl LayerTail {
         self.spans.get(&i)
     }
 
-    /// Runs a span (its input, the attention output, in the q8_1 buffer).
-    pub fn launch(&self, gpu: &Gpu, span: &Span) -> Result<(), BackendError> {
+    /// Runs a span (its input, the attention output, in the q8_1 buffer). With `rope` (the
+    /// span's [`Span::rope`] and an f16 cache) its last phase also does the next layer's RoPE,
+    /// K/V staging and cache store, so the attention kernel comes next.
+    pub fn launch(
+        &self,
+        gpu: &Gpu,
+        span: &Span,
+        rope: Option<&RopeArgs>,
+    ) -> Result<(), BackendError> {
         let mut c = lcfg((self.grid, 1, 1), THREADS);
         c.shared_mem_bytes = self.smem;
+        let r = rope.copied().unwrap_or_default();
         gpu.launch_pdl(
             &self.func,
             c,
@@ -547,9 +664,41 @@ impl LayerTail {
                 A::P(self.desc.at(span.desc * DESC_WORDS * 8)),
                 A::I(self.tile_words),
                 A::I(self.nbuf),
+                A::I(i32::from(rope.is_some())),
+                A::I(r.head_dim),
+                A::I(r.half_rot),
+                A::I(r.rows_per_seq),
+                A::I(r.sink),
+                A::P(r.cs),
+                A::P(r.k16),
+                A::P(r.v16),
+                A::P(r.kc),
+                A::P(r.vc),
+                A::P(r.tok_pos),
+                A::P(r.tok_seq),
+                A::P(r.caps),
+                A::P(r.offs),
             ],
         )
     }
+}
+
+/// rope_kv's arguments for one token (`TlRope` in layer_tail.cu).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RopeArgs {
+    pub head_dim: i32,
+    pub half_rot: i32,
+    pub rows_per_seq: i32,
+    pub sink: i32,
+    pub cs: u64,
+    pub k16: u64,
+    pub v16: u64,
+    pub kc: u64,
+    pub vc: u64,
+    pub tok_pos: u64,
+    pub tok_seq: u64,
+    pub caps: u64,
+    pub offs: u64,
 }
 
 #[cfg(test)]
@@ -563,7 +712,9 @@ mod tests {
         assert_eq!(DESC_WORDS, 4 * PHASE_WORDS + 4);
         let src = include_str!("../../../cuda/layer_tail.cu");
         let fields = |name: &str| {
-            let start = src.find(&format!("struct {name} {{")).expect("struct in source");
+            let start = src
+                .find(&format!("struct {name} {{"))
+                .expect("struct in source");
             let body = &src[start..start + src[start..].find("};").unwrap()];
             body.lines()
                 .skip(1)
@@ -591,7 +742,8 @@ mod tests {
     fn tiny_model(name: &str) -> crate::model::Model {
         use crate::model::synth::{write_synthetic, SynthSpec};
         let spec = SynthSpec::tiny(GgmlType::Q4_0, 1);
-        let path = std::env::temp_dir().join(format!("moa-tail-{name}-{}.gguf", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("moa-tail-{name}-{}.gguf", std::process::id()));
         write_synthetic(&spec, &path).expect("synthetic model");
         let model = crate::model::Model::load(&path).expect("loads");
         std::fs::remove_file(&path).ok();
@@ -602,7 +754,9 @@ mod tests {
     fn the_llama_graph_has_one_span_per_layer() {
         let model = tiny_model("spans");
         let ops = &model.graph.ops;
-        let starts: Vec<usize> = (0..ops.len()).filter(|&i| match_at(ops, i).is_some()).collect();
+        let starts: Vec<usize> = (0..ops.len())
+            .filter(|&i| match_at(ops, i).is_some())
+            .collect();
         assert_eq!(starts.len(), model.config.n_layer);
         for (l, &i) in starts.iter().enumerate() {
             let m = match_at(ops, i).unwrap();
@@ -623,10 +777,18 @@ mod tests {
     fn no_span_where_a_skipped_activation_is_read_later() {
         let model = tiny_model("dead");
         let mut ops = model.graph.ops.clone();
-        let i = (0..ops.len()).find(|&i| match_at(&ops, i).is_some()).unwrap();
+        let i = (0..ops.len())
+            .find(|&i| match_at(&ops, i).is_some())
+            .unwrap();
         let m = match_at(&ops, i).unwrap();
         // Something after the span reads the FFN's gate output, which the kernel never forms.
-        ops.insert(i + m.n_ops, Op::Add { x: m.h, y: m.gate.1 });
+        ops.insert(
+            i + m.n_ops,
+            Op::Add {
+                x: m.h,
+                y: m.gate.1,
+            },
+        );
         assert!(match_at(&ops, i).is_none());
         // The span's own structure broken: the residual add reads another activation.
         let mut ops = model.graph.ops.clone();

@@ -582,6 +582,7 @@ impl CudaBackend {
             &vectors,
             &acts,
             mats.q8_ptrs(),
+            cfg.head_dim,
             &mut scratch_bytes,
         )?;
         gpu.sync()?;
@@ -710,6 +711,28 @@ impl CudaBackend {
     /// The ring-region arguments of every kernel that finds a key's slot (KeySpan in
     /// cuda/attention.cu, the store kernels in cuda/ops.cu), in their order: layer `layer`'s
     /// per-head capacities and region offsets, the rows of one sequence and the sink count.
+    /// rope_kv's arguments for one token of layer `layer` (the layer-tail kernel's RoPE).
+    fn rope_args(&self, layer: usize) -> layer_tail::RopeArgs {
+        let cfg = &self.model.config;
+        let ml = meta_layout(self.max_batch, cfg.rope.n_rot / 2);
+        let head_off = layer * cfg.n_head_kv * 4;
+        layer_tail::RopeArgs {
+            head_dim: cfg.head_dim as i32,
+            half_rot: (cfg.rope.n_rot / 2) as i32,
+            rows_per_seq: (self.layout.rows_per_layer(layer) / self.layout.n_seq) as i32,
+            sink: self.layout.sink as i32,
+            cs: self.meta_ptr(ml.cs),
+            k16: self.k16.ptr,
+            v16: self.v16.ptr,
+            kc: self.kv[layer].0.ptr,
+            vc: self.kv[layer].1.ptr,
+            tok_pos: self.meta_ptr(ml.pos),
+            tok_seq: self.meta_ptr(ml.seq),
+            caps: self.caps.at(head_off),
+            offs: self.offs.at(head_off),
+        }
+    }
+
     fn ring_args(&self, layer: usize) -> [A; 4] {
         // Byte offset of this layer's per-head capacity and region-offset entries (i32 each).
         let head_off = layer * self.model.config.n_head_kv * 4;
@@ -806,6 +829,7 @@ impl CudaBackend {
         batch: &Batch,
         fused_rope: Option<(ActId, ActId, Prefetch)>,
         q8_out: bool,
+        staged: bool,
     ) -> Result<bool, BackendError> {
         let model = Arc::clone(&self.model);
         let cfg = &model.config;
@@ -831,7 +855,9 @@ impl CudaBackend {
             Some((_, _, pf)) if self.pf_merge => pf,
             _ => Prefetch::default(),
         };
-        if let Some((qx, kxr, pf)) = fused_rope {
+        if staged {
+            // The layer-tail kernel did RoPE, the f16 staging and the cache store.
+        } else if let Some((qx, kxr, pf)) = fused_rope {
             let half = cfg.rope.n_rot / 2;
             let mut shape = cfg_1d(n * (cfg.n_head + 2 * hk) * (cfg.head_dim / 2));
             shape.grid_dim.0 += pf.blocks;
@@ -1137,7 +1163,7 @@ impl CudaBackend {
                 v,
                 out,
             } => {
-                self.attention(layer, q, k, v, out, batch, None, false)?;
+                self.attention(layer, q, k, v, out, batch, None, false, false)?;
                 self.act_version[out] += 1;
             }
             Op::SwiGlu { gate, up } => {
@@ -1307,15 +1333,47 @@ impl CudaBackend {
                 if let Some(span) = self.tail.as_ref().and_then(|t| t.span_at(i)) {
                     // Only with the attention output in the q8_1 buffer (the attention or its
                     // merge wrote it there).
-                    if self.mats.holds_q8(self.act(span.att), self.act_version[span.att]) {
+                    if self
+                        .mats
+                        .holds_q8(self.act(span.att), self.act_version[span.att])
+                    {
                         let span = span.clone();
+                        // The next layer's RoPE and K/V store too, with an f16 cache.
+                        let rope = span
+                            .rope
+                            .filter(|_| self.layout.types() == KvTypes::default());
+                        let rope_args = rope.map(|r| self.rope_args(r.layer));
                         let tail = self.tail.as_ref().expect("span of a layer tail");
-                        tail.launch(&self.gpu, &span)?;
+                        tail.launch(&self.gpu, &span, rope_args.as_ref())?;
                         for &a in &span.writes {
                             self.act_version[a] += 1;
                         }
                         self.mats.invalidate();
                         i += span.n_ops;
+                        if let Some(r) = rope {
+                            // Then attention, as after rope_kv (ops i, i + 1: the RoPE ops).
+                            let q8 = self.reads_q8(ops.get(i + 3), r.out, n);
+                            let pf = self.prefetch_next(&ops[i + 3..], r.out, n);
+                            let quantized = self.attention(
+                                r.layer,
+                                r.q,
+                                r.k,
+                                r.v,
+                                r.out,
+                                batch,
+                                Some((r.q, r.k, pf)),
+                                q8,
+                                true,
+                            )?;
+                            self.act_version[r.q] += 1;
+                            self.act_version[r.k] += 1;
+                            self.act_version[r.out] += 1;
+                            if quantized {
+                                self.mats
+                                    .mark_quantized(self.act(r.out), self.act_version[r.out]);
+                            }
+                            i += 3;
+                        }
                         continue;
                     }
                 }
@@ -1392,8 +1450,17 @@ impl CudaBackend {
                             let q8 = self.reads_q8(ops.get(i + 3), out, n);
                             // RoPE fetches the output projection's weights into L2 meanwhile.
                             let pf = self.prefetch_next(&ops[i + 3..], out, n);
-                            let quantized =
-                                self.attention(layer, q, k, v, out, batch, Some((q, k, pf)), q8)?;
+                            let quantized = self.attention(
+                                layer,
+                                q,
+                                k,
+                                v,
+                                out,
+                                batch,
+                                Some((q, k, pf)),
+                                q8,
+                                false,
+                            )?;
                             self.act_version[q] += 1;
                             self.act_version[k] += 1;
                             self.act_version[out] += 1;
