@@ -47,7 +47,7 @@
 #              three attention stages), b (one-token variants MOA_MV_TILE=9216, MOA_L2_PF=8 and 0,
 #              MOA_ATT_BLOCKS=396; dense depths; the matvec bandwidth report; the dense parallel
 #              step; the GPU tests), t (the one-kernel layer tail on and off, MOA_LAYER_TAIL, then
-#              its MOA_TL_BUFS, MOA_TL_BLOCKS and MOA_TL_TILE); LIM seconds in all (default 540): a test that would not
+#              MOA_TL_ROPE=0, MOA_TL_BUFS, MOA_TL_BLOCKS and MOA_TL_TILE); LIM seconds in all (default 540): a test that would not
 #              fit in what is left is skipped, not cut. On any card but an H200 it stops at once
 #              unless ANY_GPU=1.
 # `build` also compiles the kernels (2 and 3 attention stages) into .devbin/kc with `moa-bench
@@ -351,7 +351,7 @@ sweep)
                 )
             done
         done
-        for e in MOA_TL_BUFS=3 MOA_TL_BUFS=4 MOA_TL_BLOCKS=2 MOA_TL_BLOCKS=6 MOA_TL_TILE=4608 MOA_TL_TILE=16384; do
+        for e in MOA_TL_ROPE=0 MOA_TL_BUFS=3 MOA_TL_BUFS=4 MOA_TL_BLOCKS=2 MOA_TL_BLOCKS=6 MOA_TL_TILE=4608 MOA_TL_TILE=16384; do
             echo "== $e"
             (
                 export "${e?}"
