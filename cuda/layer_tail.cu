@@ -27,7 +27,9 @@
 // The blocks must all be resident at once (the host sizes the grid from the occupancy); the last
 // block to leave zeroes the counters for the next step.
 //
-// The last phase (the next layer's q/k/v) may also do rope_kv's work (epilogue 4, TL_ROPE: per
+// The last layer's span may end with the final norm and the output matrix (a step without
+// logits leaves that phase out: np_limit). The last phase (the next layer's q/k/v) may also do
+// rope_kv's work (epilogue 4, TL_ROPE: per
 // head, once the head's rows are all written), so the attention kernel follows it directly.
 //
 // Every phase copies its whole input (q8_1 values and scales) into shared memory first (L2
@@ -194,7 +196,7 @@ __device__ __forceinline__ void tl_form_group(const TlPhase& P, const TlRope& rp
     }
 }
 
-extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc* desc, int tile_words, int nbuf, int rope_on, int head_dim, int half_rot,
+extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc* desc, int tile_words, int nbuf, int np_limit, int rope_on, int head_dim, int half_rot,
            int rows_per_seq, int sink, const float2* cs, u16* k16, u16* v16, u16* kc, u16* vc,
            const int* tok_pos, const int* tok_seq, const int* caps, const int* offs) {
     const TlRope rp = {rope_on, head_dim, half_rot, rows_per_seq, sink, cs,  k16,
@@ -211,7 +213,7 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
     i8* yq_s = (i8*)(tl_smem + (size_t)nbuf * tile_words);
     pdl_trigger();
 
-    const int np = (int)D.n_phases;
+    const int np = min((int)D.n_phases, np_limit);  // the logits phase only when wanted
     // Two cursors over this block's tiles, (phase, tile): the one to compute and the next one
     // to issue, nbuf - 1 tiles ahead (one commit group per tile, empty past the end).
     int p = 0, t = b, ip = 0, it = b;

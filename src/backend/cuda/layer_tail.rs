@@ -62,6 +62,9 @@ pub struct Span {
     /// The next layer's RoPE and attention ops after the span, whose RoPE and K/V staging
     /// and store the kernel can do ([`LayerTail::launch`] with `rope`).
     pub rope: Option<RopeOps>,
+    /// The last layer's span has a fourth phase, the final norm and the output matrix into
+    /// the logits (one row), run when the step wants logits: the two ops after the span.
+    pub logits: bool,
     desc: usize,
 }
 
@@ -175,6 +178,8 @@ struct Match {
     /// The ops after the next q/k/v are RoPE on q, on k, then attention of q/k/v: the layer
     /// and the attention's q, k, v and output.
     rope: Option<RopeOps>,
+    /// The last layer: the final norm (weight, eps) and the output matrix follow.
+    logits: Option<((usize, f32), usize)>,
     n_ops: usize,
     dead: Vec<ActId>,
 }
@@ -284,6 +289,16 @@ fn match_at(ops: &[Op], i: usize) -> Option<Match> {
     if !dead.iter().all(|&a| dead_after(ops, i + n_ops, a)) {
         return None;
     }
+    let mut logits = None;
+    if next.is_none() {
+        if let (Some(&Op::RmsNorm { x, w, eps, out }), Some(&Op::Logits { w: wl, x: xl })) =
+            (ops.get(i + 8), ops.get(i + 9))
+        {
+            if x == h && xl == out && out != h && dead_after(ops, i + 10, out) {
+                logits = Some(((w, eps), wl));
+            }
+        }
+    }
     let mut rope = None;
     if let Some((_, qkv)) = &next {
         if let (
@@ -323,6 +338,7 @@ fn match_at(ops: &[Op], i: usize) -> Option<Match> {
         down: wd,
         next,
         rope,
+        logits,
         n_ops,
         dead,
     })
@@ -345,6 +361,7 @@ impl LayerTail {
         vectors: &[Option<DevBuf>],
         acts: &[DevBuf],
         att_q8: (u64, u64),
+        logits_out: u64,
         head_dim: usize,
         scratch_bytes: &mut usize,
     ) -> Result<Option<LayerTail>, BackendError> {
@@ -355,7 +372,9 @@ impl LayerTail {
         let tile = var("MOA_TL_TILE").unwrap_or(TILE).max(16);
         let mut found = Vec::new();
         for i in 0..ops.len() {
-            let Some(m) = match_at(ops, i) else { continue };
+            let Some(mut m) = match_at(ops, i) else {
+                continue;
+            };
             let mat = |w: usize| matrices[w].as_ref().filter(|m| fits(m));
             let mut ws = vec![m.wo, m.gate.0, m.up.0, m.down];
             if let Some((_, qkv)) = &m.next {
@@ -386,6 +405,14 @@ impl LayerTail {
                 && m.next
                     .as_ref()
                     .is_none_or(|(_, qkv)| qkv.iter().all(|&(w, _)| mat(w).unwrap().cols == e));
+            // The logits phase where the final norm and output matrix fit (else the last
+            // layer's span ends with the down projection).
+            let logits_ok = m.logits.is_some_and(|((nw, _), wl)| {
+                vectors[nw].is_some() && mat(wl).is_some_and(|o| o.cols == e)
+            });
+            if !logits_ok {
+                m.logits = None;
+            }
             if shapes_ok {
                 found.push((i, m));
             }
@@ -535,6 +562,32 @@ impl LayerTail {
                     pcnt: cnt(4),
                 });
                 writes.extend(qkv.iter().map(|&(_, o)| o));
+            } else if let Some(((nw, eps), wl)) = m.logits {
+                // The final norm and the output matrix (one logits row).
+                down.epi = EPI_RESID_NORM;
+                down.nw = vec_ptr(nw);
+                down.out_q = (nq, nds, nss);
+                down.gcnt = cnt(g_cnt2);
+                down.group_target = 32;
+                down.n_groups = (e / 32) as u64;
+                phases.push(down);
+                phases.push(Phase {
+                    mats: vec![pm(wl, logits_out)],
+                    in_kind: IN_NORM,
+                    k: e,
+                    yq: nq,
+                    yds: nds,
+                    ss: nss,
+                    eps,
+                    epi: EPI_STORE,
+                    h: 0,
+                    nw: 0,
+                    out_q: (0, 0, 0),
+                    gcnt: 0,
+                    group_target: 0,
+                    n_groups: 0,
+                    pcnt: cnt(4),
+                });
             } else {
                 phases.push(down);
             }
@@ -596,6 +649,7 @@ impl LayerTail {
                     att: m.att,
                     writes,
                     rope: m.rope.filter(|_| rope_ok),
+                    logits: m.logits.is_some(),
                     desc: si,
                 },
             );
@@ -647,12 +701,14 @@ impl LayerTail {
 
     /// Runs a span (its input, the attention output, in the q8_1 buffer). With `rope` (the
     /// span's [`Span::rope`] and an f16 cache) its last phase also does the next layer's RoPE,
-    /// K/V staging and cache store, so the attention kernel comes next.
+    /// K/V staging and cache store, so the attention kernel comes next. `logits`: run the last
+    /// span's logits phase (the step wants its one row of logits).
     pub fn launch(
         &self,
         gpu: &Gpu,
         span: &Span,
         rope: Option<&RopeArgs>,
+        logits: bool,
     ) -> Result<(), BackendError> {
         let mut c = lcfg((self.grid, 1, 1), THREADS);
         c.shared_mem_bytes = self.smem;
@@ -664,6 +720,7 @@ impl LayerTail {
                 A::P(self.desc.at(span.desc * DESC_WORDS * 8)),
                 A::I(self.tile_words),
                 A::I(self.nbuf),
+                A::I(if span.logits && !logits { 3 } else { 4 }),
                 A::I(i32::from(rope.is_some())),
                 A::I(r.head_dim),
                 A::I(r.half_rot),
@@ -765,6 +822,8 @@ mod tests {
             // The last layer's span ends before the final norm (the logits' input).
             assert_eq!(m.n_ops, if last { 8 } else { 12 }, "layer {l}");
             assert_eq!(m.next.is_some(), !last);
+            // ... where the final norm and the output matrix may join it.
+            assert_eq!(m.logits.is_some(), last);
             if let Some((_, qkv)) = &m.next {
                 let next = &model.weights.layers[l + 1];
                 let ws: Vec<usize> = qkv.iter().map(|&(w, _)| w).collect();

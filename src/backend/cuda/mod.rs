@@ -582,6 +582,7 @@ impl CudaBackend {
             &vectors,
             &acts,
             mats.q8_ptrs(),
+            logits_d.ptr,
             cfg.head_dim,
             &mut scratch_bytes,
         )?;
@@ -1344,12 +1345,14 @@ impl CudaBackend {
                             .filter(|_| self.layout.types() == KvTypes::default());
                         let rope_args = rope.map(|r| self.rope_args(r.layer));
                         let tail = self.tail.as_ref().expect("span of a layer tail");
-                        tail.launch(&self.gpu, &span, rope_args.as_ref())?;
+                        // The last layer's span computes the logits row when there is one.
+                        let logits = span.logits && self.n_logits == 1;
+                        tail.launch(&self.gpu, &span, rope_args.as_ref(), logits)?;
                         for &a in &span.writes {
                             self.act_version[a] += 1;
                         }
                         self.mats.invalidate();
-                        i += span.n_ops;
+                        i += span.n_ops + if logits { 2 } else { 0 };
                         if let Some(r) = rope {
                             // Then attention, as after rope_kv (ops i, i + 1: the RoPE ops).
                             let q8 = self.reads_q8(ops.get(i + 3), r.out, n);
