@@ -37,6 +37,12 @@
 
 #define TL_THREADS 128
 #define TL_WARPS (TL_THREADS / WARP)
+// The block's counter work (waits, fences, atomics) is done by the first thread of the last
+// warp, which issues no weight copies: a fence waits for every memory operation its thread
+// (warp) has in flight, and in a copying thread that includes the next tiles' cp.async copies,
+// which serialised the whole pipeline (tg128 of the 8B shape 114 t/s on an H100 with thread 0
+// doing it, against 394 with separate kernels).
+#define TL_CTL (TL_THREADS - WARP)
 #define TL_MAX_MATS 3
 #define TL_MAX_PHASES 4
 
@@ -90,6 +96,9 @@ __device__ __forceinline__ u32 tl_ld_acquire(const u32* p) {
 // units tid, tid + nthr, ... (the type is the matrix's, known only at run time).
 __device__ __forceinline__ float tl_row(const u8* r, int type, int tid, int nthr, int units,
                                      const i8* yq, const float2* yds) {
+#ifdef TL_Q4K_ONLY
+    return mmvs_row<T_Q4_K>(r, tid, nthr, units, yq, yds);
+#endif
     switch (type) {
         case T_Q4_0: return mmvs_row<T_Q4_0>(r, tid, nthr, units, yq, yds);
         case T_Q4_1: return mmvs_row<T_Q4_1>(r, tid, nthr, units, yq, yds);
@@ -136,7 +145,8 @@ __device__ __forceinline__ void tl_issue(const TlPhase& P, int t, int4* buf) {
     const int nr = min((int)M.R, (int)M.rows - row0);
     const int chunks = nr * (int)(M.row_bytes / 16);
     const int4* src = (const int4*)((const u8*)M.W + (u64)row0 * M.row_bytes);
-    for (int c = threadIdx.x; c < chunks; c += TL_THREADS) cp_async16(buf + c, src + c, 16);
+    if (threadIdx.x < TL_CTL)
+        for (int c = threadIdx.x; c < chunks; c += TL_CTL) cp_async16(buf + c, src + c, 16);
 }
 
 // Forms a finished group's part of the next phase's input (one warp): group g (32 rows) of
@@ -247,7 +257,7 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
             }
             if (P.in_kind != TL_IN_PREV_KERNEL) {
                 const TlPhase& Q = D.p[p - 1];
-                if (tid == 0) {
+                if (tid == TL_CTL) {
                     const u32 want = (u32)Q.n_groups;
                     while (tl_ld_acquire((const u32*)Q.pcnt) < want) __nanosleep(64);
                     __threadfence();
@@ -256,8 +266,10 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
             }
             // The input into shared memory (L2 loads).
             const int nb = K / 32;
+#ifndef TL_YQ_GLOBAL
             for (int c = tid; c < K / 16; c += TL_THREADS)
                 ((int4*)yq_s)[c] = __ldcg((const int4*)P.yq + c);
+#endif
             if (P.in_kind == TL_IN_NORM) {
                 // 1 / rms from every group's sum of squares (fixed order: deterministic).
                 if (warp == 0) {
@@ -292,13 +304,18 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
         const TlMat& M = P.m[mi];
         const int R = (int)M.R, row0 = lt * R, nr = min(R, (int)M.rows - row0);
         const u8* tile = (const u8*)(tl_smem + (size_t)(k % nbuf) * tile_words);
+#ifdef TL_YQ_GLOBAL
+        const i8* yin = (const i8*)P.yq;  // L1 after the acquire (which invalidates L1)
+#else
+        const i8* yin = yq_s;
+#endif
         float* out = (float*)M.out;
         float* h = (float*)P.h;
         const bool resid = P.epi == TL_RESID || P.epi == TL_RESID_NORM;
         if (R > 1) {
             for (int i = warp; i < nr; i += TL_WARPS) {
                 float acc = tl_row(tile + (u64)i * M.row_bytes, (int)M.type, lane, WARP,
-                                   (int)M.units, yq_s, yds_s);
+                                   (int)M.units, yin, yds_s);
                 acc = warp_sum(acc);
                 if (lane == 0) {
                     if (resid) h[row0 + i] = __ldcg(h + row0 + i) + acc;
@@ -306,7 +323,7 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
                 }
             }
         } else {
-            float acc = tl_row(tile, (int)M.type, tid, TL_THREADS, (int)M.units, yq_s, yds_s);
+            float acc = tl_row(tile, (int)M.type, tid, TL_THREADS, (int)M.units, yin, yds_s);
             acc = warp_sum(acc);
             __shared__ float red[TL_WARPS];
             if (lane == 0) red[warp] = acc;
@@ -322,7 +339,7 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
         const bool rope = P.epi == TL_ROPE && rp.on;
         if (P.epi == TL_RESID_NORM || P.epi == TL_SWIGLU || rope) {
             __syncthreads();  // the tile's outputs are written
-            if (tid == 0) {
+            if (tid == TL_CTL) {
                 __threadfence();
                 const int gs = rope ? rp.head_dim : 32;
                 int base = 0;  // the matrix's first group (heads of q, then k, then v)
@@ -346,7 +363,7 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
             if (warp < nf) tl_form_group(P, rp, fin_m[warp], fin[warp], lane);
             if (nf > 0 && !rope) {
                 __syncthreads();
-                if (tid == 0) {
+                if (tid == TL_CTL) {
                     __threadfence();
                     atomicAdd((u32*)P.pcnt, (u32)nf);
                 }
@@ -359,7 +376,7 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
     }
     cp_async_wait<0>();
     // The last block out zeroes every counter for the next step's launch.
-    if (tid == 0) {
+    if (tid == TL_CTL) {
         __threadfence();
         const u32 old = atomicAdd((u32*)D.exit_cnt, 1u);
         if (old == (u32)G - 1) {
