@@ -543,6 +543,7 @@ fn layer_tail_matches_separate_kernels() {
                 layout,
             };
             let mut fused = CudaBackend::new(Arc::clone(&model), opts.clone()).unwrap();
+            fused.set_layer_tail(true);
             assert_eq!(
                 fused.layer_tail_spans(),
                 c.n_layer,

@@ -354,7 +354,7 @@ sweep)
         for e in MOA_TL_ROPE=0 MOA_TL_BUFS=3 MOA_TL_BUFS=4 MOA_TL_BLOCKS=2 MOA_TL_BLOCKS=6 MOA_TL_TILE=4608 MOA_TL_TILE=16384; do
             echo "== $e"
             (
-                export "${e?}"
+                export MOA_LAYER_TAIL=1 "${e?}"
                 b 15 --dense -p 0 -n 128 -r 1
             )
         done

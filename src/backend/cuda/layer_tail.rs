@@ -7,7 +7,8 @@
 //! With an f16 cache the kernel also does the next layer's RoPE, K/V staging and cache store
 //! (rope_kv's work) per head, so attention follows it directly (`MOA_TL_ROPE=0`: rope_kv runs).
 //!
-//! On by default for one-token steps; `MOA_LAYER_TAIL=0` runs the separate kernels.
+//! `MOA_LAYER_TAIL=1` runs it for one-token steps (default [`DEFAULT_ON`]); `0` does not build
+//! it at all.
 //! `MOA_TL_TILE` sets the bytes of weight rows per tile (default [`TILE`]), `MOA_TL_BUFS` the
 //! tile buffers per block (default [`BUFS`]) and `MOA_TL_BLOCKS` the blocks per multiprocessor
 //! (default [`BLOCKS_PER_SM`], at most what fits).
@@ -21,6 +22,19 @@ use super::device::{lcfg, DevBuf, Gpu, A};
 use super::matmul::{units_per_row, GpuMatrix};
 use crate::backend::BackendError;
 use crate::graph::{ActId, Op};
+
+/// Whether one-token steps take the kernel without being asked: `MOA_LAYER_TAIL=1` turns it on,
+/// `0` off (nothing built then); the default is [`DEFAULT_ON`].
+pub fn on_by_default() -> bool {
+    match std::env::var("MOA_LAYER_TAIL").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => DEFAULT_ON,
+    }
+}
+
+/// Off until it measures faster than the separate kernels (see README, nineteenth session).
+pub const DEFAULT_ON: bool = false;
 
 /// Target bytes of weight rows per tile (the streamed one-token kernel's default).
 pub const TILE: usize = 8 << 10;
@@ -351,7 +365,8 @@ fn tile_rows(row_bytes: usize, tile: usize) -> usize {
 
 impl LayerTail {
     /// The spans of `ops` the kernel can run with these matrices and norm vectors, and their
-    /// tables on the device; None when there are none (or `MOA_LAYER_TAIL=0`).
+    /// tables on the device; None when there are none (or `MOA_LAYER_TAIL=0`). Whether steps use
+    /// it is the backend's choice ([`on_by_default`], `CudaBackend::set_layer_tail`).
     #[allow(clippy::too_many_arguments)]
     pub fn build(
         gpu: &Gpu,

@@ -637,7 +637,7 @@ impl CudaBackend {
             pf_merge: std::env::var("MOA_PF_MERGE").map_or(true, |v| v != "0"),
             l2_pf: L2Prefetch::from_env(gpu.cc),
             tail,
-            tail_on: true,
+            tail_on: layer_tail::on_by_default(),
             layout,
             gpu,
             model,
