@@ -498,20 +498,13 @@ fn layer_tail_matches_separate_kernels() {
     use moa::backend::Backend;
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(123);
-    let mut specs: Vec<SynthSpec> = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, &ty)| gpu_spec(ty, 300 + i as u64))
-    .collect();
+    // Every quantized type the GPU takes.
+    let mut specs: Vec<SynthSpec> = moa::backend::cuda::matmul::GPU_TYPES
+        .iter()
+        .filter(|&&ty| !moa::backend::cuda::matmul::is_float(ty))
+        .enumerate()
+        .map(|(i, &ty)| gpu_spec(ty, 300 + i as u64))
+        .collect();
     let mut wide = SynthSpec::tiny(GgmlType::Q4_K, 321);
     wide.n_embd = 2048;
     wide.n_head = 16;

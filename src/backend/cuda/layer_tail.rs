@@ -208,57 +208,41 @@ pub struct RopeOps {
     pub out: ActId,
 }
 
+/// The parts of a product op.
+fn matmul_op(op: Option<&Op>) -> Option<(usize, ActId, ActId)> {
+    match *op? {
+        Op::MatMul { w, x, out } => Some((w, x, out)),
+        _ => None,
+    }
+}
+
+/// The parts of a residual add op.
+fn add_op(op: Option<&Op>) -> Option<(ActId, ActId)> {
+    match *op? {
+        Op::Add { x, y } => Some((x, y)),
+        _ => None,
+    }
+}
+
+/// The parts of a norm op: input, weight, eps, output.
+fn norm_op(op: Option<&Op>) -> Option<(ActId, usize, f32, ActId)> {
+    match *op? {
+        Op::RmsNorm { x, w, eps, out } => Some((x, w, eps, out)),
+        _ => None,
+    }
+}
+
 fn match_at(ops: &[Op], i: usize) -> Option<Match> {
-    let Op::MatMul {
-        w: wo,
-        x: att,
-        out: proj,
-    } = *ops.get(i)?
-    else {
+    let (wo, att, proj) = matmul_op(ops.get(i))?;
+    let (h, y) = add_op(ops.get(i + 1))?;
+    let (h2, nw2, eps2, xn) = norm_op(ops.get(i + 2))?;
+    let (wg, xg, gate) = matmul_op(ops.get(i + 3))?;
+    let (wu, xu, up) = matmul_op(ops.get(i + 4))?;
+    let Some(&Op::SwiGlu { gate: g2, up: u2 }) = ops.get(i + 5) else {
         return None;
     };
-    let Op::Add { x: h, y } = *ops.get(i + 1)? else {
-        return None;
-    };
-    let Op::RmsNorm {
-        x: h2,
-        w: nw2,
-        eps: eps2,
-        out: xn,
-    } = *ops.get(i + 2)?
-    else {
-        return None;
-    };
-    let Op::MatMul {
-        w: wg,
-        x: xg,
-        out: gate,
-    } = *ops.get(i + 3)?
-    else {
-        return None;
-    };
-    let Op::MatMul {
-        w: wu,
-        x: xu,
-        out: up,
-    } = *ops.get(i + 4)?
-    else {
-        return None;
-    };
-    let Op::SwiGlu { gate: g2, up: u2 } = *ops.get(i + 5)? else {
-        return None;
-    };
-    let Op::MatMul {
-        w: wd,
-        x: xd,
-        out: proj2,
-    } = *ops.get(i + 6)?
-    else {
-        return None;
-    };
-    let Op::Add { x: h3, y: y3 } = *ops.get(i + 7)? else {
-        return None;
-    };
+    let (wd, xd, proj2) = matmul_op(ops.get(i + 6))?;
+    let (h3, y3) = add_op(ops.get(i + 7))?;
     let distinct = [h, proj, xn, gate, up, att];
     let all_distinct = distinct
         .iter()
@@ -280,15 +264,13 @@ fn match_at(ops: &[Op], i: usize) -> Option<Match> {
     let mut n_ops = 8;
     let mut next = None;
     let mut dead = vec![proj, proj2, xn, gate, up];
-    if let Some(&Op::RmsNorm { x, w, eps, out }) = ops.get(i + 8) {
-        let mut qkv = Vec::new();
+    if let Some((x, w, eps, out)) = norm_op(ops.get(i + 8)) {
+        let mut qkv: Vec<(usize, ActId)> = Vec::new();
         while qkv.len() < 3 {
-            match ops.get(i + 9 + qkv.len()) {
-                Some(&Op::MatMul {
-                    w: wq,
-                    x: xq,
-                    out: oq,
-                }) if xq == out && oq != out && oq != h && !qkv.iter().any(|&(_, o)| o == oq) => {
+            match matmul_op(ops.get(i + 9 + qkv.len())) {
+                Some((wq, xq, oq))
+                    if xq == out && oq != out && oq != h && !qkv.iter().any(|&(_, o)| o == oq) =>
+                {
                     qkv.push((wq, oq))
                 }
                 _ => break,
@@ -305,8 +287,8 @@ fn match_at(ops: &[Op], i: usize) -> Option<Match> {
     }
     let mut logits = None;
     if next.is_none() {
-        if let (Some(&Op::RmsNorm { x, w, eps, out }), Some(&Op::Logits { w: wl, x: xl })) =
-            (ops.get(i + 8), ops.get(i + 9))
+        if let (Some((x, w, eps, out)), Some(&Op::Logits { w: wl, x: xl })) =
+            (norm_op(ops.get(i + 8)), ops.get(i + 9))
         {
             if x == h && xl == out && out != h && dead_after(ops, i + 10, out) {
                 logits = Some(((w, eps), wl));
@@ -551,34 +533,17 @@ impl LayerTail {
             };
             let mut writes = vec![m.h];
             writes.extend(m.dead.iter().copied());
-            if let Some(((nw, eps), qkv)) = &m.next {
-                down.epi = EPI_RESID_NORM;
-                down.nw = vec_ptr(*nw);
-                down.out_q = (nq, nds, nss);
-                down.gcnt = cnt(g_cnt2);
-                down.group_target = 32;
-                down.n_groups = (e / 32) as u64;
-                phases.push(down);
-                phases.push(Phase {
-                    mats: qkv.iter().map(|&(w, o)| pm(w, acts[o].ptr)).collect(),
-                    in_kind: IN_NORM,
-                    k: e,
-                    yq: nq,
-                    yds: nds,
-                    ss: nss,
-                    eps: *eps,
-                    epi: if rope_ok { EPI_ROPE } else { EPI_STORE },
-                    h: 0,
-                    nw: 0,
-                    out_q: (0, 0, 0),
-                    gcnt: cnt(g_cnt3),
-                    group_target: 0,
-                    n_groups: 0,
-                    pcnt: cnt(4),
-                });
+            // A fourth phase on the normed residual: the next layer's q/k/v, or the logits.
+            let last = if let Some(((nw, eps), qkv)) = &m.next {
                 writes.extend(qkv.iter().map(|&(_, o)| o));
-            } else if let Some(((nw, eps), wl)) = m.logits {
-                // The final norm and the output matrix (one logits row).
+                let mats = qkv.iter().map(|&(w, o)| pm(w, acts[o].ptr)).collect();
+                let epi = if rope_ok { EPI_ROPE } else { EPI_STORE };
+                Some((*nw, *eps, mats, epi, cnt(g_cnt3)))
+            } else {
+                m.logits
+                    .map(|((nw, eps), wl)| (nw, eps, vec![pm(wl, logits_out)], EPI_STORE, 0))
+            };
+            if let Some((nw, eps, mats, epi, gcnt)) = last {
                 down.epi = EPI_RESID_NORM;
                 down.nw = vec_ptr(nw);
                 down.out_q = (nq, nds, nss);
@@ -587,18 +552,18 @@ impl LayerTail {
                 down.n_groups = (e / 32) as u64;
                 phases.push(down);
                 phases.push(Phase {
-                    mats: vec![pm(wl, logits_out)],
+                    mats,
                     in_kind: IN_NORM,
                     k: e,
                     yq: nq,
                     yds: nds,
                     ss: nss,
                     eps,
-                    epi: EPI_STORE,
+                    epi,
                     h: 0,
                     nw: 0,
                     out_q: (0, 0, 0),
-                    gcnt: 0,
+                    gcnt,
                     group_target: 0,
                     n_groups: 0,
                     pcnt: cnt(4),
