@@ -585,7 +585,18 @@ impl CudaBackend {
             logits_d.ptr,
             cfg.head_dim,
             &mut scratch_bytes,
-        )?;
+        );
+        // While the kernel is off by default, a failure to set it up costs nothing else.
+        let tail = match tail {
+            Ok(t) => t,
+            Err(e) if !layer_tail::on_by_default() => {
+                if std::env::var("MOA_LAYER_TAIL").is_ok() {
+                    eprintln!("the layer-tail kernel is not available: {e}");
+                }
+                None
+            }
+            Err(e) => return Err(e),
+        };
         gpu.sync()?;
         let sms = gpu.sms;
         let att_target_blocks = std::env::var("MOA_ATT_BLOCKS")
