@@ -720,19 +720,38 @@ impl CudaBackend {
         self.meta.at(word * 4)
     }
 
+    /// Layer `layer`'s ring region: its per-head capacities and region offsets (device
+    /// pointers), the rows of one sequence and the sink count.
+    fn ring(&self, layer: usize) -> (u64, u64, i32, i32) {
+        // Byte offset of this layer's per-head capacity and region-offset entries (i32 each).
+        let head_off = layer * self.model.config.n_head_kv * 4;
+        let rows_per_seq = self.layout.rows_per_layer(layer) / self.layout.n_seq;
+        (
+            self.caps.at(head_off),
+            self.offs.at(head_off),
+            rows_per_seq as i32,
+            self.layout.sink as i32,
+        )
+    }
+
     /// The ring-region arguments of every kernel that finds a key's slot (KeySpan in
     /// cuda/attention.cu, the store kernels in cuda/ops.cu), in their order: layer `layer`'s
     /// per-head capacities and region offsets, the rows of one sequence and the sink count.
+    fn ring_args(&self, layer: usize) -> [A; 4] {
+        let (caps, offs, rows_per_seq, sink) = self.ring(layer);
+        [A::P(caps), A::P(offs), A::I(rows_per_seq), A::I(sink)]
+    }
+
     /// rope_kv's arguments for one token of layer `layer` (the layer-tail kernel's RoPE).
     fn rope_args(&self, layer: usize) -> layer_tail::RopeArgs {
         let cfg = &self.model.config;
         let ml = meta_layout(self.max_batch, cfg.rope.n_rot / 2);
-        let head_off = layer * cfg.n_head_kv * 4;
+        let (caps, offs, rows_per_seq, sink) = self.ring(layer);
         layer_tail::RopeArgs {
             head_dim: cfg.head_dim as i32,
             half_rot: (cfg.rope.n_rot / 2) as i32,
-            rows_per_seq: (self.layout.rows_per_layer(layer) / self.layout.n_seq) as i32,
-            sink: self.layout.sink as i32,
+            rows_per_seq,
+            sink,
             cs: self.meta_ptr(ml.cs),
             k16: self.k16.ptr,
             v16: self.v16.ptr,
@@ -740,21 +759,9 @@ impl CudaBackend {
             vc: self.kv[layer].1.ptr,
             tok_pos: self.meta_ptr(ml.pos),
             tok_seq: self.meta_ptr(ml.seq),
-            caps: self.caps.at(head_off),
-            offs: self.offs.at(head_off),
+            caps,
+            offs,
         }
-    }
-
-    fn ring_args(&self, layer: usize) -> [A; 4] {
-        // Byte offset of this layer's per-head capacity and region-offset entries (i32 each).
-        let head_off = layer * self.model.config.n_head_kv * 4;
-        let rows_per_seq = self.layout.rows_per_layer(layer) / self.layout.n_seq;
-        [
-            A::P(self.caps.at(head_off)),
-            A::P(self.offs.at(head_off)),
-            A::I(rows_per_seq as i32),
-            A::I(self.layout.sink as i32),
-        ]
     }
 
     fn matmul(&mut self, w: usize, a: MatArgs, x_version: u64) -> Result<(), BackendError> {
