@@ -1341,6 +1341,41 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// RoPE on q and k, the K/V staging and store, and attention (the ops RoPE q, RoPE k,
+    /// Attention); `after`: the ops after them. With `staged` the layer-tail kernel already did
+    /// the RoPE, staging and store. RoPE (or its prefetch blocks) fetches the output
+    /// projection's weights into L2 meanwhile.
+    fn rope_attention(
+        &mut self,
+        after: &[Op],
+        r: layer_tail::RopeOps,
+        batch: &Batch,
+        staged: bool,
+    ) -> Result<(), BackendError> {
+        let n = batch.len();
+        let q8 = self.reads_q8(after.first(), r.out, n);
+        let pf = self.prefetch_next(after, r.out, n);
+        let quantized = self.attention(
+            r.layer,
+            r.q,
+            r.k,
+            r.v,
+            r.out,
+            batch,
+            Some((r.q, r.k, pf)),
+            q8,
+            staged,
+        )?;
+        self.act_version[r.q] += 1;
+        self.act_version[r.k] += 1;
+        self.act_version[r.out] += 1;
+        if quantized {
+            self.mats
+                .mark_quantized(self.act(r.out), self.act_version[r.out]);
+        }
+        Ok(())
+    }
+
     /// Executes the ops, fusing the patterns the llama graph has: residual add + norm (+ q8_1,
     /// or q8_K in the mma layout), products of one input (q/k/v, gate/up), RoPE + f16 staging
     /// (+ cache store) before attention, SwiGLU + q8_1 (or q8_K) before the down projection.
@@ -1372,27 +1407,8 @@ impl CudaBackend {
                         self.mats.invalidate();
                         i += span.n_ops + if logits { 2 } else { 0 };
                         if let Some(r) = rope {
-                            // Then attention, as after rope_kv (ops i, i + 1: the RoPE ops).
-                            let q8 = self.reads_q8(ops.get(i + 3), r.out, n);
-                            let pf = self.prefetch_next(&ops[i + 3..], r.out, n);
-                            let quantized = self.attention(
-                                r.layer,
-                                r.q,
-                                r.k,
-                                r.v,
-                                r.out,
-                                batch,
-                                Some((r.q, r.k, pf)),
-                                q8,
-                                true,
-                            )?;
-                            self.act_version[r.q] += 1;
-                            self.act_version[r.k] += 1;
-                            self.act_version[r.out] += 1;
-                            if quantized {
-                                self.mats
-                                    .mark_quantized(self.act(r.out), self.act_version[r.out]);
-                            }
+                            // Then attention (ops i, i + 1 are the RoPE ops the kernel did).
+                            self.rope_attention(&ops[i + 3..], r, batch, true)?;
                             i += 3;
                         }
                         continue;
@@ -1468,27 +1484,14 @@ impl CudaBackend {
                     ) = (ops.get(i + 1), ops.get(i + 2))
                     {
                         if q2 == q && k2 == k {
-                            let q8 = self.reads_q8(ops.get(i + 3), out, n);
-                            // RoPE fetches the output projection's weights into L2 meanwhile.
-                            let pf = self.prefetch_next(&ops[i + 3..], out, n);
-                            let quantized = self.attention(
+                            let r = layer_tail::RopeOps {
                                 layer,
                                 q,
                                 k,
                                 v,
                                 out,
-                                batch,
-                                Some((q, k, pf)),
-                                q8,
-                                false,
-                            )?;
-                            self.act_version[q] += 1;
-                            self.act_version[k] += 1;
-                            self.act_version[out] += 1;
-                            if quantized {
-                                self.mats
-                                    .mark_quantized(self.act(out), self.act_version[out]);
-                            }
+                            };
+                            self.rope_attention(&ops[i + 3..], r, batch, false)?;
                             i += 3;
                             continue;
                         }
