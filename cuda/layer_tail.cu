@@ -96,9 +96,6 @@ __device__ __forceinline__ u32 tl_ld_acquire(const u32* p) {
 // units tid, tid + nthr, ... (the type is the matrix's, known only at run time).
 __device__ __forceinline__ float tl_row(const u8* r, int type, int tid, int nthr, int units,
                                      const i8* yq, const float2* yds) {
-#ifdef TL_Q4K_ONLY
-    return mmvs_row<T_Q4_K>(r, tid, nthr, units, yq, yds);
-#endif
     switch (type) {
         case T_Q4_0: return mmvs_row<T_Q4_0>(r, tid, nthr, units, yq, yds);
         case T_Q4_1: return mmvs_row<T_Q4_1>(r, tid, nthr, units, yq, yds);
@@ -266,10 +263,8 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
             }
             // The input into shared memory (L2 loads).
             const int nb = K / 32;
-#ifndef TL_YQ_GLOBAL
             for (int c = tid; c < K / 16; c += TL_THREADS)
                 ((int4*)yq_s)[c] = __ldcg((const int4*)P.yq + c);
-#endif
             if (P.in_kind == TL_IN_NORM) {
                 // 1 / rms from every group's sum of squares (fixed order: deterministic).
                 if (warp == 0) {
@@ -304,18 +299,13 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
         const TlMat& M = P.m[mi];
         const int R = (int)M.R, row0 = lt * R, nr = min(R, (int)M.rows - row0);
         const u8* tile = (const u8*)(tl_smem + (size_t)(k % nbuf) * tile_words);
-#ifdef TL_YQ_GLOBAL
-        const i8* yin = (const i8*)P.yq;  // L1 after the acquire (which invalidates L1)
-#else
-        const i8* yin = yq_s;
-#endif
         float* out = (float*)M.out;
         float* h = (float*)P.h;
         const bool resid = P.epi == TL_RESID || P.epi == TL_RESID_NORM;
         if (R > 1) {
             for (int i = warp; i < nr; i += TL_WARPS) {
                 float acc = tl_row(tile + (u64)i * M.row_bytes, (int)M.type, lane, WARP,
-                                   (int)M.units, yin, yds_s);
+                                   (int)M.units, yq_s, yds_s);
                 acc = warp_sum(acc);
                 if (lane == 0) {
                     if (resid) h[row0 + i] = __ldcg(h + row0 + i) + acc;
@@ -323,7 +313,7 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
                 }
             }
         } else {
-            float acc = tl_row(tile, (int)M.type, tid, TL_THREADS, (int)M.units, yin, yds_s);
+            float acc = tl_row(tile, (int)M.type, tid, TL_THREADS, (int)M.units, yq_s, yds_s);
             acc = warp_sum(acc);
             __shared__ float red[TL_WARPS];
             if (lane == 0) red[warp] = acc;
