@@ -70,7 +70,7 @@ struct TlPhase {
     u64 in_kind, K, yq, yds, ss, eps_bits;  // input: q8_1 values, scales, squares (norm), eps
     u64 epi, h, nw;                         // epilogue, residual, next norm weight
     u64 oq, ods, oss;                       // the groups this phase forms (next phase's input)
-    u64 gcnt, group_target, n_groups, pcnt;
+    u64 gcnt, group_target, n_groups, pcnt;  // group_target: rows that complete a group
 };
 struct TlDesc {
     TlPhase p[TL_MAX_PHASES];
@@ -209,7 +209,7 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
     const TlRope rp = {rope_on, head_dim, half_rot, rows_per_seq, sink, cs,  k16,
                        v16,     kc,       vc,       tok_pos,      tok_seq, caps, offs};
     extern __shared__ int4 tl_smem[];
-    __shared__ int fin[4], fin_m[4];
+    __shared__ int fin[4];
     __shared__ int n_fin;
     __shared__ double red_ss[TL_WARPS];
     const TlDesc& D = *desc;
@@ -340,17 +340,14 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
                     const int lo = max(row0, g * gs), hi = min(row0 + nr, g * gs + gs);
                     const u32 add = (u32)(hi - lo);
                     const u32 old = atomicAdd((u32*)P.gcnt + base + g, add);
-                    if (old + add == (u32)(rope ? gs : (int)P.group_target)) {
-                        fin_m[nf] = mi;
-                        fin[nf++] = g;
-                    }
+                    if (old + add == (u32)P.group_target) fin[nf++] = g;
                 }
                 n_fin = nf;
                 __threadfence();
             }
             __syncthreads();
             const int nf = n_fin;
-            if (warp < nf) tl_form_group(P, rp, fin_m[warp], fin[warp], lane);
+            if (warp < nf) tl_form_group(P, rp, mi, fin[warp], lane);  // the tile's matrix
             if (nf > 0 && !rope) {
                 __syncthreads();
                 if (tid == TL_CTL) {

@@ -176,7 +176,7 @@ static int run(const char* name, const Ty& to, const Ty& tf, const Ty& td, const
         set_mat(p3.m[2], wv, wv.out.data(), tile);
         p3.in_kind = TL_IN_NORM, p3.K = e, p3.yq = p0.oq, p3.yds = p0.ods, p3.ss = p0.oss, p3.eps_bits = bits(eps);
         p3.epi = rope ? TL_ROPE : TL_STORE, p3.pcnt = c(4);
-        p3.gcnt = c(5 + e / 32 + f / 32 + e / 32);
+        p3.gcnt = c(5 + e / 32 + f / 32 + e / 32), p3.group_target = rope ? hd : 0;
     }
     for (int i = 0; i < (next ? 4 : 3); i++) finish_phase(D.p[i]);
     D.n_phases = next ? 4 : 3, D.exit_cnt = c(0), D.counters = c(0), D.n_counters = per;

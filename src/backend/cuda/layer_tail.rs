@@ -391,8 +391,7 @@ impl LayerTail {
                 mat(m.down).unwrap(),
             );
             let e = wo.rows;
-            let shapes_ok = wo.cols % 32 == 0
-                && e % 32 == 0
+            let shapes_ok = e % 32 == 0
                 && g.cols == e
                 && u.cols == e
                 && g.rows == u.rows
@@ -537,13 +536,18 @@ impl LayerTail {
             let last = if let Some(((nw, eps), qkv)) = &m.next {
                 writes.extend(qkv.iter().map(|&(_, o)| o));
                 let mats = qkv.iter().map(|&(w, o)| pm(w, acts[o].ptr)).collect();
-                let epi = if rope_ok { EPI_ROPE } else { EPI_STORE };
-                Some((*nw, *eps, mats, epi, cnt(g_cnt3)))
+                // RoPE's groups are heads.
+                let (epi, target) = if rope_ok {
+                    (EPI_ROPE, head_dim as u64)
+                } else {
+                    (EPI_STORE, 0)
+                };
+                Some((*nw, *eps, mats, epi, cnt(g_cnt3), target))
             } else {
                 m.logits
-                    .map(|((nw, eps), wl)| (nw, eps, vec![pm(wl, logits_out)], EPI_STORE, 0))
+                    .map(|((nw, eps), wl)| (nw, eps, vec![pm(wl, logits_out)], EPI_STORE, 0, 0))
             };
-            if let Some((nw, eps, mats, epi, gcnt)) = last {
+            if let Some((nw, eps, mats, epi, gcnt, group_target)) = last {
                 down.epi = EPI_RESID_NORM;
                 down.nw = vec_ptr(nw);
                 down.out_q = (nq, nds, nss);
@@ -564,7 +568,7 @@ impl LayerTail {
                     nw: 0,
                     out_q: (0, 0, 0),
                     gcnt,
-                    group_target: 0,
+                    group_target,
                     n_groups: 0,
                     pcnt: cnt(4),
                 });
