@@ -348,8 +348,14 @@ fn gpu_vs_cpu_worst(
     }
     let a = common::logits_all(&mut cpu, toks, prompt, chunk);
     let b = common::logits_all(&mut gpu, toks, prompt, chunk);
+    worst_relative(&a, &b)
+}
+
+/// Worst difference between two runs' logit rows, each relative to the row's largest `want`
+/// logit (at least 1).
+fn worst_relative(want: &[Vec<f32>], got: &[Vec<f32>]) -> f32 {
     let mut worst = 0f32;
-    for (ra, rb) in a.iter().zip(&b) {
+    for (ra, rb) in want.iter().zip(got) {
         let scale = ra.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
         for (x, y) in ra.iter().zip(rb) {
             worst = worst.max((x - y).abs() / scale);
@@ -548,13 +554,7 @@ fn layer_tail_matches_separate_kernels() {
             // A 5-token prompt (separate kernels in both), then one token per step.
             let a = common::logits_all(&mut fused, &toks, 5, 5);
             let b = common::logits_all(&mut separate, &toks, 5, 5);
-            let mut worst = 0f32;
-            for (ra, rb) in a.iter().zip(&b) {
-                let scale = ra.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
-                for (x, y) in ra.iter().zip(rb) {
-                    worst = worst.max((x - y).abs() / scale);
-                }
-            }
+            let worst = worst_relative(&a, &b);
             eprintln!(
                 "{} model {si} plan {plan}: worst {worst:.2e}",
                 spec.weight_type.name()
@@ -925,12 +925,9 @@ fn exact_attention_backend_matches_cpu() {
                 let mut gpu = CudaBackend::new(Arc::clone(&model), opts.clone()).unwrap();
                 gpu.set_exact_attention(exact);
                 let got = common::logits_all(&mut gpu, &toks, prompt, chunk);
-                for (ra, rb) in want.iter().zip(&got) {
-                    let scale = ra.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
-                    for (x, y) in ra.iter().zip(rb) {
-                        worst[mode] = worst[mode].max((x - y).abs() / scale);
-                    }
-                    if exact {
+                worst[mode] = worst_relative(&want, &got);
+                if exact {
+                    for (ra, rb) in want.iter().zip(&got) {
                         rows_equal +=
                             ra.iter().zip(rb).all(|(x, y)| x.to_bits() == y.to_bits()) as usize;
                     }
@@ -1374,13 +1371,7 @@ fn cuda_replan_matches_fresh_backend() {
             let a = common::logits_all(&mut reused, &toks, prompt, 32);
             let mut fresh = CudaBackend::new(Arc::clone(&model), opts(layout)).unwrap();
             let b = common::logits_all(&mut fresh, &toks, prompt, 32);
-            let mut worst = 0f32;
-            for (ra, rb) in a.iter().zip(&b) {
-                let scale = rb.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
-                for (x, y) in ra.iter().zip(rb) {
-                    worst = worst.max((x - y).abs() / scale);
-                }
-            }
+            let worst = worst_relative(&b, &a);
             eprintln!(
                 "KV {types} layout {i} (n {n}): worst relative difference re-planned vs fresh \
                  {worst:.2e}"
