@@ -13,8 +13,9 @@
 // phase's weights stream while the current phase drains.
 //
 // Dependencies without a grid barrier. The input of phase p > 0 is formed from the outputs of
-// phase p - 1 in groups of 32 rows (one q8_1 block): each tile adds its rows to its groups'
-// counters, and the block whose add completes a group forms that group's part of the input:
+// phase p - 1 in groups of 32 rows (one q8_1 block): after its last tile of a phase, a block adds
+// its tiles' rows to their groups' counters (tl_account), and the block whose add completes a
+// group forms that group's part of the input:
 //   - epilogue 1 (residual + norm): h += W a for the group's rows, then the group's h * w
 //     (norm weight) quantized to q8_1 with raw scales (max |h w| / 127, sum of q) and its sum of
 //     squares of h; the consumer phase scales them by 1 / rms (sum of every group's squares) as
@@ -203,13 +204,60 @@ __device__ __forceinline__ void tl_form_group(const TlPhase& P, const TlRope& rp
     }
 }
 
-extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc* desc, int tile_words, int nbuf, int np_limit, int rope_on, int head_dim, int half_rot,
+// Most groups one accounting round can complete: a warp's worth of tiles, each of at most
+// TILE_ROWS (16) rows, so within two groups of 32 rows (or two heads).
+#define TL_FIN (2 * WARP)
+
+// Adds this block's tiles j0 .. j1 - 1 of phase P (phase tiles b + j G; their outputs written
+// before a barrier) to their groups' counters and forms the groups they complete; returns how
+// many it formed. Called by every thread. The last warp adds, one tile per lane (a warp of
+// tiles per round, its atomics in flight together; the warp issues no copies, see TL_CTL); every
+// warp forms. Counting a phase's tiles once, after the block's last tile of the phase, takes the
+// fences and atomic round trips out of the tile loop (they ran once per tile at first).
+__device__ int tl_account(const TlPhase& P, const TlRope& rp, bool rope, int b, int G,
+                           int j0, int j1, int* fin, int* n_fin) {
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int gs = rope ? rp.head_dim : 32;
+    int formed = 0;
+    for (int c = j0; c < j1; c += WARP) {
+        if (warp == TL_WARPS - 1) {
+            if (lane == 0) *n_fin = 0;
+            __syncwarp();
+            __threadfence();  // the tiles' outputs before their counts
+            const int j = c + lane;
+            if (j < j1) {
+                int mi, lt;
+                tl_locate(P, b + j * G, &mi, &lt);
+                const TlMat& M = P.m[mi];
+                const int row0 = lt * (int)M.R, nr = min((int)M.R, (int)M.rows - row0);
+                int base = 0;  // the matrix's first group (heads of q, then k, then v)
+                if (rope)
+                    for (int k = 0; k < mi; k++) base += (int)P.m[k].rows / gs;
+                for (int g = row0 / gs; g * gs < row0 + nr; g++) {
+                    const int lo = max(row0, g * gs), hi = min(row0 + nr, g * gs + gs);
+                    const u32 add = (u32)(hi - lo);
+                    const u32 old = atomicAdd((u32*)P.gcnt + base + g, add);
+                    if (old + add == (u32)P.group_target) fin[atomicAdd(n_fin, 1)] = (mi << 24) | g;
+                }
+            }
+            __threadfence();  // the other blocks' outputs of the completed groups before reading
+        }
+        __syncthreads();
+        const int nf = *n_fin;
+        for (int f = warp; f < nf; f += TL_WARPS) tl_form_group(P, rp, fin[f] >> 24, fin[f] & 0xffffff, lane);
+        formed += nf;
+        __syncthreads();  // every warp has read n_fin and formed its groups
+    }
+    return formed;
+}
+
+extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc* desc, int tile_words, int nbuf, int np_limit, int acct_every, int rope_on, int head_dim, int half_rot,
            int rows_per_seq, int sink, const float2* cs, u16* k16, u16* v16, u16* kc, u16* vc,
            const int* tok_pos, const int* tok_seq, const int* caps, const int* offs) {
     const TlRope rp = {rope_on, head_dim, half_rot, rows_per_seq, sink, cs,  k16,
                        v16,     kc,       vc,       tok_pos,      tok_seq, caps, offs};
     extern __shared__ int4 tl_smem[];
-    __shared__ int fin[4];
+    __shared__ int fin[TL_FIN];
     __shared__ int n_fin;
     __shared__ double red_ss[TL_WARPS];
     const TlDesc& D = *desc;
@@ -236,6 +284,7 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
     }
     int k = 0;          // tiles done by this block
     int ready = -1;     // the phase whose input is in shared memory
+    int counted = 0;    // this block's tiles of phase p added to their groups so far
     bool waited = false;
     while (p < np) {
         if (ip < np) {
@@ -302,17 +351,21 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
         float* out = (float*)M.out;
         float* h = (float*)P.h;
         const bool resid = P.epi == TL_RESID || P.epi == TL_RESID_NORM;
+        // The residual rows are loaded before the product (only this tile writes them), so
+        // the load's latency hides behind it.
         if (R > 1) {
             for (int i = warp; i < nr; i += TL_WARPS) {
+                const float h0 = resid && lane == 0 ? __ldcg(h + row0 + i) : 0.0f;
                 float acc = tl_row(tile + (u64)i * M.row_bytes, (int)M.type, lane, WARP,
                                    (int)M.units, yq_s, yds_s);
                 acc = warp_sum(acc);
                 if (lane == 0) {
-                    if (resid) h[row0 + i] = __ldcg(h + row0 + i) + acc;
+                    if (resid) h[row0 + i] = h0 + acc;
                     else out[row0 + i] = acc;
                 }
             }
         } else {
+            const float h0 = resid && tid == 0 ? __ldcg(h + row0) : 0.0f;
             float acc = tl_row(tile, (int)M.type, tid, TL_THREADS, (int)M.units, yq_s, yds_s);
             acc = warp_sum(acc);
             __shared__ float red[TL_WARPS];
@@ -320,46 +373,31 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
             __syncthreads();
             if (tid == 0) {
                 for (int w = 1; w < TL_WARPS; w++) acc += red[w];
-                if (resid) h[row0] = __ldcg(h + row0) + acc;
+                if (resid) h[row0] = h0 + acc;
                 else out[row0] = acc;
             }
         }
-        // Group accounting: the block that completes a group forms it. Groups are 32 rows of
-        // the phase's outputs (gate and up share theirs), or one head of q, k or v.
+        // Group accounting (tl_account): after the block's last tile of the phase, or every
+        // acct_every tiles (> 0). The block that completes a group forms it. Groups are 32 rows
+        // of the phase's outputs (gate and up share theirs), or one head of q, k or v.
         const bool rope = P.epi == TL_ROPE && rp.on;
-        if (P.epi == TL_RESID_NORM || P.epi == TL_SWIGLU || rope) {
-            __syncthreads();  // the tile's outputs are written
-            if (tid == TL_CTL) {
-                __threadfence();
-                const int gs = rope ? rp.head_dim : 32;
-                int base = 0;  // the matrix's first group (heads of q, then k, then v)
-                if (rope)
-                    for (int j = 0; j < mi; j++) base += (int)P.m[j].rows / gs;
-                int nf = 0;
-                for (int g = row0 / gs; g * gs < row0 + nr; g++) {
-                    const int lo = max(row0, g * gs), hi = min(row0 + nr, g * gs + gs);
-                    const u32 add = (u32)(hi - lo);
-                    const u32 old = atomicAdd((u32*)P.gcnt + base + g, add);
-                    if (old + add == (u32)P.group_target) fin[nf++] = g;
-                }
-                n_fin = nf;
-                __threadfence();
-            }
-            __syncthreads();
-            const int nf = n_fin;
-            if (warp < nf) tl_form_group(P, rp, mi, fin[warp], lane);  // the tile's matrix
-            if (nf > 0 && !rope) {
-                __syncthreads();
-                if (tid == TL_CTL) {
-                    __threadfence();
-                    atomicAdd((u32*)P.pcnt, (u32)nf);
-                }
+        const int j = (t - b) / G;  // the tile's index among this block's tiles of the phase
+        if ((P.epi == TL_RESID_NORM || P.epi == TL_SWIGLU || rope) &&
+            (t + G >= (int)P.n_tiles || (acct_every > 0 && (j + 1) % acct_every == 0))) {
+            __syncthreads();  // the tiles' outputs are written
+            const int nf = tl_account(P, rp, rope, b, G, counted, j + 1, fin, &n_fin);
+            counted = j + 1;
+            if (nf > 0 && !rope && tid == TL_CTL) {
+                __threadfence();  // the formed groups before the count (tl_account ends in a barrier)
+                atomicAdd((u32*)P.pcnt, (u32)nf);
             }
         }
         __syncthreads();  // this buffer is free for the tile nbuf - 1 after the next
         k++;
         t += G;
+        const int was = p;
         tl_skip(D, np, b, &p, &t);
+        if (p != was) counted = 0;
     }
     cp_async_wait<0>();
     // The last block out zeroes every counter for the next step's launch.

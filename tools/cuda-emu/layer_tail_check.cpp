@@ -14,12 +14,26 @@
 #include "emu_quant.h"
 #include "emu_cp_async.h"
 #include <atomic>
+#include <chrono>
 inline float silu_mul(float g, float u) { return g / (1.0f + std::exp(-g)) * u; }
 template <class T> inline T __ldcg(const T* p) { return *p; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __nanosleep(unsigned) {}
 inline u32 atomicAdd(u32* p, u32 v) { return std::atomic_ref<u32>(*p).fetch_add(v); }
-inline u32 tl_ld_acquire(const u32* p) { return std::atomic_ref<u32>(*(u32*)p).load(); }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline void __syncwarp() { g_warps[threadIdx.x / 32].bar->arrive_and_wait(); }
+// The counter waits spin on this: a wait no block can satisfy fails the check after 20 s
+// instead of hanging it (one block runs, so it would wait forever).
+inline u32 tl_ld_acquire(const u32* p) {
+    static thread_local auto since = std::chrono::steady_clock::now();
+    static thread_local const u32* last = nullptr;
+    if (p != last) last = p, since = std::chrono::steady_clock::now();
+    if (std::chrono::steady_clock::now() - since > std::chrono::seconds(20)) {
+        fprintf(stderr, "a counter wait is never satisfied\n");
+        exit(1);
+    }
+    return std::atomic_ref<u32>(*(u32*)p).load();
+}
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float __fmul_rn(float a, float b) { return a * b; }
@@ -225,8 +239,10 @@ static int run(const char* name, const Ty& to, const Ty& tf, const Ty& td, const
     auto ring_row = [&](int j) { return offs[j] + ring_slot(caps[j], sink, pos); };
     for (int launch_i = 0; launch_i < 2; launch_i++) {
         h = h0;
+        // The groups counted after the block's last tile of a phase, then every 1 or 5 tiles.
+        const int acct = launch_i == 0 ? 0 : nbuf == 3 ? 5 : 1;
         launch({1, 1, 1}, TL_THREADS, smem, [&] {
-            layer_tail(&D, (int)(cap / 16), nbuf, limit, rope, hd, half_rot, rows, sink, cs.data(), k16.data(),
+            layer_tail(&D, (int)(cap / 16), nbuf, limit, acct, rope, hd, half_rot, rows, sink, cs.data(), k16.data(),
                        v16.data(), kc.data(), vc.data(), &pos, &seq, caps.data(), offs.data());
             if (!emu_cp_drained()) { fprintf(stderr, "copies outlive the block\n"); exit(1); }
         });

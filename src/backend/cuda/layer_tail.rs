@@ -11,7 +11,9 @@
 //! it at all.
 //! `MOA_TL_TILE` sets the bytes of weight rows per tile (default [`TILE`]), `MOA_TL_BUFS` the
 //! tile buffers per block (default [`BUFS`]) and `MOA_TL_BLOCKS` the blocks per multiprocessor
-//! (default [`BLOCKS_PER_SM`], at most what fits).
+//! (default [`BLOCKS_PER_SM`], at most what fits), `MOA_TL_ACCOUNT` how often a block adds its
+//! tiles to their groups' counters (0, the default: once per phase, after its last tile of the
+//! phase; N: every N tiles, 1 being the first version's once per tile).
 
 use std::collections::HashMap;
 
@@ -119,6 +121,7 @@ pub struct LayerTail {
     smem: u32,
     tile_words: i32,
     nbuf: i32,
+    acct_every: i32,
 }
 
 /// Whether a matrix can be a phase's: a quantized type the kernel computes, rows of whole
@@ -670,6 +673,7 @@ impl LayerTail {
             smem: smem as u32,
             tile_words: (tile_cap / 16) as i32,
             nbuf: nbuf as i32,
+            acct_every: var("MOA_TL_ACCOUNT").unwrap_or(0).min(1 << 20) as i32,
         }))
     }
 
@@ -705,6 +709,7 @@ impl LayerTail {
                 A::I(self.tile_words),
                 A::I(self.nbuf),
                 A::I(if span.logits && !logits { 3 } else { 4 }),
+                A::I(self.acct_every),
                 A::I(i32::from(rope.is_some())),
                 A::I(r.head_dim),
                 A::I(r.half_rot),
