@@ -147,6 +147,24 @@ __device__ __forceinline__ void tl_issue(const TlPhase& P, int t, int4* buf) {
         for (int c = threadIdx.x; c < chunks; c += TL_CTL) cp_async16(buf + c, src + c, 16);
 }
 
+// Asks L2 for phase tile t's weights (warp 0, a 4 KiB piece per lane; sm_90's bulk prefetch,
+// nothing elsewhere): the tiles a block will copy after those in its shared-memory buffers, so
+// its weights keep streaming while it waits at a phase boundary.
+__device__ __forceinline__ void tl_prefetch(const TlPhase& P, int t) {
+#if __CUDA_ARCH__ >= 900
+    int mi, lt;
+    tl_locate(P, t, &mi, &lt);
+    const TlMat& M = P.m[mi];
+    const int row0 = lt * (int)M.R;
+    const u64 bytes = (u64)min((int)M.R, (int)M.rows - row0) * M.row_bytes;
+    const u8* src = (const u8*)M.W + (u64)row0 * M.row_bytes;
+    for (u64 off = (u64)threadIdx.x * 4096; threadIdx.x < WARP && off < bytes; off += WARP * 4096) {
+        const u32 len = (u32)(bytes - off < 4096 ? bytes - off : 4096);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src + off), "r"(len) : "memory");
+    }
+#endif
+}
+
 // Forms a finished group's part of the next phase's input (one warp): group g (32 rows) of
 // the residual or of gate/up, or head g of matrix mi (q, k, v) with RoPE.
 __device__ __forceinline__ void tl_form_group(const TlPhase& P, const TlRope& rp, int mi, int g,
@@ -251,7 +269,7 @@ __device__ int tl_account(const TlPhase& P, const TlRope& rp, bool rope, int b, 
     return formed;
 }
 
-extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc* desc, int tile_words, int nbuf, int np_limit, int acct_every, int rope_on, int head_dim, int half_rot,
+extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc* desc, int tile_words, int nbuf, int np_limit, int acct_every, int pf_tiles, int rope_on, int head_dim, int half_rot,
            int rows_per_seq, int sink, const float2* cs, u16* k16, u16* v16, u16* kc, u16* vc,
            const int* tok_pos, const int* tok_seq, const int* caps, const int* offs) {
     const TlRope rp = {rope_on, head_dim, half_rot, rows_per_seq, sink, cs,  k16,
@@ -282,6 +300,18 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
         }
         cp_async_commit();
     }
+    // A third cursor, `ahead` tiles past the issue cursor (at most pf_tiles): the tiles asked
+    // of L2 (tl_prefetch) and not yet copied.
+    int fp = ip, ft = it, ahead = 0;
+    auto top_up = [&]() {
+        while (ahead < pf_tiles && fp < np) {
+            tl_prefetch(D.p[fp], ft);
+            ft += G;
+            tl_skip(D, np, b, &fp, &ft);
+            ahead++;
+        }
+    };
+    top_up();
     int k = 0;          // tiles done by this block
     int ready = -1;     // the phase whose input is in shared memory
     int counted = 0;    // this block's tiles of phase p added to their groups so far
@@ -291,6 +321,13 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
             tl_issue(D.p[ip], it, tl_smem + (size_t)((k + nbuf - 1) % nbuf) * tile_words);
             it += G;
             tl_skip(D, np, b, &ip, &it);
+            if (ahead > 0) {
+                ahead--;
+            } else {
+                fp = ip;
+                ft = it;
+            }
+            top_up();
         }
         cp_async_commit();
         const TlPhase& P = D.p[p];

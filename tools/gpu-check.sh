@@ -47,7 +47,8 @@
 #              three attention stages), b (one-token variants MOA_MV_TILE=9216, MOA_L2_PF=8 and 0,
 #              MOA_ATT_BLOCKS=396; dense depths; the matvec bandwidth report; the dense parallel
 #              step; the GPU tests), t (the one-kernel layer tail on and off, MOA_LAYER_TAIL, then
-#              MOA_TL_ROPE=0, MOA_TL_BUFS, MOA_TL_BLOCKS and MOA_TL_TILE); LIM seconds in all (default 540): a test that would not
+#              MOA_TL_ACCOUNT=1, MOA_TL_PREFETCH, MOA_TL_ROPE=0, MOA_TL_BUFS, MOA_TL_BLOCKS and
+#              MOA_TL_TILE, then its GPU test); LIM seconds in all (default 540): a test that would not
 #              fit in what is left is skipped, not cut. On any card but an H200 it stops at once
 #              unless ANY_GPU=1.
 # `build` also compiles the kernels (2 and 3 attention stages) into .devbin/kc with `moa-bench
@@ -351,13 +352,18 @@ sweep)
                 )
             done
         done
-        for e in MOA_TL_ROPE=0 MOA_TL_BUFS=3 MOA_TL_BUFS=4 MOA_TL_BLOCKS=2 MOA_TL_BLOCKS=6 MOA_TL_TILE=4608 MOA_TL_TILE=16384; do
+        for e in MOA_TL_ACCOUNT=1 MOA_TL_PREFETCH=0 MOA_TL_PREFETCH=8 MOA_TL_PREFETCH=16 MOA_TL_ROPE=0 MOA_TL_BUFS=3 MOA_TL_BUFS=4 MOA_TL_BLOCKS=2 MOA_TL_BLOCKS=5 MOA_TL_TILE=4608 MOA_TL_TILE=16384; do
             echo "== $e"
             (
                 export MOA_LAYER_TAIL=1 "${e?}"
                 b 15 --dense -p 0 -n 128 -r 1
             )
         done
+        if [ "$(left)" -gt 60 ]; then
+            echo "== layer tail GPU test"
+            timeout $(($(left) - 10)) "$out/cuda_backend" --test-threads 1 --nocapture layer_tail 2>&1 |
+                grep -E "^test |worst|panicked|result" || true
+        fi
         ;;
     b)
         for e in MOA_MV_TILE=9216 MOA_L2_PF=8 MOA_L2_PF=0 MOA_ATT_BLOCKS=396; do

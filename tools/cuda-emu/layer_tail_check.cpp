@@ -5,7 +5,10 @@
 // serially (products by the same Unit<T> code, the normed groups quantized from h * w and scaled
 // by 1 / rms, SwiGLU groups as q8_1). Checked: the gate/up outputs, the residual after the down
 // projection, the next layer's q/k/v (nothing written past their rows), every counter back at
-// zero after the launch, and a second launch (the next step) giving the same outputs. With RoPE
+// zero after the launch, and a second launch (the next step) giving the same outputs; the first
+// launch counts a phase's groups once after the block's last tile, the second every 1 or 5
+// tiles and also asks L2 for tiles ahead (each weight byte of the phases run once, all but the
+// first buffers' tiles, nothing outside the weights). With RoPE
 // in the last phase: q and k rotated (the reference rotates its own products), k and v in the
 // f16 staging rows as the kernel's f32 values round, and those rows in the ring slot of the
 // token's position (nothing else of the cache written).
@@ -15,6 +18,7 @@
 #include "emu_cp_async.h"
 #include <atomic>
 #include <chrono>
+#include <mutex>
 inline float silu_mul(float g, float u) { return g / (1.0f + std::exp(-g)) * u; }
 template <class T> inline T __ldcg(const T* p) { return *p; }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
@@ -39,6 +43,27 @@ inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 using std::max;
 using std::min;
+// The L2 prefetches (tl_prefetch): each byte asked for is marked in its matrix; a byte outside
+// every matrix, or asked for twice in one launch, fails the check.
+struct EmuWeights {
+    const u8* p;
+    size_t n;
+    std::vector<u8> marks;
+};
+std::vector<EmuWeights> emu_weights;
+std::mutex emu_pf_mutex;
+inline void emu_l2_prefetch(const u8* p, u32 len) {
+    std::lock_guard<std::mutex> lock(emu_pf_mutex);
+    if (len % 16 || (uintptr_t)p % 16) { fprintf(stderr, "misaligned L2 prefetch\n"); exit(1); }
+    for (EmuWeights& w : emu_weights)
+        if (p >= w.p && p + len <= w.p + w.n) {
+            for (u32 i = 0; i < len; i++)
+                if (w.marks[p - w.p + i]++) { fprintf(stderr, "a weight byte prefetched twice\n"); exit(1); }
+            return;
+        }
+    fprintf(stderr, "L2 prefetch outside the weights\n");
+    exit(1);
+}
 #include "layer_tail_extract.cuh"
 #include "emu_quant_ref.h"
 
@@ -241,13 +266,33 @@ static int run(const char* name, const Ty& to, const Ty& tf, const Ty& td, const
         h = h0;
         // The groups counted after the block's last tile of a phase, then every 1 or 5 tiles.
         const int acct = launch_i == 0 ? 0 : nbuf == 3 ? 5 : 1;
+        const int pf = 3 * launch_i;  // tiles asked of L2 ahead: none, then 3
+        emu_weights.clear();
+        for (Mat* m : {&wo, &wg, &wu, &wd, &wq, &wk, &wv})
+            emu_weights.push_back({(const u8*)m->w.data(), m->rows * m->row_bytes, std::vector<u8>(m->rows * m->row_bytes)});
         launch({1, 1, 1}, TL_THREADS, smem, [&] {
-            layer_tail(&D, (int)(cap / 16), nbuf, limit, acct, rope, hd, half_rot, rows, sink, cs.data(), k16.data(),
+            layer_tail(&D, (int)(cap / 16), nbuf, limit, acct, pf, rope, hd, half_rot, rows, sink, cs.data(), k16.data(),
                        v16.data(), kc.data(), vc.data(), &pos, &seq, caps.data(), offs.data());
             if (!emu_cp_drained()) { fprintf(stderr, "copies outlive the block\n"); exit(1); }
         });
         for (int i = 0; i < (int)cnt.size(); i++)
             if (cnt[i]) { bad++; fprintf(stderr, "  %s: counter %d left at %u\n", name, i, cnt[i]); }
+        {
+            // With prefetching, every tile of the phases run but the first nbuf - 1 (copied
+            // before any prefetch) is asked for, once; nothing of a phase left out.
+            size_t missed = 0, stray = 0, asked = 0;
+            const int walked = next && limit == 4 ? 7 : 4;
+            for (int i = 0; i < 7; i++)
+                for (u8 x : emu_weights[i].marks) {
+                    asked += x;
+                    if (i < walked) missed += !x;
+                    else stray += x;
+                }
+            if (pf > 0 ? missed > (size_t)(nbuf - 1) * cap || stray : asked > 0) {
+                bad++;
+                fprintf(stderr, "  %s: prefetch left %zu bytes out, %zu past the phases run\n", name, missed, stray);
+            }
+        }
         // gate/up against the reference from the reference's normed input; the rest from the
         // kernel's own gate/up (so one rounding does not carry through every later phase).
         for (int r = 0; r < f; r++) {

@@ -6,8 +6,9 @@
 # layer_tail_matches_separate_kernels), against a serial reference of the same arithmetic
 # (layer_tail_check.cpp): every quantized type, a mixed-type layer, the last layer's form (no
 # next norm), the next layer's RoPE and K/V staging and ring store done per head (TL_ROPE), 2 to
-# 4 tile buffers, tiles of 1 to 16 rows, and the copies landing at once or only when the
-# kernel's wait retires them. g++ 12+ (C++20, _Float16).
+# 4 tile buffers, tiles of 1 to 16 rows, the copies landing at once or only when the kernel's
+# wait retires them, groups counted once per phase or every few tiles, and the L2 prefetches'
+# addresses (tl_prefetch, marked by emu_l2_prefetch instead of the sm_90 instruction). g++ 12+ (C++20, _Float16).
 #
 #   bash tools/cuda-emu/layer_tail_check.sh
 set -euo pipefail
@@ -24,7 +25,8 @@ source quant_extract.sh
     sed -n '/^__device__ __forceinline__ void rope_pair/,/^}/p' ../../cuda/ops.cu
     sed -n '/^__device__ __forceinline__ int ring_slot/,/^}/p' ../../cuda/ops.cu
     sed '/^__device__ __forceinline__ u32 tl_ld_acquire/,/^}/d' ../../cuda/layer_tail.cu |
-        sed 's/extern __shared__ int4 tl_smem\[\];/int4* tl_smem = (int4*)emu_dyn_smem;/'
+        sed 's/extern __shared__ int4 tl_smem\[\];/int4* tl_smem = (int4*)emu_dyn_smem;/' |
+        sed '/^__device__ __forceinline__ void tl_prefetch/,/^}/{s/#if __CUDA_ARCH__ >= 900/#if 1/;s/asm volatile("cp.async.bulk.prefetch.L2.global \[%0\], %1;" ::"l"(src + off), "r"(len) : "memory");/emu_l2_prefetch(src + off, len);/}'
 } >"$tmp/layer_tail_extract.cuh"
 g++ -std=c++20 -O2 -ffp-contract=off -pthread -Wno-unknown-pragmas -I. -I"$tmp" -o "$tmp/check" layer_tail_check.cpp
 "$tmp/check"

@@ -13,7 +13,9 @@
 //! tile buffers per block (default [`BUFS`]) and `MOA_TL_BLOCKS` the blocks per multiprocessor
 //! (default [`BLOCKS_PER_SM`], at most what fits), `MOA_TL_ACCOUNT` how often a block adds its
 //! tiles to their groups' counters (0, the default: once per phase, after its last tile of the
-//! phase; N: every N tiles, 1 being the first version's once per tile).
+//! phase; N: every N tiles, 1 being the first version's once per tile), `MOA_TL_PREFETCH` how
+//! many of a block's tiles past those in its buffers it asks L2 for (default [`PREFETCH`]; 0:
+//! none).
 
 use std::collections::HashMap;
 
@@ -47,6 +49,10 @@ const MAX_K: usize = 16384;
 /// Tile buffers per block by default (`MOA_TL_BUFS`, 2 to 4): tiles in flight while one is
 /// computed, plus one.
 pub const BUFS: usize = 2;
+/// Tiles past its buffers' a block asks L2 for by default (`MOA_TL_PREFETCH`): with 4 blocks of
+/// 8 KiB tiles per multiprocessor, about 17 MB of the 50 MB L2 on an H100/H200, what 5 us of
+/// the step's bandwidth moves, so the weights keep streaming through a phase boundary.
+pub const PREFETCH: usize = 4;
 /// Blocks per multiprocessor by default.
 pub const BLOCKS_PER_SM: usize = 4;
 const THREADS: u32 = 128;
@@ -122,6 +128,7 @@ pub struct LayerTail {
     tile_words: i32,
     nbuf: i32,
     acct_every: i32,
+    pf_tiles: i32,
 }
 
 /// Whether a matrix can be a phase's: a quantized type the kernel computes, rows of whole
@@ -674,6 +681,7 @@ impl LayerTail {
             tile_words: (tile_cap / 16) as i32,
             nbuf: nbuf as i32,
             acct_every: var("MOA_TL_ACCOUNT").unwrap_or(0).min(1 << 20) as i32,
+            pf_tiles: var("MOA_TL_PREFETCH").unwrap_or(PREFETCH).min(64) as i32,
         }))
     }
 
@@ -710,6 +718,7 @@ impl LayerTail {
                 A::I(self.nbuf),
                 A::I(if span.logits && !logits { 3 } else { 4 }),
                 A::I(self.acct_every),
+                A::I(self.pf_tiles),
                 A::I(i32::from(rope.is_some())),
                 A::I(r.head_dim),
                 A::I(r.half_rot),
