@@ -351,6 +351,9 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
             const int nb = K / 32;
             for (int c = tid; c < K / 16; c += TL_THREADS)
                 ((int4*)yq_s)[c] = __ldcg((const int4*)P.yq + c);
+            // The scales (raw for a normed input: the loads of values, scales and squares are
+            // all in flight together).
+            for (int g = tid; g < nb; g += TL_THREADS) yds_s[g] = __ldcg((const float2*)P.yds + g);
             if (P.in_kind == TL_IN_NORM) {
                 // 1 / rms from every group's sum of squares (fixed order: deterministic).
                 if (warp == 0) {
@@ -363,13 +366,11 @@ extern "C" __global__ void __launch_bounds__(TL_THREADS) layer_tail(const TlDesc
                 __syncthreads();
                 const float mean = (float)(red_ss[0] / (double)K);
                 const float scale = 1.0f / sqrtf(mean + __int_as_float((int)P.eps_bits));
-                for (int g = tid; g < nb; g += TL_THREADS) {
-                    const float2 raw = __ldcg((const float2*)P.yds + g);
+                for (int g = tid; g < nb; g += TL_THREADS) {  // the entries this thread loaded
+                    const float2 raw = yds_s[g];
                     const float d = raw.x * scale;
                     yds_s[g] = make_float2(h2f(f2h(d)), h2f(f2h(d * raw.y)));
                 }
-            } else {
-                for (int g = tid; g < nb; g += TL_THREADS) yds_s[g] = __ldcg((const float2*)P.yds + g);
             }
             ready = p;
         }
