@@ -12,7 +12,10 @@
 //! `sum((|scaled quant_i| + |offset_i|) * |a_i|)`. The offsets are found by decoding the row
 //! with every block's `d` set to zero.
 
-use ggml_compat::dot::{dot_kernel, dot_kernel_avx2, dot_kernel_scalar, vec_dot, vec_dot_type};
+use ggml_compat::dot::{
+    dot2_kernel, dot_kernel, dot_kernel_avx2, dot_kernel_scalar, dot_tile_kernel, vec_dot,
+    vec_dot_type, TILE_TOKENS,
+};
 use ggml_compat::{dequantize_row, quantize_row, GgmlType};
 use half::f16;
 
@@ -274,4 +277,68 @@ fn extreme_quants_do_not_saturate() {
             }
         }
     }
+}
+
+/// The two-row and the two-row, four-token kernels give each pair exactly the single-row
+/// kernel's result (bit for bit: they share work, not sums), on random rows of many lengths and
+/// on extreme quants (every activation quant at +-127).
+#[test]
+fn multi_row_kernels_equal_the_single_row_kernel_bitwise() {
+    let mut rng = Rng(0xd07_0005);
+    let mut checked = 0;
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+    ] {
+        let one = dot_kernel(ty).unwrap();
+        let (Some(two), Some(tile)) = (dot2_kernel(ty), dot_tile_kernel(ty)) else {
+            println!("SKIP {ty}: no multi-row kernels on this CPU");
+            continue;
+        };
+        for nb in [1usize, 2, 3, 18, 128] {
+            for extreme in [false, true] {
+                let n = 32 * nb;
+                let w: Vec<Vec<u8>> = (0..2).map(|_| random_weights(ty, n, &mut rng)).collect();
+                let a: Vec<Vec<u8>> = (0..TILE_TOKENS)
+                    .map(|t| {
+                        if extreme {
+                            let x: Vec<f32> = (0..n)
+                                .map(|i| if (i + t) % 3 == 0 { -1.0 } else { 1.0 })
+                                .collect();
+                            let at = vec_dot_type(ty).unwrap();
+                            let mut q = vec![0u8; at.bytes_for(n as u64).unwrap() as usize];
+                            quantize_row(at, &x, &mut q).unwrap();
+                            q
+                        } else {
+                            random_activation(ty, n, &mut rng)
+                        }
+                    })
+                    .collect();
+                let got = tile(n, &w[0], &w[1], std::array::from_fn(|t| a[t].as_slice()));
+                for t in 0..TILE_TOKENS {
+                    let (p0, p1) = two(n, &w[0], &w[1], &a[t]);
+                    for r in 0..2 {
+                        let want = one(n, &w[r], &a[t]);
+                        assert_eq!(
+                            got[r][t].to_bits(),
+                            want.to_bits(),
+                            "{ty} n={n} tile row {r} token {t}: {} vs {want}",
+                            got[r][t]
+                        );
+                        let pair = if r == 0 { p0 } else { p1 };
+                        assert_eq!(
+                            pair.to_bits(),
+                            want.to_bits(),
+                            "{ty} n={n} two-row row {r}: {pair} vs {want}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    println!("{checked} products equal");
 }

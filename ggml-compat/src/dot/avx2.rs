@@ -16,7 +16,7 @@
 #![allow(unused_unsafe)]
 
 use super::layout::*;
-use super::{check_blocks, Dot2Fn, DotFn};
+use super::{check_blocks, Dot2Fn, DotFn, DotTileFn, TILE_TOKENS};
 use crate::{GgmlType, QK, QK_K};
 use std::arch::x86_64::*;
 
@@ -559,6 +559,242 @@ pub(super) fn kernel2(ty: GgmlType) -> Option<Dot2Fn> {
         Q8_0 => q8_0_x2,
         Q4_1 => q4_1_x2,
         Q5_1 => q5_1_x2,
+        _ => return None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiles: two weight rows by four activation rows (prefill), each of the eight dot products
+// summed exactly as one call of the single-row kernel. Per block a weight row's quants are
+// unpacked once for four tokens and an activation block loaded once for two rows; each pair
+// keeps its own accumulator (and minimum chain), so only the work is shared, not the sums.
+
+/// The u32 at `p` (two f16s), unaligned.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn u32_at(p: *const u8) -> i32 {
+    // SAFETY: the caller guarantees four readable bytes at `p`.
+    unsafe { std::ptr::read_unaligned(p.cast::<u32>()) as i32 }
+}
+
+/// The u16 at `p` (one f16), unaligned.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn u16_at(p: *const u8) -> i16 {
+    // SAFETY: the caller guarantees two readable bytes at `p`.
+    unsafe { std::ptr::read_unaligned(p.cast::<u16>()) as i16 }
+}
+
+/// Lane `T` of `v` (lanes 0..4 used) in all eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lane8<const T: i32>(v: __m128) -> __m256 {
+    // SAFETY: register-only intrinsics.
+    unsafe { _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_set1_epi32(T)) }
+}
+
+/// Sums of the tile's accumulators, plus the minimum chains' lanes where there are any.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_sums(
+    acc: &[[__m256; TILE_TOKENS]; 2],
+    mins: Option<[__m128; 2]>,
+) -> [[f32; TILE_TOKENS]; 2] {
+    // SAFETY: register-only intrinsics and stores into local arrays.
+    unsafe {
+        let mut out = [[0f32; TILE_TOKENS]; 2];
+        for r in 0..2 {
+            let mut m = [0f32; 4];
+            if let Some(mins) = mins {
+                _mm_storeu_ps(m.as_mut_ptr(), mins[r]);
+            }
+            for t in 0..TILE_TOKENS {
+                out[r][t] = hsum_ps(acc[r][t]);
+                if mins.is_some() {
+                    out[r][t] += m[t];
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Every activation row of a tile checked like the weight rows (`check_blocks`).
+fn check_tile(
+    n: usize,
+    w0: &[u8],
+    w1: &[u8],
+    a: &[&[u8]; TILE_TOKENS],
+    wbytes: usize,
+    abytes: usize,
+) -> usize {
+    let nb = check_blocks(n, QK, w0, wbytes, a[0], abytes);
+    check_blocks(n, QK, w1, wbytes, a[0], abytes);
+    for at in &a[1..] {
+        check_blocks(n, QK, w0, wbytes, at, abytes);
+    }
+    nb
+}
+
+/// The tile loop against Q8_0 (`against_q8_0`'s arithmetic per pair: `acc = fma(d_w * d_a,
+/// sum, acc)` block after block, then the lane sum).
+macro_rules! against_q8_0_tile {
+    ($n:expr, $w0:expr, $w1:expr, $a:expr, $wbytes:expr, $quants:ident) => {{
+        let nb = check_tile($n, $w0, $w1, &$a, $wbytes, Q8_0_BYTES);
+        let (wp0, wp1) = ($w0.as_ptr(), $w1.as_ptr());
+        let ap = [
+            $a[0].as_ptr(),
+            $a[1].as_ptr(),
+            $a[2].as_ptr(),
+            $a[3].as_ptr(),
+        ];
+        // SAFETY: block i < nb of every row lies within the lengths `check_tile` asserted;
+        // `$quants` reads inside the weight block, the activation reads are bytes 0..34 of
+        // block i. The caller is compiled with AVX2, FMA and F16C, which its caller guarantees.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; 2];
+            for i in 0..nb {
+                let (x0, x1) = (wp0.add(i * $wbytes), wp1.add(i * $wbytes));
+                let y = [
+                    ap[0].add(i * Q8_0_BYTES),
+                    ap[1].add(i * Q8_0_BYTES),
+                    ap[2].add(i * Q8_0_BYTES),
+                    ap[3].add(i * Q8_0_BYTES),
+                ];
+                // d_a of the four tokens (lanes 0..4), d_w of the two rows (lanes 0, 1).
+                let da = _mm_cvtph_ps(_mm_setr_epi16(
+                    u16_at(y[0]),
+                    u16_at(y[1]),
+                    u16_at(y[2]),
+                    u16_at(y[3]),
+                    0,
+                    0,
+                    0,
+                    0,
+                ));
+                let dw = _mm_cvtph_ps(_mm_setr_epi16(u16_at(x0), u16_at(x1), 0, 0, 0, 0, 0, 0));
+                let dd0 = _mm_mul_ps(_mm_permute_ps::<0b00_00_00_00>(dw), da);
+                let dd1 = _mm_mul_ps(_mm_permute_ps::<0b01_01_01_01>(dw), da);
+                let (q0, q1) = ($quants(x0), $quants(x1));
+                // dot_i8_ps's sign trick with |q| formed once per row.
+                let (a0, a1) = (_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(q1, q1));
+                macro_rules! token {
+                    ($t:literal) => {{
+                        let ya = load32(y[$t].add(2));
+                        let p0 = dot_u8_ps(a0, _mm256_sign_epi8(ya, q0));
+                        let p1 = dot_u8_ps(a1, _mm256_sign_epi8(ya, q1));
+                        acc[0][$t] = _mm256_fmadd_ps(lane8::<$t>(dd0), p0, acc[0][$t]);
+                        acc[1][$t] = _mm256_fmadd_ps(lane8::<$t>(dd1), p1, acc[1][$t]);
+                    }};
+                }
+                token!(0);
+                token!(1);
+                token!(2);
+                token!(3);
+            }
+            tile_sums(&acc, None)
+        }
+    }};
+}
+
+/// The tile loop against Q8_1 (`against_q8_1`'s arithmetic per pair: `acc = fma(d_w * d_a,
+/// sum, acc)` block after block, the minimum chain `mins = fma(m_w, s_a, mins)` one lane per
+/// token, then the lane sum plus `mins`).
+macro_rules! against_q8_1_tile {
+    ($n:expr, $w0:expr, $w1:expr, $a:expr, $wbytes:expr, $quants:ident) => {{
+        let nb = check_tile($n, $w0, $w1, &$a, $wbytes, Q8_1_BYTES);
+        let (wp0, wp1) = ($w0.as_ptr(), $w1.as_ptr());
+        let ap = [
+            $a[0].as_ptr(),
+            $a[1].as_ptr(),
+            $a[2].as_ptr(),
+            $a[3].as_ptr(),
+        ];
+        // SAFETY: as in `against_q8_0_tile`; the activation reads are bytes 0..36 of block i.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; 2];
+            let mut mins = [_mm_setzero_ps(); 2];
+            let deinterleave = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+            for i in 0..nb {
+                let (x0, x1) = (wp0.add(i * $wbytes), wp1.add(i * $wbytes));
+                let y = [
+                    ap[0].add(i * Q8_1_BYTES),
+                    ap[1].add(i * Q8_1_BYTES),
+                    ap[2].add(i * Q8_1_BYTES),
+                    ap[3].add(i * Q8_1_BYTES),
+                ];
+                // (d_a, s_a) of the four tokens as lanes 0..4 and 4..8; (d_w, m_w) of the rows.
+                let hs = _mm256_permutevar8x32_ps(
+                    _mm256_cvtph_ps(_mm_setr_epi32(
+                        u32_at(y[0]),
+                        u32_at(y[1]),
+                        u32_at(y[2]),
+                        u32_at(y[3]),
+                    )),
+                    deinterleave,
+                );
+                let (da, sa) = (_mm256_castps256_ps128(hs), _mm256_extractf128_ps::<1>(hs));
+                let wv = _mm_cvtph_ps(_mm_setr_epi32(u32_at(x0), u32_at(x1), 0, 0));
+                mins[0] = _mm_fmadd_ps(_mm_permute_ps::<0b01_01_01_01>(wv), sa, mins[0]);
+                mins[1] = _mm_fmadd_ps(_mm_permute_ps::<0b11_11_11_11>(wv), sa, mins[1]);
+                let dd0 = _mm_mul_ps(_mm_permute_ps::<0b00_00_00_00>(wv), da);
+                let dd1 = _mm_mul_ps(_mm_permute_ps::<0b10_10_10_10>(wv), da);
+                let (q0, q1) = ($quants(x0), $quants(x1));
+                macro_rules! token {
+                    ($t:literal) => {{
+                        let ya = load32(y[$t].add(4));
+                        acc[0][$t] =
+                            _mm256_fmadd_ps(lane8::<$t>(dd0), dot_u8_ps(q0, ya), acc[0][$t]);
+                        acc[1][$t] =
+                            _mm256_fmadd_ps(lane8::<$t>(dd1), dot_u8_ps(q1, ya), acc[1][$t]);
+                    }};
+                }
+                token!(0);
+                token!(1);
+                token!(2);
+                token!(3);
+            }
+            tile_sums(&acc, Some(mins))
+        }
+    }};
+}
+
+macro_rules! tile_kernels {
+    ($($name:ident => $imp:ident, $mac:ident, $bytes:ident, $quants:ident;)*) => {$(
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $imp(n: usize, w0: &[u8], w1: &[u8], a: [&[u8]; TILE_TOKENS]) -> [[f32; TILE_TOKENS]; 2] {
+            $mac!(n, w0, w1, a, $bytes, $quants)
+        }
+        fn $name(n: usize, w0: &[u8], w1: &[u8], a: [&[u8]; TILE_TOKENS]) -> [[f32; TILE_TOKENS]; 2] {
+            debug_assert!(detected());
+            // SAFETY: handed out only by `kernel_tile`, after `detected()` confirmed AVX2, FMA
+            // and F16C, the features `$imp` is compiled for.
+            unsafe { $imp(n, w0, w1, a) }
+        }
+    )*};
+}
+
+tile_kernels! {
+    q4_0_tile => q4_0_tile_impl, against_q8_0_tile, Q4_0_BYTES, q4_0_quants;
+    q5_0_tile => q5_0_tile_impl, against_q8_0_tile, Q5_0_BYTES, q5_0_quants;
+    q8_0_tile => q8_0_tile_impl, against_q8_0_tile, Q8_0_BYTES, q8_0_quants;
+    q4_1_tile => q4_1_tile_impl, against_q8_1_tile, Q4_1_BYTES, q4_1_quants;
+    q5_1_tile => q5_1_tile_impl, against_q8_1_tile, Q5_1_BYTES, q5_1_quants;
+}
+
+/// The two-row, four-token AVX2 kernel for weights of type `ty` (the 32-element block types),
+/// or `None`.
+pub(super) fn kernel_tile(ty: GgmlType) -> Option<DotTileFn> {
+    if !detected() {
+        return None;
+    }
+    use GgmlType::*;
+    Some(match ty {
+        Q4_0 => q4_0_tile,
+        Q5_0 => q5_0_tile,
+        Q8_0 => q8_0_tile,
+        Q4_1 => q4_1_tile,
+        Q5_1 => q5_1_tile,
         _ => return None,
     })
 }

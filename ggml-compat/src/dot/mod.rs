@@ -60,6 +60,27 @@ pub fn dot2_kernel(ty: GgmlType) -> Option<Dot2Fn> {
     }
 }
 
+/// Activation rows per call of a [`DotTileFn`].
+pub const TILE_TOKENS: usize = 4;
+
+/// Two weight rows against [`TILE_TOKENS`] activation rows: `out[r][t] = dot(w_r, a[t])`, each
+/// exactly as [`dot_kernel`]'s kernel computes it (the weights are unpacked once for all
+/// tokens, each activation block loaded once for both rows; the prefill products' kernel).
+pub type DotTileFn =
+    fn(n: usize, w0: &[u8], w1: &[u8], a: [&[u8]; TILE_TOKENS]) -> [[f32; TILE_TOKENS]; 2];
+
+/// The two-row, four-token kernel for `ty` where one exists (AVX2, 32-element block types).
+pub fn dot_tile_kernel(ty: GgmlType) -> Option<DotTileFn> {
+    match kernel_set() {
+        #[cfg(target_arch = "x86_64")]
+        KernelSet::Avx2 => avx2::kernel_tile(ty),
+        _ => {
+            let _ = ty;
+            None
+        }
+    }
+}
+
 /// Block byte sizes and the offsets shared by the kernels.
 pub(crate) mod layout {
     pub const Q4_0_BYTES: usize = 18;

@@ -3,7 +3,7 @@
 //! (weight row, token), parallel over blocks of weight rows with rayon so each block of weights
 //! is read once from memory for all tokens of the batch.
 
-use ggml_compat::dot::{Dot2Fn, DotFn};
+use ggml_compat::dot::{Dot2Fn, DotFn, DotTileFn, TILE_TOKENS};
 use ggml_compat::GgmlType;
 use rayon::prelude::*;
 
@@ -45,6 +45,9 @@ pub struct MatJob<'a> {
     pub dot: DotFn,
     /// Two rows at a time with the same results as `dot`, where such a kernel exists.
     pub dot2: Option<Dot2Fn>,
+    /// Two rows by [`TILE_TOKENS`] tokens with the same results as `dot` (batches of at least
+    /// that many tokens), where such a kernel exists.
+    pub tile: Option<DotTileFn>,
     /// `rows` rows of `row_bytes`.
     pub w: &'a [u8],
     pub rows: usize,
@@ -96,28 +99,132 @@ pub fn matmul(
     tasks.par_iter().for_each(|&(j, r0, r1)| {
         let job = &jobs[j];
         let out = outs[j];
-        for t in 0..n {
-            let a = &xq[t * act_row_bytes..(t + 1) * act_row_bytes];
-            let row = |r: usize| &job.w[r * job.row_bytes..(r + 1) * job.row_bytes];
+        let act = |t: usize| &xq[t * act_row_bytes..(t + 1) * act_row_bytes];
+        let row = |r: usize| &job.w[r * job.row_bytes..(r + 1) * job.row_bytes];
+        // SAFETY (every write below): each task writes rows r0..r1 of one job's output, for
+        // every token; tasks of a job cover disjoint row ranges and jobs have distinct buffers
+        // (distinct &mut slices), and t * rows + r < n * rows <= out.len() (asserted).
+        let put = |t: usize, r: usize, v: f32| unsafe { *out.ptr().add(t * job.rows + r) = v };
+        // Whole tiles of tokens first: each weight row pair unpacked once per four tokens.
+        let mut t0 = 0;
+        if let Some(tile) = job.tile {
+            while t0 + TILE_TOKENS <= n {
+                let a: [&[u8]; TILE_TOKENS] = std::array::from_fn(|k| act(t0 + k));
+                let mut r = r0;
+                while r + 1 < r1 {
+                    let v = tile(job.cols, row(r), row(r + 1), a);
+                    for (k, (&v0, &v1)) in v[0].iter().zip(&v[1]).enumerate() {
+                        put(t0 + k, r, v0);
+                        put(t0 + k, r + 1, v1);
+                    }
+                    r += 2;
+                }
+                if r < r1 {
+                    for (k, ak) in a.iter().enumerate() {
+                        put(t0 + k, r, (job.dot)(job.cols, row(r), ak));
+                    }
+                }
+                t0 += TILE_TOKENS;
+            }
+        }
+        for t in t0..n {
+            let a = act(t);
             let mut r = r0;
             if let Some(dot2) = job.dot2 {
                 while r + 1 < r1 {
                     let (v0, v1) = dot2(job.cols, row(r), row(r + 1), a);
-                    // SAFETY: as below, for rows r and r + 1 < r1.
-                    unsafe {
-                        *out.ptr().add(t * job.rows + r) = v0;
-                        *out.ptr().add(t * job.rows + r + 1) = v1;
-                    }
+                    put(t, r, v0);
+                    put(t, r + 1, v1);
                     r += 2;
                 }
             }
             for r in r..r1 {
-                let v = (job.dot)(job.cols, row(r), a);
-                // SAFETY: each task writes rows r0..r1 of one job's output, for every token;
-                // tasks of a job cover disjoint row ranges and jobs have distinct buffers
-                // (distinct &mut slices), and t * rows + r < n * rows <= out.len() (asserted).
-                unsafe { *out.ptr().add(t * job.rows + r) = v };
+                put(t, r, (job.dot)(job.cols, row(r), a));
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ggml_compat::dot::{dot2_kernel, dot_kernel, dot_tile_kernel, vec_dot_type};
+
+    /// Every (row, token) product of [`matmul`] equals one call of the single-row kernel, bit
+    /// for bit, whatever path computed it: four-token tiles with an odd row left over, two-row
+    /// pairs for the tokens past the last tile, rows split over tasks; several jobs at once.
+    #[test]
+    fn matmul_products_equal_single_row_dots() {
+        let mut seed = 0x5eed_u64;
+        let mut rnd = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        };
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K] {
+            let cols = 256;
+            let at = vec_dot_type(ty).unwrap();
+            let arb = at.bytes_for(cols as u64).unwrap() as usize;
+            let rb = ty.bytes_for(cols as u64).unwrap() as usize;
+            for n in [1usize, 3, 4, 6, 9] {
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|_| rnd() as f32 / u32::MAX as f32 - 0.5)
+                    .collect();
+                let mut xq = vec![0u8; n * arb];
+                quantize_rows(at, &x, cols, n, &mut xq);
+                // Random bytes with small f16 scales, so every block decodes to finite values.
+                let weights = |rows: usize, rnd: &mut dyn FnMut() -> u32| -> Vec<u8> {
+                    let w: Vec<f32> = (0..rows * cols)
+                        .map(|_| rnd() as f32 / u32::MAX as f32 - 0.5)
+                        .collect();
+                    let mut q = vec![0u8; rows * rb];
+                    for (dst, src) in q.chunks_mut(rb).zip(w.chunks(cols)) {
+                        ggml_compat::quantize_row(ty, src, dst).unwrap();
+                    }
+                    q
+                };
+                let (ra, rbows) = (7, 38);
+                let (wa, wb) = (weights(ra, &mut rnd), weights(rbows, &mut rnd));
+                let (mut oa, mut ob) = (vec![0f32; n * ra], vec![0f32; n * rbows]);
+                let dot = dot_kernel(ty).unwrap();
+                let mut jobs = [
+                    MatJob {
+                        dot,
+                        dot2: dot2_kernel(ty),
+                        tile: dot_tile_kernel(ty),
+                        w: &wa,
+                        rows: ra,
+                        row_bytes: rb,
+                        cols,
+                        out: &mut oa,
+                    },
+                    MatJob {
+                        dot,
+                        dot2: dot2_kernel(ty),
+                        tile: dot_tile_kernel(ty),
+                        w: &wb,
+                        rows: rbows,
+                        row_bytes: rb,
+                        cols,
+                        out: &mut ob,
+                    },
+                ];
+                matmul(&mut jobs, &xq, arb, n, &mut Vec::new());
+                for (w, rows, out) in [(&wa, ra, &oa), (&wb, rbows, &ob)] {
+                    for t in 0..n {
+                        for r in 0..rows {
+                            let want =
+                                dot(cols, &w[r * rb..(r + 1) * rb], &xq[t * arb..(t + 1) * arb]);
+                            assert_eq!(
+                                out[t * rows + r].to_bits(),
+                                want.to_bits(),
+                                "{ty} n={n} row {r} of {rows} token {t}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

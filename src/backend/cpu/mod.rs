@@ -14,7 +14,9 @@ pub mod simd;
 
 use std::sync::{Arc, Mutex};
 
-use ggml_compat::dot::{dot2_kernel, dot_kernel, vec_dot_type, Dot2Fn, DotFn};
+use ggml_compat::dot::{
+    dot2_kernel, dot_kernel, dot_tile_kernel, vec_dot_type, Dot2Fn, DotFn, DotTileFn,
+};
 use ggml_compat::GgmlType;
 use rayon::prelude::*;
 
@@ -30,6 +32,7 @@ use crate::model::Model;
 struct MatKernel {
     dot: DotFn,
     dot2: Option<Dot2Fn>,
+    tile: Option<DotTileFn>,
     act_ty: GgmlType,
 }
 
@@ -137,6 +140,7 @@ impl CpuBackend {
                     kernels[w] = Some(MatKernel {
                         dot,
                         dot2: dot2_kernel(wt.ty),
+                        tile: dot_tile_kernel(wt.ty),
                         act_ty,
                     });
                     qbytes = qbytes.max(
@@ -248,6 +252,7 @@ impl CpuBackend {
                 MatJob {
                     dot: self.kernels[id].expect("kernel prepared").dot,
                     dot2: self.kernels[id].expect("kernel prepared").dot2,
+                    tile: self.kernels[id].expect("kernel prepared").tile,
                     w: if live { model.weight_bytes(id) } else { &[] },
                     rows: if live { wt.rows } else { 0 },
                     row_bytes: wt.row_bytes(),
@@ -379,6 +384,7 @@ impl CpuBackend {
                 let mut job = [MatJob {
                     dot: k.dot,
                     dot2: k.dot2,
+                    tile: k.tile,
                     w: model.weight_bytes(w),
                     rows: wt.rows,
                     row_bytes: wt.row_bytes(),
