@@ -279,9 +279,9 @@ fn extreme_quants_do_not_saturate() {
     }
 }
 
-/// The two-row and the two-row, four-token kernels give each pair exactly the single-row
-/// kernel's result (bit for bit: they share work, not sums), on random rows of many lengths and
-/// on extreme quants (every activation quant at +-127).
+/// The two-row and the two-row, four-token kernels (K-quants: the tile only) give each pair
+/// exactly the single-row kernel's result (bit for bit: they share work, not sums), on random
+/// rows of many lengths and on extreme quants (every activation quant at +-127).
 #[test]
 fn multi_row_kernels_equal_the_single_row_kernel_bitwise() {
     let mut rng = Rng(0xd07_0005);
@@ -292,15 +292,24 @@ fn multi_row_kernels_equal_the_single_row_kernel_bitwise() {
         GgmlType::Q5_0,
         GgmlType::Q5_1,
         GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
     ] {
         let one = dot_kernel(ty).unwrap();
-        let (Some(two), Some(tile)) = (dot2_kernel(ty), dot_tile_kernel(ty)) else {
+        let Some(tile) = dot_tile_kernel(ty) else {
             println!("SKIP {ty}: no multi-row kernels on this CPU");
             continue;
         };
+        // The two-row kernels exist for the 32-element block types only.
+        let two = dot2_kernel(ty);
+        let block = ty.block_size();
         for nb in [1usize, 2, 3, 18, 128] {
+            if block == 256 && nb > 18 {
+                continue;
+            }
             for extreme in [false, true] {
-                let n = 32 * nb;
+                let n = block * nb;
                 let w: Vec<Vec<u8>> = (0..2).map(|_| random_weights(ty, n, &mut rng)).collect();
                 let a: Vec<Vec<u8>> = (0..TILE_TOKENS)
                     .map(|t| {
@@ -319,7 +328,7 @@ fn multi_row_kernels_equal_the_single_row_kernel_bitwise() {
                     .collect();
                 let got = tile(n, &w[0], &w[1], std::array::from_fn(|t| a[t].as_slice()));
                 for t in 0..TILE_TOKENS {
-                    let (p0, p1) = two(n, &w[0], &w[1], &a[t]);
+                    let (p0, p1) = two.map_or((0.0, 0.0), |two| two(n, &w[0], &w[1], &a[t]));
                     for r in 0..2 {
                         let want = one(n, &w[r], &a[t]);
                         assert_eq!(
@@ -329,9 +338,8 @@ fn multi_row_kernels_equal_the_single_row_kernel_bitwise() {
                             got[r][t]
                         );
                         let pair = if r == 0 { p0 } else { p1 };
-                        assert_eq!(
-                            pair.to_bits(),
-                            want.to_bits(),
+                        assert!(
+                            two.is_none() || pair.to_bits() == want.to_bits(),
                             "{ty} n={n} two-row row {r}: {pair} vs {want}"
                         );
                         checked += 1;

@@ -625,13 +625,12 @@ fn check_tile(
     w0: &[u8],
     w1: &[u8],
     a: &[&[u8]; TILE_TOKENS],
-    wbytes: usize,
-    abytes: usize,
+    (block, wbytes, abytes): (usize, usize, usize),
 ) -> usize {
-    let nb = check_blocks(n, QK, w0, wbytes, a[0], abytes);
-    check_blocks(n, QK, w1, wbytes, a[0], abytes);
+    let nb = check_blocks(n, block, w0, wbytes, a[0], abytes);
+    check_blocks(n, block, w1, wbytes, a[0], abytes);
     for at in &a[1..] {
-        check_blocks(n, QK, w0, wbytes, at, abytes);
+        check_blocks(n, block, w0, wbytes, at, abytes);
     }
     nb
 }
@@ -640,7 +639,7 @@ fn check_tile(
 /// sum, acc)` block after block, then the lane sum).
 macro_rules! against_q8_0_tile {
     ($n:expr, $w0:expr, $w1:expr, $a:expr, $wbytes:expr, $quants:ident) => {{
-        let nb = check_tile($n, $w0, $w1, &$a, $wbytes, Q8_0_BYTES);
+        let nb = check_tile($n, $w0, $w1, &$a, (QK, $wbytes, Q8_0_BYTES));
         let (wp0, wp1) = ($w0.as_ptr(), $w1.as_ptr());
         let ap = [
             $a[0].as_ptr(),
@@ -702,7 +701,7 @@ macro_rules! against_q8_0_tile {
 /// token, then the lane sum plus `mins`).
 macro_rules! against_q8_1_tile {
     ($n:expr, $w0:expr, $w1:expr, $a:expr, $wbytes:expr, $quants:ident) => {{
-        let nb = check_tile($n, $w0, $w1, &$a, $wbytes, Q8_1_BYTES);
+        let nb = check_tile($n, $w0, $w1, &$a, (QK, $wbytes, Q8_1_BYTES));
         let (wp0, wp1) = ($w0.as_ptr(), $w1.as_ptr());
         let ap = [
             $a[0].as_ptr(),
@@ -774,12 +773,219 @@ macro_rules! tile_kernels {
     )*};
 }
 
+/// Safe entry points of the K-quant tiles.
+macro_rules! tile_entries {
+    ($($name:ident => $imp:ident;)*) => {$(
+        fn $name(n: usize, w0: &[u8], w1: &[u8], a: [&[u8]; TILE_TOKENS]) -> [[f32; TILE_TOKENS]; 2] {
+            debug_assert!(detected());
+            // SAFETY: handed out only by `kernel_tile`, after `detected()` confirmed AVX2, FMA
+            // and F16C, the features `$imp` is compiled for.
+            unsafe { $imp(n, w0, w1, a) }
+        }
+    )*};
+}
+
+tile_entries! {
+    q4_k_tile => q4_k_tile_impl;
+    q5_k_tile => q5_k_tile_impl;
+    q6_k_tile => q6_k_tile_impl;
+}
+
 tile_kernels! {
     q4_0_tile => q4_0_tile_impl, against_q8_0_tile, Q4_0_BYTES, q4_0_quants;
     q5_0_tile => q5_0_tile_impl, against_q8_0_tile, Q5_0_BYTES, q5_0_quants;
     q8_0_tile => q8_0_tile_impl, against_q8_0_tile, Q8_0_BYTES, q8_0_quants;
     q4_1_tile => q4_1_tile_impl, against_q8_1_tile, Q4_1_BYTES, q4_1_quants;
     q5_1_tile => q5_1_tile_impl, against_q8_1_tile, Q5_1_BYTES, q5_1_quants;
+}
+
+/// The tile of `q4_k_impl` (`fifth`: `q5_k_impl`): each pair's `acc = fma(dy * d, sumi, acc)`
+/// and `mins += dy * dmin * min_term` per super-block, in the single-row kernels' order. Row
+/// by row, each 32-byte chunk of quants is unpacked and its two scales broadcast once, then
+/// multiplied with the four tokens' activations while in registers.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_tile(
+    n: usize,
+    w0: &[u8],
+    w1: &[u8],
+    a: [&[u8]; TILE_TOKENS],
+    fifth: bool,
+) -> [[f32; TILE_TOKENS]; 2] {
+    let wbytes = if fifth { Q5_K_BYTES } else { Q4_K_BYTES };
+    let nb = check_tile(n, w0, w1, &a, (QK_K, wbytes, Q8_K_BYTES));
+    let wp = [w0.as_ptr(), w1.as_ptr()];
+    // SAFETY: block i < nb of every row lies within the lengths `check_tile` asserted; the
+    // reads are those of the single-row kernels.
+    unsafe {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; 2];
+        let mut mins = [[0f32; TILE_TOKENS]; 2];
+        for i in 0..nb {
+            let y: [*const u8; TILE_TOKENS] =
+                std::array::from_fn(|t| a[t].as_ptr().add(i * Q8_K_BYTES));
+            for r in 0..2 {
+                let x = wp[r].add(i * wbytes);
+                let (sc, mn) = k4_scales_mins(x.add(4));
+                let mut sumi = [_mm256_setzero_si256(); TILE_TOKENS];
+                let mut qh = if fifth {
+                    load32(x.add(16))
+                } else {
+                    _mm256_setzero_si256()
+                };
+                let quants = if fifth { 48 } else { 16 };
+                for j in 0..4 {
+                    let q = load32(x.add(quants + 32 * j));
+                    let mut lo = _mm256_and_si256(q, low4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+                    if fifth {
+                        let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, _mm256_set1_epi8(1)));
+                        let h1 = _mm256_slli_epi16::<3>(_mm256_and_si256(qh, _mm256_set1_epi8(2)));
+                        qh = _mm256_srli_epi16::<2>(qh);
+                        lo = _mm256_or_si256(lo, h0);
+                        hi = _mm256_or_si256(hi, h1);
+                    }
+                    let s0 = _mm256_set1_epi16(((sc >> (16 * j)) & 0xFF) as i16);
+                    let s1 = _mm256_set1_epi16(((sc >> (16 * j + 8)) & 0xFF) as i16);
+                    for t in 0..TILE_TOKENS {
+                        let p0 = _mm256_maddubs_epi16(lo, load32(y[t].add(Q8K_QS + 64 * j)));
+                        let p1 = _mm256_maddubs_epi16(hi, load32(y[t].add(Q8K_QS + 64 * j + 32)));
+                        let s =
+                            _mm256_add_epi32(_mm256_madd_epi16(p0, s0), _mm256_madd_epi16(p1, s1));
+                        sumi[t] = _mm256_add_epi32(sumi[t], s);
+                    }
+                }
+                let (d, dmin) = (f16_at(x), f16_at(x.add(2)));
+                for t in 0..TILE_TOKENS {
+                    let dy = f32_at(y[t]);
+                    mins[r][t] += dy * dmin * k4_min_term(mn, y[t].add(Q8K_BSUMS)) as f32;
+                    acc[r][t] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(dy * d),
+                        _mm256_cvtepi32_ps(sumi[t]),
+                        acc[r][t],
+                    );
+                }
+            }
+        }
+        let mut out = [[0f32; TILE_TOKENS]; 2];
+        for r in 0..2 {
+            for t in 0..TILE_TOKENS {
+                out[r][t] = hsum_ps(acc[r][t]) - mins[r][t];
+            }
+        }
+        out
+    }
+}
+
+/// The tile of `q6_k_impl`: each pair's `sumi` (integer) and `acc = fma(dy * d, sumi, acc)`,
+/// row by row, each 32-value piece of quants unpacked and its scales spread once for the four
+/// tokens.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k6_tile(
+    n: usize,
+    w0: &[u8],
+    w1: &[u8],
+    a: [&[u8]; TILE_TOKENS],
+) -> [[f32; TILE_TOKENS]; 2] {
+    let nb = check_tile(n, w0, w1, &a, (QK_K, Q6_K_BYTES, Q8_K_BYTES));
+    let wp = [w0.as_ptr(), w1.as_ptr()];
+    // SAFETY: as in `k4_tile`.
+    unsafe {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let top2 = _mm256_set1_epi8(0x30);
+        let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; 2];
+        for i in 0..nb {
+            let y: [*const u8; TILE_TOKENS] =
+                std::array::from_fn(|t| a[t].as_ptr().add(i * Q8_K_BYTES));
+            for (r, &w) in wp.iter().enumerate() {
+                let x = w.add(i * Q6_K_BYTES);
+                let scales = load16(x.add(192));
+                let sc16 = _mm256_cvtepi8_epi16(scales);
+                let mut sumi: [__m256i; TILE_TOKENS] = std::array::from_fn(|t| {
+                    let corr = _mm256_madd_epi16(sc16, load32(y[t].add(Q8K_BSUMS)));
+                    _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<5>(corr))
+                });
+                let mut ctrl = first_pair();
+                for h in 0..2 {
+                    let ql0 = load32(x.add(64 * h));
+                    let ql1 = load32(x.add(64 * h + 32));
+                    let qh = load32(x.add(128 + 32 * h));
+                    let u = [
+                        _mm256_or_si256(
+                            _mm256_and_si256(ql0, low4),
+                            _mm256_and_si256(_mm256_slli_epi16::<4>(qh), top2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(ql1, low4),
+                            _mm256_and_si256(_mm256_slli_epi16::<2>(qh), top2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4),
+                            _mm256_and_si256(qh, top2),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
+                            _mm256_and_si256(_mm256_srli_epi16::<2>(qh), top2),
+                        ),
+                    ];
+                    for (k, &uk) in u.iter().enumerate() {
+                        let ps = pair_scales(scales, ctrl);
+                        ctrl = next_pair(ctrl);
+                        for t in 0..TILE_TOKENS {
+                            let p = _mm256_maddubs_epi16(
+                                uk,
+                                load32(y[t].add(Q8K_QS + 128 * h + 32 * k)),
+                            );
+                            sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, ps));
+                        }
+                    }
+                }
+                let d = f16_at(x.add(208));
+                for t in 0..TILE_TOKENS {
+                    acc[r][t] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(f32_at(y[t]) * d),
+                        _mm256_cvtepi32_ps(sumi[t]),
+                        acc[r][t],
+                    );
+                }
+            }
+        }
+        tile_sums(&acc, None)
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_tile_impl(
+    n: usize,
+    w0: &[u8],
+    w1: &[u8],
+    a: [&[u8]; TILE_TOKENS],
+) -> [[f32; TILE_TOKENS]; 2] {
+    // SAFETY: same features.
+    unsafe { k4_tile(n, w0, w1, a, false) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_tile_impl(
+    n: usize,
+    w0: &[u8],
+    w1: &[u8],
+    a: [&[u8]; TILE_TOKENS],
+) -> [[f32; TILE_TOKENS]; 2] {
+    // SAFETY: same features.
+    unsafe { k4_tile(n, w0, w1, a, true) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_tile_impl(
+    n: usize,
+    w0: &[u8],
+    w1: &[u8],
+    a: [&[u8]; TILE_TOKENS],
+) -> [[f32; TILE_TOKENS]; 2] {
+    // SAFETY: same features.
+    unsafe { k6_tile(n, w0, w1, a) }
 }
 
 /// The two-row, four-token AVX2 kernel for weights of type `ty` (the 32-element block types),
@@ -795,6 +1001,9 @@ pub(super) fn kernel_tile(ty: GgmlType) -> Option<DotTileFn> {
         Q8_0 => q8_0_tile,
         Q4_1 => q4_1_tile,
         Q5_1 => q5_1_tile,
+        Q4_K => q4_k_tile,
+        Q5_K => q5_k_tile,
+        Q6_K => q6_k_tile,
         _ => return None,
     })
 }
