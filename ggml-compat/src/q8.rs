@@ -184,10 +184,12 @@ pub fn quantize_q8_k(src: &[f32], dst: &mut [u8]) {
         let iscale = -127.0f32 / max;
         let (dh, rest) = blk.split_at_mut(Q8_K_QS);
         let (qs, bsums) = rest.split_at_mut(QK_K);
+        // Nearest integer, ties to even (ggml's `nearest_int`, which adds 1.5 * 2^23 the same
+        // way; `round_ties_even` is a libm call without SSE4.1); |iscale * v| <= 127 up to
+        // rounding, so only the upper bound needs clamping.
+        let magic = f32::from_bits(0x4b40_0000);
         for (q, &v) in qs.iter_mut().zip(x) {
-            // Nearest integer, ties to even (ggml's `nearest_int`); |iscale * v| <= 127 up to
-            // rounding, so only the upper bound needs clamping.
-            let r = (iscale * v).round_ties_even() as i32;
+            let r = ((iscale * v) + magic - magic) as i32;
             *q = (r.min(127) as i8) as u8;
         }
         for (s, group) in bsums.chunks_exact_mut(2).zip(qs.chunks_exact(16)) {
