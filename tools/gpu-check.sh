@@ -308,7 +308,13 @@ sweep)
             return
         fi
         echo "-- $* ($(left) s left)"
-        "$out/moa-bench" -m "$synth" --device cuda "$@" 2>&1 | grep -E "^\| [a-z0-9]|rror" || true
+        # A run may take three times its estimate (a hung kernel, say a counter wait of the
+        # layer tail that never ends, then costs that, not the rest of the call).
+        local cap=$((need * 3 < $(left) ? need * 3 : $(left)))
+        local rc=0
+        timeout "$cap" "$out/moa-bench" -m "$synth" --device cuda "$@" >/tmp/moa-b.log 2>&1 || rc=$?
+        grep -E "^\| [a-z0-9]|rror" /tmp/moa-b.log || true
+        [ "$rc" != 124 ] || echo "-- timed out after $cap s"
     }
     card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
     echo "card: $card"
