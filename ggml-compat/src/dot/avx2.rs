@@ -818,7 +818,6 @@ unsafe fn k4_tile(
     // SAFETY: block i < nb of every row lies within the lengths `check_tile` asserted; the
     // reads are those of the single-row kernels.
     unsafe {
-        let low4 = _mm256_set1_epi8(0x0F);
         let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; 2];
         let mut mins = [[0f32; TILE_TOKENS]; 2];
         for i in 0..nb {
@@ -833,20 +832,9 @@ unsafe fn k4_tile(
                 } else {
                     _mm256_setzero_si256()
                 };
-                let quants = if fifth { 48 } else { 16 };
                 for j in 0..4 {
-                    let q = load32(x.add(quants + 32 * j));
-                    let mut lo = _mm256_and_si256(q, low4);
-                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
-                    if fifth {
-                        let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, _mm256_set1_epi8(1)));
-                        let h1 = _mm256_slli_epi16::<3>(_mm256_and_si256(qh, _mm256_set1_epi8(2)));
-                        qh = _mm256_srli_epi16::<2>(qh);
-                        lo = _mm256_or_si256(lo, h0);
-                        hi = _mm256_or_si256(hi, h1);
-                    }
-                    let s0 = _mm256_set1_epi16(((sc >> (16 * j)) & 0xFF) as i16);
-                    let s1 = _mm256_set1_epi16(((sc >> (16 * j + 8)) & 0xFF) as i16);
+                    let (lo, hi) = k4_chunk(x, j, fifth, &mut qh);
+                    let (s0, s1) = k4_chunk_scales(sc, j);
                     for t in 0..TILE_TOKENS {
                         let p0 = _mm256_maddubs_epi16(lo, load32(y[t].add(Q8K_QS + 64 * j)));
                         let p1 = _mm256_maddubs_epi16(hi, load32(y[t].add(Q8K_QS + 64 * j + 32)));
@@ -892,8 +880,6 @@ unsafe fn k6_tile(
     let wp = [w0.as_ptr(), w1.as_ptr()];
     // SAFETY: as in `k4_tile`.
     unsafe {
-        let low4 = _mm256_set1_epi8(0x0F);
-        let top2 = _mm256_set1_epi8(0x30);
         let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; 2];
         for i in 0..nb {
             let y: [*const u8; TILE_TOKENS] =
@@ -908,27 +894,7 @@ unsafe fn k6_tile(
                 });
                 let mut ctrl = first_pair();
                 for h in 0..2 {
-                    let ql0 = load32(x.add(64 * h));
-                    let ql1 = load32(x.add(64 * h + 32));
-                    let qh = load32(x.add(128 + 32 * h));
-                    let u = [
-                        _mm256_or_si256(
-                            _mm256_and_si256(ql0, low4),
-                            _mm256_and_si256(_mm256_slli_epi16::<4>(qh), top2),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(ql1, low4),
-                            _mm256_and_si256(_mm256_slli_epi16::<2>(qh), top2),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4),
-                            _mm256_and_si256(qh, top2),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
-                            _mm256_and_si256(_mm256_srli_epi16::<2>(qh), top2),
-                        ),
-                    ];
+                    let u = k6_quants(x, h);
                     for (k, &uk) in u.iter().enumerate() {
                         let ps = pair_scales(scales, ctrl);
                         ctrl = next_pair(ctrl);
@@ -1169,30 +1135,108 @@ unsafe fn k4_min_term(mins: u64, bsums: *const u8) -> i32 {
     }
 }
 
+/// Sub-blocks 2j and 2j + 1 of a Q4_K / Q5_K super-block at `x` as unsigned bytes: the low and
+/// high nibbles of 32-byte chunk j of the quants (at byte `quants`), with Q5_K's fifth bits
+/// (`fifth`) from `qh` (the 32 bytes at 16, shifted right by two per chunk: pass it in chunk
+/// order).
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let nb = check_blocks(n, QK_K, w, Q4_K_BYTES, a, Q8_K_BYTES);
-    let (wp, ap) = (w.as_ptr(), a.as_ptr());
-    // SAFETY: block i < nb lies within the asserted lengths; reads: weight bytes 0..144
-    // (d/dmin 0..4, scales 4..16, quants 16..144), activation bytes 0..292.
+unsafe fn k4_chunk(x: *const u8, j: usize, fifth: bool, qh: &mut __m256i) -> (__m256i, __m256i) {
+    // SAFETY: the caller passes a whole 144-byte (Q4_K) or 176-byte (Q5_K) block.
     unsafe {
         let low4 = _mm256_set1_epi8(0x0F);
+        let q = load32(x.add(if fifth { 48 } else { 16 } + 32 * j));
+        let lo = _mm256_and_si256(q, low4);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+        if !fifth {
+            return (lo, hi);
+        }
+        // Bit 2j of qh[l] is the fifth bit of the low-nibble quant l, bit 2j+1 of the
+        // high-nibble one.
+        let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(*qh, _mm256_set1_epi8(1)));
+        let h1 = _mm256_slli_epi16::<3>(_mm256_and_si256(*qh, _mm256_set1_epi8(2)));
+        *qh = _mm256_srli_epi16::<2>(*qh);
+        (_mm256_or_si256(lo, h0), _mm256_or_si256(hi, h1))
+    }
+}
+
+/// The 6-bit scales of sub-blocks 2j and 2j + 1 (from `k4_scales_mins`), each broadcast as i16.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_chunk_scales(sc: u64, j: usize) -> (__m256i, __m256i) {
+    // SAFETY: register-only intrinsics.
+    unsafe {
+        (
+            _mm256_set1_epi16(((sc >> (16 * j)) & 0xFF) as i16),
+            _mm256_set1_epi16(((sc >> (16 * j + 8)) & 0xFF) as i16),
+        )
+    }
+}
+
+/// The quants `u = q + 32` (0..64) of the four 32-value pieces 4h .. 4h + 3 of a Q6_K
+/// super-block at `x` (ql at 0..128, qh at 128..192).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k6_quants(x: *const u8, h: usize) -> [__m256i; 4] {
+    // SAFETY: the caller passes a whole 210-byte block.
+    unsafe {
+        let low4 = _mm256_set1_epi8(0x0F);
+        let top2 = _mm256_set1_epi8(0x30);
+        let ql0 = load32(x.add(64 * h));
+        let ql1 = load32(x.add(64 * h + 32));
+        let qh = load32(x.add(128 + 32 * h));
+        [
+            _mm256_or_si256(
+                _mm256_and_si256(ql0, low4),
+                _mm256_and_si256(_mm256_slli_epi16::<4>(qh), top2),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(ql1, low4),
+                _mm256_and_si256(_mm256_slli_epi16::<2>(qh), top2),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4),
+                _mm256_and_si256(qh, top2),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(qh), top2),
+            ),
+        ]
+    }
+}
+
+/// Q4_K (`fifth` false) or Q5_K against Q8_K: per super-block the integer `sumi` of the
+/// sub-blocks' quants times their scales, `acc = fma(dy * d, sumi, acc)`, and the mins' term
+/// `mins += dy * dmin * min_term`; the lane sum minus `mins` at the end.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_dot(n: usize, w: &[u8], a: &[u8], fifth: bool) -> f32 {
+    let wbytes = if fifth { Q5_K_BYTES } else { Q4_K_BYTES };
+    let nb = check_blocks(n, QK_K, w, wbytes, a, Q8_K_BYTES);
+    let (wp, ap) = (w.as_ptr(), a.as_ptr());
+    // SAFETY: block i < nb lies within the asserted lengths; reads: weight bytes 0..144 (Q4_K:
+    // d/dmin 0..4, scales 4..16, quants 16..144) or 0..176 (Q5_K: qh 16..48, quants 48..176),
+    // activation bytes 0..292.
+    unsafe {
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
         for i in 0..nb {
-            let (x, y) = (wp.add(i * Q4_K_BYTES), ap.add(i * Q8_K_BYTES));
+            let (x, y) = (wp.add(i * wbytes), ap.add(i * Q8_K_BYTES));
             let dy = f32_at(y);
             let (sc, mn) = k4_scales_mins(x.add(4));
             mins += dy * f16_at(x.add(2)) * k4_min_term(mn, y.add(Q8K_BSUMS)) as f32;
+            let mut qh = if fifth {
+                load32(x.add(16))
+            } else {
+                _mm256_setzero_si256()
+            };
             let mut sumi = _mm256_setzero_si256();
             for j in 0..4 {
-                let q = load32(x.add(16 + 32 * j));
-                let lo = _mm256_and_si256(q, low4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+                let (lo, hi) = k4_chunk(x, j, fifth, &mut qh);
+                let (s0, s1) = k4_chunk_scales(sc, j);
                 let p0 = _mm256_maddubs_epi16(lo, load32(y.add(Q8K_QS + 64 * j)));
                 let p1 = _mm256_maddubs_epi16(hi, load32(y.add(Q8K_QS + 64 * j + 32)));
-                let s0 = _mm256_set1_epi16(((sc >> (16 * j)) & 0xFF) as i16);
-                let s1 = _mm256_set1_epi16(((sc >> (16 * j + 8)) & 0xFF) as i16);
                 let s = _mm256_add_epi32(_mm256_madd_epi16(p0, s0), _mm256_madd_epi16(p1, s1));
                 sumi = _mm256_add_epi32(sumi, s);
             }
@@ -1204,45 +1248,15 @@ unsafe fn q4_k_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    // SAFETY: same features.
+    unsafe { k4_dot(n, w, a, false) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_k_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let nb = check_blocks(n, QK_K, w, Q5_K_BYTES, a, Q8_K_BYTES);
-    let (wp, ap) = (w.as_ptr(), a.as_ptr());
-    // SAFETY: block i < nb lies within the asserted lengths; reads: weight bytes 0..176
-    // (d/dmin 0..4, scales 4..16, qh 16..48, quants 48..176), activation bytes 0..292.
-    unsafe {
-        let low4 = _mm256_set1_epi8(0x0F);
-        let one = _mm256_set1_epi8(1);
-        let two = _mm256_set1_epi8(2);
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for i in 0..nb {
-            let (x, y) = (wp.add(i * Q5_K_BYTES), ap.add(i * Q8_K_BYTES));
-            let dy = f32_at(y);
-            let (sc, mn) = k4_scales_mins(x.add(4));
-            mins += dy * f16_at(x.add(2)) * k4_min_term(mn, y.add(Q8K_BSUMS)) as f32;
-            let mut qh = load32(x.add(16));
-            let mut sumi = _mm256_setzero_si256();
-            for j in 0..4 {
-                let q = load32(x.add(48 + 32 * j));
-                // Bit 2j of qh[l] is the fifth bit of the low-nibble quant l, bit 2j+1 of the
-                // high-nibble one; qh shifts right by two per step.
-                let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, one));
-                let h1 = _mm256_slli_epi16::<3>(_mm256_and_si256(qh, two));
-                qh = _mm256_srli_epi16::<2>(qh);
-                let lo = _mm256_or_si256(_mm256_and_si256(q, low4), h0);
-                let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q), low4), h1);
-                let p0 = _mm256_maddubs_epi16(lo, load32(y.add(Q8K_QS + 64 * j)));
-                let p1 = _mm256_maddubs_epi16(hi, load32(y.add(Q8K_QS + 64 * j + 32)));
-                let s0 = _mm256_set1_epi16(((sc >> (16 * j)) & 0xFF) as i16);
-                let s1 = _mm256_set1_epi16(((sc >> (16 * j + 8)) & 0xFF) as i16);
-                let s = _mm256_add_epi32(_mm256_madd_epi16(p0, s0), _mm256_madd_epi16(p1, s1));
-                sumi = _mm256_add_epi32(sumi, s);
-            }
-            let d = dy * f16_at(x);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-        }
-        hsum_ps(acc) - mins
-    }
+    // SAFETY: same features.
+    unsafe { k4_dot(n, w, a, true) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1252,8 +1266,6 @@ unsafe fn q6_k_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
     // SAFETY: block i < nb lies within the asserted lengths; reads: weight bytes 0..210
     // (ql 0..128, qh 128..192, scales 192..208, d 208..210), activation bytes 0..292.
     unsafe {
-        let low4 = _mm256_set1_epi8(0x0F);
-        let top2 = _mm256_set1_epi8(0x30);
         let mut acc = _mm256_setzero_ps();
         for i in 0..nb {
             let (x, y) = (wp.add(i * Q6_K_BYTES), ap.add(i * Q8_K_BYTES));
@@ -1264,28 +1276,7 @@ unsafe fn q6_k_impl(n: usize, w: &[u8], a: &[u8]) -> f32 {
             let mut sumi = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<5>(corr));
             let mut ctrl = first_pair();
             for h in 0..2 {
-                let ql0 = load32(x.add(64 * h));
-                let ql1 = load32(x.add(64 * h + 32));
-                let qh = load32(x.add(128 + 32 * h));
-                let u = [
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql0, low4),
-                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), top2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql1, low4),
-                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), top2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4),
-                        _mm256_and_si256(qh, top2),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
-                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), top2),
-                    ),
-                ];
-                for (k, &uk) in u.iter().enumerate() {
+                for (k, &uk) in k6_quants(x, h).iter().enumerate() {
                     let p = _mm256_maddubs_epi16(uk, load32(y.add(Q8K_QS + 128 * h + 32 * k)));
                     sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, pair_scales(scales, ctrl)));
                     ctrl = next_pair(ctrl);
