@@ -775,20 +775,20 @@ macro_rules! tile_kernels {
 
 /// Safe entry points of the K-quant tiles.
 macro_rules! tile_entries {
-    ($($name:ident => $imp:ident;)*) => {$(
+    ($($name:ident => $imp:ident($($flag:expr)?);)*) => {$(
         fn $name(n: usize, w0: &[u8], w1: &[u8], a: [&[u8]; TILE_TOKENS]) -> [[f32; TILE_TOKENS]; 2] {
             debug_assert!(detected());
             // SAFETY: handed out only by `kernel_tile`, after `detected()` confirmed AVX2, FMA
             // and F16C, the features `$imp` is compiled for.
-            unsafe { $imp(n, w0, w1, a) }
+            unsafe { $imp(n, w0, w1, a $(, $flag)?) }
         }
     )*};
 }
 
 tile_entries! {
-    q4_k_tile => q4_k_tile_impl;
-    q5_k_tile => q5_k_tile_impl;
-    q6_k_tile => q6_k_tile_impl;
+    q4_k_tile => k4_tile(false);
+    q5_k_tile => k4_tile(true);
+    q6_k_tile => k6_tile();
 }
 
 tile_kernels! {
@@ -921,41 +921,8 @@ unsafe fn k6_tile(
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_tile_impl(
-    n: usize,
-    w0: &[u8],
-    w1: &[u8],
-    a: [&[u8]; TILE_TOKENS],
-) -> [[f32; TILE_TOKENS]; 2] {
-    // SAFETY: same features.
-    unsafe { k4_tile(n, w0, w1, a, false) }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_k_tile_impl(
-    n: usize,
-    w0: &[u8],
-    w1: &[u8],
-    a: [&[u8]; TILE_TOKENS],
-) -> [[f32; TILE_TOKENS]; 2] {
-    // SAFETY: same features.
-    unsafe { k4_tile(n, w0, w1, a, true) }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_tile_impl(
-    n: usize,
-    w0: &[u8],
-    w1: &[u8],
-    a: [&[u8]; TILE_TOKENS],
-) -> [[f32; TILE_TOKENS]; 2] {
-    // SAFETY: same features.
-    unsafe { k6_tile(n, w0, w1, a) }
-}
-
-/// The two-row, four-token AVX2 kernel for weights of type `ty` (the 32-element block types),
-/// or `None`.
+/// The two-row, four-token AVX2 kernel for weights of type `ty` (the 32-element block types,
+/// Q4_K, Q5_K and Q6_K), or `None`.
 pub(super) fn kernel_tile(ty: GgmlType) -> Option<DotTileFn> {
     if !detected() {
         return None;
