@@ -775,20 +775,20 @@ macro_rules! tile_kernels {
 
 /// Safe entry points of the K-quant tiles.
 macro_rules! tile_entries {
-    ($($name:ident => $imp:ident($($flag:expr)?);)*) => {$(
+    ($($name:ident => $imp:path;)*) => {$(
         fn $name(n: usize, w0: &[u8], w1: &[u8], a: [&[u8]; TILE_TOKENS]) -> [[f32; TILE_TOKENS]; 2] {
             debug_assert!(detected());
             // SAFETY: handed out only by `kernel_tile`, after `detected()` confirmed AVX2, FMA
             // and F16C, the features `$imp` is compiled for.
-            unsafe { $imp(n, w0, w1, a $(, $flag)?) }
+            unsafe { $imp(n, w0, w1, a) }
         }
     )*};
 }
 
 tile_entries! {
-    q4_k_tile => k4_tile(false);
-    q5_k_tile => k4_tile(true);
-    q6_k_tile => k6_tile();
+    q4_k_tile => k4_tile::<false>;
+    q5_k_tile => k4_tile::<true>;
+    q6_k_tile => k6_tile;
 }
 
 tile_kernels! {
@@ -799,19 +799,19 @@ tile_kernels! {
     q5_1_tile => q5_1_tile_impl, against_q8_1_tile, Q5_1_BYTES, q5_1_quants;
 }
 
-/// The tile of `q4_k_impl` (`fifth`: `q5_k_impl`): each pair's `acc = fma(dy * d, sumi, acc)`
+/// The tile of `q4_k_impl` (`FIFTH`: `q5_k_impl`): each pair's `acc = fma(dy * d, sumi, acc)`
 /// and `mins += dy * dmin * min_term` per super-block, in the single-row kernels' order. Row
 /// by row, each 32-byte chunk of quants is unpacked and its two scales broadcast once, then
 /// multiplied with the four tokens' activations while in registers.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k4_tile(
+unsafe fn k4_tile<const FIFTH: bool>(
     n: usize,
     w0: &[u8],
     w1: &[u8],
     a: [&[u8]; TILE_TOKENS],
-    fifth: bool,
 ) -> [[f32; TILE_TOKENS]; 2] {
+    let fifth = FIFTH;
     let wbytes = if fifth { Q5_K_BYTES } else { Q4_K_BYTES };
     let nb = check_tile(n, w0, w1, &a, (QK_K, wbytes, Q8_K_BYTES));
     let wp = [w0.as_ptr(), w1.as_ptr()];
