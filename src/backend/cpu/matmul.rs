@@ -1,7 +1,9 @@
 //! Quantized matrix products on the CPU: activations quantized once per row into the weight
-//! type's activation format (as llama.cpp does), then one ggml-compat dot kernel call per
-//! (weight row, token), parallel over blocks of weight rows with rayon so each block of weights
-//! is read once from memory for all tokens of the batch.
+//! type's activation format (as llama.cpp does), then ggml-compat dot kernels: two rows by four
+//! tokens per call where a tile kernel exists and the batch has four tokens, else one or two rows
+//! per (token) call, every product equal to the single-row kernel's. Parallel over blocks of
+//! weight rows with rayon so each block of weights is read once from memory for all tokens of
+//! the batch.
 
 use ggml_compat::dot::{Dot2Fn, DotFn, DotTileFn, TILE_TOKENS};
 use ggml_compat::GgmlType;
@@ -104,7 +106,10 @@ pub fn matmul(
         // SAFETY (every write below): each task writes rows r0..r1 of one job's output, for
         // every token; tasks of a job cover disjoint row ranges and jobs have distinct buffers
         // (distinct &mut slices), and t * rows + r < n * rows <= out.len() (asserted).
-        let put = |t: usize, r: usize, v: f32| unsafe { *out.ptr().add(t * job.rows + r) = v };
+        let put = |t: usize, r: usize, v: f32| {
+            debug_assert!(t < n && (r0..r1).contains(&r));
+            unsafe { *out.ptr().add(t * job.rows + r) = v }
+        };
         // Whole tiles of tokens first: each weight row pair unpacked once per four tokens.
         let mut t0 = 0;
         if let Some(tile) = job.tile {
