@@ -37,7 +37,7 @@ pub fn on_by_default() -> bool {
     }
 }
 
-/// Off until it measures faster than the separate kernels (see README, nineteenth session).
+/// Off until it measures faster than the separate kernels (see docs/cuda-sessions.md, nineteenth and twentieth sessions).
 pub const DEFAULT_ON: bool = false;
 
 /// Target bytes of weight rows per tile (the streamed one-token kernel's default).
