@@ -635,18 +635,23 @@ fn check_tile(
     nb
 }
 
+/// Pointers to block `i` (blocks of `bytes`) of each token's activation row.
+#[inline(always)]
+unsafe fn tile_blocks(
+    a: &[&[u8]; TILE_TOKENS],
+    i: usize,
+    bytes: usize,
+) -> [*const u8; TILE_TOKENS] {
+    // SAFETY: the caller checked (`check_tile`) that every row holds block i.
+    std::array::from_fn(|t| unsafe { a[t].as_ptr().add(i * bytes) })
+}
+
 /// The tile loop against Q8_0 (`against_q8_0`'s arithmetic per pair: `acc = fma(d_w * d_a,
 /// sum, acc)` block after block, then the lane sum).
 macro_rules! against_q8_0_tile {
     ($n:expr, $w0:expr, $w1:expr, $a:expr, $wbytes:expr, $quants:ident) => {{
         let nb = check_tile($n, $w0, $w1, &$a, (QK, $wbytes, Q8_0_BYTES));
         let (wp0, wp1) = ($w0.as_ptr(), $w1.as_ptr());
-        let ap = [
-            $a[0].as_ptr(),
-            $a[1].as_ptr(),
-            $a[2].as_ptr(),
-            $a[3].as_ptr(),
-        ];
         // SAFETY: block i < nb of every row lies within the lengths `check_tile` asserted;
         // `$quants` reads inside the weight block, the activation reads are bytes 0..34 of
         // block i. The caller is compiled with AVX2, FMA and F16C, which its caller guarantees.
@@ -654,12 +659,7 @@ macro_rules! against_q8_0_tile {
             let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; 2];
             for i in 0..nb {
                 let (x0, x1) = (wp0.add(i * $wbytes), wp1.add(i * $wbytes));
-                let y = [
-                    ap[0].add(i * Q8_0_BYTES),
-                    ap[1].add(i * Q8_0_BYTES),
-                    ap[2].add(i * Q8_0_BYTES),
-                    ap[3].add(i * Q8_0_BYTES),
-                ];
+                let y = tile_blocks(&$a, i, Q8_0_BYTES);
                 // d_a of the four tokens (lanes 0..4), d_w of the two rows (lanes 0, 1).
                 let da = _mm_cvtph_ps(_mm_setr_epi16(
                     u16_at(y[0]),
@@ -703,12 +703,6 @@ macro_rules! against_q8_1_tile {
     ($n:expr, $w0:expr, $w1:expr, $a:expr, $wbytes:expr, $quants:ident) => {{
         let nb = check_tile($n, $w0, $w1, &$a, (QK, $wbytes, Q8_1_BYTES));
         let (wp0, wp1) = ($w0.as_ptr(), $w1.as_ptr());
-        let ap = [
-            $a[0].as_ptr(),
-            $a[1].as_ptr(),
-            $a[2].as_ptr(),
-            $a[3].as_ptr(),
-        ];
         // SAFETY: as in `against_q8_0_tile`; the activation reads are bytes 0..36 of block i.
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; 2];
@@ -716,12 +710,7 @@ macro_rules! against_q8_1_tile {
             let deinterleave = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
             for i in 0..nb {
                 let (x0, x1) = (wp0.add(i * $wbytes), wp1.add(i * $wbytes));
-                let y = [
-                    ap[0].add(i * Q8_1_BYTES),
-                    ap[1].add(i * Q8_1_BYTES),
-                    ap[2].add(i * Q8_1_BYTES),
-                    ap[3].add(i * Q8_1_BYTES),
-                ];
+                let y = tile_blocks(&$a, i, Q8_1_BYTES);
                 // (d_a, s_a) of the four tokens as lanes 0..4 and 4..8; (d_w, m_w) of the rows.
                 let hs = _mm256_permutevar8x32_ps(
                     _mm256_cvtph_ps(_mm_setr_epi32(
@@ -821,8 +810,7 @@ unsafe fn k4_tile<const FIFTH: bool>(
         let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; 2];
         let mut mins = [[0f32; TILE_TOKENS]; 2];
         for i in 0..nb {
-            let y: [*const u8; TILE_TOKENS] =
-                std::array::from_fn(|t| a[t].as_ptr().add(i * Q8_K_BYTES));
+            let y = tile_blocks(&a, i, Q8_K_BYTES);
             for r in 0..2 {
                 let x = wp[r].add(i * wbytes);
                 let (sc, mn) = k4_scales_mins(x.add(4));
@@ -882,8 +870,7 @@ unsafe fn k6_tile(
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); TILE_TOKENS]; 2];
         for i in 0..nb {
-            let y: [*const u8; TILE_TOKENS] =
-                std::array::from_fn(|t| a[t].as_ptr().add(i * Q8_K_BYTES));
+            let y = tile_blocks(&a, i, Q8_K_BYTES);
             for (r, &w) in wp.iter().enumerate() {
                 let x = w.add(i * Q6_K_BYTES);
                 let scales = load16(x.add(192));
