@@ -249,10 +249,11 @@ impl CpuBackend {
                 let id = weights[i];
                 let wt = &model.weights.table[id];
                 let live = i < ops.len();
+                let k = self.kernels[id].expect("kernel prepared");
                 MatJob {
-                    dot: self.kernels[id].expect("kernel prepared").dot,
-                    dot2: self.kernels[id].expect("kernel prepared").dot2,
-                    tile: self.kernels[id].expect("kernel prepared").tile,
+                    dot: k.dot,
+                    dot2: k.dot2,
+                    tile: k.tile,
                     w: if live { model.weight_bytes(id) } else { &[] },
                     rows: if live { wt.rows } else { 0 },
                     row_bytes: wt.row_bytes(),
